@@ -1,0 +1,13 @@
+//! ngx.dyups: dynamic upstreams for OpenResty.
+//!
+//! The core (model, parser, store, balancer) is plain Rust; the Lua binding
+//! lives in [`binding`] behind the `lua` feature. `unsafe` is confined to
+//! [`store`], where the shared mapping is.
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod model;
+pub mod store;
+pub mod syntax;
+
+pub use error::{Error, Result};

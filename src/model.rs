@@ -1,0 +1,304 @@
+//! The upstream table: named upstreams, each an ordered list of servers with
+//! nginx's own parameters and defaults. This is what the state file stores,
+//! what the parser produces and what every interface shows.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Serialize, Serializer};
+
+/// Longest upstream name, in bytes.
+pub const NAME_MAX: usize = 255;
+/// `weight=` bounds. nginx itself has no upper bound; ours keeps smooth
+/// weighted round robin's arithmetic far from overflow and typos visible.
+pub const WEIGHT_MIN: u32 = 1;
+pub const WEIGHT_MAX: u32 = 1000;
+/// `max_fails=` upper bound (0 disables passive health checks, as in nginx).
+pub const MAX_FAILS_MAX: u32 = 1000;
+/// `fail_timeout=` upper bound, in seconds (one day).
+pub const FAIL_TIMEOUT_MAX: u32 = 86_400;
+/// nginx's defaults for a `server` line.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: u32 = 10;
+/// The port nginx assumes when a `server` address has none.
+pub const DEFAULT_PORT: u16 = 80;
+
+/// Where a server listens: an IP literal with a port, or a unix socket path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Address {
+    Inet(SocketAddr),
+    Unix(String),
+}
+
+impl Address {
+    /// The host part as `ngx.balancer.set_current_peer` takes it:
+    /// `127.0.0.1`, `[::1]` or `unix:/path`.
+    pub fn host(&self) -> String {
+        match self {
+            Address::Inet(SocketAddr::V4(a)) => a.ip().to_string(),
+            Address::Inet(SocketAddr::V6(a)) => format!("[{}]", a.ip()),
+            Address::Unix(path) => format!("unix:{path}"),
+        }
+    }
+
+    /// The port, or 0 for a unix socket.
+    pub fn port(&self) -> u16 {
+        match self {
+            Address::Inet(a) => a.port(),
+            Address::Unix(_) => 0,
+        }
+    }
+
+    /// The IP address, for inet addresses.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Address::Inet(a) => Some(a.ip()),
+            Address::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    /// nginx's own spelling: `127.0.0.1:8080`, `[::1]:8080`, `unix:/path`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Inet(a) => write!(f, "{a}"),
+            Address::Unix(path) => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One `server` line of an upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerSpec {
+    pub addr: Address,
+    pub weight: u32,
+    pub max_fails: u32,
+    /// Seconds, as nginx keeps it.
+    pub fail_timeout: u32,
+    pub backup: bool,
+    pub down: bool,
+}
+
+impl ServerSpec {
+    /// A server with nginx's defaults.
+    pub fn new(addr: Address) -> ServerSpec {
+        ServerSpec {
+            addr,
+            weight: DEFAULT_WEIGHT,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            backup: false,
+            down: false,
+        }
+    }
+
+    /// In rotation: it may be picked (as a primary or, failing those, a backup).
+    pub fn in_rotation(&self) -> bool {
+        !self.down
+    }
+}
+
+/// A named upstream: its servers in the order they were given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    pub name: String,
+    pub servers: Vec<ServerSpec>,
+    /// The table version at which this upstream last changed. Kept by the
+    /// store; lets a worker keep the balancing state of upstreams that did
+    /// not change.
+    #[serde(skip)]
+    pub rev: u64,
+}
+
+impl Upstream {
+    pub fn new(name: impl Into<String>, servers: Vec<ServerSpec>) -> Upstream {
+        Upstream {
+            name: name.into(),
+            servers,
+            rev: 0,
+        }
+    }
+
+    pub fn server(&self, addr: &Address) -> Option<&ServerSpec> {
+        self.servers.iter().find(|s| &s.addr == addr)
+    }
+
+    pub fn server_mut(&mut self, addr: &Address) -> Option<&mut ServerSpec> {
+        self.servers.iter_mut().find(|s| &s.addr == addr)
+    }
+
+    /// How many servers may be picked.
+    pub fn in_rotation(&self) -> usize {
+        self.servers.iter().filter(|s| s.in_rotation()).count()
+    }
+}
+
+/// Every upstream, in the order they were created.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Table {
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Table {
+    pub fn get(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Upstream> {
+        self.upstreams.iter_mut().find(|u| u.name == name)
+    }
+
+    /// Replaces the upstream of that name in place, or appends it.
+    pub fn upsert(&mut self, upstream: Upstream) {
+        match self.get_mut(&upstream.name) {
+            Some(slot) => *slot = upstream,
+            None => self.upstreams.push(upstream),
+        }
+    }
+
+    /// Removes the named upstream; `None` when there was none.
+    pub fn remove(&mut self, name: &str) -> Option<Upstream> {
+        let at = self.upstreams.iter().position(|u| u.name == name)?;
+        Some(self.upstreams.remove(at))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.upstreams.iter().map(|u| u.name.as_str())
+    }
+}
+
+/// A server entering or leaving rotation in one upstream at one version: the
+/// unit `/ups/check` reports while some worker has not applied it yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub version: u64,
+    pub upstream: String,
+    pub server: Address,
+    /// `true`: the server left rotation (removed, marked down, or its upstream
+    /// deleted); `false`: it entered rotation (added or restored).
+    pub removed: bool,
+}
+
+impl Change {
+    /// The servers whose rotation differs between `old` and `new`, stamped
+    /// with `version`, upstream by upstream in table order.
+    pub fn between(old: &Table, new: &Table, version: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let rotating = |u: Option<&Upstream>, a: &Address| {
+            u.and_then(|u| u.server(a)).is_some_and(|s| s.in_rotation())
+        };
+        let mut note = |name: &str, a: &Address, before: bool, after: bool| {
+            if before != after {
+                changes.push(Change {
+                    version,
+                    upstream: name.to_owned(),
+                    server: a.clone(),
+                    removed: before,
+                });
+            }
+        };
+        for o in &old.upstreams {
+            let n = new.get(&o.name);
+            for s in &o.servers {
+                note(&o.name, &s.addr, s.in_rotation(), rotating(n, &s.addr));
+            }
+        }
+        for n in &new.upstreams {
+            let o = old.get(&n.name);
+            for s in &n.servers {
+                if o.and_then(|o| o.server(&s.addr)).is_none() {
+                    note(&n.name, &s.addr, false, s.in_rotation());
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// Checks an upstream name: 1 to 255 bytes of letters, digits, `.`, `-`, `_`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("upstream name is empty".into());
+    }
+    if name.len() > NAME_MAX {
+        return Err(format!(
+            "upstream name is {} bytes long, at most {NAME_MAX} are allowed",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "upstream name {name:?} has {c:?}: only letters, digits, '.', '-' and '_' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inet(s: &str) -> Address {
+        Address::Inet(s.parse().unwrap())
+    }
+
+    #[test]
+    fn addresses_print_as_nginx_spells_them() {
+        assert_eq!(inet("127.0.0.1:8080").to_string(), "127.0.0.1:8080");
+        assert_eq!(inet("[::1]:8080").to_string(), "[::1]:8080");
+        assert_eq!(inet("[::1]:8080").host(), "[::1]");
+        assert_eq!(Address::Unix("/tmp/s".into()).to_string(), "unix:/tmp/s");
+        assert_eq!(Address::Unix("/tmp/s".into()).port(), 0);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("dyhost").is_ok());
+        assert!(check_name("a.b-c_9").is_ok());
+        assert!(check_name(&"a".repeat(255)).is_ok());
+        assert!(check_name(&"a".repeat(256)).unwrap_err().contains("256 bytes"));
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").unwrap_err().contains("'/'"));
+        assert!(check_name("a b").is_err());
+    }
+
+    #[test]
+    fn changes_name_servers_entering_and_leaving_rotation() {
+        let a = ServerSpec::new(inet("10.0.0.1:80"));
+        let b = ServerSpec::new(inet("10.0.0.2:80"));
+        let mut old = Table::default();
+        old.upsert(Upstream::new("u", vec![a.clone(), b.clone()]));
+        old.upsert(Upstream::new("gone", vec![a.clone()]));
+
+        let mut new = old.clone();
+        new.get_mut("u").unwrap().servers[1].down = true;
+        new.get_mut("u").unwrap().servers.push(ServerSpec::new(inet("10.0.0.3:80")));
+        new.remove("gone");
+
+        let changes = Change::between(&old, &new, 7);
+        let summary: Vec<_> = changes
+            .iter()
+            .map(|c| (c.upstream.as_str(), c.server.to_string(), c.removed, c.version))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("u", "10.0.0.2:80".to_string(), true, 7),
+                ("gone", "10.0.0.1:80".to_string(), true, 7),
+                ("u", "10.0.0.3:80".to_string(), false, 7),
+            ]
+        );
+        assert!(Change::between(&old, &old, 8).is_empty());
+    }
+}

@@ -1,0 +1,2 @@
+//! The state file. (Being written.)
+#![allow(unsafe_code)]

@@ -1,0 +1,2 @@
+//! nginx syntax: `server ...;` bodies and `upstream NAME { ... }` files.
+//! (Being written.)
