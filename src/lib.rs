@@ -1,10 +1,12 @@
 //! ngx.dyups: dynamic upstreams for OpenResty.
 //!
 //! The core (model, parser, store, balancer) is plain Rust; the Lua binding
-//! lives in [`binding`] behind the `lua` feature. `unsafe` is confined to
+//! lives in `binding` behind the `lua` feature. `unsafe` is confined to
 //! [`store`], where the shared mapping is.
 #![deny(unsafe_code)]
 
+pub mod attempts;
+pub mod balancer;
 pub mod error;
 pub mod model;
 pub mod store;

@@ -267,7 +267,9 @@ mod tests {
         assert!(check_name("dyhost").is_ok());
         assert!(check_name("a.b-c_9").is_ok());
         assert!(check_name(&"a".repeat(255)).is_ok());
-        assert!(check_name(&"a".repeat(256)).unwrap_err().contains("256 bytes"));
+        assert!(check_name(&"a".repeat(256))
+            .unwrap_err()
+            .contains("256 bytes"));
         assert!(check_name("").is_err());
         assert!(check_name("a/b").unwrap_err().contains("'/'"));
         assert!(check_name("a b").is_err());
@@ -283,13 +285,23 @@ mod tests {
 
         let mut new = old.clone();
         new.get_mut("u").unwrap().servers[1].down = true;
-        new.get_mut("u").unwrap().servers.push(ServerSpec::new(inet("10.0.0.3:80")));
+        new.get_mut("u")
+            .unwrap()
+            .servers
+            .push(ServerSpec::new(inet("10.0.0.3:80")));
         new.remove("gone");
 
         let changes = Change::between(&old, &new, 7);
         let summary: Vec<_> = changes
             .iter()
-            .map(|c| (c.upstream.as_str(), c.server.to_string(), c.removed, c.version))
+            .map(|c| {
+                (
+                    c.upstream.as_str(),
+                    c.server.to_string(),
+                    c.removed,
+                    c.version,
+                )
+            })
             .collect();
         assert_eq!(
             summary,

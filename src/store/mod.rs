@@ -1,2 +1,645 @@
-//! The state file. (Being written.)
-#![allow(unsafe_code)]
+//! The state file: one upstream table shared by every process on the host.
+//!
+//! Readers take no lock: they load the commit word, copy the active slot,
+//! and load the commit word again (a seqlock); a moved word means a writer
+//! got in between and they copy again. Writers serialise on `flock`, which
+//! the kernel releases when a writer dies, build the next table in the
+//! inactive slot and publish it with one release store of the commit word.
+//! A writer killed before that store leaves the old table active and intact;
+//! one killed after it has published a complete table. See `layout.rs` for
+//! the bytes and `codec.rs` for the payload.
+#![allow(unsafe_code)] // only in `mapping`; the rest of the store is safe code
+
+mod codec;
+mod layout;
+mod mapping;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+pub use self::codec::{Payload, CHANGE_LOG_MAX};
+pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
+use self::layout::{SlotHeader, COMMIT_WORD, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
+use self::mapping::SharedMap;
+pub use self::mapping::{effective_uid, pid_alive};
+use crate::model::{Change, Table, Upstream};
+use crate::{Error, Result};
+
+/// How long a writer may wait for the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Fail at once with [`Error::Busy`] when another writer holds it.
+    Try,
+    /// Wait up to this long, then fail with [`Error::Busy`].
+    For(Duration),
+}
+
+/// How one write is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    pub wait: Wait,
+    /// Refuse with [`Error::VersionMismatch`] unless the table is at this
+    /// version: a read-decide-write cycle that cannot lose another's change.
+    pub expect: Option<u64>,
+    /// Wait until the new table is on disk (msync) before returning, so an
+    /// acknowledged change survives a power loss, not only a process crash.
+    pub durable: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            wait: Wait::For(Duration::from_secs(1)),
+            expect: None,
+            durable: true,
+        }
+    }
+}
+
+/// A consistent copy of the table as some reader saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The generation of the commit word when this was read. A reader that
+    /// holds this snapshot is up to date while the commit word still says it.
+    pub seen: u64,
+    /// The table's own version. Equal to `seen`, unless the active slot was
+    /// corrupt and the previous table was read instead.
+    pub version: u64,
+    pub table: Table,
+    /// The most recent changes, oldest first (at most `CHANGE_LOG_MAX`).
+    pub changes: Vec<Change>,
+    /// Why the active slot could not be used, when it could not.
+    pub fallback: Option<String>,
+    slot: u64,
+}
+
+/// A live process that registered as a worker, and the generation it has
+/// applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Worker {
+    pub pid: u32,
+    pub applied: u64,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+    file: File,
+    map: SharedMap,
+    geometry: Geometry,
+    /// `flock` excludes other processes only: threads of this process share
+    /// the one open file description, so they also take this.
+    writers: Mutex<()>,
+}
+
+/// Files this process has open, by pid and canonical path: a process opens a
+/// state file once, because `flock` locks belong to an open file description
+/// (a second description of the same file would contend with the first). The
+/// pid catches a child that inherited the list across fork: it opens anew.
+static OPEN: Mutex<Vec<(u32, PathBuf, Arc<StateFile>)>> = Mutex::new(Vec::new());
+
+impl StateFile {
+    /// Opens the state file at `path`, creating it with room for `size` bytes
+    /// and the table `seed()` gives when there is none. A file that exists is
+    /// checked, never overwritten: a foreign, truncated or corrupted file is
+    /// an error naming the path and the reason.
+    pub fn open(
+        path: &Path,
+        size: u64,
+        seed: impl FnOnce() -> Result<Table>,
+    ) -> Result<Arc<StateFile>> {
+        let path = canonical(path)?;
+        let pid = std::process::id();
+        let mut open = OPEN.lock();
+        if let Some((_, _, f)) = open.iter().find(|(p, q, _)| *p == pid && *q == path) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(Self::open_uncached(&path, size, seed)?);
+        open.retain(|(p, _, _)| *p == pid);
+        open.push((pid, path, file.clone()));
+        Ok(file)
+    }
+
+    /// Reads and checks the file at `path` without mapping it for writing or
+    /// keeping it open: what nginx's master does at start, before it forks.
+    /// `Ok(None)` when there is no file yet.
+    pub fn inspect(path: &Path) -> Result<Option<Snapshot>> {
+        match File::open(path) {
+            Ok(file) => Ok(Some(Self::from_file(path, file, false)?.read()?)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("open", path, e)),
+        }
+    }
+
+    fn open_uncached(
+        path: &Path,
+        size: u64,
+        seed: impl FnOnce() -> Result<Table>,
+    ) -> Result<StateFile> {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => Self::from_file(path, file, true),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Self::create(path, size, seed)?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| io_error("open", path, e))?;
+                Self::from_file(path, file, true)
+            }
+            Err(e) => Err(io_error("open", path, e)),
+        }
+    }
+
+    /// Writes a complete new file beside `path` and links it into place, so
+    /// no process ever sees a half-made file, and of two processes creating
+    /// it at once exactly one wins (`link` fails when the name exists).
+    fn create(path: &Path, size: u64, seed: impl FnOnce() -> Result<Table>) -> Result<()> {
+        let geometry = Geometry::for_file_len(size).map_err(|e| {
+            Error::BadRequest(format!(
+                "could not create state file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let payload = codec::encode(&Payload {
+            version: 1,
+            table: seed()?,
+            changes: Vec::new(),
+        });
+        if payload.len() as u64 > geometry.payload_capacity() {
+            return Err(Error::NoSpace(format!(
+                "could not create state file {}: the initial table needs {} bytes, a slot of a {size}-byte file holds {}",
+                path.display(),
+                payload.len(),
+                geometry.payload_capacity()
+            )));
+        }
+        let mut bytes = vec![0u8; geometry.file_len as usize];
+        bytes[..40].copy_from_slice(&geometry.header_bytes());
+        // The commit word and worker table are atomics of this host, so in
+        // native byte order; the file does not move between hosts (the
+        // upstream file does that).
+        bytes[COMMIT_WORD..COMMIT_WORD + 8]
+            .copy_from_slice(&layout::commit_word(1, 0).to_ne_bytes());
+        let slot = geometry.slot_offset(0) as usize;
+        bytes[slot..slot + SLOT_HEADER as usize]
+            .copy_from_slice(&SlotHeader::for_payload(1, &payload).to_bytes());
+        bytes[slot + SLOT_HEADER as usize..][..payload.len()].copy_from_slice(&payload);
+
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+            std::process::id()
+        ));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            match std::fs::hard_link(&tmp, path) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            }
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        written.map_err(|e| io_error("create", path, e))
+    }
+
+    fn from_file(path: &Path, file: File, writable: bool) -> Result<StateFile> {
+        let len = file
+            .metadata()
+            .map_err(|e| io_error("stat", path, e))?
+            .len();
+        let shown = path.display().to_string();
+        let mut head = [0u8; 40];
+        if len >= HEADER_LEN {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| io_error("read", path, e))?;
+        }
+        let geometry = Geometry::parse(&head, len, &shown)?;
+        let map = if writable {
+            SharedMap::map(&file, geometry.file_len)
+        } else {
+            SharedMap::map_read_only(&file, geometry.file_len)
+        }
+        .map_err(|e| io_error("map", path, e))?;
+        Ok(StateFile {
+            path: path.to_path_buf(),
+            file,
+            map,
+            geometry,
+            writers: Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn commit(&self) -> &AtomicU64 {
+        self.map.atomic_u64(COMMIT_WORD)
+    }
+
+    /// The generation now published: the hot path's one atomic load.
+    pub fn generation(&self) -> u64 {
+        layout::generation_of(self.commit().load(Ordering::Acquire))
+    }
+
+    /// A consistent copy of the current table.
+    pub fn read(&self) -> Result<Snapshot> {
+        self.read_unless(None)
+            .map(|s| s.expect("no generation to compare with"))
+    }
+
+    /// A consistent copy of the current table, or `None` when the commit word
+    /// still says `seen` (one atomic load, nothing copied).
+    pub fn read_if_changed(&self, seen: u64) -> Result<Option<Snapshot>> {
+        self.read_unless(Some(seen))
+    }
+
+    fn read_unless(&self, seen: Option<u64>) -> Result<Option<Snapshot>> {
+        let mut buf = Vec::new();
+        for round in 0u32.. {
+            let word = self.commit().load(Ordering::Acquire);
+            let generation = layout::generation_of(word);
+            if seen == Some(generation) {
+                return Ok(None);
+            }
+            let active = layout::slot_of(word);
+            let first = self.copy_slot(active, &mut buf);
+            if !self.unchanged(word) {
+                backoff(round);
+                continue;
+            }
+            let why = match first.and_then(|h| self.check_slot(h, &buf, Some(generation))) {
+                Ok(p) => return Ok(Some(snapshot(generation, p, None, active))),
+                Err(why) => why,
+            };
+            // The active slot is damaged: the other one holds the table
+            // before it, whole, unless a writer is filling it right now.
+            let other = self.copy_slot(1 - active, &mut buf);
+            if !self.unchanged(word) {
+                backoff(round);
+                continue;
+            }
+            return match other.and_then(|h| self.check_slot(h, &buf, None)) {
+                Ok(p) if p.version < generation => {
+                    let why = format!("slot {active} is unreadable ({why}); using the previous table, version {}", p.version);
+                    Ok(Some(snapshot(generation, p, Some(why), 1 - active)))
+                }
+                Ok(p) => Err(self.corrupt(format!(
+                    "slot {active} is unreadable ({why}) and slot {} holds version {}, not older than {generation}",
+                    1 - active,
+                    p.version
+                ))),
+                Err(other) => Err(self.corrupt(format!(
+                    "both table slots are unreadable: slot {active}: {why}; slot {}: {other}",
+                    1 - active
+                ))),
+            };
+        }
+        unreachable!()
+    }
+
+    fn unchanged(&self, word: u64) -> bool {
+        // Orders the slot copy before the second load of the commit word:
+        // if the word did not move, no writer touched the slot meanwhile.
+        fence(Ordering::Acquire);
+        self.commit().load(Ordering::Relaxed) == word
+    }
+
+    /// Copies slot `i` (header, then as much payload as it claims, bounded
+    /// by the slot) into `buf`. The bytes are untrusted until checked.
+    fn copy_slot(&self, i: u64, buf: &mut Vec<u8>) -> Result<SlotHeader, String> {
+        let off = self.geometry.slot_offset(i) as usize;
+        let mut head = [0u8; SLOT_HEADER as usize];
+        self.map.copy_out(off, &mut head);
+        let header = SlotHeader::from_bytes(&head);
+        if header.len > self.geometry.payload_capacity() {
+            return Err(format!("payload length {} exceeds the slot", header.len));
+        }
+        buf.resize(header.len as usize, 0);
+        self.map.copy_out(off + SLOT_HEADER as usize, buf);
+        Ok(header)
+    }
+
+    fn check_slot(
+        &self,
+        h: SlotHeader,
+        payload: &[u8],
+        generation: Option<u64>,
+    ) -> Result<Payload, String> {
+        if !h.matches(payload) {
+            return Err("checksum mismatch".into());
+        }
+        if let Some(g) = generation {
+            if h.generation != g {
+                return Err(format!(
+                    "holds generation {}, the commit word says {g}",
+                    h.generation
+                ));
+            }
+        }
+        let p = codec::decode(payload)?;
+        if p.version != h.generation {
+            return Err(format!(
+                "table version {} differs from the slot's {}",
+                p.version, h.generation
+            ));
+        }
+        Ok(p)
+    }
+
+    fn corrupt(&self, why: String) -> Error {
+        Error::Internal(format!("state file {}: {why}", self.path.display()))
+    }
+
+    /// Applies `change` to the current table and publishes the result, as one
+    /// all-or-nothing step: if `change` fails, or the result does not fit,
+    /// nothing is written. Returns the new version (the old one when `change`
+    /// left the table as it was) and what `change` returned.
+    pub fn write<R>(
+        &self,
+        opts: &WriteOptions,
+        change: impl FnOnce(&mut Table) -> Result<R>,
+    ) -> Result<(u64, R)> {
+        self.write_with(opts, change, || {})
+    }
+
+    fn write_with<R>(
+        &self,
+        opts: &WriteOptions,
+        change: impl FnOnce(&mut Table) -> Result<R>,
+        before_publish: impl FnOnce(),
+    ) -> Result<(u64, R)> {
+        let _guard = self.lock(opts.wait)?;
+        let current = self.read()?;
+        if let Some(expected) = opts.expect {
+            if expected != current.version {
+                return Err(Error::VersionMismatch {
+                    expected,
+                    actual: current.version,
+                });
+            }
+        }
+        let mut table = current.table.clone();
+        let out = change(&mut table)?;
+        if same_content(&table, &current.table) {
+            return Ok((current.version, out));
+        }
+        // Above both slots' generations, also when the active one was bad.
+        let next = current.seen + 1;
+        for u in &mut table.upstreams {
+            if current
+                .table
+                .get(&u.name)
+                .is_none_or(|old| old.servers != u.servers)
+            {
+                u.rev = next;
+            }
+        }
+        let mut changes = current.changes;
+        changes.extend(Change::between(&current.table, &table, next));
+        if changes.len() > CHANGE_LOG_MAX {
+            changes.drain(..changes.len() - CHANGE_LOG_MAX);
+        }
+        let payload = codec::encode(&Payload {
+            version: next,
+            table,
+            changes,
+        });
+        if payload.len() as u64 > self.geometry.payload_capacity() {
+            return Err(Error::NoSpace(format!(
+                "the new table needs {} bytes, a slot of state file {} holds {}: raise `size` (nothing was changed)",
+                payload.len(),
+                self.path.display(),
+                self.geometry.payload_capacity()
+            )));
+        }
+        // Write into the slot that does not hold the table just read: the
+        // inactive one, or the damaged active one after a fallback.
+        let target = 1 - current.slot;
+        let off = self.geometry.slot_offset(target) as usize;
+        self.map.copy_in(off + SLOT_HEADER as usize, &payload);
+        self.map
+            .copy_in(off, &SlotHeader::for_payload(next, &payload).to_bytes());
+        if opts.durable {
+            self.map
+                .flush(off, SLOT_HEADER as usize + payload.len())
+                .map_err(|e| io_error("sync", &self.path, e))?;
+        }
+        before_publish();
+        self.commit()
+            .store(layout::commit_word(next, target), Ordering::Release);
+        if opts.durable {
+            self.map
+                .flush(COMMIT_WORD, 8)
+                .map_err(|e| io_error("sync", &self.path, e))?;
+        }
+        Ok((next, out))
+    }
+
+    fn lock(&self, wait: Wait) -> Result<WriterLock<'_>> {
+        let busy = |how: String| {
+            Error::Busy(format!(
+                "could not lock state file {}: {how}",
+                self.path.display()
+            ))
+        };
+        let started = Instant::now();
+        let limit = match wait {
+            Wait::Try => Duration::ZERO,
+            Wait::For(d) => d,
+        };
+        let inner = loop {
+            if let Some(g) = self.writers.try_lock() {
+                break g;
+            }
+            if started.elapsed() >= limit {
+                return Err(busy("another writer in this process holds it".into()));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let mut pause = Duration::from_micros(100);
+        loop {
+            match self.file.try_lock() {
+                Ok(()) => {
+                    return Ok(WriterLock {
+                        file: &self.file,
+                        _inner: inner,
+                    })
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_error("lock", &self.path, e))
+                }
+            }
+            if started.elapsed() >= limit {
+                return Err(busy(if limit.is_zero() {
+                    "another writer holds it".into()
+                } else {
+                    format!(
+                        "another writer held it for more than {} ms",
+                        limit.as_millis()
+                    )
+                }));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn worker_entry(&self, i: usize) -> (&AtomicU32, &AtomicU64) {
+        let at = WORKER_TABLE + i * WORKER_ENTRY;
+        (self.map.atomic_u32(at), self.map.atomic_u64(at + 8))
+    }
+
+    /// Claims an entry of the worker table for `pid` (its own, a free one or
+    /// one of a dead process) and returns its index.
+    pub fn register_worker(&self, pid: u32) -> Result<usize> {
+        let n = self.geometry.workers as usize;
+        if let Some(i) = (0..n).find(|&i| self.worker_entry(i).0.load(Ordering::Acquire) == pid) {
+            return Ok(i);
+        }
+        for i in 0..n {
+            let (slot, applied) = self.worker_entry(i);
+            let holder = slot.load(Ordering::Acquire);
+            if (holder == 0 || !pid_alive(holder))
+                && slot
+                    .compare_exchange(holder, pid, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                applied.store(0, Ordering::Release);
+                return Ok(i);
+            }
+        }
+        Err(Error::Internal(format!(
+            "state file {}: the worker table is full ({n} live processes registered)",
+            self.path.display()
+        )))
+    }
+
+    /// Records that the worker in entry `i` now routes by `generation`.
+    pub fn set_applied(&self, i: usize, generation: u64) {
+        self.worker_entry(i).1.store(generation, Ordering::Release);
+    }
+
+    /// Frees entry `i` if `pid` still holds it.
+    pub fn release_worker(&self, i: usize, pid: u32) {
+        let _ =
+            self.worker_entry(i)
+                .0
+                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The registered workers that are still alive.
+    pub fn workers(&self) -> Vec<Worker> {
+        (0..self.geometry.workers as usize)
+            .filter_map(|i| {
+                let (slot, applied) = self.worker_entry(i);
+                let pid = slot.load(Ordering::Acquire);
+                (pid != 0 && pid_alive(pid)).then(|| Worker {
+                    pid,
+                    applied: applied.load(Ordering::Acquire),
+                })
+            })
+            .collect()
+    }
+
+    /// The changes of `snap` that some live worker has not applied yet.
+    pub fn pending(&self, snap: &Snapshot) -> Vec<Change> {
+        let Some(oldest) = self.workers().iter().map(|w| w.applied).min() else {
+            return Vec::new();
+        };
+        snap.changes
+            .iter()
+            .filter(|c| c.version > oldest)
+            .cloned()
+            .collect()
+    }
+}
+
+struct WriterLock<'a> {
+    file: &'a File,
+    _inner: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for WriterLock<'_> {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snapshot {
+    Snapshot {
+        seen,
+        version: p.version,
+        table: p.table,
+        changes: p.changes,
+        fallback,
+        slot,
+    }
+}
+
+/// Equal names and servers in the same order; `rev` does not count.
+fn same_content(a: &Table, b: &Table) -> bool {
+    let key = |u: &Upstream| (u.name.clone(), u.servers.clone());
+    a.upstreams.len() == b.upstreams.len()
+        && a.upstreams.iter().map(key).eq(b.upstreams.iter().map(key))
+}
+
+fn backoff(round: u32) {
+    if round > 1000 {
+        std::thread::sleep(Duration::from_micros(50));
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+/// The path with its directory resolved, so two spellings of one file share
+/// one registry entry. The file itself may not exist yet.
+fn canonical(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::BadRequest(format!("state file path {} names no file", path.display()))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| io_error("find the directory of", path, e))?;
+    Ok(dir.join(name))
+}
+
+fn io_error(verb: &str, path: &Path, e: std::io::Error) -> Error {
+    let hint = if e.kind() == ErrorKind::PermissionDenied {
+        format!(
+            " (this process runs as uid {}: make the file and its directory writable by it)",
+            effective_uid()
+        )
+    } else {
+        String::new()
+    };
+    Error::Internal(format!(
+        "could not {verb} state file {}: {e}{hint}",
+        path.display()
+    ))
+}

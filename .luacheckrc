@@ -1,0 +1,20 @@
+-- luacheck configuration for ngx.dyups
+std = "ngx_lua"
+max_line_length = 120
+codes = true
+
+exclude_files = {
+  "target/",
+  "lib/",
+  ".prefix*/",
+}
+
+-- specs and spec helpers run under busted/LuaJIT, outside nginx
+files["spec/"] = {
+  std = "+busted",
+  globals = { "ngx" },
+}
+files["spec/helpers/"] = {
+  -- newproxy/unpack are LuaJIT (5.1) globals
+  read_globals = { "newproxy", "unpack" },
+}

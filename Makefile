@@ -1,0 +1,76 @@
+# ngx.dyups: dynamic upstreams for OpenResty (Rust + mlua, LuaJIT module).
+#
+#   make deps      install system packages (Debian 12) the build/tests need
+#   make build     build the Lua module: lib/ngx/dyups.so
+#   make test      cargo test (core) + busted specs against a real nginx
+#   make lint      rustfmt, clippy (with and without the lua binding), luacheck
+#   make demo      run scripts/demo.sh
+#   make bench     run bench/run.sh
+#   make install   install into $(DESTDIR)$(LUA_LIB_DIR)
+
+PREFIX      ?= /usr/local/openresty
+LUA_LIB_DIR ?= $(PREFIX)/lualib
+DESTDIR     ?=
+INSTALL     ?= install
+CARGO       ?= cargo
+BUSTED      ?= busted
+LUACHECK    ?= luacheck
+LUAJIT      ?= luajit
+
+SO_BUILT    := target/release/libngx_dyups.so
+SO          := lib/ngx/dyups.so
+LUA_SHIMS   := $(wildcard lua/*.lua)
+LINT_DIRS   := $(wildcard lua spec examples)
+
+.PHONY: all deps build test test-rust test-lua lint demo bench install clean
+
+all: build
+
+deps:
+	bash scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --features lua
+	$(INSTALL) -d lib/ngx
+	$(INSTALL) -m 0755 $(SO_BUILT) $(SO)
+
+test: deps build
+	$(MAKE) --no-print-directory test-rust
+	$(MAKE) --no-print-directory test-lua
+
+test-rust:
+	$(CARGO) test
+
+test-lua:
+	$(BUSTED) --lua=$(LUAJIT) spec/
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features lua -- -D warnings
+ifneq ($(strip $(LINT_DIRS)),)
+	$(LUACHECK) $(LINT_DIRS)
+endif
+
+demo: deps build
+	@test -f scripts/demo.sh || { echo "scripts/demo.sh is not written yet"; exit 1; }
+	bash scripts/demo.sh
+
+bench:
+	@if [ -f bench/run.sh ]; then \
+		bash bench/run.sh; \
+	else \
+		echo "bench/run.sh is not written yet"; exit 1; \
+	fi
+
+install:
+	@test -f $(SO) || { echo "$(SO) is missing: run 'make build' first"; exit 1; }
+	$(INSTALL) -d $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups
+	$(INSTALL) -m 0755 $(SO) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so
+ifneq ($(strip $(LUA_SHIMS)),)
+	$(INSTALL) -m 0644 $(LUA_SHIMS) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups/
+endif
+
+clean:
+	$(CARGO) clean
+	rm -rf lib

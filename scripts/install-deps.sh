@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Install what building and testing ngx.dyups needs on Debian 12 (bookworm).
+#
+# Idempotent: every requirement is checked first and apt-get runs only when
+# something is missing. Needs root only in that case. Also stops a system
+# nginx that the Debian package may have started on port 80 (the tests run
+# their own nginx in private prefixes on free ports and never use it).
+set -euo pipefail
+
+log() { printf 'install-deps: %s\n' "$*"; }
+
+# requirement -> Debian package. A requirement is a command name or an
+# absolute file path.
+reqs=(
+  "nginx:nginx"
+  "/usr/lib/nginx/modules/ngx_http_lua_module.so:libnginx-mod-http-lua"
+  "/usr/lib/nginx/modules/ndk_http_module.so:libnginx-mod-http-ndk"
+  "/usr/share/lua/5.1/resty/core.lua:lua-resty-core"
+  "luajit:luajit2"
+  "/usr/include/luajit-2.1/lua.h:libluajit2-5.1-dev"
+  "busted:lua-busted"
+  "wrk:wrk"
+  "luacheck:lua-check"
+  "curl:curl"
+  "pkg-config:pkg-config"
+)
+
+have() {
+  case "$1" in
+    /*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] ;;
+  esac
+}
+
+missing=()
+for r in "${reqs[@]}"; do
+  what="${r%%:*}" pkg="${r#*:}"
+  if have "$what"; then
+    log "ok: $what"
+  else
+    log "missing: $what (package $pkg)"
+    case " ${missing[*]-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
+  fi
+done
+
+# Stop (and keep from starting at boot) a system nginx, if one runs. Never
+# fails: there may be no init system, no service, no pid file.
+stop_system_nginx() {
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl stop nginx >/dev/null 2>&1 || true
+    systemctl disable nginx >/dev/null 2>&1 || true
+  fi
+  if command -v service >/dev/null 2>&1; then
+    service nginx stop >/dev/null 2>&1 || true
+  fi
+  if [ -r /run/nginx.pid ]; then
+    pid="$(cat /run/nginx.pid 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      log "stopping system nginx (pid $pid)"
+      kill -QUIT "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  if command -v update-rc.d >/dev/null 2>&1; then
+    update-rc.d nginx disable >/dev/null 2>&1 || true
+  fi
+}
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "not root; install these Debian packages first:"
+    log "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+    exit 1
+  fi
+  # Keep the package's postinst from starting nginx where policy-rc.d is
+  # honoured (invoke-rc.d); removed again afterwards if we created it.
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  trap 'if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi' EXIT
+  log "apt-get update"
+  apt-get update
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
+  for r in "${reqs[@]}"; do
+    what="${r%%:*}"
+    have "$what" || { log "still missing after install: $what"; exit 1; }
+  done
+fi
+
+stop_system_nginx
+
+if ! command -v "${CARGO:-cargo}" >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+  log "error: cargo not found; install a Rust toolchain (rustup) first"
+  exit 1
+fi
+
+log "all dependencies present"

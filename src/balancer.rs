@@ -1,0 +1,699 @@
+//! Per-worker balancing state of one upstream: nginx's smooth weighted round
+//! robin with its passive health checks (`max_fails`, `fail_timeout`) and
+//! backup servers, as in `ngx_http_upstream_round_robin.c`.
+//!
+//! The server list itself lives in the shared table; a [`Balancer`] only
+//! holds the per-server counters, index for index, so each call takes the
+//! list it was built for. Nothing here reads a clock or allocates on the
+//! pick path: time comes in as `now_ms`.
+
+use crate::attempts::Attempts;
+use crate::model::ServerSpec;
+
+/// Indices kept in the bitmask.
+const LOW_BITS: usize = u64::BITS as usize;
+/// Indices of 64 and above kept in the overflow array.
+const OVERFLOW: usize = 32;
+
+/// The servers already tried by one request, without touching the heap.
+///
+/// Indices below 64 live in a bitmask, so any upstream of up to 64 servers
+/// is tracked exactly. Up to 32 larger indices are kept besides; once those
+/// are full, further large indices are not recorded: `insert` returns
+/// `false` and `contains` answers `false` for them, so a long retry chain in
+/// a very large upstream may try such a server twice. The Lua side bounds
+/// the number of attempts (`set_more_tries`) anyway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tried {
+    low: u64,
+    high: [u32; OVERFLOW],
+    high_len: u8,
+}
+
+impl Tried {
+    /// Indices of 64 and above that fit besides the bitmask.
+    pub const OVERFLOW_CAPACITY: usize = OVERFLOW;
+
+    pub const fn new() -> Tried {
+        Tried {
+            low: 0,
+            high: [0; OVERFLOW],
+            high_len: 0,
+        }
+    }
+
+    /// Records `index`. Returns whether it is now in the set: `false` only
+    /// when there was no room for it (unlike `HashSet::insert`, an index
+    /// already present also answers `true`).
+    pub fn insert(&mut self, index: usize) -> bool {
+        if index < LOW_BITS {
+            self.low |= 1 << index;
+            return true;
+        }
+        if self.contains(index) {
+            return true;
+        }
+        let (Ok(index), Some(free)) = (
+            u32::try_from(index),
+            self.high.get_mut(usize::from(self.high_len)),
+        ) else {
+            return false;
+        };
+        *free = index;
+        self.high_len += 1;
+        true
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        if index < LOW_BITS {
+            return self.low & (1 << index) != 0;
+        }
+        u32::try_from(index).is_ok_and(|i| self.high().contains(&i))
+    }
+
+    pub fn len(&self) -> usize {
+        self.low.count_ones() as usize + self.high().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        *self = Tried::new();
+    }
+
+    fn high(&self) -> &[u32] {
+        &self.high[..usize::from(self.high_len)]
+    }
+}
+
+/// The balancing state of one server, nginx's `ngx_http_upstream_rr_peer_t`
+/// minus what the shared table holds. Times are milliseconds on the caller's
+/// clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerState {
+    pub current_weight: i64,
+    /// The weight in use: lowered by failures, climbing back by one per pick
+    /// that considers the server, up to its configured weight.
+    pub effective_weight: i64,
+    pub fails: u32,
+    /// When the last failure was reported.
+    pub accessed_ms: u64,
+    /// When the last failure was reported or the server was last picked
+    /// after its fail window had passed: the start of the current window.
+    pub checked_ms: u64,
+}
+
+impl PeerState {
+    fn fresh(spec: &ServerSpec) -> PeerState {
+        PeerState {
+            current_weight: 0,
+            effective_weight: i64::from(spec.weight),
+            fails: 0,
+            accessed_ms: 0,
+            checked_ms: 0,
+        }
+    }
+}
+
+fn fail_timeout_ms(spec: &ServerSpec) -> u64 {
+    u64::from(spec.fail_timeout) * 1000
+}
+
+/// nginx's `peers->single`: one primary and no backup. Such an upstream
+/// bypasses the weighting and the failure accounting altogether.
+fn is_single(servers: &[ServerSpec]) -> bool {
+    matches!(servers, [only] if !only.backup)
+}
+
+/// The state of one upstream in one worker.
+///
+/// Behaves as nginx's round robin with one deliberate difference. nginx
+/// clears a server's `fails` when a request to it *succeeds* after its fail
+/// window started (`accessed < checked`). We cannot observe success, so
+/// success is presumed from silence instead, when [`pick`](Self::pick) next
+/// looks at the server:
+///
+/// - a server below `max_fails` whose last failure is older than
+///   `fail_timeout` has its `fails` reset to 0;
+/// - a server at `max_fails` whose window has passed is eligible again and,
+///   when picked, opens a new window (`checked = now`), so one request per
+///   `fail_timeout` probes it, as in nginx. If no failure is reported for a
+///   whole window after that probe, its `fails` are reset to 0; if the probe
+///   fails, it is disabled for another `fail_timeout`.
+///
+/// So a recovered server rejoins one `fail_timeout` later than in nginx.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Balancer {
+    peers: Vec<PeerState>,
+}
+
+impl Balancer {
+    /// Fresh state for `servers`, as nginx sets it up at configuration time.
+    pub fn new(servers: &[ServerSpec]) -> Balancer {
+        Balancer {
+            peers: servers.iter().map(PeerState::fresh).collect(),
+        }
+    }
+
+    /// Becomes the state for `new_servers`, taking over from `old` (the
+    /// state for `old_servers`) the state of every server whose address is
+    /// in both lists, so a table change neither restarts the rotation nor
+    /// forgets the failures of the servers that stay. New servers start
+    /// fresh. Repeated addresses are matched in order, one to one.
+    pub fn carry_over(
+        &mut self,
+        old: &Balancer,
+        old_servers: &[ServerSpec],
+        new_servers: &[ServerSpec],
+    ) {
+        let mut taken = vec![false; old_servers.len()];
+        self.peers = new_servers
+            .iter()
+            .map(|spec| {
+                let found = old_servers
+                    .iter()
+                    .zip(&old.peers)
+                    .enumerate()
+                    .find(|(j, (o, _))| !taken[*j] && o.addr == spec.addr);
+                let Some((j, (_, prev))) = found else {
+                    return PeerState::fresh(spec);
+                };
+                taken[j] = true;
+                let mut state = prev.clone();
+                // A lowered weight caps the weight in use at once; a raised
+                // one is climbed to as after a failure.
+                state.effective_weight = state.effective_weight.min(i64::from(spec.weight));
+                state
+            })
+            .collect();
+    }
+
+    /// The state of the server at `index`, for status pages and tests.
+    pub fn peer(&self, index: usize) -> Option<&PeerState> {
+        self.peers.get(index)
+    }
+
+    /// Picks a server for one attempt: smooth weighted round robin over the
+    /// primaries that are up, not in `tried` and not disabled by failures;
+    /// only when none is left, the same over the backups. Returns the index
+    /// into `servers`, or `None` when nothing can be picked (nginx answers
+    /// 502, "no live upstreams").
+    ///
+    /// `servers` must be the list this balancer was built for.
+    pub fn pick(&mut self, servers: &[ServerSpec], tried: &Tried, now_ms: u64) -> Option<usize> {
+        debug_assert_eq!(
+            servers.len(),
+            self.peers.len(),
+            "balancer built for another list"
+        );
+        if is_single(servers) {
+            // As nginx: a lone server is never taken out for failures, since
+            // refusing it would only turn errors into 502s.
+            let ok = !servers[0].down && !tried.contains(0) && !self.peers.is_empty();
+            return ok.then_some(0);
+        }
+        self.pick_among(servers, tried, now_ms, false)
+            .or_else(|| self.pick_among(servers, tried, now_ms, true))
+    }
+
+    fn pick_among(
+        &mut self,
+        servers: &[ServerSpec],
+        tried: &Tried,
+        now_ms: u64,
+        backup: bool,
+    ) -> Option<usize> {
+        let mut best: Option<(usize, i64)> = None;
+        let mut total: i64 = 0;
+        for (i, (spec, peer)) in servers.iter().zip(self.peers.iter_mut()).enumerate() {
+            if spec.backup != backup || spec.down || tried.contains(i) {
+                continue;
+            }
+            peer.presume_recovery(spec, now_ms);
+            if peer.disabled(spec, now_ms) {
+                continue;
+            }
+            peer.current_weight += peer.effective_weight;
+            total += peer.effective_weight;
+            if peer.effective_weight < i64::from(spec.weight) {
+                peer.effective_weight += 1;
+            }
+            // Strictly greater: ties go to the earlier server, as in nginx.
+            if best.is_none_or(|(_, w)| peer.current_weight > w) {
+                best = Some((i, peer.current_weight));
+            }
+        }
+        let (index, _) = best?;
+        let peer = &mut self.peers[index];
+        peer.current_weight -= total;
+        if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(&servers[index]) {
+            // Opens a new window: for a disabled server this makes the pick a
+            // probe, and keeps other requests off it until the window ends.
+            peer.checked_ms = now_ms;
+        }
+        Some(index)
+    }
+
+    /// Records that an attempt on `servers[index]` failed (nginx's
+    /// `NGX_PEER_FAILED`): counts towards `max_fails`, starts the fail
+    /// window and lowers the weight in use by `weight / max_fails`.
+    /// Ignored for a single-server upstream, as nginx does.
+    pub fn report_failure(&mut self, servers: &[ServerSpec], index: usize, now_ms: u64) {
+        if is_single(servers) {
+            return;
+        }
+        let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) else {
+            return;
+        };
+        peer.fails = peer.fails.saturating_add(1);
+        peer.accessed_ms = now_ms;
+        peer.checked_ms = now_ms;
+        // max_fails=0 turns the accounting off: no division, no lowering.
+        if let Some(step) = spec.weight.checked_div(spec.max_fails) {
+            peer.effective_weight = (peer.effective_weight - i64::from(step)).max(0);
+        }
+    }
+}
+
+impl PeerState {
+    /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
+    fn presume_recovery(&mut self, spec: &ServerSpec, now_ms: u64) {
+        if self.fails == 0 {
+            return;
+        }
+        let window = fail_timeout_ms(spec);
+        let recovered = if spec.max_fails == 0 || self.fails < spec.max_fails {
+            now_ms.saturating_sub(self.accessed_ms) > window
+        } else {
+            // Only a probe (a pick after the last failure) that went a whole
+            // window without a failure report counts.
+            self.checked_ms > self.accessed_ms && now_ms.saturating_sub(self.checked_ms) > window
+        };
+        if recovered {
+            self.fails = 0;
+        }
+    }
+
+    fn disabled(&self, spec: &ServerSpec, now_ms: u64) -> bool {
+        spec.max_fails > 0
+            && self.fails >= spec.max_fails
+            && now_ms.saturating_sub(self.checked_ms) <= fail_timeout_ms(spec)
+    }
+}
+
+/// Why the balancer is called for a request: nginx's first `get` of a
+/// request, or a retry after `free` with `NGX_PEER_FAILED` (counts against
+/// `max_fails`) or `NGX_PEER_NEXT` (e.g. `proxy_next_upstream http_404`,
+/// which does not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    First,
+    Failed,
+    Next,
+}
+
+/// One balancer call of a request, as the FFI entry point makes it: on a
+/// retry, blames the previous pick if it failed and skips every server the
+/// request already tried; then picks and remembers the pick. `None` when
+/// nothing is left to pick, including when every server was tried (nginx
+/// gives up with 502).
+///
+/// `key` identifies the request (its pointer); `generation` is the table
+/// generation `servers` comes from. A retry whose entry is gone (evicted or
+/// from another generation) is treated as a first attempt, see [`Attempts`].
+#[allow(clippy::too_many_arguments)]
+pub fn pick_for_request(
+    bal: &mut Balancer,
+    servers: &[ServerSpec],
+    attempts: &mut Attempts,
+    key: usize,
+    upstream_id: u32,
+    generation: u64,
+    retry: Retry,
+    now_ms: u64,
+) -> Option<usize> {
+    let attempt = match retry {
+        Retry::First => attempts.begin(key, upstream_id, generation),
+        Retry::Failed | Retry::Next => attempts.resume_or_begin(key, upstream_id, generation),
+    };
+    if retry == Retry::Failed {
+        if let Some(last) = attempt.last {
+            bal.report_failure(servers, last, now_ms);
+        }
+    }
+    let picked = bal.pick(servers, &attempt.tried, now_ms);
+    attempt.last = picked;
+    if let Some(index) = picked {
+        attempt.tried.insert(index);
+    }
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Address;
+
+    fn server(n: usize, weight: u32) -> ServerSpec {
+        let mut s = ServerSpec::new(Address::Inet(format!("10.0.0.{n}:80").parse().unwrap()));
+        s.weight = weight;
+        s
+    }
+
+    fn servers(weights: &[u32]) -> Vec<ServerSpec> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| server(i + 1, w))
+            .collect()
+    }
+
+    fn picks(bal: &mut Balancer, servers: &[ServerSpec], n: usize, now_ms: u64) -> Vec<usize> {
+        (0..n)
+            .map(|_| bal.pick(servers, &Tried::new(), now_ms).expect("a server"))
+            .collect()
+    }
+
+    fn letters(seq: &[usize]) -> String {
+        seq.iter().map(|&i| char::from(b'a' + i as u8)).collect()
+    }
+
+    #[test]
+    fn smooth_sequence_matches_nginx() {
+        let s = servers(&[5, 1, 1]);
+        let mut bal = Balancer::new(&s);
+        // nginx's own sequence for 5,1,1, twice over: the state returns to
+        // zero after each full cycle.
+        assert_eq!(letters(&picks(&mut bal, &s, 14, 0)), "aabacaaaabacaa");
+        assert!((0..3).all(|i| bal.peer(i).unwrap().current_weight == 0));
+    }
+
+    #[test]
+    fn distribution_follows_weights_exactly() {
+        let s = servers(&[3, 2, 1]);
+        let mut bal = Balancer::new(&s);
+        let seq = picks(&mut bal, &s, 7000, 0);
+        assert_eq!(letters(&seq[..6]), "abacba");
+        let count = |i| seq.iter().filter(|&&p| p == i).count();
+        // 1166 full cycles of 6, then "abac".
+        assert_eq!((count(0), count(1), count(2)), (3500, 2333, 1167));
+    }
+
+    #[test]
+    fn down_servers_are_skipped() {
+        let mut s = servers(&[1, 1, 1]);
+        s[1].down = true;
+        let mut bal = Balancer::new(&s);
+        assert_eq!(letters(&picks(&mut bal, &s, 6, 0)), "acacac");
+        s[0].down = true;
+        s[2].down = true;
+        assert_eq!(bal.pick(&s, &Tried::new(), 0), None);
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_left() {
+        let mut s = servers(&[1, 1, 1, 1]);
+        s[2].backup = true;
+        s[3].backup = true;
+        let mut bal = Balancer::new(&s);
+        assert!(picks(&mut bal, &s, 100, 0).iter().all(|&i| i < 2));
+
+        // Tried.
+        let mut tried = Tried::new();
+        tried.insert(0);
+        assert_eq!(bal.pick(&s, &tried, 0), Some(1));
+        tried.insert(1);
+        let backup = bal.pick(&s, &tried, 0).unwrap();
+        assert!(backup >= 2);
+        tried.insert(backup);
+        assert_eq!(bal.pick(&s, &tried, 0), Some(5 - backup));
+        tried.insert(5 - backup);
+        assert_eq!(bal.pick(&s, &tried, 0), None);
+
+        // Failed (max_fails=1 by default).
+        bal.report_failure(&s, 0, 1000);
+        assert_eq!(bal.pick(&s, &Tried::new(), 1000), Some(1));
+        bal.report_failure(&s, 1, 1000);
+        assert!(picks(&mut bal, &s, 10, 1000).iter().all(|&i| i >= 2));
+
+        // Down.
+        let mut bal = Balancer::new(&s);
+        s[0].down = true;
+        s[1].down = true;
+        assert_eq!(letters(&picks(&mut bal, &s, 4, 0)), "cdcd");
+        s[1].down = false;
+        assert_eq!(letters(&picks(&mut bal, &s, 3, 0)), "bbb");
+    }
+
+    #[test]
+    fn failing_server_is_skipped_for_fail_timeout_then_probed_once() {
+        let mut s = servers(&[1, 1]);
+        s[0].max_fails = 2;
+        s[0].fail_timeout = 10;
+        let mut bal = Balancer::new(&s);
+        let count_a = |seq: Vec<usize>| seq.iter().filter(|&&i| i == 0).count();
+
+        bal.report_failure(&s, 0, 1_000);
+        // One failure of two: still in rotation.
+        assert_eq!(count_a(picks(&mut bal, &s, 4, 1_000)), 2);
+        bal.report_failure(&s, 0, 1_500);
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 1_500)), 0);
+        assert_eq!(
+            count_a(picks(&mut bal, &s, 10, 11_500)),
+            0,
+            "window is inclusive"
+        );
+
+        // Window over: exactly one request probes it.
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 11_501)), 1);
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 15_000)), 0);
+
+        // The probe fails: out for another window, then probed again.
+        bal.report_failure(&s, 0, 15_000);
+        assert_eq!(bal.peer(0).unwrap().fails, 3);
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 25_000)), 0);
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 25_001)), 1);
+
+        // This probe goes a whole window unblamed: presumed recovered.
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 35_001)), 0);
+        assert_eq!(count_a(picks(&mut bal, &s, 10, 35_002)), 5);
+        assert_eq!(bal.peer(0).unwrap().fails, 0);
+    }
+
+    #[test]
+    fn old_failures_below_max_fails_are_forgotten() {
+        let mut s = servers(&[1, 1]);
+        s[0].max_fails = 2;
+        let mut bal = Balancer::new(&s);
+        bal.report_failure(&s, 0, 0);
+        picks(&mut bal, &s, 2, 10_000);
+        assert_eq!(bal.peer(0).unwrap().fails, 1, "still within the window");
+        picks(&mut bal, &s, 2, 10_001);
+        assert_eq!(bal.peer(0).unwrap().fails, 0);
+        // So one more failure does not disable it.
+        bal.report_failure(&s, 0, 10_002);
+        assert_eq!(bal.pick(&s, &Tried::new(), 10_002), Some(0));
+    }
+
+    #[test]
+    fn max_fails_zero_never_disables() {
+        let mut s = servers(&[1, 1]);
+        s[0].max_fails = 0;
+        let mut bal = Balancer::new(&s);
+        for _ in 0..5 {
+            bal.report_failure(&s, 0, 0);
+        }
+        assert_eq!(bal.peer(0).unwrap().effective_weight, 1);
+        assert_eq!(letters(&picks(&mut bal, &s, 4, 0)), "abab");
+    }
+
+    #[test]
+    fn a_lone_server_ignores_failures() {
+        let mut s = servers(&[1]);
+        let mut bal = Balancer::new(&s);
+        for _ in 0..3 {
+            bal.report_failure(&s, 0, 0);
+        }
+        assert_eq!(bal.peer(0).unwrap().fails, 0);
+        assert_eq!(bal.pick(&s, &Tried::new(), 0), Some(0));
+        let mut tried = Tried::new();
+        tried.insert(0);
+        assert_eq!(bal.pick(&s, &tried, 0), None);
+        s[0].down = true;
+        assert_eq!(bal.pick(&s, &Tried::new(), 0), None);
+
+        // With a backup it is no longer single: failures count.
+        let mut s = servers(&[1, 1]);
+        s[1].backup = true;
+        let mut bal = Balancer::new(&s);
+        bal.report_failure(&s, 0, 0);
+        assert_eq!(bal.pick(&s, &Tried::new(), 0), Some(1));
+    }
+
+    #[test]
+    fn failures_lower_the_weight_in_use_which_then_recovers() {
+        let mut s = servers(&[10, 10]);
+        s[0].max_fails = 5;
+        let mut bal = Balancer::new(&s);
+        bal.report_failure(&s, 0, 0);
+        bal.report_failure(&s, 0, 0);
+        assert_eq!(bal.peer(0).unwrap().effective_weight, 6);
+        assert_eq!(bal.peer(1).unwrap().effective_weight, 10);
+
+        // The first pick sees a at 6 against b at 10, then a climbs by one
+        // per pick back to its weight and stays there.
+        assert_eq!(bal.pick(&s, &Tried::new(), 0), Some(1));
+        assert_eq!(bal.peer(0).unwrap().effective_weight, 7);
+        picks(&mut bal, &s, 10, 0);
+        assert_eq!(bal.peer(0).unwrap().effective_weight, 10);
+
+        // Never below zero.
+        let mut s = servers(&[6, 1]);
+        s[0].max_fails = 2;
+        let mut bal = Balancer::new(&s);
+        for _ in 0..3 {
+            bal.report_failure(&s, 0, 0);
+        }
+        assert_eq!(bal.peer(0).unwrap().effective_weight, 0);
+    }
+
+    #[test]
+    fn carry_over_keeps_servers_that_stay_and_starts_new_ones_fresh() {
+        let old_servers = servers(&[5, 1, 1]);
+        let mut old = Balancer::new(&old_servers);
+        picks(&mut old, &old_servers, 3, 0);
+        old.report_failure(&old_servers, 1, 500);
+
+        // c and b stay (reordered), a goes, d comes, b's weight drops.
+        let mut new_servers = vec![old_servers[2].clone(), old_servers[1].clone(), server(4, 3)];
+        new_servers[1].weight = 1;
+        let mut bal = Balancer::new(&new_servers);
+        bal.carry_over(&old, &old_servers, &new_servers);
+
+        assert_eq!(bal.peer(0), old.peer(2));
+        assert_eq!(bal.peer(1), old.peer(1));
+        assert_eq!(bal.peer(2), Some(&PeerState::fresh(&new_servers[2])));
+        assert_ne!(bal.peer(0).unwrap().current_weight, 0, "rotation kept");
+        // b's failure carried over: it stays out of rotation.
+        assert!(picks(&mut bal, &new_servers, 8, 1_000)
+            .iter()
+            .all(|&i| i != 1));
+
+        // A lowered weight caps the carried effective weight.
+        let mut heavy = old_servers.clone();
+        heavy[2].weight = 1;
+        let mut light = Balancer::new(&old_servers);
+        light.carry_over(&Balancer::new(&old_servers), &old_servers, &heavy);
+        assert_eq!(light.peer(2).unwrap().effective_weight, 1);
+    }
+
+    #[test]
+    fn tried_tracks_indices_beyond_64() {
+        let mut t = Tried::new();
+        assert!(t.is_empty());
+        for i in [0, 63, 64, 100, 1000] {
+            assert!(t.insert(i));
+        }
+        assert!(t.insert(100), "already present");
+        assert_eq!(t.len(), 5);
+        for i in [0, 63, 64, 100, 1000] {
+            assert!(t.contains(i), "{i}");
+        }
+        for i in [1, 62, 65, 99, 999] {
+            assert!(!t.contains(i), "{i}");
+        }
+
+        t.clear();
+        assert!(t.is_empty() && !t.contains(64));
+        for i in 0..Tried::OVERFLOW_CAPACITY {
+            assert!(t.insert(64 + i));
+        }
+        assert!(!t.insert(500), "overflow full");
+        assert!(!t.contains(500));
+        assert!(t.insert(5), "the bitmask still has room");
+        assert_eq!(t.len(), Tried::OVERFLOW_CAPACITY + 1);
+    }
+
+    #[test]
+    fn pick_skips_tried_indices_beyond_64() {
+        let s = servers(&[1; 70]);
+        let mut bal = Balancer::new(&s);
+        let mut tried = Tried::new();
+        for _ in 0..70 {
+            let i = bal.pick(&s, &tried, 0).unwrap();
+            assert!(tried.insert(i));
+        }
+        assert_eq!(tried.len(), 70);
+        assert_eq!(bal.pick(&s, &tried, 0), None);
+    }
+
+    #[test]
+    fn retries_never_repeat_a_tried_server() {
+        let s = servers(&[5, 1, 3, 1, 2]);
+        let mut bal = Balancer::new(&s);
+        let mut at = Attempts::new(64);
+        let first = pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, Retry::First, 0).unwrap();
+        let mut seen = vec![first];
+        for retry in [Retry::Failed, Retry::Next, Retry::Failed, Retry::Next] {
+            let next = pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, retry, 0).unwrap();
+            assert!(!seen.contains(&next), "{next} again after {seen:?}");
+            seen.push(next);
+        }
+        assert_eq!(
+            pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, Retry::Next, 0),
+            None
+        );
+
+        // Only Failed retries blamed the server before them.
+        let blamed: Vec<u32> = seen.iter().map(|&i| bal.peer(i).unwrap().fails).collect();
+        assert_eq!(blamed, [1, 0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn a_failed_retry_blames_the_previous_pick_once() {
+        let s = servers(&[1, 1, 1]);
+        let mut bal = Balancer::new(&s);
+        let mut at = Attempts::new(64);
+        let a = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
+        let b = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Failed, 0).unwrap();
+        assert_eq!(bal.peer(a).unwrap().fails, 1);
+        assert_eq!(bal.peer(b).unwrap().fails, 0);
+        // Another request's first attempt avoids the failed one.
+        let other = pick_for_request(&mut bal, &s, &mut at, 8, 1, 1, Retry::First, 0).unwrap();
+        assert_ne!(other, a);
+    }
+
+    #[test]
+    fn a_retry_across_a_generation_change_starts_fresh() {
+        let s = servers(&[1, 1]);
+        let mut bal = Balancer::new(&s);
+        let mut at = Attempts::new(64);
+        let a = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
+        // The table changed: index `a` may be another server now, so it is
+        // neither blamed nor skipped.
+        let b = pick_for_request(&mut bal, &s, &mut at, 7, 1, 2, Retry::Failed, 0).unwrap();
+        assert_eq!(bal.peer(a).unwrap().fails, 0);
+        let attempt = at.resume(7, 1, 2).unwrap();
+        assert_eq!(attempt.tried.len(), 1);
+        assert!(attempt.tried.contains(b));
+        assert_eq!(attempt.last, Some(b));
+    }
+
+    #[test]
+    fn a_reused_request_key_starts_fresh() {
+        let s = servers(&[1, 1]);
+        let mut bal = Balancer::new(&s);
+        let mut at = Attempts::new(64);
+        pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
+        pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0).unwrap();
+        assert_eq!(
+            pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0),
+            None
+        );
+        // A new request at the same address may use any server again.
+        assert!(pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).is_some());
+        assert!(pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0).is_some());
+    }
+}

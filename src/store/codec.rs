@@ -1,0 +1,327 @@
+//! The payload of a slot: the table and the recent change log, in a compact
+//! little-endian encoding. Decoding checks every length, count and value, so
+//! a payload that passed its checksum but was written by a broken or foreign
+//! writer is still refused rather than trusted.
+//!
+//! ```text
+//! payload  := version u64, upstream count u32, change count u32,
+//!             upstream*, change*
+//! upstream := name, rev u64, server count u32, server*
+//! server   := address, weight u32, max_fails u32, fail_timeout u32,
+//!             flags u8 (1 = backup, 2 = down)
+//! change   := version u64, name, address, removed u8 (0 or 1)
+//! name     := length u16, UTF-8 bytes
+//! address  := 4, IPv4 [4], port u16
+//!           | 6, IPv6 [16], port u16
+//!           | 1, length u16, unix socket path bytes
+//! ```
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::model::{
+    check_name, Address, Change, ServerSpec, Table, Upstream, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX,
+    WEIGHT_MAX, WEIGHT_MIN,
+};
+
+/// How many changes the log keeps; older ones are dropped first.
+pub const CHANGE_LOG_MAX: usize = 512;
+
+const BACKUP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// What one slot holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Payload {
+    pub version: u64,
+    pub table: Table,
+    pub changes: Vec<Change>,
+}
+
+pub fn encode(p: &Payload) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + p.table.upstreams.len() * 64);
+    out.extend_from_slice(&p.version.to_le_bytes());
+    out.extend_from_slice(&(p.table.upstreams.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(p.changes.len() as u32).to_le_bytes());
+    for u in &p.table.upstreams {
+        put_str(&mut out, &u.name);
+        out.extend_from_slice(&u.rev.to_le_bytes());
+        out.extend_from_slice(&(u.servers.len() as u32).to_le_bytes());
+        for s in &u.servers {
+            put_addr(&mut out, &s.addr);
+            out.extend_from_slice(&s.weight.to_le_bytes());
+            out.extend_from_slice(&s.max_fails.to_le_bytes());
+            out.extend_from_slice(&s.fail_timeout.to_le_bytes());
+            let flags = if s.backup { BACKUP } else { 0 } | if s.down { DOWN } else { 0 };
+            out.push(flags);
+        }
+    }
+    for c in &p.changes {
+        out.extend_from_slice(&c.version.to_le_bytes());
+        put_str(&mut out, &c.upstream);
+        put_addr(&mut out, &c.server);
+        out.push(c.removed as u8);
+    }
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Names are checked to be at most 255 bytes and unix paths at most 107
+    // before they reach the table, so u16 never truncates.
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &Address) {
+    match a {
+        Address::Inet(SocketAddr::V4(v4)) => {
+            out.push(4);
+            out.extend_from_slice(&v4.ip().octets());
+            out.extend_from_slice(&v4.port().to_le_bytes());
+        }
+        Address::Inet(SocketAddr::V6(v6)) => {
+            out.push(6);
+            out.extend_from_slice(&v6.ip().octets());
+            out.extend_from_slice(&v6.port().to_le_bytes());
+        }
+        Address::Unix(path) => {
+            out.push(1);
+            put_str(out, path);
+        }
+    }
+}
+
+pub fn decode(b: &[u8]) -> Result<Payload, String> {
+    let mut r = Reader { b, at: 0 };
+    let version = r.u64()?;
+    let upstreams = r.u32()? as usize;
+    let changes = r.u32()? as usize;
+    // The smallest encoded upstream and change are well over 8 bytes: a count
+    // larger than the bytes left is a lie, and must not size an allocation.
+    let mut table = Table {
+        upstreams: Vec::with_capacity(upstreams.min(r.left() / 8)),
+    };
+    for _ in 0..upstreams {
+        let name = r.str()?;
+        check_name(&name)?;
+        if table.get(&name).is_some() {
+            return Err(format!("upstream {name:?} appears twice"));
+        }
+        let rev = r.u64()?;
+        let n = r.u32()? as usize;
+        let mut servers = Vec::with_capacity(n.min(r.left() / 8));
+        for _ in 0..n {
+            servers.push(server(&mut r)?);
+        }
+        table.upstreams.push(Upstream { name, servers, rev });
+    }
+    let mut log = Vec::with_capacity(changes.min(r.left() / 8));
+    for _ in 0..changes {
+        let version = r.u64()?;
+        let upstream = r.str()?;
+        let server = r.addr()?;
+        let removed = match r.u8()? {
+            0 => false,
+            1 => true,
+            x => return Err(format!("change flag {x} is neither 0 nor 1")),
+        };
+        log.push(Change {
+            version,
+            upstream,
+            server,
+            removed,
+        });
+    }
+    if r.left() != 0 {
+        return Err(format!("{} bytes after the end of the table", r.left()));
+    }
+    Ok(Payload {
+        version,
+        table,
+        changes: log,
+    })
+}
+
+fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
+    let addr = r.addr()?;
+    let weight = r.u32()?;
+    let max_fails = r.u32()?;
+    let fail_timeout = r.u32()?;
+    let flags = r.u8()?;
+    if !(WEIGHT_MIN..=WEIGHT_MAX).contains(&weight)
+        || max_fails > MAX_FAILS_MAX
+        || fail_timeout > FAIL_TIMEOUT_MAX
+        || flags & !(BACKUP | DOWN) != 0
+    {
+        return Err(format!("server {addr} has out-of-range parameters"));
+    }
+    Ok(ServerSpec {
+        addr,
+        weight,
+        max_fails,
+        fail_timeout,
+        backup: flags & BACKUP != 0,
+        down: flags & DOWN != 0,
+    })
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.b.len() - self.at
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.left() {
+            return Err(format!("table ends early at byte {}", self.at));
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.u16()? as usize;
+        let at = self.at;
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| format!("invalid UTF-8 in a name at byte {at}"))
+    }
+
+    fn addr(&mut self) -> Result<Address, String> {
+        match self.u8()? {
+            4 => {
+                let ip = Ipv4Addr::from(self.array::<4>()?);
+                Ok(Address::Inet(SocketAddr::new(ip.into(), self.u16()?)))
+            }
+            6 => {
+                let ip = Ipv6Addr::from(self.array::<16>()?);
+                Ok(Address::Inet(SocketAddr::new(ip.into(), self.u16()?)))
+            }
+            1 => {
+                let path = self.str()?;
+                if !path.starts_with('/') {
+                    return Err(format!("unix socket path {path:?} is not absolute"));
+                }
+                Ok(Address::Unix(path))
+            }
+            k => Err(format!("unknown address kind {k} at byte {}", self.at - 1)),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Payload {
+        let mut a = ServerSpec::new(Address::Inet("127.0.0.1:8088".parse().unwrap()));
+        a.weight = 3;
+        a.max_fails = 2;
+        a.fail_timeout = 5;
+        let mut b = ServerSpec::new(Address::Inet("[::1]:8089".parse().unwrap()));
+        b.backup = true;
+        b.down = true;
+        let c = ServerSpec::new(Address::Unix("/run/app.sock".into()));
+        let mut table = Table::default();
+        table.upsert(Upstream {
+            name: "local".into(),
+            servers: vec![a, b, c],
+            rev: 3,
+        });
+        table.upsert(Upstream::new("dyhost", vec![]));
+        Payload {
+            version: 4,
+            changes: vec![Change {
+                version: 4,
+                upstream: "local".into(),
+                server: Address::Inet("[::1]:8089".parse().unwrap()),
+                removed: true,
+            }],
+            table,
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let p = sample();
+        assert_eq!(decode(&encode(&p)).unwrap(), p);
+        assert_eq!(
+            decode(&encode(&Payload::default())).unwrap(),
+            Payload::default()
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = encode(&sample());
+        for n in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..n]).is_err(),
+                "accepted {n} of {} bytes",
+                bytes.len()
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).unwrap_err().contains("after the end"));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let mut p = sample();
+        p.table.upstreams[0].servers[0].weight = 0;
+        assert!(decode(&encode(&p)).unwrap_err().contains("out-of-range"));
+        let mut p = sample();
+        p.table.upstreams[1].name = "bad name".into();
+        assert!(decode(&encode(&p)).is_err());
+        let mut p = sample();
+        p.table.upstreams[1].name = "local".into();
+        assert!(decode(&encode(&p)).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn a_huge_count_does_not_allocate_or_panic() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&b).unwrap_err().contains("ends early"));
+    }
+
+    #[test]
+    fn every_single_byte_flip_decodes_or_errors_without_panic() {
+        let bytes = encode(&sample());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut m = bytes.clone();
+                m[i] ^= 1 << bit;
+                let _ = decode(&m);
+            }
+        }
+    }
+}

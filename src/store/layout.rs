@@ -1,0 +1,287 @@
+//! Where everything is in the state file, and the checks a file must pass
+//! before any of it is trusted.
+//!
+//! ```text
+//! offset        size   field
+//! ------------  -----  ---------------------------------------------------------
+//! 0             8      magic "\x89DYUPS\r\n" (the \x89 and \r\n catch text-mode
+//!                      copies, as PNG's magic does)
+//! 8             4      format version, u32 LE (FORMAT_VERSION)
+//! 12            4      header length, u32 LE (HEADER_LEN)
+//! 16            8      slot length, u64 LE: bytes per payload slot, slot header
+//!                      included
+//! 24            8      file length, u64 LE: HEADER_LEN + 2 * slot length
+//! 32            4      worker table entries, u32 LE
+//! 36            4      CRC32 of bytes 0..36
+//! 40            24     reserved, zero
+//! 64            8      commit word, atomic u64: generation << 1 | active slot
+//! 72            56     reserved, zero
+//! 128           16*N   worker table: N entries of
+//!                        +0 pid u32 (atomic, 0 = free)
+//!                        +4 reserved u32
+//!                        +8 generation the worker has applied, u64 (atomic)
+//! HEADER_LEN    S      slot 0
+//! HEADER_LEN+S  S      slot 1
+//!
+//! slot:
+//! +0            8      generation of the table in this slot, u64 LE
+//! +8            8      payload length, u64 LE
+//! +16           4      CRC32 of bytes +0..+16 and of the payload
+//! +20           12     reserved, zero
+//! +32           len    payload (see codec.rs)
+//! ```
+//!
+//! Bytes 0..40 are written once, when the file is created, and never change.
+//! The commit word is the only word a writer changes to publish a table: the
+//! slot it names is never written while it is active.
+
+use super::super::Error;
+
+pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
+pub const FORMAT_VERSION: u32 = 1;
+pub const HEADER_LEN: u64 = 4096;
+pub const COMMIT_WORD: usize = 64;
+pub const WORKER_TABLE: usize = 128;
+pub const WORKER_ENTRY: usize = 16;
+pub const WORKER_ENTRIES: u32 = ((HEADER_LEN as usize - WORKER_TABLE) / WORKER_ENTRY) as u32;
+pub const SLOT_HEADER: u64 = 32;
+const FIXED_FIELDS: usize = 36;
+
+/// Smallest and largest file a configuration may ask for.
+pub const MIN_FILE_LEN: u64 = HEADER_LEN + 2 * 4096;
+pub const MAX_FILE_LEN: u64 = 1 << 32;
+
+/// The shape of one state file, from its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub slot_len: u64,
+    pub file_len: u64,
+    pub workers: u32,
+}
+
+impl Geometry {
+    /// The geometry of a new file of at most `file_len` bytes: two equal slots
+    /// after the header, each a multiple of 8 bytes.
+    pub fn for_file_len(file_len: u64) -> Result<Geometry, String> {
+        if !(MIN_FILE_LEN..=MAX_FILE_LEN).contains(&file_len) {
+            return Err(format!(
+                "size {file_len} is out of range: a state file is {MIN_FILE_LEN} to {MAX_FILE_LEN} bytes"
+            ));
+        }
+        let slot_len = ((file_len - HEADER_LEN) / 2) & !7;
+        Ok(Geometry {
+            slot_len,
+            file_len: HEADER_LEN + 2 * slot_len,
+            workers: WORKER_ENTRIES,
+        })
+    }
+
+    /// Offset of slot `i` (0 or 1) from the start of the file.
+    pub fn slot_offset(&self, i: u64) -> u64 {
+        HEADER_LEN + i * self.slot_len
+    }
+
+    /// The most payload bytes one slot holds.
+    pub fn payload_capacity(&self) -> u64 {
+        self.slot_len - SLOT_HEADER
+    }
+
+    /// The fixed header fields (bytes 0..40) of a file of this geometry.
+    pub fn header_bytes(&self) -> [u8; 40] {
+        let mut h = [0u8; 40];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&self.slot_len.to_le_bytes());
+        h[24..32].copy_from_slice(&self.file_len.to_le_bytes());
+        h[32..36].copy_from_slice(&self.workers.to_le_bytes());
+        let crc = crc32fast::hash(&h[..FIXED_FIELDS]);
+        h[36..40].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Parses and checks the fixed header fields of a file that is
+    /// `actual_len` bytes long. `path` only goes into error messages.
+    pub fn parse(h: &[u8], actual_len: u64, path: &str) -> Result<Geometry, Error> {
+        let bad = |why: String| Error::Internal(format!("state file {path}: {why}"));
+        if actual_len < HEADER_LEN || h.len() < 40 {
+            return Err(bad(format!(
+                "truncated: {actual_len} bytes, a state file has at least {HEADER_LEN}"
+            )));
+        }
+        if h[0..8] != MAGIC {
+            return Err(bad("not an ngx.dyups state file (bad magic)".into()));
+        }
+        let version = u32_at(h, 8);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        let crc = u32_at(h, 36);
+        if crc != crc32fast::hash(&h[..FIXED_FIELDS]) {
+            return Err(bad("header checksum mismatch (corrupted header)".into()));
+        }
+        let header_len = u32_at(h, 12) as u64;
+        let g = Geometry {
+            slot_len: u64_at(h, 16),
+            file_len: u64_at(h, 24),
+            workers: u32_at(h, 32),
+        };
+        if header_len != HEADER_LEN
+            || g.workers != WORKER_ENTRIES
+            || g.slot_len < SLOT_HEADER
+            || !g.slot_len.is_multiple_of(8)
+            || HEADER_LEN.checked_add(g.slot_len.saturating_mul(2)) != Some(g.file_len)
+        {
+            return Err(bad("inconsistent header geometry".into()));
+        }
+        if actual_len < g.file_len {
+            return Err(bad(format!(
+                "truncated: {actual_len} bytes, its header says {}",
+                g.file_len
+            )));
+        }
+        Ok(g)
+    }
+}
+
+/// The header of one payload slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotHeader {
+    pub generation: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+impl SlotHeader {
+    /// The header for `payload` stored at `generation`.
+    pub fn for_payload(generation: u64, payload: &[u8]) -> SlotHeader {
+        let mut s = SlotHeader {
+            generation,
+            len: payload.len() as u64,
+            crc: 0,
+        };
+        s.crc = s.checksum(payload);
+        s
+    }
+
+    pub fn to_bytes(self) -> [u8; SLOT_HEADER as usize] {
+        let mut b = [0u8; SLOT_HEADER as usize];
+        b[0..8].copy_from_slice(&self.generation.to_le_bytes());
+        b[8..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> SlotHeader {
+        SlotHeader {
+            generation: u64_at(b, 0),
+            len: u64_at(b, 8),
+            crc: u32_at(b, 16),
+        }
+    }
+
+    fn checksum(&self, payload: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.generation.to_le_bytes());
+        h.update(&self.len.to_le_bytes());
+        h.update(payload);
+        h.finalize()
+    }
+
+    /// True when `payload` is what this header describes.
+    pub fn matches(&self, payload: &[u8]) -> bool {
+        self.len == payload.len() as u64 && self.crc == self.checksum(payload)
+    }
+}
+
+/// The commit word: which slot is active, and at which generation.
+pub fn commit_word(generation: u64, slot: u64) -> u64 {
+    generation << 1 | (slot & 1)
+}
+
+pub fn generation_of(word: u64) -> u64 {
+    word >> 1
+}
+
+pub fn slot_of(word: u64) -> u64 {
+    word & 1
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> (Geometry, [u8; 40]) {
+        let g = Geometry::for_file_len(1 << 20).unwrap();
+        (g, g.header_bytes())
+    }
+
+    #[test]
+    fn geometry_round_trips_through_the_header() {
+        let (g, h) = good();
+        assert_eq!(g.file_len, HEADER_LEN + 2 * g.slot_len);
+        assert!(g.file_len <= 1 << 20);
+        assert_eq!(Geometry::parse(&h, g.file_len, "p").unwrap(), g);
+    }
+
+    #[test]
+    fn each_corrupted_header_field_is_named() {
+        let (g, h) = good();
+        let cases: [(usize, &str); 4] = [
+            (0, "bad magic"),
+            (8, "format version"),
+            (20, "header checksum"),
+            (37, "header checksum"),
+        ];
+        for (at, why) in cases {
+            let mut b = h;
+            b[at] ^= 0x40;
+            let err = Geometry::parse(&b, g.file_len, "/x/state")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("/x/state"), "{err}");
+            assert!(err.contains(why), "byte {at}: {err}");
+        }
+    }
+
+    #[test]
+    fn truncation_is_named() {
+        let (g, h) = good();
+        let err = Geometry::parse(&h, g.file_len - 8, "p")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let err = Geometry::parse(&h, 100, "p").unwrap_err().to_string();
+        assert!(err.contains("truncated: 100 bytes"), "{err}");
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused() {
+        assert!(Geometry::for_file_len(1000).is_err());
+        assert!(Geometry::for_file_len(MAX_FILE_LEN + 1).is_err());
+    }
+
+    #[test]
+    fn slot_checksum_covers_generation_length_and_payload() {
+        let s = SlotHeader::for_payload(9, b"table");
+        let back = SlotHeader::from_bytes(&s.to_bytes());
+        assert_eq!(back, s);
+        assert!(back.matches(b"table"));
+        assert!(!back.matches(b"tablE"));
+        assert!(!SlotHeader { generation: 8, ..s }.matches(b"table"));
+    }
+}

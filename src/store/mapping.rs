@@ -1,0 +1,120 @@
+//! The shared mapping of the state file: the only code that reads and writes
+//! memory other processes change at the same time.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A `MAP_SHARED` mapping of a whole state file. Raw, not `&[u8]`: other
+/// processes write it while we hold it, which a Rust slice may not see.
+pub struct SharedMap {
+    raw: MmapRaw,
+}
+
+impl SharedMap {
+    /// Maps `len` bytes of `file`. The caller has checked that the file is at
+    /// least that long; state files never shrink, so the mapping stays valid.
+    pub fn map(file: &File, len: u64) -> io::Result<SharedMap> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
+        let raw = MmapOptions::new().len(len).map_raw(file)?;
+        Ok(SharedMap { raw })
+    }
+
+    /// Maps `len` bytes of `file` for reading only: for checking a file
+    /// without the right (or the wish) to change it.
+    pub fn map_read_only(file: &File, len: u64) -> io::Result<SharedMap> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
+        let raw = MmapOptions::new().len(len).map_raw_read_only(file)?;
+        Ok(SharedMap { raw })
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    fn check(&self, off: usize, len: usize, align: usize) {
+        assert!(
+            off.is_multiple_of(align) && off.checked_add(len).is_some_and(|end| end <= self.len()),
+            "mapping access out of bounds or misaligned: {off}+{len} of {}",
+            self.len()
+        );
+    }
+
+    /// The 64-bit word at `off`, shared with every process mapping the file.
+    pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        self.check(off, 8, 8);
+        // SAFETY: `check` proved the 8 bytes are inside the mapping and 8-byte
+        // aligned (the mapping starts on a page boundary). AtomicU64 has the
+        // layout of u64, the mapping lives as long as `self` (so as the
+        // returned reference), and every process accesses these words only
+        // through atomics.
+        unsafe { &*(self.raw.as_mut_ptr().add(off) as *const AtomicU64) }
+    }
+
+    /// The 32-bit word at `off`, shared with every process mapping the file.
+    pub fn atomic_u32(&self, off: usize) -> &AtomicU32 {
+        self.check(off, 4, 4);
+        // SAFETY: as in `atomic_u64`, for 4 aligned bytes.
+        unsafe { &*(self.raw.as_mut_ptr().add(off) as *const AtomicU32) }
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the mapping.
+    ///
+    /// The bytes may be changing under us: the caller must treat them as
+    /// untrusted until it has re-read the commit word and checked the slot's
+    /// checksum (see `StateFile::read_slot`).
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len(), 1);
+        // SAFETY: the range is inside the mapping (`check`), `dst` is a
+        // distinct private buffer, and `u8` has no invalid bit patterns, so
+        // a copy that races a writer yields stale or mixed bytes but never an
+        // invalid value; the seqlock check and the checksum discard those.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.raw.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
+    }
+
+    /// Copies `src` into the mapping at `off`.
+    ///
+    /// Only a holder of the writer lock may call this, and only on bytes no
+    /// reader trusts: the inactive slot, or a new file no one has opened.
+    pub fn copy_in(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len(), 1);
+        // SAFETY: the range is inside the mapping (`check`) and `src` is a
+        // private buffer. Readers that copy these bytes concurrently discard
+        // them: the slot is not active, so its commit word check or checksum
+        // fails for them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.raw.as_mut_ptr().add(off), src.len())
+        }
+    }
+
+    /// Writes the range back to the file and waits for the disk.
+    pub fn flush(&self, off: usize, len: usize) -> io::Result<()> {
+        self.raw.flush_range(off, len)
+    }
+}
+
+/// Whether a process with this pid exists. A process of another user counts
+/// (EPERM): nginx workers may run as a different user than the caller.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid
+    // exists and may be signalled. It has no memory effects.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The effective uid of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}

@@ -1,0 +1,679 @@
+//! The store's invariants (design.md), each with a test that fails when it
+//! breaks: torn reads, writers killed mid-write, lost updates, the one-load
+//! hot path, corruption, capacity. Several tests run real child processes:
+//! this test binary again, entering `child_process` with a role in the
+//! environment.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::model::{Address, ServerSpec, Upstream};
+
+const SIZE: u64 = 256 * 1024;
+
+/// A directory removed when the test ends, pass or fail.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "dyups-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    fn file(&self) -> PathBuf {
+        self.0.join("state")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn server(port: u16) -> ServerSpec {
+    ServerSpec::new(Address::Inet(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
+    ))
+}
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+fn seed() -> Result<Table> {
+    let mut t = Table::default();
+    t.upsert(Upstream::new("local", vec![server(8088), server(8089)]));
+    Ok(t)
+}
+
+fn fresh(dir: &TempDir) -> StateFile {
+    StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap()
+}
+
+fn add(port: u16) -> impl FnOnce(&mut Table) -> Result<()> {
+    move |t| {
+        t.get_mut("local").unwrap().servers.push(server(port));
+        Ok(())
+    }
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x55;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn a_new_file_holds_the_seed_at_version_1() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let s = f.read().unwrap();
+    assert_eq!((s.version, s.seen), (1, 1));
+    assert_eq!(s.table, seed().unwrap());
+    assert!(s.fallback.is_none());
+    assert_eq!(
+        std::fs::metadata(dir.file()).unwrap().len(),
+        f.geometry().file_len
+    );
+    // No temporary file is left beside it.
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+}
+
+#[test]
+fn an_existing_file_wins_over_the_seed() {
+    let dir = TempDir::new();
+    fresh(&dir)
+        .write(&WriteOptions::default(), add(9000))
+        .unwrap();
+    let again =
+        StateFile::open_uncached(&dir.file(), SIZE, || panic!("seeded an existing file")).unwrap();
+    let s = again.read().unwrap();
+    assert_eq!(s.version, 2);
+    assert_eq!(s.table.get("local").unwrap().servers.len(), 3);
+}
+
+#[test]
+fn a_seed_that_fails_creates_nothing() {
+    let dir = TempDir::new();
+    let err = StateFile::open_uncached(&dir.file(), SIZE, || {
+        Err(Error::BadRequest("line 2: bad".into()))
+    });
+    assert_eq!(err.err().unwrap().to_string(), "line 2: bad");
+    assert!(!dir.file().exists());
+}
+
+#[test]
+fn each_write_raises_the_version_by_one_and_a_no_op_not_at_all() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    assert_eq!(f.write(&opts, add(9000)).unwrap().0, 2);
+    assert_eq!(f.write(&opts, add(9001)).unwrap().0, 3);
+    assert_eq!(f.write(&opts, |_| Ok(())).unwrap().0, 3);
+    assert_eq!(f.generation(), 3);
+    let s = f.read().unwrap();
+    let local = s.table.get("local").unwrap();
+    assert_eq!(local.rev, 3);
+    let ports: Vec<_> = local.servers.iter().map(|s| s.addr.port()).collect();
+    assert_eq!(ports, [8088, 8089, 9000, 9001]);
+}
+
+#[test]
+fn a_failed_change_writes_nothing() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let before = std::fs::read(dir.file()).unwrap();
+    let err = f
+        .write(&WriteOptions::default(), |t| {
+            t.remove("local");
+            Err::<(), _>(Error::BadRequest("refused".into()))
+        })
+        .unwrap_err();
+    assert_eq!(err.status(), 400);
+    assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+}
+
+#[test]
+fn a_stale_expected_version_is_refused_with_412() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let stale = WriteOptions {
+        expect: Some(1),
+        ..WriteOptions::default()
+    };
+    let err = f.write(&stale, add(9001)).unwrap_err();
+    assert_eq!(
+        err,
+        Error::VersionMismatch {
+            expected: 1,
+            actual: 2
+        }
+    );
+    assert_eq!(err.status(), 412);
+    assert_eq!(
+        f.read().unwrap().table.get("local").unwrap().servers.len(),
+        3
+    );
+    let current = WriteOptions {
+        expect: Some(2),
+        ..WriteOptions::default()
+    };
+    assert_eq!(f.write(&current, add(9001)).unwrap().0, 3);
+}
+
+#[test]
+fn a_table_that_does_not_fit_is_refused_and_nothing_changes() {
+    let dir = TempDir::new();
+    let f = StateFile::open_uncached(&dir.file(), MIN_FILE_LEN, seed).unwrap();
+    let err = f
+        .write(&WriteOptions::default(), |t| {
+            let many = (1..2000).map(server).collect();
+            t.upsert(Upstream::new("big", many));
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(err.status(), 507);
+    assert!(err.to_string().contains("raise `size`"), "{err}");
+    let s = f.read().unwrap();
+    assert_eq!((s.version, s.table), (1, seed().unwrap()));
+    // A change that fits still goes through.
+    assert_eq!(f.write(&WriteOptions::default(), add(9000)).unwrap().0, 2);
+}
+
+#[test]
+fn the_unchanged_hot_path_reads_only_the_commit_word() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let seen = f.read().unwrap().seen;
+    // Wreck both slots: a reader that looked at them would fail.
+    let g = f.geometry();
+    flip_byte(&dir.file(), g.slot_offset(0) + SLOT_HEADER);
+    flip_byte(&dir.file(), g.slot_offset(1) + 16);
+    assert!(f.read_if_changed(seen).unwrap().is_none());
+    assert!(f.read().is_err());
+}
+
+#[test]
+fn a_damaged_active_slot_falls_back_to_the_previous_table() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    f.write(&opts, add(9000)).unwrap(); // version 2, slot 1
+    f.write(&opts, add(9001)).unwrap(); // version 3, slot 0
+    flip_byte(&dir.file(), f.geometry().slot_offset(0) + SLOT_HEADER + 3);
+    let s = f.read().unwrap();
+    assert_eq!((s.seen, s.version), (3, 2));
+    assert!(
+        s.fallback.as_deref().unwrap().contains("checksum mismatch"),
+        "{:?}",
+        s.fallback
+    );
+    assert_eq!(s.table.get("local").unwrap().servers.len(), 3);
+
+    // The next write builds on the good table and overwrites the bad slot.
+    assert_eq!(f.write(&opts, add(9002)).unwrap().0, 4);
+    let s = f.read().unwrap();
+    assert!(s.fallback.is_none());
+    let ports: Vec<_> = s
+        .table
+        .get("local")
+        .unwrap()
+        .servers
+        .iter()
+        .map(|s| s.addr.port())
+        .collect();
+    assert_eq!(ports, [8088, 8089, 9000, 9002]);
+}
+
+#[test]
+fn both_slots_damaged_is_an_error_naming_the_path() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let g = f.geometry();
+    flip_byte(&dir.file(), g.slot_offset(0) + SLOT_HEADER + 1);
+    flip_byte(&dir.file(), g.slot_offset(1) + SLOT_HEADER + 1);
+    let err = f.read().unwrap_err().to_string();
+    assert!(err.contains(&dir.file().display().to_string()), "{err}");
+    assert!(err.contains("both table slots are unreadable"), "{err}");
+    let err = f.write(&WriteOptions::default(), add(9001)).unwrap_err();
+    assert_eq!(err.status(), 500);
+}
+
+#[test]
+fn foreign_truncated_and_damaged_files_are_named_and_never_overwritten() {
+    let dir = TempDir::new();
+    let path = dir.file();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (Vec::new(), "truncated: 0 bytes"),
+        (
+            b"user nobody;\nworker_processes 2;\n".repeat(200),
+            "bad magic",
+        ),
+        (
+            {
+                fresh(&dir);
+                let mut b = std::fs::read(&path).unwrap();
+                b.truncate(b.len() - 100);
+                b
+            },
+            "truncated",
+        ),
+        (
+            {
+                let mut b = std::fs::read(&path).unwrap();
+                b.truncate(HEADER_LEN as usize + 10);
+                b
+            },
+            "truncated",
+        ),
+    ];
+    for (bytes, why) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = StateFile::open_uncached(&path, SIZE, seed)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains(why), "expected {why:?} in {err}");
+        let inspected = StateFile::inspect(&path).err().unwrap().to_string();
+        assert!(inspected.contains(why), "{inspected}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the file was changed");
+    }
+}
+
+#[test]
+fn inspect_reads_without_creating() {
+    let dir = TempDir::new();
+    assert!(StateFile::inspect(&dir.file()).unwrap().is_none());
+    assert!(!dir.file().exists());
+    fresh(&dir)
+        .write(&WriteOptions::default(), add(9000))
+        .unwrap();
+    assert_eq!(StateFile::inspect(&dir.file()).unwrap().unwrap().version, 2);
+}
+
+#[test]
+fn one_process_opens_a_file_once_whatever_the_spelling() {
+    let dir = TempDir::new();
+    let a = StateFile::open(&dir.file(), SIZE, seed).unwrap();
+    let b = StateFile::open(&dir.0.join(".").join("state"), SIZE, seed).unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+}
+
+#[test]
+fn try_wait_gets_busy_while_another_process_holds_the_lock() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let marker = dir.0.join("holding");
+    let mut child = spawn(&format!(
+        "hold-lock {} {}",
+        dir.file().display(),
+        marker.display()
+    ));
+    wait_for(&marker, &mut child);
+    let err = f
+        .write(
+            &WriteOptions {
+                wait: Wait::Try,
+                ..WriteOptions::default()
+            },
+            add(9000),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 409, "{err}");
+    let err = f
+        .write(
+            &WriteOptions {
+                wait: Wait::For(Duration::from_millis(50)),
+                ..WriteOptions::default()
+            },
+            add(9000),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("more than 50 ms"), "{err}");
+    // The kernel drops the lock of a killed holder: the next writer proceeds.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let opts = WriteOptions {
+        wait: Wait::Try,
+        ..WriteOptions::default()
+    };
+    assert_eq!(f.write(&opts, add(9000)).unwrap().0, 2);
+}
+
+#[test]
+fn a_writer_killed_between_slot_and_commit_leaves_the_old_table() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let before = f.read().unwrap();
+    let marker = dir.0.join("written");
+    let mut child = spawn(&format!(
+        "stall-before-publish {} {}",
+        dir.file().display(),
+        marker.display()
+    ));
+    wait_for(&marker, &mut child);
+    // The child has filled the inactive slot and is about to publish.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let after = f.read().unwrap();
+    assert_eq!(after, before);
+    let opts = WriteOptions {
+        wait: Wait::Try,
+        ..WriteOptions::default()
+    };
+    assert_eq!(f.write(&opts, add(9001)).unwrap().0, 3);
+}
+
+#[test]
+fn writers_killed_at_random_instants_leave_a_valid_file_and_no_lock() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let mut last = f.read().unwrap().version;
+    for round in 0..12u64 {
+        let mut child = spawn(&format!("write-forever {}", dir.file().display()));
+        // Let it get going, then kill it wherever it is.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.generation() < last + 3 + round % 4 {
+            assert!(
+                Instant::now() < deadline,
+                "the child writer made no progress"
+            );
+            std::thread::sleep(Duration::from_micros(200 + 37 * round));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let s = f.read().unwrap();
+        assert!(s.fallback.is_none());
+        assert!(s.version >= last + 3);
+        let local = s.table.get("local").unwrap();
+        assert_eq!(local.servers.len(), 3);
+        assert_eq!(
+            local.servers[2].addr.port(),
+            30_000 + (s.version % 1000) as u16
+        );
+        last = f
+            .write(
+                &WriteOptions {
+                    wait: Wait::Try,
+                    ..WriteOptions::default()
+                },
+                |_| Ok(()),
+            )
+            .unwrap()
+            .0;
+    }
+}
+
+#[test]
+fn concurrent_writers_in_four_processes_lose_no_update() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let children: Vec<_> = (0..4u16)
+        .map(|i| {
+            spawn(&format!(
+                "append {} {} 60",
+                dir.file().display(),
+                10_000 + i * 1000
+            ))
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let s = f.read().unwrap();
+    assert_eq!(s.version, 1 + 4 * 60);
+    let mut ports: Vec<_> = s
+        .table
+        .get("local")
+        .unwrap()
+        .servers
+        .iter()
+        .map(|s| s.addr.port())
+        .collect();
+    ports.sort();
+    let mut want: Vec<u16> = vec![8088, 8089];
+    want.extend((0..4u16).flat_map(|i| (0..60).map(move |k| 10_000 + i * 1000 + k)));
+    want.sort();
+    assert_eq!(ports, want);
+}
+
+#[test]
+fn readers_in_other_processes_never_see_a_torn_table() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let readers: Vec<_> = (0..2)
+        .map(|_| spawn(&format!("check-reads {}", dir.file().display())))
+        .collect();
+    // Every table written keeps "a" and "b" the same size, all ports equal:
+    // a torn copy would mix two tables and break that.
+    let opts = WriteOptions {
+        durable: false,
+        ..WriteOptions::default()
+    };
+    for i in 0..3000u16 {
+        f.write(&opts, move |t| {
+            let n = 1 + (i % 40) as usize;
+            let port = 20_000 + i;
+            t.upsert(Upstream::new("a", (0..n).map(|_| server(port)).collect()));
+            t.upsert(Upstream::new("b", (0..n).map(|_| server(port)).collect()));
+            Ok(())
+        })
+        .unwrap();
+    }
+    std::fs::write(dir.0.join("stop"), b"").unwrap();
+    for mut r in readers {
+        assert!(
+            r.wait().unwrap().success(),
+            "a reader saw a torn or unreadable table"
+        );
+    }
+}
+
+#[test]
+fn pending_lists_changes_a_live_worker_has_not_applied() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let me = std::process::id();
+    let i = f.register_worker(me).unwrap();
+    assert_eq!(f.register_worker(me).unwrap(), i);
+    f.set_applied(i, 1);
+    f.write(&WriteOptions::default(), |t| {
+        t.get_mut("local").unwrap().servers[0].down = true;
+        Ok(())
+    })
+    .unwrap();
+    let s = f.read().unwrap();
+    let pending = f.pending(&s);
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].server.port(), pending[0].removed), (8088, true));
+    f.set_applied(i, s.version);
+    assert!(f.pending(&s).is_empty());
+
+    // A dead process's entry does not hold changes back, and is reused.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let j = f.register_worker(dead).unwrap();
+    f.set_applied(j, 0);
+    assert!(f.pending(&s).is_empty());
+    assert_eq!(
+        f.workers(),
+        vec![Worker {
+            pid: me,
+            applied: s.version
+        }]
+    );
+    f.release_worker(i, me);
+    assert!(f.workers().is_empty());
+}
+
+#[test]
+fn the_change_log_is_bounded() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions {
+        durable: false,
+        ..WriteOptions::default()
+    };
+    for i in 0..(CHANGE_LOG_MAX as u16 / 2 + 10) {
+        f.write(&opts, move |t| {
+            t.upsert(Upstream::new("x", vec![server(1 + i)]));
+            Ok(())
+        })
+        .unwrap();
+    }
+    let s = f.read().unwrap();
+    assert_eq!(s.changes.len(), CHANGE_LOG_MAX);
+    assert_eq!(s.changes.last().unwrap().version, s.version);
+}
+
+// ---- child processes -------------------------------------------------------
+
+/// A child process killed when the test ends, pass or fail.
+struct ChildGuard(Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(role: &str) -> ChildGuard {
+    ChildGuard(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::child_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("DYUPS_TEST_CHILD", role)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_for(marker: &Path, child: &mut ChildGuard) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child exited early"
+        );
+        assert!(Instant::now() < deadline, "the child did not get there");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Entry point of the child processes the tests above spawn; run alone it
+/// does nothing.
+#[test]
+#[ignore = "entered by child processes of the multi-process tests"]
+fn child_process() {
+    let Ok(role) = std::env::var("DYUPS_TEST_CHILD") else {
+        return;
+    };
+    let args: Vec<&str> = role.split(' ').collect();
+    let f = StateFile::open(Path::new(args[1]), SIZE, seed).unwrap();
+    let opts = WriteOptions {
+        wait: Wait::For(Duration::from_secs(30)),
+        ..WriteOptions::default()
+    };
+    match args[0] {
+        "hold-lock" => {
+            let _g = f.lock(Wait::Try).unwrap();
+            std::fs::write(args[2], b"").unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        "stall-before-publish" => {
+            let marker = args[2].to_owned();
+            f.write_with(&opts, add(9999), move || {
+                std::fs::write(marker, b"").unwrap();
+                std::thread::sleep(Duration::from_secs(60));
+            })
+            .unwrap();
+        }
+        "write-forever" => loop {
+            // Version v holds the two seeded servers and port 30000 + v % 1000.
+            f.write(
+                &WriteOptions {
+                    durable: false,
+                    ..opts
+                },
+                |t| {
+                    let next = f.generation() + 1;
+                    let local = t.get_mut("local").unwrap();
+                    local.servers.truncate(2);
+                    local.servers.push(server(30_000 + (next % 1000) as u16));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        },
+        "append" => {
+            let base: u16 = args[2].parse().unwrap();
+            let n: u16 = args[3].parse().unwrap();
+            for k in 0..n {
+                f.write(&opts, add(base + k)).unwrap();
+            }
+        }
+        "check-reads" => {
+            let stop = Path::new(args[1]).with_file_name("stop");
+            let mut seen = 0u64;
+            let mut reads = 0u64;
+            while !stop.exists() || reads < 100 {
+                let s = f.read().unwrap();
+                assert!(s.fallback.is_none(), "{:?}", s.fallback);
+                if let (Some(a), Some(b)) = (s.table.get("a"), s.table.get("b")) {
+                    assert_eq!(a.servers.len(), b.servers.len());
+                    let port = a.servers[0].addr.port();
+                    assert!(a
+                        .servers
+                        .iter()
+                        .chain(&b.servers)
+                        .all(|s| s.addr.port() == port));
+                    assert_eq!(a.servers.len(), 1 + ((port - 20_000) % 40) as usize);
+                }
+                assert!(s.version >= seen, "version went back");
+                seen = s.version;
+                reads += 1;
+            }
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
