@@ -9,7 +9,13 @@ pub mod attempts;
 pub mod balancer;
 pub mod error;
 pub mod model;
+pub mod ops;
 pub mod store;
 pub mod syntax;
+pub mod ups;
+pub mod worker;
+
+#[cfg(feature = "lua")]
+mod binding;
 
 pub use error::{Error, Result};

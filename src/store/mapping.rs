@@ -97,24 +97,3 @@ impl SharedMap {
         self.raw.flush_range(off, len)
     }
 }
-
-/// Whether a process with this pid exists. A process of another user counts
-/// (EPERM): nginx workers may run as a different user than the caller.
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid
-    // exists and may be signalled. It has no memory effects.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// The effective uid of this process.
-pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
-    unsafe { libc::geteuid() }
-}

@@ -8,11 +8,11 @@
 //! A writer killed before that store leaves the old table active and intact;
 //! one killed after it has published a complete table. See `layout.rs` for
 //! the bytes and `codec.rs` for the payload.
-#![allow(unsafe_code)] // only in `mapping`; the rest of the store is safe code
 
 mod codec;
 mod layout;
 mod mapping;
+mod os;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +30,7 @@ pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{SlotHeader, COMMIT_WORD, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
 use self::mapping::SharedMap;
-pub use self::mapping::{effective_uid, pid_alive};
+pub use self::os::{effective_uid, pid_alive, user_ids};
 use crate::model::{Change, Table, Upstream};
 use crate::{Error, Result};
 
@@ -137,6 +137,17 @@ impl StateFile {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("open", path, e)),
         }
+    }
+
+    /// Opens (creating it if need be) and checks the file without keeping
+    /// it in this process's registry: for nginx's master, which must not hold
+    /// the file open across fork.
+    pub fn open_detached(
+        path: &Path,
+        size: u64,
+        seed: impl FnOnce() -> Result<Table>,
+    ) -> Result<()> {
+        Self::open_uncached(path, size, seed).map(drop)
     }
 
     fn open_uncached(
@@ -574,6 +585,19 @@ impl StateFile {
             .cloned()
             .collect()
     }
+}
+
+/// Makes `user` the owner of the state file at `path`, so nginx workers
+/// running as that user can map and lock it (nginx's master runs as root and
+/// creates the file; its workers do not).
+pub fn give_to_user(path: &Path, user: &str) -> Result<()> {
+    let (uid, gid) = user_ids(user).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "no user {user:?} for state file {}: set init{{ user = ... }} to nginx's `user`",
+            path.display()
+        ))
+    })?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io_error("chown", path, e))
 }
 
 struct WriterLock<'a> {

@@ -1,0 +1,743 @@
+//! `require "ngx.dyups"`: the Lua face of the core. This layer only checks
+//! and converts arguments, reads nginx's request through its Lua API, and
+//! turns core errors into Lua's conventions: a programmer's mistake raises
+//! (`bad argument #1 to 'update' (string expected, got nil)`), a runtime
+//! failure returns `nil, err` (or `status, message` for `update`/`delete`,
+//! as ngx_http_dyups_module's Lua API does).
+
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
+use parking_lot::Mutex;
+
+use crate::balancer::Retry;
+use crate::model::Table as UpstreamTable;
+use crate::store::{StateFile, Wait, WriteOptions};
+use crate::syntax::{parse_upstream_file, render_server};
+use crate::ups::{self, Arg};
+use crate::worker::{Worker, UNKNOWN};
+use crate::{ops, Error};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Named defaults of `init`.
+const DEFAULT_SIZE: u64 = 1 << 20;
+const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
+const DEFAULT_REFRESH: f64 = 0.05;
+/// nginx's own default worker user, when `--user` was not given at build.
+const NGINX_DEFAULT_USER: &str = "nobody";
+
+type LuaResult<T> = mlua::Result<T>;
+
+/// What `init` was given, resolved. Kept per process: set in the master by
+/// `init_by_lua`, inherited by every worker it forks.
+#[derive(Clone, Debug)]
+struct Config {
+    path: PathBuf,
+    size: u64,
+    upstreams: Option<PathBuf>,
+    write: WriteOptions,
+    refresh: f64,
+}
+
+static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+/// This worker's routing state; the FFI pick reads it on every request.
+static WORKER: Mutex<Option<Worker>> = Mutex::new(None);
+
+#[mlua::lua_module(name = "ngx_dyups")]
+fn open(lua: &Lua) -> LuaResult<Table> {
+    let m = lua.create_table()?;
+    m.set("_VERSION", VERSION)?;
+    m.set("version", lua.create_function(|_, ()| version())?)?;
+    m.set("init", lua.create_function(init)?)?;
+    m.set("init_worker", lua.create_function(init_worker)?)?;
+    m.set("update", lua.create_function(update)?)?;
+    m.set("delete", lua.create_function(delete)?)?;
+    m.set(
+        "add_server",
+        lua.create_function(|lua, a| set_rotation(lua, a, true))?,
+    )?;
+    m.set(
+        "remove_server",
+        lua.create_function(|lua, a| set_rotation(lua, a, false))?,
+    )?;
+    m.set("list", lua.create_function(list)?)?;
+    m.set("get", lua.create_function(get)?)?;
+    m.set("pending", lua.create_function(pending)?)?;
+    m.set("handle_ups", lua.create_function(handle_ups)?)?;
+    m.set("handle_check", lua.create_function(handle_check)?)?;
+    let pick = LightUserData(dyups_pick as *const () as *mut c_void);
+    let current = LightUserData(dyups_current as *const () as *mut c_void);
+    let balance: Function = lua
+        .load(include_str!("balance.lua"))
+        .set_name("=ngx.dyups.balance")
+        .call((pick, current, lua.create_function(resolve)?))?;
+    m.set("balance", balance)?;
+    let raising = [
+        "init",
+        "init_worker",
+        "update",
+        "delete",
+        "add_server",
+        "remove_server",
+        "get",
+    ];
+    lua.load(include_str!("raise.lua"))
+        .set_name("=ngx.dyups")
+        .call((m, raising))
+}
+
+// ---- arguments ---------------------------------------------------------------
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Integer(_) | Value::Number(_) => "number",
+        v => v.type_name(),
+    }
+}
+
+fn bad_argument(n: usize, f: &str, want: &str, got: &Value) -> mlua::Error {
+    mlua::Error::runtime(format!(
+        "bad argument #{n} to '{f}' ({want} expected, got {})",
+        type_name(got)
+    ))
+}
+
+fn nil() -> Value {
+    Value::Nil
+}
+
+/// Argument `n` (1-based) as a string; a number is not a string here.
+fn string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<String> {
+    match args.get(n - 1) {
+        Some(Value::String(s)) => Ok(String::from_utf8_lossy(&s.as_bytes()).into_owned()),
+        other => Err(bad_argument(n, f, "string", other.unwrap_or(&nil()))),
+    }
+}
+
+fn opt_string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<String>> {
+    match args.get(n - 1) {
+        None | Some(Value::Nil) => Ok(None),
+        _ => string_arg(args, n, f).map(Some),
+    }
+}
+
+/// The optional expected table version of a write.
+fn expect_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<u64>> {
+    match args.get(n - 1) {
+        None | Some(Value::Nil) => Ok(None),
+        Some(Value::Integer(i)) if *i >= 0 => Ok(Some(*i as u64)),
+        Some(Value::Number(x)) if *x >= 0.0 && x.fract() == 0.0 => Ok(Some(*x as u64)),
+        Some(v) => Err(bad_argument(n, f, "version number", v)),
+    }
+}
+
+// ---- nginx ---------------------------------------------------------------------
+
+/// The `ngx` table, when running inside nginx.
+fn ngx(lua: &Lua) -> Option<Table> {
+    lua.globals().get::<Option<Table>>("ngx").ok().flatten()
+}
+
+/// The current nginx phase, or `None` outside nginx.
+fn phase(lua: &Lua) -> Option<String> {
+    let f: Function = ngx(lua)?.get("get_phase").ok()?;
+    f.call::<String>(()).ok()
+}
+
+/// Raises when a write is attempted where it must not run: the master (it
+/// would open the file before fork) or a phase that must not block.
+fn check_write_phase(lua: &Lua, f: &str) -> LuaResult<()> {
+    match phase(lua).as_deref() {
+        None | Some("init_worker" | "timer" | "rewrite" | "server_rewrite" | "access" | "content") => Ok(()),
+        Some(p) => Err(mlua::Error::runtime(format!(
+            "'{f}' cannot run in the {p} phase: writes may wait for the state file lock; call it from content, access, rewrite, timer or init_worker"
+        ))),
+    }
+}
+
+fn log(lua: &Lua, level: &str, msg: &str) {
+    if let Some(ngx) = ngx(lua) {
+        if let (Ok(log), Ok(lvl)) = (ngx.get::<Function>("log"), ngx.get::<Value>(level)) {
+            let _ = log.call::<()>((lvl, "ngx.dyups: ", msg));
+        }
+    }
+}
+
+/// Resolves a relative path against nginx's prefix (as nginx does for its
+/// own paths), or the working directory outside nginx.
+fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let prefix = ngx(lua)
+        .and_then(|n| n.get::<Table>("config").ok())
+        .and_then(|c| c.get::<Function>("prefix").ok())
+        .and_then(|f| f.call::<String>(()).ok());
+    match prefix {
+        Some(prefix) => Path::new(&prefix).join(path),
+        None => path.to_path_buf(),
+    }
+}
+
+// ---- init ----------------------------------------------------------------------
+
+fn size_option(v: Value) -> Result<u64, String> {
+    let parse = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        let (digits, unit) = match s.char_indices().last()? {
+            (i, 'k' | 'K') => (&s[..i], 1 << 10),
+            (i, 'm' | 'M') => (&s[..i], 1 << 20),
+            (i, 'g' | 'G') => (&s[..i], 1 << 30),
+            _ => (s, 1),
+        };
+        digits.parse::<u64>().ok()?.checked_mul(unit)
+    };
+    match v {
+        Value::Nil => Ok(DEFAULT_SIZE),
+        Value::Integer(i) if i > 0 => Ok(i as u64),
+        Value::Number(x) if x > 0.0 && x.fract() == 0.0 => Ok(x as u64),
+        Value::String(s) => {
+            let s = s.to_string_lossy();
+            parse(&s)
+                .ok_or_else(|| format!("size {s:?} is not a size (e.g. 1048576, \"512k\", \"4m\")"))
+        }
+        v => Err(format!(
+            "size must be a number of bytes or a string like \"4m\", not a {}",
+            type_name(&v)
+        )),
+    }
+}
+
+fn seconds_option(v: Value, name: &str, default: f64) -> Result<f64, String> {
+    match v {
+        Value::Nil => Ok(default),
+        Value::Integer(i) if i >= 0 => Ok(i as f64),
+        Value::Number(x) if x >= 0.0 && x.is_finite() => Ok(x),
+        v => Err(format!(
+            "{name} must be a non-negative number of seconds, not {}",
+            type_name(&v)
+        )),
+    }
+}
+
+fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), String> {
+    let path = match opts.get::<Value>("path").map_err(|e| e.to_string())? {
+        Value::String(s) if !s.as_bytes().is_empty() => resolve_path(lua, &s.to_string_lossy()),
+        v => {
+            return Err(format!(
+                "option path must be the state file's path, not {}",
+                type_name(&v)
+            ))
+        }
+    };
+    let size = size_option(opts.get("size").unwrap_or(Value::Nil))?;
+    let upstreams = match opts.get::<Value>("upstreams").map_err(|e| e.to_string())? {
+        Value::Nil => None,
+        Value::String(s) => Some(resolve_path(lua, &s.to_string_lossy())),
+        v => {
+            return Err(format!(
+                "option upstreams must be a file path, not {}",
+                type_name(&v)
+            ))
+        }
+    };
+    let lock_timeout = seconds_option(
+        opts.get("lock_timeout").unwrap_or(Value::Nil),
+        "lock_timeout",
+        DEFAULT_LOCK_TIMEOUT,
+    )?;
+    let refresh = seconds_option(
+        opts.get("refresh").unwrap_or(Value::Nil),
+        "refresh",
+        DEFAULT_REFRESH,
+    )?;
+    if refresh <= 0.0 {
+        return Err("refresh must be more than 0 seconds".into());
+    }
+    let flag = |name: &str, default: bool| -> Result<bool, String> {
+        match opts.get::<Value>(name).unwrap_or(Value::Nil) {
+            Value::Nil => Ok(default),
+            Value::Boolean(b) => Ok(b),
+            v => Err(format!(
+                "option {name} must be a boolean, not {}",
+                type_name(&v)
+            )),
+        }
+    };
+    let wait = if flag("trylock", false)? {
+        Wait::Try
+    } else {
+        Wait::For(Duration::from_secs_f64(lock_timeout))
+    };
+    let user = match opts.get::<Value>("user").unwrap_or(Value::Nil) {
+        Value::Nil => None,
+        Value::String(s) => Some(s.to_string_lossy()),
+        v => {
+            return Err(format!(
+                "option user must be a user name, not {}",
+                type_name(&v)
+            ))
+        }
+    };
+    let write = WriteOptions {
+        wait,
+        expect: None,
+        durable: flag("durable", true)?,
+    };
+    Ok((
+        Config {
+            path,
+            size,
+            upstreams,
+            write,
+            refresh,
+        },
+        user,
+    ))
+}
+
+fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
+    match &cfg.upstreams {
+        None => Ok(UpstreamTable::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::BadRequest(format!("could not read upstream file {}: {e}", p.display()))
+            })?;
+            parse_upstream_file(&text)
+                .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", p.display())))
+        }
+    }
+}
+
+/// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
+fn init(lua: &Lua, opts: Value) -> LuaResult<(Value, Option<String>)> {
+    let Value::Table(opts) = opts else {
+        return Err(bad_argument(1, "init", "table", &opts));
+    };
+    let (cfg, user) = match parse_config(lua, &opts) {
+        Ok(c) => c,
+        Err(e) => return Err(mlua::Error::runtime(format!("dyups.init: {e}"))),
+    };
+    let checked = if phase(lua).as_deref() == Some("init") {
+        // nginx's master: check (and create, as root for the workers' user)
+        // without keeping anything open across fork.
+        prepare_in_master(lua, &cfg, user)
+    } else {
+        StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map(drop)
+    };
+    if let Err(e) = checked {
+        return Ok((Value::Nil, Some(e.to_string())));
+    }
+    *CONFIG.lock() = Some(cfg);
+    Ok((Value::Boolean(true), None))
+}
+
+fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Result<()> {
+    match StateFile::inspect(&cfg.path)? {
+        Some(snap) => {
+            if let Some(why) = snap.fallback {
+                log(lua, "WARN", &why);
+            }
+        }
+        None => {
+            // Made here rather than by the first worker so that a bad
+            // upstream file stops nginx from starting, with the reason.
+            StateFile::open_detached(&cfg.path, cfg.size, || seed(cfg))?;
+        }
+    }
+    if crate::store::effective_uid() == 0 {
+        let user = user.unwrap_or_else(|| worker_user(lua));
+        crate::store::give_to_user(&cfg.path, &user)?;
+    }
+    Ok(())
+}
+
+/// The user nginx's workers run as when nginx.conf has no `user`: the one
+/// nginx was built with, else nginx's default.
+fn worker_user(lua: &Lua) -> String {
+    let configure = ngx(lua)
+        .and_then(|n| n.get::<Table>("config").ok())
+        .and_then(|c| c.get::<Function>("nginx_configure").ok())
+        .and_then(|f| f.call::<String>(()).ok())
+        .unwrap_or_default();
+    configure
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--user="))
+        .unwrap_or(NGINX_DEFAULT_USER)
+        .to_owned()
+}
+
+fn config() -> Result<Config, String> {
+    CONFIG.lock().clone().ok_or_else(|| {
+        "ngx.dyups is not initialised: call dyups.init{...} in init_by_lua first".to_owned()
+    })
+}
+
+/// `dyups.init_worker()`: opens the state file in this worker, registers it
+/// for `/ups/check`, and starts the refresh timer.
+fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(e) => return Ok((Value::Nil, Some(e))),
+    };
+    let started = (|| {
+        let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?;
+        let mut w = Worker::new(store)?;
+        w.register(std::process::id())?;
+        *WORKER.lock() = Some(w);
+        Ok::<_, Error>(())
+    })();
+    if let Err(e) = started {
+        return Ok((Value::Nil, Some(e.to_string())));
+    }
+    if let Some(ngx) = ngx(lua) {
+        let every: Function = ngx.get::<Table>("timer")?.get("every")?;
+        let tick = lua.create_function(tick)?;
+        // ngx.timer takes Lua functions only, not C closures like `tick`.
+        let (ok, err): (Value, Option<String>) = lua
+            .load(
+                "local every, interval, tick = ... return every(interval, function(p) tick(p) end)",
+            )
+            .set_name("=ngx.dyups.timer")
+            .call((every, cfg.refresh, tick))?;
+        if ok.is_nil() {
+            return Ok((
+                Value::Nil,
+                Some(format!(
+                    "could not start the refresh timer: {}",
+                    err.unwrap_or_default()
+                )),
+            ));
+        }
+    }
+    Ok((Value::Boolean(true), None))
+}
+
+/// The refresh timer: catches up with the file even when no request comes,
+/// so `/ups/check` empties without traffic. A premature run means the worker
+/// is exiting: it stops counting as a worker that has to apply changes.
+fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
+    let mut guard = WORKER.lock();
+    let Some(w) = guard.as_mut() else {
+        return Ok(());
+    };
+    if premature {
+        w.unregister(std::process::id());
+        return Ok(());
+    }
+    let had = w.error.clone();
+    if w.refresh().is_err() && w.error != had {
+        let msg = w.error.clone().unwrap_or_default();
+        drop(guard);
+        log(
+            lua,
+            "ERR",
+            &format!("{msg}; routing by the last table read"),
+        );
+    }
+    Ok(())
+}
+
+// ---- reading ---------------------------------------------------------------------
+
+/// Runs `f` on the freshest table this process can see: the worker's (after
+/// catching up) inside nginx, a direct read outside it.
+fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) -> Result<T, String> {
+    let mut guard = WORKER.lock();
+    if let Some(w) = guard.as_mut() {
+        let _ = w.refresh();
+        if let Some(e) = &w.error {
+            return Err(e.clone());
+        }
+        return Ok(f(w.store(), w.snapshot()));
+    }
+    drop(guard);
+    let cfg = config()?;
+    let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map_err(|e| e.to_string())?;
+    let snap = store.read().map_err(|e| e.to_string())?;
+    Ok(f(&store, &snap))
+}
+
+fn version() -> LuaResult<(Option<u64>, Option<String>)> {
+    Ok(match with_snapshot(|_, s| s.version) {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(e)),
+    })
+}
+
+fn list(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+    match with_snapshot(|_, s| s.table.names().map(str::to_owned).collect::<Vec<_>>()) {
+        Ok(names) => Ok((Value::Table(lua.create_sequence_from(names)?), None)),
+        Err(e) => Ok((Value::Nil, Some(e))),
+    }
+}
+
+fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+    let name = string_arg(&args, 1, "get")?;
+    let found = match with_snapshot(|_, s| s.table.get(&name).cloned()) {
+        Ok(u) => u,
+        Err(e) => return Ok((Value::Nil, Some(e))),
+    };
+    let Some(u) = found else {
+        return Ok((Value::Nil, Some("not found".into())));
+    };
+    let servers = lua.create_table()?;
+    for s in &u.servers {
+        let t = lua.create_table()?;
+        t.set("addr", s.addr.to_string())?;
+        t.set("host", s.addr.host())?;
+        t.set("port", s.addr.port())?;
+        t.set("weight", s.weight)?;
+        t.set("max_fails", s.max_fails)?;
+        t.set("fail_timeout", s.fail_timeout)?;
+        t.set("backup", s.backup)?;
+        t.set("down", s.down)?;
+        t.set("line", render_server(s))?;
+        servers.push(t)?;
+    }
+    let t = lua.create_table()?;
+    t.set("name", u.name)?;
+    t.set("servers", servers)?;
+    Ok((Value::Table(t), None))
+}
+
+fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+    match with_snapshot(|store, s| ups::pending_servers(&store.pending(s))) {
+        Ok(map) => Ok((Value::Table(lua.create_table_from(map)?), None)),
+        Err(e) => Ok((Value::Nil, Some(e))),
+    }
+}
+
+// ---- writing ---------------------------------------------------------------------
+
+/// Runs one write through the store with the configured options, then lets
+/// this worker route by the result at once.
+fn write<R>(
+    expect: Option<u64>,
+    change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
+) -> crate::Result<(u64, R)> {
+    let cfg = config().map_err(Error::Internal)?;
+    let opts = WriteOptions {
+        expect,
+        ..cfg.write
+    };
+    let mut guard = WORKER.lock();
+    let out = match guard.as_mut() {
+        Some(w) => {
+            let out = w.store().clone().write(&opts, change);
+            let _ = w.refresh();
+            out
+        }
+        None => {
+            drop(guard);
+            StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?.write(&opts, change)
+        }
+    };
+    out
+}
+
+/// `dyups.update(name, body [, version])` → `status, message`.
+fn update(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+    let name = string_arg(&args, 1, "update")?;
+    let body = string_arg(&args, 2, "update")?;
+    let expect = expect_arg(&args, 3, "update")?;
+    check_write_phase(lua, "update")?;
+    Ok(status_message(write(expect, |t| {
+        ops::update(t, &name, &body)
+    })))
+}
+
+/// `dyups.delete(name [, version])` → `status, message`.
+fn delete(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+    let name = string_arg(&args, 1, "delete")?;
+    let expect = expect_arg(&args, 2, "delete")?;
+    check_write_phase(lua, "delete")?;
+    Ok(status_message(write(expect, |t| ops::delete(t, &name))))
+}
+
+fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
+    match r {
+        Ok(_) => (200, "success".into()),
+        Err(e) => (e.status(), e.to_string()),
+    }
+}
+
+/// `dyups.add_server(name|nil, server [, version])` and
+/// `dyups.remove_server(name|nil, server [, version])` → the new version, or
+/// `nil, err, status`.
+fn set_rotation(
+    lua: &Lua,
+    args: Variadic<Value>,
+    add: bool,
+) -> LuaResult<(Option<u64>, Option<String>, Option<u16>)> {
+    let f = if add { "add_server" } else { "remove_server" };
+    let name = opt_string_arg(&args, 1, f)?;
+    let server = string_arg(&args, 2, f)?;
+    let expect = expect_arg(&args, 3, f)?;
+    check_write_phase(lua, f)?;
+    let r = write(expect, |t| {
+        if add {
+            ops::add_server(t, name.as_deref(), &server)
+        } else {
+            ops::remove_server(t, name.as_deref(), &server)
+        }
+    });
+    Ok(match r {
+        Ok((v, _)) => (Some(v), None, None),
+        Err(e) => (None, Some(e.to_string()), Some(e.status())),
+    })
+}
+
+// ---- content handlers --------------------------------------------------------------
+
+/// One query argument from `ngx.req.get_uri_args()`.
+fn query_arg(args: &Table, name: &str) -> Arg {
+    match args.get::<Value>(name).unwrap_or(Value::Nil) {
+        Value::Nil => Arg::Absent,
+        Value::Boolean(_) => Arg::Flag,
+        Value::String(s) => Arg::One(s.to_string_lossy()),
+        _ => Arg::Many,
+    }
+}
+
+fn respond(lua: &Lua, reply: ups::Reply) -> LuaResult<()> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    ngx.set("status", reply.status)?;
+    let header: Table = ngx.get("header")?;
+    header.set("Content-Type", "application/json")?;
+    if reply.status == 405 {
+        header.set("Allow", ups::ALLOWED)?;
+    }
+    let say: Function = ngx.get("say")?;
+    say.call::<Value>(reply.body)?;
+    Ok(())
+}
+
+fn method(lua: &Lua) -> LuaResult<String> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    ngx.get::<Table>("req")?
+        .get::<Function>("get_method")?
+        .call(())
+}
+
+/// The `/ups` content handler (`lua/upsops.lua`).
+fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
+    let method = method(lua)?;
+    let args: Table = ngx(lua)
+        .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
+        .get::<Table>("req")?
+        .get::<Function>("get_uri_args")?
+        .call(100)?;
+    let store = WORKER.lock().as_ref().map(|w| w.store().clone());
+    let reply = match (config(), store) {
+        (Ok(cfg), Some(store)) => {
+            let r = ups::handle(
+                &method,
+                &query_arg(&args, "op"),
+                &query_arg(&args, "server"),
+                &query_arg(&args, "upstream"),
+                &store,
+                &cfg.write,
+            );
+            if let Some(w) = WORKER.lock().as_mut() {
+                let _ = w.refresh();
+            }
+            r
+        }
+        _ => not_ready(),
+    };
+    if reply.status >= 500 {
+        log(lua, "ERR", &reply.body);
+    }
+    respond(lua, reply)
+}
+
+/// The `/ups/check` content handler (`lua/srvcheck.lua`).
+fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
+    let method = method(lua)?;
+    let reply = with_snapshot(|store, snap| ups::check(&method, store, snap)).unwrap_or_else(|e| {
+        ups::Reply {
+            status: 500,
+            body: serde_json::json!({"msg": e, "data": {}, "code": ups::FAILED}).to_string(),
+        }
+    });
+    respond(lua, reply)
+}
+
+fn not_ready() -> ups::Reply {
+    let why = WORKER
+        .lock()
+        .as_ref()
+        .and_then(|w| w.error.clone())
+        .unwrap_or_else(|| {
+            "ngx.dyups is not initialised in this worker (see the error log)".into()
+        });
+    ups::Reply {
+        status: 500,
+        body: serde_json::json!({"msg": why, "data": [], "code": ups::FAILED}).to_string(),
+    }
+}
+
+// ---- the request path ----------------------------------------------------------------
+
+/// Resolves an upstream name for the balancer glue: `entry, seen` where
+/// entry is `{ id, tries, hosts = {...}, ports = {...} }`, or `nil, seen` for
+/// an unknown name, or `nil, nil, err` when this worker has no table.
+fn resolve(lua: &Lua, name: mlua::LuaString) -> LuaResult<(Value, Option<u64>, Option<String>)> {
+    let mut guard = WORKER.lock();
+    let Some(w) = guard.as_mut() else {
+        let err = config().err().unwrap_or_else(|| {
+            "ngx.dyups: init_worker did not run or failed in this worker".into()
+        });
+        return Ok((Value::Nil, None, Some(err)));
+    };
+    let _ = w.refresh();
+    let seen = w.snapshot().seen;
+    let name = name.to_string_lossy();
+    let Some(id) = w.upstream_id(&name) else {
+        return Ok((Value::Nil, Some(seen), None));
+    };
+    let u = &w.snapshot().table.upstreams[id as usize];
+    let hosts = lua.create_sequence_from(u.servers.iter().map(|s| s.addr.host()))?;
+    let ports = lua.create_sequence_from(u.servers.iter().map(|s| s.addr.port()))?;
+    let e = lua.create_table()?;
+    e.set("id", id)?;
+    e.set("tries", u.servers.len())?;
+    e.set("hosts", hosts)?;
+    e.set("ports", ports)?;
+    Ok((Value::Table(e), Some(seen), None))
+}
+
+/// The generation this worker routes by, after catching up with the file
+/// (one atomic load when nothing changed); -1 without a table.
+extern "C" fn dyups_current() -> i64 {
+    std::panic::catch_unwind(|| match WORKER.lock().as_mut() {
+        Some(w) => {
+            if w.store().generation() != w.snapshot().seen {
+                let _ = w.refresh();
+            }
+            w.snapshot().seen as i64
+        }
+        None => -1,
+    })
+    .unwrap_or(-1)
+}
+
+/// The per-request pick, called through LuaJIT's FFI (see balance.lua):
+/// integers in, an integer out, nothing allocated.
+extern "C" fn dyups_pick(id: u32, seen: u64, request: *const c_void, retry: i32) -> i32 {
+    let retry = match retry {
+        0 => Retry::First,
+        1 => Retry::Failed,
+        _ => Retry::Next,
+    };
+    // A panic must not unwind into LuaJIT: it would abort the worker.
+    std::panic::catch_unwind(|| match WORKER.lock().as_mut() {
+        Some(w) => w.pick(id, seen, request as usize, retry),
+        None => UNKNOWN,
+    })
+    .unwrap_or(UNKNOWN)
+}

@@ -1,0 +1,292 @@
+//! What an operator can do to the table, with the rules every interface
+//! shares (the Lua API, `/ups`, the REST shim). Each function changes a
+//! `Table` in memory or fails leaving it as it was; the store makes the
+//! change durable and visible, all or nothing.
+
+use crate::model::{check_name, Address, Table, Upstream};
+use crate::syntax::{parse_address, parse_server_args, parse_servers};
+use crate::{Error, Result};
+
+/// Creates or replaces the upstream `name` with the servers of `body`
+/// (`server ADDR [PARAMS];` lines): ngx_http_dyups_module's update.
+pub fn update(table: &mut Table, name: &str, body: &str) -> Result<()> {
+    check_name(name).map_err(Error::BadRequest)?;
+    let servers = parse_servers(body)?;
+    table.upsert(Upstream::new(name, servers));
+    Ok(())
+}
+
+/// Deletes the upstream `name`: ngx_http_dyups_module's delete.
+pub fn delete(table: &mut Table, name: &str) -> Result<()> {
+    check_name(name).map_err(Error::BadRequest)?;
+    table.remove(name).map(drop).ok_or_else(|| not_found(name))
+}
+
+/// Puts `server` back into rotation: in the upstream `name`, appending it
+/// when it is new there (`server` may carry parameters, `10.0.0.1:80
+/// weight=2`), or, without a name, in every upstream that has it. Returns the
+/// names of the upstreams it touched.
+pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result<Vec<String>> {
+    let spec = parse_server_args(server.trim())
+        .map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let names = holders(table, name, &spec.addr, true)?;
+    if names.is_empty() {
+        // Only reachable with a name: the upstream exists but lacks it.
+        let name = name.unwrap_or_default();
+        table
+            .get_mut(name)
+            .ok_or_else(|| not_found(name))?
+            .servers
+            .push(spec);
+        return Ok(vec![name.to_owned()]);
+    }
+    for n in &names {
+        if let Some(s) = table.get_mut(n).and_then(|u| u.server_mut(&spec.addr)) {
+            s.down = false;
+        }
+    }
+    Ok(names)
+}
+
+/// Takes `server` out of rotation (marks it `down`) in the upstream `name`,
+/// or, without a name, in every upstream that has it. Refused as a whole if
+/// any of those upstreams would be left with no server in rotation; doing it
+/// again changes nothing. Returns the names of the upstreams it touched.
+pub fn remove_server(table: &mut Table, name: Option<&str>, server: &str) -> Result<Vec<String>> {
+    let addr =
+        parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let names = holders(table, name, &addr, false)?;
+    for n in &names {
+        let u = table.get_mut(n).expect("holders returned it");
+        let s = u.server_mut(&addr).expect("holders checked it");
+        if s.in_rotation() && u.in_rotation() == 1 {
+            return Err(last_server(&addr, n));
+        }
+        u.server_mut(&addr).expect("holders checked it").down = true;
+    }
+    Ok(names)
+}
+
+/// Removes `server` from the upstream `name` altogether, refusing to remove
+/// the last server in rotation.
+pub fn delete_server(table: &mut Table, name: &str, server: &str) -> Result<()> {
+    let addr =
+        parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    check_name(name).map_err(Error::BadRequest)?;
+    let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    let at = u
+        .servers
+        .iter()
+        .position(|s| s.addr == addr)
+        .ok_or_else(|| Error::NotFound(format!("upstream {name} has no server {addr}")))?;
+    if u.servers[at].in_rotation() && u.in_rotation() == 1 {
+        return Err(last_server(&addr, name));
+    }
+    u.servers.remove(at);
+    Ok(())
+}
+
+/// The upstreams `addr` is to be changed in: `name` alone (which must exist;
+/// it must hold `addr` unless `may_lack`), or every upstream that holds it
+/// (at least one).
+fn holders(
+    table: &Table,
+    name: Option<&str>,
+    addr: &Address,
+    may_lack: bool,
+) -> Result<Vec<String>> {
+    match name {
+        Some(name) => {
+            check_name(name).map_err(Error::BadRequest)?;
+            let u = table.get(name).ok_or_else(|| not_found(name))?;
+            match u.server(addr) {
+                Some(_) => Ok(vec![name.to_owned()]),
+                None if may_lack => Ok(Vec::new()),
+                None => Err(Error::NotFound(format!(
+                    "upstream {name} has no server {addr}"
+                ))),
+            }
+        }
+        None => {
+            let names: Vec<String> = table
+                .upstreams
+                .iter()
+                .filter(|u| u.server(addr).is_some())
+                .map(|u| u.name.clone())
+                .collect();
+            if names.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "server {addr} is in no upstream{}",
+                    if may_lack {
+                        "; name the upstream to add it to"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            Ok(names)
+        }
+    }
+}
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!("upstream {name} not found"))
+}
+
+fn last_server(addr: &Address, name: &str) -> Error {
+    Error::BadRequest(format!(
+        "refusing to remove {addr}: it is the last available server of upstream {name}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        let mut t = Table::default();
+        update(
+            &mut t,
+            "local",
+            "server 127.0.0.1:8088; server 127.0.0.1:8089 backup; server 127.0.0.1:8090;",
+        )
+        .unwrap();
+        update(
+            &mut t,
+            "other",
+            "server 127.0.0.1:8090; server 127.0.0.1:8091;",
+        )
+        .unwrap();
+        t
+    }
+
+    fn down(t: &Table, name: &str) -> Vec<u16> {
+        t.get(name)
+            .unwrap()
+            .servers
+            .iter()
+            .filter(|s| s.down)
+            .map(|s| s.addr.port())
+            .collect()
+    }
+
+    #[test]
+    fn update_creates_replaces_and_rejects_bad_input_unchanged() {
+        let mut t = table();
+        update(&mut t, "local", "server 10.0.0.1:80 weight=2;").unwrap();
+        assert_eq!(t.get("local").unwrap().servers.len(), 1);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["local", "other"]);
+        let before = t.clone();
+        for (name, body) in [
+            ("bad name", "server 10.0.0.1;"),
+            ("x", ""),
+            ("x", "server 10.0.0.1 weight=0;"),
+        ] {
+            assert_eq!(update(&mut t, name, body).unwrap_err().status(), 400);
+        }
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn delete_of_an_unknown_upstream_is_404() {
+        let mut t = table();
+        assert_eq!(delete(&mut t, "nope").unwrap_err().status(), 404);
+        delete(&mut t, "other").unwrap();
+        assert!(t.get("other").is_none());
+    }
+
+    #[test]
+    fn remove_without_a_name_takes_the_server_out_everywhere() {
+        let mut t = table();
+        let names = remove_server(&mut t, None, "127.0.0.1:8090").unwrap();
+        assert_eq!(names, ["local", "other"]);
+        assert_eq!(down(&t, "local"), [8090]);
+        assert_eq!(down(&t, "other"), [8090]);
+        // Idempotent.
+        let again = t.clone();
+        remove_server(&mut t, None, "127.0.0.1:8090").unwrap();
+        assert_eq!(t, again);
+    }
+
+    #[test]
+    fn the_last_server_in_rotation_is_never_removed_and_the_refusal_is_whole() {
+        let mut t = table();
+        remove_server(&mut t, Some("other"), "127.0.0.1:8091").unwrap();
+        let before = t.clone();
+        // 8090 is the last of "other": refusing leaves "local" untouched too.
+        let err = remove_server(&mut t, None, "127.0.0.1:8090").unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(
+            err.to_string()
+                .contains("last available server of upstream other"),
+            "{err}"
+        );
+        assert_eq!(t, before);
+        assert_eq!(
+            delete_server(&mut t, "other", "127.0.0.1:8090")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        // A backup in rotation counts as available.
+        remove_server(&mut t, Some("local"), "127.0.0.1:8088").unwrap();
+        remove_server(&mut t, Some("local"), "127.0.0.1:8090").unwrap();
+        assert!(remove_server(&mut t, Some("local"), "127.0.0.1:8089").is_err());
+    }
+
+    #[test]
+    fn add_restores_or_appends() {
+        let mut t = table();
+        remove_server(&mut t, None, "127.0.0.1:8090").unwrap();
+        assert_eq!(
+            add_server(&mut t, None, "127.0.0.1:8090").unwrap(),
+            ["local", "other"]
+        );
+        assert!(down(&t, "local").is_empty() && down(&t, "other").is_empty());
+        add_server(&mut t, Some("other"), "127.0.0.1:9000 weight=5").unwrap();
+        let s = t.get("other").unwrap().servers.last().unwrap().clone();
+        assert_eq!((s.addr.port(), s.weight), (9000, 5));
+    }
+
+    #[test]
+    fn unknown_servers_and_upstreams_are_404_and_bad_addresses_400() {
+        let mut t = table();
+        assert_eq!(
+            add_server(&mut t, None, "127.0.0.1:9999")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            remove_server(&mut t, None, "127.0.0.1:9999")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            remove_server(&mut t, Some("local"), "127.0.0.1:9999")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            add_server(&mut t, Some("nope"), "127.0.0.1:9999")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            remove_server(&mut t, None, "example.com:80")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            add_server(&mut t, None, "127.0.0.1:8088 weight=0")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(t, table());
+    }
+}

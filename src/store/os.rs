@@ -1,0 +1,47 @@
+//! What the store asks of the operating system beyond files: whether a
+//! process lives, who we are, and who a user is.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+
+/// Whether a process with this pid exists. A process of another user counts
+/// (EPERM): nginx workers may run as a different user than the caller.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid
+    // exists and may be signalled. It has no memory effects.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The effective uid of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// The uid and gid of user `name`, from the system's user database.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c = CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe_zeroed_passwd();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `c` is a NUL-terminated
+    // string, `pwd` and `out` are live locals, `buf` is a live buffer of the
+    // length passed. getpwnam_r writes only into them.
+    let rc =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (rc == 0 && !out.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
+fn unsafe_zeroed_passwd() -> libc::passwd {
+    // SAFETY: libc::passwd is a plain C struct of integers and pointers, for
+    // which all-zero bytes (null pointers, zero ids) is a valid value.
+    unsafe { std::mem::zeroed() }
+}
