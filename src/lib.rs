@@ -10,9 +10,11 @@ pub mod balancer;
 pub mod error;
 pub mod model;
 pub mod ops;
+pub mod rest;
 pub mod store;
 pub mod syntax;
 pub mod ups;
+pub mod upstream_file;
 pub mod worker;
 
 #[cfg(feature = "lua")]

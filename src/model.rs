@@ -106,6 +106,31 @@ impl ServerSpec {
     }
 }
 
+/// A change to some parameters of one server (`PATCH`): what is `None`
+/// stays as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerPatch {
+    pub weight: Option<u32>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<u32>,
+    pub backup: Option<bool>,
+    pub down: Option<bool>,
+}
+
+impl ServerPatch {
+    pub fn is_empty(&self) -> bool {
+        *self == ServerPatch::default()
+    }
+
+    pub fn apply(&self, s: &mut ServerSpec) {
+        s.weight = self.weight.unwrap_or(s.weight);
+        s.max_fails = self.max_fails.unwrap_or(s.max_fails);
+        s.fail_timeout = self.fail_timeout.unwrap_or(s.fail_timeout);
+        s.backup = self.backup.unwrap_or(s.backup);
+        s.down = self.down.unwrap_or(s.down);
+    }
+}
+
 /// A named upstream: its servers in the order they were given.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Upstream {
@@ -228,6 +253,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("upstream name is empty".into());
     }
+    if name.bytes().all(|b| b == b'.') {
+        return Err(format!("upstream name {name:?} is only dots"));
+    }
     if name.len() > NAME_MAX {
         return Err(format!(
             "upstream name is {} bytes long, at most {NAME_MAX} are allowed",
@@ -271,6 +299,7 @@ mod tests {
             .unwrap_err()
             .contains("256 bytes"));
         assert!(check_name("").is_err());
+        assert!(check_name("..").unwrap_err().contains("only dots"));
         assert!(check_name("a/b").unwrap_err().contains("'/'"));
         assert!(check_name("a b").is_err());
     }

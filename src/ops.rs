@@ -3,7 +3,7 @@
 //! `Table` in memory or fails leaving it as it was; the store makes the
 //! change durable and visible, all or nothing.
 
-use crate::model::{check_name, Address, Table, Upstream};
+use crate::model::{check_name, Address, ServerPatch, Table, Upstream};
 use crate::syntax::{parse_address, parse_server_args, parse_servers};
 use crate::{Error, Result};
 
@@ -56,15 +56,67 @@ pub fn remove_server(table: &mut Table, name: Option<&str>, server: &str) -> Res
     let addr =
         parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
     let names = holders(table, name, &addr, false)?;
+    // Check every upstream before changing any: the refusal is whole.
     for n in &names {
-        let u = table.get_mut(n).expect("holders returned it");
-        let s = u.server_mut(&addr).expect("holders checked it");
-        if s.in_rotation() && u.in_rotation() == 1 {
+        let u = table.get(n).expect("holders returned it");
+        if u.server(&addr).is_some_and(|s| s.in_rotation()) && u.in_rotation() == 1 {
             return Err(last_server(&addr, n));
         }
-        u.server_mut(&addr).expect("holders checked it").down = true;
+    }
+    for n in &names {
+        if let Some(s) = table.get_mut(n).and_then(|u| u.server_mut(&addr)) {
+            s.down = true;
+        }
     }
     Ok(names)
+}
+
+/// Appends one server (`IP:PORT [PARAMS]`, or a whole `server ...;` line)
+/// to the upstream `name`; refused when the upstream has it already.
+pub fn insert_server(table: &mut Table, name: &str, server: &str) -> Result<()> {
+    check_name(name).map_err(Error::BadRequest)?;
+    let text = server.trim();
+    let text = text
+        .strip_prefix("server")
+        .filter(|rest| rest.starts_with(char::is_whitespace))
+        .unwrap_or(text);
+    let text = text.trim().trim_end_matches(';');
+    let spec =
+        parse_server_args(text).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    if u.server(&spec.addr).is_some() {
+        return Err(Error::BadRequest(format!(
+            "upstream {name} already has server {}: change it with PATCH",
+            spec.addr
+        )));
+    }
+    u.servers.push(spec);
+    Ok(())
+}
+
+/// Changes some parameters of `server` in the upstream `name`; refused when
+/// it would take the last server in rotation out of it.
+pub fn patch_server(
+    table: &mut Table,
+    name: &str,
+    server: &str,
+    patch: &ServerPatch,
+) -> Result<()> {
+    let addr =
+        parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    check_name(name).map_err(Error::BadRequest)?;
+    let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    let rotating = u.in_rotation();
+    let s = u
+        .server_mut(&addr)
+        .ok_or_else(|| Error::NotFound(format!("upstream {name} has no server {addr}")))?;
+    let mut changed = s.clone();
+    patch.apply(&mut changed);
+    if s.in_rotation() && !changed.in_rotation() && rotating == 1 {
+        return Err(last_server(&addr, name));
+    }
+    *s = changed;
+    Ok(())
 }
 
 /// Removes `server` from the upstream `name` altogether, refusing to remove
@@ -246,6 +298,58 @@ mod tests {
         add_server(&mut t, Some("other"), "127.0.0.1:9000 weight=5").unwrap();
         let s = t.get("other").unwrap().servers.last().unwrap().clone();
         assert_eq!((s.addr.port(), s.weight), (9000, 5));
+    }
+
+    #[test]
+    fn insert_and_patch_change_one_server() {
+        let mut t = table();
+        insert_server(&mut t, "other", "server 127.0.0.1:9000 weight=2;").unwrap();
+        insert_server(&mut t, "other", "127.0.0.1:9001").unwrap();
+        assert_eq!(
+            insert_server(&mut t, "other", "127.0.0.1:9001")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            insert_server(&mut t, "nope", "127.0.0.1:9001")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        let patch = ServerPatch {
+            weight: Some(7),
+            down: Some(true),
+            ..ServerPatch::default()
+        };
+        patch_server(&mut t, "other", "127.0.0.1:9000", &patch).unwrap();
+        let s = t
+            .get("other")
+            .unwrap()
+            .server(&parse_address("127.0.0.1:9000").unwrap())
+            .unwrap();
+        assert_eq!((s.weight, s.down), (7, true));
+        assert_eq!(
+            patch_server(&mut t, "other", "127.0.0.1:1", &patch)
+                .unwrap_err()
+                .status(),
+            404
+        );
+        // Taking the last server in rotation down is refused.
+        let down = ServerPatch {
+            down: Some(true),
+            ..ServerPatch::default()
+        };
+        patch_server(&mut t, "other", "127.0.0.1:8090", &down).unwrap();
+        patch_server(&mut t, "other", "127.0.0.1:8091", &down).unwrap();
+        let before = t.clone();
+        assert_eq!(
+            patch_server(&mut t, "other", "127.0.0.1:9001", &down)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(t, before);
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::error::Error;
 use crate::model::{
-    check_name, Address, ServerSpec, Table, Upstream, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS,
-    DEFAULT_PORT, DEFAULT_WEIGHT, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
+    check_name, Address, ServerPatch, ServerSpec, Table, Upstream, DEFAULT_FAIL_TIMEOUT,
+    DEFAULT_MAX_FAILS, DEFAULT_PORT, DEFAULT_WEIGHT, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX, WEIGHT_MAX,
+    WEIGHT_MIN,
 };
 
 /// `sizeof(sun_path) - 1` on Linux: the longest unix socket path.
@@ -126,6 +127,45 @@ pub fn parse_server_args(args: &str) -> Result<ServerSpec, String> {
         apply_param(&mut spec, &mut seen, word)?;
     }
     Ok(spec)
+}
+
+/// Parses the parameters of a `PATCH` to one server: `weight=N`,
+/// `max_fails=N`, `fail_timeout=TIME`, `backup=on|off`, `down=on|off` (a bare
+/// `backup` or `down` means on), each at most once, at least one.
+pub fn parse_server_patch(args: &str) -> Result<ServerPatch, String> {
+    let mut patch = ServerPatch::default();
+    for word in args.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, "on"));
+        let switch = |v: &str| match v {
+            "on" | "1" | "true" => Ok(true),
+            "off" | "0" | "false" => Ok(false),
+            _ => Err(format!("{word}: {key} must be on or off")),
+        };
+        let repeated = match key {
+            "weight" => patch
+                .weight
+                .replace(bounded(word, key, value, WEIGHT_MIN, WEIGHT_MAX)?)
+                .is_some(),
+            "max_fails" => patch
+                .max_fails
+                .replace(bounded(word, key, value, 0, MAX_FAILS_MAX)?)
+                .is_some(),
+            "fail_timeout" => patch
+                .fail_timeout
+                .replace(parse_fail_timeout(word, value)?)
+                .is_some(),
+            "backup" => patch.backup.replace(switch(value)?).is_some(),
+            "down" => patch.down.replace(switch(value)?).is_some(),
+            _ => return Err(format!("unknown parameter {word:?}")),
+        };
+        if repeated {
+            return Err(format!("{word}: {key} is given more than once"));
+        }
+    }
+    if patch.is_empty() {
+        return Err("no parameter to change: give weight=, max_fails=, fail_timeout=, backup=on|off or down=on|off".into());
+    }
+    Ok(patch)
 }
 
 /// Which parameters a server line already gave, to refuse repeats.

@@ -72,11 +72,15 @@ http {
             proxy_pass http://dyups_by_host;
         }
     }
+
+    server {
+        listen 127.0.0.1:${port_api} reuseport;
+        location / { content_by_lua_file ${repo}/lua/dyups_api.lua; }
+    }
 }
 ]],
     vars = { init = opts.init or "" },
   }
-  assert(nginx.execute("mkdir -p " .. inst.prefix .. "/state"))
   nginx.write_file(inst.prefix .. "/conf/upstream.conf", opts.upstreams or "")
   return inst
 end

@@ -14,9 +14,11 @@ use parking_lot::Mutex;
 
 use crate::balancer::Retry;
 use crate::model::Table as UpstreamTable;
+use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::{parse_upstream_file, render_server};
+use crate::syntax::render_server;
 use crate::ups::{self, Arg};
+use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
 use crate::{ops, Error};
 
@@ -39,6 +41,10 @@ struct Config {
     upstreams: Option<PathBuf>,
     write: WriteOptions,
     refresh: f64,
+    /// Largest REST request body.
+    max_body: usize,
+    /// Where to write the table back after each change, if anywhere.
+    write_upstreams: Option<PathBuf>,
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -67,6 +73,8 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("pending", lua.create_function(pending)?)?;
     m.set("handle_ups", lua.create_function(handle_ups)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
+    m.set("handle_api", lua.create_function(handle_api)?)?;
+    m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
     let balance: Function = lua
@@ -82,6 +90,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "add_server",
         "remove_server",
         "get",
+        "write_upstreams",
     ];
     lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
@@ -287,6 +296,25 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
         expect: None,
         durable: flag("durable", true)?,
     };
+    let max_body = match opts.get::<Value>("max_body").unwrap_or(Value::Nil) {
+        Value::Nil => rest::DEFAULT_MAX_BODY,
+        v => size_option(v).map_err(|e| format!("max_body: {e}"))? as usize,
+    };
+    let write_upstreams = match opts.get::<Value>("write_upstreams").unwrap_or(Value::Nil) {
+        Value::Nil | Value::Boolean(false) => None,
+        Value::Boolean(true) => Some(
+            upstreams
+                .clone()
+                .ok_or("write_upstreams = true needs the upstreams option (the file to write)")?,
+        ),
+        Value::String(s) => Some(resolve_path(lua, &s.to_string_lossy())),
+        v => {
+            return Err(format!(
+                "option write_upstreams must be a path or a boolean, not {}",
+                type_name(&v)
+            ))
+        }
+    };
     Ok((
         Config {
             path,
@@ -294,22 +322,17 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             upstreams,
             write,
             refresh,
+            max_body,
+            write_upstreams,
         },
         user,
     ))
 }
 
 fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
-    match &cfg.upstreams {
-        None => Ok(UpstreamTable::default()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                Error::BadRequest(format!("could not read upstream file {}: {e}", p.display()))
-            })?;
-            parse_upstream_file(&text)
-                .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", p.display())))
-        }
-    }
+    cfg.upstreams
+        .as_deref()
+        .map_or(Ok(UpstreamTable::default()), upstream_file::read)
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
@@ -336,6 +359,20 @@ fn init(lua: &Lua, opts: Value) -> LuaResult<(Value, Option<String>)> {
 }
 
 fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Result<()> {
+    let root = crate::store::effective_uid() == 0;
+    let user = user.unwrap_or_else(|| worker_user(lua));
+    // Directories we make are the workers': they write temporary files there.
+    let dirs = std::iter::once(&cfg.path).chain(cfg.write_upstreams.iter());
+    for dir in dirs.filter_map(|p| p.parent()) {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Internal(format!("could not create directory {}: {e}", dir.display()))
+            })?;
+            if root {
+                crate::store::give_to_user(dir, &user)?;
+            }
+        }
+    }
     match StateFile::inspect(&cfg.path)? {
         Some(snap) => {
             if let Some(why) = snap.fallback {
@@ -348,8 +385,7 @@ fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Re
             StateFile::open_detached(&cfg.path, cfg.size, || seed(cfg))?;
         }
     }
-    if crate::store::effective_uid() == 0 {
-        let user = user.unwrap_or_else(|| worker_user(lua));
+    if root {
         crate::store::give_to_user(&cfg.path, &user)?;
     }
     Ok(())
@@ -513,30 +549,46 @@ fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
 
 // ---- writing ---------------------------------------------------------------------
 
-/// Runs one write through the store with the configured options, then lets
-/// this worker route by the result at once.
+/// The state file of this process: the worker's, or (outside nginx) opened
+/// from the configuration.
+fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
+    let cfg = config().map_err(Error::Internal)?;
+    let store = match WORKER.lock().as_ref() {
+        Some(w) => w.store().clone(),
+        None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?,
+    };
+    Ok((cfg, store))
+}
+
+/// After a successful write: this worker routes by the result at once, and
+/// the upstream file is written back when so configured.
+fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) {
+    if let Some(w) = WORKER.lock().as_mut() {
+        let _ = w.refresh();
+    }
+    if let Some(path) = &cfg.write_upstreams {
+        if let Err(e) = upstream_file::write_current(store, path, cfg.write.wait) {
+            log(lua, "ERR", &e.to_string());
+        }
+    }
+}
+
+/// Runs one write through the store with the configured options.
 fn write<R>(
+    lua: &Lua,
     expect: Option<u64>,
     change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
 ) -> crate::Result<(u64, R)> {
-    let cfg = config().map_err(Error::Internal)?;
-    let opts = WriteOptions {
-        expect,
-        ..cfg.write
-    };
-    let mut guard = WORKER.lock();
-    let out = match guard.as_mut() {
-        Some(w) => {
-            let out = w.store().clone().write(&opts, change);
-            let _ = w.refresh();
-            out
-        }
-        None => {
-            drop(guard);
-            StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?.write(&opts, change)
-        }
-    };
-    out
+    let (cfg, store) = store()?;
+    let out = store.write(
+        &WriteOptions {
+            expect,
+            ..cfg.write
+        },
+        change,
+    )?;
+    after_write(lua, &cfg, &store);
+    Ok(out)
 }
 
 /// `dyups.update(name, body [, version])` → `status, message`.
@@ -545,7 +597,7 @@ fn update(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
     let body = string_arg(&args, 2, "update")?;
     let expect = expect_arg(&args, 3, "update")?;
     check_write_phase(lua, "update")?;
-    Ok(status_message(write(expect, |t| {
+    Ok(status_message(write(lua, expect, |t| {
         ops::update(t, &name, &body)
     })))
 }
@@ -555,7 +607,9 @@ fn delete(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
     let name = string_arg(&args, 1, "delete")?;
     let expect = expect_arg(&args, 2, "delete")?;
     check_write_phase(lua, "delete")?;
-    Ok(status_message(write(expect, |t| ops::delete(t, &name))))
+    Ok(status_message(write(lua, expect, |t| {
+        ops::delete(t, &name)
+    })))
 }
 
 fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
@@ -578,7 +632,7 @@ fn set_rotation(
     let server = string_arg(&args, 2, f)?;
     let expect = expect_arg(&args, 3, f)?;
     check_write_phase(lua, f)?;
-    let r = write(expect, |t| {
+    let r = write(lua, expect, |t| {
         if add {
             ops::add_server(t, name.as_deref(), &server)
         } else {
@@ -631,9 +685,8 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         .get::<Table>("req")?
         .get::<Function>("get_uri_args")?
         .call(100)?;
-    let store = WORKER.lock().as_ref().map(|w| w.store().clone());
-    let reply = match (config(), store) {
-        (Ok(cfg), Some(store)) => {
+    let reply = match store() {
+        Ok((cfg, store)) => {
             let r = ups::handle(
                 &method,
                 &query_arg(&args, "op"),
@@ -642,12 +695,16 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
                 &store,
                 &cfg.write,
             );
-            if let Some(w) = WORKER.lock().as_mut() {
-                let _ = w.refresh();
+            if r.status == 200 {
+                after_write(lua, &cfg, &store);
             }
             r
         }
-        _ => not_ready(),
+        Err(e) => ups::Reply {
+            status: 500,
+            body: serde_json::json!({"msg": e.to_string(), "data": [], "code": ups::FAILED})
+                .to_string(),
+        },
     };
     if reply.status >= 500 {
         log(lua, "ERR", &reply.body);
@@ -667,18 +724,131 @@ fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
     respond(lua, reply)
 }
 
-fn not_ready() -> ups::Reply {
-    let why = WORKER
-        .lock()
-        .as_ref()
-        .and_then(|w| w.error.clone())
-        .unwrap_or_else(|| {
-            "ngx.dyups is not initialised in this worker (see the error log)".into()
-        });
-    ups::Reply {
-        status: 500,
-        body: serde_json::json!({"msg": why, "data": [], "code": ups::FAILED}).to_string(),
+/// The request body, read whole; `Err` with a 413 past `max` bytes, or a
+/// 500 when it cannot be read.
+fn request_body(ngx: &Table, max: usize) -> LuaResult<Result<Vec<u8>, rest::Response>> {
+    let too_large = || {
+        rest_text(
+            413,
+            format!("request body is larger than {max} bytes (init option max_body)"),
+        )
+    };
+    let var: Table = ngx.get("var")?;
+    let declared = var
+        .get::<Option<String>>("content_length")?
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Ok(Err(too_large()));
     }
+    let req: Table = ngx.get("req")?;
+    req.get::<Function>("read_body")?.call::<()>(())?;
+    let data: Option<mlua::LuaString> = req.get::<Function>("get_body_data")?.call(())?;
+    let body = match data {
+        Some(data) => data.as_bytes().to_vec(),
+        // nginx buffered a large body to a file (client_body_buffer_size).
+        None => match req
+            .get::<Function>("get_body_file")?
+            .call::<Option<String>>(())?
+        {
+            Some(file) => match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    let why = format!("could not read the request body: {e}");
+                    return Ok(Err(rest_text(500, why)));
+                }
+            },
+            None => Vec::new(),
+        },
+    };
+    if body.len() > max {
+        return Ok(Err(too_large()));
+    }
+    Ok(Ok(body))
+}
+
+fn rest_text(status: u16, body: String) -> rest::Response {
+    rest::Response {
+        status,
+        body,
+        json: false,
+        etag: None,
+        allow: None,
+    }
+}
+
+/// The REST content handler (`lua/dyups_api.lua`): ngx_http_dyups_module's
+/// interface and its per-server additions.
+fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
+    let method = method(lua)?;
+    let var: Table = ngx.get("var")?;
+    let path: String = var.get::<Option<String>>("uri")?.unwrap_or_default();
+    let headers: Table = ngx
+        .get::<Table>("req")?
+        .get::<Function>("get_headers")?
+        .call(100)?;
+    let header = |name: &str| match headers.get::<Value>(name) {
+        Ok(Value::String(s)) => Some(s.to_string_lossy()),
+        _ => None,
+    };
+    let json = header("accept").is_some_and(|a| a.contains("application/json"))
+        || var.get::<Option<String>>("arg_format")?.as_deref() == Some("json");
+    let if_match = header("if-match");
+    let response = match store() {
+        Err(e) => rest_text(500, e.to_string()),
+        Ok((cfg, store)) => match request_body(&ngx, cfg.max_body)? {
+            Err(r) => r,
+            Ok(body) => {
+                let req = rest::Request {
+                    method: &method,
+                    path: &path,
+                    body: &body,
+                    json,
+                    if_match: if_match.as_deref(),
+                };
+                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
+                let r = reply.unwrap_or_else(|e| rest_text(500, e));
+                if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
+                    after_write(lua, &cfg, &store);
+                }
+                r
+            }
+        },
+    };
+    if response.status >= 500 {
+        log(lua, "ERR", &response.body);
+    }
+    ngx.set("status", response.status)?;
+    let out: Table = ngx.get("header")?;
+    let kind = if response.json {
+        "application/json"
+    } else {
+        "text/plain"
+    };
+    out.set("Content-Type", kind)?;
+    if let Some(v) = response.etag {
+        out.set("ETag", format!("\"{v}\""))?;
+    }
+    if let Some(allow) = response.allow {
+        out.set("Allow", allow)?;
+    }
+    if !response.body.is_empty() {
+        ngx.get::<Function>("print")?.call::<Value>(response.body)?;
+    }
+    Ok(())
+}
+
+/// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
+/// upstream file, atomically → `true` | `nil, err`.
+fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Option<bool>, Option<String>)> {
+    let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
+    check_write_phase(lua, "write_upstreams")?;
+    let written = store()
+        .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
+    Ok(match written {
+        Ok(()) => (Some(true), None),
+        Err(e) => (None, Some(e.to_string())),
+    })
 }
 
 // ---- the request path ----------------------------------------------------------------

@@ -467,6 +467,13 @@ impl StateFile {
         Ok((next, out))
     }
 
+    /// Runs `f` on the current table while holding the writer lock, so no
+    /// write happens meanwhile.
+    pub fn while_locked<R>(&self, wait: Wait, f: impl FnOnce(&Snapshot) -> R) -> Result<R> {
+        let _guard = self.lock(wait)?;
+        Ok(f(&self.read()?))
+    }
+
     fn lock(&self, wait: Wait) -> Result<WriterLock<'_>> {
         let busy = |how: String| {
             Error::Busy(format!(
@@ -587,13 +594,13 @@ impl StateFile {
     }
 }
 
-/// Makes `user` the owner of the state file at `path`, so nginx workers
-/// running as that user can map and lock it (nginx's master runs as root and
-/// creates the file; its workers do not).
+/// Makes `user` the owner of `path` (the state file, or a directory made for
+/// it), so nginx workers running as that user can map, lock and write it:
+/// nginx's master runs as root and creates them; its workers do not.
 pub fn give_to_user(path: &Path, user: &str) -> Result<()> {
     let (uid, gid) = user_ids(user).ok_or_else(|| {
         Error::BadRequest(format!(
-            "no user {user:?} for state file {}: set init{{ user = ... }} to nginx's `user`",
+            "no user {user:?} to give {} to: set init{{ user = ... }} to nginx's `user`",
             path.display()
         ))
     })?;
