@@ -3,7 +3,7 @@
 //! `Table` in memory or fails leaving it as it was; the store makes the
 //! change durable and visible, all or nothing.
 
-use crate::model::{check_name, Address, ServerPatch, Table, Upstream};
+use crate::model::{check_name, Address, ServerPatch, ServerSpec, Table, Upstream};
 use crate::syntax::{parse_address, parse_server_args, parse_servers};
 use crate::{Error, Result};
 
@@ -27,8 +27,7 @@ pub fn delete(table: &mut Table, name: &str) -> Result<()> {
 /// weight=2`), or, without a name, in every upstream that has it. Returns the
 /// names of the upstreams it touched.
 pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result<Vec<String>> {
-    let spec = parse_server_args(server.trim())
-        .map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let spec = server_spec(server)?;
     let names = holders(table, name, &spec.addr, true)?;
     if names.is_empty() {
         // Only reachable with a name: the upstream exists but lacks it.
@@ -75,14 +74,7 @@ pub fn remove_server(table: &mut Table, name: Option<&str>, server: &str) -> Res
 /// to the upstream `name`; refused when the upstream has it already.
 pub fn insert_server(table: &mut Table, name: &str, server: &str) -> Result<()> {
     check_name(name).map_err(Error::BadRequest)?;
-    let text = server.trim();
-    let text = text
-        .strip_prefix("server")
-        .filter(|rest| rest.starts_with(char::is_whitespace))
-        .unwrap_or(text);
-    let text = text.trim().trim_end_matches(';');
-    let spec =
-        parse_server_args(text).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let spec = server_spec(server)?;
     let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
     if u.server(&spec.addr).is_some() {
         return Err(Error::BadRequest(format!(
@@ -179,6 +171,18 @@ fn holders(
             Ok(names)
         }
     }
+}
+
+/// One server as an operator writes it: `IP:PORT [PARAMS]`, or the same as
+/// a whole `server ...;` line.
+fn server_spec(text: &str) -> Result<ServerSpec> {
+    let text = text.trim();
+    let text = text
+        .strip_prefix("server")
+        .filter(|rest| rest.starts_with(char::is_whitespace))
+        .unwrap_or(text);
+    let text = text.trim().strip_suffix(';').unwrap_or(text.trim());
+    parse_server_args(text).map_err(|e| Error::BadRequest(format!("bad server: {e}")))
 }
 
 fn not_found(name: &str) -> Error {
@@ -298,6 +302,9 @@ mod tests {
         add_server(&mut t, Some("other"), "127.0.0.1:9000 weight=5").unwrap();
         let s = t.get("other").unwrap().servers.last().unwrap().clone();
         assert_eq!((s.addr.port(), s.weight), (9000, 5));
+        add_server(&mut t, Some("other"), "server 127.0.0.1:9002 weight=2;").unwrap();
+        let s = t.get("other").unwrap().servers.last().unwrap().clone();
+        assert_eq!((s.addr.port(), s.weight), (9002, 2));
     }
 
     #[test]

@@ -104,13 +104,14 @@ impl Geometry {
     /// `actual_len` bytes long. `path` only goes into error messages.
     pub fn parse(h: &[u8], actual_len: u64, path: &str) -> Result<Geometry, Error> {
         let bad = |why: String| Error::Internal(format!("state file {path}: {why}"));
+        // A short file of someone else's is foreign before it is truncated.
+        if h.len() >= MAGIC.len() && h[..MAGIC.len()] != MAGIC {
+            return Err(bad("not an ngx.dyups state file (bad magic)".into()));
+        }
         if actual_len < HEADER_LEN || h.len() < 40 {
             return Err(bad(format!(
                 "truncated: {actual_len} bytes, a state file has at least {HEADER_LEN}"
             )));
-        }
-        if h[0..8] != MAGIC {
-            return Err(bad("not an ngx.dyups state file (bad magic)".into()));
         }
         let version = u32_at(h, 8);
         if version != FORMAT_VERSION {
@@ -267,6 +268,10 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         let err = Geometry::parse(&h, 100, "p").unwrap_err().to_string();
         assert!(err.contains("truncated: 100 bytes"), "{err}");
+        let err = Geometry::parse(b"upstream x {", 12, "p")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad magic"), "{err}");
     }
 
     #[test]

@@ -234,8 +234,8 @@ impl StateFile {
             .map_err(|e| io_error("stat", path, e))?
             .len();
         let shown = path.display().to_string();
-        let mut head = [0u8; 40];
-        if len >= HEADER_LEN {
+        let mut head = vec![0u8; len.min(40) as usize];
+        {
             use std::os::unix::fs::FileExt;
             file.read_exact_at(&mut head, 0)
                 .map_err(|e| io_error("read", path, e))?;
