@@ -13,6 +13,8 @@ exclude_files = {
 files["spec/"] = {
   std = "+busted",
   globals = { "ngx" },
+  -- tables of cases read best one case a line
+  max_line_length = false,
 }
 files["spec/helpers/"] = {
   -- newproxy/unpack are LuaJIT (5.1) globals

@@ -71,10 +71,6 @@ local function server(name, addr)
   return nil
 end
 
-local function plain(s)
-  return (s:gsub("%p", "%%%0"))
-end
-
 local SEED = [[
 # seed file for the spec: nginx syntax
 upstream alpha {

@@ -34,6 +34,9 @@ pub struct Worker {
     /// The generation that failed to load: not retried per request, only
     /// when the commit word moves again or the timer refreshes.
     failed_at: Option<u64>,
+    /// Why a refresh read the previous table instead of the current one,
+    /// for the timer to log (the request path cannot).
+    notice: Option<String>,
 }
 
 impl Worker {
@@ -49,6 +52,7 @@ impl Worker {
             started: Instant::now(),
             error: None,
             failed_at: None,
+            notice: None,
         };
         w.rebuild(None);
         Ok(w)
@@ -92,6 +96,9 @@ impl Worker {
         let Some(next) = next else {
             return Ok(false);
         };
+        if next.fallback.is_some() {
+            self.notice.clone_from(&next.fallback);
+        }
         let old = std::mem::replace(&mut self.snapshot, next);
         self.rebuild(Some(old));
         if let Some(i) = self.entry {
@@ -122,6 +129,11 @@ impl Worker {
             };
             self.balancers.push(b);
         }
+    }
+
+    /// What the error log should say about the last refreshes, once.
+    pub fn take_notice(&mut self) -> Option<String> {
+        self.notice.take()
     }
 
     /// The id of upstream `name` in the current snapshot.

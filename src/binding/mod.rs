@@ -465,14 +465,19 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
         return Ok(());
     }
     let had = w.error.clone();
-    if w.refresh().is_err() && w.error != had {
-        let msg = w.error.clone().unwrap_or_default();
-        drop(guard);
+    let failed = w.refresh().is_err() && w.error != had;
+    let error = w.error.clone().filter(|_| failed);
+    let notice = w.take_notice();
+    drop(guard);
+    if let Some(msg) = error {
         log(
             lua,
             "ERR",
             &format!("{msg}; routing by the last table read"),
         );
+    }
+    if let Some(msg) = notice {
+        log(lua, "WARN", &msg);
     }
     Ok(())
 }
