@@ -13,6 +13,8 @@ pub mod ops;
 pub mod rest;
 pub mod store;
 pub mod syntax;
+#[cfg(test)]
+mod testing;
 pub mod ups;
 pub mod upstream_file;
 pub mod worker;

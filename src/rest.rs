@@ -267,31 +267,21 @@ fn detail(t: &Table) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
     use std::sync::Arc;
 
     struct Fixture {
-        dir: std::path::PathBuf,
+        _dir: TempDir,
         store: Arc<StateFile>,
     }
 
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn fixture(tag: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("dyups-rest-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = StateFile::open(&dir.join("state"), 1 << 16, || {
-            let mut t = Table::default();
-            ops::update(&mut t, "host1", "server 127.0.0.1:8088;")?;
-            ops::update(&mut t, "host2", "server 127.0.0.1:8089;")?;
-            Ok(t)
-        })
-        .unwrap();
-        Fixture { dir, store }
+    fn fixture(_tag: &str) -> Fixture {
+        let dir = TempDir::new();
+        let store = dir.store(&[
+            ("host1", "server 127.0.0.1:8088;"),
+            ("host2", "server 127.0.0.1:8089;"),
+        ]);
+        Fixture { _dir: dir, store }
     }
 
     fn call(f: &Fixture, method: &str, path: &str, body: &str) -> Response {

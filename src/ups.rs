@@ -160,29 +160,12 @@ fn status_of(e: &Error) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Table;
-    use std::sync::Arc;
+    use crate::testing::TempDir;
 
-    fn store() -> (std::path::PathBuf, Arc<StateFile>) {
-        let dir = std::env::temp_dir().join(format!(
-            "dyups-ups-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = StateFile::open(&dir.join("state"), 1 << 16, || {
-            let mut t = Table::default();
-            ops::update(
-                &mut t,
-                "local",
-                "server 127.0.0.1:8088; server 127.0.0.1:8089 backup; server 127.0.0.1:8090;",
-            )?;
-            Ok(t)
-        })
-        .unwrap();
-        (dir, f)
-    }
+    const LOCAL: (&str, &str) = (
+        "local",
+        "server 127.0.0.1:8088; server 127.0.0.1:8089 backup; server 127.0.0.1:8090;",
+    );
 
     fn one(s: &str) -> Arg {
         Arg::One(s.into())
@@ -190,7 +173,8 @@ mod tests {
 
     #[test]
     fn del_and_add_answer_in_the_original_shape() {
-        let (dir, f) = store();
+        let dir = TempDir::new();
+        let f = dir.store(&[LOCAL]);
         let o = WriteOptions::default();
         let r = handle(
             "PUT",
@@ -219,12 +203,12 @@ mod tests {
             r#"{"msg":"add a server success.","data":["127.0.0.1:8088"],"code":"A00001"}"#
         );
         assert!(!f.read().unwrap().table.get("local").unwrap().servers[0].down);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn every_failure_is_e00001_with_a_plain_message_and_changes_nothing() {
-        let (dir, f) = store();
+        let dir = TempDir::new();
+        let f = dir.store(&[LOCAL]);
         let o = WriteOptions::default();
         let before = f.read().unwrap().version;
         let cases = [
@@ -353,12 +337,12 @@ mod tests {
             r.body
         );
         assert_eq!(f.read().unwrap().version, before + 2);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn check_reports_changes_a_worker_has_not_applied() {
-        let (dir, f) = store();
+        let dir = TempDir::new();
+        let f = dir.store(&[LOCAL]);
         let me = std::process::id();
         let i = f.register_worker(me).unwrap();
         f.set_applied(i, f.generation());
@@ -387,6 +371,5 @@ mod tests {
         );
         assert_eq!(check("DELETE", &f, &snap).status, 405);
         f.release_worker(i, me);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -63,12 +63,12 @@ pub fn write_current(store: &StateFile, path: &Path, wait: Wait) -> Result<()> {
 mod tests {
     use super::*;
     use crate::ops;
+    use crate::testing::TempDir;
 
     #[test]
     fn a_written_file_reads_back_as_the_same_table() {
-        let dir = std::env::temp_dir().join(format!("dyups-upfile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("upstream.conf");
+        let dir = TempDir::new();
+        let path = dir.path().join("upstream.conf");
         let mut t = Table::default();
         ops::update(
             &mut t,
@@ -80,12 +80,13 @@ mod tests {
         write(&path, &t).unwrap();
         assert_eq!(read(&path).unwrap(), t);
         assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
+            std::fs::read_dir(dir.path()).unwrap().count(),
             1,
             "a temporary file was left"
         );
-        let err = read(&dir.join("missing.conf")).unwrap_err().to_string();
+        let err = read(&dir.path().join("missing.conf"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.conf"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,41 +5,15 @@
 //! environment.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
 use crate::model::{Address, ServerSpec, Upstream};
+use crate::testing::TempDir;
 
 const SIZE: u64 = 256 * 1024;
-
-/// A directory removed when the test ends, pass or fail.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dyups-store-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn file(&self) -> PathBuf {
-        self.0.join("state")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn server(port: u16) -> ServerSpec {
     ServerSpec::new(Address::Inet(
@@ -91,7 +65,7 @@ fn a_new_file_holds_the_seed_at_version_1() {
         f.geometry().file_len
     );
     // No temporary file is left beside it.
-    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 #[test]
@@ -313,7 +287,7 @@ fn inspect_reads_without_creating() {
 fn one_process_opens_a_file_once_whatever_the_spelling() {
     let dir = TempDir::new();
     let a = StateFile::open(&dir.file(), SIZE, seed).unwrap();
-    let b = StateFile::open(&dir.0.join(".").join("state"), SIZE, seed).unwrap();
+    let b = StateFile::open(&dir.path().join(".").join("state"), SIZE, seed).unwrap();
     assert!(Arc::ptr_eq(&a, &b));
 }
 
@@ -321,7 +295,7 @@ fn one_process_opens_a_file_once_whatever_the_spelling() {
 fn try_wait_gets_busy_while_another_process_holds_the_lock() {
     let dir = TempDir::new();
     let f = fresh(&dir);
-    let marker = dir.0.join("holding");
+    let marker = dir.path().join("holding");
     let mut child = spawn(&format!(
         "hold-lock {} {}",
         dir.file().display(),
@@ -364,7 +338,7 @@ fn a_writer_killed_between_slot_and_commit_leaves_the_old_table() {
     let f = fresh(&dir);
     f.write(&WriteOptions::default(), add(9000)).unwrap();
     let before = f.read().unwrap();
-    let marker = dir.0.join("written");
+    let marker = dir.path().join("written");
     let mut child = spawn(&format!(
         "stall-before-publish {} {}",
         dir.file().display(),
@@ -479,7 +453,7 @@ fn readers_in_other_processes_never_see_a_torn_table() {
         })
         .unwrap();
     }
-    std::fs::write(dir.0.join("stop"), b"").unwrap();
+    std::fs::write(dir.path().join("stop"), b"").unwrap();
     for mut r in readers {
         assert!(
             r.wait().unwrap().success(),

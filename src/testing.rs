@@ -1,0 +1,54 @@
+//! Fixtures the core's tests share: a temporary directory removed when the
+//! test ends, and a state file in it seeded from upstream bodies.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::model::Table;
+use crate::ops;
+use crate::store::StateFile;
+
+/// A directory of its own for one test, removed when it ends, pass or fail.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "dyups-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Where the test's state file goes.
+    pub fn file(&self) -> PathBuf {
+        self.0.join("state")
+    }
+
+    /// A new state file here (64 KiB) holding `upstreams`: (name, body) pairs.
+    pub fn store(&self, upstreams: &[(&str, &str)]) -> Arc<StateFile> {
+        StateFile::open(&self.file(), 1 << 16, || {
+            let mut t = Table::default();
+            for (name, body) in upstreams {
+                ops::update(&mut t, name, body)?;
+            }
+            Ok(t)
+        })
+        .unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
