@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod attempts;
+pub mod auth;
 pub mod balancer;
 pub mod error;
 pub mod model;

@@ -9,6 +9,10 @@ use serde::{Serialize, Serializer};
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
+/// Most servers one upstream may have.
+pub const SERVERS_MAX: usize = 1000;
+/// Most upstreams a table may have.
+pub const UPSTREAMS_MAX: usize = 100_000;
 /// `weight=` bounds. nginx itself has no upper bound; ours keeps smooth
 /// weighted round robin's arithmetic far from overflow and typos visible.
 pub const WEIGHT_MIN: u32 = 1;

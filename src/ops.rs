@@ -3,7 +3,9 @@
 //! `Table` in memory or fails leaving it as it was; the store makes the
 //! change durable and visible, all or nothing.
 
-use crate::model::{check_name, Address, ServerPatch, ServerSpec, Table, Upstream};
+use crate::model::{
+    check_name, Address, ServerPatch, ServerSpec, Table, Upstream, SERVERS_MAX, UPSTREAMS_MAX,
+};
 use crate::syntax::{parse_address, parse_server_args, parse_servers};
 use crate::{Error, Result};
 
@@ -12,7 +14,23 @@ use crate::{Error, Result};
 pub fn update(table: &mut Table, name: &str, body: &str) -> Result<()> {
     check_name(name).map_err(Error::BadRequest)?;
     let servers = parse_servers(body)?;
+    check_size(name, servers.len())?;
+    if table.get(name).is_none() && table.upstreams.len() >= UPSTREAMS_MAX {
+        return Err(Error::BadRequest(format!(
+            "could not create upstream {name}: the table has {UPSTREAMS_MAX} upstreams, the most it takes"
+        )));
+    }
     table.upsert(Upstream::new(name, servers));
+    Ok(())
+}
+
+/// Refuses an upstream of more than `SERVERS_MAX` servers.
+fn check_size(name: &str, servers: usize) -> Result<()> {
+    if servers > SERVERS_MAX {
+        return Err(Error::BadRequest(format!(
+            "upstream {name} would have {servers} servers, at most {SERVERS_MAX} are allowed"
+        )));
+    }
     Ok(())
 }
 
@@ -32,11 +50,9 @@ pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result
     if names.is_empty() {
         // Only reachable with a name: the upstream exists but lacks it.
         let name = name.unwrap_or_default();
-        table
-            .get_mut(name)
-            .ok_or_else(|| not_found(name))?
-            .servers
-            .push(spec);
+        let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+        check_size(name, u.servers.len() + 1)?;
+        u.servers.push(spec);
         return Ok(vec![name.to_owned()]);
     }
     for n in &names {
@@ -82,6 +98,7 @@ pub fn insert_server(table: &mut Table, name: &str, server: &str) -> Result<()> 
             spec.addr
         )));
     }
+    check_size(name, u.servers.len() + 1)?;
     u.servers.push(spec);
     Ok(())
 }
@@ -357,6 +374,45 @@ mod tests {
             400
         );
         assert_eq!(t, before);
+    }
+
+    #[test]
+    fn limits_are_enforced_and_reaching_one_changes_nothing() {
+        let mut t = table();
+        let body = |n: u16| {
+            (1..=n)
+                .map(|p| format!("server 10.0.0.1:{p};"))
+                .collect::<String>()
+        };
+        update(&mut t, "big", &body(SERVERS_MAX as u16)).unwrap();
+        let before = t.clone();
+        let err = update(&mut t, "bigger", &body(SERVERS_MAX as u16 + 1)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("would have 1001 servers, at most 1000"),
+            "{err}"
+        );
+        assert_eq!(
+            insert_server(&mut t, "big", "10.0.0.2:1")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            add_server(&mut t, Some("big"), "10.0.0.2:1")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(t, before);
+
+        let mut full = Table::default();
+        for i in 0..UPSTREAMS_MAX {
+            full.upstreams.push(Upstream::new(format!("u{i}"), vec![]));
+        }
+        let err = update(&mut full, "one-more", "server 10.0.0.1:1;").unwrap_err();
+        assert!(err.to_string().contains("the most it takes"), "{err}");
+        update(&mut full, "u7", "server 10.0.0.1:1;").unwrap();
     }
 
     #[test]

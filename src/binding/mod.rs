@@ -12,6 +12,7 @@ use std::time::Duration;
 use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
 use parking_lot::Mutex;
 
+use crate::auth;
 use crate::balancer::Retry;
 use crate::model::Table as UpstreamTable;
 use crate::rest;
@@ -45,6 +46,8 @@ struct Config {
     max_body: usize,
     /// Where to write the table back after each change, if anywhere.
     write_upstreams: Option<PathBuf>,
+    /// The bearer token every admin request must carry, if any.
+    admin_token: Option<String>,
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -315,6 +318,33 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             ))
         }
     };
+    let admin_token = match (
+        opts.get::<Value>("admin_token").unwrap_or(Value::Nil),
+        opts.get::<Value>("admin_token_file").unwrap_or(Value::Nil),
+    ) {
+        (Value::Nil, Value::Nil) => None,
+        (Value::String(t), Value::Nil) if !t.as_bytes().is_empty() => Some(t.to_string_lossy()),
+        (Value::Nil, Value::String(p)) => Some(auth::read_token_file(&resolve_path(
+            lua,
+            &p.to_string_lossy(),
+        ))?),
+        (Value::Nil, v) => {
+            return Err(format!(
+                "option admin_token_file must be a path, not {}",
+                type_name(&v)
+            ))
+        }
+        (Value::String(_), Value::Nil) => return Err("option admin_token is empty".into()),
+        (Value::String(_), _) => {
+            return Err("give admin_token or admin_token_file, not both".into())
+        }
+        (v, _) => {
+            return Err(format!(
+                "option admin_token must be a string, not {}",
+                type_name(&v)
+            ))
+        }
+    };
     Ok((
         Config {
             path,
@@ -324,6 +354,7 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             refresh,
             max_body,
             write_upstreams,
+            admin_token,
         },
         user,
     ))
@@ -662,6 +693,40 @@ fn query_arg(args: &Table, name: &str) -> Arg {
     }
 }
 
+/// Checks the admin token, when one is configured; logs a refusal with the
+/// client's address.
+fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
+    let Some(token) = config().ok().and_then(|c| c.admin_token) else {
+        return Ok(Ok(()));
+    };
+    let var: Table = ngx(lua)
+        .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
+        .get("var")?;
+    let header: Option<String> = var.get("http_authorization")?;
+    let verdict = auth::check(&token, header.as_deref());
+    if let Err(why) = verdict {
+        let client: Option<String> = var.get("remote_addr")?;
+        log(
+            lua,
+            "WARN",
+            &format!(
+                "refused an admin request from {}: {}",
+                client.unwrap_or_default(),
+                why.message()
+            ),
+        );
+    }
+    Ok(verdict)
+}
+
+fn unauthorized_json(why: auth::Refusal) -> ups::Reply {
+    ups::Reply {
+        status: 401,
+        body: serde_json::json!({"msg": why.message(), "data": [], "code": ups::FAILED})
+            .to_string(),
+    }
+}
+
 fn respond(lua: &Lua, reply: ups::Reply) -> LuaResult<()> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
     ngx.set("status", reply.status)?;
@@ -669,6 +734,9 @@ fn respond(lua: &Lua, reply: ups::Reply) -> LuaResult<()> {
     header.set("Content-Type", "application/json")?;
     if reply.status == 405 {
         header.set("Allow", ups::ALLOWED)?;
+    }
+    if reply.status == 401 {
+        header.set("WWW-Authenticate", "Bearer realm=\"ngx.dyups\"")?;
     }
     let say: Function = ngx.get("say")?;
     say.call::<Value>(reply.body)?;
@@ -684,6 +752,9 @@ fn method(lua: &Lua) -> LuaResult<String> {
 
 /// The `/ups` content handler (`lua/upsops.lua`).
 fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
+    if let Err(why) = authorize(lua)? {
+        return respond(lua, unauthorized_json(why));
+    }
     let method = method(lua)?;
     let args: Table = ngx(lua)
         .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
@@ -719,6 +790,9 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// The `/ups/check` content handler (`lua/srvcheck.lua`).
 fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
+    if let Err(why) = authorize(lua)? {
+        return respond(lua, unauthorized_json(why));
+    }
     let method = method(lua)?;
     let reply = with_snapshot(|store, snap| ups::check(&method, store, snap)).unwrap_or_else(|e| {
         ups::Reply {
@@ -799,9 +873,10 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
     let json = header("accept").is_some_and(|a| a.contains("application/json"))
         || var.get::<Option<String>>("arg_format")?.as_deref() == Some("json");
     let if_match = header("if-match");
-    let response = match store() {
-        Err(e) => rest_text(500, e.to_string()),
-        Ok((cfg, store)) => match request_body(&ngx, cfg.max_body)? {
+    let response = match (authorize(lua)?, store()) {
+        (Err(why), _) => rest_text(401, why.message().to_owned()),
+        (_, Err(e)) => rest_text(500, e.to_string()),
+        (_, Ok((cfg, store))) => match request_body(&ngx, cfg.max_body)? {
             Err(r) => r,
             Ok(body) => {
                 let req = rest::Request {
@@ -836,6 +911,9 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
     }
     if let Some(allow) = response.allow {
         out.set("Allow", allow)?;
+    }
+    if response.status == 401 {
+        out.set("WWW-Authenticate", "Bearer realm=\"ngx.dyups\"")?;
     }
     if !response.body.is_empty() {
         ngx.get::<Function>("print")?.call::<Value>(response.body)?;
