@@ -4,8 +4,8 @@
 -- hundreds of requests, so this is a tiny HTTP/1.x client over ffi sockets:
 -- every T.request() opens a NEW connection (so reuseport spreads requests
 -- over the workers), T.conn() keeps one connection open (to talk to one
--- worker on purpose). Plus a small JSON decoder (cjson is not installed for
--- plain LuaJIT) and helpers to snapshot the module's table inside a worker.
+-- worker on purpose). Plus JSON decoding (through dkjson, busted's own) and
+-- helpers to snapshot the module's table inside a worker.
 local ffi = require "ffi"
 local bit = require "bit"
 local nginx = require "spec.helpers.nginx" -- declares socket/connect/close/poll/kill
@@ -300,114 +300,30 @@ function T.count_lines(text, ...)
 end
 
 ----------------------------------------------------------------------------
--- JSON (decode only; objects and arrays are told apart by T.json_kind)
+-- JSON, through dkjson (a dependency of busted): it marks objects and arrays
+-- with a __jsontype metatable, so `{}` and `[]` stay apart.
 
-local OBJ, ARR = { kind = "object" }, { kind = "array" }
-T.NULL = setmetatable({}, { kind = "null" }) -- JSON null (keeps the key present)
+local dkjson = require "dkjson"
+T.NULL = dkjson.null -- JSON null (keeps the key present)
 
 function T.json_kind(v)
+  if v == T.NULL then return "null" end
   local mt = type(v) == "table" and getmetatable(v)
-  return mt and mt.kind or type(v)
+  return mt and mt.__jsontype or type(v)
 end
 
-function T.json_decode(str)
-  local pos = 1
-  local function err(msg) error(("json: %s at %d in %s"):format(msg, pos, str), 0) end
-  local function ws() pos = str:find("[^ \t\r\n]", pos) or #str + 1 end
-  local value
-  local function string_()
-    pos = pos + 1
-    local out = {}
-    while true do
-      local c = str:sub(pos, pos)
-      if c == "" then err("unterminated string") end
-      if c == '"' then pos = pos + 1 break end
-      if c == "\\" then
-        local e = str:sub(pos + 1, pos + 1)
-        local map = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t", ['"'] = '"', ["\\"] = "\\", ["/"] = "/" }
-        if map[e] then
-          out[#out + 1] = map[e]
-          pos = pos + 2
-        elseif e == "u" then
-          local hex = str:sub(pos + 2, pos + 5)
-          local cp = tonumber(hex, 16) or err("bad \\u")
-          if cp < 128 then out[#out + 1] = string.char(cp)
-          elseif cp < 2048 then
-            out[#out + 1] = string.char(192 + math.floor(cp / 64), 128 + cp % 64)
-          else
-            out[#out + 1] = string.char(224 + math.floor(cp / 4096), 128 + math.floor(cp / 64) % 64, 128 + cp % 64)
-          end
-          pos = pos + 6
-        else
-          err("bad escape")
-        end
-      else
-        out[#out + 1] = c
-        pos = pos + 1
-      end
-    end
-    return table.concat(out)
-  end
-  function value()
-    ws()
-    local c = str:sub(pos, pos)
-    if c == "{" then
-      local t = setmetatable({}, OBJ)
-      pos = pos + 1
-      ws()
-      if str:sub(pos, pos) == "}" then pos = pos + 1 return t end
-      while true do
-        ws()
-        if str:sub(pos, pos) ~= '"' then err("expected key") end
-        local k = string_()
-        ws()
-        if str:sub(pos, pos) ~= ":" then err("expected ':'") end
-        pos = pos + 1
-        if rawget(t, k) ~= nil then err("duplicate key " .. k) end
-        t[k] = value()
-        ws()
-        local d = str:sub(pos, pos)
-        pos = pos + 1
-        if d == "}" then return t end
-        if d ~= "," then err("expected ',' or '}'") end
-      end
-    elseif c == "[" then
-      local t = setmetatable({}, ARR)
-      pos = pos + 1
-      ws()
-      if str:sub(pos, pos) == "]" then pos = pos + 1 return t end
-      while true do
-        t[#t + 1] = value()
-        ws()
-        local d = str:sub(pos, pos)
-        pos = pos + 1
-        if d == "]" then return t end
-        if d ~= "," then err("expected ',' or ']'") end
-      end
-    elseif c == '"' then
-      return string_()
-    elseif str:find("^true", pos) then pos = pos + 4 return true
-    elseif str:find("^false", pos) then pos = pos + 5 return false
-    elseif str:find("^null", pos) then pos = pos + 4 return T.NULL
-    else
-      local num = str:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
-      if not num or num == "" then err("unexpected character") end
-      pos = pos + #num
-      return tonumber(num)
-    end
-  end
-  local v = value()
-  ws()
-  if pos <= #str then err("trailing garbage") end
-  return v
-end
-
---- Sorted keys of a decoded object.
+--- The keys of a decoded JSON object, sorted.
 function T.keys(t)
   local out = {}
   for k in pairs(t) do out[#out + 1] = k end
   table.sort(out)
   return out
+end
+
+function T.json_decode(str)
+  local v, _, err = dkjson.decode(str, 1, T.NULL)
+  if err then error("json: " .. err .. " in " .. str, 0) end
+  return v
 end
 
 ----------------------------------------------------------------------------

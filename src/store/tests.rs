@@ -482,6 +482,17 @@ fn pending_lists_changes_a_live_worker_has_not_applied() {
     f.set_applied(i, s.version);
     assert!(f.pending(&s).is_empty());
 
+    // An exited child that is not reaped yet (a zombie) counts as dead.
+    let mut zombie = Command::new("true").spawn().unwrap();
+    let z = zombie.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{z}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(Instant::now() < deadline, "the child did not exit");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(!pid_alive(z));
+    zombie.wait().unwrap();
+
     // A dead process's entry does not hold changes back, and is reused.
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();

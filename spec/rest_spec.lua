@@ -1,0 +1,755 @@
+-- The REST admin interface of ngx.dyups (ngx_http_dyups_module's /list,
+-- /detail, /upstream/NAME, plus /upstream/NAME/servers[/ADDR], ETag/If-Match,
+-- JSON views, 405/413/409), against a real nginx with two workers, and the
+-- source document's transcript and Lua API example replayed unchanged.
+local nginx = require "spec.helpers.nginx"
+local dy = require "spec.helpers.dyups"
+local rest = require "spec.helpers.rest"
+
+local api = rest.api
+
+local function uptime()
+  local f = assert(io.open("/proc/uptime"))
+  local t = f:read("*n")
+  f:close()
+  return t
+end
+
+local function seed(b1, b2)
+  return ("upstream host1 {\n    server 127.0.0.1:%d;\n}\nupstream host2 {\n    server 127.0.0.1:%d;\n}\n")
+    :format(b1, b2)
+end
+
+describe("REST: the source document's transcript", function()
+  local inst, B1, B2
+
+  lazy_setup(function()
+    local _, ports = dy.backends(2)
+    B1, B2 = ports[1], ports[2]
+    inst = dy.proxy { upstreams = seed(B1, B2) }
+    inst:start()
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  it("replays: 502, create dyhost, balance, /detail, DELETE, 502 again", function()
+    -- curl -H "host: dyhost" 127.0.0.1:8080 -> 502 (no such upstream)
+    for i = 1, 4 do
+      local status, _, _, body = dy.get(inst, "/", { Host = "dyhost" })
+      assert.are.equal(502, status, "request " .. i .. " before the upstream exists: " .. tostring(body))
+    end
+
+    -- curl -d "server 127.0.0.1:8089;server 127.0.0.1:8088;" 127.0.0.1:8081/upstream/dyhost
+    local status, body = api(inst, "POST", "/upstream/dyhost",
+      ("server 127.0.0.1:%d;server 127.0.0.1:%d;"):format(B2, B1))
+    assert.are.equal(200, status, body)
+    assert.are.equal("success", body)
+
+    -- curl -H "host: dyhost" 127.0.0.1:8080 (twice): B2 then B1, per worker
+    local list, ports = rest.route(inst, "dyhost", 16)
+    local per_worker = {}
+    for i, r in ipairs(list) do
+      assert.are.equal(200, r.status, "request " .. i .. ": " .. rest.show(list))
+      assert.is_truthy(r.port == B1 or r.port == B2, "not B1/B2: " .. rest.show(list))
+      per_worker[r.worker] = per_worker[r.worker] or {}
+      table.insert(per_worker[r.worker], r.port)
+    end
+    assert.is_truthy(ports[B1] and ports[B2], "both servers should answer: " .. rest.show(list))
+    for pid, seq in pairs(per_worker) do
+      -- nginx's (smooth) round robin over two equal servers: the first
+      -- listed first, then taking turns
+      assert.are.equal(B2, seq[1], "worker " .. pid .. " started with " .. seq[1] .. ": " .. rest.show(list))
+      for i = 2, #seq do
+        assert.are_not.equal(seq[i - 1], seq[i], "worker " .. pid .. " did not take turns: " .. rest.show(list))
+      end
+    end
+
+    -- curl 127.0.0.1:8081/detail
+    status, body = api(inst, "GET", "/detail")
+    assert.are.equal(200, status)
+    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n\n"
+      .. "dyhost\nserver 127.0.0.1:%d\nserver 127.0.0.1:%d\n"):format(B1, B2, B2, B1), body)
+
+    -- curl -i -X DELETE 127.0.0.1:8081/upstream/dyhost
+    status, body = api(inst, "DELETE", "/upstream/dyhost")
+    assert.are.equal(200, status, body)
+    assert.are.equal("success", body)
+
+    status, body = api(inst, "GET", "/detail")
+    assert.are.equal(200, status)
+    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+
+    -- curl -i -H "host: dyhost" 127.0.0.1:8080 -> 502 again, in every worker
+    list = rest.route(inst, "dyhost", 8)
+    for i, r in ipairs(list) do
+      assert.are.equal(502, r.status, "request " .. i .. " after DELETE: " .. rest.show(list))
+    end
+  end)
+
+  it("routes the seeded host1 and host2 by Host", function()
+    local list, ports = rest.route(inst, "host1", 4)
+    assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+    list, ports = rest.route(inst, "host2", 4)
+    assert.are.same({ B2 }, rest.keys(ports), rest.show(list))
+  end)
+end)
+
+describe("the Lua API example, unchanged in content_by_lua_block", function()
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  it("prints 200successupdate successdelete success", function()
+    local inst = nginx.new {
+      workers = 2,
+      conf = [==[
+http {
+    lua_package_path "${lua_package_path}";
+    lua_package_cpath "${lua_package_cpath}";
+
+    init_by_lua_block {
+        assert(require("ngx.dyups").init{ path = "state/dyups.state" })
+    }
+    init_worker_by_lua_block {
+        local ok, err = require("ngx.dyups").init_worker()
+        if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
+    }
+
+    server {
+        listen 127.0.0.1:${port_http};
+        location = /example {
+            content_by_lua_block {
+                local dyups = require "ngx.dyups"
+                local status, rv = dyups.update("test", [[server 127.0.0.1:8088;]]);
+                ngx.print(status, rv)
+                if status ~= 200 then
+                    ngx.print(status, rv)
+                    return
+                end
+                ngx.print("update success")
+                status, rv = dyups.delete("test")
+                if status ~= 200 then
+                    ngx.print(status, rv)
+                    return
+                end
+                ngx.print("delete success")
+            }
+        }
+    }
+}
+]==],
+    }
+    inst:start()
+    local status, body = nginx.http(inst.ports.http, "GET", "/example")
+    assert.are.equal(200, status, body)
+    assert.are.equal("200successupdate successdelete success", body)
+    -- and again: "test" was deleted, so the update creates it anew
+    status, body = nginx.http(inst.ports.http, "GET", "/example")
+    assert.are.equal(200, status, body)
+    assert.are.equal("200successupdate successdelete success", body)
+    assert.is_nil(inst:error_log():match("%[error%]"), inst:error_log())
+  end)
+end)
+
+describe("REST endpoints", function()
+  local inst, B1, B2
+
+  lazy_setup(function()
+    local _, ports = dy.backends(2)
+    B1, B2 = ports[1], ports[2]
+    inst = dy.proxy { upstreams = seed(B1, B2) }
+    inst:start()
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  local function version()
+    local status, _, h = api(inst, "GET", "/list")
+    assert.are.equal(200, status)
+    local v = rest.etag_version(h)
+    assert.is_number(v, "no ETag on GET /list: " .. tostring(h.etag))
+    return v
+  end
+
+  local function detail()
+    local status, body = api(inst, "GET", "/detail")
+    assert.are.equal(200, status, body)
+    return body
+  end
+
+  describe("reads", function()
+    it("GET /list names the upstreams one per line, as text", function()
+      local status, body, h = api(inst, "GET", "/list")
+      assert.are.equal(200, status)
+      assert.are.equal("host1\nhost2\n", body)
+      assert.matches("^text/plain", h["content-type"])
+      assert.matches('^"%d+"$', h.etag)
+    end)
+
+    it("GET /detail lists each upstream with its server lines", function()
+      local status, body, h = api(inst, "GET", "/detail")
+      assert.are.equal(200, status)
+      assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+      assert.matches('^"%d+"$', h.etag)
+    end)
+
+    it("GET /upstream/NAME gives its server lines; 404 for an unknown one", function()
+      local status, body, h = api(inst, "GET", "/upstream/host1")
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      assert.matches('^"%d+"$', h.etag)
+
+      status, body = api(inst, "GET", "/upstream/nope")
+      assert.are.equal(404, status)
+      assert.matches("upstream nope not found", body, 1, true)
+    end)
+
+    it("every read carries the same ETag while nothing changes", function()
+      local tags = {}
+      for _, path in ipairs { "/list", "/detail", "/upstream/host1", "/upstream/host2/servers",
+        "/list?format=json", "/detail?format=json", "/upstream/host1?format=json" } do
+        local status, _, h = api(inst, "GET", path)
+        assert.are.equal(200, status, path)
+        assert.matches('^"%d+"$', h.etag or "", 1)
+        tags[#tags + 1] = h.etag
+      end
+      for i = 2, #tags do assert.are.equal(tags[1], tags[i]) end
+    end)
+
+    it("unknown paths answer 404", function()
+      for _, path in ipairs { "/", "/nothing", "/lists", "/upstream/host1/other",
+        "/upstream/host1/servers/", "/upstream" } do
+        local status, body = api(inst, "GET", path)
+        assert.are.equal(404, status, path .. ": " .. tostring(body))
+      end
+    end)
+  end)
+
+  describe("JSON views", function()
+    it("/list with Accept: application/json and with ?format=json", function()
+      local v = version()
+      for _, req in ipairs {
+        { "/list", { Accept = "application/json" } },
+        { "/list?format=json" },
+      } do
+        local status, body, h = api(inst, "GET", req[1], nil, req[2])
+        assert.are.equal(200, status, body)
+        assert.matches("^application/json", h["content-type"])
+        local doc = assert(rest.decode(body), "not JSON: " .. body)
+        assert.are.same({ version = v, upstreams = { "host1", "host2" } }, doc)
+        assert.are.equal(v, rest.etag_version(h))
+      end
+    end)
+
+    it("/detail gives every server parameter", function()
+      local v = version()
+      local status, body, h = api(inst, "GET", "/detail", nil, { Accept = "application/json" })
+      assert.are.equal(200, status, body)
+      assert.matches("^application/json", h["content-type"])
+      local doc = assert(rest.decode(body), "not JSON: " .. body)
+      assert.are.same({
+        version = v,
+        upstreams = {
+          { name = "host1", servers = { { addr = "127.0.0.1:" .. B1, weight = 1, max_fails = 1,
+            fail_timeout = 10, backup = false, down = false } } },
+          { name = "host2", servers = { { addr = "127.0.0.1:" .. B2, weight = 1, max_fails = 1,
+            fail_timeout = 10, backup = false, down = false } } },
+        },
+      }, doc)
+    end)
+
+    it("/upstream/NAME with non-default parameters", function()
+      local status, body = api(inst, "POST", "/upstream/jsonup",
+        "server 127.0.0.1:9001 weight=2 max_fails=3 fail_timeout=4s backup;\nserver 127.0.0.1:9002;\n")
+      assert.are.equal(200, status, body)
+      local v = version()
+      local h
+      status, body, h = api(inst, "GET", "/upstream/jsonup?format=json")
+      assert.are.equal(200, status, body)
+      assert.matches("^application/json", h["content-type"])
+      local doc = assert(rest.decode(body), "not JSON: " .. body)
+      assert.are.same({
+        version = v,
+        name = "jsonup",
+        servers = {
+          { addr = "127.0.0.1:9001", weight = 2, max_fails = 3, fail_timeout = 4, backup = true, down = false },
+          { addr = "127.0.0.1:9002", weight = 1, max_fails = 1, fail_timeout = 10, backup = false, down = false },
+        },
+      }, doc)
+      -- text form of the same
+      status, body = api(inst, "GET", "/upstream/jsonup")
+      assert.are.equal(200, status)
+      assert.are.equal("server 127.0.0.1:9001 weight=2 max_fails=3 fail_timeout=4s backup\n"
+        .. "server 127.0.0.1:9002\n", body)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/jsonup")))
+    end)
+
+    it("404 stays 404 in JSON", function()
+      local status = api(inst, "GET", "/upstream/nope?format=json")
+      assert.are.equal(404, status)
+    end)
+  end)
+
+  describe("POST /upstream/NAME", function()
+    it("creates an upstream that routes at once, and replaces it whole", function()
+      local status, body = api(inst, "POST", "/upstream/made", ("server 127.0.0.1:%d;"):format(B1))
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      local list, ports = rest.route(inst, "made", 6)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+
+      status, body = api(inst, "POST", "/upstream/made", ("server 127.0.0.1:%d weight=3;\n"):format(B2))
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      status, body = api(inst, "GET", "/upstream/made")
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d weight=3\n"):format(B2), body)
+      list, ports = rest.route(inst, "made", 6)
+      assert.are.same({ B2 }, rest.keys(ports), rest.show(list))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/made")))
+    end)
+
+    it("refuses a bad body with 400 naming the parameter and line; nothing changes", function()
+      local before, v = detail(), version()
+      local cases = {
+        { "server 127.0.0.1:9001 slow_start=1s;", "slow_start" },
+        { "server 127.0.0.1:9001;\nserver 127.0.0.1:9002 colour=red;\n", "line 2" },
+        { "server 127.0.0.1:9001;\nserver 127.0.0.1:9002 colour=red;\n", "colour" },
+        { "server 127.0.0.1:9001 weight=0;", "weight" },
+        { "server 127.0.0.1:9001", "';'" },
+        { "", nil },
+        { "\n  \n", nil },
+      }
+      for _, c in ipairs(cases) do
+        local status, body = api(inst, "POST", "/upstream/host1", c[1])
+        assert.are.equal(400, status, ("%q -> %s %s"):format(c[1], tostring(status), tostring(body)))
+        if c[2] then
+          assert.is_truthy(body:find(c[2], 1, true), ("%q -> %q lacks %q"):format(c[1], body, c[2]))
+        end
+        status, body = api(inst, "POST", "/upstream/brandnew", c[1])
+        assert.are.equal(400, status, ("%q -> %s %s"):format(c[1], tostring(status), tostring(body)))
+      end
+      assert.are.equal(before, detail())
+      assert.are.equal(v, version())
+      assert.are.equal(404, (api(inst, "GET", "/upstream/brandnew")))
+    end)
+
+    it("a body mixing good and bad lines changes nothing", function()
+      local before, v = detail(), version()
+      local status, body = api(inst, "POST", "/upstream/host1",
+        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 max_conns=3;\n"):format(B2))
+      assert.are.equal(400, status, body)
+      assert.is_truthy(body:find("line 3", 1, true), body)
+      assert.are.equal(before, detail())
+      assert.are.equal(v, version())
+      local list, ports = rest.route(inst, "host1", 4)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+    end)
+
+    it("refuses a name with bad characters with 400", function()
+      local v = version()
+      for _, name in ipairs { "bad!name", "a%20b", "semi;colon", "br%7Bace" } do
+        local status, body = api(inst, "POST", "/upstream/" .. name, "server 127.0.0.1:9001;")
+        assert.are.equal(400, status, name .. ": " .. tostring(status) .. " " .. tostring(body))
+      end
+      assert.are.equal(v, version())
+    end)
+  end)
+
+  describe("DELETE /upstream/NAME", function()
+    it("answers success, then 404; routing stops", function()
+      assert.are.equal(200, (api(inst, "POST", "/upstream/gone", ("server 127.0.0.1:%d;"):format(B1))))
+      local status, body = api(inst, "DELETE", "/upstream/gone")
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      local list = rest.route(inst, "gone", 4)
+      for _, r in ipairs(list) do assert.are.equal(502, r.status, rest.show(list)) end
+      local v = version()
+      status, body = api(inst, "DELETE", "/upstream/gone")
+      assert.are.equal(404, status)
+      assert.matches("upstream gone not found", body, 1, true)
+      assert.are.equal(v, version())
+    end)
+  end)
+
+  describe("/upstream/NAME/servers", function()
+    local U = "srv"
+    local function servers()
+      local status, body = api(inst, "GET", "/upstream/" .. U)
+      assert.are.equal(200, status, body)
+      return body
+    end
+
+    before_each(function()
+      local status, body = api(inst, "POST", "/upstream/" .. U, ("server 127.0.0.1:%d;"):format(B1))
+      assert.are.equal(200, status, body)
+    end)
+
+    it("POST adds one server (IP:PORT [params] or a server line); 400 if present; 404 unknown upstream", function()
+      local status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", ("127.0.0.1:%d weight=3"):format(B2))
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      assert.are.equal(("server 127.0.0.1:%d\nserver 127.0.0.1:%d weight=3\n"):format(B1, B2), servers())
+      local list, ports = rest.route(inst, U, 12)
+      assert.are.same(rest.sorted { B1, B2 }, rest.keys(ports), rest.show(list))
+
+      status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", "server 127.0.0.1:9005 backup;")
+      assert.are.equal(200, status, body)
+      assert.are.equal(("server 127.0.0.1:%d\nserver 127.0.0.1:%d weight=3\nserver 127.0.0.1:9005 backup\n")
+        :format(B1, B2), servers())
+
+      local v = version()
+      status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", ("127.0.0.1:%d"):format(B2))
+      assert.are.equal(400, status, body)
+      status, body = api(inst, "POST", "/upstream/nope/servers", "127.0.0.1:9006")
+      assert.are.equal(404, status, body)
+      status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", "127.0.0.1:9007 slow_start=1s")
+      assert.are.equal(400, status, body)
+      assert.is_truthy(body:find("slow_start", 1, true), body)
+      assert.are.equal(v, version())
+    end)
+
+    it("GET /upstream/NAME/servers and /servers/ADDR read; 404 for an unknown server", function()
+      local status, body = api(inst, "GET", "/upstream/" .. U .. "/servers")
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      status, body = api(inst, "GET", ("/upstream/%s/servers/127.0.0.1:%d"):format(U, B1))
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      status = api(inst, "GET", ("/upstream/%s/servers/127.0.0.1:9"):format(U))
+      assert.are.equal(404, status)
+    end)
+
+    it("PATCH changes parameters", function()
+      assert.are.equal(200, (api(inst, "POST", "/upstream/" .. U .. "/servers", ("127.0.0.1:%d"):format(B2))))
+      local path = ("/upstream/%s/servers/127.0.0.1:%d"):format(U, B2)
+      local status, body = api(inst, "PATCH", path, "weight=5 backup")
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      status, body = api(inst, "GET", path)
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d weight=5 backup\n"):format(B2), body)
+      -- a backup does not answer while the primary is up
+      local list, ports = rest.route(inst, U, 8)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+
+      status, body = api(inst, "PATCH", path, "down")
+      assert.are.equal(200, status, body)
+      status, body = api(inst, "PATCH", path, "down=off max_fails=2 fail_timeout=5s")
+      assert.are.equal(200, status, body)
+      status, body = api(inst, "GET", path)
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d weight=5 max_fails=2 fail_timeout=5s backup\n"):format(B2), body)
+
+      local v = version()
+      status, body = api(inst, "PATCH", path, "colour=red")
+      assert.are.equal(400, status, body)
+      status = api(inst, "PATCH", ("/upstream/%s/servers/127.0.0.1:9"):format(U), "weight=2")
+      assert.are.equal(404, status)
+      status = api(inst, "PATCH", "/upstream/nope/servers/127.0.0.1:9", "weight=2")
+      assert.are.equal(404, status)
+      assert.are.equal(v, version())
+    end)
+
+    it("DELETE removes a server, 404 the second time", function()
+      assert.are.equal(200, (api(inst, "POST", "/upstream/" .. U .. "/servers", ("127.0.0.1:%d"):format(B2))))
+      local path = ("/upstream/%s/servers/127.0.0.1:%d"):format(U, B1)
+      local status, body = api(inst, "DELETE", path)
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B2), servers())
+      local list, ports = rest.route(inst, U, 6)
+      assert.are.same({ B2 }, rest.keys(ports), rest.show(list))
+      status = api(inst, "DELETE", path)
+      assert.are.equal(404, status)
+    end)
+
+    it("refuses to remove or down the last available server (400)", function()
+      local v = version()
+      local path = ("/upstream/%s/servers/127.0.0.1:%d"):format(U, B1)
+      local status, body = api(inst, "DELETE", path)
+      assert.are.equal(400, status, body)
+      assert.is_truthy(body:find("last available server", 1, true), body)
+      status, body = api(inst, "PATCH", path, "down")
+      assert.are.equal(400, status, body)
+      assert.is_truthy(body:find("last available server", 1, true), body)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), servers())
+      assert.are.equal(v, version())
+      -- a server that is down is no available server either
+      assert.are.equal(200, (api(inst, "POST", "/upstream/" .. U .. "/servers", "127.0.0.1:9008 down")))
+      v = version()
+      status, body = api(inst, "DELETE", path)
+      assert.are.equal(400, status, body)
+      assert.is_truthy(body:find("last available server", 1, true), body)
+      assert.are.equal(v, version())
+      assert.are.equal(("server 127.0.0.1:%d\nserver 127.0.0.1:9008 down\n"):format(B1), servers())
+      local list, ports = rest.route(inst, U, 4)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+    end)
+  end)
+
+  describe("methods", function()
+    it("answers 405 with an Allow header", function()
+      local cases = {
+        { "PUT", "/upstream/host1", "GET, HEAD, POST, DELETE" },
+        { "PATCH", "/upstream/host1", "GET, HEAD, POST, DELETE" },
+        { "POST", "/list", "GET, HEAD" },
+        { "DELETE", "/detail", "GET, HEAD" },
+        { "PUT", "/upstream/host1/servers", "GET, HEAD, POST" },
+        { "DELETE", "/upstream/host1/servers", "GET, HEAD, POST" },
+        { "POST", ("/upstream/host1/servers/127.0.0.1:%d"):format(B1), "GET, HEAD, PATCH, DELETE" },
+      }
+      local v = version()
+      for _, c in ipairs(cases) do
+        local status, body, h = api(inst, c[1], c[2], "server 127.0.0.1:9;")
+        assert.are.equal(405, status, c[1] .. " " .. c[2] .. ": " .. tostring(body))
+        assert.are.equal(c[3], h.allow, c[1] .. " " .. c[2])
+      end
+      assert.are.equal(v, version())
+    end)
+
+    it("HEAD reads answer like GET, without a body", function()
+      local status, body, h = api(inst, "HEAD", "/list")
+      assert.are.equal(200, status)
+      assert.are.equal("", body)
+      assert.matches('^"%d+"$', h.etag)
+    end)
+  end)
+
+  describe("request size", function()
+    it("answers 413 to a body over 64 KiB and changes nothing", function()
+      local v = version()
+      local big = ("server 127.0.0.1:9001;\n" .. ("#"):rep(76) .. "\n"):rep(700) -- 70000 bytes
+      assert.are.equal(70000, #big)
+      local status, body = api(inst, "POST", "/upstream/big", big)
+      assert.are.equal(413, status, body:sub(1, 200))
+      status = api(inst, "POST", "/upstream/host1/servers", "127.0.0.1:9001" .. (" "):rep(70000))
+      assert.are.equal(413, status)
+      assert.are.equal(v, version())
+      assert.are.equal(404, (api(inst, "GET", "/upstream/big")))
+    end)
+
+    it("takes a body just under the limit", function()
+      local body = ("server 127.0.0.1:%d;\n"):format(B1) .. ("#"):rep(60000) .. "\n"
+      local status, rbody = api(inst, "POST", "/upstream/almost", body)
+      assert.are.equal(200, status, rbody)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/almost")))
+    end)
+  end)
+
+  describe("ETag and If-Match", function()
+    it("a stale If-Match gets 412 and changes nothing", function()
+      local status, body, h = api(inst, "GET", "/upstream/host2")
+      assert.are.equal(200, status, body)
+      local e0 = h.etag
+      local v0 = rest.etag_version(h)
+      assert.is_number(v0, tostring(e0))
+
+      -- someone else writes
+      status, body, h = api(inst, "POST", "/upstream/other", "server 127.0.0.1:9010;")
+      assert.are.equal(200, status, body)
+      local v1 = rest.etag_version(h)
+      assert.is_number(v1, "a write answers with the new ETag: " .. tostring(h.etag))
+      assert.is_true(v1 > v0)
+      assert.are.equal(v1, version())
+
+      -- our writes based on the old read
+      local before = detail()
+      status, body = api(inst, "POST", "/upstream/host2", "server 127.0.0.1:9011;", { ["If-Match"] = e0 })
+      assert.are.equal(412, status, body)
+      status = api(inst, "DELETE", "/upstream/other", nil, { ["If-Match"] = e0 })
+      assert.are.equal(412, status)
+      status = api(inst, "POST", "/upstream/host2/servers", "127.0.0.1:9012", { ["If-Match"] = e0 })
+      assert.are.equal(412, status)
+      status = api(inst, "PATCH", ("/upstream/host2/servers/127.0.0.1:%d"):format(B2), "weight=4",
+        { ["If-Match"] = e0 })
+      assert.are.equal(412, status)
+      status = api(inst, "DELETE", ("/upstream/host2/servers/127.0.0.1:%d"):format(B2), nil, { ["If-Match"] = e0 })
+      assert.are.equal(412, status)
+      status = api(inst, "POST", "/upstream/host2", "server 127.0.0.1:9011;", { ["If-Match"] = "garbage" })
+      assert.are.equal(412, status)
+      assert.are.equal(before, detail())
+      assert.are.equal(v1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/other")))
+    end)
+
+    it("the current If-Match succeeds: 200 success and the new ETag", function()
+      local v1 = version()
+      local status, body, h = api(inst, "POST", "/upstream/guarded", "server 127.0.0.1:9013;",
+        { ["If-Match"] = '"' .. v1 .. '"' })
+      local applied = api(inst, "GET", "/upstream/guarded") == 200
+      local v2 = version()
+      assert.are.equal(200, status, ("If-Match: \"%d\" (current) -> %d (change applied: %s, version now %d): %s")
+        :format(v1, status, tostring(applied), v2, body))
+      assert.are.equal("success", body)
+      assert.are.equal(v2, rest.etag_version(h))
+      assert.is_true(v2 > v1)
+    end)
+
+    it("answers 412 only when the change was not made", function()
+      -- whatever the status of a guarded write, 412 must mean "not written"
+      local v1 = version()
+      for i, req in ipairs {
+        { "POST", "/upstream/g1", "server 127.0.0.1:9014;" },
+        { "POST", "/upstream/g1/servers", "127.0.0.1:9015" },
+        { "PATCH", "/upstream/g1/servers/127.0.0.1:9015", "weight=3" },
+        { "DELETE", "/upstream/g1/servers/127.0.0.1:9015" },
+        { "DELETE", "/upstream/g1" },
+      } do
+        local status, body = api(inst, req[1], req[2], req[3], { ["If-Match"] = '"' .. v1 .. '"' })
+        local v2 = version()
+        if status == 412 then
+          assert.are.equal(v1, v2, ("step %d: %s %s answered 412 but the table moved from version %d to %d")
+            :format(i, req[1], req[2], v1, v2))
+        else
+          assert.are.equal(200, status, body)
+        end
+        v1 = v2
+      end
+    end)
+
+    it("the JSON version is the ETag", function()
+      local status, body, h = api(inst, "GET", "/detail?format=json")
+      assert.are.equal(200, status)
+      local doc = assert(rest.decode(body))
+      assert.are.equal(doc.version, rest.etag_version(h))
+    end)
+  end)
+end)
+
+describe("REST on an empty table", function()
+  local inst, B1
+
+  lazy_setup(function()
+    local _, ports = dy.backends(1)
+    B1 = ports[1]
+    inst = dy.proxy { upstreams = "" }
+    inst:start()
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  it("/list and /detail answer 204 with an empty body", function()
+    for _, path in ipairs { "/list", "/detail" } do
+      local status, body, h = api(inst, "GET", path)
+      assert.are.equal(204, status, path)
+      assert.are.equal("", body, path)
+      assert.matches('^"%d+"$', h.etag or "")
+    end
+  end)
+
+  it("JSON /list of nothing is an empty list", function()
+    local status, body, h = api(inst, "GET", "/list", nil, { Accept = "application/json" })
+    assert.are.equal(200, status)
+    assert.matches('"upstreams":%[%]', body)
+    local doc = assert(rest.decode(body))
+    assert.are.equal(rest.etag_version(h), doc.version)
+  end)
+
+  it("the first upstream makes /list 200, deleting it 204 again", function()
+    assert.are.equal(200, (api(inst, "POST", "/upstream/first", ("server 127.0.0.1:%d;"):format(B1))))
+    local status, body = api(inst, "GET", "/list")
+    assert.are.equal(200, status)
+    assert.are.equal("first\n", body)
+    local list, ports = rest.route(inst, "first", 4)
+    assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+    assert.are.equal(200, (api(inst, "DELETE", "/upstream/first")))
+    status, body = api(inst, "GET", "/detail")
+    assert.are.equal(204, status)
+    assert.are.equal("", body)
+  end)
+end)
+
+describe("REST with trylock = true while another process holds the lock", function()
+  local inst, B1, STATE
+
+  lazy_setup(function()
+    local _, ports = dy.backends(1)
+    B1 = ports[1]
+    inst = dy.proxy {
+      upstreams = ("upstream host1 {\n    server 127.0.0.1:%d;\n}\n"):format(B1),
+      init = "trylock = true,",
+    }
+    inst:start()
+    STATE = inst.prefix .. "/state/dyups.state"
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  it("writes answer 409, reads still work; after release the write succeeds", function()
+    local q = nginx.shell_quote
+    local held, released = inst.prefix .. "/held", inst.prefix .. "/released"
+    rest.background(("flock %s -c %s; touch %s"):format(q(STATE), q("touch " .. q(held) .. "; sleep 1.5"), q(released)))
+    nginx.wait_until(function() return nginx.read_file(held) end, 3, "flock(1) to take the lock")
+
+    local status, body = api(inst, "POST", "/upstream/locked", ("server 127.0.0.1:%d;"):format(B1))
+    assert.are.equal(409, status, body)
+    status, body = api(inst, "DELETE", "/upstream/host1")
+    assert.are.equal(409, status, body)
+    local ups_status, ups_body = nginx.http(inst.ports.proxy, "GET",
+      "/ups?op=add&server=127.0.0.1:9020&upstream=host1")
+    assert.are.equal(409, ups_status, ups_body)
+
+    -- readers take no lock
+    status, body = api(inst, "GET", "/list")
+    assert.are.equal(200, status)
+    assert.are.equal("host1\n", body)
+    local list, ports = rest.route(inst, "host1", 4)
+    assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+
+    assert.is_nil(nginx.read_file(released), "the lock was released before the checks ended")
+    nginx.wait_until(function() return nginx.read_file(released) end, 5, "flock(1) to end")
+
+    status, body = api(inst, "POST", "/upstream/locked", ("server 127.0.0.1:%d;"):format(B1))
+    assert.are.equal(200, status, body)
+    assert.are.equal("success", body)
+    ups_status, ups_body = nginx.http(inst.ports.proxy, "GET", "/ups?op=add&server=127.0.0.1:9020&upstream=host1")
+    assert.are.equal(200, ups_status, ups_body)
+    status, body = api(inst, "GET", "/list")
+    assert.are.equal(200, status)
+    assert.are.equal("host1\nlocked\n", body)
+    status, body = api(inst, "GET", "/upstream/host1")
+    assert.are.equal(200, status)
+    assert.are.equal(("server 127.0.0.1:%d\nserver 127.0.0.1:9020\n"):format(B1), body)
+  end)
+end)
+
+describe("REST without trylock while another process holds the lock", function()
+  local inst, B1, STATE
+
+  lazy_setup(function()
+    local _, ports = dy.backends(1)
+    B1 = ports[1]
+    inst = dy.proxy { upstreams = ("upstream host1 {\n    server 127.0.0.1:%d;\n}\n"):format(B1) }
+    inst:start()
+    STATE = inst.prefix .. "/state/dyups.state"
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  it("a write waits for the lock (up to lock_timeout, 1 s) and then succeeds", function()
+    local q = nginx.shell_quote
+    local held = inst.prefix .. "/held"
+    rest.background(("flock %s -c %s"):format(q(STATE), q("touch " .. q(held) .. "; sleep 0.5")))
+    nginx.wait_until(function() return nginx.read_file(held) end, 3, "flock(1) to take the lock")
+    local t0 = uptime()
+    local status, body = api(inst, "POST", "/upstream/waited", ("server 127.0.0.1:%d;"):format(B1))
+    local waited = uptime() - t0
+    assert.are.equal(200, status, body)
+    assert.is_true(waited >= 0.2, "the write did not wait for the lock: " .. waited .. " s")
+    assert.are.equal("success", body)
+    status, body = api(inst, "GET", "/list")
+    assert.are.equal(200, status)
+    assert.are.equal("host1\nwaited\n", body)
+  end)
+end)
