@@ -299,7 +299,7 @@ impl StateFile {
                 backoff(round);
                 continue;
             }
-            let why = match first.and_then(|h| self.check_slot(h, &buf, Some(generation))) {
+            let why = match first.and_then(|h| check_slot(h, &buf, Some(generation))) {
                 Ok(p) => return Ok(Some(snapshot(generation, p, None, active))),
                 Err(why) => why,
             };
@@ -310,21 +310,10 @@ impl StateFile {
                 backoff(round);
                 continue;
             }
-            return match other.and_then(|h| self.check_slot(h, &buf, None)) {
-                Ok(p) if p.version < generation => {
-                    let why = format!("slot {active} is unreadable ({why}); using the previous table, version {}", p.version);
-                    Ok(Some(snapshot(generation, p, Some(why), 1 - active)))
-                }
-                Ok(p) => Err(self.corrupt(format!(
-                    "slot {active} is unreadable ({why}) and slot {} holds version {}, not older than {generation}",
-                    1 - active,
-                    p.version
-                ))),
-                Err(other) => Err(self.corrupt(format!(
-                    "both table slots are unreadable: slot {active}: {why}; slot {}: {other}",
-                    1 - active
-                ))),
-            };
+            let other = other.and_then(|h| check_slot(h, &buf, None));
+            return fall_back(generation, active, why, other)
+                .map(Some)
+                .map_err(|why| self.corrupt(why));
         }
         unreachable!()
     }
@@ -349,33 +338,6 @@ impl StateFile {
         buf.resize(header.len as usize, 0);
         self.map.copy_out(off + SLOT_HEADER as usize, buf);
         Ok(header)
-    }
-
-    fn check_slot(
-        &self,
-        h: SlotHeader,
-        payload: &[u8],
-        generation: Option<u64>,
-    ) -> Result<Payload, String> {
-        if !h.matches(payload) {
-            return Err("checksum mismatch".into());
-        }
-        if let Some(g) = generation {
-            if h.generation != g {
-                return Err(format!(
-                    "holds generation {}, the commit word says {g}",
-                    h.generation
-                ));
-            }
-        }
-        let p = codec::decode(payload)?;
-        if p.version != h.generation {
-            return Err(format!(
-                "table version {} differs from the slot's {}",
-                p.version, h.generation
-            ));
-        }
-        Ok(p)
     }
 
     fn corrupt(&self, why: String) -> Error {
@@ -616,6 +578,85 @@ impl Drop for WriterLock<'_> {
     fn drop(&mut self) {
         let _ = self.file.unlock();
     }
+}
+
+/// Checks a slot's bytes against its header and, for the active slot, the
+/// commit word's generation; then decodes them.
+fn check_slot(h: SlotHeader, payload: &[u8], generation: Option<u64>) -> Result<Payload, String> {
+    if !h.matches(payload) {
+        return Err("checksum mismatch".into());
+    }
+    if let Some(g) = generation {
+        if h.generation != g {
+            return Err(format!(
+                "holds generation {}, the commit word says {g}",
+                h.generation
+            ));
+        }
+    }
+    let p = codec::decode(payload)?;
+    if p.version != h.generation {
+        return Err(format!(
+            "table version {} differs from the slot's {}",
+            p.version, h.generation
+        ));
+    }
+    Ok(p)
+}
+
+/// The table to use when the active slot (`active`, at `generation`) is
+/// damaged (`why`): the other slot's, if it checks and is older.
+fn fall_back(
+    generation: u64,
+    active: u64,
+    why: String,
+    other: Result<Payload, String>,
+) -> Result<Snapshot, String> {
+    match other {
+        Ok(p) if p.version < generation => {
+            let why = format!(
+                "slot {active} is unreadable ({why}); using the previous table, version {}",
+                p.version
+            );
+            Ok(snapshot(generation, p, Some(why), 1 - active))
+        }
+        Ok(p) => Err(format!(
+            "slot {active} is unreadable ({why}) and slot {} holds version {}, not older than {generation}",
+            1 - active,
+            p.version
+        )),
+        Err(other) => Err(format!(
+            "both table slots are unreadable: slot {active}: {why}; slot {}: {other}",
+            1 - active
+        )),
+    }
+}
+
+/// Checks a whole state file held in memory, as `StateFile::inspect` checks
+/// one on disk, and returns its table: for tools and for fuzzing the loader.
+/// `name` goes into error messages.
+pub fn inspect_image(bytes: &[u8], name: &str) -> Result<Snapshot> {
+    let corrupt = |why: String| Error::Internal(format!("state file {name}: {why}"));
+    let g = Geometry::parse(&bytes[..bytes.len().min(40)], bytes.len() as u64, name)?;
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[COMMIT_WORD..COMMIT_WORD + 8]);
+    let word = u64::from_ne_bytes(word);
+    let (generation, active) = (layout::generation_of(word), layout::slot_of(word));
+    let slot = |i: u64| -> Result<(SlotHeader, &[u8]), String> {
+        let off = g.slot_offset(i) as usize;
+        let h = SlotHeader::from_bytes(&bytes[off..off + SLOT_HEADER as usize]);
+        if h.len > g.payload_capacity() {
+            return Err(format!("payload length {} exceeds the slot", h.len));
+        }
+        let start = off + SLOT_HEADER as usize;
+        Ok((h, &bytes[start..start + h.len as usize]))
+    };
+    let why = match slot(active).and_then(|(h, p)| check_slot(h, p, Some(generation))) {
+        Ok(p) => return Ok(snapshot(generation, p, None, active)),
+        Err(why) => why,
+    };
+    let other = slot(1 - active).and_then(|(h, p)| check_slot(h, p, None));
+    fall_back(generation, active, why, other).map_err(corrupt)
 }
 
 fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snapshot {

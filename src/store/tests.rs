@@ -273,6 +273,25 @@ fn foreign_truncated_and_damaged_files_are_named_and_never_overwritten() {
 }
 
 #[test]
+fn an_image_in_memory_checks_as_the_file_does() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let mut bytes = std::fs::read(dir.file()).unwrap();
+    assert_eq!(inspect_image(&bytes, "img").unwrap(), f.read().unwrap());
+    let active = f.geometry().slot_offset(1) as usize;
+    bytes[active + SLOT_HEADER as usize] ^= 1;
+    let s = inspect_image(&bytes, "img").unwrap();
+    assert_eq!((s.seen, s.version), (2, 1));
+    for n in [0, 10, 100, 4096, bytes.len() - 1] {
+        assert!(
+            inspect_image(&bytes[..n], "img").is_err(),
+            "accepted {n} bytes"
+        );
+    }
+}
+
+#[test]
 fn inspect_reads_without_creating() {
     let dir = TempDir::new();
     assert!(StateFile::inspect(&dir.file()).unwrap().is_none());
