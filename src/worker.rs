@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::attempts::Attempts;
 use crate::balancer::{pick_for_request, Balancer, Retry};
-use crate::store::{Snapshot, StateFile};
+use crate::store::{Health, Snapshot, StateFile};
 use crate::Result;
 
 /// What `Worker::pick` answers besides a server index.
@@ -131,6 +131,62 @@ impl Worker {
         }
     }
 
+    /// Notices the state file deleted, replaced or damaged under the running
+    /// process; restores it from the freshest table at hand when it is gone
+    /// or damaged, and moves to the file now at the path. Returns what the
+    /// error log should say.
+    pub fn check_file(&mut self, pid: u32) -> Option<String> {
+        let path = self.store.path().display().to_string();
+        let health = match self.store.health() {
+            // Overwritten in place: the same file, but no table to read.
+            Health::Same => match self.store.read() {
+                Err(e) => Health::Damaged(format!("its table is unreadable ({e})")),
+                Ok(_) => return None,
+            },
+            other => other,
+        };
+        let (what, restored) = match health {
+            Health::Same => return None,
+            Health::Replaced => ("was replaced".to_owned(), None),
+            Health::Missing => (
+                "was deleted".to_owned(),
+                Some(self.store.restore(&self.snapshot)),
+            ),
+            Health::Damaged(why) => (
+                format!("is damaged: {why}"),
+                Some(self.store.restore(&self.snapshot)),
+            ),
+        };
+        let restored = match restored {
+            Some(Ok(Some(v))) => format!("; restored it from this worker's table as version {v}"),
+            Some(Ok(None)) | None => String::new(),
+            Some(Err(e)) => {
+                return Some(format!(
+                    "state file {path} {what} and could not be restored: {e}"
+                ))
+            }
+        };
+        let fresh = match self.store.reopen() {
+            Ok(f) => f,
+            Err(e) => {
+                return Some(format!(
+                    "state file {path} {what}{restored}; reopening it failed: {e}"
+                ))
+            }
+        };
+        self.unregister(pid);
+        self.store = fresh;
+        self.failed_at = None;
+        let moved = self.register(pid).and_then(|()| self.refresh());
+        Some(match moved {
+            Ok(_) => format!(
+                "state file {path} {what}{restored}; now routing by the file there, version {}",
+                self.snapshot.version
+            ),
+            Err(e) => format!("state file {path} {what}{restored}; reading it failed: {e}"),
+        })
+    }
+
     /// What the error log should say about the last refreshes, once.
     pub fn take_notice(&mut self) -> Option<String> {
         self.notice.take()
@@ -171,5 +227,122 @@ impl Worker {
             now,
         );
         picked.map_or(NO_LIVE, |i| i as i32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+    use crate::store::WriteOptions;
+    use crate::testing::TempDir;
+
+    fn worker(dir: &TempDir) -> Worker {
+        let store = dir.store(&[("local", "server 127.0.0.1:8088; server 127.0.0.1:8089;")]);
+        let mut w = Worker::new(store).unwrap();
+        w.register(std::process::id()).unwrap();
+        w.store()
+            .clone()
+            .write(&WriteOptions::default(), |t| {
+                ops::update(t, "dyhost", "server 127.0.0.1:9000;")
+            })
+            .unwrap();
+        w.refresh().unwrap();
+        w
+    }
+
+    /// Checks the file until it is whole again, as the timer does.
+    fn heal(w: &mut Worker) -> String {
+        let said = w
+            .check_file(std::process::id())
+            .expect("the damage went unnoticed");
+        assert!(
+            w.check_file(std::process::id()).is_none(),
+            "still not whole: {said}"
+        );
+        said
+    }
+
+    fn assert_whole(w: &Worker, dir: &TempDir, before: &Snapshot) {
+        let on_disk = crate::store::StateFile::inspect(&dir.file())
+            .unwrap()
+            .unwrap();
+        assert_eq!(on_disk.table, before.table);
+        assert!(on_disk.version > before.version);
+        assert_eq!(w.snapshot().table, before.table);
+        assert_eq!(w.snapshot().version, on_disk.version);
+        // Writes go on, to the restored file.
+        let opts = WriteOptions::default();
+        let (v, ()) = w
+            .store()
+            .write(&opts, |t| ops::delete(t, "dyhost"))
+            .unwrap();
+        assert_eq!(v, on_disk.version + 1);
+    }
+
+    #[test]
+    fn a_deleted_state_file_is_put_back_with_every_acknowledged_change() {
+        let dir = TempDir::new();
+        let mut w = worker(&dir);
+        let before = w.snapshot().clone();
+        std::fs::remove_file(dir.file()).unwrap();
+        let said = heal(&mut w);
+        assert!(said.contains("was deleted; restored it"), "{said}");
+        assert_whole(&w, &dir, &before);
+    }
+
+    #[test]
+    fn a_state_file_cut_short_under_us_is_survived_and_restored() {
+        let dir = TempDir::new();
+        let mut w = worker(&dir);
+        let before = w.snapshot().clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.file())
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        // The next look at the commit word would raise SIGBUS: the guard
+        // turns the lost page into zeros instead.
+        assert_eq!(w.store().generation(), 0);
+        assert!(w.pick(0, before.seen, 1, crate::balancer::Retry::First) >= 0);
+        let said = heal(&mut w);
+        assert!(said.contains("is damaged: it was cut short"), "{said}");
+        assert_whole(&w, &dir, &before);
+    }
+
+    #[test]
+    fn a_state_file_overwritten_with_garbage_is_restored() {
+        let dir = TempDir::new();
+        let mut w = worker(&dir);
+        let before = w.snapshot().clone();
+        let len = std::fs::metadata(dir.file()).unwrap().len() as usize;
+        let mut garbage = std::fs::read(dir.file()).unwrap();
+        for b in &mut garbage[crate::store::HEADER_LEN as usize..len] {
+            *b = 0x5a;
+        }
+        std::fs::write(dir.file(), &garbage).unwrap();
+        let said = heal(&mut w);
+        assert!(said.contains("its table is unreadable"), "{said}");
+        assert_whole(&w, &dir, &before);
+    }
+
+    #[test]
+    fn a_replaced_state_file_is_taken_as_it_is() {
+        let dir = TempDir::new();
+        let mut w = worker(&dir);
+        let other = TempDir::new();
+        let replacement = other.store(&[("elsewhere", "server 10.0.0.1:80;")]);
+        drop(replacement);
+        std::fs::rename(other.file(), dir.file()).unwrap();
+        let said = heal(&mut w);
+        assert!(
+            said.contains("was replaced; now routing by the file there"),
+            "{said}"
+        );
+        assert_eq!(
+            w.snapshot().table.names().collect::<Vec<_>>(),
+            ["elsewhere"]
+        );
     }
 }

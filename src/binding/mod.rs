@@ -94,6 +94,9 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "remove_server",
         "get",
         "write_upstreams",
+        "handle_ups",
+        "handle_check",
+        "handle_api",
     ];
     lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
@@ -495,6 +498,7 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
         w.unregister(std::process::id());
         return Ok(());
     }
+    let file = w.check_file(std::process::id());
     let had = w.error.clone();
     let failed = w.refresh().is_err() && w.error != had;
     let error = w.error.clone().filter(|_| failed);
@@ -509,6 +513,9 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
     }
     if let Some(msg) = notice {
         log(lua, "WARN", &msg);
+    }
+    if let Some(msg) = file {
+        log(lua, "ERR", &msg);
     }
     Ok(())
 }
@@ -702,10 +709,14 @@ fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
     let var: Table = ngx(lua)
         .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
         .get("var")?;
-    let header: Option<String> = var.get("http_authorization")?;
+    let header = var
+        .get::<Option<mlua::LuaString>>("http_authorization")?
+        .map(|h| h.to_string_lossy());
     let verdict = auth::check(&token, header.as_deref());
     if let Err(why) = verdict {
-        let client: Option<String> = var.get("remote_addr")?;
+        let client = var
+            .get::<Option<mlua::LuaString>>("remote_addr")?
+            .map(|c| c.to_string_lossy());
         log(
             lua,
             "WARN",
@@ -861,7 +872,14 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
     let method = method(lua)?;
     let var: Table = ngx.get("var")?;
-    let path: String = var.get::<Option<String>>("uri")?.unwrap_or_default();
+    // Bytes nginx decoded from the URI need not be UTF-8: read them lossily,
+    // so a hostile path is a bad name (400), not a failed conversion (500).
+    let lossy = |name: &str| -> LuaResult<Option<String>> {
+        Ok(var
+            .get::<Option<mlua::LuaString>>(name)?
+            .map(|s| s.to_string_lossy()))
+    };
+    let path = lossy("uri")?.unwrap_or_default();
     let headers: Table = ngx
         .get::<Table>("req")?
         .get::<Function>("get_headers")?
@@ -871,7 +889,7 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
         _ => None,
     };
     let json = header("accept").is_some_and(|a| a.contains("application/json"))
-        || var.get::<Option<String>>("arg_format")?.as_deref() == Some("json");
+        || lossy("arg_format")?.as_deref() == Some("json");
     let if_match = header("if-match");
     if if_match.is_some() {
         // We evaluate If-Match against the table version ourselves. Left in

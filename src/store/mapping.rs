@@ -8,9 +8,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::guard::Guard;
+
 /// A `MAP_SHARED` mapping of a whole state file. Raw, not `&[u8]`: other
 /// processes write it while we hold it, which a Rust slice may not see.
 pub struct SharedMap {
+    // Declared first so it is dropped (unregistered) before the mapping goes.
+    guard: Guard,
     raw: MmapRaw,
 }
 
@@ -20,7 +24,7 @@ impl SharedMap {
     pub fn map(file: &File, len: u64) -> io::Result<SharedMap> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
         let raw = MmapOptions::new().len(len).map_raw(file)?;
-        Ok(SharedMap { raw })
+        Ok(SharedMap::guarded(raw))
     }
 
     /// Maps `len` bytes of `file` for reading only: for checking a file
@@ -28,7 +32,18 @@ impl SharedMap {
     pub fn map_read_only(file: &File, len: u64) -> io::Result<SharedMap> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
         let raw = MmapOptions::new().len(len).map_raw_read_only(file)?;
-        Ok(SharedMap { raw })
+        Ok(SharedMap::guarded(raw))
+    }
+
+    fn guarded(raw: MmapRaw) -> SharedMap {
+        let guard = Guard::new(raw.as_ptr() as usize, raw.len());
+        SharedMap { guard, raw }
+    }
+
+    /// Whether a page of this mapping was lost (the file was cut short) and
+    /// replaced by zeros: the mapping no longer shows the file.
+    pub fn patched(&self) -> bool {
+        self.guard.patched()
     }
 
     pub fn len(&self) -> usize {

@@ -10,6 +10,7 @@
 //! the bytes and `codec.rs` for the payload.
 
 mod codec;
+mod guard;
 mod layout;
 mod mapping;
 mod os;
@@ -95,6 +96,8 @@ pub struct StateFile {
     file: File,
     map: SharedMap,
     geometry: Geometry,
+    /// Device and inode of the file mapped, to notice it being replaced.
+    identity: (u64, u64),
     /// `flock` excludes other processes only: threads of this process share
     /// the one open file description, so they also take this.
     writers: Mutex<()>,
@@ -180,52 +183,98 @@ impl StateFile {
                 path.display()
             ))
         })?;
-        let payload = codec::encode(&Payload {
+        let payload = Payload {
             version: 1,
             table: seed()?,
             changes: Vec::new(),
-        });
-        if payload.len() as u64 > geometry.payload_capacity() {
-            return Err(Error::NoSpace(format!(
-                "could not create state file {}: the initial table needs {} bytes, a slot of a {size}-byte file holds {}",
+        };
+        let bytes = image(geometry, &payload).map_err(|needs| {
+            Error::NoSpace(format!(
+                "could not create state file {}: the initial table needs {needs} bytes, a slot of a {size}-byte file holds {}",
                 path.display(),
-                payload.len(),
                 geometry.payload_capacity()
-            )));
-        }
-        let mut bytes = vec![0u8; geometry.file_len as usize];
-        bytes[..40].copy_from_slice(&geometry.header_bytes());
-        // The commit word and worker table are atomics of this host, so in
-        // native byte order; the file does not move between hosts (the
-        // upstream file does that).
-        bytes[COMMIT_WORD..COMMIT_WORD + 8]
-            .copy_from_slice(&layout::commit_word(1, 0).to_ne_bytes());
-        let slot = geometry.slot_offset(0) as usize;
-        bytes[slot..slot + SLOT_HEADER as usize]
-            .copy_from_slice(&SlotHeader::for_payload(1, &payload).to_bytes());
-        bytes[slot + SLOT_HEADER as usize..][..payload.len()].copy_from_slice(&payload);
+            ))
+        })?;
+        place(path, &bytes, Place::Create)
+    }
 
-        let tmp = path.with_file_name(format!(
-            ".{}.{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-            std::process::id()
-        ));
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            match std::fs::hard_link(&tmp, path) {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-                _ => Ok(()),
-            }
-        })();
-        let _ = std::fs::remove_file(&tmp);
-        written.map_err(|e| io_error("create", path, e))
+    /// Puts a new file at the path holding the freshest table this process
+    /// can vouch for, when the file there is gone or damaged: this file's own
+    /// table if it is still whole (it was deleted or replaced), else
+    /// `fallback` (a worker's last good table). Serialised on this file's
+    /// lock, so of the workers that notice, one restores and the others find
+    /// it done. Returns the restored version, or `None` when nothing needed
+    /// doing.
+    pub fn restore(&self, fallback: &Snapshot) -> Result<Option<u64>> {
+        let _guard = self.lock(Wait::For(Duration::from_secs(1)))?;
+        match self.health() {
+            Health::Same if self.read().is_ok() => return Ok(None),
+            Health::Replaced if StateFile::inspect(&self.path).is_ok() => return Ok(None),
+            _ => {}
+        }
+        let ours = self
+            .read()
+            .ok()
+            .filter(|s| s.fallback.is_none() && !self.map.patched());
+        let best = match ours {
+            Some(s) if s.version >= fallback.version => s,
+            _ => fallback.clone(),
+        };
+        // A version above any this file published, so every worker's caches
+        // of the old one go stale.
+        let version = best.seen.max(fallback.seen).max(self.generation()) + 1;
+        let payload = Payload {
+            version,
+            table: best.table,
+            changes: Vec::new(),
+        };
+        let bytes = image(self.geometry, &payload).map_err(|needs| {
+            Error::NoSpace(format!(
+                "could not restore state file {}: needs {needs} bytes",
+                self.path.display()
+            ))
+        })?;
+        place(&self.path, &bytes, Place::Replace)?;
+        Ok(Some(version))
+    }
+
+    /// Opens the file now at this one's path, in place of this one in the
+    /// process's registry: after it was restored or replaced.
+    pub fn reopen(&self) -> Result<Arc<StateFile>> {
+        let file = Arc::new(Self::open_uncached(
+            &self.path,
+            self.geometry.file_len,
+            || {
+                Err(Error::Internal(format!(
+                    "state file {} vanished",
+                    self.path.display()
+                )))
+            },
+        )?);
+        let pid = std::process::id();
+        let mut open = OPEN.lock();
+        open.retain(|(p, q, _)| *p == pid && *q != self.path);
+        open.push((pid, self.path.clone(), file.clone()));
+        Ok(file)
+    }
+
+    /// How the file at the path compares with the one this process maps.
+    pub fn health(&self) -> Health {
+        use std::os::unix::fs::MetadataExt;
+        if self.map.patched() {
+            return Health::Damaged("it was cut short under the running process".into());
+        }
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Health::Missing,
+            Err(e) => Health::Damaged(format!("it cannot be examined: {e}")),
+            Ok(m) if (m.dev(), m.ino()) != self.identity => Health::Replaced,
+            Ok(m) if m.len() < self.geometry.file_len => Health::Damaged(format!(
+                "it is {} bytes long, {} were mapped",
+                m.len(),
+                self.geometry.file_len
+            )),
+            Ok(_) => Health::Same,
+        }
     }
 
     fn from_file(path: &Path, file: File, writable: bool) -> Result<StateFile> {
@@ -247,11 +296,17 @@ impl StateFile {
             SharedMap::map_read_only(&file, geometry.file_len)
         }
         .map_err(|e| io_error("map", path, e))?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata().map_err(|e| io_error("stat", path, e))?;
+            (m.dev(), m.ino())
+        };
         Ok(StateFile {
             path: path.to_path_buf(),
             file,
             map,
             geometry,
+            identity,
             writers: Mutex::new(()),
         })
     }
@@ -578,6 +633,76 @@ impl Drop for WriterLock<'_> {
     fn drop(&mut self) {
         let _ = self.file.unlock();
     }
+}
+
+/// The file at a state file's path, compared with the one mapped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Same,
+    /// Deleted.
+    Missing,
+    /// Another file is at the path now (restored, or put there by hand).
+    Replaced,
+    /// Cut short, or unexaminable: why.
+    Damaged(String),
+}
+
+enum Place {
+    /// Only where there is no file yet: of two creators, one wins.
+    Create,
+    /// Over whatever is there, atomically.
+    Replace,
+}
+
+/// A whole file image of `geometry` holding `payload` in slot 0; `Err` with
+/// the bytes needed when it does not fit.
+fn image(geometry: Geometry, payload: &Payload) -> Result<Vec<u8>, usize> {
+    let encoded = codec::encode(payload);
+    if encoded.len() as u64 > geometry.payload_capacity() {
+        return Err(encoded.len());
+    }
+    let mut bytes = vec![0u8; geometry.file_len as usize];
+    bytes[..40].copy_from_slice(&geometry.header_bytes());
+    // The commit word and worker table are atomics of this host, so in
+    // native byte order; the file does not move between hosts (the
+    // upstream file does that).
+    bytes[COMMIT_WORD..COMMIT_WORD + 8]
+        .copy_from_slice(&layout::commit_word(payload.version, 0).to_ne_bytes());
+    let slot = geometry.slot_offset(0) as usize;
+    bytes[slot..slot + SLOT_HEADER as usize]
+        .copy_from_slice(&SlotHeader::for_payload(payload.version, &encoded).to_bytes());
+    bytes[slot + SLOT_HEADER as usize..][..encoded.len()].copy_from_slice(&encoded);
+    Ok(bytes)
+}
+
+/// Writes `bytes` beside `path` and moves them into place, so no process
+/// ever sees a half-made file.
+fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        match how {
+            // link(2) fails when the name exists: the other creator won.
+            Place::Create => match std::fs::hard_link(&tmp, path) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            },
+            Place::Replace => std::fs::rename(&tmp, path),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(|e| io_error("create", path, e))
 }
 
 /// Checks a slot's bytes against its header and, for the active slot, the

@@ -604,6 +604,9 @@ fn wait_for(marker: &Path, child: &mut ChildGuard) {
     }
 }
 
+/// How long any child process may run.
+const CHILD_LIFETIME: Duration = Duration::from_secs(30);
+
 /// Entry point of the child processes the tests above spawn; run alone it
 /// does nothing.
 #[test]
@@ -612,6 +615,7 @@ fn child_process() {
     let Ok(role) = std::env::var("DYUPS_TEST_CHILD") else {
         return;
     };
+    let started = Instant::now();
     let args: Vec<&str> = role.split(' ').collect();
     let f = StateFile::open(Path::new(args[1]), SIZE, seed).unwrap();
     let opts = WriteOptions {
@@ -622,33 +626,36 @@ fn child_process() {
         "hold-lock" => {
             let _g = f.lock(Wait::Try).unwrap();
             std::fs::write(args[2], b"").unwrap();
-            std::thread::sleep(Duration::from_secs(60));
+            std::thread::sleep(CHILD_LIFETIME);
         }
         "stall-before-publish" => {
             let marker = args[2].to_owned();
             f.write_with(&opts, add(9999), move || {
                 std::fs::write(marker, b"").unwrap();
-                std::thread::sleep(Duration::from_secs(60));
+                std::thread::sleep(CHILD_LIFETIME);
             })
             .unwrap();
         }
-        "write-forever" => loop {
-            // Version v holds the two seeded servers and port 30000 + v % 1000.
-            f.write(
-                &WriteOptions {
-                    durable: false,
-                    ..opts
-                },
-                |t| {
-                    let next = f.generation() + 1;
-                    let local = t.get_mut("local").unwrap();
-                    local.servers.truncate(2);
-                    local.servers.push(server(30_000 + (next % 1000) as u16));
-                    Ok(())
-                },
-            )
-            .unwrap();
-        },
+        // Bounded, so a child outlives a crashed parent by seconds at most.
+        "write-forever" => {
+            while started.elapsed() < CHILD_LIFETIME {
+                // Version v holds the two seeded servers and port 30000 + v % 1000.
+                f.write(
+                    &WriteOptions {
+                        durable: false,
+                        ..opts
+                    },
+                    |t| {
+                        let next = f.generation() + 1;
+                        let local = t.get_mut("local").unwrap();
+                        local.servers.truncate(2);
+                        local.servers.push(server(30_000 + (next % 1000) as u16));
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            }
+        }
         "append" => {
             let base: u16 = args[2].parse().unwrap();
             let n: u16 = args[3].parse().unwrap();
@@ -660,7 +667,7 @@ fn child_process() {
             let stop = Path::new(args[1]).with_file_name("stop");
             let mut seen = 0u64;
             let mut reads = 0u64;
-            while !stop.exists() || reads < 100 {
+            while (!stop.exists() || reads < 100) && started.elapsed() < CHILD_LIFETIME {
                 let s = f.read().unwrap();
                 assert!(s.fallback.is_none(), "{:?}", s.fallback);
                 if let (Some(a), Some(b)) = (s.table.get("a"), s.table.get("b")) {
