@@ -621,7 +621,18 @@ pub fn give_to_user(path: &Path, user: &str) -> Result<()> {
             path.display()
         ))
     })?;
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io_error("chown", path, e))
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io_error("chown", path, e))?;
+    // Its owner must be able to write it, whatever its mode became.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| io_error("stat", path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o600 != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o600))
+            .map_err(|e| io_error("chmod", path, e))?;
+    }
+    Ok(())
 }
 
 struct WriterLock<'a> {
