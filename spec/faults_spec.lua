@@ -33,10 +33,11 @@ local function no_crash(inst, pids)
 end
 
 describe("faults under a running nginx:", function()
-  local backends, ports
+  local ports
 
   lazy_setup(function()
-    backends, ports = dy.backends(2)
+    -- The backends run until stop_all() below.
+    ports = select(2, dy.backends(2))
   end)
 
   lazy_teardown(function()
@@ -81,7 +82,7 @@ describe("faults under a running nginx:", function()
       damage(path)
       serves(inst, ports, 30)
       nginx.wait_until(function()
-        local snap = io.open(path) and require("spec.helpers.nginx").read_file(path)
+        local snap = nginx.read_file(path)
         return snap and #snap > 8192 and inst:error_log():find("now routing by the file there", 1, true)
       end, 5, "the state file restored")
       local log = inst:error_log()
