@@ -6,6 +6,7 @@
 #   make lint      rustfmt, clippy (with and without the lua binding), luacheck
 #   make demo      run scripts/demo.sh
 #   make bench     run bench/run.sh
+#   make fuzz      run each fuzz target FUZZ_SECONDS (30) s: scripts/fuzz.sh
 #   make install   install into $(DESTDIR)$(LUA_LIB_DIR)
 
 PREFIX      ?= /usr/local/openresty
@@ -22,7 +23,7 @@ SO          := lib/ngx/dyups.so
 LUA_SHIMS   := $(wildcard lua/*.lua)
 LINT_DIRS   := $(wildcard lua spec examples)
 
-.PHONY: all deps build test test-rust test-lua lint demo bench install clean
+.PHONY: all deps build test test-rust test-lua lint demo bench fuzz install clean
 
 all: build
 
@@ -62,6 +63,11 @@ bench:
 	else \
 		echo "bench/run.sh is not written yet"; exit 1; \
 	fi
+
+FUZZ_SECONDS ?= 30
+
+fuzz:
+	FUZZ_SECONDS="$(FUZZ_SECONDS)" bash scripts/fuzz.sh
 
 install:
 	@test -f $(SO) || { echo "$(SO) is missing: run 'make build' first"; exit 1; }

@@ -2,6 +2,7 @@
 //! nginx's own parameters and defaults. This is what the state file stores,
 //! what the parser produces and what every interface shows.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -202,6 +203,15 @@ impl Table {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.upstreams.iter().map(|u| u.name.as_str())
     }
+
+    /// The upstreams by name, for work over whole tables: `get` is a linear
+    /// search, fine for one name and quadratic for all of them.
+    pub fn by_name(&self) -> HashMap<&str, &Upstream> {
+        self.upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u))
+            .collect()
+    }
 }
 
 /// A server entering or leaving rotation in one upstream at one version: the
@@ -234,14 +244,15 @@ impl Change {
                 });
             }
         };
+        let (old_names, new_names) = (old.by_name(), new.by_name());
         for o in &old.upstreams {
-            let n = new.get(&o.name);
+            let n = new_names.get(o.name.as_str()).copied();
             for s in &o.servers {
                 note(&o.name, &s.addr, s.in_rotation(), rotating(n, &s.addr));
             }
         }
         for n in &new.upstreams {
-            let o = old.get(&n.name);
+            let o = old_names.get(n.name.as_str()).copied();
             for s in &n.servers {
                 if o.and_then(|o| o.server(&s.addr)).is_none() {
                     note(&n.name, &s.addr, false, s.in_rotation());

@@ -72,6 +72,16 @@ fn parse_unix_path(s: &str, path: &str) -> Result<Address, String> {
             path.len()
         ));
     }
+    // The upstream file holds the path as one bare word: anything the
+    // tokenizer would split on, unescape or refuse cannot round-trip.
+    if let Some(c) = path
+        .chars()
+        .find(|&c| c.is_control() || c.is_ascii_whitespace() || matches!(c, ';' | '{' | '\\'))
+    {
+        return Err(format!(
+            "{s:?}: the unix socket path has {c:?}, which an upstream file cannot hold"
+        ));
+    }
     Ok(Address::Unix(path.to_owned()))
 }
 

@@ -16,6 +16,7 @@
 //!           | 1, length u16, unix socket path bytes
 //! ```
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{
@@ -100,10 +101,13 @@ pub fn decode(b: &[u8]) -> Result<Payload, String> {
     let mut table = Table {
         upstreams: Vec::with_capacity(upstreams.min(r.left() / 8)),
     };
+    // A set, not `table.get`: a linear search per upstream made decoding
+    // quadratic (16 s for 100 000 upstreams).
+    let mut names = HashSet::with_capacity(upstreams.min(r.left() / 8));
     for _ in 0..upstreams {
         let name = r.str()?;
         check_name(&name)?;
-        if table.get(&name).is_some() {
+        if !names.insert(name.clone()) {
             return Err(format!("upstream {name:?} appears twice"));
         }
         let rev = r.u64()?;

@@ -32,7 +32,7 @@ pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{SlotHeader, COMMIT_WORD, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
-use crate::model::{Change, Table, Upstream};
+use crate::model::{Change, Table};
 use crate::{Error, Result};
 
 /// How long a writer may wait for the lock.
@@ -434,11 +434,11 @@ impl StateFile {
         }
         // Above both slots' generations, also when the active one was bad.
         let next = current.seen + 1;
+        let old = current.table.by_name();
         for u in &mut table.upstreams {
-            if current
-                .table
-                .get(&u.name)
-                .is_none_or(|old| old.servers != u.servers)
+            if old
+                .get(u.name.as_str())
+                .is_none_or(|o| o.servers != u.servers)
             {
                 u.rev = next;
             }
@@ -808,9 +808,11 @@ fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snaps
 
 /// Equal names and servers in the same order; `rev` does not count.
 fn same_content(a: &Table, b: &Table) -> bool {
-    let key = |u: &Upstream| (u.name.clone(), u.servers.clone());
     a.upstreams.len() == b.upstreams.len()
-        && a.upstreams.iter().map(key).eq(b.upstreams.iter().map(key))
+        && a.upstreams
+            .iter()
+            .zip(&b.upstreams)
+            .all(|(x, y)| x.name == y.name && x.servers == y.servers)
 }
 
 fn backoff(round: u32) {

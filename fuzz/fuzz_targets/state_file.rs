@@ -1,0 +1,8 @@
+//! Fuzz target `state_file`: see `fuzz_checks::state_file` (fuzz/src/checks.rs) for what
+//! it checks. Crashes it finds go to fuzz/regressions/state_file/, which
+//! tests/fuzz_regressions.rs replays under `cargo test`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| fuzz_checks::state_file(data));

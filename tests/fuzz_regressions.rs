@@ -1,0 +1,76 @@
+//! Replays every input saved under `fuzz/regressions/<target>/` (crashes the
+//! fuzzers found once) and the hand-written seeds of `fuzz/corpus/<target>/`
+//! through the very checks the fuzz targets run (`fuzz/src/checks.rs`), so a
+//! crash found once stays fixed without cargo-fuzz or a nightly toolchain.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+#[path = "../fuzz/src/checks.rs"]
+mod checks;
+
+/// The files of `dir`, without dotfiles; with `seeds_only`, without the
+/// 40-hex-digit names libFuzzer gives the inputs it adds to a corpus.
+fn inputs(dir: &Path, seeds_only: bool) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let generated = name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            !name.starts_with('.') && (!seeds_only || !generated)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs every input of `kind` (regressions or corpus) through its target's
+/// check; fails naming each input that panics.
+fn replay(kind: &str, seeds_only: bool) -> usize {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(kind);
+    let mut failed = Vec::new();
+    let mut count = 0;
+    for (target, check) in checks::TARGETS {
+        for file in inputs(&root.join(target), seeds_only) {
+            let data = std::fs::read(&file).unwrap();
+            count += 1;
+            if catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
+                failed.push(file.display().to_string());
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "inputs that fail their check: {failed:#?}"
+    );
+    count
+}
+
+#[test]
+fn every_saved_fuzz_crash_stays_fixed() {
+    let n = replay("regressions", false);
+    assert!(n > 0, "no input under fuzz/regressions/");
+}
+
+#[test]
+fn every_seed_passes_its_target() {
+    let n = replay("corpus", true);
+    assert!(n > 0, "no seed under fuzz/corpus/");
+}
+
+#[test]
+fn the_state_seed_is_a_valid_image() {
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/state_file/valid_min_image"),
+    )
+    .unwrap();
+    let snap = checks::check_image(&seed).expect("the committed seed image is valid");
+    assert!(snap.fallback.is_none());
+    assert_eq!(snap.version, 3);
+}
