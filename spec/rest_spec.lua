@@ -533,6 +533,21 @@ describe("REST endpoints", function()
       assert.are.equal(404, (api(inst, "GET", "/upstream/big")))
     end)
 
+    it("takes a body that arrives in a later packet than the head (a slow client)", function()
+      local T = require "spec.helpers.traffic"
+      local v = version()
+      local status, body = T.request(inst.ports.api, "POST", "/upstream/late",
+        { body = ("server 127.0.0.1:%d;"):format(B1), body_after = 0.1 })
+      assert.are.equal(200, status, body)
+      status, body = T.request(inst.ports.api, "PATCH", ("/upstream/late/servers/127.0.0.1:%d"):format(B1),
+        { body = "weight=7", body_after = 0.1 })
+      assert.are.equal(200, status, body)
+      assert.are.equal(v + 2, version())
+      local _, lines = api(inst, "GET", "/upstream/late")
+      assert.are.equal(("server 127.0.0.1:%d weight=7\n"):format(B1), lines)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/late")))
+    end)
+
     it("takes a body just under the limit", function()
       local body = ("server 127.0.0.1:%d;\n"):format(B1) .. ("#"):rep(60000) .. "\n"
       local status, rbody = api(inst, "POST", "/upstream/almost", body)

@@ -116,7 +116,8 @@ function Conn:_need(pred, deadline)
 end
 
 --- conn:request(method, path, { headers = {}, body = nil, timeout = 5,
----   close = false }) -> status, body, headers | nil, err
+---   close = false, body_after = nil }) -> status, body, headers | nil, err
+--- body_after: seconds to wait between sending the head and the body.
 --- HTTP/1.1 with keep-alive unless opts.close (then "Connection: close").
 function Conn:request(method, path, opts)
   opts = opts or {}
@@ -131,8 +132,17 @@ function Conn:request(method, path, opts)
   if not has_host then lines[#lines + 1] = "Host: 127.0.0.1:" .. self.port end
   if opts.close then lines[#lines + 1] = "Connection: close" end
   if opts.body then lines[#lines + 1] = "Content-Length: " .. #opts.body end
-  local req = table.concat(lines, "\r\n") .. "\r\n\r\n" .. (opts.body or "")
-  local ok, err = self:_send(req, deadline)
+  local request_head = table.concat(lines, "\r\n") .. "\r\n\r\n"
+  local ok, err
+  if opts.body_after then
+    -- The body in a later packet, as slow clients send it.
+    ok, err = self:_send(request_head, deadline)
+    if not ok then return nil, err end
+    nginx.sleep(opts.body_after)
+    ok, err = self:_send(opts.body or "", deadline)
+  else
+    ok, err = self:_send(request_head .. (opts.body or ""), deadline)
+  end
   if not ok then return nil, err end
 
   local head_end, e1 = self:_need(function() return self.buf:find("\r\n\r\n", 1, true) end, deadline)
@@ -197,7 +207,8 @@ function T.request(port, method, path, opts)
   local c, err = T.conn(port)
   if not c then return nil, err end
   opts = opts or {}
-  local o = { headers = opts.headers, body = opts.body, timeout = opts.timeout, close = true }
+  local o = { headers = opts.headers, body = opts.body, timeout = opts.timeout, close = true,
+              body_after = opts.body_after }
   local status, body, h = c:request(method or "GET", path, o)
   c:close()
   return status, body, h

@@ -77,6 +77,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("handle_ups", lua.create_function(handle_ups)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
     m.set("handle_api", lua.create_function(handle_api)?)?;
+    m.set("_api_wants_body", lua.create_function(api_wants_body)?)?;
     m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
@@ -98,9 +99,13 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_check",
         "handle_api",
     ];
-    lua.load(include_str!("raise.lua"))
+    let m: Table = lua
+        .load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
-        .call((m, raising))
+        .call((m, raising))?;
+    lua.load(include_str!("content.lua"))
+        .set_name("=ngx.dyups.content")
+        .call(m)
 }
 
 // ---- arguments ---------------------------------------------------------------
@@ -814,8 +819,28 @@ fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
     respond(lua, reply)
 }
 
-/// The request body, read whole; `Err` with a 413 past `max` bytes, or a
-/// 500 when it cannot be read.
+/// The length the client declared for its request body.
+fn declared_length(ngx: &Table) -> LuaResult<Option<u64>> {
+    let var: Table = ngx.get("var")?;
+    Ok(var
+        .get::<Option<mlua::LuaString>>("content_length")?
+        .and_then(|v| v.to_string_lossy().parse::<u64>().ok()))
+}
+
+/// Whether content.lua should read the request body before `handle_api`:
+/// a write, not declared larger than `max_body` (that one is refused with
+/// 413 unread).
+fn api_wants_body(lua: &Lua, (): ()) -> LuaResult<bool> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
+    let max = config()
+        .map(|c| c.max_body)
+        .unwrap_or(rest::DEFAULT_MAX_BODY);
+    let writing = !matches!(method(lua)?.as_str(), "GET" | "HEAD");
+    Ok(writing && declared_length(&ngx)?.is_none_or(|n| n <= max as u64))
+}
+
+/// The request body content.lua read; `Err` with a 413 past `max` bytes, or
+/// a 500 when it cannot be read.
 fn request_body(ngx: &Table, max: usize) -> LuaResult<Result<Vec<u8>, rest::Response>> {
     let too_large = || {
         rest_text(
@@ -823,15 +848,10 @@ fn request_body(ngx: &Table, max: usize) -> LuaResult<Result<Vec<u8>, rest::Resp
             format!("request body is larger than {max} bytes (init option max_body)"),
         )
     };
-    let var: Table = ngx.get("var")?;
-    let declared = var
-        .get::<Option<String>>("content_length")?
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if declared_length(ngx)?.is_some_and(|n| n > max as u64) {
         return Ok(Err(too_large()));
     }
     let req: Table = ngx.get("req")?;
-    req.get::<Function>("read_body")?.call::<()>(())?;
     let data: Option<mlua::LuaString> = req.get::<Function>("get_body_data")?.call(())?;
     let body = match data {
         Some(data) => data.as_bytes().to_vec(),

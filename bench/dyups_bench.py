@@ -1,0 +1,1074 @@
+#!/usr/bin/env python3
+"""bench/dyups_bench.py: the driver behind `make bench` (bench/run.sh).
+
+Starts its own nginx instances on loopback (backends, and proxies using the
+same nginx + lua module packages as the specs), drives load with wrk, and
+measures ngx.dyups in four sections:
+
+  1. throughput/latency: native upstream round robin vs a minimal
+     balancer_by_lua vs ngx.dyups, interleaved rounds, medians;
+  2. propagation: time from an update's 200 until every worker routes by
+     the new table (with traffic, and idle via /ups/check);
+  3. churn: failed client requests while an upstream changes many times/s;
+  4. scale: 1 .. 10,000 upstreams of 4 servers.
+
+Python standard library only; raw sockets and time.monotonic() for timing.
+Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
+bench/run.sh's trap stops anything left under the temp root as well).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench")
+NGINX = os.environ.get("NGINX_BIN", "nginx")
+# nginx reads $NGINX as sockets inherited from a binary upgrade (and then
+# does not daemonize): never pass it down.
+NGINX_ENV = {k: v for k, v in os.environ.items() if k != "NGINX"}
+MODULES_DIR = os.environ.get("NGINX_MODULES_DIR", "/usr/lib/nginx/modules")
+WRK = os.environ.get("WRK", "wrk")
+
+INSTANCES = []  # every started nginx, for stop_all()
+CHILDREN = []  # background processes (wrk), for stop_all()
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def now():
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------------------
+# nginx instances
+
+
+USED_PORTS = set()
+
+
+def free_port():
+    """A loopback port nobody listens on, never the same twice in one run."""
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        if p not in USED_PORTS:
+            USED_PORTS.add(p)
+            return p
+
+
+def preamble(workers, lua=True):
+    lines = []
+    if lua:
+        for m in ("ndk_http_module.so", "ngx_http_lua_module.so"):
+            p = os.path.join(MODULES_DIR, m)
+            if os.path.exists(p):
+                lines.append(f"load_module {p};")
+    lines += [
+        "daemon on;",
+        "master_process on;",
+        f"worker_processes {workers};",
+        "pid logs/nginx.pid;",
+        "error_log logs/error.log warn;",
+        "worker_rlimit_nofile 8192;",
+        "events { worker_connections 4096; }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+HTTP_COMMON = """
+    access_log off;
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    keepalive_requests 1000000;
+    client_body_buffer_size 1m;
+    client_max_body_size 1m;
+"""
+
+
+class Nginx:
+    def __init__(self, root, name, workers, http_body, lua=True, files=None):
+        self.prefix = os.path.join(root, name)
+        self.name = name
+        self.workers = workers
+        for d in ("conf", "logs", "tmp", "state"):
+            os.makedirs(os.path.join(self.prefix, d), exist_ok=True)
+        os.chmod(self.prefix, 0o755)
+        for rel, text in (files or {}).items():
+            with open(os.path.join(self.prefix, rel), "w") as f:
+                f.write(text)
+        conf = preamble(workers, lua) + "http {\n" + HTTP_COMMON + http_body + "\n}\n"
+        self.conf = os.path.join(self.prefix, "conf", "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        self.master = None
+
+    def start(self, ports, timeout=30):
+        INSTANCES.append(self)
+        # Not a pipe: the daemonized master keeps the start-up stdout/stderr.
+        out = os.path.join(self.prefix, "logs", "startup.log")
+        with open(out, "w") as f:
+            rc = subprocess.run([NGINX, "-p", self.prefix + "/", "-c", self.conf],
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                                env=NGINX_ENV).returncode
+        if rc != 0:
+            with open(out) as f:
+                msg = f.read().strip()
+            raise RuntimeError(f"nginx {self.name} did not start: {msg}\n" + self.error_log_tail())
+        deadline = now() + timeout
+        while True:
+            try:
+                with open(os.path.join(self.prefix, "logs", "nginx.pid")) as f:
+                    self.master = int(f.read().strip())
+                if len(self.worker_pids()) == self.workers and all(port_open(p) for p in ports):
+                    return self
+            except (OSError, ValueError):
+                pass
+            if now() > deadline:
+                raise RuntimeError(f"nginx {self.name} not serving after {timeout}s\n"
+                                   + self.error_log_tail())
+            time.sleep(0.02)
+
+    def worker_pids(self):
+        pids = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read()
+            except OSError:
+                continue
+            fields = st[st.rindex(")") + 2:].split()
+            if int(fields[1]) == self.master and fields[0] != "Z":
+                pids.append(int(d))
+        return sorted(pids)
+
+    def error_log_tail(self, n=20):
+        try:
+            with open(os.path.join(self.prefix, "logs", "error.log")) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def count_errors(self):
+        try:
+            with open(os.path.join(self.prefix, "logs", "error.log")) as f:
+                return sum(1 for line in f if "[error]" in line or "[crit]" in line
+                           or "[alert]" in line or "[emerg]" in line)
+        except OSError:
+            return 0
+
+    def stop(self):
+        if self.master is None:
+            try:
+                with open(os.path.join(self.prefix, "logs", "nginx.pid")) as f:
+                    self.master = int(f.read().strip())
+            except (OSError, ValueError):
+                return
+        pids = [self.master] + self.worker_pids()
+        try:
+            os.kill(self.master, signal.SIGQUIT)
+        except ProcessLookupError:
+            pass
+        deadline = now() + 3
+        while now() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.02)
+        for p in pids:
+            if alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.master = None
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+        return st[st.rindex(")") + 2] != "Z"
+    except OSError:
+        return False
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def stop_all():
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    while INSTANCES:
+        INSTANCES.pop().stop()
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# HTTP over raw sockets (probes) and http.client (admin API)
+
+
+def raw_get(port, path, host="bench", timeout=2.0):
+    """One GET over a new connection: (status, headers, body)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        s.close()
+    data = b"".join(chunks)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size_s, _, rest = rest.partition(b"\r\n")
+            size = int(size_s, 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    return status, headers, body
+
+
+class Api:
+    """A keep-alive client of the REST admin interface over a raw socket.
+
+    Each request (headers and body) goes out in one write: when the body
+    arrives in a later TCP segment than the headers, handle_api answers 500
+    ("lua entry thread aborted: runtime error: unknown reason"; see
+    bench/README.md), which is what Python's http.client triggers."""
+
+    def __init__(self, port):
+        self.port = port
+        self.s = None
+        self.buf = b""
+
+    def _connect(self):
+        self.s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def _fill(self):
+        b = self.s.recv(65536)
+        if not b:
+            raise ConnectionError("closed")
+        self.buf += b
+
+    def _read_until(self, sep):
+        while sep not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(sep, 1)
+        return head
+
+    def _read_n(self, n):
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def send(self, method, path, body=None, host="bench"):
+        if self.s is None:
+            self._connect()
+        data = (body or "").encode()
+        req = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        self.s.sendall(req)
+
+    def recv(self):
+        """(status, body); the headers are left in self.headers."""
+        head = self._read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        h = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            h[k.strip().lower()] = v.strip()
+        if h.get("transfer-encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self._read_until(b"\r\n").split(b";")[0], 16)
+                if size == 0:
+                    self._read_until(b"\r\n")
+                    break
+                out += self._read_n(size)
+                self._read_n(2)
+        else:
+            out = self._read_n(int(h.get("content-length", "0")))
+        self.headers = h
+        if h.get("connection", "").lower() == "close":
+            self.s.close()
+            self.s = None
+        return status, out
+
+    def _once(self, method, path, body):
+        self.send(method, path, body)
+        return self.recv()
+
+    def call(self, method, path, body=None):
+        for attempt in (1, 2):
+            try:
+                if self.s is None:
+                    self._connect()
+                return self._once(method, path, body)
+            except OSError:
+                if self.s:
+                    self.s.close()
+                self.s = None
+                if attempt == 2:
+                    raise
+
+    def timed(self, method, path, body=None):
+        t0 = now()
+        st, data = self.call(method, path, body)
+        return st, data, now() - t0
+
+
+# ---------------------------------------------------------------------------
+# wrk
+
+
+def parse_duration(s):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    if not m:
+        return float("nan")
+    v, u = float(m.group(1)), m.group(2)
+    return v * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]  # -> ms
+
+
+def parse_wrk(out):
+    r = {"rps": float("nan"), "p50": float("nan"), "p99": float("nan"),
+         "requests": 0, "non2xx": 0, "sockerr": 0, "raw": out}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m:
+        r["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50"), ("99", "p99")):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        if m:
+            r[key] = parse_duration(m.group(1))
+    m = re.search(r"(\d+) requests in", out)
+    if m:
+        r["requests"] = int(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        r["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        r["sockerr"] = sum(int(x) for x in m.groups())
+    return r
+
+
+def wrk_cmd(port, path, secs, conns, threads, host=None):
+    cmd = [WRK, "-t", str(threads), "-c", str(conns), "-d", f"{secs}s", "--latency"]
+    if host:
+        cmd += ["-H", f"Host: {host}"]
+    return cmd + [f"http://127.0.0.1:{port}{path}"]
+
+
+def wrk(port, path, secs, conns=32, threads=1, host=None):
+    r = subprocess.run(wrk_cmd(port, path, secs, conns, threads, host),
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed: {r.stderr.strip()}")
+    return parse_wrk(r.stdout)
+
+
+def wrk_bg(port, path, secs, conns=32, threads=1, host=None):
+    p = subprocess.Popen(wrk_cmd(port, path, secs, conns, threads, host),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(p)
+    return p
+
+
+def wrk_finish(p):
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed: {err.strip()}")
+    return parse_wrk(out)
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, math.ceil(p / 100.0 * len(xs)) - 1))  # nearest rank
+    return xs[k]
+
+
+# ---------------------------------------------------------------------------
+# configurations
+
+
+def lua_paths():
+    return f"""
+    lua_package_path "{BENCH}/lua/?.lua;{REPO}/lua/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;";
+    lua_package_cpath "{REPO}/lib/?.so;;";
+"""
+
+
+def backends_conf(ports):
+    listens = "\n".join(f"        listen 127.0.0.1:{p} reuseport backlog=4096;" for p in ports)
+    return f"""
+    server {{
+{listens}
+        location / {{ return 200 "$server_port\\n"; }}
+    }}
+"""
+
+
+PROXY_SERVER = """
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_connect_timeout 1s;
+        proxy_read_timeout 5s;
+"""
+
+
+def native_conf(port, backends):
+    servers = "".join(f"        server 127.0.0.1:{b};\n" for b in backends)
+    return lua_paths() + f"""
+    upstream native {{
+{servers}        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+{PROXY_SERVER}
+        location / {{ proxy_pass http://native; }}
+    }}
+"""
+
+
+def minlua_conf(port, backends):
+    return lua_paths() + f"""
+    init_by_lua_block {{ require("bench_rr").init({{ {", ".join(map(str, backends))} }}) }}
+    upstream minlua {{
+        server 0.0.0.1;
+        balancer_by_lua_file {BENCH}/lua/minimal_balancer.lua;
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+{PROXY_SERVER}
+        location / {{ proxy_pass http://minlua; }}
+    }}
+"""
+
+
+def dyups_conf(port, api_port, size="1m", extra_init=""):
+    """The README's pattern: map $proxy_host, balancer_by_lua_file lua/upstream.lua."""
+    return lua_paths() + f"""
+    map $proxy_host $dyups_upstream {{
+        default        $proxy_host;
+        dyups_by_host  $host;
+    }}
+    init_by_lua_block {{
+        assert(require("ngx.dyups").init{{
+            path = "state/dyups.state",
+            upstreams = "conf/upstream.conf",
+            size = "{size}",
+            {extra_init}
+        }})
+    }}
+    init_worker_by_lua_block {{
+        local ok, err = require("ngx.dyups").init_worker()
+        if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
+    }}
+    upstream bench {{
+        server 0.0.0.1;
+        balancer_by_lua_file {REPO}/lua/upstream.lua;
+        keepalive 32;
+    }}
+    upstream u {{
+        server 0.0.0.1;
+        balancer_by_lua_file {REPO}/lua/upstream.lua;
+        keepalive 32;
+    }}
+    upstream churn {{
+        server 0.0.0.1;
+        balancer_by_lua_file {REPO}/lua/upstream.lua;
+        keepalive 32;
+    }}
+    upstream dyups_by_host {{
+        server 0.0.0.1;
+        balancer_by_lua_file {REPO}/lua/upstream.lua;
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+{PROXY_SERVER}
+        add_header X-Worker $pid always;
+        location / {{ proxy_pass http://bench; }}
+        location /u {{ proxy_pass http://u; }}
+        location /churn {{ proxy_pass http://churn; }}
+        location /host {{
+            proxy_set_header Host $host;
+            proxy_pass http://dyups_by_host;
+        }}
+        location = /ups {{ content_by_lua_file {REPO}/lua/upsops.lua; }}
+        location = /ups/check {{ content_by_lua_file {REPO}/lua/srvcheck.lua; }}
+    }}
+    server {{
+        listen 127.0.0.1:{api_port} reuseport;
+        location / {{ content_by_lua_file {REPO}/lua/dyups_api.lua; }}
+    }}
+"""
+
+
+def srv(b, extra=""):
+    return f"server 127.0.0.1:{b}{extra};"
+
+
+# ---------------------------------------------------------------------------
+# section 1: throughput and latency
+
+
+def section_throughput(cfg, root, backends, res):
+    b2 = backends[:2]
+    pn, pm, pd, papi = free_port(), free_port(), free_port(), free_port()
+    proxies = [
+        ("native", Nginx(root, "p-native", 1, native_conf(pn, b2)), pn),
+        ("minimal-lua", Nginx(root, "p-minlua", 1, minlua_conf(pm, b2)), pm),
+        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi), files={
+            "conf/upstream.conf": "upstream bench { %s %s }\n" % (srv(b2[0]), srv(b2[1]))}), pd),
+    ]
+    for _, inst, port in proxies:
+        inst.start([port])
+    for name, _, port in proxies:  # sanity + warm-up (JIT, keepalive pools)
+        st, _, body = raw_get(port, "/")
+        if st != 200:
+            raise RuntimeError(f"{name} proxy answered {st}: {body!r}")
+        wrk(port, "/", 1, cfg.conns, cfg.threads)
+    runs = {n: [] for n, _, _ in proxies}
+    for rnd in range(cfg.rounds):
+        for name, _, port in proxies:
+            r = wrk(port, "/", cfg.secs, cfg.conns, cfg.threads)
+            runs[name].append(r)
+            log(f"  [1] round {rnd + 1}/{cfg.rounds} {name:12s} {r['rps']:9.0f} req/s "
+                f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+    for _, inst, _ in proxies:
+        inst.stop()
+    out = {}
+    for name in runs:
+        rs = runs[name]
+        out[name] = {
+            "rps": med([r["rps"] for r in rs]),
+            "p50": med([r["p50"] for r in rs]),
+            "p99": med([r["p99"] for r in rs]),
+            "errors": sum(r["non2xx"] + r["sockerr"] for r in rs),
+            "rps_all": [r["rps"] for r in rs],
+        }
+    d, n, m = runs["dyups"], runs["native"], runs["minimal-lua"]
+    out["ratio_native"] = out["dyups"]["rps"] / out["native"]["rps"]
+    out["ratio_minlua"] = out["dyups"]["rps"] / out["minimal-lua"]["rps"]
+    out["ratio_native_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
+    out["ratio_minlua_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, m)])
+    res["throughput"] = out
+
+
+# ---------------------------------------------------------------------------
+# section 2: propagation
+
+
+class Pinned:
+    """One keep-alive connection to each worker of a proxy (reuseport spreads
+    new connections; keep the first one that lands on each worker)."""
+
+    def __init__(self, port, path, host, workers):
+        self.path, self.host, self.conns, spare = path, host, {}, []
+        for _ in range(400):
+            if set(self.conns) >= workers:
+                break
+            c = Api(port)
+            c.send("GET", path, None, host)
+            c.recv()
+            pid = int(c.headers.get("x-worker", "0"))
+            if pid in workers and pid not in self.conns:
+                self.conns[pid] = c
+            else:
+                spare.append(c)
+        for c in spare:
+            if c.s:
+                c.s.close()
+        if set(self.conns) < workers:
+            raise RuntimeError("could not reach every worker over keep-alive connections")
+
+    def until_all(self, marker, t0, limit=2.0):
+        """Send one request to every worker that has not switched yet (in
+        parallel), until all answer with `marker`: seconds since t0, rounds."""
+        todo, rounds = set(self.conns), 0
+        while todo:
+            for pid in todo:
+                self.conns[pid].send("GET", self.path, None, self.host)
+            rounds += 1
+            for pid in list(todo):
+                st, body = self.conns[pid].recv()
+                if st == 200 and body.split()[0].decode() == str(marker):
+                    todo.discard(pid)
+            if todo and now() - t0 > limit:
+                return float("inf"), rounds
+        return now() - t0, rounds
+
+
+class Observer:
+    """bench/pending_watch.lua in plain LuaJIT: reads the state file directly
+    (no request reaches a worker) and answers when dyups.pending() is empty,
+    i.e. every live worker has applied the current table."""
+
+    def __init__(self, state_path, size):
+        self.p = subprocess.Popen([os.environ.get("LUAJIT", "luajit"),
+                                   os.path.join(BENCH, "pending_watch.lua"), REPO, state_path, size],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        CHILDREN.append(self.p)
+        line = self.p.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"pending_watch.lua: {line!r}")
+
+    def wait_applied(self, limit=3.0):
+        self.p.stdin.write(f"wait {limit}\n")
+        self.p.stdin.flush()
+        polls, secs = self.p.stdout.readline().split()
+        return int(polls), float(secs)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def check_empty(port):
+    st, _, body = raw_get(port, "/ups/check")
+    if st != 200:
+        raise RuntimeError(f"/ups/check answered {st}: {body!r}")
+    return json.loads(body).get("data") in ({}, [])
+
+
+def propagation_traffic(api, pinned, name, backends, n, tag):
+    times, rounds = [], 0
+    k = 0
+    for i in range(n):
+        k = (k + 1) % len(backends)
+        b = backends[k]
+        st, body = api.call("POST", f"/upstream/{name}", srv(b))
+        t0 = now()
+        if st != 200:
+            raise RuntimeError(f"update {i} answered {st}: {body!r}")
+        t, r = pinned.until_all(b, t0)
+        times.append(t)
+        rounds += r
+        time.sleep(random.uniform(0.002, 0.01))
+    log(f"  [{tag}] {n} updates: p50 {pct(times, 50) * 1e3:.2f} ms p99 "
+        f"{pct(times, 99) * 1e3:.2f} ms max {max(times) * 1e3:.2f} ms")
+    return {"n": n, "times": times, "rounds": rounds}
+
+
+def probe_rtt(pinned, n=200):
+    ts = []
+    for _ in range(n):
+        t0 = now()
+        for c in pinned.conns.values():
+            c.send("GET", pinned.path, None, pinned.host)
+        for c in pinned.conns.values():
+            c.recv()
+        ts.append(now() - t0)
+    return ts
+
+
+def section_propagation(cfg, root, backends, res):
+    port, api_port = free_port(), free_port()
+    files = {"conf/upstream.conf": "upstream u { %s }\nupstream bench { %s %s }\n"
+             % (srv(backends[0]), srv(backends[0]), srv(backends[1]))}
+    inst = Nginx(root, "p-prop", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    workers = set(inst.worker_pids())
+    api = Api(api_port)
+    out = {}
+    # with traffic: a wrk load on the same proxy (another upstream), and the
+    # probes on one keep-alive connection per worker
+    load = wrk_bg(port, "/", 3600, conns=cfg.bg_conns, threads=1)
+    time.sleep(0.3)
+    pinned = Pinned(port, "/u", "bench", workers)
+    rtt = probe_rtt(pinned)
+    out["probe_rtt"] = {"p50": pct(rtt, 50), "p99": pct(rtt, 99)}
+    out["traffic"] = propagation_traffic(api, pinned, "u", backends, cfg.prop_n, "2 traffic")
+    load.kill()
+    load.wait()
+    for c in pinned.conns.values():
+        c.s.close()
+    # idle: no request reaches a worker; a LuaJIT process reads the state file
+    # until dyups.pending() is empty (what /ups/check answers)
+    obs = Observer(os.path.join(inst.prefix, "state", "dyups.state"), "1m")
+    time.sleep(0.2)
+    times = []
+    k = 0
+    for i in range(cfg.prop_n):
+        k = (k + 1) % len(backends)
+        st, body = api.call("POST", "/upstream/u", srv(backends[k]))
+        t0 = now()
+        if st != 200:
+            raise RuntimeError(f"update {i} answered {st}: {body!r}")
+        obs.wait_applied()
+        times.append(now() - t0)
+        time.sleep(random.uniform(0.0, 0.06))  # random phase w.r.t. the refresh timers
+    obs.close()
+    log(f"  [2 idle] {cfg.prop_n} updates: p50 {pct(times, 50) * 1e3:.1f} ms p99 "
+        f"{pct(times, 99) * 1e3:.1f} ms max {max(times) * 1e3:.1f} ms")
+    out["idle"] = {"n": cfg.prop_n, "times": times}
+    # /ups/check, as the brief suggested: every poll refreshes the worker it
+    # lands on, so this is "idle but polled", shown for comparison
+    times = []
+    for i in range(min(cfg.prop_n, 50)):
+        k = (k + 1) % len(backends)
+        api.call("POST", "/upstream/u", srv(backends[k]))
+        t0 = now()
+        while not check_empty(port) and now() - t0 < 3:
+            time.sleep(0.002)
+        times.append(now() - t0)
+        time.sleep(random.uniform(0.0, 0.06))
+    out["check"] = {"n": len(times), "times": times}
+    out["errors_in_log"] = inst.count_errors()
+    inst.stop()
+    res["propagation"] = out
+
+
+# ---------------------------------------------------------------------------
+# section 3: churn
+
+
+def churn_ops(name, b):
+    """A cycle of changes among alive backends: replace, add, remove."""
+    a = [f"127.0.0.1:{p}" for p in b]
+    return [
+        ("POST", f"/upstream/{name}", f"server {a[0]}; server {a[1]};"),
+        ("POST", f"/upstream/{name}/servers", a[2]),
+        ("DELETE", f"/upstream/{name}/servers/{a[0]}", None),
+        ("POST", f"/upstream/{name}", f"server {a[2]}; server {a[3]} weight=2;"),
+        ("POST", f"/upstream/{name}/servers", f"{a[1]} weight=3"),
+        ("DELETE", f"/upstream/{name}/servers/{a[3]}", None),
+        ("POST", f"/upstream/{name}", f"server {a[0]}; server {a[1]}; server {a[2]}; server {a[3]};"),
+    ]
+
+
+def section_churn(cfg, root, backends, res):
+    port, api_port = free_port(), free_port()
+    files = {"conf/upstream.conf": "upstream churn { %s %s %s %s }\n" % tuple(srv(b) for b in backends[:4])}
+    inst = Nginx(root, "p-churn", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    api = Api(api_port)
+    raw_get(port, "/churn")
+    ops = churn_ops("churn", backends[:4])
+    p = wrk_bg(port, "/churn", cfg.churn_secs, conns=cfg.conns, threads=cfg.threads)
+    t0 = now()
+    ok = bad = 0
+    lat = []
+    i = 0
+    while p.poll() is None:
+        m, path, body = ops[i % len(ops)]
+        st, data, dt = api.timed(m, path, body)
+        lat.append(dt)
+        if 200 <= st < 300:
+            ok += 1
+        else:
+            bad += 1
+            if bad <= 3:
+                log(f"  [3] update {m} {path} -> {st} {data!r}")
+        i += 1
+    el = now() - t0
+    r = wrk_finish(p)
+    out = {"updates_ok": ok, "updates_failed": bad, "rate": ok / el, "secs": el,
+           "requests": r["requests"], "rps": r["rps"], "non2xx": r["non2xx"],
+           "sockerr": r["sockerr"], "update_p50": pct(lat, 50), "update_p99": pct(lat, 99),
+           "errors_in_log": inst.count_errors()}
+    log(f"  [3] {ok} updates in {el:.1f} s ({out['rate']:.0f}/s), {r['requests']} requests, "
+        f"non-2xx {r['non2xx']}, socket errors {r['sockerr']}, error-log lines {out['errors_in_log']}")
+    if out["errors_in_log"]:
+        log(inst.error_log_tail(5))
+    inst.stop()
+    res["churn"] = out
+
+
+# ---------------------------------------------------------------------------
+# section 4: scale
+
+
+def section_scale(cfg, root, backends, res):
+    b4 = backends[:4]
+    four = " ".join(srv(b) for b in b4)
+    out = []
+    for n in cfg.scale:
+        port, api_port = free_port(), free_port()
+        text = "".join(f"upstream u{i} {{ {four} }}\n" for i in range(n))
+        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size),
+                     files={"conf/upstream.conf": text})
+        t0 = now()
+        inst.start([port, api_port], timeout=120)
+        start_s = now() - t0
+        workers = set(inst.worker_pids())
+        api = Api(api_port)
+        others = [f"u{i}" for i in range(1, n)] or ["c1"]  # N=1: churn a second upstream
+        st, _, _ = raw_get(port, "/host", "u0")
+        if st != 200:
+            raise RuntimeError(f"scale {n}: u0 answered {st}")
+        # one update: client-side latency of a REST POST (whole upstream replaced)
+        lat = []
+        for i in range(cfg.scale_updates):
+            random.shuffle(b4)
+            st, body, dt = api.timed("POST", f"/upstream/{random.choice(others)}",
+                                     " ".join(srv(b) for b in b4))
+            if st != 200:
+                raise RuntimeError(f"scale {n}: update answered {st}: {body!r}")
+            lat.append(dt)
+        # time until every worker routes by it (probes are the traffic)
+        pinned = Pinned(port, "/host", "u0", workers)
+        prop = propagation_traffic(api, pinned, "u0", b4, cfg.scale_updates, f"4 N={n}")
+        for c in pinned.conns.values():
+            c.s.close()
+        api.call("POST", "/upstream/u0", four)
+        raw_get(port, "/host", "u0")
+        # throughput on unchanged u0, quiet vs while the others churn
+        quiet, busy, rates = [], [], []
+        for rnd in range(cfg.scale_rounds):
+            quiet.append(wrk(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0"))
+            p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
+            t0, k = now(), 0
+            while p.poll() is None:  # a steady cfg.scale_rate updates/s on other upstreams
+                random.shuffle(b4)
+                st, body, _ = api.timed("POST", f"/upstream/{random.choice(others)}",
+                                        " ".join(srv(b) for b in b4[:random.randint(1, 4)]))
+                k += st == 200
+                time.sleep(max(0.0, t0 + k / cfg.scale_rate - now()))
+            rates.append(k / (now() - t0))
+            busy.append(wrk_finish(p))
+        sf = os.stat(os.path.join(inst.prefix, "state", "dyups.state"))
+        rss = max(rss_kb(w) for w in workers)
+        q, b = med([r["rps"] for r in quiet]), med([r["rps"] for r in busy])
+        row = {"n": n, "start_s": start_s, "file_bytes": sf.st_size,
+               "seed_bytes": len(text), "rss_kb": rss,
+               "update_p50": pct(lat, 50), "update_p99": pct(lat, 99),
+               "prop_p50": pct(prop["times"], 50), "prop_p99": pct(prop["times"], 99),
+               "prop_max": max(prop["times"]), "rps_quiet": q, "rps_churn": b,
+               "churn_ratio": b / q, "churn_rate": med(rates),
+               "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + busy)}
+        log(f"  [4] N={n}: file {sf.st_size >> 10} KiB, "
+            f"RSS {rss} kB, update p50 {row['update_p50'] * 1e3:.2f} ms, visible p99 "
+            f"{row['prop_p99'] * 1e3:.2f} ms, {q:.0f} req/s quiet, {b:.0f} req/s with "
+            f"{row['churn_rate']:.0f} updates/s on others")
+        inst.stop()
+        out.append(row)
+    res["scale"] = out
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.2f}" if s == s and s != float("inf") else "timeout"
+
+
+def report(cfg, res, elapsed):
+    p = print
+    p()
+    p(f"ngx.dyups benchmark — {time.strftime('%Y-%m-%d %H:%M:%S %Z')} — mode "
+      f"{'QUICK' if cfg.quick else 'FULL'} — {os.cpu_count()} CPUs — took {elapsed:.0f} s")
+    p(f"nginx: {subprocess.run([NGINX, '-v'], capture_output=True, text=True).stderr.strip()}; "
+      f"wrk -t {cfg.threads} -c {cfg.conns} --latency; keepalive 32 to the backends")
+    tp = res.get("throughput")
+    if tp:
+        p()
+        p(f"1. Throughput and latency: 1 proxy worker each, same 2 backends (own nginx, 1 worker), "
+          f"{cfg.rounds} interleaved rounds x {cfg.secs} s, medians")
+        p(f"   {'proxy':14s} {'req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}   req/s per round")
+        for name in ("native", "minimal-lua", "dyups"):
+            r = tp[name]
+            p(f"   {name:14s} {r['rps']:10.0f} {r['p50']:8.3f} {r['p99']:8.3f} {r['errors']:7d}   "
+              + " ".join(f"{x:.0f}" for x in r["rps_all"]))
+        p(f"   dyups/native      {tp['ratio_native']:.3f} (ratio of medians), "
+          f"{tp['ratio_native_paired']:.3f} (median of per-round ratios)")
+        p(f"   dyups/minimal-lua {tp['ratio_minlua']:.3f} (ratio of medians), "
+          f"{tp['ratio_minlua_paired']:.3f} (median of per-round ratios)")
+    pr = res.get("propagation")
+    if pr:
+        p()
+        p("2. Propagation: from the update's 200 until every worker (2) routes by the new table")
+        p(f"   {'':34s} {'n':>4s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}")
+        for key, label in (("traffic", f"with traffic (wrk -c {cfg.bg_conns} + probes)"),
+                           ("idle", "idle (state file until pending={})"),
+                           ("check", "polling /ups/check until {}")):
+            t = pr[key]["times"]
+            p(f"   {label:34s} {len(t):4d} {fmt_ms(pct(t, 50)):>8s} {fmt_ms(pct(t, 99)):>8s} "
+              f"{fmt_ms(max(t)):>8s}")
+        p(f"   one probe round (a keep-alive GET to each worker, in parallel) under that load: p50 "
+          f"{fmt_ms(pr['probe_rtt']['p50'])} ms, p99 {fmt_ms(pr['probe_rtt']['p99'])} ms; "
+          f"rounds per update: {pr['traffic']['rounds'] / pr['traffic']['n']:.2f}")
+    ch = res.get("churn")
+    if ch:
+        p()
+        p(f"3. Churn: wrk -c {cfg.conns} on one upstream (2 workers, 4 alive backends) for "
+          f"{ch['secs']:.1f} s while it is replaced / added to / removed from via REST")
+        p(f"   updates: {ch['updates_ok']} ok, {ch['updates_failed']} failed, "
+          f"{ch['rate']:.0f}/s (one client, sequential; update p50 {fmt_ms(ch['update_p50'])} ms, "
+          f"p99 {fmt_ms(ch['update_p99'])} ms)")
+        p(f"   requests: {ch['requests']} ({ch['rps']:.0f}/s), non-2xx {ch['non2xx']}, "
+          f"socket errors {ch['sockerr']}, nginx error-log lines {ch['errors_in_log']}")
+    sc = res.get("scale")
+    if sc:
+        p()
+        p(f"4. Scale: N upstreams x 4 servers, seeded from an upstream file, size = \"{cfg.scale_size}\", "
+          f"2 workers")
+        p(f"   {'N':>6s} {'start s':>7s} {'file KiB':>9s} {'seed KiB':>9s} {'RSS kB':>8s} "
+          f"{'upd p50':>8s} {'upd p99':>8s} {'vis p50':>8s} {'vis p99':>8s} {'vis max':>8s} "
+          f"{'rps quiet':>9s} {'rps churn':>9s} {'ratio':>6s} {'upd/s':>6s}")
+        for r in sc:
+            p(f"   {r['n']:6d} {r['start_s']:7.2f} {r['file_bytes'] >> 10:9d} {r['seed_bytes'] >> 10:9d} "
+              f"{r['rss_kb']:8d} {fmt_ms(r['update_p50']):>8s} {fmt_ms(r['update_p99']):>8s} "
+              f"{fmt_ms(r['prop_p50']):>8s} {fmt_ms(r['prop_p99']):>8s} {fmt_ms(r['prop_max']):>8s} "
+              f"{r['rps_quiet']:9.0f} {r['rps_churn']:9.0f} {r['churn_ratio']:6.3f} {r['churn_rate']:6.0f}")
+        p("   (times in ms; upd = client-side REST POST latency; vis = until both workers route by it;"
+          " ratio = req/s on unchanged u0 while others churn / quiet;"
+          f" upd/s = churn rate achieved, target {cfg.scale_rate}/s)")
+    # targets
+    p()
+    p("Targets (reported, not asserted):")
+    rows = []
+
+    def target(label, value, ok, shown):
+        rows.append((label, shown, "PASS" if ok else "MISS") if value is not None else
+                    (label, shown, "SKIP"))
+
+    if tp:
+        target("dyups >= 0.97 x minimal-Lua req/s", 1, tp["ratio_minlua_paired"] >= 0.97,
+               f"{tp['ratio_minlua_paired']:.3f}")
+        target("dyups >= 0.88 x native req/s", 1, tp["ratio_native_paired"] >= 0.88,
+               f"{tp['ratio_native_paired']:.3f}")
+    if pr:
+        t = pct(pr["traffic"]["times"], 99)
+        target("propagation p99 <= 5 ms with traffic", 1, t <= 0.005, f"{fmt_ms(t)} ms")
+        t = pct(pr["idle"]["times"], 99)
+        target("propagation p99 <= 250 ms idle", 1, t <= 0.25, f"{fmt_ms(t)} ms")
+    if ch:
+        f = ch["non2xx"] + ch["sockerr"]
+        target("zero failed requests under churn", 1, f == 0,
+               f"{f} failed of {ch['requests']} ({ch['rate']:.0f} updates/s)")
+    if sc:
+        big = [r for r in sc if r["n"] >= 10000]
+        if big:
+            r = big[-1]
+            target("10,000 upstreams: visible in all workers <= 10 ms (p99)", 1,
+                   r["prop_p99"] <= 0.010, f"{fmt_ms(r['prop_p99'])} ms")
+            target("10,000 upstreams: no drop on an unchanged upstream (churn/quiet >= 0.95)", 1,
+                   r["churn_ratio"] >= 0.95, f"{r['churn_ratio']:.3f}")
+        else:
+            target("10,000 upstreams: visible in all workers <= 10 ms", None, False,
+                   f"not run (QUICK stops at {sc[-1]['n']}; N={sc[-1]['n']}: "
+                   f"{fmt_ms(sc[-1]['prop_p99'])} ms)")
+            target("10,000 upstreams: no drop on an unchanged upstream", None, False,
+                   f"not run (QUICK; N={sc[-1]['n']}: ratio {sc[-1]['churn_ratio']:.3f})")
+    w = max(len(r[0]) for r in rows)
+    for label, shown, verdict in rows:
+        p(f"   {verdict:4s}  {label:{w}s}  {shown}")
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True, help="temp directory for the nginx prefixes")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sections", default="1234")
+    ap.add_argument("--json", help="also write the raw results here")
+    cfg = ap.parse_args()
+    q = cfg.quick
+    cfg.rounds = 3 if q else 7
+    cfg.secs = 3 if q else 5
+    cfg.conns = 32
+    cfg.threads = 1
+    cfg.bg_conns = 4
+    cfg.prop_n = 100 if q else 300
+    cfg.churn_secs = 5 if q else 15
+    cfg.scale = [1, 100, 1000] if q else [1, 100, 1000, 10000]
+    cfg.scale_size = "16m"
+    cfg.scale_rate = 20  # updates/s on other upstreams during the scale throughput runs
+    cfg.scale_updates = 20 if q else 50
+    cfg.scale_rounds = 2 if q else 3
+    cfg.scale_secs = 2 if q else 3
+
+    def on_signal(sig, _frame):
+        raise KeyboardInterrupt(f"signal {sig}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    t_start = now()
+    res = {}
+    try:
+        backends = [free_port() for _ in range(4)]
+        be = Nginx(cfg.root, "backends", 1, backends_conf(backends), lua=False)
+        be.start(backends)
+        log(f"backends: 127.0.0.1:{', '.join(map(str, backends))} (pid {be.master})")
+        sections = [("1", "throughput", section_throughput), ("2", "propagation", section_propagation),
+                    ("3", "churn", section_churn), ("4", "scale", section_scale)]
+        for key, name, fn in sections:
+            if key in cfg.sections:
+                t = now()
+                log(f"== {key}. {name}")
+                fn(cfg, cfg.root, backends, res)
+                log(f"   ({now() - t:.0f} s)")
+    finally:
+        stop_all()
+    report(cfg, res, now() - t_start)
+    if cfg.json:
+        for sec in res.values():
+            if isinstance(sec, dict):
+                sec.pop("raw", None)
+        with open(cfg.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        log(f"bench: interrupted ({e}); nginx stopped")
+        sys.exit(130)
