@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
@@ -171,33 +172,40 @@ impl Upstream {
     }
 }
 
-/// Every upstream, in the order they were created.
+/// Every upstream, in the order they were created. Upstreams are shared
+/// between the snapshots of one process: a change copies only the upstream
+/// it touches (`get_mut`), and reading a new table reuses the upstreams that
+/// did not change.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Table {
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Table {
     pub fn get(&self, name: &str) -> Option<&Upstream> {
-        self.upstreams.iter().find(|u| u.name == name)
+        self.upstreams.iter().find(|u| u.name == name).map(|u| &**u)
     }
 
+    /// The named upstream to change: this table's own copy of it.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Upstream> {
-        self.upstreams.iter_mut().find(|u| u.name == name)
+        self.upstreams
+            .iter_mut()
+            .find(|u| u.name == name)
+            .map(Arc::make_mut)
     }
 
     /// Replaces the upstream of that name in place, or appends it.
     pub fn upsert(&mut self, upstream: Upstream) {
-        match self.get_mut(&upstream.name) {
-            Some(slot) => *slot = upstream,
-            None => self.upstreams.push(upstream),
+        match self.upstreams.iter_mut().find(|u| u.name == upstream.name) {
+            Some(slot) => *slot = Arc::new(upstream),
+            None => self.upstreams.push(Arc::new(upstream)),
         }
     }
 
     /// Removes the named upstream; `None` when there was none.
     pub fn remove(&mut self, name: &str) -> Option<Upstream> {
         let at = self.upstreams.iter().position(|u| u.name == name)?;
-        Some(self.upstreams.remove(at))
+        Some(Arc::unwrap_or_clone(self.upstreams.remove(at)))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -209,7 +217,41 @@ impl Table {
     pub fn by_name(&self) -> HashMap<&str, &Upstream> {
         self.upstreams
             .iter()
-            .map(|u| (u.name.as_str(), u))
+            .map(|u| (u.name.as_str(), &**u))
+            .collect()
+    }
+
+    /// Each name's position, borrowing the names as bytes.
+    pub fn by_position(&self) -> HashMap<&[u8], usize> {
+        self.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.as_bytes(), i))
+            .collect()
+    }
+
+    /// Pairs each upstream of `self` with the one of that name in `other`
+    /// (or `None`): by position when both hold the same names in the same
+    /// order (a change to one upstream leaves them so), by name otherwise.
+    pub fn paired<'a>(&'a self, other: &'a Table) -> Vec<(&'a Upstream, Option<&'a Upstream>)> {
+        let same_order = self.upstreams.len() == other.upstreams.len()
+            && self
+                .upstreams
+                .iter()
+                .zip(&other.upstreams)
+                .all(|(a, b)| a.name == b.name);
+        if same_order {
+            return self
+                .upstreams
+                .iter()
+                .zip(&other.upstreams)
+                .map(|(a, b)| (&**a, Some(&**b)))
+                .collect();
+        }
+        let names = other.by_name();
+        self.upstreams
+            .iter()
+            .map(|a| (&**a, names.get(a.name.as_str()).copied()))
             .collect()
     }
 }
@@ -244,18 +286,23 @@ impl Change {
                 });
             }
         };
-        let (old_names, new_names) = (old.by_name(), new.by_name());
-        for o in &old.upstreams {
-            let n = new_names.get(o.name.as_str()).copied();
-            for s in &o.servers {
-                note(&o.name, &s.addr, s.in_rotation(), rotating(n, &s.addr));
+        // Shared or equal upstreams have nothing to report.
+        let same = |a: &Upstream, b: Option<&Upstream>| {
+            b.is_some_and(|b| std::ptr::eq(a, b) || a.servers == b.servers)
+        };
+        for (o, n) in old.paired(new) {
+            if !same(o, n) {
+                for s in &o.servers {
+                    note(&o.name, &s.addr, s.in_rotation(), rotating(n, &s.addr));
+                }
             }
         }
-        for n in &new.upstreams {
-            let o = old_names.get(n.name.as_str()).copied();
-            for s in &n.servers {
-                if o.and_then(|o| o.server(&s.addr)).is_none() {
-                    note(&n.name, &s.addr, false, s.in_rotation());
+        for (n, o) in new.paired(old) {
+            if !same(n, o) {
+                for s in &n.servers {
+                    if o.and_then(|o| o.server(&s.addr)).is_none() {
+                        note(&n.name, &s.addr, false, s.in_rotation());
+                    }
                 }
             }
         }

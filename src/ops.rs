@@ -408,7 +408,8 @@ mod tests {
 
         let mut full = Table::default();
         for i in 0..UPSTREAMS_MAX {
-            full.upstreams.push(Upstream::new(format!("u{i}"), vec![]));
+            full.upstreams
+                .push(Upstream::new(format!("u{i}"), vec![]).into());
         }
         let err = update(&mut full, "one-more", "server 10.0.0.1:1;").unwrap_err();
         assert!(err.to_string().contains("the most it takes"), "{err}");

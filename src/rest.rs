@@ -228,7 +228,7 @@ struct Listing<'a> {
 #[derive(Serialize)]
 struct Detail<'a> {
     version: u64,
-    upstreams: &'a [Upstream],
+    upstreams: &'a [std::sync::Arc<Upstream>],
 }
 
 #[derive(Serialize)]

@@ -715,7 +715,7 @@ pub fn parse_upstream_file(text: &str) -> Result<Table, Error> {
                         upstream.name, stmt.line
                     )));
                 }
-                table.upstreams.push(upstream);
+                table.upstreams.push(upstream.into());
             }
         }
     }
@@ -790,7 +790,7 @@ pub fn render_upstream(u: &Upstream) -> String {
 
 /// Every upstream block, after a header comment, separated by blank lines.
 pub fn render_upstream_file(t: &Table) -> String {
-    let blocks: Vec<String> = t.upstreams.iter().map(render_upstream).collect();
+    let blocks: Vec<String> = t.upstreams.iter().map(|u| render_upstream(u)).collect();
     let mut out = String::from(FILE_HEADER);
     if !blocks.is_empty() {
         out.push('\n');
@@ -1248,7 +1248,7 @@ upstream other.pool-2 {
     #[test]
     fn round_trip_ignores_rev() {
         let mut t = full_table();
-        t.upstreams[0].rev = 42;
+        std::sync::Arc::make_mut(&mut t.upstreams[0]).rev = 42;
         let back = parse_upstream_file(&render_upstream_file(&t)).unwrap();
         assert_eq!(back.upstreams[0].rev, 0);
         assert_eq!(back.upstreams[0].servers, t.upstreams[0].servers);

@@ -108,6 +108,26 @@ impl Worker {
     }
 
     fn rebuild(&mut self, old: Option<Snapshot>) {
+        let new = &self.snapshot.table.upstreams;
+        if let Some(old) = &old {
+            let old = &old.table.upstreams;
+            if old.len() == new.len()
+                && self.balancers.len() == new.len()
+                && old.iter().zip(new).all(|(o, n)| o.name == n.name)
+            {
+                // The same upstreams in the same order (any change but a
+                // creation or a deletion): the name index stands, and only
+                // the upstreams whose rev moved get a new balancer.
+                for (i, (o, n)) in old.iter().zip(new).enumerate() {
+                    if o.rev != n.rev {
+                        let mut fresh = Balancer::new(&n.servers);
+                        fresh.carry_over(&self.balancers[i], &o.servers, &n.servers);
+                        self.balancers[i] = fresh;
+                    }
+                }
+                return;
+            }
+        }
         let mut old_balancers: HashMap<String, (Balancer, usize)> = HashMap::new();
         if let Some(old) = &old {
             for (i, b) in std::mem::take(&mut self.balancers).into_iter().enumerate() {

@@ -98,7 +98,7 @@ fn table() -> impl Strategy<Value = Table> {
         let mut t = Table::default();
         for u in ups {
             if t.get(&u.name).is_none() {
-                t.upstreams.push(u);
+                t.upstreams.push(u.into());
             }
         }
         t

@@ -98,6 +98,9 @@ pub struct StateFile {
     geometry: Geometry,
     /// Device and inode of the file mapped, to notice it being replaced.
     identity: (u64, u64),
+    /// The table this process read last, whose unchanged upstreams the next
+    /// read shares instead of decoding them again.
+    last: Mutex<Option<Table>>,
     /// `flock` excludes other processes only: threads of this process share
     /// the one open file description, so they also take this.
     writers: Mutex<()>,
@@ -307,6 +310,7 @@ impl StateFile {
             map,
             geometry,
             identity,
+            last: Mutex::new(None),
             writers: Mutex::new(()),
         })
     }
@@ -354,10 +358,16 @@ impl StateFile {
                 backoff(round);
                 continue;
             }
-            let why = match first.and_then(|h| check_slot(h, &buf, Some(generation))) {
-                Ok(p) => return Ok(Some(snapshot(generation, p, None, active))),
+            let mut last = self.last.lock();
+            let why = match first.and_then(|h| check_slot(h, &buf, Some(generation), last.as_ref()))
+            {
+                Ok(p) => {
+                    *last = Some(p.table.clone());
+                    return Ok(Some(snapshot(generation, p, None, active)));
+                }
                 Err(why) => why,
             };
+            drop(last);
             // The active slot is damaged: the other one holds the table
             // before it, whole, unless a writer is filling it right now.
             let other = self.copy_slot(1 - active, &mut buf);
@@ -365,7 +375,7 @@ impl StateFile {
                 backoff(round);
                 continue;
             }
-            let other = other.and_then(|h| check_slot(h, &buf, None));
+            let other = other.and_then(|h| check_slot(h, &buf, None, None));
             return fall_back(generation, active, why, other)
                 .map(Some)
                 .map_err(|why| self.corrupt(why));
@@ -434,13 +444,16 @@ impl StateFile {
         }
         // Above both slots' generations, also when the active one was bad.
         let next = current.seen + 1;
-        let old = current.table.by_name();
-        for u in &mut table.upstreams {
-            if old
-                .get(u.name.as_str())
-                .is_none_or(|o| o.servers != u.servers)
-            {
-                u.rev = next;
+        // Stamp the upstreams this change made or changed (a shared one is
+        // untouched), so readers decode only those again.
+        let stamp: Vec<bool> = table
+            .paired(&current.table)
+            .iter()
+            .map(|(u, o)| !o.is_some_and(|o| std::ptr::eq(*u, o) || o.servers == u.servers))
+            .collect();
+        for (u, stamp) in table.upstreams.iter_mut().zip(stamp) {
+            if stamp {
+                Arc::make_mut(u).rev = next;
             }
         }
         let mut changes = current.changes;
@@ -718,7 +731,12 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
 
 /// Checks a slot's bytes against its header and, for the active slot, the
 /// commit word's generation; then decodes them.
-fn check_slot(h: SlotHeader, payload: &[u8], generation: Option<u64>) -> Result<Payload, String> {
+fn check_slot(
+    h: SlotHeader,
+    payload: &[u8],
+    generation: Option<u64>,
+    prev: Option<&Table>,
+) -> Result<Payload, String> {
     if !h.matches(payload) {
         return Err("checksum mismatch".into());
     }
@@ -730,7 +748,7 @@ fn check_slot(h: SlotHeader, payload: &[u8], generation: Option<u64>) -> Result<
             ));
         }
     }
-    let p = codec::decode(payload)?;
+    let p = codec::decode(payload, prev)?;
     if p.version != h.generation {
         return Err(format!(
             "table version {} differs from the slot's {}",
@@ -787,11 +805,11 @@ pub fn inspect_image(bytes: &[u8], name: &str) -> Result<Snapshot> {
         let start = off + SLOT_HEADER as usize;
         Ok((h, &bytes[start..start + h.len as usize]))
     };
-    let why = match slot(active).and_then(|(h, p)| check_slot(h, p, Some(generation))) {
+    let why = match slot(active).and_then(|(h, p)| check_slot(h, p, Some(generation), None)) {
         Ok(p) => return Ok(snapshot(generation, p, None, active)),
         Err(why) => why,
     };
-    let other = slot(1 - active).and_then(|(h, p)| check_slot(h, p, None));
+    let other = slot(1 - active).and_then(|(h, p)| check_slot(h, p, None, None));
     fall_back(generation, active, why, other).map_err(corrupt)
 }
 

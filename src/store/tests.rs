@@ -688,3 +688,36 @@ fn child_process() {
         other => panic!("unknown child role {other}"),
     }
 }
+
+#[test]
+fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    for name in ["a", "b", "c"] {
+        f.write(&opts, move |t| {
+            t.upsert(Upstream::new(name, vec![server(7000)]));
+            Ok(())
+        })
+        .unwrap();
+    }
+    let before = f.read().unwrap();
+    f.write(&opts, |t| {
+        t.get_mut("b").unwrap().servers.push(server(7001));
+        Ok(())
+    })
+    .unwrap();
+    let after = f.read().unwrap();
+    let shared: Vec<bool> = before
+        .table
+        .upstreams
+        .iter()
+        .zip(&after.table.upstreams)
+        .map(|(x, y)| Arc::ptr_eq(x, y))
+        .collect();
+    assert_eq!(shared, [true, true, false, true], "local, a, b (changed), c");
+    assert_eq!(after.table.get("b").unwrap().rev, after.version);
+    assert_eq!(after.table.get("a").unwrap().rev, before.table.get("a").unwrap().rev);
+    // Another process, with nothing to share, decodes the same table.
+    assert_eq!(inspect_image(&std::fs::read(dir.file()).unwrap(), "img").unwrap().table, after.table);
+}
