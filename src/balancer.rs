@@ -275,6 +275,43 @@ impl Balancer {
             peer.effective_weight = (peer.effective_weight - i64::from(step)).max(0);
         }
     }
+
+    /// For the other balancing methods ([`crate::policy`]): whether
+    /// `servers[index]` may be picked now under the rules of
+    /// [`pick`](Self::pick): up, not in `tried` and not disabled by failures
+    /// (after presuming recovery, as `pick` does).
+    pub(crate) fn eligible(
+        &mut self,
+        servers: &[ServerSpec],
+        tried: &Tried,
+        index: usize,
+        now_ms: u64,
+    ) -> bool {
+        let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) else {
+            return false;
+        };
+        if spec.down || tried.contains(index) {
+            return false;
+        }
+        peer.presume_recovery(spec, now_ms);
+        !peer.disabled(spec, now_ms)
+    }
+
+    /// For the other balancing methods: `servers[index]` was picked. Opens a
+    /// new fail window when the last one has passed, as `pick` does.
+    pub(crate) fn mark_picked(&mut self, servers: &[ServerSpec], index: usize, now_ms: u64) {
+        if let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) {
+            if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(spec) {
+                peer.checked_ms = now_ms;
+            }
+        }
+    }
+
+    /// For the other balancing methods' smooth weighted round robin among
+    /// ties (`least_conn`, `hash ... consistent`), on the same weights.
+    pub(crate) fn peer_mut(&mut self, index: usize) -> Option<&mut PeerState> {
+        self.peers.get_mut(index)
+    }
 }
 
 impl PeerState {

@@ -11,6 +11,7 @@ pub mod balancer;
 pub mod error;
 pub mod model;
 pub mod ops;
+pub mod policy;
 pub mod rest;
 pub mod store;
 pub mod syntax;
