@@ -7,6 +7,7 @@
 //! per-request path never allocates.
 
 use crate::balancer::Tried;
+use crate::policy::Cursor;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.
@@ -27,6 +28,9 @@ pub struct Attempt {
     /// never blames a server twice, nor one it did not use).
     pub last: Option<usize>,
     pub tried: Tried,
+    /// Where the request's hash chain stands (hash policies), as nginx keeps
+    /// it between attempts.
+    pub cursor: Cursor,
 }
 
 impl Attempt {
@@ -36,6 +40,7 @@ impl Attempt {
             generation,
             last: None,
             tried: Tried::new(),
+            cursor: Cursor::default(),
         }
     }
 }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
+use crate::policy::Policy;
+
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
 /// Most servers one upstream may have.
@@ -141,6 +143,13 @@ impl ServerPatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Upstream {
     pub name: String,
+    /// Its balancing method (`ip_hash;`, `hash KEY consistent;`, ...).
+    #[serde(serialize_with = "policy_text", skip_serializing_if = "is_round_robin")]
+    pub policy: Policy,
+    /// `keepalive N;` as given (0: none). The connection pool itself is the
+    /// nginx `upstream` block's: ngx.balancer cannot set one per upstream.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub keepalive: u32,
     pub servers: Vec<ServerSpec>,
     /// The table version at which this upstream last changed. Kept by the
     /// store; lets a worker keep the balancing state of upstreams that did
@@ -153,6 +162,8 @@ impl Upstream {
     pub fn new(name: impl Into<String>, servers: Vec<ServerSpec>) -> Upstream {
         Upstream {
             name: name.into(),
+            policy: Policy::RoundRobin,
+            keepalive: 0,
             servers,
             rev: 0,
         }
@@ -170,6 +181,18 @@ impl Upstream {
     pub fn in_rotation(&self) -> usize {
         self.servers.iter().filter(|s| s.in_rotation()).count()
     }
+}
+
+fn is_round_robin(p: &Policy) -> bool {
+    *p == Policy::RoundRobin
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn policy_text<S: Serializer>(p: &Policy, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(p)
 }
 
 /// Every upstream, in the order they were created. Upstreams are shared

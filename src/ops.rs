@@ -6,22 +6,30 @@
 use crate::model::{
     check_name, Address, ServerPatch, ServerSpec, Table, Upstream, SERVERS_MAX, UPSTREAMS_MAX,
 };
-use crate::syntax::{parse_address, parse_server_args, parse_servers};
+use crate::syntax::{parse_address, parse_body, parse_server_args};
 use crate::{Error, Result};
 
 /// Creates or replaces the upstream `name` with the servers of `body`
 /// (`server ADDR [PARAMS];` lines): ngx_http_dyups_module's update.
 pub fn update(table: &mut Table, name: &str, body: &str) -> Result<()> {
     check_name(name).map_err(Error::BadRequest)?;
-    let servers = parse_servers(body)?;
-    check_size(name, servers.len())?;
+    let upstream = parse_body(name, body)?;
+    check_size(name, upstream.servers.len())?;
     if table.get(name).is_none() && table.upstreams.len() >= UPSTREAMS_MAX {
         return Err(Error::BadRequest(format!(
             "could not create upstream {name}: the table has {UPSTREAMS_MAX} upstreams, the most it takes"
         )));
     }
-    table.upsert(Upstream::new(name, servers));
+    table.upsert(upstream);
     Ok(())
+}
+
+/// Refuses a server the upstream's balancing method does not allow
+/// (`backup` under `ip_hash`, `hash` and `random`, as nginx does).
+fn fits_policy(u: &Upstream, s: &ServerSpec) -> Result<()> {
+    u.policy
+        .validate(std::slice::from_ref(s))
+        .map_err(|why| Error::BadRequest(format!("upstream {}: {why}", u.name)))
 }
 
 /// Refuses an upstream of more than `SERVERS_MAX` servers.
@@ -52,6 +60,7 @@ pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result
         let name = name.unwrap_or_default();
         let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
         check_size(name, u.servers.len() + 1)?;
+        fits_policy(u, &spec)?;
         u.servers.push(spec);
         return Ok(vec![name.to_owned()]);
     }
@@ -99,6 +108,7 @@ pub fn insert_server(table: &mut Table, name: &str, server: &str) -> Result<()> 
         )));
     }
     check_size(name, u.servers.len() + 1)?;
+    fits_policy(u, &spec)?;
     u.servers.push(spec);
     Ok(())
 }
@@ -124,7 +134,8 @@ pub fn patch_server(
     if s.in_rotation() && !changed.in_rotation() && rotating == 1 {
         return Err(last_server(&addr, name));
     }
-    *s = changed;
+    fits_policy(u, &changed)?;
+    *u.server_mut(&addr).expect("found above") = changed;
     Ok(())
 }
 

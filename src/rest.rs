@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::model::{ServerSpec, Table, Upstream};
 use crate::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::{parse_server_patch, render_server};
+use crate::syntax::{parse_server_patch, policy_lines, render_server};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -250,8 +250,13 @@ fn server_line(s: &ServerSpec) -> String {
     line
 }
 
+/// Its balancing and keepalive lines, if any, then its `server` lines.
 fn server_lines(u: &Upstream) -> String {
-    u.servers.iter().map(|s| server_line(s) + "\n").collect()
+    policy_lines(u)
+        .into_iter()
+        .chain(u.servers.iter().map(server_line))
+        .map(|line| line + "\n")
+        .collect()
 }
 
 /// Each upstream's name, then its `server` lines, a blank line between

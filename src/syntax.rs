@@ -16,6 +16,7 @@ use crate::model::{
     DEFAULT_MAX_FAILS, DEFAULT_PORT, DEFAULT_WEIGHT, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX, WEIGHT_MAX,
     WEIGHT_MIN,
 };
+use crate::policy::Policy;
 
 /// `sizeof(sun_path) - 1` on Linux: the longest unix socket path.
 const UNIX_PATH_MAX: usize = 107;
@@ -632,17 +633,61 @@ fn check_chars(text: &str) -> Result<(), Error> {
 // Server bodies and upstream files
 // ---------------------------------------------------------------------------
 
-/// Servers collected from `server` statements, refusing repeated addresses.
+/// What the statements of one upstream block (or one dyups body) give: its
+/// servers, refusing repeated addresses, its balancing method and its
+/// `keepalive`.
 #[derive(Default)]
-struct ServerList {
+struct BlockBody {
     servers: Vec<ServerSpec>,
     /// Address to the line that gave it.
     lines: HashMap<Address, usize>,
+    /// The balancing line and where it was.
+    policy: Option<(Policy, usize)>,
+    keepalive: u32,
 }
 
-impl ServerList {
+impl BlockBody {
+    /// Takes one `;`-ended statement; `Ok(false)` when it is none of ours.
+    fn statement(&mut self, stmt: &Stmt) -> Result<bool, Error> {
+        let args: Vec<&str> = stmt.words[1..].iter().map(String::as_str).collect();
+        let policy = match (stmt.directive(), args.as_slice()) {
+            ("server", _) => return self.server(stmt).map(|()| true),
+            ("keepalive", [n]) => {
+                self.keepalive = match parse_decimal(n) {
+                    Some(n @ 1..=65535) => n as u32,
+                    _ => return Err(stmt.error("keepalive must be 1..65535 connections")),
+                };
+                return Ok(true);
+            }
+            ("ip_hash", []) => Policy::IpHash,
+            ("least_conn", []) => Policy::LeastConn,
+            ("random", []) => Policy::Random { two: false },
+            ("random", ["two"]) => Policy::Random { two: true },
+            ("hash", [key]) => Policy::Hash {
+                key: (*key).to_owned(),
+                consistent: false,
+            },
+            ("hash", [key, "consistent"]) => Policy::Hash {
+                key: (*key).to_owned(),
+                consistent: true,
+            },
+            ("keepalive" | "ip_hash" | "least_conn" | "random" | "hash", _) => {
+                return Err(stmt.error(format!("bad arguments: {POLICY_USAGE}")))
+            }
+            _ => return Ok(false),
+        };
+        if let Some((_, first)) = &self.policy {
+            return Err(stmt.error(format!(
+                "a balancing method is given twice, on line {first} and line {}",
+                stmt.line
+            )));
+        }
+        self.policy = Some((policy, stmt.line));
+        Ok(true)
+    }
+
     /// `stmt` is a `server ...;` statement.
-    fn add(&mut self, stmt: &Stmt) -> Result<(), Error> {
+    fn server(&mut self, stmt: &Stmt) -> Result<(), Error> {
         let args = stmt.words[1..].join(" ");
         let spec = parse_server_args(&args).map_err(|why| stmt.error(why))?;
         if let Some(first) = self.lines.insert(spec.addr.clone(), stmt.line) {
@@ -654,13 +699,30 @@ impl ServerList {
         self.servers.push(spec);
         Ok(())
     }
+
+    /// The upstream these statements describe, checked as nginx checks it.
+    fn upstream(self, name: &str) -> Result<Upstream, Error> {
+        let mut u = Upstream::new(name, self.servers);
+        if let Some((policy, line)) = self.policy {
+            policy
+                .validate(&u.servers)
+                .map_err(|why| error_at(line, why))?;
+            u.policy = policy;
+        }
+        u.keepalive = self.keepalive;
+        Ok(u)
+    }
 }
 
-/// Parses a body of `server ...;` statements, as ngx_http_dyups_module takes
-/// it: `server 127.0.0.1:8089;server 127.0.0.1:8088;`.
-pub fn parse_servers(body: &str) -> Result<Vec<ServerSpec>, Error> {
+const POLICY_USAGE: &str =
+    "expected `ip_hash;`, `hash KEY [consistent];`, `least_conn;`, `random [two];` or `keepalive N;`";
+
+/// Parses a body of `server ...;` statements as ngx_http_dyups_module takes
+/// it (`server 127.0.0.1:8089;server 127.0.0.1:8088;`), with at most one
+/// balancing line and a `keepalive` line, into the upstream `name`.
+pub fn parse_body(name: &str, body: &str) -> Result<Upstream, Error> {
     let mut lexer = Lexer::new(body)?;
-    let mut list = ServerList::default();
+    let mut block = BlockBody::default();
     loop {
         let stmt = lexer.statement()?;
         match stmt.end {
@@ -668,24 +730,27 @@ pub fn parse_servers(body: &str) -> Result<Vec<ServerSpec>, Error> {
             Terminator::Eof => return Err(stmt.error("missing ';' at the end")),
             Terminator::BlockEnd => return Err(error_at(stmt.line, "unexpected '}'")),
             Terminator::BlockStart => return Err(stmt.error("unexpected '{'")),
-            Terminator::Semicolon => body_statement(&mut list, &stmt)?,
+            Terminator::Semicolon => {
+                if !block.statement(&stmt)? {
+                    return Err(stmt.error(format!(
+                        "unknown directive {:?}: {SERVER_USAGE}",
+                        stmt.directive()
+                    )));
+                }
+            }
         }
     }
-    if list.servers.is_empty() {
+    if block.servers.is_empty() {
         return Err(Error::BadRequest(format!(
             "no server in body: {SERVER_USAGE}"
         )));
     }
-    Ok(list.servers)
+    block.upstream(name)
 }
 
-/// One `;`-ended statement of a body. Balancing policies (`ip_hash;` ...)
-/// will join `server` here.
-fn body_statement(list: &mut ServerList, stmt: &Stmt) -> Result<(), Error> {
-    match stmt.directive() {
-        "server" => list.add(stmt),
-        other => Err(stmt.error(format!("unknown directive {other:?}: {SERVER_USAGE}"))),
-    }
+/// The servers of a body (see [`parse_body`]).
+pub fn parse_servers(body: &str) -> Result<Vec<ServerSpec>, Error> {
+    parse_body("body", body).map(|u| u.servers)
 }
 
 /// Parses an nginx-syntax file of `upstream NAME { ... }` blocks. `server`
@@ -728,14 +793,16 @@ fn upstream_block(lexer: &mut Lexer<'_>, opened: &Stmt) -> Result<Upstream, Erro
         return Err(opened.error("expected `upstream NAME { ... }`"));
     };
     check_name(name).map_err(|why| opened.error(why))?;
-    let mut list = ServerList::default();
+    let mut block = BlockBody::default();
     loop {
         let stmt = lexer.statement()?;
         match (stmt.end, stmt.directive()) {
             (Terminator::BlockEnd, _) => break,
             (Terminator::Eof, _) => return Err(opened.error("the block is not closed")),
-            (Terminator::Semicolon, "server") => list.add(&stmt)?,
-            (Terminator::Semicolon, _) => {}
+            // Other directives (`balancer_by_lua_*`, `check`, ...) are nginx's.
+            (Terminator::Semicolon, _) => {
+                block.statement(&stmt)?;
+            }
             (Terminator::BlockStart, "server") => return Err(stmt.error("unexpected '{'")),
             (Terminator::BlockStart, d) if d.ends_with("_by_lua_block") => {
                 lexer.skip_lua_block(&stmt)?
@@ -743,10 +810,10 @@ fn upstream_block(lexer: &mut Lexer<'_>, opened: &Stmt) -> Result<Upstream, Erro
             (Terminator::BlockStart, _) => lexer.skip_block(&stmt)?,
         }
     }
-    if list.servers.is_empty() {
+    if block.servers.is_empty() {
         return Err(opened.error(format!("upstream {name:?} has no server")));
     }
-    Ok(Upstream::new(name.as_str(), list.servers))
+    block.upstream(name)
 }
 
 // ---------------------------------------------------------------------------
@@ -779,6 +846,11 @@ pub fn render_server(s: &ServerSpec) -> String {
 /// `upstream NAME {` with one indented `server` line per server, then `}`.
 pub fn render_upstream(u: &Upstream) -> String {
     let mut out = format!("upstream {} {{\n", u.name);
+    for line in policy_lines(u) {
+        out.push_str("    ");
+        out.push_str(&line);
+        out.push('\n');
+    }
     for s in &u.servers {
         out.push_str("    ");
         out.push_str(&render_server(s));
@@ -786,6 +858,18 @@ pub fn render_upstream(u: &Upstream) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+/// The balancing and `keepalive` lines of an upstream, if any.
+pub fn policy_lines(u: &Upstream) -> Vec<String> {
+    let mut lines = Vec::new();
+    if u.policy != Policy::RoundRobin {
+        lines.push(u.policy.to_string());
+    }
+    if u.keepalive > 0 {
+        lines.push(format!("keepalive {};", u.keepalive));
+    }
+    lines
 }
 
 /// Every upstream block, after a header comment, separated by blank lines.
@@ -812,6 +896,66 @@ mod tests {
             Err(Error::BadRequest(m)) => m,
             other => panic!("expected BadRequest, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn bodies_and_files_take_one_balancing_line_and_keepalive() {
+        let u = parse_body("u", "ip_hash; server 10.0.0.1:80; keepalive 8;").unwrap();
+        assert_eq!(
+            (u.policy, u.keepalive, u.servers.len()),
+            (Policy::IpHash, 8, 1)
+        );
+        let u = parse_body("u", "hash $request_uri consistent;server 10.0.0.1:80;").unwrap();
+        assert_eq!(
+            u.policy,
+            Policy::Hash {
+                key: "$request_uri".into(),
+                consistent: true
+            }
+        );
+        assert_eq!(
+            parse_body("u", "random two; server 10.0.0.1;")
+                .unwrap()
+                .policy,
+            Policy::Random { two: true }
+        );
+        assert_eq!(
+            parse_body("u", "least_conn; server 10.0.0.1;")
+                .unwrap()
+                .policy,
+            Policy::LeastConn
+        );
+        let m = bad(parse_body("u", "ip_hash;\nleast_conn;\nserver 10.0.0.1;"));
+        assert_eq!(
+            m,
+            "line 2: least_conn: a balancing method is given twice, on line 1 and line 2"
+        );
+        let m = bad(parse_body("u", "ip_hash;\nserver 10.0.0.1 backup;"));
+        assert!(
+            m.contains(
+                "line 1: balancing method \"ip_hash\" does not support parameter \"backup\""
+            ),
+            "{m}"
+        );
+        let m = bad(parse_body("u", "hash;server 10.0.0.1;"));
+        assert!(m.contains("line 1: hash: bad arguments"), "{m}");
+        let m = bad(parse_body("u", "random three;server 10.0.0.1;"));
+        assert!(m.contains("bad arguments"), "{m}");
+        let m = bad(parse_body("u", "keepalive 0;server 10.0.0.1;"));
+        assert!(m.contains("keepalive must be 1..65535"), "{m}");
+
+        let t = parse_upstream_file(
+            "upstream a {\n  hash $arg_user$cookie_x;\n  server 10.0.0.1;\n  keepalive 32;\n  balancer_by_lua_file x.lua;\n}\n",
+        )
+        .unwrap();
+        let a = t.get("a").unwrap();
+        assert_eq!(a.policy.to_string(), "hash $arg_user$cookie_x;");
+        assert_eq!(a.keepalive, 32);
+        assert_eq!(
+            render_upstream(a),
+            "upstream a {\n    hash $arg_user$cookie_x;\n    keepalive 32;\n    server 10.0.0.1:80;\n}\n"
+        );
+        assert_eq!(parse_upstream_file(&render_upstream_file(&t)).unwrap(), t);
     }
 
     #[test]
@@ -994,10 +1138,10 @@ mod tests {
             m,
             "line 3: server 127.0.0.1:80 weight=0: weight=0: weight must be 1..1000"
         );
-        let m = bad(parse_servers("server 127.0.0.1:80;\nip_hash;"));
+        let m = bad(parse_servers("server 127.0.0.1:80;\nsticky cookie;"));
         assert_eq!(
             m,
-            "line 2: ip_hash: unknown directive \"ip_hash\": expected `server ADDR [PARAMS];`"
+            "line 2: sticky cookie: unknown directive \"sticky\": expected `server ADDR [PARAMS];`"
         );
         let m = bad(parse_servers("server 127.0.0.1:80;\nserver 127.0.0.1:81"));
         assert_eq!(m, "line 2: server 127.0.0.1:81: missing ';' at the end");

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::attempts::Attempts;
-use crate::balancer::{pick_for_request, Balancer, Retry};
+use crate::balancer::Retry;
+use crate::model::Upstream;
+use crate::policy::Policy;
+use crate::policy::{PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::Result;
 
@@ -16,6 +19,11 @@ use crate::Result;
 pub const STALE: i32 = -2;
 pub const NO_LIVE: i32 = -1;
 pub const UNKNOWN: i32 = -3;
+
+/// How often `check_file` reads the whole table to catch damage that left
+/// the commit word alone: one look in this many (the timer looks every
+/// `refresh`, 50 ms by default, so about once a second).
+const VERIFY_EVERY: u32 = 20;
 
 /// In-flight requests whose retries a worker remembers.
 const ATTEMPTS: usize = 4096;
@@ -26,7 +34,7 @@ pub struct Worker {
     entry: Option<usize>,
     snapshot: Snapshot,
     index: HashMap<String, u32>,
-    balancers: Vec<Balancer>,
+    balancers: Vec<PolicyState>,
     attempts: Attempts,
     started: Instant,
     /// Why the last refresh failed, while it keeps failing.
@@ -37,6 +45,8 @@ pub struct Worker {
     /// Why a refresh read the previous table instead of the current one,
     /// for the timer to log (the request path cannot).
     notice: Option<String>,
+    /// Looks at the file so far (`check_file`).
+    looks: u32,
 }
 
 impl Worker {
@@ -53,6 +63,7 @@ impl Worker {
             error: None,
             failed_at: None,
             notice: None,
+            looks: 0,
         };
         w.rebuild(None);
         Ok(w)
@@ -120,7 +131,7 @@ impl Worker {
                 // the upstreams whose rev moved get a new balancer.
                 for (i, (o, n)) in old.iter().zip(new).enumerate() {
                     if o.rev != n.rev {
-                        let mut fresh = Balancer::new(&n.servers);
+                        let mut fresh = state_for(n);
                         fresh.carry_over(&self.balancers[i], &o.servers, &n.servers);
                         self.balancers[i] = fresh;
                     }
@@ -128,7 +139,7 @@ impl Worker {
                 return;
             }
         }
-        let mut old_balancers: HashMap<String, (Balancer, usize)> = HashMap::new();
+        let mut old_balancers: HashMap<String, (PolicyState, usize)> = HashMap::new();
         if let Some(old) = &old {
             for (i, b) in std::mem::take(&mut self.balancers).into_iter().enumerate() {
                 old_balancers.insert(old.table.upstreams[i].name.clone(), (b, i));
@@ -141,11 +152,11 @@ impl Worker {
             let b = match (old.as_ref(), old_balancers.remove(&u.name)) {
                 (Some(o), Some((b, at))) if o.table.upstreams[at].rev == u.rev => b,
                 (Some(o), Some((b, at))) => {
-                    let mut fresh = Balancer::new(&u.servers);
+                    let mut fresh = state_for(u);
                     fresh.carry_over(&b, &o.table.upstreams[at].servers, &u.servers);
                     fresh
                 }
-                _ => Balancer::new(&u.servers),
+                _ => state_for(u),
             };
             self.balancers.push(b);
         }
@@ -159,6 +170,8 @@ impl Worker {
         let path = self.store.path().display().to_string();
         let health = match self.store.health() {
             // Overwritten in place: the same file, but no table to read.
+            // Verified after a failed refresh, and every VERIFY_EVERY looks.
+            Health::Same if self.error.is_none() && !self.verify_due() => return None,
             Health::Same => match self.store.read() {
                 Err(e) => Health::Damaged(format!("its table is unreadable ({e})")),
                 Ok(_) => return None,
@@ -207,6 +220,12 @@ impl Worker {
         })
     }
 
+    /// Counts the looks at the file; true every `VERIFY_EVERY`th.
+    fn verify_due(&mut self) -> bool {
+        self.looks = self.looks.wrapping_add(1);
+        self.looks.is_multiple_of(VERIFY_EVERY)
+    }
+
     /// What the error log should say about the last refreshes, once.
     pub fn take_notice(&mut self) -> Option<String> {
         self.notice.take()
@@ -218,13 +237,15 @@ impl Worker {
     }
 
     /// Picks a server of upstream `id` for one attempt of request `key`.
+    /// `hash_key` is the request's evaluated hash key (for `ip_hash`, the
+    /// client address as text); empty for the other methods.
     /// Returns its index in the upstream, or `STALE` when the caller's ids
     /// are from another generation than the current one (the caller then
     /// resolves the name again), `NO_LIVE` or `UNKNOWN`.
     ///
     /// When the table cannot be read, the worker keeps routing by the last
     /// table it could read (`error` says why) rather than failing requests.
-    pub fn pick(&mut self, id: u32, seen: u64, key: usize, retry: Retry) -> i32 {
+    pub fn pick(&mut self, id: u32, seen: u64, key: usize, retry: Retry, hash_key: &[u8]) -> i32 {
         let published = self.store.generation();
         if published != self.snapshot.seen && self.failed_at != Some(published) {
             let _ = self.refresh();
@@ -236,17 +257,79 @@ impl Worker {
             return UNKNOWN;
         };
         let now = self.started.elapsed().as_millis() as u64;
-        let picked = pick_for_request(
-            &mut self.balancers[id as usize],
+        let state = &mut self.balancers[id as usize];
+        let mut client = [0u8; 16];
+        let input = match upstream.policy {
+            Policy::IpHash => PickInput {
+                client: client_bytes(hash_key, &mut client),
+                ..PickInput::default()
+            },
+            _ => PickInput {
+                key: hash_key,
+                ..PickInput::default()
+            },
+        };
+        let attempt = match retry {
+            Retry::First => self.attempts.begin(key, id, self.snapshot.seen),
+            Retry::Failed | Retry::Next => {
+                self.attempts.resume_or_begin(key, id, self.snapshot.seen)
+            }
+        };
+        if retry == Retry::Failed {
+            if let Some(last) = attempt.last {
+                state.report_failure(&upstream.servers, last, now);
+            }
+        }
+        let picked = state.pick_with_cursor(
             &upstream.servers,
-            &mut self.attempts,
-            key,
-            id,
-            self.snapshot.seen,
-            retry,
+            &input,
+            &attempt.tried,
+            &mut attempt.cursor,
             now,
         );
+        attempt.last = picked;
+        if let Some(i) = picked {
+            attempt.tried.insert(i);
+        }
         picked.map_or(NO_LIVE, |i| i as i32)
+    }
+
+    /// How the request path must evaluate the hash key of upstream `id`:
+    /// its balancing method.
+    pub fn policy(&self, id: u32) -> Option<&Policy> {
+        self.snapshot
+            .table
+            .upstreams
+            .get(id as usize)
+            .map(|u| &u.policy)
+    }
+}
+
+/// The balancing state of a freshly read upstream. The table's policy was
+/// checked when it was written; a state that cannot be built (never, in a
+/// table this crate wrote) balances by round robin.
+fn state_for(u: &Upstream) -> PolicyState {
+    PolicyState::new(u.policy.clone(), &u.servers)
+        .or_else(|_| PolicyState::new(Policy::RoundRobin, &u.servers))
+        .expect("round robin takes any server list")
+}
+
+/// The client address `text` (nginx's `$remote_addr`) as the bytes ip_hash
+/// hashes: 4 for IPv4, 16 for IPv6, none for anything else (a unix socket).
+fn client_bytes<'a>(text: &[u8], buf: &'a mut [u8; 16]) -> &'a [u8] {
+    let parsed = std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| t.parse::<std::net::IpAddr>().ok());
+    match parsed {
+        Some(std::net::IpAddr::V4(v4)) => {
+            buf[..4].copy_from_slice(&v4.octets());
+            &buf[..4]
+        }
+        Some(std::net::IpAddr::V6(v6)) => {
+            buf.copy_from_slice(&v6.octets());
+            &buf[..]
+        }
+        None => &buf[..0],
     }
 }
 
@@ -271,10 +354,12 @@ mod tests {
         w
     }
 
-    /// Checks the file until it is whole again, as the timer does.
+    /// Checks the file until it is whole again, as the timer does: a
+    /// refresh, then a look at the file.
     fn heal(w: &mut Worker) -> String {
-        let said = w
-            .check_file(std::process::id())
+        let _ = w.refresh();
+        let said = (0..VERIFY_EVERY)
+            .find_map(|_| w.check_file(std::process::id()))
             .expect("the damage went unnoticed");
         assert!(
             w.check_file(std::process::id()).is_none(),
@@ -325,7 +410,7 @@ mod tests {
         // The next look at the commit word would raise SIGBUS: the guard
         // turns the lost page into zeros instead.
         assert_eq!(w.store().generation(), 0);
-        assert!(w.pick(0, before.seen, 1, crate::balancer::Retry::First) >= 0);
+        assert!(w.pick(0, before.seen, 1, crate::balancer::Retry::First, b"") >= 0);
         let said = heal(&mut w);
         assert!(said.contains("is damaged: it was cut short"), "{said}");
         assert_whole(&w, &dir, &before);

@@ -4,7 +4,7 @@
 -- C-API call), with no allocation and no string building. Resolving a name
 -- after the table changed goes through the Rust module once per upstream,
 -- per change, per worker.
-local pick_fn, current_fn, resolve = ...
+local pick_fn, current_fn, key_addr, KEY_MAX, resolve = ...
 
 local ffi = require "ffi"
 
@@ -13,7 +13,10 @@ local STALE, NO_LIVE, UNKNOWN = -2, -1, -3
 -- upstreams" and answers 502, exactly as its own round robin does.
 local NGX_BUSY = -3
 
-local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t)", pick_fn)
+local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, uint32_t)", pick_fn)
+-- The Rust-owned buffer a request's hash key is written to.
+local key_buf = ffi.cast("uint8_t *", key_addr)
+local ffi_copy = ffi.copy
 local current = ffi.cast("int64_t (*)(void)", current_fn)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
@@ -91,7 +94,24 @@ return function(name)
             return fail("no upstream \"", name, "\" in the table")
         end
 
-        local i = pick(e.id, seen, get_request(), retry)
+        -- hash and ip_hash: evaluate the key into the buffer, part by part,
+        -- without building a string.
+        local key_len = 0
+        local parts = e.parts
+        if parts then
+            for j = 1, #parts do
+                local part = parts[j]
+                local v = part.text or var[part.var] or ""
+                local n = #v
+                if key_len + n > KEY_MAX then
+                    n = KEY_MAX - key_len
+                end
+                ffi_copy(key_buf + key_len, v, n)
+                key_len = key_len + n
+            end
+        end
+
+        local i = pick(e.id, seen, get_request(), retry, key_len)
         if i >= 0 then
             if retry == 0 and e.tries > 1 then
                 set_more_tries(e.tries - 1)

@@ -9,12 +9,15 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
 use parking_lot::Mutex;
 
 use crate::auth;
 use crate::balancer::Retry;
 use crate::model::Table as UpstreamTable;
+use crate::policy::Policy;
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
 use crate::syntax::render_server;
@@ -51,6 +54,14 @@ struct Config {
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+/// Longest hash key used; longer keys are cut here.
+const KEY_MAX: usize = 8192;
+/// Where the request path writes a request's evaluated hash key before it
+/// calls `dyups_pick` (LuaJIT's ffi.copy into this address). Rust-owned and
+/// atomic, so reading it takes no raw pointer.
+static KEY: [AtomicU8; KEY_MAX] = [const { AtomicU8::new(0) }; KEY_MAX];
+/// The key copied out of `KEY` for one pick; kept to avoid an allocation.
+static KEY_COPY: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 /// This worker's routing state; the FFI pick reads it on every request.
 static WORKER: Mutex<Option<Worker>> = Mutex::new(None);
 
@@ -81,10 +92,11 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
+    let key = LightUserData(KEY.as_ptr() as *mut c_void);
     let balance: Function = lua
         .load(include_str!("balance.lua"))
         .set_name("=ngx.dyups.balance")
-        .call((pick, current, lua.create_function(resolve)?))?;
+        .call((pick, current, key, KEY_MAX, lua.create_function(resolve)?))?;
     m.set("balance", balance)?;
     let raising = [
         "init",
@@ -583,7 +595,9 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
         servers.push(t)?;
     }
     let t = lua.create_table()?;
-    t.set("name", u.name)?;
+    t.set("name", u.name.as_str())?;
+    t.set("policy", u.policy.to_string())?;
+    t.set("keepalive", u.keepalive)?;
     t.set("servers", servers)?;
     Ok((Value::Table(t), None))
 }
@@ -601,8 +615,13 @@ fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
 /// from the configuration.
 fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
     let cfg = config().map_err(Error::Internal)?;
-    let store = match WORKER.lock().as_ref() {
-        Some(w) => w.store().clone(),
+    let store = match WORKER.lock().as_mut() {
+        Some(w) => {
+            // Moves to a file restored or replaced since the last tick, so
+            // a write lands in the file at the path.
+            let _ = w.check_file(std::process::id());
+            w.store().clone()
+        }
         None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?,
     };
     Ok((cfg, store))
@@ -1003,6 +1022,18 @@ fn resolve(lua: &Lua, name: mlua::LuaString) -> LuaResult<(Value, Option<u64>, O
     let hosts = lua.create_sequence_from(u.servers.iter().map(|s| s.addr.host()))?;
     let ports = lua.create_sequence_from(u.servers.iter().map(|s| s.addr.port()))?;
     let e = lua.create_table()?;
+    if let Some(parts) = key_parts(&u.policy) {
+        let list = lua.create_table()?;
+        for part in parts {
+            let p = lua.create_table()?;
+            match part {
+                KeyPart::Var(name) => p.set("var", name)?,
+                KeyPart::Text(text) => p.set("text", text)?,
+            }
+            list.push(p)?;
+        }
+        e.set("parts", list)?;
+    }
     e.set("id", id)?;
     e.set("tries", u.servers.len())?;
     e.set("hosts", hosts)?;
@@ -1025,18 +1056,81 @@ extern "C" fn dyups_current() -> i64 {
     .unwrap_or(-1)
 }
 
+/// A piece of a hash key expression: `$request_uri`, `${host}`, or text.
+enum KeyPart {
+    Var(String),
+    Text(String),
+}
+
+/// What the request path evaluates into `KEY` for an upstream: the hash
+/// key's parts, the client address for ip_hash, nothing for the others.
+fn key_parts(policy: &Policy) -> Option<Vec<KeyPart>> {
+    match policy {
+        Policy::IpHash => Some(vec![KeyPart::Var("remote_addr".into())]),
+        Policy::Hash { key, .. } => Some(split_key(key)),
+        _ => None,
+    }
+}
+
+/// Splits an nginx complex value into variables and text, as nginx reads
+/// `$name` (letters, digits, `_`) and `${name}`.
+fn split_key(key: &str) -> Vec<KeyPart> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut rest = key;
+    while let Some(at) = rest.find('$') {
+        text.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, next) = match after.strip_prefix('{').and_then(|a| a.split_once('}')) {
+            Some((name, next)) => (name, next),
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            }
+        };
+        if name.is_empty() {
+            text.push('$');
+        } else {
+            if !text.is_empty() {
+                parts.push(KeyPart::Text(std::mem::take(&mut text)));
+            }
+            parts.push(KeyPart::Var(name.to_owned()));
+        }
+        rest = next;
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        parts.push(KeyPart::Text(text));
+    }
+    parts
+}
+
 /// The per-request pick, called through LuaJIT's FFI (see balance.lua):
 /// integers in, an integer out, nothing allocated.
-extern "C" fn dyups_pick(id: u32, seen: u64, request: *const c_void, retry: i32) -> i32 {
+extern "C" fn dyups_pick(
+    id: u32,
+    seen: u64,
+    request: *const c_void,
+    retry: i32,
+    key_len: u32,
+) -> i32 {
     let retry = match retry {
         0 => Retry::First,
         1 => Retry::Failed,
         _ => Retry::Next,
     };
     // A panic must not unwind into LuaJIT: it would abort the worker.
-    std::panic::catch_unwind(|| match WORKER.lock().as_mut() {
-        Some(w) => w.pick(id, seen, request as usize, retry),
-        None => UNKNOWN,
+    std::panic::catch_unwind(|| {
+        let mut key = KEY_COPY.lock();
+        key.clear();
+        let len = (key_len as usize).min(KEY_MAX);
+        key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
+        match WORKER.lock().as_mut() {
+            Some(w) => w.pick(id, seen, request as usize, retry, &key),
+            None => UNKNOWN,
+        }
     })
     .unwrap_or(UNKNOWN)
 }

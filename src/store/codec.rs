@@ -6,8 +6,10 @@
 //! ```text
 //! payload  := version u64, upstream count u32, change count u32,
 //!             upstream*, change*
-//! upstream := name, rev u64, length u32 (bytes of what follows: the
-//!             server count and the servers), server count u32, server*
+//! upstream := name, rev u64, length u32 (bytes of what follows, to its
+//!             last server), policy, keepalive u32, server count u32, server*
+//! policy   := 0 round robin | 1 ip_hash | 2 hash, key | 3 hash consistent,
+//!             key | 4 least_conn | 5 random | 6 random two  (key: a name)
 //! server   := address, weight u32, max_fails u32, fail_timeout u32,
 //!             flags u8 (1 = backup, 2 = down)
 //! change   := version u64, name, address, removed u8 (0 or 1)
@@ -25,6 +27,7 @@ use crate::model::{
     check_name, Address, Change, ServerSpec, Table, Upstream, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX,
     WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
 pub const CHANGE_LOG_MAX: usize = 512;
@@ -50,6 +53,8 @@ pub fn encode(p: &Payload) -> Vec<u8> {
         out.extend_from_slice(&u.rev.to_le_bytes());
         let length_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
+        put_policy(&mut out, &u.policy);
+        out.extend_from_slice(&u.keepalive.to_le_bytes());
         out.extend_from_slice(&(u.servers.len() as u32).to_le_bytes());
         for s in &u.servers {
             put_addr(&mut out, &s.addr);
@@ -69,6 +74,20 @@ pub fn encode(p: &Payload) -> Vec<u8> {
         out.push(c.removed as u8);
     }
     out
+}
+
+fn put_policy(out: &mut Vec<u8>, p: &Policy) {
+    let (kind, key) = match p {
+        Policy::RoundRobin => (0, None),
+        Policy::IpHash => (1, None),
+        Policy::Hash { key, consistent } => (2 + *consistent as u8, Some(key)),
+        Policy::LeastConn => (4, None),
+        Policy::Random { two } => (5 + *two as u8, None),
+    };
+    out.push(kind);
+    if let Some(key) = key {
+        put_str(out, key);
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -143,6 +162,22 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
             String::from_utf8(name.to_vec()).map_err(|_| "invalid UTF-8 in a name".to_owned())?;
         check_name(&name)?;
         let mut s = Reader { b: body, at: 0 };
+        let policy = match s.u8()? {
+            0 => Policy::RoundRobin,
+            1 => Policy::IpHash,
+            k @ (2 | 3) => Policy::Hash {
+                key: s.str()?,
+                consistent: k == 3,
+            },
+            4 => Policy::LeastConn,
+            k @ (5 | 6) => Policy::Random { two: k == 6 },
+            k => {
+                return Err(format!(
+                    "upstream {name:?} has unknown balancing method {k}"
+                ))
+            }
+        };
+        let keepalive = s.u32()?;
         let n = s.u32()? as usize;
         let mut servers = Vec::with_capacity(n.min(s.left() / 8));
         for _ in 0..n {
@@ -154,9 +189,16 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
                 s.left()
             ));
         }
-        table
-            .upstreams
-            .push(Arc::new(Upstream { name, servers, rev }));
+        policy
+            .validate(&servers)
+            .map_err(|why| format!("upstream {name:?}: {why}"))?;
+        table.upstreams.push(Arc::new(Upstream {
+            name,
+            policy,
+            keepalive,
+            servers,
+            rev,
+        }));
     }
     let mut log = Vec::with_capacity(changes.min(r.left() / 8));
     for _ in 0..changes {
@@ -299,10 +341,21 @@ pub(crate) mod tests {
         let mut table = Table::default();
         table.upsert(Upstream {
             name: "local".into(),
+            policy: Policy::LeastConn,
+            keepalive: 16,
             servers: vec![a, b, c],
             rev: 3,
         });
         table.upsert(Upstream::new("dyhost", vec![]));
+        let mut hashed = Upstream::new(
+            "hashed",
+            vec![ServerSpec::new(Address::Unix("/run/h.sock".into()))],
+        );
+        hashed.policy = Policy::Hash {
+            key: "$request_uri".into(),
+            consistent: true,
+        };
+        table.upsert(hashed);
         Payload {
             version: 4,
             changes: vec![Change {

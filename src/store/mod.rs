@@ -264,13 +264,15 @@ impl StateFile {
     /// How the file at the path compares with the one this process maps.
     pub fn health(&self) -> Health {
         use std::os::unix::fs::MetadataExt;
-        if self.map.patched() {
-            return Health::Damaged("it was cut short under the running process".into());
-        }
+        // Another file at the path first: once a worker has restored the
+        // file, the others must take it, not restore over it.
         match std::fs::metadata(&self.path) {
             Err(e) if e.kind() == ErrorKind::NotFound => Health::Missing,
             Err(e) => Health::Damaged(format!("it cannot be examined: {e}")),
             Ok(m) if (m.dev(), m.ino()) != self.identity => Health::Replaced,
+            Ok(_) if self.map.patched() => {
+                Health::Damaged("it was cut short under the running process".into())
+            }
             Ok(m) if m.len() < self.geometry.file_len => Health::Damaged(format!(
                 "it is {} bytes long, {} were mapped",
                 m.len(),
@@ -428,6 +430,14 @@ impl StateFile {
         before_publish: impl FnOnce(),
     ) -> Result<(u64, R)> {
         let _guard = self.lock(opts.wait)?;
+        if let h @ (Health::Missing | Health::Replaced) = self.health() {
+            // An acknowledged write must land in the file at the path.
+            return Err(Error::Internal(format!(
+                "state file {} was {} under this process; it moves to the file there within a moment: retry",
+                self.path.display(),
+                if h == Health::Missing { "deleted" } else { "replaced" }
+            )));
+        }
         let current = self.read()?;
         if let Some(expected) = opts.expect {
             if expected != current.version {

@@ -715,9 +715,21 @@ fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
         .zip(&after.table.upstreams)
         .map(|(x, y)| Arc::ptr_eq(x, y))
         .collect();
-    assert_eq!(shared, [true, true, false, true], "local, a, b (changed), c");
+    assert_eq!(
+        shared,
+        [true, true, false, true],
+        "local, a, b (changed), c"
+    );
     assert_eq!(after.table.get("b").unwrap().rev, after.version);
-    assert_eq!(after.table.get("a").unwrap().rev, before.table.get("a").unwrap().rev);
+    assert_eq!(
+        after.table.get("a").unwrap().rev,
+        before.table.get("a").unwrap().rev
+    );
     // Another process, with nothing to share, decodes the same table.
-    assert_eq!(inspect_image(&std::fs::read(dir.file()).unwrap(), "img").unwrap().table, after.table);
+    assert_eq!(
+        inspect_image(&std::fs::read(dir.file()).unwrap(), "img")
+            .unwrap()
+            .table,
+        after.table
+    );
 }

@@ -1,0 +1,170 @@
+-- Balancing policies against nginx's own: one nginx with 2 workers holds, for
+-- each policy, a native upstream and the same upstream in ngx.dyups, and
+-- every key (or client address) must reach the same backend through both.
+local nginx = require "spec.helpers.nginx"
+local dy = require "spec.helpers.dyups"
+local T = require "spec.helpers.traffic"
+
+local WEIGHTS = { 1, 2, 1, 3 }
+
+local function servers(ports, extra)
+  local out = {}
+  for i, p in ipairs(ports) do
+    out[#out + 1] = ("        server 127.0.0.1:%d weight=%d%s;"):format(p, WEIGHTS[i], extra or "")
+  end
+  return table.concat(out, "\n")
+end
+
+describe("balancing policies, side by side with nginx's own", function()
+  local inst, ports
+
+  lazy_setup(function()
+    ports = select(2, dy.backends(#WEIGHTS))
+    local policies = {
+      chash = "hash $arg_k consistent;",
+      hash = "hash $arg_k;",
+      iphash = "ip_hash;",
+    }
+    local seed, native = {}, {}
+    for name, line in pairs(policies) do
+      local block = ("upstream %s {\n        %s\n%s\n    }"):format(name, line, servers(ports))
+      seed[#seed + 1] = block
+      native[#native + 1] = block:gsub("^upstream " .. name, "upstream native_" .. name)
+    end
+    inst = nginx.new {
+      workers = 2,
+      conf = [[
+http {
+    lua_package_path "${lua_package_path}";
+    lua_package_cpath "${lua_package_cpath}";
+    set_real_ip_from 127.0.0.1;
+    real_ip_header X-Real-IP;
+
+    init_by_lua_block {
+        assert(require("ngx.dyups").init{ path = "state/dyups.state", upstreams = "conf/upstream.conf" })
+    }
+    init_worker_by_lua_block { assert(require("ngx.dyups").init_worker()) }
+
+    ${native}
+
+    upstream dy_chash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("chash") } }
+    upstream dy_hash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("hash") } }
+    upstream dy_iphash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("iphash") } }
+
+    server {
+        listen 127.0.0.1:${port_proxy} reuseport;
+        location ~ ^/native/(\w+)$ { proxy_pass http://native_$1; }
+        location ~ ^/dy/(\w+)$ { proxy_pass http://dy_$1; }
+    }
+    server {
+        listen 127.0.0.1:${port_api};
+        location / { content_by_lua_file ${repo}/lua/dyups_api.lua; }
+    }
+}
+]],
+      vars = { native = table.concat(native, "\n    ") },
+    }
+    nginx.write_file(inst.prefix .. "/conf/upstream.conf", table.concat(seed, "\n") .. "\n")
+    inst:start()
+  end)
+
+  lazy_teardown(function()
+    nginx.stop_all()
+  end)
+
+  --- A kept-open connection to the proxy that reconnects when nginx ends
+  --- it (keepalive_requests).
+  local function connection()
+    return { c = T.conn(inst.ports.proxy), close = function(self) self.c:close() end }
+  end
+
+  --- The backend port that `path` reaches.
+  local function port_of(conn, path, headers)
+    local status, body = conn.c:request("GET", path, { headers = headers })
+    if not status then
+      conn.c:close()
+      conn.c = T.conn(inst.ports.proxy)
+      status, body = conn.c:request("GET", path, { headers = headers })
+    end
+    assert(status == 200, ("%s: %s %s"):format(path, tostring(status), tostring(body)))
+    return tonumber(body:match("^(%d+)"))
+  end
+
+  local function compare(policy, n, request)
+    local native, ours = connection(), connection()
+    local differ, seen = {}, {}
+    for i = 1, n do
+      local query, headers = request(i)
+      local a = port_of(native, "/native/" .. policy .. query, headers)
+      local b = port_of(ours, "/dy/" .. policy .. query, headers)
+      seen[a] = (seen[a] or 0) + 1
+      if a ~= b and #differ < 5 then
+        differ[#differ + 1] = ("%s: native %d, dyups %d"):format(query .. (headers and headers["X-Real-IP"] or ""), a, b)
+      end
+    end
+    native:close()
+    ours:close()
+    return differ, seen
+  end
+
+  it("hash $arg_k consistent: 10,000 keys reach the same server as nginx's", function()
+    local differ, seen = compare("chash", 10000, function(i) return "?k=key" .. i end)
+    assert.same({}, differ)
+    -- Every server takes some keys (the weights make the ring uneven).
+    for _, p in ipairs(ports) do assert.is_true((seen[p] or 0) > 200, "server " .. p) end
+  end)
+
+  it("hash $arg_k: 3,000 keys reach the same server as nginx's", function()
+    local differ = compare("hash", 3000, function(i) return "?k=" .. (i * 7919) end)
+    assert.same({}, differ)
+  end)
+
+  it("ip_hash: 2,000 clients in 500 networks reach the same server as nginx's, and /24s stick", function()
+    local differ = compare("iphash", 2000, function(i)
+      return "", { ["X-Real-IP"] = ("10.%d.%d.%d"):format(i % 7, math.floor(i / 4) % 251, i % 250 + 1) }
+    end)
+    assert.same({}, differ)
+  end)
+
+  it("hash consistent: taking one server out moves only the keys it held", function()
+    local conn = connection()
+    local before = {}
+    for i = 1, 3000 do before[i] = port_of(conn, "/dy/chash?k=key" .. i) end
+    local gone = ports[2]
+    local status = nginx.http(inst.ports.api, "DELETE", ("/upstream/chash/servers/127.0.0.1:%d"):format(gone))
+    assert.equal(200, status)
+    local moved, kept = 0, 0
+    for i = 1, 3000 do
+      local now = port_of(conn, "/dy/chash?k=key" .. i)
+      assert.are_not.equal(gone, now)
+      if before[i] == gone then
+        moved = moved + 1
+      else
+        assert.equal(before[i], now, "key" .. i .. " moved though its server stayed")
+        kept = kept + 1
+      end
+    end
+    conn:close()
+    assert.is_true(moved > 300 and kept > 1500, ("moved %d, kept %d"):format(moved, kept))
+  end)
+
+  it("shows the policy in /upstream/NAME, /detail and the JSON view", function()
+    local _, body = nginx.http(inst.ports.api, "GET", "/upstream/iphash")
+    assert.matches("^ip_hash;\n", body)
+    local _, detail = nginx.http(inst.ports.api, "GET", "/detail")
+    assert.truthy(detail:find("chash\nhash $arg_k consistent;\nserver ", 1, true), detail)
+    local _, json = nginx.http(inst.ports.api, "GET", "/upstream/hash?format=json")
+    assert.truthy(json:find('"policy":"hash $arg_k;"', 1, true), json)
+  end)
+
+  it("refuses a backup server under ip_hash, and a second balancing line", function()
+    local status, body = nginx.http(inst.ports.api, "POST", "/upstream/iphash/servers",
+      { body = "127.0.0.1:1 backup" })
+    assert.equal(400, status)
+    assert.truthy(body:find('does not support parameter "backup"', 1, true), body)
+    status, body = nginx.http(inst.ports.api, "POST", "/upstream/x",
+      { body = "ip_hash;\nleast_conn;\nserver 127.0.0.1:1;" })
+    assert.equal(400, status)
+    assert.truthy(body:find("line 2: least_conn: a balancing method is given twice", 1, true), body)
+  end)
+end)
