@@ -501,8 +501,17 @@ def minlua_conf(port, backends):
 """
 
 
-def dyups_conf(port, api_port, size="1m", extra_init=""):
-    """The README's pattern: map $proxy_host, balancer_by_lua_file lua/upstream.lua."""
+def dyups_conf(port, api_port, size="1m", extra_init="", x_worker=True, named=False):
+    """The README's pattern: map $proxy_host, balancer_by_lua_file lua/upstream.lua.
+
+    x_worker: `add_header X-Worker $pid` (section 2 pins workers by it); off
+    for section 1, whose other proxies do not pay for it (~700 instructions a
+    request, 3 % of the proxy's user time). named: upstream `bench` balances
+    with `balance("bench")` in a balancer_by_lua_block, which skips reading
+    $dyups_upstream (the map)."""
+    xw = "add_header X-Worker $pid always;" if x_worker else ""
+    bench_bal = ('balancer_by_lua_block { require("ngx.dyups").balance("bench") }' if named
+                 else f"balancer_by_lua_file {REPO}/lua/upstream.lua;")
     return lua_paths() + f"""
     map $proxy_host $dyups_upstream {{
         default        $proxy_host;
@@ -522,7 +531,7 @@ def dyups_conf(port, api_port, size="1m", extra_init=""):
     }}
     upstream bench {{
         server 0.0.0.1;
-        balancer_by_lua_file {REPO}/lua/upstream.lua;
+        {bench_bal}
         keepalive 32;
     }}
     upstream u {{
@@ -543,7 +552,7 @@ def dyups_conf(port, api_port, size="1m", extra_init=""):
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
 {PROXY_SERVER}
-        add_header X-Worker $pid always;
+        {xw}
         location / {{ proxy_pass http://bench; }}
         location /u {{ proxy_pass http://u; }}
         location /churn {{ proxy_pass http://churn; }}
@@ -572,11 +581,15 @@ def srv(b, extra=""):
 def section_throughput(cfg, root, backends, res):
     b2 = backends[:2]
     pn, pm, pd, papi = free_port(), free_port(), free_port(), free_port()
+    pdn, papin = free_port(), free_port()
+    seed = {"conf/upstream.conf": "upstream bench { %s %s }\n" % (srv(b2[0]), srv(b2[1]))}
     proxies = [
         ("native", Nginx(root, "p-native", 1, native_conf(pn, b2)), pn),
         ("minimal-lua", Nginx(root, "p-minlua", 1, minlua_conf(pm, b2)), pm),
-        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi), files={
-            "conf/upstream.conf": "upstream bench { %s %s }\n" % (srv(b2[0]), srv(b2[1]))}), pd),
+        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi, x_worker=False), files=seed), pd),
+        # Informative: the same without the $dyups_upstream read (map + ngx.var).
+        ("dyups-named", Nginx(root, "p-dyups-named", 1,
+                              dyups_conf(pdn, papin, x_worker=False, named=True), files=seed), pdn),
     ]
     for _, inst, port in proxies:
         inst.start([port])
@@ -609,6 +622,9 @@ def section_throughput(cfg, root, backends, res):
     out["ratio_minlua"] = out["dyups"]["rps"] / out["minimal-lua"]["rps"]
     out["ratio_native_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
     out["ratio_minlua_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, m)])
+    dn = runs["dyups-named"]
+    out["ratio_named_minlua_paired"] = med([a["rps"] / b["rps"] for a, b in zip(dn, m)])
+    out["ratio_named_dyups_paired"] = med([a["rps"] / b["rps"] for a, b in zip(dn, d)])
     res["throughput"] = out
 
 
@@ -922,7 +938,7 @@ def report(cfg, res, elapsed):
         p(f"1. Throughput and latency: 1 proxy worker each, same 2 backends (own nginx, 1 worker), "
           f"{cfg.rounds} interleaved rounds x {cfg.secs} s, medians")
         p(f"   {'proxy':14s} {'req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}   req/s per round")
-        for name in ("native", "minimal-lua", "dyups"):
+        for name in ("native", "minimal-lua", "dyups", "dyups-named"):
             r = tp[name]
             p(f"   {name:14s} {r['rps']:10.0f} {r['p50']:8.3f} {r['p99']:8.3f} {r['errors']:7d}   "
               + " ".join(f"{x:.0f}" for x in r["rps_all"]))
@@ -930,6 +946,9 @@ def report(cfg, res, elapsed):
           f"{tp['ratio_native_paired']:.3f} (median of per-round ratios)")
         p(f"   dyups/minimal-lua {tp['ratio_minlua']:.3f} (ratio of medians), "
           f"{tp['ratio_minlua_paired']:.3f} (median of per-round ratios)")
+        p(f"   dyups-named (balance(\"bench\"), no $dyups_upstream read): "
+          f"{tp['ratio_named_minlua_paired']:.3f} x minimal-lua, "
+          f"{tp['ratio_named_dyups_paired']:.3f} x dyups (medians of per-round ratios)")
     pr = res.get("propagation")
     if pr:
         p()

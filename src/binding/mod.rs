@@ -1123,14 +1123,19 @@ extern "C" fn dyups_pick(
     };
     // A panic must not unwind into LuaJIT: it would abort the worker.
     std::panic::catch_unwind(|| {
+        let mut guard = WORKER.lock();
+        let Some(w) = guard.as_mut() else {
+            return UNKNOWN;
+        };
+        if key_len == 0 {
+            // Round robin and the other keyless methods: nothing to copy.
+            return w.pick(id, seen, request as usize, retry, &[]);
+        }
         let mut key = KEY_COPY.lock();
         key.clear();
         let len = (key_len as usize).min(KEY_MAX);
         key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
-        match WORKER.lock().as_mut() {
-            Some(w) => w.pick(id, seen, request as usize, retry, &key),
-            None => UNKNOWN,
-        }
+        w.pick(id, seen, request as usize, retry, &key)
     })
     .unwrap_or(UNKNOWN)
 }
