@@ -7,7 +7,6 @@
 //! list it was built for. Nothing here reads a clock or allocates on the
 //! pick path: time comes in as `now_ms`.
 
-use crate::attempts::Attempts;
 use crate::model::ServerSpec;
 
 /// Indices kept in the bitmask.
@@ -351,61 +350,10 @@ pub enum Retry {
     Next,
 }
 
-/// One balancer call of a request, as the FFI entry point makes it: on a
-/// retry, blames the previous pick if it failed and skips every server the
-/// request already tried; then picks and remembers the pick. `None` when
-/// nothing is left to pick, including when every server was tried (nginx
-/// gives up with 502).
-///
-/// `key` identifies the request (its pointer); `generation` is the table
-/// generation `servers` comes from. A retry whose entry is gone (evicted or
-/// from another generation) is treated as a first attempt, see [`Attempts`].
-#[allow(clippy::too_many_arguments)]
-pub fn pick_for_request(
-    bal: &mut Balancer,
-    servers: &[ServerSpec],
-    attempts: &mut Attempts,
-    key: usize,
-    upstream_id: u32,
-    generation: u64,
-    retry: Retry,
-    now_ms: u64,
-) -> Option<usize> {
-    let attempt = match retry {
-        Retry::First => attempts.begin(key, upstream_id, generation),
-        Retry::Failed | Retry::Next => attempts.resume_or_begin(key, upstream_id, generation),
-    };
-    if retry == Retry::Failed {
-        if let Some(last) = attempt.last {
-            bal.report_failure(servers, last, now_ms);
-        }
-    }
-    let picked = bal.pick(servers, &attempt.tried, now_ms);
-    attempt.last = picked;
-    if let Some(index) = picked {
-        attempt.tried.insert(index);
-    }
-    picked
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Address;
-
-    fn server(n: usize, weight: u32) -> ServerSpec {
-        let mut s = ServerSpec::new(Address::Inet(format!("10.0.0.{n}:80").parse().unwrap()));
-        s.weight = weight;
-        s
-    }
-
-    fn servers(weights: &[u32]) -> Vec<ServerSpec> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| server(i + 1, w))
-            .collect()
-    }
+    use crate::testing::{server, servers};
 
     fn picks(bal: &mut Balancer, servers: &[ServerSpec], n: usize, now_ms: u64) -> Vec<usize> {
         (0..n)
@@ -664,73 +612,5 @@ mod tests {
         }
         assert_eq!(tried.len(), 70);
         assert_eq!(bal.pick(&s, &tried, 0), None);
-    }
-
-    #[test]
-    fn retries_never_repeat_a_tried_server() {
-        let s = servers(&[5, 1, 3, 1, 2]);
-        let mut bal = Balancer::new(&s);
-        let mut at = Attempts::new(64);
-        let first = pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, Retry::First, 0).unwrap();
-        let mut seen = vec![first];
-        for retry in [Retry::Failed, Retry::Next, Retry::Failed, Retry::Next] {
-            let next = pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, retry, 0).unwrap();
-            assert!(!seen.contains(&next), "{next} again after {seen:?}");
-            seen.push(next);
-        }
-        assert_eq!(
-            pick_for_request(&mut bal, &s, &mut at, 0x1000, 1, 1, Retry::Next, 0),
-            None
-        );
-
-        // Only Failed retries blamed the server before them.
-        let blamed: Vec<u32> = seen.iter().map(|&i| bal.peer(i).unwrap().fails).collect();
-        assert_eq!(blamed, [1, 0, 1, 0, 0]);
-    }
-
-    #[test]
-    fn a_failed_retry_blames_the_previous_pick_once() {
-        let s = servers(&[1, 1, 1]);
-        let mut bal = Balancer::new(&s);
-        let mut at = Attempts::new(64);
-        let a = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
-        let b = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Failed, 0).unwrap();
-        assert_eq!(bal.peer(a).unwrap().fails, 1);
-        assert_eq!(bal.peer(b).unwrap().fails, 0);
-        // Another request's first attempt avoids the failed one.
-        let other = pick_for_request(&mut bal, &s, &mut at, 8, 1, 1, Retry::First, 0).unwrap();
-        assert_ne!(other, a);
-    }
-
-    #[test]
-    fn a_retry_across_a_generation_change_starts_fresh() {
-        let s = servers(&[1, 1]);
-        let mut bal = Balancer::new(&s);
-        let mut at = Attempts::new(64);
-        let a = pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
-        // The table changed: index `a` may be another server now, so it is
-        // neither blamed nor skipped.
-        let b = pick_for_request(&mut bal, &s, &mut at, 7, 1, 2, Retry::Failed, 0).unwrap();
-        assert_eq!(bal.peer(a).unwrap().fails, 0);
-        let attempt = at.resume(7, 1, 2).unwrap();
-        assert_eq!(attempt.tried.len(), 1);
-        assert!(attempt.tried.contains(b));
-        assert_eq!(attempt.last, Some(b));
-    }
-
-    #[test]
-    fn a_reused_request_key_starts_fresh() {
-        let s = servers(&[1, 1]);
-        let mut bal = Balancer::new(&s);
-        let mut at = Attempts::new(64);
-        pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).unwrap();
-        pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0).unwrap();
-        assert_eq!(
-            pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0),
-            None
-        );
-        // A new request at the same address may use any server again.
-        assert!(pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::First, 0).is_some());
-        assert!(pick_for_request(&mut bal, &s, &mut at, 7, 1, 1, Retry::Next, 0).is_some());
     }
 }

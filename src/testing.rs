@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::model::Table;
+use crate::model::{Address, ServerSpec, Table};
 use crate::ops;
 use crate::store::StateFile;
 
@@ -51,4 +51,20 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Server `10.0.0.N:80` with weight `weight`.
+pub fn server(n: usize, weight: u32) -> ServerSpec {
+    let mut s = ServerSpec::new(Address::Inet(format!("10.0.0.{n}:80").parse().unwrap()));
+    s.weight = weight;
+    s
+}
+
+/// Servers `10.0.0.1:80`, `10.0.0.2:80`, ... with these weights.
+pub fn servers(weights: &[u32]) -> Vec<ServerSpec> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| server(i + 1, w))
+        .collect()
 }

@@ -11,7 +11,7 @@ use crate::attempts::Attempts;
 use crate::balancer::Retry;
 use crate::model::Upstream;
 use crate::policy::Policy;
-use crate::policy::{PickInput, PolicyState};
+use crate::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::Result;
 
@@ -269,28 +269,17 @@ impl Worker {
                 ..PickInput::default()
             },
         };
-        let attempt = match retry {
-            Retry::First => self.attempts.begin(key, id, self.snapshot.seen),
-            Retry::Failed | Retry::Next => {
-                self.attempts.resume_or_begin(key, id, self.snapshot.seen)
-            }
-        };
-        if retry == Retry::Failed {
-            if let Some(last) = attempt.last {
-                state.report_failure(&upstream.servers, last, now);
-            }
-        }
-        let picked = state.pick_with_cursor(
+        let picked = pick_for_request(
+            state,
             &upstream.servers,
             &input,
-            &attempt.tried,
-            &mut attempt.cursor,
+            &mut self.attempts,
+            key,
+            id,
+            self.snapshot.seen,
+            retry,
             now,
         );
-        attempt.last = picked;
-        if let Some(i) = picked {
-            attempt.tried.insert(i);
-        }
         picked.map_or(NO_LIVE, |i| i as i32)
     }
 
