@@ -3,14 +3,17 @@
 
 Starts its own nginx instances on loopback (backends, and proxies using the
 same nginx + lua module packages as the specs), drives load with wrk, and
-measures ngx.dyups in four sections:
+measures ngx.dyups in five sections:
 
   1. throughput/latency: native upstream round robin vs a minimal
      balancer_by_lua vs ngx.dyups, interleaved rounds, medians;
   2. propagation: time from an update's 200 until every worker routes by
      the new table (with traffic, and idle via /ups/check);
   3. churn: failed client requests while an upstream changes many times/s;
-  4. scale: 1 .. 10,000 upstreams of 4 servers.
+  4. scale: 1 .. 10,000 upstreams of 4 servers;
+  5. policies: hash $arg_k consistent, hash $arg_k and ip_hash, each
+     against nginx's native upstream with the same policy, keys varied by
+     lua/keys.lua, interleaved rounds, medians.
 
 Python standard library only; raw sockets and time.monotonic() for timing.
 Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
@@ -918,6 +921,164 @@ def section_scale(cfg, root, backends, res):
 
 
 # ---------------------------------------------------------------------------
+# section 5: policies (hash consistent, hash, ip_hash) against nginx's own
+
+POLICIES = [  # (location / dyups name, policy line, wrk script mode)
+    ("chash", "hash $arg_k consistent;", "k"),
+    ("hash", "hash $arg_k;", "k"),
+    ("iphash", "ip_hash;", "ip"),
+]
+POLICY_KEYS = 10000  # distinct keys (or client /24s) wrk cycles through
+REALIP = """
+    set_real_ip_from 127.0.0.1;
+    real_ip_header X-Real-IP;
+"""
+
+
+def policy_native_conf(port, backends):
+    servers = "".join(f"        server 127.0.0.1:{b};\n" for b in backends)
+    ups = "".join(f"""
+    upstream native_{name} {{
+        {line}
+{servers}        keepalive 32;
+    }}""" for name, line, _ in POLICIES)
+    locs = "".join(f"        location = /{name} {{ proxy_pass http://native_{name}; }}\n"
+                   for name, _, _ in POLICIES)
+    return lua_paths() + REALIP + ups + f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+{PROXY_SERVER}
+{locs}    }}
+"""
+
+
+def policy_dyups_conf(port, backends):
+    """The same upstreams in ngx.dyups (seeded from conf/upstream.conf), each
+    nginx upstream block calling balance("NAME") as spec/policy_spec.lua does."""
+    ups = "".join(f"""
+    upstream dy_{name} {{
+        server 0.0.0.1;
+        balancer_by_lua_block {{ require("ngx.dyups").balance("{name}") }}
+        keepalive 32;
+    }}""" for name, _, _ in POLICIES)
+    locs = "".join(f"        location = /{name} {{ proxy_pass http://dy_{name}; }}\n"
+                   for name, _, _ in POLICIES)
+    return lua_paths() + REALIP + """
+    init_by_lua_block {
+        assert(require("ngx.dyups").init{ path = "state/dyups.state", upstreams = "conf/upstream.conf" })
+    }
+    init_worker_by_lua_block {
+        local ok, err = require("ngx.dyups").init_worker()
+        if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
+    }
+""" + ups + f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+{PROXY_SERVER}
+{locs}    }}
+"""
+
+
+def policy_seed(backends):
+    servers = " ".join(srv(b) for b in backends)
+    return "".join(f"upstream {name} {{ {line} {servers} }}\n" for name, line, _ in POLICIES)
+
+
+def policy_request(mode, j):
+    """(query, headers) of key j, as bench/lua/keys.lua builds it."""
+    if mode == "ip":
+        return "", {"X-Real-IP": f"10.{(j // 256) % 256}.{j % 256}.{j % 250 + 1}"}
+    return f"?k={j}", {}
+
+
+def backend_of(port, path, headers):
+    """The backend port that one GET reaches (the backends answer their port)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    try:
+        h = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{h}Connection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+    finally:
+        s.close()
+    status = int(data.split(b" ", 2)[1])
+    body = data.partition(b"\r\n\r\n")[2]
+    if status != 200:
+        raise RuntimeError(f"GET {path} answered {status}: {body!r}")
+    return int(body.split()[0])
+
+
+def wrk_keys(port, path, secs, mode, conns, threads):
+    cmd = [WRK, "-t", str(threads), "-c", str(conns), "-d", f"{secs}s", "--latency",
+           "-s", os.path.join(BENCH, "lua", "keys.lua"),
+           f"http://127.0.0.1:{port}{path}", "--", mode, str(POLICY_KEYS)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed: {r.stderr.strip()}")
+    return parse_wrk(r.stdout)
+
+
+def section_policies(cfg, root, backends, res):
+    b2 = backends[:2]
+    pn, pd = free_port(), free_port()
+    proxies = [
+        ("native", Nginx(root, "p-pol-native", 1, policy_native_conf(pn, b2)), pn),
+        ("dyups", Nginx(root, "p-pol-dyups", 1, policy_dyups_conf(pd, b2),
+                        files={"conf/upstream.conf": policy_seed(b2)}), pd),
+    ]
+    for _, inst, port in proxies:
+        inst.start([port])
+    out = {}
+    # Sanity: both proxies send the same keys to the same backend, and the
+    # keys spread over both backends (wrk varies the key as these do).
+    for name, _, mode in POLICIES:
+        agree, seen = 0, set()
+        for j in range(1, cfg.pol_check + 1):
+            q, h = policy_request(mode, j * 97)
+            a = backend_of(pn, f"/{name}{q}", h)
+            b = backend_of(pd, f"/{name}{q}", h)
+            agree += a == b
+            seen.add(a)
+        out[name] = {"agree": agree, "checked": cfg.pol_check, "backends_seen": len(seen)}
+        if agree != cfg.pol_check or len(seen) < 2:
+            log(f"  [5] {name}: {agree}/{cfg.pol_check} keys routed alike, {len(seen)} backend(s) seen")
+    for name, _, mode in POLICIES:  # warm-up (JIT, keepalive pools)
+        for _, _, port in proxies:
+            wrk_keys(port, f"/{name}", cfg.pol_warm, mode, cfg.conns, cfg.threads)
+    runs = {(pol, p): [] for pol, _, _ in POLICIES for p, _, _ in proxies}
+    for rnd in range(cfg.pol_rounds):
+        for name, _, mode in POLICIES:
+            # alternate which proxy goes first, so neither always follows the other
+            order = proxies if rnd % 2 == 0 else proxies[::-1]
+            for pname, _, port in order:
+                r = wrk_keys(port, f"/{name}", cfg.pol_secs, mode, cfg.conns, cfg.threads)
+                runs[(name, pname)].append(r)
+                log(f"  [5] round {rnd + 1}/{cfg.pol_rounds} {name:7s} {pname:7s} {r['rps']:9.0f} req/s "
+                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+    errors_in_log = {pname: inst.count_errors() for pname, inst, _ in proxies}
+    for _, inst, _ in proxies:
+        inst.stop()
+    for name, line, _ in POLICIES:
+        o = out[name]
+        o["policy"] = line
+        for pname, _, _ in proxies:
+            rs = runs[(name, pname)]
+            o[pname] = {"rps": med([r["rps"] for r in rs]), "p50": med([r["p50"] for r in rs]),
+                        "p99": med([r["p99"] for r in rs]),
+                        "errors": sum(r["non2xx"] + r["sockerr"] for r in rs),
+                        "rps_all": [r["rps"] for r in rs]}
+        d, n = runs[(name, "dyups")], runs[(name, "native")]
+        o["ratio"] = o["dyups"]["rps"] / o["native"]["rps"]
+        o["ratio_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
+    out["errors_in_log"] = errors_in_log
+    res["policies"] = out
+
+
+# ---------------------------------------------------------------------------
 # report
 
 
@@ -989,6 +1150,28 @@ def report(cfg, res, elapsed):
         p("   (times in ms; upd = client-side REST POST latency; vis = until both workers route by it;"
           " ratio = req/s on unchanged u0 while others churn / quiet;"
           f" upd/s = churn rate achieved, target {cfg.scale_rate}/s)")
+    po = res.get("policies")
+    if po:
+        p()
+        p(f"5. Policies: nginx upstream vs the same upstream in ngx.dyups (balance(\"NAME\")), same policy, "
+          f"same 2 backends, 1 proxy worker each; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys; "
+          f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
+        p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
+          f"  {'dyups/native':>12s}   req/s per round")
+        for name, line, _ in POLICIES:
+            o = po[name]
+            for k, pname in enumerate(("native", "dyups")):
+                r = o[pname]
+                ratio = (f"{o['ratio_paired']:.3f} ({o['ratio']:.3f})" if pname == "dyups" else "")
+                p(f"   {(line.rstrip(';') if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
+                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}   "
+                  + " ".join(f"{x:.0f}" for x in r["rps_all"]))
+        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians)")
+        p("   same backend for both proxies: "
+          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
+                      f" ({po[n]['backends_seen']} backends used)" for n, _, _ in POLICIES)
+          + f"; nginx error-log lines: native {po['errors_in_log']['native']}, "
+          f"dyups {po['errors_in_log']['dyups']}")
     # targets
     p()
     p("Targets (reported, not asserted):")
@@ -1026,7 +1209,9 @@ def report(cfg, res, elapsed):
                    f"{fmt_ms(sc[-1]['prop_p99'])} ms)")
             target("10,000 upstreams: no drop on an unchanged upstream", None, False,
                    f"not run (QUICK; N={sc[-1]['n']}: ratio {sc[-1]['churn_ratio']:.3f})")
-    w = max(len(r[0]) for r in rows)
+    if not rows:
+        p("   (none in the sections run; section 5 reports ratios only)")
+    w = max((len(r[0]) for r in rows), default=0)
     for label, shown, verdict in rows:
         p(f"   {verdict:4s}  {label:{w}s}  {shown}")
     sys.stdout.flush()
@@ -1036,7 +1221,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True, help="temp directory for the nginx prefixes")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="1234")
+    ap.add_argument("--sections", default="12345")
     ap.add_argument("--json", help="also write the raw results here")
     cfg = ap.parse_args()
     q = cfg.quick
@@ -1053,6 +1238,10 @@ def main():
     cfg.scale_updates = 20 if q else 50
     cfg.scale_rounds = 2 if q else 3
     cfg.scale_secs = 2 if q else 3
+    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 3 policies x 2 proxies
+    cfg.pol_secs = 2 if q else 3
+    cfg.pol_warm = 1
+    cfg.pol_check = 50  # keys checked to reach the same backend through both proxies
 
     def on_signal(sig, _frame):
         raise KeyboardInterrupt(f"signal {sig}")
@@ -1067,7 +1256,8 @@ def main():
         be.start(backends)
         log(f"backends: 127.0.0.1:{', '.join(map(str, backends))} (pid {be.master})")
         sections = [("1", "throughput", section_throughput), ("2", "propagation", section_propagation),
-                    ("3", "churn", section_churn), ("4", "scale", section_scale)]
+                    ("3", "churn", section_churn), ("4", "scale", section_scale),
+                    ("5", "policies", section_policies)]
         for key, name, fn in sections:
             if key in cfg.sections:
                 t = now()

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # bench/run.sh: what `make bench` runs. See bench/README.md.
 #
-#   make bench              # full mode (about 5 minutes on 2 cores)
+#   make bench              # full mode (about 6 minutes on 2 cores)
 #   make bench QUICK=1      # quick mode (under 2 minutes; QUICK=1 make bench too)
 #   QUICK=1 bash bench/run.sh
 #
-# Environment: QUICK=1, SECTIONS=1234 (a subset, e.g. SECTIONS=2),
+# Environment: QUICK=1, SECTIONS=12345 (a subset, e.g. SECTIONS=2),
 # BENCH_JSON=path (raw results), NGINX_BIN, WRK, NGINX_MODULES_DIR,
 # BENCH_KEEP=1 (keep the temp prefixes with their error logs).
 #
@@ -71,12 +71,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-args=(--root "$root" --sections "${SECTIONS:-1234}")
+args=(--root "$root" --sections "${SECTIONS:-12345}")
 if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
   args+=(--quick)
-  printf 'bench: QUICK mode (about 1.5 minutes)\n' >&2
+  printf 'bench: QUICK mode (about 1.75 minutes)\n' >&2
 else
-  printf 'bench: full mode (about 4.5 minutes; QUICK=1 for the quick mode)\n' >&2
+  printf 'bench: full mode (about 6 minutes; QUICK=1 for the quick mode)\n' >&2
 fi
 [ -n "${BENCH_JSON:-}" ] && args+=(--json "$BENCH_JSON")
 
