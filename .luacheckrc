@@ -20,3 +20,10 @@ files["spec/helpers/"] = {
   -- newproxy/unpack are LuaJIT (5.1) globals
   read_globals = { "newproxy", "unpack" },
 }
+
+-- wrk scripts (bench/lua/keys.lua): wrk calls the globals they define.
+files["bench/lua/keys.lua"] = {
+  std = "luajit",
+  globals = { "init", "request", "response", "done", "setup", "delay" },
+  read_globals = { "wrk" },
+}
