@@ -778,6 +778,29 @@ mod tests {
     use crate::model::Address;
     use crate::testing::servers;
 
+    /// One balancer call of request `key` on upstream 1 at `generation`,
+    /// round robin, at time 0.
+    fn attempt(
+        st: &mut PolicyState,
+        s: &[ServerSpec],
+        at: &mut Attempts,
+        key: usize,
+        generation: u64,
+        retry: Retry,
+    ) -> Option<usize> {
+        pick_for_request(
+            st,
+            s,
+            &PickInput::default(),
+            at,
+            key,
+            1,
+            generation,
+            retry,
+            0,
+        )
+    }
+
     fn state(policy: Policy, servers: &[ServerSpec]) -> PolicyState {
         PolicyState::with_seed(policy, servers, 42).unwrap()
     }
@@ -1418,49 +1441,14 @@ mod tests {
         let s = servers(&[5, 1, 3, 1, 2]);
         let mut st = PolicyState::new(Policy::RoundRobin, &s).unwrap();
         let mut at = Attempts::new(64);
-        let first = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            0x1000,
-            1,
-            1,
-            Retry::First,
-            0,
-        )
-        .unwrap();
+        let first = attempt(&mut st, &s, &mut at, 0x1000, 1, Retry::First).unwrap();
         let mut seen = vec![first];
         for retry in [Retry::Failed, Retry::Next, Retry::Failed, Retry::Next] {
-            let next = pick_for_request(
-                &mut st,
-                &s,
-                &PickInput::default(),
-                &mut at,
-                0x1000,
-                1,
-                1,
-                retry,
-                0,
-            )
-            .unwrap();
+            let next = attempt(&mut st, &s, &mut at, 0x1000, 1, retry).unwrap();
             assert!(!seen.contains(&next), "{next} again after {seen:?}");
             seen.push(next);
         }
-        assert_eq!(
-            pick_for_request(
-                &mut st,
-                &s,
-                &PickInput::default(),
-                &mut at,
-                0x1000,
-                1,
-                1,
-                Retry::Next,
-                0
-            ),
-            None
-        );
+        assert_eq!(attempt(&mut st, &s, &mut at, 0x1000, 1, Retry::Next), None);
 
         // Only Failed retries blamed the server before them.
         let blamed: Vec<u32> = seen
@@ -1475,45 +1463,12 @@ mod tests {
         let s = servers(&[1, 1, 1]);
         let mut st = PolicyState::new(Policy::RoundRobin, &s).unwrap();
         let mut at = Attempts::new(64);
-        let a = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::First,
-            0,
-        )
-        .unwrap();
-        let b = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::Failed,
-            0,
-        )
-        .unwrap();
+        let a = attempt(&mut st, &s, &mut at, 7, 1, Retry::First).unwrap();
+        let b = attempt(&mut st, &s, &mut at, 7, 1, Retry::Failed).unwrap();
         assert_eq!(st.balancer().peer(a).unwrap().fails, 1);
         assert_eq!(st.balancer().peer(b).unwrap().fails, 0);
         // Another request's first attempt avoids the failed one.
-        let other = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            8,
-            1,
-            1,
-            Retry::First,
-            0,
-        )
-        .unwrap();
+        let other = attempt(&mut st, &s, &mut at, 8, 1, Retry::First).unwrap();
         assert_ne!(other, a);
     }
 
@@ -1522,32 +1477,10 @@ mod tests {
         let s = servers(&[1, 1]);
         let mut st = PolicyState::new(Policy::RoundRobin, &s).unwrap();
         let mut at = Attempts::new(64);
-        let a = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::First,
-            0,
-        )
-        .unwrap();
+        let a = attempt(&mut st, &s, &mut at, 7, 1, Retry::First).unwrap();
         // The table changed: index `a` may be another server now, so it is
         // neither blamed nor skipped.
-        let b = pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            2,
-            Retry::Failed,
-            0,
-        )
-        .unwrap();
+        let b = attempt(&mut st, &s, &mut at, 7, 2, Retry::Failed).unwrap();
         assert_eq!(st.balancer().peer(a).unwrap().fails, 0);
         let attempt = at.resume(7, 1, 2).unwrap();
         assert_eq!(attempt.tried.len(), 1);
@@ -1560,68 +1493,11 @@ mod tests {
         let s = servers(&[1, 1]);
         let mut st = PolicyState::new(Policy::RoundRobin, &s).unwrap();
         let mut at = Attempts::new(64);
-        pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::First,
-            0,
-        )
-        .unwrap();
-        pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::Next,
-            0,
-        )
-        .unwrap();
-        assert_eq!(
-            pick_for_request(
-                &mut st,
-                &s,
-                &PickInput::default(),
-                &mut at,
-                7,
-                1,
-                1,
-                Retry::Next,
-                0
-            ),
-            None
-        );
+        attempt(&mut st, &s, &mut at, 7, 1, Retry::First).unwrap();
+        attempt(&mut st, &s, &mut at, 7, 1, Retry::Next).unwrap();
+        assert_eq!(attempt(&mut st, &s, &mut at, 7, 1, Retry::Next), None);
         // A new request at the same address may use any server again.
-        assert!(pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::First,
-            0
-        )
-        .is_some());
-        assert!(pick_for_request(
-            &mut st,
-            &s,
-            &PickInput::default(),
-            &mut at,
-            7,
-            1,
-            1,
-            Retry::Next,
-            0
-        )
-        .is_some());
+        assert!(attempt(&mut st, &s, &mut at, 7, 1, Retry::First).is_some());
+        assert!(attempt(&mut st, &s, &mut at, 7, 1, Retry::Next).is_some());
     }
 }
