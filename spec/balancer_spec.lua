@@ -10,21 +10,7 @@ local dy = require "spec.helpers.dyups"
 local T = require "spec.helpers.traffic"
 local ffi = require "ffi"
 
-local function addr(port) return "127.0.0.1:" .. port end
-
--- "upstream NAME { server A; server B weight=3; }"
-local function upstream(name, servers)
-  local out = { "upstream " .. name .. " {" }
-  for _, s in ipairs(servers) do out[#out + 1] = "    server " .. s .. ";" end
-  out[#out + 1] = "}"
-  return table.concat(out, "\n") .. "\n"
-end
-
-local function body_of(servers)
-  local out = {}
-  for _, s in ipairs(servers) do out[#out + 1] = "server " .. s .. ";" end
-  return table.concat(out, " ")
-end
+local addr, upstream, body_of = dy.addr, dy.upstream, dy.body_of
 
 -- error-log lines whose message (not the `host:` field nginx appends) names `word`
 local function log_names(inst, word)

@@ -6,20 +6,7 @@ local T = require "spec.helpers.traffic"
 
 local USAGE = "usage: /ups?op=add|del&server=IP:PORT[&upstream=NAME]"
 
-local function addr(port) return "127.0.0.1:" .. port end
-
-local function upstream(name, servers)
-  local out = { "upstream " .. name .. " {" }
-  for _, s in ipairs(servers) do out[#out + 1] = "    server " .. s .. ";" end
-  out[#out + 1] = "}"
-  return table.concat(out, "\n") .. "\n"
-end
-
-local function body_of(servers)
-  local out = {}
-  for _, s in ipairs(servers) do out[#out + 1] = "server " .. s .. ";" end
-  return table.concat(out, " ")
-end
+local addr, upstream, body_of = dy.addr, dy.upstream, dy.body_of
 
 -- request `path` over a new connection (or over `conn`); decode the JSON
 local function call(inst, method, path, conn)

@@ -114,6 +114,24 @@ function M.backends(n)
   return list, ports
 end
 
+--- "127.0.0.1:PORT".
+function M.addr(port) return "127.0.0.1:" .. port end
+
+--- An upstream file block: "upstream NAME {\n    server A;\n ...}\n".
+function M.upstream(name, servers)
+  local out = { "upstream " .. name .. " {" }
+  for _, s in ipairs(servers) do out[#out + 1] = "    server " .. s .. ";" end
+  out[#out + 1] = "}"
+  return table.concat(out, "\n") .. "\n"
+end
+
+--- A dyups body: "server A; server B weight=3;".
+function M.body_of(servers)
+  local out = {}
+  for _, s in ipairs(servers) do out[#out + 1] = "server " .. s .. ";" end
+  return table.concat(out, " ")
+end
+
 --- GET `path` on the proxy over a new connection: status, backend port
 --- (from the body), worker pid, body.
 function M.get(inst, path, headers)
