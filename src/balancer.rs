@@ -224,14 +224,32 @@ impl Balancer {
         now_ms: u64,
         backup: bool,
     ) -> Option<usize> {
+        let index = self.smooth_pick(servers, |i, spec, peer| {
+            spec.backup == backup && peer.available(spec, tried, i, now_ms)
+        })?;
+        let peer = &mut self.peers[index];
+        if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(&servers[index]) {
+            // Opens a new window: for a disabled server this makes the pick a
+            // probe, and keeps other requests off it until the window ends.
+            peer.checked_ms = now_ms;
+        }
+        Some(index)
+    }
+
+    /// nginx's smooth weighted round robin over the servers `candidate`
+    /// accepts (asked once per server, in order, with its state): each adds
+    /// its effective weight to its current weight, the highest current
+    /// weight wins (ties to the earlier server, as in nginx) and gives back
+    /// the total. The one copy of the step for every balancing method.
+    pub(crate) fn smooth_pick(
+        &mut self,
+        servers: &[ServerSpec],
+        mut candidate: impl FnMut(usize, &ServerSpec, &mut PeerState) -> bool,
+    ) -> Option<usize> {
         let mut best: Option<(usize, i64)> = None;
         let mut total: i64 = 0;
         for (i, (spec, peer)) in servers.iter().zip(self.peers.iter_mut()).enumerate() {
-            if spec.backup != backup || spec.down || tried.contains(i) {
-                continue;
-            }
-            peer.presume_recovery(spec, now_ms);
-            if peer.disabled(spec, now_ms) {
+            if !candidate(i, spec, peer) {
                 continue;
             }
             peer.current_weight += peer.effective_weight;
@@ -239,19 +257,12 @@ impl Balancer {
             if peer.effective_weight < i64::from(spec.weight) {
                 peer.effective_weight += 1;
             }
-            // Strictly greater: ties go to the earlier server, as in nginx.
             if best.is_none_or(|(_, w)| peer.current_weight > w) {
                 best = Some((i, peer.current_weight));
             }
         }
         let (index, _) = best?;
-        let peer = &mut self.peers[index];
-        peer.current_weight -= total;
-        if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(&servers[index]) {
-            // Opens a new window: for a disabled server this makes the pick a
-            // probe, and keeps other requests off it until the window ends.
-            peer.checked_ms = now_ms;
-        }
+        self.peers[index].current_weight -= total;
         Some(index)
     }
 
@@ -289,11 +300,7 @@ impl Balancer {
         let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) else {
             return false;
         };
-        if spec.down || tried.contains(index) {
-            return false;
-        }
-        peer.presume_recovery(spec, now_ms);
-        !peer.disabled(spec, now_ms)
+        peer.available(spec, tried, index, now_ms)
     }
 
     /// For the other balancing methods: `servers[index]` was picked. Opens a
@@ -305,16 +312,26 @@ impl Balancer {
             }
         }
     }
-
-    /// For the other balancing methods' smooth weighted round robin among
-    /// ties (`least_conn`, `hash ... consistent`), on the same weights.
-    pub(crate) fn peer_mut(&mut self, index: usize) -> Option<&mut PeerState> {
-        self.peers.get_mut(index)
-    }
 }
 
 impl PeerState {
     /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
+    /// Whether server `index` (`spec`) may be picked now: up, not tried by
+    /// this request, not disabled by failures (after presuming recovery).
+    pub(crate) fn available(
+        &mut self,
+        spec: &ServerSpec,
+        tried: &Tried,
+        index: usize,
+        now_ms: u64,
+    ) -> bool {
+        if spec.down || tried.contains(index) {
+            return false;
+        }
+        self.presume_recovery(spec, now_ms);
+        !self.disabled(spec, now_ms)
+    }
+
     fn presume_recovery(&mut self, spec: &ServerSpec, now_ms: u64) {
         if self.fails == 0 {
             return;

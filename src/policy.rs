@@ -432,32 +432,12 @@ impl PolicyState {
             let owner = self.points[cursor.hash as usize % self.points.len()].server;
             // nginx's smooth weighted round robin among the peers of that
             // name: one server unless the same address is listed twice.
-            let group = self.group[owner];
-            let mut best: Option<(usize, i64)> = None;
-            let mut total = 0;
-            for index in 0..servers.len() {
-                if self.group[index] != group
-                    || !self.balancer.eligible(servers, tried, index, now_ms)
-                {
-                    continue;
-                }
-                let Some(peer) = self.balancer.peer_mut(index) else {
-                    continue;
-                };
-                peer.current_weight += peer.effective_weight;
-                total += peer.effective_weight;
-                if peer.effective_weight < i64::from(servers[index].weight) {
-                    peer.effective_weight += 1;
-                }
-                if best.is_none_or(|(_, w)| peer.current_weight > w) {
-                    best = Some((index, peer.current_weight));
-                }
-            }
-            if let Some((index, _)) = best {
-                if let Some(peer) = self.balancer.peer_mut(index) {
-                    peer.current_weight -= total;
-                }
-                return Some(index);
+            let (group, wanted) = (&self.group, self.group[owner]);
+            let picked = self.balancer.smooth_pick(servers, |i, spec, peer| {
+                group[i] == wanted && peer.available(spec, tried, i, now_ms)
+            });
+            if picked.is_some() {
+                return picked;
             }
             cursor.hash = cursor.hash.wrapping_add(1);
             if !Self::next_round(cursor) {
@@ -522,35 +502,13 @@ impl PolicyState {
         if !many {
             return Some(first);
         }
-        let mut best = first;
-        let mut best_weight = i64::MIN;
-        let mut total = 0;
-        for index in first..servers.len() {
-            if servers[index].backup != backup
-                || lighter(load(index), load(first)) != std::cmp::Ordering::Equal
-                || !self.balancer.eligible(servers, tried, index, now_ms)
-            {
-                continue;
-            }
-            let Some(peer) = self.balancer.peer_mut(index) else {
-                continue;
-            };
-            peer.current_weight += peer.effective_weight;
-            total += peer.effective_weight;
-            if peer.effective_weight < i64::from(servers[index].weight) {
-                peer.effective_weight += 1;
-            }
-            // `first` is seen first; a later one takes over only when
-            // strictly ahead, as nginx.
-            if index == first || peer.current_weight > best_weight {
-                best = index;
-                best_weight = peer.current_weight;
-            }
-        }
-        if let Some(peer) = self.balancer.peer_mut(best) {
-            peer.current_weight -= total;
-        }
-        Some(best)
+        // The tied, from `first` on, by smooth weighted round robin.
+        self.balancer.smooth_pick(servers, |i, spec, peer| {
+            i >= first
+                && spec.backup == backup
+                && lighter(load(i), load(first)) == std::cmp::Ordering::Equal
+                && peer.available(spec, tried, i, now_ms)
+        })
     }
 
     /// `ngx_http_upstream_peek_random_peer`: a server drawn with
