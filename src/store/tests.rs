@@ -33,6 +33,14 @@ fn fresh(dir: &TempDir) -> StateFile {
     StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap()
 }
 
+/// Options of a writer that must not wait: the lock has to be free.
+fn no_wait() -> WriteOptions {
+    WriteOptions {
+        wait: Wait::Try,
+        ..WriteOptions::default()
+    }
+}
+
 fn add(port: u16) -> impl FnOnce(&mut Table) -> Result<()> {
     move |t| {
         t.get_mut("local").unwrap().servers.push(server(port));
@@ -321,15 +329,7 @@ fn try_wait_gets_busy_while_another_process_holds_the_lock() {
         marker.display()
     ));
     wait_for(&marker, &mut child);
-    let err = f
-        .write(
-            &WriteOptions {
-                wait: Wait::Try,
-                ..WriteOptions::default()
-            },
-            add(9000),
-        )
-        .unwrap_err();
+    let err = f.write(&no_wait(), add(9000)).unwrap_err();
     assert_eq!(err.status(), 409, "{err}");
     let err = f
         .write(
@@ -344,10 +344,7 @@ fn try_wait_gets_busy_while_another_process_holds_the_lock() {
     // The kernel drops the lock of a killed holder: the next writer proceeds.
     child.kill().unwrap();
     child.wait().unwrap();
-    let opts = WriteOptions {
-        wait: Wait::Try,
-        ..WriteOptions::default()
-    };
+    let opts = no_wait();
     assert_eq!(f.write(&opts, add(9000)).unwrap().0, 2);
 }
 
@@ -369,10 +366,7 @@ fn a_writer_killed_between_slot_and_commit_leaves_the_old_table() {
     child.wait().unwrap();
     let after = f.read().unwrap();
     assert_eq!(after, before);
-    let opts = WriteOptions {
-        wait: Wait::Try,
-        ..WriteOptions::default()
-    };
+    let opts = no_wait();
     assert_eq!(f.write(&opts, add(9001)).unwrap().0, 3);
 }
 
@@ -403,16 +397,7 @@ fn writers_killed_at_random_instants_leave_a_valid_file_and_no_lock() {
             local.servers[2].addr.port(),
             30_000 + (s.version % 1000) as u16
         );
-        last = f
-            .write(
-                &WriteOptions {
-                    wait: Wait::Try,
-                    ..WriteOptions::default()
-                },
-                |_| Ok(()),
-            )
-            .unwrap()
-            .0;
+        last = f.write(&no_wait(), |_| Ok(())).unwrap().0;
     }
 }
 
