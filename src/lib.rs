@@ -20,6 +20,7 @@ mod testing;
 pub mod ups;
 pub mod upstream_file;
 pub mod worker;
+pub mod zone;
 
 #[cfg(feature = "lua")]
 mod binding;

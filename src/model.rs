@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::{Serialize, Serializer};
 
 use crate::policy::Policy;
+use crate::zone::PeerRef;
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -140,7 +141,10 @@ impl ServerPatch {
 }
 
 /// A named upstream: its servers in the order they were given.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+///
+/// Equal upstreams have the same content and `rev`; their `peers`, cells
+/// the store hands out, do not count (a restored file gives new ones).
+#[derive(Clone, Debug, Eq, Serialize)]
 pub struct Upstream {
     pub name: String,
     /// Its balancing method (`ip_hash;`, `hash KEY consistent;`, ...).
@@ -156,6 +160,11 @@ pub struct Upstream {
     /// not change.
     #[serde(skip)]
     pub rev: u64,
+    /// Each server's cell of shared peer state, index for index with
+    /// `servers` once the store has written the table (empty before). Given
+    /// and kept by the store; see [`crate::zone`].
+    #[serde(skip)]
+    pub peers: Vec<PeerRef>,
 }
 
 impl Upstream {
@@ -166,7 +175,22 @@ impl Upstream {
             keepalive: 0,
             servers,
             rev: 0,
+            peers: Vec::new(),
         }
+    }
+
+    /// Whether `other` says the same: name, method, keepalive and servers.
+    /// What the store keeps (`rev`, `peers`) does not count.
+    pub fn same_content(&self, other: &Upstream) -> bool {
+        self.name == other.name
+            && self.policy == other.policy
+            && self.keepalive == other.keepalive
+            && self.servers == other.servers
+    }
+
+    /// The shared cell of server `index`, if it has one.
+    pub fn peer(&self, index: usize) -> PeerRef {
+        self.peers.get(index).copied().unwrap_or(PeerRef::NONE)
     }
 
     pub fn server(&self, addr: &Address) -> Option<&ServerSpec> {
@@ -180,6 +204,12 @@ impl Upstream {
     /// How many servers may be picked.
     pub fn in_rotation(&self) -> usize {
         self.servers.iter().filter(|s| s.in_rotation()).count()
+    }
+}
+
+impl PartialEq for Upstream {
+    fn eq(&self, other: &Upstream) -> bool {
+        self.same_content(other) && self.rev == other.rev
     }
 }
 

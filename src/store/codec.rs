@@ -11,7 +11,8 @@
 //! policy   := 0 round robin | 1 ip_hash | 2 hash, key | 3 hash consistent,
 //!             key | 4 least_conn | 5 random | 6 random two  (key: a name)
 //! server   := address, weight u32, max_fails u32, fail_timeout u32,
-//!             flags u8 (1 = backup, 2 = down)
+//!             flags u8 (1 = backup, 2 = down), cell u32, tag u32 (its
+//!             shared peer state, see zone.rs; cell 0xffffffff: none)
 //! change   := version u64, name, address, removed u8 (0 or 1)
 //! name     := length u16, UTF-8 bytes
 //! address  := 4, IPv4 [4], port u16
@@ -28,6 +29,7 @@ use crate::model::{
     WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::policy::Policy;
+use crate::zone::PeerRef;
 
 /// How many changes the log keeps; older ones are dropped first.
 pub const CHANGE_LOG_MAX: usize = 512;
@@ -56,13 +58,16 @@ pub fn encode(p: &Payload) -> Vec<u8> {
         put_policy(&mut out, &u.policy);
         out.extend_from_slice(&u.keepalive.to_le_bytes());
         out.extend_from_slice(&(u.servers.len() as u32).to_le_bytes());
-        for s in &u.servers {
+        for (i, s) in u.servers.iter().enumerate() {
             put_addr(&mut out, &s.addr);
             out.extend_from_slice(&s.weight.to_le_bytes());
             out.extend_from_slice(&s.max_fails.to_le_bytes());
             out.extend_from_slice(&s.fail_timeout.to_le_bytes());
             let flags = if s.backup { BACKUP } else { 0 } | if s.down { DOWN } else { 0 };
             out.push(flags);
+            let cell = u.peer(i);
+            out.extend_from_slice(&cell.index.to_le_bytes());
+            out.extend_from_slice(&cell.tag.to_le_bytes());
         }
         let length = (out.len() - length_at - 4) as u32;
         out[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
@@ -180,8 +185,17 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
         let keepalive = s.u32()?;
         let n = s.u32()? as usize;
         let mut servers = Vec::with_capacity(n.min(s.left() / 8));
+        let mut peers = Vec::with_capacity(n.min(s.left() / 8));
         for _ in 0..n {
             servers.push(server(&mut s)?);
+            peers.push(PeerRef {
+                index: s.u32()?,
+                tag: s.u32()?,
+            });
+        }
+        // No cell anywhere reads as the table before the store gave any.
+        if peers.iter().all(|p| p.is_none()) {
+            peers.clear();
         }
         if s.left() != 0 {
             return Err(format!(
@@ -198,6 +212,7 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
             keepalive,
             servers,
             rev,
+            peers,
         }));
     }
     let mut log = Vec::with_capacity(changes.min(r.left() / 8));
@@ -345,6 +360,11 @@ pub(crate) mod tests {
             keepalive: 16,
             servers: vec![a, b, c],
             rev: 3,
+            peers: vec![
+                PeerRef { index: 0, tag: 2 },
+                PeerRef::NONE,
+                PeerRef { index: 7, tag: 3 },
+            ],
         });
         table.upsert(Upstream::new("dyhost", vec![]));
         let mut hashed = Upstream::new(
@@ -371,7 +391,13 @@ pub(crate) mod tests {
     #[test]
     fn round_trip_keeps_every_field() {
         let p = sample();
-        assert_eq!(decode(&encode(&p), None).unwrap(), p);
+        let back = decode(&encode(&p), None).unwrap();
+        assert_eq!(back, p);
+        // Equality leaves the cells out: compared here.
+        for (b, u) in back.table.upstreams.iter().zip(&p.table.upstreams) {
+            assert_eq!(b.peers, u.peers, "{}", u.name);
+        }
+        assert_eq!(back.table.get("local").unwrap().peers.len(), 3);
         assert_eq!(
             decode(&encode(&Payload::default()), None).unwrap(),
             Payload::default()

@@ -11,9 +11,11 @@
 //! 16            8      slot length, u64 LE: bytes per payload slot, slot header
 //!                      included
 //! 24            8      file length, u64 LE: HEADER_LEN + 2 * slot length
+//!                      + 32 * peer cells
 //! 32            4      worker table entries, u32 LE
-//! 36            4      CRC32 of bytes 0..36
-//! 40            24     reserved, zero
+//! 36            4      peer cells, u32 LE
+//! 40            4      CRC32 of bytes 0..40
+//! 44            20     reserved, zero
 //! 64            8      commit word, atomic u64: generation << 1 | active slot
 //! 72            56     reserved, zero
 //! 128           16*N   worker table: N entries of
@@ -22,6 +24,11 @@
 //!                        +8 generation the worker has applied, u64 (atomic)
 //! HEADER_LEN    S      slot 0
 //! HEADER_LEN+S  S      slot 1
+//! HEADER_LEN+2S 32*P   peer cells (zone.rs), atomics in native byte order:
+//!                        +0  tag << 32 | connections in flight
+//!                        +8  tag << 32 | failures in the fail window
+//!                        +16 last failure, Unix ms
+//!                        +24 start of the fail window, Unix ms
 //!
 //! slot:
 //! +0            8      generation of the table in this slot, u64 LE
@@ -31,11 +38,14 @@
 //! +32           len    payload (see codec.rs)
 //! ```
 //!
-//! Bytes 0..40 are written once, when the file is created, and never change.
+//! Bytes 0..44 are written once, when the file is created, and never change.
 //! The commit word is the only word a writer changes to publish a table: the
-//! slot it names is never written while it is active.
+//! slot it names is never written while it is active. The peer cells are
+//! outside every checksum: workers count in them all the time, and a cell
+//! only ever steers balancing, never what the table says.
 
 use super::super::Error;
+use crate::zone::CELL_LEN;
 
 pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 pub const FORMAT_VERSION: u32 = 1;
@@ -45,7 +55,12 @@ pub const WORKER_TABLE: usize = 128;
 pub const WORKER_ENTRY: usize = 16;
 pub const WORKER_ENTRIES: u32 = ((HEADER_LEN as usize - WORKER_TABLE) / WORKER_ENTRY) as u32;
 pub const SLOT_HEADER: u64 = 32;
-const FIXED_FIELDS: usize = 36;
+const FIXED_FIELDS: usize = 40;
+/// The fixed header fields and their checksum.
+pub const FIXED_LEN: usize = FIXED_FIELDS + 4;
+/// One peer cell in four of every 96 bytes after the header: a cell for
+/// about as many servers as a slot holds.
+const BYTES_PER_CELL: u64 = 96;
 
 /// Smallest and largest file a configuration may ask for.
 pub const MIN_FILE_LEN: u64 = HEADER_LEN + 2 * 4096;
@@ -57,23 +72,34 @@ pub struct Geometry {
     pub slot_len: u64,
     pub file_len: u64,
     pub workers: u32,
+    /// Cells of shared peer state after the slots.
+    pub cells: u32,
 }
 
 impl Geometry {
     /// The geometry of a new file of at most `file_len` bytes: two equal slots
-    /// after the header, each a multiple of 8 bytes.
+    /// after the header, each a multiple of 8 bytes, then the peer cells.
     pub fn for_file_len(file_len: u64) -> Result<Geometry, String> {
         if !(MIN_FILE_LEN..=MAX_FILE_LEN).contains(&file_len) {
             return Err(format!(
                 "size {file_len} is out of range: a state file is {MIN_FILE_LEN} to {MAX_FILE_LEN} bytes"
             ));
         }
-        let slot_len = ((file_len - HEADER_LEN) / 2) & !7;
+        let room = file_len - HEADER_LEN;
+        // Fits: MAX_FILE_LEN / 96 is below u32::MAX.
+        let cells = (room / BYTES_PER_CELL) as u32;
+        let slot_len = ((room - u64::from(cells) * CELL_LEN as u64) / 2) & !7;
         Ok(Geometry {
             slot_len,
-            file_len: HEADER_LEN + 2 * slot_len,
+            file_len: HEADER_LEN + 2 * slot_len + u64::from(cells) * CELL_LEN as u64,
             workers: WORKER_ENTRIES,
+            cells,
         })
+    }
+
+    /// Offset of the first peer cell.
+    pub fn cells_offset(&self) -> u64 {
+        HEADER_LEN + 2 * self.slot_len
     }
 
     /// Offset of slot `i` (0 or 1) from the start of the file.
@@ -86,17 +112,18 @@ impl Geometry {
         self.slot_len - SLOT_HEADER
     }
 
-    /// The fixed header fields (bytes 0..40) of a file of this geometry.
-    pub fn header_bytes(&self) -> [u8; 40] {
-        let mut h = [0u8; 40];
+    /// The fixed header fields (bytes 0..44) of a file of this geometry.
+    pub fn header_bytes(&self) -> [u8; FIXED_LEN] {
+        let mut h = [0u8; FIXED_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         h[16..24].copy_from_slice(&self.slot_len.to_le_bytes());
         h[24..32].copy_from_slice(&self.file_len.to_le_bytes());
         h[32..36].copy_from_slice(&self.workers.to_le_bytes());
+        h[36..40].copy_from_slice(&self.cells.to_le_bytes());
         let crc = crc32fast::hash(&h[..FIXED_FIELDS]);
-        h[36..40].copy_from_slice(&crc.to_le_bytes());
+        h[FIXED_FIELDS..FIXED_LEN].copy_from_slice(&crc.to_le_bytes());
         h
     }
 
@@ -108,7 +135,7 @@ impl Geometry {
         if h.len() >= MAGIC.len() && h[..MAGIC.len()] != MAGIC {
             return Err(bad("not an ngx.dyups state file (bad magic)".into()));
         }
-        if actual_len < HEADER_LEN || h.len() < 40 {
+        if actual_len < HEADER_LEN || h.len() < FIXED_LEN {
             return Err(bad(format!(
                 "truncated: {actual_len} bytes, a state file has at least {HEADER_LEN}"
             )));
@@ -119,7 +146,7 @@ impl Geometry {
                 "format version {version}, this build reads version {FORMAT_VERSION}"
             )));
         }
-        let crc = u32_at(h, 36);
+        let crc = u32_at(h, FIXED_FIELDS);
         if crc != crc32fast::hash(&h[..FIXED_FIELDS]) {
             return Err(bad("header checksum mismatch (corrupted header)".into()));
         }
@@ -128,12 +155,17 @@ impl Geometry {
             slot_len: u64_at(h, 16),
             file_len: u64_at(h, 24),
             workers: u32_at(h, 32),
+            cells: u32_at(h, 36),
         };
+        let cells_len = u64::from(g.cells) * CELL_LEN as u64;
         if header_len != HEADER_LEN
             || g.workers != WORKER_ENTRIES
             || g.slot_len < SLOT_HEADER
             || !g.slot_len.is_multiple_of(8)
-            || HEADER_LEN.checked_add(g.slot_len.saturating_mul(2)) != Some(g.file_len)
+            || HEADER_LEN
+                .checked_add(g.slot_len.saturating_mul(2))
+                .and_then(|n| n.checked_add(cells_len))
+                != Some(g.file_len)
         {
             return Err(bad("inconsistent header geometry".into()));
         }
@@ -226,7 +258,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn good() -> (Geometry, [u8; 40]) {
+    fn good() -> (Geometry, [u8; FIXED_LEN]) {
         let g = Geometry::for_file_len(1 << 20).unwrap();
         (g, g.header_bytes())
     }
@@ -234,19 +266,22 @@ mod tests {
     #[test]
     fn geometry_round_trips_through_the_header() {
         let (g, h) = good();
-        assert_eq!(g.file_len, HEADER_LEN + 2 * g.slot_len);
+        assert_eq!(g.file_len, g.cells_offset() + 32 * u64::from(g.cells));
         assert!(g.file_len <= 1 << 20);
+        // A cell for about as many servers as a slot holds (28 bytes each).
+        assert!(u64::from(g.cells) * 28 > g.payload_capacity() * 3 / 4);
         assert_eq!(Geometry::parse(&h, g.file_len, "p").unwrap(), g);
     }
 
     #[test]
     fn each_corrupted_header_field_is_named() {
         let (g, h) = good();
-        let cases: [(usize, &str); 4] = [
+        let cases: [(usize, &str); 5] = [
             (0, "bad magic"),
             (8, "format version"),
             (20, "header checksum"),
             (37, "header checksum"),
+            (41, "header checksum"),
         ];
         for (at, why) in cases {
             let mut b = h;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::guard::Guard;
+use crate::zone::{PeerCell, CELL_LEN};
 
 /// A `MAP_SHARED` mapping of a whole state file. Raw, not `&[u8]`: other
 /// processes write it while we hold it, which a Rust slice may not see.
@@ -74,6 +75,21 @@ impl SharedMap {
         self.check(off, 4, 4);
         // SAFETY: as in `atomic_u64`, for 4 aligned bytes.
         unsafe { &*(self.raw.as_mut_ptr().add(off) as *const AtomicU32) }
+    }
+
+    /// The `n` peer cells at `off`, shared with every process mapping the
+    /// file.
+    pub fn cells(&self, off: usize, n: usize) -> &[PeerCell] {
+        let len = n.checked_mul(CELL_LEN).expect("cell count overflows");
+        self.check(off, len, 8);
+        const { assert!(std::mem::size_of::<PeerCell>() == CELL_LEN) };
+        const { assert!(std::mem::align_of::<PeerCell>() <= 8) };
+        // SAFETY: `check` proved the `n * CELL_LEN` bytes are inside the
+        // mapping and 8-byte aligned; PeerCell is `repr(C)` of four
+        // AtomicU64 (size CELL_LEN, alignment 8, asserted above), for which
+        // every bit pattern is valid. The mapping lives as long as `self`,
+        // and every process touches the cells only through those atomics.
+        unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(off) as *const PeerCell, n) }
     }
 
     /// Copies `dst.len()` bytes at `off` out of the mapping.

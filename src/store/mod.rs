@@ -29,10 +29,11 @@ use parking_lot::Mutex;
 
 pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
-use self::layout::{SlotHeader, COMMIT_WORD, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
+use self::layout::{SlotHeader, COMMIT_WORD, FIXED_LEN, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 use crate::model::{Change, Table};
+use crate::zone::{self, Zone, CELL_LEN};
 use crate::{Error, Result};
 
 /// How long a writer may wait for the lock.
@@ -191,7 +192,7 @@ impl StateFile {
             table: seed()?,
             changes: Vec::new(),
         };
-        let bytes = image(geometry, &payload).map_err(|needs| {
+        let bytes = image(geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
                 "could not create state file {}: the initial table needs {needs} bytes, a slot of a {size}-byte file holds {}",
                 path.display(),
@@ -231,7 +232,7 @@ impl StateFile {
             table: best.table,
             changes: Vec::new(),
         };
-        let bytes = image(self.geometry, &payload).map_err(|needs| {
+        let bytes = image(self.geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
                 "could not restore state file {}: needs {needs} bytes",
                 self.path.display()
@@ -288,7 +289,7 @@ impl StateFile {
             .map_err(|e| io_error("stat", path, e))?
             .len();
         let shown = path.display().to_string();
-        let mut head = vec![0u8; len.min(40) as usize];
+        let mut head = vec![0u8; len.min(FIXED_LEN as u64) as usize];
         {
             use std::os::unix::fs::FileExt;
             file.read_exact_at(&mut head, 0)
@@ -332,6 +333,29 @@ impl StateFile {
     /// The generation now published: the hot path's one atomic load.
     pub fn generation(&self) -> u64 {
         layout::generation_of(self.commit().load(Ordering::Acquire))
+    }
+
+    /// The shared peer state of every process mapping this file.
+    pub fn zone(&self) -> Zone<'_> {
+        Zone::new(self.map.cells(
+            self.geometry.cells_offset() as usize,
+            self.geometry.cells as usize,
+        ))
+    }
+
+    /// Zeroes every server's count of connections in flight: for nginx's
+    /// master at a fresh start, when no worker that counted them is left
+    /// (a worker killed in the middle of requests never gives its back).
+    /// Does nothing while some registered worker still lives: on a reload,
+    /// the old workers give back what they took.
+    pub fn clear_connections(&self) -> bool {
+        if !self.workers().is_empty() {
+            return false;
+        }
+        for cell in self.zone().cells() {
+            cell.clear_conns();
+        }
+        true
     }
 
     /// A consistent copy of the current table.
@@ -455,17 +479,25 @@ impl StateFile {
         // Above both slots' generations, also when the active one was bad.
         let next = current.seen + 1;
         // Stamp the upstreams this change made or changed (a shared one is
-        // untouched), so readers decode only those again.
-        let stamp: Vec<bool> = table
+        // untouched), so readers decode only those again, and give their
+        // new servers cells of shared peer state.
+        let changed: Vec<bool> = table
             .paired(&current.table)
             .iter()
-            .map(|(u, o)| !o.is_some_and(|o| std::ptr::eq(*u, o) || o.servers == u.servers))
+            .map(|(u, o)| !o.is_some_and(|o| std::ptr::eq(*u, o) || o.same_content(u)))
             .collect();
-        for (u, stamp) in table.upstreams.iter_mut().zip(stamp) {
-            if stamp {
+        for (u, &changed) in table.upstreams.iter_mut().zip(&changed) {
+            if changed {
                 Arc::make_mut(u).rev = next;
             }
         }
+        let given = zone::assign(
+            &mut table,
+            &current.table,
+            &changed,
+            self.geometry.cells,
+            cell_tag(next),
+        );
         let mut changes = current.changes;
         changes.extend(Change::between(&current.table, &table, next));
         if changes.len() > CHANGE_LOG_MAX {
@@ -483,6 +515,13 @@ impl StateFile {
                 self.path.display(),
                 self.geometry.payload_capacity()
             )));
+        }
+        // No published table names these cells yet: workers see them fresh.
+        let zone = self.zone();
+        for r in given {
+            if let Some(cell) = zone.cells().get(r.index as usize) {
+                cell.reset(r.tag);
+            }
         }
         // Write into the slot that does not hold the table just read: the
         // inactive one, or the damaged active one after a fallback.
@@ -688,20 +727,39 @@ enum Place {
     Replace,
 }
 
-/// A whole file image of `geometry` holding `payload` in slot 0; `Err` with
-/// the bytes needed when it does not fit.
-fn image(geometry: Geometry, payload: &Payload) -> Result<Vec<u8>, usize> {
-    let encoded = codec::encode(payload);
+/// A whole file image of `geometry` holding `payload` in slot 0, every
+/// server with a fresh cell; `Err` with the bytes needed when it does not
+/// fit.
+fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
+    for u in &mut payload.table.upstreams {
+        Arc::make_mut(u).peers.clear();
+    }
+    let all = vec![true; payload.table.upstreams.len()];
+    let given = zone::assign(
+        &mut payload.table,
+        &Table::default(),
+        &all,
+        geometry.cells,
+        cell_tag(payload.version),
+    );
+    let encoded = codec::encode(&payload);
     if encoded.len() as u64 > geometry.payload_capacity() {
         return Err(encoded.len());
     }
     let mut bytes = vec![0u8; geometry.file_len as usize];
-    bytes[..40].copy_from_slice(&geometry.header_bytes());
-    // The commit word and worker table are atomics of this host, so in
-    // native byte order; the file does not move between hosts (the
+    bytes[..FIXED_LEN].copy_from_slice(&geometry.header_bytes());
+    // The commit word, worker table and cells are atomics of this host, so
+    // in native byte order; the file does not move between hosts (the
     // upstream file does that).
     bytes[COMMIT_WORD..COMMIT_WORD + 8]
         .copy_from_slice(&layout::commit_word(payload.version, 0).to_ne_bytes());
+    for r in given {
+        let at = geometry.cells_offset() as usize + r.index as usize * CELL_LEN;
+        let word = (u64::from(r.tag) << 32).to_ne_bytes();
+        // The connections and failures words: tag, and a count of 0.
+        bytes[at..at + 8].copy_from_slice(&word);
+        bytes[at + 8..at + 16].copy_from_slice(&word);
+    }
     let slot = geometry.slot_offset(0) as usize;
     bytes[slot..slot + SLOT_HEADER as usize]
         .copy_from_slice(&SlotHeader::for_payload(payload.version, &encoded).to_bytes());
@@ -801,7 +859,11 @@ fn fall_back(
 /// `name` goes into error messages.
 pub fn inspect_image(bytes: &[u8], name: &str) -> Result<Snapshot> {
     let corrupt = |why: String| Error::Internal(format!("state file {name}: {why}"));
-    let g = Geometry::parse(&bytes[..bytes.len().min(40)], bytes.len() as u64, name)?;
+    let g = Geometry::parse(
+        &bytes[..bytes.len().min(FIXED_LEN)],
+        bytes.len() as u64,
+        name,
+    )?;
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[COMMIT_WORD..COMMIT_WORD + 8]);
     let word = u64::from_ne_bytes(word);
@@ -834,13 +896,20 @@ fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snaps
     }
 }
 
-/// Equal names and servers in the same order; `rev` does not count.
+/// The same upstreams saying the same, in the same order; what the store
+/// keeps (`rev`, cells) does not count.
 fn same_content(a: &Table, b: &Table) -> bool {
     a.upstreams.len() == b.upstreams.len()
         && a.upstreams
             .iter()
             .zip(&b.upstreams)
-            .all(|(x, y)| x.name == y.name && x.servers == y.servers)
+            .all(|(x, y)| x.same_content(y))
+}
+
+/// The tag of the cells a write at `generation` gives out: never 0, which
+/// marks a cell no server was ever given.
+fn cell_tag(generation: u64) -> u32 {
+    (generation as u32).max(1)
 }
 
 fn backoff(round: u32) {

@@ -366,6 +366,11 @@ fn a_writer_killed_between_slot_and_commit_leaves_the_old_table() {
     child.wait().unwrap();
     let after = f.read().unwrap();
     assert_eq!(after, before);
+    // The cells the dead writer gave out were nobody's: those of the table
+    // still in force are as they were.
+    let local = after.table.get("local").unwrap();
+    assert_eq!(local.peers, before.table.get("local").unwrap().peers);
+    assert!((0..3).all(|i| f.zone().cell(local.peer(i)).is_some()));
     let opts = no_wait();
     assert_eq!(f.write(&opts, add(9001)).unwrap().0, 3);
 }
@@ -717,4 +722,121 @@ fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
             .table,
         after.table
     );
+}
+
+/// The cell of server `port` of upstream `local` in `s`.
+fn cell_of(s: &Snapshot, port: u16) -> crate::zone::PeerRef {
+    let local = s.table.get("local").unwrap();
+    let i = local.servers.iter().position(|x| x.addr.port() == port);
+    local.peer(i.expect("no such server"))
+}
+
+#[test]
+fn servers_keep_their_shared_cells_across_writes_and_new_ones_start_at_zero() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    // A second mapping of the file, as another worker has.
+    let other = StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap();
+    let opts = WriteOptions::default();
+    let s1 = f.read().unwrap();
+    let kept = cell_of(&s1, 8089);
+    let cell = f.zone().cell(kept).expect("seeded servers have cells");
+    cell.acquire(kept.tag);
+    cell.add_failure(kept.tag, 1_000);
+    let seen = other.zone().cell(kept).expect("the same cell there");
+    assert_eq!((seen.conns(), seen.fails()), (1, 1));
+
+    f.write(&opts, add(9000)).unwrap();
+    let s2 = other.read().unwrap();
+    assert_eq!(
+        cell_of(&s2, 8089),
+        kept,
+        "a server that stays keeps its cell"
+    );
+    assert_eq!(other.zone().cell(kept).unwrap().conns(), 1);
+    let new = cell_of(&s2, 9000);
+    assert_ne!(new.index, kept.index);
+    assert_eq!(other.zone().cell(new).unwrap().conns(), 0);
+
+    // 8089 goes; once that table is in force its cell may be given again,
+    // and whoever gets it starts from zero under a new tag.
+    f.write(&opts, |t| {
+        t.get_mut("local")
+            .unwrap()
+            .servers
+            .retain(|s| s.addr.port() != 8089);
+        Ok(())
+    })
+    .unwrap();
+    f.write(&opts, |t| {
+        t.upsert(Upstream::new("fresh", (1..=40).map(server).collect()));
+        Ok(())
+    })
+    .unwrap();
+    let s4 = f.read().unwrap();
+    let fresh = s4.table.get("fresh").unwrap();
+    let reused = (0..40)
+        .map(|i| fresh.peer(i))
+        .find(|r| r.index == kept.index)
+        .expect("the freed cell is given again");
+    assert_ne!(reused.tag, kept.tag);
+    let c = f.zone().cell(reused).unwrap();
+    assert_eq!((c.conns(), c.fails(), c.checked_ms()), (0, 0, 0));
+    assert!(f.zone().cell(kept).is_none(), "the old tag counts nothing");
+    // Every server has a cell of its own.
+    let mut all: Vec<u32> = s4
+        .table
+        .upstreams
+        .iter()
+        .flat_map(|u| u.peers.iter().map(|p| p.index))
+        .collect();
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n);
+    assert_eq!(n, 2 + 40);
+}
+
+#[test]
+fn a_change_of_method_or_keepalive_alone_is_a_write() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    let (v, ()) = f
+        .write(&opts, |t| {
+            t.get_mut("local").unwrap().policy = crate::policy::Policy::LeastConn;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(v, 2);
+    let (v, ()) = f
+        .write(&opts, |t| {
+            t.get_mut("local").unwrap().keepalive = 8;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(v, 3);
+    let local = f.read().unwrap().table.get("local").unwrap().clone();
+    assert_eq!((local.keepalive, local.rev), (8, 3));
+    assert_eq!(local.policy, crate::policy::Policy::LeastConn);
+}
+
+#[test]
+fn connection_counts_are_cleared_only_when_no_worker_lives() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let r = cell_of(&f.read().unwrap(), 8088);
+    let cell = f.zone().cell(r).unwrap();
+    cell.acquire(r.tag);
+    let me = std::process::id();
+    let entry = f.register_worker(me).unwrap();
+    assert!(
+        !f.clear_connections(),
+        "a live worker may still give it back"
+    );
+    assert_eq!(cell.conns(), 1);
+    f.release_worker(entry, me);
+    assert!(f.clear_connections());
+    assert_eq!(cell.conns(), 0);
+    assert!(f.zone().cell(r).is_some(), "the cell is still the server's");
 }

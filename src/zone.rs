@@ -1,0 +1,411 @@
+//! Peer state shared by every worker, as nginx's `zone` directive shares an
+//! upstream's peers: per server, the failures and their window, and the
+//! connections in flight. It lives in a region of the state file of its own,
+//! outside the checksummed table, as fixed cells of atomics that any worker
+//! updates without a lock.
+//!
+//! A writer gives each server of the table a cell ([`PeerRef`]: index and
+//! tag) under the file lock and keeps it for as long as the server stays in
+//! its upstream, so counters survive table changes. A new server gets a cell
+//! no table references, zeroed and stamped with a fresh tag before the table
+//! naming it is published. The tag is in the same word as each counter, so a
+//! worker still routing by an older table, whose server's cell was since
+//! given to another server, fails its compare-and-swap instead of counting on
+//! the wrong server; it then uses a cell of its own, as a server without a
+//! shared cell (the zone was full) does.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::model::{Table, Upstream};
+
+/// Bytes per cell in the state file.
+pub const CELL_LEN: usize = 32;
+
+/// Which cell of the zone holds a server's shared state: what the table
+/// stores per server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    pub index: u32,
+    /// Stamped when the cell was given to this server; never 0.
+    pub tag: u32,
+}
+
+impl PeerRef {
+    /// No shared cell (the zone was full, or the table was never stored).
+    pub const NONE: PeerRef = PeerRef {
+        index: u32::MAX,
+        tag: 0,
+    };
+
+    pub fn is_none(self) -> bool {
+        self.index == u32::MAX
+    }
+}
+
+/// One server's shared state. The counter words hold the tag in their high
+/// half; the times are milliseconds of the Unix clock, which every process
+/// on the host shares.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct PeerCell {
+    /// tag << 32 | connections in flight.
+    conns: AtomicU64,
+    /// tag << 32 | failures counted in the current window.
+    fails: AtomicU64,
+    /// When the last failure was reported.
+    accessed: AtomicU64,
+    /// When the current fail window started.
+    checked: AtomicU64,
+}
+
+const LOW: u64 = 0xffff_ffff;
+
+fn tagged(tag: u32, n: u32) -> u64 {
+    u64::from(tag) << 32 | u64::from(n)
+}
+
+impl PeerCell {
+    /// Makes this the fresh cell of a server stamped `tag`: no connections,
+    /// no failures.
+    pub fn reset(&self, tag: u32) {
+        self.accessed.store(0, Ordering::Relaxed);
+        self.checked.store(0, Ordering::Relaxed);
+        self.conns.store(tagged(tag, 0), Ordering::Release);
+        self.fails.store(tagged(tag, 0), Ordering::Release);
+    }
+
+    /// Whether the cell still belongs to the server stamped `tag`.
+    pub fn holds(&self, tag: u32) -> bool {
+        (self.fails.load(Ordering::Acquire) >> 32) as u32 == tag
+    }
+
+    pub fn fails(&self) -> u32 {
+        (self.fails.load(Ordering::Acquire) & LOW) as u32
+    }
+
+    pub fn accessed_ms(&self) -> u64 {
+        self.accessed.load(Ordering::Acquire)
+    }
+
+    pub fn checked_ms(&self) -> u64 {
+        self.checked.load(Ordering::Acquire)
+    }
+
+    pub fn conns(&self) -> u32 {
+        (self.conns.load(Ordering::Acquire) & LOW) as u32
+    }
+
+    /// Counts a failure of the server stamped `tag` at `now_ms`; false when
+    /// the cell is no longer its own.
+    pub fn add_failure(&self, tag: u32, now_ms: u64) -> bool {
+        let counted = update(&self.fails, tag, |n| Some(n.saturating_add(1)));
+        if counted {
+            self.accessed.store(now_ms, Ordering::Release);
+            self.checked.store(now_ms, Ordering::Release);
+        }
+        counted
+    }
+
+    /// Forgets the failures, if they are still the `seen` ones: of two
+    /// workers presuming the same recovery, one resets and neither loses a
+    /// failure counted meanwhile.
+    pub fn clear_failures(&self, tag: u32, seen: u32) {
+        let _ = self.fails.compare_exchange(
+            tagged(tag, seen),
+            tagged(tag, 0),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Opens a new fail window at `now_ms` if the current one still started
+    /// at `seen_ms`. True for the one worker that opened it: after the
+    /// window of a disabled server, that worker's request is the probe.
+    pub fn open_window(&self, seen_ms: u64, now_ms: u64) -> bool {
+        self.checked
+            .compare_exchange(seen_ms, now_ms, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// One more connection in flight; false when the cell is not `tag`'s.
+    pub fn acquire(&self, tag: u32) -> bool {
+        update(&self.conns, tag, |n| Some(n.saturating_add(1)))
+    }
+
+    /// One connection fewer. Never below zero: a count already reset (a new
+    /// nginx) stays at zero.
+    pub fn release(&self, tag: u32) -> bool {
+        update(&self.conns, tag, |n| n.checked_sub(1))
+    }
+
+    /// Zeroes the connection count, keeping the tag: connections counted by
+    /// processes that are gone (at a fresh start of nginx).
+    pub fn clear_conns(&self) {
+        let word = self.conns.load(Ordering::Acquire);
+        let _ = self
+            .conns
+            .compare_exchange(word, word & !LOW, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// Applies `f` to the low half of `word` while its high half is `tag`.
+fn update(word: &AtomicU64, tag: u32, f: impl Fn(u32) -> Option<u32>) -> bool {
+    word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+        ((w >> 32) as u32 == tag)
+            .then(|| f((w & LOW) as u32))
+            .flatten()
+            .map(|n| tagged(tag, n))
+    })
+    .is_ok()
+        || (word.load(Ordering::Acquire) >> 32) as u32 == tag
+}
+
+/// The zone as a worker sees it: the cells of the state file it maps (none
+/// for a balancer that is not backed by one).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Zone<'a> {
+    cells: &'a [PeerCell],
+}
+
+impl<'a> Zone<'a> {
+    pub const NONE: Zone<'static> = Zone { cells: &[] };
+
+    pub fn new(cells: &'a [PeerCell]) -> Zone<'a> {
+        Zone { cells }
+    }
+
+    /// The cell `r` names, if it is in the zone and still stamped with
+    /// `r`'s tag.
+    pub fn cell(&self, r: PeerRef) -> Option<&'a PeerCell> {
+        self.cells
+            .get(r.index as usize)
+            .filter(|c| !r.is_none() && c.holds(r.tag))
+    }
+
+    pub fn cells(&self) -> &'a [PeerCell] {
+        self.cells
+    }
+
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+}
+
+/// Gives a cell to every server of the upstreams of `next` that `changed`
+/// marks (index for index with `next.upstreams`), for a zone of `capacity`
+/// cells: the cell its upstream's server at the same address has in `current`
+/// (the table `next` replaces), else a free one stamped `tag`, else none.
+/// Free means referenced by neither table, so a writer that dies before
+/// publishing `next` has disturbed no cell `current` uses. Returns the cells
+/// newly given, which the caller must [`reset`](PeerCell::reset) before
+/// `next` is published.
+pub fn assign(
+    next: &mut Table,
+    current: &Table,
+    changed: &[bool],
+    capacity: u32,
+    tag: u32,
+) -> Vec<PeerRef> {
+    let mut used = vec![false; capacity as usize];
+    for u in current.upstreams.iter().chain(&next.upstreams) {
+        for p in &u.peers {
+            if let Some(slot) = used.get_mut(p.index as usize) {
+                *slot = true;
+            }
+        }
+    }
+    let mut free = (0..capacity).filter(|&i| !used[i as usize]);
+    let mut given = Vec::new();
+    let before: HashMap<&str, &Arc<Upstream>> = current
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u))
+        .collect();
+    let mut assigned: Vec<Option<Vec<PeerRef>>> = Vec::with_capacity(next.upstreams.len());
+    for (u, &changed) in next.upstreams.iter().zip(changed) {
+        if !changed && u.peers.len() == u.servers.len() {
+            assigned.push(None);
+            continue;
+        }
+        let old = before.get(u.name.as_str());
+        let mut taken = vec![false; old.map_or(0, |o| o.servers.len())];
+        let peers = u
+            .servers
+            .iter()
+            .map(|s| {
+                // The same address in the same upstream keeps its cell;
+                // repeated addresses are matched in order, one to one.
+                let kept = old.and_then(|o| {
+                    let j = (0..o.servers.len()).find(|&j| {
+                        !taken[j] && o.servers[j].addr == s.addr && !o.peer(j).is_none()
+                    })?;
+                    taken[j] = true;
+                    Some(o.peer(j))
+                });
+                kept.or_else(|| {
+                    let r = PeerRef {
+                        index: free.next()?,
+                        tag,
+                    };
+                    given.push(r);
+                    Some(r)
+                })
+                .unwrap_or(PeerRef::NONE)
+            })
+            .collect();
+        assigned.push(Some(peers));
+    }
+    for (u, peers) in next.upstreams.iter_mut().zip(assigned) {
+        if let Some(peers) = peers {
+            Arc::make_mut(u).peers = peers;
+        }
+    }
+    given
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::servers;
+
+    #[test]
+    fn counters_belong_to_their_tag() {
+        let c = PeerCell::default();
+        c.reset(7);
+        assert!(c.holds(7) && !c.holds(8));
+        assert!(c.acquire(7) && c.acquire(7));
+        assert!(c.add_failure(7, 1_000));
+        assert_eq!(
+            (c.conns(), c.fails(), c.accessed_ms(), c.checked_ms()),
+            (2, 1, 1_000, 1_000)
+        );
+
+        // Another server got the cell: the old tag counts nothing.
+        c.reset(8);
+        assert!(!c.acquire(7) && !c.release(7) && !c.add_failure(7, 2_000));
+        assert_eq!((c.conns(), c.fails(), c.checked_ms()), (0, 0, 0));
+        assert!(c.acquire(8));
+        assert_eq!(c.conns(), 1);
+    }
+
+    #[test]
+    fn release_stops_at_zero_and_clear_keeps_the_tag() {
+        let c = PeerCell::default();
+        c.reset(3);
+        assert!(c.release(3), "still the cell of tag 3");
+        assert_eq!(c.conns(), 0);
+        c.acquire(3);
+        c.acquire(3);
+        c.clear_conns();
+        assert_eq!(c.conns(), 0);
+        assert!(c.holds(3) && c.acquire(3));
+        assert_eq!(c.conns(), 1);
+    }
+
+    #[test]
+    fn a_reset_loses_no_failure_counted_meanwhile() {
+        let c = PeerCell::default();
+        c.reset(1);
+        c.add_failure(1, 10);
+        let seen = c.fails();
+        c.add_failure(1, 11);
+        c.clear_failures(1, seen);
+        assert_eq!(c.fails(), 2, "the second failure came after the look");
+        c.clear_failures(1, 2);
+        assert_eq!(c.fails(), 0);
+    }
+
+    #[test]
+    fn one_opener_per_window() {
+        let c = PeerCell::default();
+        c.reset(1);
+        c.add_failure(1, 100);
+        assert!(c.open_window(100, 20_000));
+        assert!(!c.open_window(100, 20_001), "another worker opened it");
+        assert_eq!(c.checked_ms(), 20_000);
+    }
+
+    #[test]
+    fn the_zone_answers_only_for_live_refs() {
+        let cells: Vec<PeerCell> = (0..2).map(|_| PeerCell::default()).collect();
+        cells[1].reset(5);
+        let z = Zone::new(&cells);
+        assert!(z.cell(PeerRef { index: 1, tag: 5 }).is_some());
+        assert!(z.cell(PeerRef { index: 1, tag: 6 }).is_none());
+        assert!(
+            z.cell(PeerRef { index: 2, tag: 5 }).is_none(),
+            "past the end"
+        );
+        assert!(z.cell(PeerRef::NONE).is_none());
+        assert!(Zone::NONE.cell(PeerRef { index: 0, tag: 1 }).is_none());
+    }
+
+    fn upstream(name: &str, ports: &[u16]) -> Upstream {
+        let mut s = servers(&vec![1; ports.len()]);
+        for (s, &p) in s.iter_mut().zip(ports) {
+            s.addr = crate::model::Address::Inet(([10, 0, 0, 1], p).into());
+        }
+        Upstream::new(name, s)
+    }
+
+    fn ports_and_cells(t: &Table, name: &str) -> Vec<(u16, PeerRef)> {
+        let u = t.upstreams.iter().find(|u| u.name == name).unwrap();
+        (0..u.servers.len())
+            .map(|i| (u.servers[i].addr.port(), u.peer(i)))
+            .collect()
+    }
+
+    #[test]
+    fn servers_that_stay_keep_their_cells_and_new_ones_get_free_cells() {
+        let empty = Table::default();
+        let mut t1 = Table::default();
+        t1.upsert(upstream("a", &[1, 2, 3]));
+        t1.upsert(upstream("b", &[1]));
+        let given = assign(&mut t1, &empty, &[true, true], 8, 1);
+        assert_eq!(given.len(), 4);
+        let cell = |index| PeerRef { index, tag: 1 };
+        assert_eq!(
+            ports_and_cells(&t1, "a"),
+            [(1, cell(0)), (2, cell(1)), (3, cell(2))]
+        );
+        assert_eq!(ports_and_cells(&t1, "b"), [(1, cell(3))]);
+
+        // a: 2 goes, 3 and 1 stay (reordered), 4 comes. b is untouched.
+        let mut t2 = t1.clone();
+        t2.upsert(upstream("a", &[3, 4, 1]));
+        let given = assign(&mut t2, &t1, &[true, false], 8, 2);
+        // Cell 1 (server 2's) is still used by t1: not given out yet.
+        assert_eq!(given, [PeerRef { index: 4, tag: 2 }]);
+        assert_eq!(
+            ports_and_cells(&t2, "a"),
+            [
+                (3, cell(2)),
+                (4, PeerRef { index: 4, tag: 2 }),
+                (1, cell(0))
+            ]
+        );
+        assert!(Arc::ptr_eq(&t1.upstreams[1], &t2.upstreams[1]));
+
+        // Once t2 is current, cell 1 is free again.
+        let mut t3 = t2.clone();
+        t3.upsert(upstream("c", &[9]));
+        let given = assign(&mut t3, &t2, &[false, false, true], 8, 3);
+        assert_eq!(given, [PeerRef { index: 1, tag: 3 }]);
+    }
+
+    #[test]
+    fn a_full_zone_leaves_servers_without_a_cell() {
+        let mut t = Table::default();
+        t.upsert(upstream("a", &[1, 2, 3]));
+        let given = assign(&mut t, &Table::default(), &[true], 2, 1);
+        assert_eq!(given.len(), 2);
+        assert!(t.upstreams[0].peer(2).is_none());
+        assert!(t.upstreams[0].peer(5).is_none(), "past the end");
+    }
+}
