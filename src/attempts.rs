@@ -8,6 +8,7 @@
 
 use crate::balancer::Tried;
 use crate::policy::Cursor;
+use crate::zone::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.
@@ -31,6 +32,10 @@ pub struct Attempt {
     /// Where the request's hash chain stands (hash policies), as nginx keeps
     /// it between attempts.
     pub cursor: Cursor,
+    /// The connection the current attempt counts (`least_conn`, `random
+    /// two`): given back on a retry, when the request ends, or when its
+    /// entry is displaced.
+    pub held: Option<PeerRef>,
 }
 
 impl Attempt {
@@ -41,6 +46,7 @@ impl Attempt {
             last: None,
             tried: Tried::new(),
             cursor: Cursor::default(),
+            held: None,
         }
     }
 }
@@ -68,6 +74,10 @@ pub struct Attempts {
     /// log2 of the slot count.
     bits: u32,
     clock: u64,
+    /// The connection an entry displaced by `begin` still held: its request
+    /// ended without saying so, or is lost to us. For the caller to give
+    /// back ([`take_displaced`](Self::take_displaced)).
+    displaced: Option<PeerRef>,
 }
 
 impl Attempts {
@@ -79,6 +89,7 @@ impl Attempts {
             slots: vec![Slot::default(); len].into_boxed_slice(),
             bits: len.trailing_zeros(),
             clock: 0,
+            displaced: None,
         }
     }
 
@@ -93,12 +104,22 @@ impl Attempts {
         let at = self.slot_for_new(key);
         let stamp = self.tick();
         let slot = &mut self.slots[at];
+        if slot.stamp != 0 {
+            if let Some(held) = slot.attempt.held {
+                self.displaced = Some(held);
+            }
+        }
         *slot = Slot {
             key,
             stamp,
             attempt: Attempt::fresh(upstream_id, generation),
         };
         &mut slot.attempt
+    }
+
+    /// The connection the last [`begin`](Self::begin) displaced, once.
+    pub fn take_displaced(&mut self) -> Option<PeerRef> {
+        self.displaced.take()
     }
 
     /// A retry: the entry for `key`, but only if it was made for the same
@@ -138,12 +159,12 @@ impl Attempts {
         }
     }
 
-    /// Drops the entry for `key`, e.g. from the log phase once the request
-    /// is done, so it cannot push out the entry of a request still running.
-    pub fn forget(&mut self, key: usize) {
-        if let Some(at) = self.find(key) {
-            self.slots[at] = Slot::default();
-        }
+    /// Takes the entry for `key` out, from the log phase once the request
+    /// is done, so it cannot push out the entry of a request still running;
+    /// the caller gives back what it `held`.
+    pub fn finish(&mut self, key: usize) -> Option<Attempt> {
+        let at = self.find(key)?;
+        Some(std::mem::take(&mut self.slots[at]).attempt)
     }
 
     fn home(&self, key: usize) -> usize {
@@ -267,17 +288,49 @@ mod tests {
     }
 
     #[test]
-    fn forget_frees_the_slot() {
+    fn finish_frees_the_slot() {
         let mut t = Attempts::new(PROBE);
         for key in 1..=4usize {
             t.begin(key, 0, 0);
         }
-        t.forget(2);
+        t.resume(2, 0, 0).unwrap().last = Some(7);
+        assert_eq!(t.finish(2).unwrap().last, Some(7));
         assert!(t.resume(2, 0, 0).is_none());
+        assert!(t.finish(2).is_none(), "once");
         t.begin(5, 0, 0);
         // The freed slot was reused; nothing else was evicted.
         for key in [1usize, 3, 4, 5] {
             assert!(t.resume(key, 0, 0).is_some(), "key {key} stays");
         }
+    }
+
+    #[test]
+    fn a_displaced_entry_hands_over_the_connection_it_held() {
+        let held = PeerRef { index: 4, tag: 9 };
+        let mut t = Attempts::new(PROBE);
+        t.begin(16, 0, 0).held = Some(held);
+        assert_eq!(t.take_displaced(), None);
+        // The same key again (a reused request pointer), then eviction.
+        t.begin(16, 0, 0);
+        assert_eq!(t.take_displaced(), Some(held));
+        assert_eq!(t.take_displaced(), None, "once");
+        for key in 1..=4usize {
+            t.begin(key * 16, 0, 0).held = Some(PeerRef {
+                index: key as u32,
+                tag: 1,
+            });
+            t.take_displaced();
+        }
+        t.begin(80, 0, 0);
+        assert_eq!(
+            t.take_displaced(),
+            Some(PeerRef { index: 1, tag: 1 }),
+            "the stalest"
+        );
+        // An entry finished by its request is not displaced later.
+        let done = t.finish(48).unwrap();
+        assert_eq!(done.held, Some(PeerRef { index: 3, tag: 1 }));
+        t.begin(96, 0, 0);
+        assert_eq!(t.take_displaced(), None);
     }
 }

@@ -4,10 +4,16 @@
 //!
 //! The server list itself lives in the shared table; a [`Balancer`] only
 //! holds the per-server counters, index for index, so each call takes the
-//! list it was built for. Nothing here reads a clock or allocates on the
-//! pick path: time comes in as `now_ms`.
+//! list it was built for. Failures and connections are counted in the
+//! shared cells of the zone ([`crate::zone`]), so every worker sees them.
+//! Nothing here reads a clock or allocates on the pick path: time comes in
+//! as `now_ms`.
+
+use std::fmt;
+use std::sync::Arc;
 
 use crate::model::ServerSpec;
+use crate::zone::{PeerCell, PeerRef, ZoneSource};
 
 /// Indices kept in the bitmask.
 const LOW_BITS: usize = u64::BITS as usize;
@@ -87,21 +93,21 @@ impl Tried {
     }
 }
 
-/// The balancing state of one server, nginx's `ngx_http_upstream_rr_peer_t`
-/// minus what the shared table holds. Times are milliseconds on the caller's
-/// clock.
+/// The balancing state of one server in one worker, nginx's
+/// `ngx_http_upstream_rr_peer_t` minus what the shared table holds. The
+/// weights are this worker's own; failures and connections are counted in
+/// the server's cell of the zone, which every worker shares (see
+/// [`crate::zone`]), or in a cell of this worker's own when it has none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerState {
     pub current_weight: i64,
     /// The weight in use: lowered by failures, climbing back by one per pick
     /// that considers the server, up to its configured weight.
     pub effective_weight: i64,
-    pub fails: u32,
-    /// When the last failure was reported.
-    pub accessed_ms: u64,
-    /// When the last failure was reported or the server was last picked
-    /// after its fail window had passed: the start of the current window.
-    pub checked_ms: u64,
+    /// The server's cell in the zone, if it has one.
+    pub shared: PeerRef,
+    /// Where this worker counts when the zone holds no cell for the server.
+    own: PeerCell,
 }
 
 impl PeerState {
@@ -109,9 +115,8 @@ impl PeerState {
         PeerState {
             current_weight: 0,
             effective_weight: i64::from(spec.weight),
-            fails: 0,
-            accessed_ms: 0,
-            checked_ms: 0,
+            shared: PeerRef::NONE,
+            own: PeerCell::default(),
         }
     }
 }
@@ -126,41 +131,163 @@ fn is_single(servers: &[ServerSpec]) -> bool {
     matches!(servers, [only] if !only.backup)
 }
 
+/// One server's failure accounting and connection count, where they are
+/// kept: its shared cell, or the worker's own. Times are milliseconds of the
+/// Unix clock, the one every worker shares.
+#[derive(Clone, Copy, Debug)]
+pub struct Health<'a> {
+    cell: &'a PeerCell,
+    tag: u32,
+}
+
+impl Health<'_> {
+    pub fn fails(&self) -> u32 {
+        self.cell.fails()
+    }
+
+    pub fn conns(&self) -> u32 {
+        self.cell.conns()
+    }
+
+    /// Whether this is the server's cell in the zone, seen by every worker.
+    pub fn shared(&self) -> bool {
+        self.tag != 0
+    }
+
+    /// Whether server `index` (`spec`) may be picked now: up, not tried by
+    /// this request, not disabled by failures (after presuming recovery).
+    pub(crate) fn available(
+        &self,
+        spec: &ServerSpec,
+        tried: &Tried,
+        index: usize,
+        now_ms: u64,
+    ) -> bool {
+        if spec.down || tried.contains(index) {
+            return false;
+        }
+        self.presume_recovery(spec, now_ms);
+        !self.disabled(spec, now_ms)
+    }
+
+    /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
+    fn presume_recovery(&self, spec: &ServerSpec, now_ms: u64) {
+        let fails = self.cell.fails();
+        if fails == 0 {
+            return;
+        }
+        let window = fail_timeout_ms(spec);
+        let (accessed, checked) = (self.cell.accessed_ms(), self.cell.checked_ms());
+        let recovered = if spec.max_fails == 0 || fails < spec.max_fails {
+            now_ms.saturating_sub(accessed) > window
+        } else {
+            // Only a probe (a pick after the last failure) that went a whole
+            // window without a failure report counts.
+            checked > accessed && now_ms.saturating_sub(checked) > window
+        };
+        if recovered {
+            self.cell.clear_failures(self.tag, fails);
+        }
+    }
+
+    fn disabled(&self, spec: &ServerSpec, now_ms: u64) -> bool {
+        spec.max_fails > 0
+            && self.cell.fails() >= spec.max_fails
+            && now_ms.saturating_sub(self.cell.checked_ms()) <= fail_timeout_ms(spec)
+    }
+
+    /// The server was picked: opens a new fail window when the last one has
+    /// passed, which for a disabled server makes this pick its probe and keeps
+    /// every worker off it until the window ends. False when the server was
+    /// disabled and another worker opened the window first: the probe is
+    /// that worker's, and this pick must go elsewhere.
+    fn claim(&self, spec: &ServerSpec, now_ms: u64) -> bool {
+        let checked = self.cell.checked_ms();
+        if now_ms.saturating_sub(checked) <= fail_timeout_ms(spec) {
+            return true;
+        }
+        let probe = spec.max_fails > 0 && self.cell.fails() >= spec.max_fails;
+        self.cell.open_window(checked, now_ms) || !probe
+    }
+}
+
+/// The health of `peer`: its cell in `zone` while that still holds it,
+/// else its own.
+fn health_of<'a>(zone: Option<&'a dyn ZoneSource>, peer: &'a PeerState) -> Health<'a> {
+    match zone.and_then(|z| z.zone().cell(peer.shared)) {
+        Some(cell) => Health {
+            cell,
+            tag: peer.shared.tag,
+        },
+        None => Health {
+            cell: &peer.own,
+            tag: 0,
+        },
+    }
+}
+
 /// The state of one upstream in one worker.
 ///
-/// Behaves as nginx's round robin with one deliberate difference. nginx
-/// clears a server's `fails` when a request to it *succeeds* after its fail
-/// window started (`accessed < checked`). We cannot observe success, so
-/// success is presumed from silence instead, when [`pick`](Self::pick) next
-/// looks at the server:
+/// Behaves as nginx's round robin in an upstream with a `zone`, with one
+/// deliberate difference. nginx clears a server's `fails` when a request to
+/// it *succeeds* after its fail window started (`accessed < checked`). We
+/// cannot observe success, so success is presumed from silence instead, when
+/// [`pick`](Self::pick) next looks at the server:
 ///
 /// - a server below `max_fails` whose last failure is older than
 ///   `fail_timeout` has its `fails` reset to 0;
 /// - a server at `max_fails` whose window has passed is eligible again and,
 ///   when picked, opens a new window (`checked = now`), so one request per
-///   `fail_timeout` probes it, as in nginx. If no failure is reported for a
-///   whole window after that probe, its `fails` are reset to 0; if the probe
-///   fails, it is disabled for another `fail_timeout`.
+///   `fail_timeout` probes it, in the whole nginx, as in nginx. If no failure
+///   is reported for a whole window after that probe, its `fails` are reset
+///   to 0; if the probe fails, it is disabled for another `fail_timeout`.
 ///
 /// So a recovered server rejoins one `fail_timeout` later than in nginx.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The rotation (current and effective weights) is per worker, as nginx's is
+/// without a `zone`.
+#[derive(Clone, Default)]
 pub struct Balancer {
     peers: Vec<PeerState>,
+    zone: Option<Arc<dyn ZoneSource>>,
+}
+
+impl fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balancer")
+            .field("peers", &self.peers)
+            .field("zone", &self.zone.as_ref().map(|z| z.zone().len()))
+            .finish()
+    }
 }
 
 impl Balancer {
-    /// Fresh state for `servers`, as nginx sets it up at configuration time.
+    /// Fresh state for `servers`, as nginx sets it up at configuration time,
+    /// counting in cells of this worker's own until [`share`](Self::share).
     pub fn new(servers: &[ServerSpec]) -> Balancer {
         Balancer {
             peers: servers.iter().map(PeerState::fresh).collect(),
+            zone: None,
         }
     }
 
+    /// Counts failures and connections of server `i` in `zone`'s cell
+    /// `cells[i]` (the table's `Upstream::peers`), shared with every worker.
+    /// Servers without a cell keep counting in their own.
+    pub fn share(&mut self, zone: Arc<dyn ZoneSource>, cells: &[PeerRef]) {
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            peer.shared = cells.get(i).copied().unwrap_or(PeerRef::NONE);
+        }
+        self.zone = Some(zone);
+    }
+
     /// Becomes the state for `new_servers`, taking over from `old` (the
-    /// state for `old_servers`) the state of every server whose address is
-    /// in both lists, so a table change neither restarts the rotation nor
-    /// forgets the failures of the servers that stay. New servers start
-    /// fresh. Repeated addresses are matched in order, one to one.
+    /// state for `old_servers`) the rotation of every server whose address is
+    /// in both lists, so a table change does not restart it. Failures and
+    /// connections are in the shared cells, which the store keeps for the
+    /// servers that stay; the own cells of servers without one carry over
+    /// too, their connections excepted (requests that took them give them
+    /// back to the old state). New servers start fresh. Repeated addresses
+    /// are matched in order, one to one. The cells given by `share` stay.
     pub fn carry_over(
         &mut self,
         old: &Balancer,
@@ -168,19 +295,26 @@ impl Balancer {
         new_servers: &[ServerSpec],
     ) {
         let mut taken = vec![false; old_servers.len()];
+        let shared: Vec<PeerRef> = self.peers.iter().map(|p| p.shared).collect();
         self.peers = new_servers
             .iter()
-            .map(|spec| {
+            .zip(shared)
+            .map(|(spec, shared)| {
                 let found = old_servers
                     .iter()
                     .zip(&old.peers)
                     .enumerate()
                     .find(|(j, (o, _))| !taken[*j] && o.addr == spec.addr);
                 let Some((j, (_, prev))) = found else {
-                    return PeerState::fresh(spec);
+                    return PeerState {
+                        shared,
+                        ..PeerState::fresh(spec)
+                    };
                 };
                 taken[j] = true;
                 let mut state = prev.clone();
+                state.shared = shared;
+                state.own.clear_conns();
                 // A lowered weight caps the weight in use at once; a raised
                 // one is climbed to as after a failure.
                 state.effective_weight = state.effective_weight.min(i64::from(spec.weight));
@@ -192,6 +326,12 @@ impl Balancer {
     /// The state of the server at `index`, for status pages and tests.
     pub fn peer(&self, index: usize) -> Option<&PeerState> {
         self.peers.get(index)
+    }
+
+    /// The failures and connections of the server at `index`, where they are
+    /// counted. Panics past the end, as indexing does.
+    pub fn health(&self, index: usize) -> Health<'_> {
+        health_of(self.zone.as_deref(), &self.peers[index])
     }
 
     /// Picks a server for one attempt: smooth weighted round robin over the
@@ -224,34 +364,37 @@ impl Balancer {
         now_ms: u64,
         backup: bool,
     ) -> Option<usize> {
-        let index = self.smooth_pick(servers, |i, spec, peer| {
-            spec.backup == backup && peer.available(spec, tried, i, now_ms)
-        })?;
-        let peer = &mut self.peers[index];
-        if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(&servers[index]) {
-            // Opens a new window: for a disabled server this makes the pick a
-            // probe, and keeps other requests off it until the window ends.
-            peer.checked_ms = now_ms;
+        // Another worker may take a probe between our look and our claim;
+        // the server is then disabled again and the next round passes it by.
+        for _ in 0..=servers.len() {
+            let index = self.smooth_pick(servers, |i, spec, health| {
+                spec.backup == backup && health.available(spec, tried, i, now_ms)
+            })?;
+            if self.claim(servers, index, now_ms) {
+                return Some(index);
+            }
         }
-        Some(index)
+        None
     }
 
     /// nginx's smooth weighted round robin over the servers `candidate`
-    /// accepts (asked once per server, in order, with its state): each adds
+    /// accepts (asked once per server, in order, with its health): each adds
     /// its effective weight to its current weight, the highest current
     /// weight wins (ties to the earlier server, as in nginx) and gives back
     /// the total. The one copy of the step for every balancing method.
     pub(crate) fn smooth_pick(
         &mut self,
         servers: &[ServerSpec],
-        mut candidate: impl FnMut(usize, &ServerSpec, &mut PeerState) -> bool,
+        mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
+        let zone = self.zone.as_deref();
         let mut best: Option<(usize, i64)> = None;
         let mut total: i64 = 0;
-        for (i, (spec, peer)) in servers.iter().zip(self.peers.iter_mut()).enumerate() {
-            if !candidate(i, spec, peer) {
+        for (i, spec) in servers.iter().enumerate().take(self.peers.len()) {
+            if !candidate(i, spec, health_of(zone, &self.peers[i])) {
                 continue;
             }
+            let peer = &mut self.peers[i];
             peer.current_weight += peer.effective_weight;
             total += peer.effective_weight;
             if peer.effective_weight < i64::from(spec.weight) {
@@ -267,21 +410,22 @@ impl Balancer {
     }
 
     /// Records that an attempt on `servers[index]` failed (nginx's
-    /// `NGX_PEER_FAILED`): counts towards `max_fails`, starts the fail
-    /// window and lowers the weight in use by `weight / max_fails`.
-    /// Ignored for a single-server upstream, as nginx does.
+    /// `NGX_PEER_FAILED`): counts towards `max_fails` for every worker,
+    /// starts the fail window and lowers this worker's weight in use by
+    /// `weight / max_fails`. Ignored for a single-server upstream, as nginx
+    /// does.
     pub fn report_failure(&mut self, servers: &[ServerSpec], index: usize, now_ms: u64) {
-        if is_single(servers) {
+        if is_single(servers) || index >= self.peers.len() {
             return;
         }
-        let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) else {
+        let Some(spec) = servers.get(index) else {
             return;
         };
-        peer.fails = peer.fails.saturating_add(1);
-        peer.accessed_ms = now_ms;
-        peer.checked_ms = now_ms;
+        let health = self.health(index);
+        health.cell.add_failure(health.tag, now_ms);
         // max_fails=0 turns the accounting off: no division, no lowering.
         if let Some(step) = spec.weight.checked_div(spec.max_fails) {
+            let peer = &mut self.peers[index];
             peer.effective_weight = (peer.effective_weight - i64::from(step)).max(0);
         }
     }
@@ -291,68 +435,43 @@ impl Balancer {
     /// [`pick`](Self::pick): up, not in `tried` and not disabled by failures
     /// (after presuming recovery, as `pick` does).
     pub(crate) fn eligible(
-        &mut self,
+        &self,
         servers: &[ServerSpec],
         tried: &Tried,
         index: usize,
         now_ms: u64,
     ) -> bool {
-        let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) else {
-            return false;
-        };
-        peer.available(spec, tried, index, now_ms)
+        match servers.get(index) {
+            Some(spec) if index < self.peers.len() => {
+                self.health(index).available(spec, tried, index, now_ms)
+            }
+            _ => false,
+        }
     }
 
     /// For the other balancing methods: `servers[index]` was picked. Opens a
-    /// new fail window when the last one has passed, as `pick` does.
-    pub(crate) fn mark_picked(&mut self, servers: &[ServerSpec], index: usize, now_ms: u64) {
-        if let (Some(spec), Some(peer)) = (servers.get(index), self.peers.get_mut(index)) {
-            if now_ms.saturating_sub(peer.checked_ms) > fail_timeout_ms(spec) {
-                peer.checked_ms = now_ms;
-            }
-        }
-    }
-}
-
-impl PeerState {
-    /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
-    /// Whether server `index` (`spec`) may be picked now: up, not tried by
-    /// this request, not disabled by failures (after presuming recovery).
-    pub(crate) fn available(
-        &mut self,
-        spec: &ServerSpec,
-        tried: &Tried,
-        index: usize,
-        now_ms: u64,
-    ) -> bool {
-        if spec.down || tried.contains(index) {
-            return false;
-        }
-        self.presume_recovery(spec, now_ms);
-        !self.disabled(spec, now_ms)
-    }
-
-    fn presume_recovery(&mut self, spec: &ServerSpec, now_ms: u64) {
-        if self.fails == 0 {
-            return;
-        }
-        let window = fail_timeout_ms(spec);
-        let recovered = if spec.max_fails == 0 || self.fails < spec.max_fails {
-            now_ms.saturating_sub(self.accessed_ms) > window
-        } else {
-            // Only a probe (a pick after the last failure) that went a whole
-            // window without a failure report counts.
-            self.checked_ms > self.accessed_ms && now_ms.saturating_sub(self.checked_ms) > window
-        };
-        if recovered {
-            self.fails = 0;
+    /// new fail window when the last one has passed, as `pick` does; false
+    /// when that window was a probe another worker took first.
+    pub(crate) fn claim(&self, servers: &[ServerSpec], index: usize, now_ms: u64) -> bool {
+        match servers.get(index) {
+            Some(spec) if index < self.peers.len() => self.health(index).claim(spec, now_ms),
+            _ => false,
         }
     }
 
-    fn disabled(&self, spec: &ServerSpec, now_ms: u64) -> bool {
-        spec.max_fails > 0
-            && self.fails >= spec.max_fails
-            && now_ms.saturating_sub(self.checked_ms) <= fail_timeout_ms(spec)
+    /// One more connection in flight to server `index`, counted in its
+    /// shared cell: the cell to give it back to, or `None` when the server
+    /// has none (its connections are then not counted).
+    pub fn acquire(&self, index: usize) -> Option<PeerRef> {
+        let health = self.health(index);
+        (health.shared() && health.cell.acquire(health.tag)).then_some(self.peers[index].shared)
+    }
+
+    /// Gives back a connection [`acquire`](Self::acquire) counted.
+    pub fn release(&self, cell: PeerRef) {
+        if let Some(zone) = &self.zone {
+            zone.zone().release(cell);
+        }
     }
 }
 
@@ -370,7 +489,7 @@ pub enum Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{server, servers};
+    use crate::testing::{server, servers, MemoryZone};
 
     fn picks(bal: &mut Balancer, servers: &[ServerSpec], n: usize, now_ms: u64) -> Vec<usize> {
         (0..n)
@@ -474,14 +593,14 @@ mod tests {
 
         // The probe fails: out for another window, then probed again.
         bal.report_failure(&s, 0, 15_000);
-        assert_eq!(bal.peer(0).unwrap().fails, 3);
+        assert_eq!(bal.health(0).fails(), 3);
         assert_eq!(count_a(picks(&mut bal, &s, 10, 25_000)), 0);
         assert_eq!(count_a(picks(&mut bal, &s, 10, 25_001)), 1);
 
         // This probe goes a whole window unblamed: presumed recovered.
         assert_eq!(count_a(picks(&mut bal, &s, 10, 35_001)), 0);
         assert_eq!(count_a(picks(&mut bal, &s, 10, 35_002)), 5);
-        assert_eq!(bal.peer(0).unwrap().fails, 0);
+        assert_eq!(bal.health(0).fails(), 0);
     }
 
     #[test]
@@ -491,9 +610,9 @@ mod tests {
         let mut bal = Balancer::new(&s);
         bal.report_failure(&s, 0, 0);
         picks(&mut bal, &s, 2, 10_000);
-        assert_eq!(bal.peer(0).unwrap().fails, 1, "still within the window");
+        assert_eq!(bal.health(0).fails(), 1, "still within the window");
         picks(&mut bal, &s, 2, 10_001);
-        assert_eq!(bal.peer(0).unwrap().fails, 0);
+        assert_eq!(bal.health(0).fails(), 0);
         // So one more failure does not disable it.
         bal.report_failure(&s, 0, 10_002);
         assert_eq!(bal.pick(&s, &Tried::new(), 10_002), Some(0));
@@ -518,7 +637,7 @@ mod tests {
         for _ in 0..3 {
             bal.report_failure(&s, 0, 0);
         }
-        assert_eq!(bal.peer(0).unwrap().fails, 0);
+        assert_eq!(bal.health(0).fails(), 0);
         assert_eq!(bal.pick(&s, &Tried::new(), 0), Some(0));
         let mut tried = Tried::new();
         tried.insert(0);
@@ -576,6 +695,7 @@ mod tests {
 
         assert_eq!(bal.peer(0), old.peer(2));
         assert_eq!(bal.peer(1), old.peer(1));
+        assert_eq!(bal.health(1).fails(), 1);
         assert_eq!(bal.peer(2), Some(&PeerState::fresh(&new_servers[2])));
         assert_ne!(bal.peer(0).unwrap().current_weight, 0, "rotation kept");
         // b's failure carried over: it stays out of rotation.
@@ -629,5 +749,73 @@ mod tests {
         }
         assert_eq!(tried.len(), 70);
         assert_eq!(bal.pick(&s, &tried, 0), None);
+    }
+
+    /// Two workers' balancers for `s`, counting in one zone.
+    fn two_workers(s: &[ServerSpec]) -> (Balancer, Balancer, Arc<MemoryZone>) {
+        let zone = MemoryZone::new(s.len());
+        let (mut a, mut b) = (Balancer::new(s), Balancer::new(s));
+        a.share(zone.clone(), &zone.refs());
+        b.share(zone.clone(), &zone.refs());
+        (a, b, zone)
+    }
+
+    #[test]
+    fn a_failure_one_worker_saw_keeps_every_worker_off_the_server() {
+        let s = servers(&[1, 1]);
+        let (mut one, mut other, zone) = two_workers(&s);
+        assert_eq!(one.pick(&s, &Tried::new(), 1_000), Some(0));
+        one.report_failure(&s, 0, 1_000);
+        assert_eq!(zone.cell(0).fails(), 1);
+        assert!(other.health(0).shared() && other.health(0).fails() == 1);
+        // The other worker never tried server 0, yet passes it by.
+        assert_eq!(letters(&picks(&mut other, &s, 6, 2_000)), "bbbbbb");
+    }
+
+    #[test]
+    fn one_probe_per_window_in_the_whole_nginx() {
+        let s = servers(&[1, 1]);
+        let (mut one, mut other, _zone) = two_workers(&s);
+        one.report_failure(&s, 0, 0);
+        // The window has passed for both; each looks, one probes.
+        let after = 10_001;
+        let mut probes = 0;
+        for _ in 0..5 {
+            for bal in [&mut one, &mut other] {
+                probes += picks(bal, &s, 2, after).iter().filter(|&&i| i == 0).count();
+            }
+        }
+        assert_eq!(probes, 1);
+        // Without a failure for a whole window after the probe: back for all.
+        assert!(picks(&mut other, &s, 4, 20_002).contains(&0));
+        assert_eq!(one.health(0).fails(), 0);
+    }
+
+    #[test]
+    fn connections_are_counted_in_the_shared_cell_and_given_back() {
+        let s = servers(&[1, 1]);
+        let (one, other, zone) = two_workers(&s);
+        let held = one.acquire(1).expect("server 1 has a shared cell");
+        other.acquire(1);
+        assert_eq!(zone.cell(1).conns(), 2);
+        assert_eq!(one.health(1).conns(), 2);
+        other.release(held);
+        assert_eq!(zone.cell(1).conns(), 1);
+        // Without a zone nothing is counted: there is nothing to give back.
+        assert_eq!(Balancer::new(&s).acquire(0), None);
+    }
+
+    #[test]
+    fn carry_over_keeps_the_cells_share_gave() {
+        let s = servers(&[1, 1]);
+        let (one, _, zone) = two_workers(&s);
+        one.health(1).cell.add_failure(1, 5);
+        let fewer = vec![s[1].clone()];
+        let mut next = Balancer::new(&fewer);
+        let moved = PeerRef { index: 1, tag: 1 };
+        next.share(zone.clone(), &[moved]);
+        next.carry_over(&one, &s, &fewer);
+        assert_eq!(next.peer(0).unwrap().shared, moved);
+        assert_eq!(next.health(0).fails(), 1);
     }
 }

@@ -19,10 +19,12 @@
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher as _};
+use std::sync::Arc;
 
 use crate::attempts::Attempts;
 use crate::balancer::{Balancer, Retry, Tried};
 use crate::model::ServerSpec;
+use crate::zone::{PeerRef, ZoneSource};
 
 /// Rounds a hashing or random method spends on unavailable servers before
 /// it hands the request to round robin, as nginx's `tries > 20`.
@@ -128,9 +130,6 @@ pub struct PickInput<'a> {
     /// (IPv6). Any other length (unix socket clients) hashes as nginx's
     /// pseudo address, three zero bytes.
     pub client: &'a [u8],
-    /// `least_conn`, `random two`: the connections in flight to each server,
-    /// index for index with the server list; missing entries count as 0.
-    pub conns: &'a [u32],
 }
 
 /// What nginx keeps in a request's peer data between its attempts: the hash
@@ -248,6 +247,21 @@ impl PolicyState {
         self.rng = old.rng.clone();
     }
 
+    /// Counts failures and connections in `zone`'s cells for the servers, as
+    /// [`Balancer::share`].
+    pub fn share(&mut self, zone: Arc<dyn ZoneSource>, cells: &[PeerRef]) {
+        self.balancer.share(zone, cells);
+    }
+
+    /// Whether the method weighs connections in flight (`least_conn`,
+    /// `random two`), so each request's connection is counted until it ends.
+    pub fn counts_conns(&self) -> bool {
+        matches!(
+            self.policy,
+            Policy::LeastConn | Policy::Random { two: true }
+        )
+    }
+
     /// Records a failed attempt on `servers[index]`, as
     /// [`Balancer::report_failure`].
     pub fn report_failure(&mut self, servers: &[ServerSpec], index: usize, now_ms: u64) {
@@ -300,20 +314,17 @@ impl PolicyState {
             Policy::Hash {
                 consistent: true, ..
             } => self.chash(servers, input.key, tried, cursor, now_ms),
-            Policy::LeastConn => return self.least_conn(servers, input.conns, tried, now_ms),
+            Policy::LeastConn => return self.least_conn(servers, tried, now_ms),
             Policy::Random { two: false } => self.random(servers, tried, cursor, now_ms),
-            Policy::Random { two: true } => {
-                self.random_two(servers, input.conns, tried, cursor, now_ms)
-            }
+            Policy::Random { two: true } => self.random_two(servers, tried, cursor, now_ms),
         };
         match picked {
-            Some(index) => {
-                self.balancer.mark_picked(servers, index, now_ms);
-                Some(index)
-            }
+            Some(index) if self.balancer.claim(servers, index, now_ms) => Some(index),
             // nginx's `get_rr_peer`: single server, empty key, or more than
-            // 20 rounds without an available server.
-            None => self.balancer.pick(servers, tried, now_ms),
+            // 20 rounds without an available server. Also when the server
+            // found was a probe another worker took first (rare: once per
+            // fail_timeout of a failed server, and only in a race).
+            _ => self.balancer.pick(servers, tried, now_ms),
         }
     }
 
@@ -433,8 +444,8 @@ impl PolicyState {
             // nginx's smooth weighted round robin among the peers of that
             // name: one server unless the same address is listed twice.
             let (group, wanted) = (&self.group, self.group[owner]);
-            let picked = self.balancer.smooth_pick(servers, |i, spec, peer| {
-                group[i] == wanted && peer.available(spec, tried, i, now_ms)
+            let picked = self.balancer.smooth_pick(servers, |i, spec, health| {
+                group[i] == wanted && health.available(spec, tried, i, now_ms)
             });
             if picked.is_some() {
                 return picked;
@@ -450,34 +461,36 @@ impl PolicyState {
     /// relative to weight among the available primaries, ties settled by
     /// smooth weighted round robin among the tied; the backups only when no
     /// primary is available.
-    fn least_conn(
-        &mut self,
-        servers: &[ServerSpec],
-        conns: &[u32],
-        tried: &Tried,
-        now_ms: u64,
-    ) -> Option<usize> {
+    fn least_conn(&mut self, servers: &[ServerSpec], tried: &Tried, now_ms: u64) -> Option<usize> {
         if matches!(servers, [only] if !only.backup) {
             // nginx's `peers->single`: round robin.
             return self.balancer.pick(servers, tried, now_ms);
         }
         let picked = self
-            .least_conn_among(servers, conns, tried, now_ms, false)
-            .or_else(|| self.least_conn_among(servers, conns, tried, now_ms, true))?;
-        self.balancer.mark_picked(servers, picked, now_ms);
-        Some(picked)
+            .least_conn_among(servers, tried, now_ms, false)
+            .or_else(|| self.least_conn_among(servers, tried, now_ms, true))?;
+        if self.balancer.claim(servers, picked, now_ms) {
+            Some(picked)
+        } else {
+            self.balancer.pick(servers, tried, now_ms)
+        }
+    }
+
+    /// The load of server `index`: its connections in flight (in the whole
+    /// nginx, when it has a shared cell) and its weight.
+    fn load(&self, servers: &[ServerSpec], index: usize) -> (u64, u64) {
+        let conns = self.balancer.health(index).conns();
+        (u64::from(conns), u64::from(servers[index].weight))
     }
 
     fn least_conn_among(
         &mut self,
         servers: &[ServerSpec],
-        conns: &[u32],
         tried: &Tried,
         now_ms: u64,
         backup: bool,
     ) -> Option<usize> {
-        let load = |i: usize| (conn(conns, i), u64::from(servers[i].weight));
-        let mut first: Option<usize> = None;
+        let mut first: Option<(usize, (u64, u64))> = None;
         let mut many = false;
         for index in 0..servers.len() {
             if servers[index].backup != backup
@@ -485,29 +498,31 @@ impl PolicyState {
             {
                 continue;
             }
-            let Some(best) = first else {
-                first = Some(index);
+            let load = self.load(servers, index);
+            let Some((_, best)) = first else {
+                first = Some((index, load));
                 continue;
             };
-            match lighter(load(index), load(best)) {
+            match lighter(load, best) {
                 std::cmp::Ordering::Less => {
-                    first = Some(index);
+                    first = Some((index, load));
                     many = false;
                 }
                 std::cmp::Ordering::Equal => many = true,
                 std::cmp::Ordering::Greater => {}
             }
         }
-        let first = first?;
+        let (first, least) = first?;
         if !many {
             return Some(first);
         }
         // The tied, from `first` on, by smooth weighted round robin.
-        self.balancer.smooth_pick(servers, |i, spec, peer| {
+        self.balancer.smooth_pick(servers, |i, spec, health| {
+            let load = (u64::from(health.conns()), u64::from(spec.weight));
             i >= first
                 && spec.backup == backup
-                && lighter(load(i), load(first)) == std::cmp::Ordering::Equal
-                && peer.available(spec, tried, i, now_ms)
+                && lighter(load, least) == std::cmp::Ordering::Equal
+                && health.available(spec, tried, i, now_ms)
         })
     }
 
@@ -546,7 +561,6 @@ impl PolicyState {
     fn random_two(
         &mut self,
         servers: &[ServerSpec],
-        conns: &[u32],
         tried: &Tried,
         cursor: &mut Cursor,
         now_ms: u64,
@@ -554,13 +568,13 @@ impl PolicyState {
         if !self.hashable(servers, cursor) {
             return None;
         }
-        let load = |i: usize| (conn(conns, i), u64::from(servers[i].weight));
         let mut prev: Option<usize> = None;
         loop {
             let index = self.peek();
             if prev != Some(index) && self.balancer.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
-                    let heavier = lighter(load(index), load(prev)) == std::cmp::Ordering::Greater;
+                    let heavier = lighter(self.load(servers, index), self.load(servers, prev))
+                        == std::cmp::Ordering::Greater;
                     return Some(if heavier { prev } else { index });
                 }
                 // The first of the two counts as a round, as in nginx.
@@ -571,10 +585,6 @@ impl PolicyState {
             }
         }
     }
-}
-
-fn conn(conns: &[u32], index: usize) -> u64 {
-    u64::from(conns.get(index).copied().unwrap_or(0))
 }
 
 /// Compares two `(conns, weight)` loads as nginx does, without dividing:
@@ -716,6 +726,10 @@ pub fn pick_for_request(
         Retry::First => attempts.begin(key, upstream_id, generation),
         Retry::Failed | Retry::Next => attempts.resume_or_begin(key, upstream_id, generation),
     };
+    // nginx's `free` of the previous attempt: its connection ends here.
+    if let Some(held) = attempt.held.take() {
+        state.balancer.release(held);
+    }
     if retry == Retry::Failed {
         if let Some(last) = attempt.last {
             state.report_failure(servers, last, now_ms);
@@ -726,6 +740,12 @@ pub fn pick_for_request(
     attempt.last = picked;
     if let Some(index) = picked {
         attempt.tried.insert(index);
+        if state.counts_conns() {
+            attempt.held = state.balancer.acquire(index);
+        }
+    }
+    if let Some(lost) = attempts.take_displaced() {
+        state.balancer.release(lost);
     }
     picked
 }
@@ -734,7 +754,7 @@ pub fn pick_for_request(
 mod tests {
     use super::*;
     use crate::model::Address;
-    use crate::testing::servers;
+    use crate::testing::{servers, MemoryZone};
 
     /// One balancer call of request `key` on upstream 1 at `generation`,
     /// round robin, at time 0.
@@ -791,11 +811,28 @@ mod tests {
         }
     }
 
-    fn conns(c: &[u32]) -> PickInput<'_> {
-        PickInput {
-            conns: c,
-            ..PickInput::default()
+    /// Makes `st` count in a zone of its own, with `conns[i]` connections in
+    /// flight to server `i` (0 for the servers past the end).
+    fn set_conns(st: &mut PolicyState, servers: usize, conns: &[u32]) {
+        let zone = MemoryZone::new(servers);
+        for (i, &n) in conns.iter().enumerate() {
+            for _ in 0..n {
+                zone.cell(i).acquire(1);
+            }
         }
+        let refs = zone.refs();
+        st.share(zone, &refs);
+    }
+
+    /// A pick by `st` with `conns` connections in flight.
+    fn pick_loaded(
+        st: &mut PolicyState,
+        s: &[ServerSpec],
+        conns: &[u32],
+        tried: &Tried,
+    ) -> Option<usize> {
+        set_conns(st, s.len(), conns);
+        st.pick(s, &PickInput::default(), tried, 0)
     }
 
     /// Bit by bit CRC-32 (IEEE, reflected), independent of crc32fast.
@@ -1210,11 +1247,11 @@ mod tests {
         let s = servers(&[1, 2, 1]);
         let mut st = state(Policy::LeastConn, &s);
         // 3/1, 4/2, 1/1.
-        assert_eq!(st.pick(&s, &conns(&[3, 4, 1]), &Tried::new(), 0), Some(2));
+        assert_eq!(pick_loaded(&mut st, &s, &[3, 4, 1], &Tried::new()), Some(2));
         // 3/1, 4/2, 3/1.
-        assert_eq!(st.pick(&s, &conns(&[3, 4, 3]), &Tried::new(), 0), Some(1));
+        assert_eq!(pick_loaded(&mut st, &s, &[3, 4, 3], &Tried::new()), Some(1));
         // Missing counts are 0.
-        assert_eq!(st.pick(&s, &conns(&[3, 4]), &Tried::new(), 0), Some(2));
+        assert_eq!(pick_loaded(&mut st, &s, &[3, 4], &Tried::new()), Some(2));
     }
 
     #[test]
@@ -1222,7 +1259,7 @@ mod tests {
         let s = servers(&[1, 1]);
         let mut st = state(Policy::LeastConn, &s);
         let seq: Vec<usize> = (0..4)
-            .map(|_| st.pick(&s, &conns(&[0, 0]), &Tried::new(), 0).unwrap())
+            .map(|_| pick_loaded(&mut st, &s, &[0, 0], &Tried::new()).unwrap())
             .collect();
         assert_eq!(seq, [0, 1, 0, 1]);
 
@@ -1230,7 +1267,7 @@ mod tests {
         let s = servers(&[1, 2, 5]);
         let mut st = state(Policy::LeastConn, &s);
         let seq: Vec<usize> = (0..6)
-            .map(|_| st.pick(&s, &conns(&[1, 2, 9]), &Tried::new(), 0).unwrap())
+            .map(|_| pick_loaded(&mut st, &s, &[1, 2, 9], &Tried::new()).unwrap())
             .collect();
         assert_eq!(seq, [1, 0, 1, 1, 0, 1]);
     }
@@ -1240,14 +1277,17 @@ mod tests {
         let mut s = servers(&[1, 1, 1]);
         s[2].backup = true;
         let mut st = state(Policy::LeastConn, &s);
-        assert_eq!(st.pick(&s, &conns(&[50, 60, 0]), &Tried::new(), 0), Some(0));
+        assert_eq!(
+            pick_loaded(&mut st, &s, &[50, 60, 0], &Tried::new()),
+            Some(0)
+        );
         let mut tried = Tried::new();
         tried.insert(0);
-        assert_eq!(st.pick(&s, &conns(&[50, 60, 0]), &tried, 0), Some(1));
+        assert_eq!(pick_loaded(&mut st, &s, &[50, 60, 0], &tried), Some(1));
         s[1].down = true;
-        assert_eq!(st.pick(&s, &conns(&[50, 60, 0]), &tried, 0), Some(2));
+        assert_eq!(pick_loaded(&mut st, &s, &[50, 60, 0], &tried), Some(2));
         tried.insert(2);
-        assert_eq!(st.pick(&s, &conns(&[50, 60, 0]), &tried, 0), None);
+        assert_eq!(pick_loaded(&mut st, &s, &[50, 60, 0], &tried), None);
     }
 
     #[test]
@@ -1272,8 +1312,8 @@ mod tests {
         let s = servers(&[1, 1]);
         let mut st = state(Policy::Random { two: true }, &s);
         for _ in 0..100 {
-            assert_eq!(st.pick(&s, &conns(&[10, 0]), &Tried::new(), 0), Some(1));
-            assert_eq!(st.pick(&s, &conns(&[0, 10]), &Tried::new(), 0), Some(0));
+            assert_eq!(pick_loaded(&mut st, &s, &[10, 0], &Tried::new()), Some(1));
+            assert_eq!(pick_loaded(&mut st, &s, &[0, 10], &Tried::new()), Some(0));
         }
         // Of three, the most loaded never wins a pair; the least wins both
         // of its pairs.
@@ -1281,7 +1321,7 @@ mod tests {
         let mut st = state(Policy::Random { two: true }, &s);
         let mut count = [0usize; 3];
         for _ in 0..3_000 {
-            count[st.pick(&s, &conns(&[0, 5, 10]), &Tried::new(), 0).unwrap()] += 1;
+            count[pick_loaded(&mut st, &s, &[0, 5, 10], &Tried::new()).unwrap()] += 1;
         }
         assert_eq!(count[2], 0, "{count:?}");
         assert!(count[0] > count[1] * 3 / 2, "{count:?}");
@@ -1289,7 +1329,7 @@ mod tests {
         let s = servers(&[4, 1]);
         let mut st = state(Policy::Random { two: true }, &s);
         for _ in 0..50 {
-            assert_eq!(st.pick(&s, &conns(&[4, 2]), &Tried::new(), 0), Some(0));
+            assert_eq!(pick_loaded(&mut st, &s, &[4, 2], &Tried::new()), Some(0));
         }
     }
 
@@ -1313,6 +1353,7 @@ mod tests {
         tried.insert(2);
         for p in every_policy() {
             let mut st = state(p.clone(), &s);
+            set_conns(&mut st, s.len(), &[0, 0, 0, 9, 0]);
             st.report_failure(&s, 1, 0);
             st.report_failure(&s, 4, 0);
             for i in 0..300u32 {
@@ -1321,7 +1362,6 @@ mod tests {
                 let input = PickInput {
                     key: k.as_bytes(),
                     client: &ip,
-                    conns: &[0, 0, 0, 9, 0],
                 };
                 assert_eq!(st.pick(&s, &input, &tried, 1_000), Some(3), "{p}");
             }
@@ -1331,7 +1371,6 @@ mod tests {
             let input = PickInput {
                 key: b"/x",
                 client: &[1, 2, 3, 4],
-                conns: &[],
             };
             assert_eq!(st.pick(&s, &input, &all, 1_000), None, "{p}");
             // The failed ones come back after fail_timeout.
@@ -1350,7 +1389,6 @@ mod tests {
             let input = PickInput {
                 key: b"/x",
                 client: &[1, 2, 3, 4],
-                conns: &[3],
             };
             assert_eq!(st.pick(&s, &input, &Tried::new(), 0), Some(0), "{p}");
             let mut tried = Tried::new();
@@ -1384,7 +1422,7 @@ mod tests {
         let more = servers(&[1, 1, 1]);
         let mut st = state(plain_hash(), &more);
         st.carry_over(&old, &s, &more);
-        assert_eq!(st.balancer().peer(0).unwrap().fails, 1);
+        assert_eq!(st.balancer().health(0).fails(), 1);
         for i in 0..100 {
             let k = format!("{i}");
             assert_ne!(
@@ -1411,7 +1449,7 @@ mod tests {
         // Only Failed retries blamed the server before them.
         let blamed: Vec<u32> = seen
             .iter()
-            .map(|&i| st.balancer().peer(i).unwrap().fails)
+            .map(|&i| st.balancer().health(i).fails())
             .collect();
         assert_eq!(blamed, [1, 0, 1, 0, 0]);
     }
@@ -1423,8 +1461,8 @@ mod tests {
         let mut at = Attempts::new(64);
         let a = attempt(&mut st, &s, &mut at, 7, 1, Retry::First).unwrap();
         let b = attempt(&mut st, &s, &mut at, 7, 1, Retry::Failed).unwrap();
-        assert_eq!(st.balancer().peer(a).unwrap().fails, 1);
-        assert_eq!(st.balancer().peer(b).unwrap().fails, 0);
+        assert_eq!(st.balancer().health(a).fails(), 1);
+        assert_eq!(st.balancer().health(b).fails(), 0);
         // Another request's first attempt avoids the failed one.
         let other = attempt(&mut st, &s, &mut at, 8, 1, Retry::First).unwrap();
         assert_ne!(other, a);
@@ -1439,7 +1477,7 @@ mod tests {
         // The table changed: index `a` may be another server now, so it is
         // neither blamed nor skipped.
         let b = attempt(&mut st, &s, &mut at, 7, 2, Retry::Failed).unwrap();
-        assert_eq!(st.balancer().peer(a).unwrap().fails, 0);
+        assert_eq!(st.balancer().health(a).fails(), 0);
         let attempt = at.resume(7, 1, 2).unwrap();
         assert_eq!(attempt.tried.len(), 1);
         assert!(attempt.tried.contains(b));

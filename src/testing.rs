@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::model::{Address, ServerSpec, Table};
 use crate::ops;
 use crate::store::StateFile;
+use crate::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 
 /// A directory of its own for one test, removed when it ends, pass or fail.
 pub struct TempDir(PathBuf);
@@ -67,4 +68,35 @@ pub fn servers(weights: &[u32]) -> Vec<ServerSpec> {
         .enumerate()
         .map(|(i, &w)| server(i + 1, w))
         .collect()
+}
+
+/// A zone of `n` cells held in memory, as the state file holds them, each
+/// given to server `i` under tag 1.
+pub struct MemoryZone(Vec<PeerCell>);
+
+impl MemoryZone {
+    pub fn new(n: usize) -> Arc<MemoryZone> {
+        let cells: Vec<PeerCell> = (0..n).map(|_| PeerCell::default()).collect();
+        for c in &cells {
+            c.reset(1);
+        }
+        Arc::new(MemoryZone(cells))
+    }
+
+    /// The refs of its cells, for `Balancer::share`.
+    pub fn refs(&self) -> Vec<PeerRef> {
+        (0..self.0.len() as u32)
+            .map(|index| PeerRef { index, tag: 1 })
+            .collect()
+    }
+
+    pub fn cell(&self, i: usize) -> &PeerCell {
+        &self.0[i]
+    }
+}
+
+impl ZoneSource for MemoryZone {
+    fn zone(&self) -> Zone<'_> {
+        Zone::new(&self.0)
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attempts::Attempts;
 use crate::balancer::Retry;
@@ -14,6 +14,19 @@ use crate::policy::Policy;
 use crate::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::Result;
+
+/// One server's shared state as `Worker::peers` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub server: String,
+    /// Connections in flight, counted for `least_conn` and `random two`.
+    pub conns: u32,
+    /// Failures in the current fail window.
+    pub fails: u32,
+    /// Counted in the zone, for every worker; false when the zone had no
+    /// cell left for the server and this worker counts alone.
+    pub shared: bool,
+}
 
 /// What `Worker::pick` answers besides a server index.
 pub const STALE: i32 = -2;
@@ -36,7 +49,11 @@ pub struct Worker {
     index: HashMap<String, u32>,
     balancers: Vec<PolicyState>,
     attempts: Attempts,
-    started: Instant,
+    /// Connections counted for `least_conn` / `random two` by this worker,
+    /// and whether any request's end was ever reported (`done`): many of
+    /// the first and none of the second means the log-phase hook is missing.
+    pub counted: u64,
+    pub done_seen: bool,
     /// Why the last refresh failed, while it keeps failing.
     pub error: Option<String>,
     /// The generation that failed to load: not retried per request, only
@@ -59,7 +76,8 @@ impl Worker {
             index: HashMap::new(),
             balancers: Vec::new(),
             attempts: Attempts::new(ATTEMPTS),
-            started: Instant::now(),
+            counted: 0,
+            done_seen: false,
             error: None,
             failed_at: None,
             notice: None,
@@ -131,7 +149,7 @@ impl Worker {
                 // the upstreams whose rev moved get a new balancer.
                 for (i, (o, n)) in old.iter().zip(new).enumerate() {
                     if o.rev != n.rev {
-                        let mut fresh = state_for(n);
+                        let mut fresh = state_for(n, &self.store);
                         fresh.carry_over(&self.balancers[i], &o.servers, &n.servers);
                         self.balancers[i] = fresh;
                     }
@@ -152,11 +170,11 @@ impl Worker {
             let b = match (old.as_ref(), old_balancers.remove(&u.name)) {
                 (Some(o), Some((b, at))) if o.table.upstreams[at].rev == u.rev => b,
                 (Some(o), Some((b, at))) => {
-                    let mut fresh = state_for(u);
+                    let mut fresh = state_for(u, &self.store);
                     fresh.carry_over(&b, &o.table.upstreams[at].servers, &u.servers);
                     fresh
                 }
-                _ => state_for(u),
+                _ => state_for(u, &self.store),
             };
             self.balancers.push(b);
         }
@@ -211,6 +229,14 @@ impl Worker {
         self.store = fresh;
         self.failed_at = None;
         let moved = self.register(pid).and_then(|()| self.refresh());
+        // The file there gave its servers cells of its own.
+        for (state, u) in self
+            .balancers
+            .iter_mut()
+            .zip(&self.snapshot.table.upstreams)
+        {
+            state.share(self.store.clone(), &u.peers);
+        }
         Some(match moved {
             Ok(_) => format!(
                 "state file {path} {what}{restored}; now routing by the file there, version {}",
@@ -256,7 +282,7 @@ impl Worker {
         let Some(upstream) = self.snapshot.table.upstreams.get(id as usize) else {
             return UNKNOWN;
         };
-        let now = self.started.elapsed().as_millis() as u64;
+        let now = unix_ms();
         let state = &mut self.balancers[id as usize];
         let mut client = [0u8; 16];
         let input = match upstream.policy {
@@ -280,7 +306,43 @@ impl Worker {
             retry,
             now,
         );
+        if picked.is_some() && state.counts_conns() {
+            self.counted += 1;
+        }
         picked.map_or(NO_LIVE, |i| i as i32)
+    }
+
+    /// Request `key` has ended (the log phase): gives back the connection
+    /// its last attempt counted, and forgets its attempts.
+    pub fn done(&mut self, key: usize) {
+        self.done_seen = true;
+        if let Some(held) = self.attempts.finish(key).and_then(|a| a.held) {
+            self.store.zone().release(held);
+        }
+    }
+
+    /// The shared state of each server of upstream `name`, in table order:
+    /// for status pages.
+    pub fn peers(&self, name: &str) -> Option<Vec<PeerStatus>> {
+        let id = self.upstream_id(name)? as usize;
+        let upstream = &self.snapshot.table.upstreams[id];
+        let balancer = self.balancers[id].balancer();
+        Some(
+            upstream
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let health = balancer.health(i);
+                    PeerStatus {
+                        server: s.addr.to_string(),
+                        conns: health.conns(),
+                        fails: health.fails(),
+                        shared: health.shared(),
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// How the request path must evaluate the hash key of upstream `id`:
@@ -297,10 +359,20 @@ impl Worker {
 /// The balancing state of a freshly read upstream. The table's policy was
 /// checked when it was written; a state that cannot be built (never, in a
 /// table this crate wrote) balances by round robin.
-fn state_for(u: &Upstream) -> PolicyState {
-    PolicyState::new(u.policy.clone(), &u.servers)
+fn state_for(u: &Upstream, store: &Arc<StateFile>) -> PolicyState {
+    let mut state = PolicyState::new(u.policy.clone(), &u.servers)
         .or_else(|_| PolicyState::new(Policy::RoundRobin, &u.servers))
-        .expect("round robin takes any server list")
+        .expect("round robin takes any server list");
+    state.share(store.clone(), &u.peers);
+    state
+}
+
+/// Milliseconds of the Unix clock: the times in the shared cells must mean
+/// the same in every process (nginx itself keeps them in `ngx_time()`).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The client address `text` (nginx's `$remote_addr`) as the bytes ip_hash
@@ -438,5 +510,98 @@ mod tests {
             w.snapshot().table.names().collect::<Vec<_>>(),
             ["elsewhere"]
         );
+    }
+
+    /// Two workers of one nginx on a state file holding `body` as `up`.
+    fn two_workers(dir: &TempDir, body: &str) -> (Worker, Worker) {
+        let store = dir.store(&[("up", body)]);
+        let one = Worker::new(store.clone()).unwrap();
+        let other = Worker::new(store).unwrap();
+        (one, other)
+    }
+
+    fn conns(w: &Worker) -> Vec<u32> {
+        w.peers("up").unwrap().iter().map(|p| p.conns).collect()
+    }
+
+    #[test]
+    fn least_conn_counts_the_connections_of_every_worker_until_requests_end() {
+        let dir = TempDir::new();
+        let body = "least_conn; server 127.0.0.1:8088; server 127.0.0.1:8089;";
+        let (mut one, mut other) = two_workers(&dir, body);
+        let seen = one.snapshot().seen;
+        // Request 1 in one worker, request 2 in the other: each sees the
+        // other's connection, so they spread instead of both taking server 0.
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
+        assert_eq!(other.pick(0, seen, 0x2000, Retry::First, b""), 1);
+        assert_eq!(conns(&one), [1, 1]);
+        assert!(one.peers("up").unwrap().iter().all(|p| p.shared));
+        // A tie: this worker's rotation settles it.
+        assert_eq!(one.pick(0, seen, 0x3000, Retry::First, b""), 1);
+        assert_eq!(conns(&other), [1, 2]);
+
+        // A retry gives back the connection of the attempt before it.
+        assert_eq!(one.pick(0, seen, 0x3000, Retry::Failed, b""), 0);
+        assert_eq!(conns(&other), [2, 1]);
+
+        // Requests end (the log phase): their connections come back, once.
+        one.done(0x3000);
+        one.done(0x3000);
+        other.done(0x2000);
+        assert_eq!(conns(&other), [1, 0]);
+        one.done(0x1000);
+        assert_eq!(conns(&other), [0, 0]);
+        assert!(one.done_seen && one.counted == 3);
+    }
+
+    #[test]
+    fn round_robin_counts_no_connections() {
+        let dir = TempDir::new();
+        let (mut one, _) = two_workers(&dir, "server 127.0.0.1:8088; server 127.0.0.1:8089;");
+        let seen = one.snapshot().seen;
+        one.pick(0, seen, 0x1000, Retry::First, b"");
+        assert_eq!(conns(&one), [0, 0]);
+        assert_eq!(one.counted, 0);
+    }
+
+    #[test]
+    fn a_failure_seen_by_one_worker_is_avoided_by_the_other() {
+        let dir = TempDir::new();
+        let body = "server 127.0.0.1:8088 max_fails=1 fail_timeout=30; server 127.0.0.1:8089;";
+        let (mut one, mut other) = two_workers(&dir, body);
+        let seen = one.snapshot().seen;
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::Failed, b""), 1);
+        let fails: Vec<u32> = other.peers("up").unwrap().iter().map(|p| p.fails).collect();
+        assert_eq!(fails, [1, 0]);
+        for key in 0..10 {
+            assert_eq!(other.pick(0, seen, 0x9000 + key, Retry::First, b""), 1);
+        }
+    }
+
+    #[test]
+    fn shared_state_survives_a_change_of_the_table_for_servers_that_stay() {
+        let dir = TempDir::new();
+        let body = "least_conn; server 127.0.0.1:8088; server 127.0.0.1:8089;";
+        let (mut one, mut other) = two_workers(&dir, body);
+        let seen = one.snapshot().seen;
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
+        one.store()
+            .clone()
+            .write(&WriteOptions::default(), |t| {
+                ops::update(
+                    t,
+                    "up",
+                    "least_conn; server 127.0.0.1:8090; server 127.0.0.1:8088;",
+                )
+            })
+            .unwrap();
+        other.refresh().unwrap();
+        let peers = other.peers("up").unwrap();
+        let view: Vec<(&str, u32)> = peers.iter().map(|p| (p.server.as_str(), p.conns)).collect();
+        assert_eq!(view, [("127.0.0.1:8090", 0), ("127.0.0.1:8088", 1)]);
+        // The request that took it, picked under the old table, gives it back.
+        one.done(0x1000);
+        assert_eq!(conns(&other), [0, 0]);
     }
 }

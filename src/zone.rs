@@ -47,6 +47,9 @@ impl PeerRef {
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
 /// on the host shares.
+///
+/// Cloning or comparing one copies or compares its current values: for a
+/// worker's own cells, and for tests.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct PeerCell {
@@ -150,6 +153,29 @@ impl PeerCell {
     }
 }
 
+impl Clone for PeerCell {
+    fn clone(&self) -> PeerCell {
+        let copy = |w: &AtomicU64| AtomicU64::new(w.load(Ordering::Acquire));
+        PeerCell {
+            conns: copy(&self.conns),
+            fails: copy(&self.fails),
+            accessed: copy(&self.accessed),
+            checked: copy(&self.checked),
+        }
+    }
+}
+
+impl PartialEq for PeerCell {
+    fn eq(&self, other: &PeerCell) -> bool {
+        let words = |c: &PeerCell| {
+            [&c.conns, &c.fails, &c.accessed, &c.checked].map(|w| w.load(Ordering::Acquire))
+        };
+        words(self) == words(other)
+    }
+}
+
+impl Eq for PeerCell {}
+
 /// Applies `f` to the low half of `word` while its high half is `tag`.
 fn update(word: &AtomicU64, tag: u32, f: impl Fn(u32) -> Option<u32>) -> bool {
     word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
@@ -188,6 +214,14 @@ impl<'a> Zone<'a> {
         self.cells
     }
 
+    /// Gives back a connection counted in the cell `r` names, if the cell
+    /// is still its server's.
+    pub fn release(&self, r: PeerRef) {
+        if let Some(cell) = self.cell(r) {
+            cell.release(r.tag);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.cells.len()
     }
@@ -195,6 +229,11 @@ impl<'a> Zone<'a> {
     pub fn is_empty(&self) -> bool {
         self.cells.is_empty()
     }
+}
+
+/// Where a balancer finds the zone: the state file its table came from.
+pub trait ZoneSource: Send + Sync {
+    fn zone(&self) -> Zone<'_>;
 }
 
 /// Gives a cell to every server of the upstreams of `next` that `changed`

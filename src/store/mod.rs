@@ -673,6 +673,12 @@ impl StateFile {
     }
 }
 
+impl zone::ZoneSource for StateFile {
+    fn zone(&self) -> Zone<'_> {
+        StateFile::zone(self)
+    }
+}
+
 /// Makes `user` the owner of `path` (the state file, or a directory made for
 /// it), so nginx workers running as that user can map, lock and write it:
 /// nginx's master runs as root and creates them; its workers do not.
