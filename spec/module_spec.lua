@@ -157,7 +157,7 @@ describe("ngx.dyups module", function()
       assert.is_nil(err)
       assert.is_true(ok)
       assert.is_true(exists(path))
-      assert.equal(1048576, file_size(path)) -- default size 1m
+      assert.equal(2097152, file_size(path)) -- default size 2m
       assert.equal(1, dyups.version())
       assert.same({ "alpha", "beta" }, dyups.list())
 

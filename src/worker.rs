@@ -15,19 +15,6 @@ use crate::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::Result;
 
-/// One server's shared state as `Worker::peers` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerStatus {
-    pub server: String,
-    /// Connections in flight, counted for `least_conn` and `random two`.
-    pub conns: u32,
-    /// Failures in the current fail window.
-    pub fails: u32,
-    /// Counted in the zone, for every worker; false when the zone had no
-    /// cell left for the server and this worker counts alone.
-    pub shared: bool,
-}
-
 /// What `Worker::pick` answers besides a server index.
 pub const STALE: i32 = -2;
 pub const NO_LIVE: i32 = -1;
@@ -54,6 +41,8 @@ pub struct Worker {
     /// the first and none of the second means the log-phase hook is missing.
     pub counted: u64,
     pub done_seen: bool,
+    /// Whether the missing hook was reported already.
+    pub warned: bool,
     /// Why the last refresh failed, while it keeps failing.
     pub error: Option<String>,
     /// The generation that failed to load: not retried per request, only
@@ -78,6 +67,7 @@ impl Worker {
             attempts: Attempts::new(ATTEMPTS),
             counted: 0,
             done_seen: false,
+            warned: false,
             error: None,
             failed_at: None,
             notice: None,
@@ -321,30 +311,6 @@ impl Worker {
         }
     }
 
-    /// The shared state of each server of upstream `name`, in table order:
-    /// for status pages.
-    pub fn peers(&self, name: &str) -> Option<Vec<PeerStatus>> {
-        let id = self.upstream_id(name)? as usize;
-        let upstream = &self.snapshot.table.upstreams[id];
-        let balancer = self.balancers[id].balancer();
-        Some(
-            upstream
-                .servers
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let health = balancer.health(i);
-                    PeerStatus {
-                        server: s.addr.to_string(),
-                        conns: health.conns(),
-                        fails: health.fails(),
-                        shared: health.shared(),
-                    }
-                })
-                .collect(),
-        )
-    }
-
     /// How the request path must evaluate the hash key of upstream `id`:
     /// its balancing method.
     pub fn policy(&self, id: u32) -> Option<&Policy> {
@@ -520,8 +486,13 @@ mod tests {
         (one, other)
     }
 
+    fn peers(w: &Worker) -> Vec<crate::zone::PeerStatus> {
+        let up = w.snapshot().table.get("up").unwrap();
+        crate::zone::status(w.store().zone(), up)
+    }
+
     fn conns(w: &Worker) -> Vec<u32> {
-        w.peers("up").unwrap().iter().map(|p| p.conns).collect()
+        peers(w).iter().map(|p| p.conns).collect()
     }
 
     #[test]
@@ -535,7 +506,7 @@ mod tests {
         assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
         assert_eq!(other.pick(0, seen, 0x2000, Retry::First, b""), 1);
         assert_eq!(conns(&one), [1, 1]);
-        assert!(one.peers("up").unwrap().iter().all(|p| p.shared));
+        assert!(peers(&one).iter().all(|p| p.shared));
         // A tie: this worker's rotation settles it.
         assert_eq!(one.pick(0, seen, 0x3000, Retry::First, b""), 1);
         assert_eq!(conns(&other), [1, 2]);
@@ -572,7 +543,7 @@ mod tests {
         let seen = one.snapshot().seen;
         assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
         assert_eq!(one.pick(0, seen, 0x1000, Retry::Failed, b""), 1);
-        let fails: Vec<u32> = other.peers("up").unwrap().iter().map(|p| p.fails).collect();
+        let fails: Vec<u32> = peers(&other).iter().map(|p| p.fails).collect();
         assert_eq!(fails, [1, 0]);
         for key in 0..10 {
             assert_eq!(other.pick(0, seen, 0x9000 + key, Retry::First, b""), 1);
@@ -597,7 +568,7 @@ mod tests {
             })
             .unwrap();
         other.refresh().unwrap();
-        let peers = other.peers("up").unwrap();
+        let peers = peers(&other);
         let view: Vec<(&str, u32)> = peers.iter().map(|p| (p.server.as_str(), p.conns)).collect();
         assert_eq!(view, [("127.0.0.1:8090", 0), ("127.0.0.1:8088", 1)]);
         // The request that took it, picked under the old table, gives it back.

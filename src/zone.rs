@@ -231,6 +231,37 @@ impl<'a> Zone<'a> {
     }
 }
 
+/// One server's shared state, for status views.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub server: String,
+    /// Connections in flight in the whole nginx (counted for `least_conn`
+    /// and `random two`).
+    pub conns: u32,
+    /// Failures in the current fail window, seen by every worker.
+    pub fails: u32,
+    /// Whether the server has a cell in the zone; without one (the zone was
+    /// full) each worker counts for itself and nothing shows here.
+    pub shared: bool,
+}
+
+/// The shared state of each server of `u`, in its order.
+pub fn status(zone: Zone<'_>, u: &Upstream) -> Vec<PeerStatus> {
+    u.servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let cell = zone.cell(u.peer(i));
+            PeerStatus {
+                server: s.addr.to_string(),
+                conns: cell.map_or(0, PeerCell::conns),
+                fails: cell.map_or(0, PeerCell::fails),
+                shared: cell.is_some(),
+            }
+        })
+        .collect()
+}
+
 /// Where a balancer finds the zone: the state file its table came from.
 pub trait ZoneSource: Send + Sync {
     fn zone(&self) -> Zone<'_>;

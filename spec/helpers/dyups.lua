@@ -37,6 +37,7 @@ http {
         local ok, err = require("ngx.dyups").init_worker()
         if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
     }
+    log_by_lua_file ${repo}/lua/log.lua;
 
     upstream local {
         server 0.0.0.1;

@@ -4,7 +4,7 @@
 -- C-API call), with no allocation and no string building. Resolving a name
 -- after the table changed goes through the Rust module once per upstream,
 -- per change, per worker.
-local pick_fn, current_fn, key_addr, KEY_MAX, resolve = ...
+local pick_fn, current_fn, done_fn, key_addr, KEY_MAX, resolve = ...
 
 local ffi = require "ffi"
 
@@ -18,6 +18,7 @@ local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, ui
 local key_buf = ffi.cast("uint8_t *", key_addr)
 local ffi_copy = ffi.copy
 local current = ffi.cast("int64_t (*)(void)", current_fn)
+local done = ffi.cast("void (*)(const void *)", done_fn)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
 local var, log, ERR, exit
@@ -61,11 +62,20 @@ local function entry(name)
     return e
 end
 
+-- log_by_lua entry: the request has ended, so the connection it counted
+-- (least_conn, random two) is given back.
+local function log_phase()
+    if not get_request then
+        get_request = require("resty.core.base").get_request
+    end
+    done(get_request())
+end
+
 -- balancer_by_lua entry: routes the request to a server of the upstream
 -- `name`, by default the one named by $dyups_upstream. nginx's $proxy_host
 -- (the proxy_pass target) cannot be read by name from Lua, so nginx.conf maps
 -- it: `map $proxy_host $dyups_upstream { default $proxy_host; }`.
-return function(name)
+local function balance(name)
     if not balancer then
         setup()
     end
@@ -132,3 +142,5 @@ return function(name)
     end
     return fail("the table kept changing while picking a server of ", name)
 end
+
+return balance, log_phase

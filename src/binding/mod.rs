@@ -28,7 +28,7 @@ use crate::{ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
-const DEFAULT_SIZE: u64 = 1 << 20;
+const DEFAULT_SIZE: u64 = 2 << 20;
 const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
 const DEFAULT_REFRESH: f64 = 0.05;
 /// nginx's own default worker user, when `--user` was not given at build.
@@ -84,6 +84,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     )?;
     m.set("list", lua.create_function(list)?)?;
     m.set("get", lua.create_function(get)?)?;
+    m.set("peers", lua.create_function(peers)?)?;
     m.set("pending", lua.create_function(pending)?)?;
     m.set("handle_ups", lua.create_function(handle_ups)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
@@ -92,12 +93,21 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
+    let done = LightUserData(dyups_done as *const () as *mut c_void);
     let key = LightUserData(KEY.as_ptr() as *mut c_void);
-    let balance: Function = lua
+    let (balance, log): (Function, Function) = lua
         .load(include_str!("balance.lua"))
         .set_name("=ngx.dyups.balance")
-        .call((pick, current, key, KEY_MAX, lua.create_function(resolve)?))?;
+        .call((
+            pick,
+            current,
+            done,
+            key,
+            KEY_MAX,
+            lua.create_function(resolve)?,
+        ))?;
     m.set("balance", balance)?;
+    m.set("log", log)?;
     let raising = [
         "init",
         "init_worker",
@@ -106,6 +116,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "add_server",
         "remove_server",
         "get",
+        "peers",
         "write_upstreams",
         "handle_ups",
         "handle_check",
@@ -429,6 +440,11 @@ fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Re
             if let Some(why) = snap.fallback {
                 log(lua, "WARN", &why);
             }
+            // Connections counted by the workers of an nginx that is gone
+            // (killed in the middle of requests) would weigh forever.
+            if let Err(e) = StateFile::clear_connections_at(&cfg.path) {
+                log(lua, "WARN", &format!("connection counts kept: {e}"));
+            }
         }
         None => {
             // Made here rather than by the first worker so that a bad
@@ -516,6 +532,8 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
         return Ok(());
     }
     let file = w.check_file(std::process::id());
+    let no_log_hook = w.counted > NO_LOG_HOOK_AFTER && !w.done_seen && !w.warned;
+    w.warned |= no_log_hook;
     let had = w.error.clone();
     let failed = w.refresh().is_err() && w.error != had;
     let error = w.error.clone().filter(|_| failed);
@@ -534,8 +552,22 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
     if let Some(msg) = file {
         log(lua, "ERR", &msg);
     }
+    if no_log_hook {
+        log(
+            lua,
+            "WARN",
+            "least_conn and random two count each request's connection until the request ends, \
+             and no request's end was reported: add `log_by_lua_block { require(\"ngx.dyups\").log() }` \
+             to http{}",
+        );
+    }
     Ok(())
 }
+
+/// Connections counted without a request's end reported before the timer
+/// warns that the log-phase hook is missing: more than can be in flight at
+/// once in a quiet worker.
+const NO_LOG_HOOK_AFTER: u64 = 1000;
 
 // ---- reading ---------------------------------------------------------------------
 
@@ -600,6 +632,32 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
     t.set("keepalive", u.keepalive)?;
     t.set("servers", servers)?;
     Ok((Value::Table(t), None))
+}
+
+/// `dyups.peers(name)`: each server's shared state, as every worker sees
+/// it: `{ server, conns, fails, shared }` in table order.
+fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+    let name = string_arg(&args, 1, "peers")?;
+    let found = with_snapshot(|store, s| {
+        s.table
+            .get(&name)
+            .map(|u| crate::zone::status(store.zone(), u))
+    });
+    let list = match found {
+        Ok(Some(list)) => list,
+        Ok(None) => return Ok((Value::Nil, Some("not found".into()))),
+        Err(e) => return Ok((Value::Nil, Some(e))),
+    };
+    let out = lua.create_table()?;
+    for p in list {
+        let t = lua.create_table()?;
+        t.set("server", p.server)?;
+        t.set("conns", p.conns)?;
+        t.set("fails", p.fails)?;
+        t.set("shared", p.shared)?;
+        out.push(t)?;
+    }
+    Ok((Value::Table(out), None))
 }
 
 fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
@@ -1054,6 +1112,16 @@ extern "C" fn dyups_current() -> i64 {
         None => -1,
     })
     .unwrap_or(-1)
+}
+
+/// The log phase of a request (`dyups.log()`, through LuaJIT's FFI): gives
+/// back the connection its last attempt counted.
+extern "C" fn dyups_done(request: *const c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(w) = WORKER.lock().as_mut() {
+            w.done(request as usize);
+        }
+    });
 }
 
 /// A piece of a hash key expression: `$request_uri`, `${host}`, or text.

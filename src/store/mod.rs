@@ -358,6 +358,18 @@ impl StateFile {
         true
     }
 
+    /// [`clear_connections`](Self::clear_connections) on the file at
+    /// `path`, opened for this only: for nginx's master, which must not keep
+    /// it open across fork.
+    pub fn clear_connections_at(path: &Path) -> Result<bool> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error("open", path, e))?;
+        Ok(Self::from_file(path, file, true)?.clear_connections())
+    }
+
     /// A consistent copy of the current table.
     pub fn read(&self) -> Result<Snapshot> {
         self.read_unless(None)
