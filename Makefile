@@ -21,7 +21,7 @@ LUAJIT      ?= luajit
 SO_BUILT    := target/release/libngx_dyups.so
 SO          := lib/ngx/dyups.so
 LUA_SHIMS   := $(wildcard lua/*.lua)
-LINT_DIRS   := $(wildcard lua spec examples bench/lua)
+LINT_DIRS   := $(wildcard lua spec examples bench/lua src/binding)
 
 .PHONY: all deps build test test-rust test-lua lint demo bench fuzz install clean
 

@@ -126,9 +126,9 @@ local function balance(name)
             if retry == 0 and e.tries > 1 then
                 set_more_tries(e.tries - 1)
             end
-            local ok, err = set_current_peer(e.hosts[i + 1], e.ports[i + 1])
+            local ok, why = set_current_peer(e.hosts[i + 1], e.ports[i + 1])
             if not ok then
-                return fail("could not set peer ", e.hosts[i + 1], ": ", err)
+                return fail("could not set peer ", e.hosts[i + 1], ": ", why)
             end
             return
         end
