@@ -14,7 +14,6 @@
 //! the wrong server; it then uses a cell of its own, as a server without a
 //! shared cell (the zone was full) does.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -292,23 +291,16 @@ pub fn assign(
     }
     let mut free = (0..capacity).filter(|&i| !used[i as usize]);
     let mut given = Vec::new();
-    let before: HashMap<&str, &Arc<Upstream>> = current
-        .upstreams
-        .iter()
-        .map(|u| (u.name.as_str(), u))
-        .collect();
-    let mut assigned: Vec<Option<Vec<PeerRef>>> = Vec::with_capacity(next.upstreams.len());
-    for (u, &changed) in next.upstreams.iter().zip(changed) {
-        if !changed && u.peers.len() == u.servers.len() {
-            assigned.push(None);
-            continue;
-        }
-        let old = before.get(u.name.as_str());
-        let mut taken = vec![false; old.map_or(0, |o| o.servers.len())];
-        let peers = u
-            .servers
-            .iter()
-            .map(|s| {
+    let assigned: Vec<Option<Vec<PeerRef>>> = next
+        .paired(current)
+        .into_iter()
+        .zip(changed)
+        .map(|((u, old), &changed)| {
+            if !changed && u.peers.len() == u.servers.len() {
+                return None;
+            }
+            let mut taken = vec![false; old.map_or(0, |o| o.servers.len())];
+            let peers = u.servers.iter().map(|s| {
                 // The same address in the same upstream keeps its cell;
                 // repeated addresses are matched in order, one to one.
                 let kept = old.and_then(|o| {
@@ -327,10 +319,10 @@ pub fn assign(
                     Some(r)
                 })
                 .unwrap_or(PeerRef::NONE)
-            })
-            .collect();
-        assigned.push(Some(peers));
-    }
+            });
+            Some(peers.collect())
+        })
+        .collect();
     for (u, peers) in next.upstreams.iter_mut().zip(assigned) {
         if let Some(peers) = peers {
             Arc::make_mut(u).peers = peers;
