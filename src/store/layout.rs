@@ -48,7 +48,9 @@ use super::super::Error;
 use crate::zone::CELL_LEN;
 
 pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the peer cells after the slots (version 1, without them, was never
+/// released; its files are refused by this number rather than by a checksum).
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: u64 = 4096;
 pub const COMMIT_WORD: usize = 64;
 pub const WORKER_TABLE: usize = 128;
