@@ -403,6 +403,16 @@ mod tests {
         assert!(on_disk.version > before.version);
         assert_eq!(w.snapshot().table, before.table);
         assert_eq!(w.snapshot().version, on_disk.version);
+        // The balancers count in the restored file's cells.
+        for (id, u) in w.snapshot().table.upstreams.iter().enumerate() {
+            let balancer = w.balancers[id].balancer();
+            for i in 0..u.servers.len() {
+                let cell = w.store().zone().cell(u.peer(i)).expect("a cell there");
+                assert!(balancer.health(i).shared(), "{} server {i}", u.name);
+                cell.add_failure(u.peer(i).tag, 1);
+                assert_eq!(balancer.health(i).fails(), cell.fails());
+            }
+        }
         // Writes go on, to the restored file.
         let opts = WriteOptions::default();
         let (v, ()) = w
