@@ -118,9 +118,11 @@ end
 --- "127.0.0.1:PORT".
 function M.addr(port) return "127.0.0.1:" .. port end
 
---- An upstream file block: "upstream NAME {\n    server A;\n ...}\n".
-function M.upstream(name, servers)
+--- An upstream file block: "upstream NAME {\n    server A;\n ...}\n",
+--- with `method` ("least_conn", "hash $arg_k consistent") as its first line.
+function M.upstream(name, servers, method)
   local out = { "upstream " .. name .. " {" }
+  if method then out[#out + 1] = "    " .. method .. ";" end
   for _, s in ipairs(servers) do out[#out + 1] = "    server " .. s .. ";" end
   out[#out + 1] = "}"
   return table.concat(out, "\n") .. "\n"

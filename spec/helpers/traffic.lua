@@ -115,11 +115,12 @@ function Conn:_need(pred, deadline)
   end
 end
 
---- conn:request(method, path, { headers = {}, body = nil, timeout = 5,
----   close = false, body_after = nil }) -> status, body, headers | nil, err
---- body_after: seconds to wait between sending the head and the body.
---- HTTP/1.1 with keep-alive unless opts.close (then "Connection: close").
-function Conn:request(method, path, opts)
+--- conn:send(method, path, { headers = {}, body = nil, timeout = 5,
+---   close = false, body_after = nil }) -> true | nil, err
+--- Sends one request without waiting for its answer (read it with
+--- conn:response). body_after: seconds to wait between sending the head and
+--- the body. HTTP/1.1 with keep-alive unless opts.close ("Connection: close").
+function Conn:send(method, path, opts)
   opts = opts or {}
   local deadline = T.now() + (opts.timeout or 5)
   local lines = { ("%s %s HTTP/1.1"):format(method, path) }
@@ -133,18 +134,21 @@ function Conn:request(method, path, opts)
   if opts.close then lines[#lines + 1] = "Connection: close" end
   if opts.body then lines[#lines + 1] = "Content-Length: " .. #opts.body end
   local request_head = table.concat(lines, "\r\n") .. "\r\n\r\n"
-  local ok, err
   if opts.body_after then
     -- The body in a later packet, as slow clients send it.
-    ok, err = self:_send(request_head, deadline)
+    local ok, err = self:_send(request_head, deadline)
     if not ok then return nil, err end
     nginx.sleep(opts.body_after)
-    ok, err = self:_send(opts.body or "", deadline)
-  else
-    ok, err = self:_send(request_head .. (opts.body or ""), deadline)
+    return self:_send(opts.body or "", deadline)
   end
-  if not ok then return nil, err end
+  return self:_send(request_head .. (opts.body or ""), deadline)
+end
 
+--- conn:response({ timeout = 5, head = false }) -> status, body, headers | nil, err
+--- Reads the answer to a request sent before (opts.head: to a HEAD request).
+function Conn:response(opts)
+  opts = opts or {}
+  local deadline = T.now() + (opts.timeout or 5)
   local head_end, e1 = self:_need(function() return self.buf:find("\r\n\r\n", 1, true) end, deadline)
   if not head_end then return nil, "no response head: " .. tostring(e1) end
   local head = self.buf:sub(1, head_end - 1)
@@ -161,7 +165,7 @@ function Conn:request(method, path, opts)
   end
 
   local body
-  if method == "HEAD" or status == 204 or status == 304 then
+  if opts.head or status == 204 or status == 304 then
     body = ""
   elseif h["content-length"] then
     local len = tonumber(h["content-length"])
@@ -199,6 +203,15 @@ function Conn:request(method, path, opts)
     self.buf = ""
   end
   return status, body, h
+end
+
+--- conn:request(method, path, opts) -> status, body, headers | nil, err:
+--- conn:send, then conn:response (same opts).
+function Conn:request(method, path, opts)
+  opts = opts or {}
+  local ok, err = self:send(method, path, opts)
+  if not ok then return nil, err end
+  return self:response { timeout = opts.timeout, head = method == "HEAD" }
 end
 
 --- One request over a new connection, closed afterwards.
