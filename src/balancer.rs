@@ -203,10 +203,12 @@ impl Health<'_> {
     /// that worker's, and this pick must go elsewhere.
     fn claim(&self, spec: &ServerSpec, now_ms: u64) -> bool {
         let checked = self.cell.checked_ms();
-        if now_ms.saturating_sub(checked) <= fail_timeout_ms(spec) {
-            return true;
-        }
         let probe = spec.max_fails > 0 && self.cell.fails() >= spec.max_fails;
+        if now_ms.saturating_sub(checked) <= fail_timeout_ms(spec) {
+            // A window is open. For a server at max_fails it was closed when
+            // we looked: another worker opened it, and the probe is theirs.
+            return !probe;
+        }
         self.cell.open_window(checked, now_ms) || !probe
     }
 }
@@ -789,6 +791,25 @@ mod tests {
         // Without a failure for a whole window after the probe: back for all.
         assert!(picks(&mut other, &s, 4, 20_002).contains(&0));
         assert_eq!(one.health(0).fails(), 0);
+    }
+
+    #[test]
+    fn of_two_workers_that_both_saw_the_window_pass_one_probes() {
+        let s = servers(&[1, 1]);
+        let (mut one, mut other, _zone) = two_workers(&s);
+        one.report_failure(&s, 0, 0);
+        let at = 10_001;
+        // Both look before either claims: the interleaving a race gives.
+        let (h1, h2) = (one.health(0), other.health(0));
+        assert!(h1.available(&s[0], &Tried::new(), 0, at));
+        assert!(h2.available(&s[0], &Tried::new(), 0, at));
+        assert!(h1.claim(&s[0], at), "the first claim is the probe");
+        assert!(!h2.claim(&s[0], at), "the second must go elsewhere");
+        // And a whole pick that loses its claim picks again, elsewhere.
+        assert_eq!(other.pick(&s, &Tried::new(), at), Some(1));
+        // A server that is not disabled has no probe to lose.
+        assert!(other.health(1).claim(&s[1], at + 20_000));
+        assert!(one.health(1).claim(&s[1], at + 20_000));
     }
 
     #[test]
