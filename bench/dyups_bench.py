@@ -11,9 +11,11 @@ measures ngx.dyups in five sections:
      the new table (with traffic, and idle via /ups/check);
   3. churn: failed client requests while an upstream changes many times/s;
   4. scale: 1 .. 10,000 upstreams of 4 servers;
-  5. policies: hash $arg_k consistent, hash $arg_k and ip_hash, each
-     against nginx's native upstream with the same policy, keys varied by
-     lua/keys.lua, interleaved rounds, medians.
+  5. policies: hash $arg_k consistent, hash $arg_k, ip_hash, least_conn,
+     random and random two, each against nginx's native upstream with the
+     same policy, keys varied by lua/keys.lua, interleaved rounds, medians;
+     for the keyless ones, each backend's share under load and
+     dyups.peers() connection counts back to 0 after it.
 
 Python standard library only; raw sockets and time.monotonic() for timing.
 Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
@@ -506,6 +508,10 @@ def minlua_conf(port, backends):
 
 def dyups_conf(port, api_port, size="1m", extra_init="", x_worker=True, named=False):
     """The README's pattern: map $proxy_host, balancer_by_lua_file lua/upstream.lua.
+    No log-phase hook: round robin counts no connections, and the README puts
+    `log_by_lua_file lua/log.lua` only where least_conn / random two upstreams
+    are proxied to (lua-nginx-module's log phase costs ~1,700 instructions a
+    request; bench/README.md, "Section 5 with every policy").
 
     x_worker: `add_header X-Worker $pid` (section 2 pins workers by it); off
     for section 1, whose other proxies do not pay for it (~700 instructions a
@@ -921,13 +927,25 @@ def section_scale(cfg, root, backends, res):
 
 
 # ---------------------------------------------------------------------------
-# section 5: policies (hash consistent, hash, ip_hash) against nginx's own
+# section 5: policies (every balancing method but round robin) against nginx's own
 
 POLICIES = [  # (location / dyups name, policy line, wrk script mode)
     ("chash", "hash $arg_k consistent;", "k"),
     ("hash", "hash $arg_k;", "k"),
     ("iphash", "ip_hash;", "ip"),
+    ("lc", "least_conn;", "none"),
+    ("random", "random;", "none"),
+    ("random2", "random two;", "none"),
 ]
+# Native upstreams that get a `zone`: ngx.dyups counts least_conn / random
+# two connections (and every method's failures) for all workers at once, as
+# nginx does only with a zone. The hash rows keep the configuration of the
+# first section 5 runs (no zone), so their figures stay comparable.
+NATIVE_ZONE = ("lc", "random", "random2")
+# The methods that count connections, whose locations carry the log hook.
+COUNTS_CONNS = ("lc", "random2")
+LOG_HOOK = f" log_by_lua_file {REPO}/lua/log.lua;"
+KEYLESS = tuple(name for name, _, mode in POLICIES if mode == "none")
 POLICY_KEYS = 10000  # distinct keys (or client /24s) wrk cycles through
 REALIP = """
     set_real_ip_from 127.0.0.1;
@@ -940,7 +958,7 @@ def policy_native_conf(port, backends):
     ups = "".join(f"""
     upstream native_{name} {{
         {line}
-{servers}        keepalive 32;
+{f"        zone native_{name} 64k;{chr(10)}" if name in NATIVE_ZONE else ""}{servers}        keepalive 32;
     }}""" for name, line, _ in POLICIES)
     locs = "".join(f"        location = /{name} {{ proxy_pass http://native_{name}; }}\n"
                    for name, _, _ in POLICIES)
@@ -954,14 +972,18 @@ def policy_native_conf(port, backends):
 
 def policy_dyups_conf(port, backends):
     """The same upstreams in ngx.dyups (seeded from conf/upstream.conf), each
-    nginx upstream block calling balance("NAME") as spec/policy_spec.lua does."""
+    nginx upstream block calling balance("NAME") as spec/policy_spec.lua does;
+    the README's log-phase hook in the locations of least_conn and random two
+    (they give their connection back there; the other methods count none and
+    skip its cost), and GET /peers?u=NAME (bench/lua/peers.lua)."""
     ups = "".join(f"""
     upstream dy_{name} {{
         server 0.0.0.1;
         balancer_by_lua_block {{ require("ngx.dyups").balance("{name}") }}
         keepalive 32;
     }}""" for name, _, _ in POLICIES)
-    locs = "".join(f"        location = /{name} {{ proxy_pass http://dy_{name}; }}\n"
+    locs = "".join(f"        location = /{name} {{ proxy_pass http://dy_{name};"
+                   f"{LOG_HOOK if name in COUNTS_CONNS else ''} }}\n"
                    for name, _, _ in POLICIES)
     return lua_paths() + REALIP + """
     init_by_lua_block {
@@ -975,7 +997,8 @@ def policy_dyups_conf(port, backends):
     server {{
         listen 127.0.0.1:{port} backlog=4096;
 {PROXY_SERVER}
-{locs}    }}
+{locs}        location = /peers {{ content_by_lua_file {BENCH}/lua/peers.lua; }}
+    }}
 """
 
 
@@ -988,6 +1011,8 @@ def policy_request(mode, j):
     """(query, headers) of key j, as bench/lua/keys.lua builds it."""
     if mode == "ip":
         return "", {"X-Real-IP": f"10.{(j // 256) % 256}.{j % 256}.{j % 250 + 1}"}
+    if mode == "none":
+        return "", {}
     return f"?k={j}", {}
 
 
@@ -1012,14 +1037,61 @@ def backend_of(port, path, headers):
     return int(body.split()[0])
 
 
+def peer_conns(port, name):
+    """dyups.peers(name) through the proxy's /peers: [(server, conns, fails)]."""
+    st, _, body = raw_get(port, f"/peers?u={name}")
+    if st != 200:
+        raise RuntimeError(f"/peers?u={name} answered {st}: {body!r}")
+    out = []
+    for line in body.decode().splitlines():
+        addr, conns, fails, _ = line.split()
+        out.append((addr, int(conns), int(fails)))
+    return out
+
+
+def wrk_keys_cmd(port, path, secs, mode, conns, threads, count=False):
+    return ([WRK, "-t", str(threads), "-c", str(conns), "-d", f"{secs}s", "--latency",
+             "-s", os.path.join(BENCH, "lua", "keys.lua"),
+             f"http://127.0.0.1:{port}{path}", "--", mode, str(POLICY_KEYS)]
+            + (["count"] if count else []))
+
+
 def wrk_keys(port, path, secs, mode, conns, threads):
-    cmd = [WRK, "-t", str(threads), "-c", str(conns), "-d", f"{secs}s", "--latency",
-           "-s", os.path.join(BENCH, "lua", "keys.lua"),
-           f"http://127.0.0.1:{port}{path}", "--", mode, str(POLICY_KEYS)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(wrk_keys_cmd(port, path, secs, mode, conns, threads),
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"wrk failed: {r.stderr.strip()}")
     return parse_wrk(r.stdout)
+
+
+def share_run(port, name, cfg, peers_port=None):
+    """One untimed wrk run (keys.lua counting the answers per backend) on a
+    keyless policy; for the dyups proxy, dyups.peers() sampled meanwhile.
+    Returns (wrk result with "backends": {port: n}, [conns in flight per sample])."""
+    p = subprocess.Popen(wrk_keys_cmd(port, f"/{name}", cfg.pol_share_secs, "none",
+                                      cfg.conns, cfg.threads, count=True),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(p)
+    samples = []
+    time.sleep(0.2)
+    while peers_port and p.poll() is None:
+        samples.append(sum(c for _, c, _ in peer_conns(peers_port, name)))
+        time.sleep(0.05)
+    r = wrk_finish(p)
+    r["backends"] = {int(m.group(1)) if m.group(1).isdigit() else m.group(1): int(m.group(2))
+                     for m in re.finditer(r"^backend (\S+) (\d+)$", r["raw"], re.M)}
+    return r, samples
+
+
+def conns_settled(port, name, limit=3.0):
+    """dyups.peers(name)'s conns once they stop being > 0 (or after `limit`
+    s): (conns per server, seconds waited)."""
+    t0 = now()
+    while True:
+        conns = [c for _, c, _ in peer_conns(port, name)]
+        if not any(conns) or now() - t0 > limit:
+            return conns, now() - t0
+        time.sleep(0.01)
 
 
 def section_policies(cfg, root, backends, res):
@@ -1034,18 +1106,23 @@ def section_policies(cfg, root, backends, res):
         inst.start([port])
     out = {}
     # Sanity: both proxies send the same keys to the same backend, and the
-    # keys spread over both backends (wrk varies the key as these do).
+    # keys spread over both backends (wrk varies the key as these do). The
+    # keyless methods have nothing to compare: both backends must answer
+    # through each proxy (the share under load is checked after the rounds).
     for name, _, mode in POLICIES:
-        agree, seen = 0, set()
+        agree, seen = 0, {"native": set(), "dyups": set()}
         for j in range(1, cfg.pol_check + 1):
             q, h = policy_request(mode, j * 97)
             a = backend_of(pn, f"/{name}{q}", h)
             b = backend_of(pd, f"/{name}{q}", h)
             agree += a == b
-            seen.add(a)
-        out[name] = {"agree": agree, "checked": cfg.pol_check, "backends_seen": len(seen)}
-        if agree != cfg.pol_check or len(seen) < 2:
-            log(f"  [5] {name}: {agree}/{cfg.pol_check} keys routed alike, {len(seen)} backend(s) seen")
+            seen["native"].add(a)
+            seen["dyups"].add(b)
+        used = min(len(x) for x in seen.values())
+        out[name] = {"agree": None if mode == "none" else agree, "checked": cfg.pol_check,
+                     "backends_seen": used}
+        if (mode != "none" and agree != cfg.pol_check) or used < 2:
+            log(f"  [5] {name}: {agree}/{cfg.pol_check} requests routed alike, {used} backend(s) seen")
     for name, _, mode in POLICIES:  # warm-up (JIT, keepalive pools)
         for _, _, port in proxies:
             wrk_keys(port, f"/{name}", cfg.pol_warm, mode, cfg.conns, cfg.threads)
@@ -1059,7 +1136,33 @@ def section_policies(cfg, root, backends, res):
                 runs[(name, pname)].append(r)
                 log(f"  [5] round {rnd + 1}/{cfg.pol_rounds} {name:7s} {pname:7s} {r['rps']:9.0f} req/s "
                     f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+    # The keyless methods: connections given back after all the timed load,
+    # then a counted run per proxy (share of each backend under load, and
+    # dyups.peers() sampled while it runs), and the connections again.
+    for name in KEYLESS:
+        o = out[name]
+        o["conns_after_rounds"], _ = conns_settled(pd, name)
+        o["share"], o["share_errors"] = {}, 0
+        for pname, _, port in proxies:
+            r, samples = share_run(port, name, cfg, pd if pname == "dyups" else None)
+            total = sum(r["backends"].values()) or 1
+            o["share"][pname] = [r["backends"].get(b, 0) / total for b in b2]
+            o["share_errors"] += r["non2xx"] + r["sockerr"] + sum(
+                v for k, v in r["backends"].items() if k not in b2)
+            if pname == "dyups":
+                o["conns_samples"] = samples
+        o["conns_after"], o["settle_s"] = conns_settled(pd, name)
+        log(f"  [5] {name}: share " + ", ".join(
+            f"{pname} {'/'.join(f'{x * 100:.0f}' for x in o['share'][pname])} %" for pname in o["share"])
+            + f"; dyups conns during load max {max(o['conns_samples'], default=0)}"
+            f" ({len(o['conns_samples'])} samples), after {o['conns_after']}"
+            f" (after the rounds {o['conns_after_rounds']})")
+        if any(not 0.3 <= x <= 0.7 for sh in o["share"].values() for x in sh) or any(o["conns_after"]):
+            log(f"  [5] {name}: CHECK FAILED (a backend's share outside 30-70 %, or conns not back to 0)")
     errors_in_log = {pname: inst.count_errors() for pname, inst, _ in proxies}
+    for pname, inst, _ in proxies:
+        if errors_in_log[pname]:
+            log(inst.error_log_tail(5))
     for _, inst, _ in proxies:
         inst.stop()
     for name, line, _ in POLICIES:
@@ -1153,8 +1256,9 @@ def report(cfg, res, elapsed):
     po = res.get("policies")
     if po:
         p()
-        p(f"5. Policies: nginx upstream vs the same upstream in ngx.dyups (balance(\"NAME\")), same policy, "
-          f"same 2 backends, 1 proxy worker each; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys; "
+        p(f"5. Policies: nginx upstream vs the same upstream in ngx.dyups (balance(\"NAME\"), log_by_lua_file "
+          f"lua/log.lua for least_conn / random two), same policy, same 2 backends, 1 proxy worker each; native {', '.join(NATIVE_ZONE)} "
+          f"with `zone`; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys (hash, ip_hash); "
           f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
         p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
           f"  {'dyups/native':>12s}   req/s per round")
@@ -1167,10 +1271,29 @@ def report(cfg, res, elapsed):
                   f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}   "
                   + " ".join(f"{x:.0f}" for x in r["rps_all"]))
         p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians)")
+        keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
           + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
-                      f" ({po[n]['backends_seen']} backends used)" for n, _, _ in POLICIES)
-          + f"; nginx error-log lines: native {po['errors_in_log']['native']}, "
+                      f" ({po[n]['backends_seen']} backends used)" for n in keyed))
+        p(f"   keyless, {po[KEYLESS[0]]['checked']} requests one by one: "
+          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['backends_seen']} backends used through both"
+                      for n in KEYLESS))
+        p(f"   share of each backend under load (untimed wrk -c {cfg.conns} run of {cfg.pol_share_secs} s "
+          f"per proxy, answers counted): "
+          + "; ".join(f"{po[n]['policy'].rstrip(';')} native "
+                      + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["native"]) + " %, dyups "
+                      + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["dyups"]) + " %"
+                      + (f" ({po[n]['share_errors']} errors)" if po[n]["share_errors"] else "")
+                      for n in KEYLESS))
+        p("   dyups.peers() conns (whole nginx): "
+          + "; ".join(f"{po[n]['policy'].rstrip(';')} during that run max "
+                      f"{max(po[n]['conns_samples'], default=0)} (median {med(po[n]['conns_samples']):.0f}, "
+                      f"{len(po[n]['conns_samples'])} samples), after the rounds "
+                      f"{'+'.join(map(str, po[n]['conns_after_rounds']))}, after that run "
+                      f"{'+'.join(map(str, po[n]['conns_after']))}"
+                      for n in KEYLESS)
+          + " (random counts none)")
+        p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
     # targets
     p()
@@ -1238,9 +1361,10 @@ def main():
     cfg.scale_updates = 20 if q else 50
     cfg.scale_rounds = 2 if q else 3
     cfg.scale_secs = 2 if q else 3
-    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 3 policies x 2 proxies
+    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 6 policies x 2 proxies
     cfg.pol_secs = 2 if q else 3
     cfg.pol_warm = 1
+    cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy
     cfg.pol_check = 50  # keys checked to reach the same backend through both proxies
 
     def on_signal(sig, _frame):
