@@ -195,8 +195,6 @@ pub struct Zone<'a> {
 }
 
 impl<'a> Zone<'a> {
-    pub const NONE: Zone<'static> = Zone { cells: &[] };
-
     pub fn new(cells: &'a [PeerCell]) -> Zone<'a> {
         Zone { cells }
     }
@@ -405,7 +403,7 @@ mod tests {
             "past the end"
         );
         assert!(z.cell(PeerRef::NONE).is_none());
-        assert!(Zone::NONE.cell(PeerRef { index: 0, tag: 1 }).is_none());
+        assert!(Zone::default().cell(PeerRef { index: 0, tag: 1 }).is_none());
     }
 
     fn upstream(name: &str, ports: &[u16]) -> Upstream {
