@@ -53,6 +53,7 @@ http {
 
     server {
         listen 127.0.0.1:${port_proxy} reuseport;
+        add_header X-Worker $pid always;
         location ~ ^/native/(\w+)$ { proxy_pass http://native_$1; }
         location ~ ^/dy/(\w+)$ { proxy_pass http://dy_$1; }
     }
@@ -124,6 +125,38 @@ http {
       return "", { ["X-Real-IP"] = ("10.%d.%d.%d"):format(i % 7, math.floor(i / 4) % 251, i % 250 + 1) }
     end)
     assert.same({}, differ)
+  end)
+
+  it("every key sticks to one server whichever worker balances it: 500 keys each, through both workers, under each hashing method", function()
+    local pids = inst:worker_pids()
+    assert.equal(2, #pids)
+    local cases = {
+      chash = function(i) return "?k=sticky" .. i end,
+      hash = function(i) return "?k=" .. (i * 104729) end,
+      iphash = function(i) return "", { ["X-Real-IP"] = ("172.%d.%d.9"):format(i % 13, i % 199) } end,
+    }
+    for policy, request in pairs(cases) do
+      -- A connection per worker, fresh for each method: 500 requests stay
+      -- under nginx's keepalive_requests, so neither is ever re-made on the
+      -- other worker.
+      local via = {}
+      for i, pid in ipairs(pids) do
+        via[i] = { c = T.conn_to(inst, pid, "/dy/hash?k=probe"), close = function(self) self.c:close() end }
+      end
+      local differ, used = {}, {}
+      for i = 1, 500 do
+        local query, headers = request(i)
+        local a = port_of(via[1], "/dy/" .. policy .. query, headers)
+        local b = port_of(via[2], "/dy/" .. policy .. query, headers)
+        used[a] = true
+        if a ~= b and #differ < 5 then differ[#differ + 1] = ("%s: %d, %d"):format(query, a, b) end
+      end
+      assert.same({}, differ, policy)
+      local n = 0
+      for _ in pairs(used) do n = n + 1 end
+      assert.is_true(n >= 3, policy .. ": the keys spread over " .. n .. " servers only")
+      for _, v in ipairs(via) do v:close() end
+    end
   end)
 
   it("hash consistent: taking one server out moves only the keys it held", function()
