@@ -352,6 +352,28 @@ impl PolicyState {
         cursor.tries <= MAX_TRIES
     }
 
+    /// The rounds of `ip_hash`, `hash` and `random`: the server `next` names
+    /// (the method's next hash or draw), until one is available or the
+    /// request has spent its rounds (`None`: round robin).
+    fn rounds(
+        &mut self,
+        servers: &[ServerSpec],
+        tried: &Tried,
+        cursor: &mut Cursor,
+        now_ms: u64,
+        mut next: impl FnMut(&mut PolicyState, &mut Cursor) -> usize,
+    ) -> Option<usize> {
+        loop {
+            let index = next(self, cursor);
+            if self.balancer.eligible(servers, tried, index, now_ms) {
+                return Some(index);
+            }
+            if !Self::next_round(cursor) {
+                return None;
+            }
+        }
+    }
+
     /// `ngx_http_upstream_get_ip_hash_peer`. `None` means round robin.
     fn ip_hash(
         &mut self,
@@ -379,19 +401,16 @@ impl PolicyState {
         // A local copy, stored back only on success: a retry resumes from
         // the hash that found the previous server.
         let mut hash = cursor.hash;
-        loop {
+        let picked = self.rounds(servers, tried, cursor, now_ms, |st, _| {
             for &byte in addr {
                 hash = (hash * 113 + u32::from(byte)) % IP_HASH_MOD;
             }
-            let index = self.walk(u64::from(hash) % self.total_weight());
-            if self.balancer.eligible(servers, tried, index, now_ms) {
-                cursor.hash = hash;
-                return Some(index);
-            }
-            if !Self::next_round(cursor) {
-                return None;
-            }
+            st.walk(u64::from(hash) % st.total_weight())
+        });
+        if picked.is_some() {
+            cursor.hash = hash;
         }
+        picked
     }
 
     /// `ngx_http_upstream_get_hash_peer`: Cache::Memcached's
@@ -408,17 +427,11 @@ impl PolicyState {
             return None;
         }
         cursor.started = true;
-        loop {
+        self.rounds(servers, tried, cursor, now_ms, |st, cursor| {
             cursor.hash = cursor.hash.wrapping_add(memcached_hash(key, cursor.rehash));
             cursor.rehash += 1;
-            let index = self.walk(u64::from(cursor.hash) % self.total_weight());
-            if self.balancer.eligible(servers, tried, index, now_ms) {
-                return Some(index);
-            }
-            if !Self::next_round(cursor) {
-                return None;
-            }
-        }
+            st.walk(u64::from(cursor.hash) % st.total_weight())
+        })
     }
 
     /// `ngx_http_upstream_get_chash_peer`: from the first point at or after
@@ -544,15 +557,7 @@ impl PolicyState {
         if !self.hashable(servers, cursor) {
             return None;
         }
-        loop {
-            let index = self.peek();
-            if self.balancer.eligible(servers, tried, index, now_ms) {
-                return Some(index);
-            }
-            if !Self::next_round(cursor) {
-                return None;
-            }
-        }
+        self.rounds(servers, tried, cursor, now_ms, |st, _| st.peek())
     }
 
     /// `ngx_http_upstream_get_random2_peer`: two distinct available servers
