@@ -78,6 +78,18 @@ impl PeerCell {
         self.fails.store(tagged(tag, 0), Ordering::Release);
     }
 
+    /// The bytes of a cell just [`reset`](Self::reset) for `tag`, for a file
+    /// image built before anything maps it (atomics of this host, so native
+    /// byte order).
+    pub fn image(tag: u32) -> [u8; CELL_LEN] {
+        let mut b = [0u8; CELL_LEN];
+        let word = tagged(tag, 0).to_ne_bytes();
+        // conns, then fails: the field order of this `repr(C)` struct.
+        b[0..8].copy_from_slice(&word);
+        b[8..16].copy_from_slice(&word);
+        b
+    }
+
     /// Whether the cell still belongs to the server stamped `tag`.
     pub fn holds(&self, tag: u32) -> bool {
         (self.fails.load(Ordering::Acquire) >> 32) as u32 == tag
@@ -352,6 +364,22 @@ mod tests {
         assert_eq!((c.conns(), c.fails(), c.checked_ms()), (0, 0, 0));
         assert!(c.acquire(8));
         assert_eq!(c.conns(), 1);
+    }
+
+    #[test]
+    fn a_cell_image_reads_as_a_reset_cell() {
+        let reset = PeerCell::default();
+        reset.reset(9);
+        let b = PeerCell::image(9);
+        let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
+        let read = PeerCell {
+            conns: AtomicU64::new(word(0)),
+            fails: AtomicU64::new(word(8)),
+            accessed: AtomicU64::new(word(16)),
+            checked: AtomicU64::new(word(24)),
+        };
+        assert_eq!(read, reset);
+        assert!(read.holds(9));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use self::layout::{SlotHeader, COMMIT_WORD, FIXED_LEN, SLOT_HEADER, WORKER_ENTRY
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 use crate::model::{Change, Table};
-use crate::zone::{self, Zone, CELL_LEN};
+use crate::zone::{self, PeerCell, Zone, CELL_LEN};
 use crate::{Error, Result};
 
 /// How long a writer may wait for the lock.
@@ -773,10 +773,7 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         .copy_from_slice(&layout::commit_word(payload.version, 0).to_ne_bytes());
     for r in given {
         let at = geometry.cells_offset() as usize + r.index as usize * CELL_LEN;
-        let word = (u64::from(r.tag) << 32).to_ne_bytes();
-        // The connections and failures words: tag, and a count of 0.
-        bytes[at..at + 8].copy_from_slice(&word);
-        bytes[at + 8..at + 16].copy_from_slice(&word);
+        bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag));
     }
     let slot = geometry.slot_offset(0) as usize;
     bytes[slot..slot + SLOT_HEADER as usize]
