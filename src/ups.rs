@@ -171,19 +171,24 @@ mod tests {
         Arg::One(s.into())
     }
 
+    /// `PUT /ups?op=del&server=SERVER`, without `upstream=`.
+    fn del(f: &StateFile, server: &str) -> Reply {
+        handle(
+            "PUT",
+            &one("del"),
+            &one(server),
+            &Arg::Absent,
+            f,
+            &WriteOptions::default(),
+        )
+    }
+
     #[test]
     fn del_and_add_answer_in_the_original_shape() {
         let dir = TempDir::new();
         let f = dir.store(&[LOCAL]);
         let o = WriteOptions::default();
-        let r = handle(
-            "PUT",
-            &one("del"),
-            &one("127.0.0.1:8088"),
-            &Arg::Absent,
-            &f,
-            &o,
-        );
+        let r = del(&f, "127.0.0.1:8088");
         assert_eq!(r.status, 200);
         assert_eq!(
             r.body,
@@ -306,30 +311,9 @@ mod tests {
             assert_eq!(v.as_object().unwrap().len(), 3);
         }
         // Removing the last available server is refused and named.
-        handle(
-            "PUT",
-            &one("del"),
-            &one("127.0.0.1:8088"),
-            &Arg::Absent,
-            &f,
-            &o,
-        );
-        handle(
-            "PUT",
-            &one("del"),
-            &one("127.0.0.1:8090"),
-            &Arg::Absent,
-            &f,
-            &o,
-        );
-        let r = handle(
-            "PUT",
-            &one("del"),
-            &one("127.0.0.1:8089"),
-            &Arg::Absent,
-            &f,
-            &o,
-        );
+        del(&f, "127.0.0.1:8088");
+        del(&f, "127.0.0.1:8090");
+        let r = del(&f, "127.0.0.1:8089");
         assert_eq!(r.status, 400);
         assert!(
             r.body.contains("last available server of upstream local"),
@@ -351,14 +335,7 @@ mod tests {
             check("PUT", &f, &snap).body,
             r#"{"msg":"OK","data":{},"code":"A00001"}"#
         );
-        handle(
-            "PUT",
-            &one("del"),
-            &one("127.0.0.1:8088"),
-            &Arg::Absent,
-            &f,
-            &WriteOptions::default(),
-        );
+        del(&f, "127.0.0.1:8088");
         let snap = f.read().unwrap();
         assert_eq!(
             check("PUT", &f, &snap).body,
