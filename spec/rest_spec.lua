@@ -20,14 +20,20 @@ local function seed(b1, b2)
     :format(b1, b2)
 end
 
+--- A started proxy seeded with host1 and host2, one backend each: the
+--- proxy and the two backend ports.
+local function two_host_proxy()
+  local _, ports = dy.backends(2)
+  local inst = dy.proxy { upstreams = seed(ports[1], ports[2]) }
+  inst:start()
+  return inst, ports[1], ports[2]
+end
+
 describe("REST: the source document's transcript", function()
   local inst, B1, B2
 
   lazy_setup(function()
-    local _, ports = dy.backends(2)
-    B1, B2 = ports[1], ports[2]
-    inst = dy.proxy { upstreams = seed(B1, B2) }
-    inst:start()
+    inst, B1, B2 = two_host_proxy()
   end)
 
   lazy_teardown(function()
@@ -157,10 +163,7 @@ describe("REST endpoints", function()
   local inst, B1, B2
 
   lazy_setup(function()
-    local _, ports = dy.backends(2)
-    B1, B2 = ports[1], ports[2]
-    inst = dy.proxy { upstreams = seed(B1, B2) }
-    inst:start()
+    inst, B1, B2 = two_host_proxy()
   end)
 
   lazy_teardown(function()

@@ -1,6 +1,6 @@
 -- spec/helpers/rest.lua: small conveniences for the REST and survival specs
 -- (the REST interface of ngx.dyups on inst.ports.api, routing by Host on
--- inst.ports.proxy). Uses only spec/helpers/nginx.lua and spec/helpers/dyups.lua.
+-- inst.ports.proxy). Built on spec/helpers/nginx.lua, dyups.lua and traffic.lua.
 local nginx = require "spec.helpers.nginx"
 local dy = require "spec.helpers.dyups"
 
@@ -20,11 +20,13 @@ function M.etag_version(h)
   return v and tonumber(v:match('^"(%d+)"$'))
 end
 
--- JSON: the one decoder the specs share.
+-- JSON: the one decoder the specs share; and traffic.lua's sorted keys.
 do
   local T = require "spec.helpers.traffic"
   M.decode = T.json_decode
   M.null = T.NULL
+  --- The keys of a set, sorted (for messages and comparisons).
+  M.keys = T.keys
 end
 
 --- `n` requests routed by `Host: host` on new connections. Returns a list of
@@ -56,14 +58,6 @@ function M.route_via(inst, host, pid, tries)
     if worker == pid then return status, port, body end
   end
   error("worker " .. tostring(pid) .. " never answered Host: " .. host)
-end
-
---- The keys of a set, sorted (for messages and comparisons).
-function M.keys(set)
-  local out = {}
-  for k in pairs(set) do out[#out + 1] = k end
-  table.sort(out)
-  return out
 end
 
 --- A copy of list `t`, sorted.

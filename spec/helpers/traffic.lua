@@ -336,7 +336,7 @@ function T.json_kind(v)
   return mt and mt.__jsontype or type(v)
 end
 
---- The keys of a decoded JSON object, sorted.
+--- The keys of a set or a decoded JSON object, sorted.
 function T.keys(t)
   local out = {}
   for k in pairs(t) do out[#out + 1] = k end
