@@ -2,9 +2,15 @@
 # Install what building and testing ngx.dyups needs on Debian 12 (bookworm).
 #
 # Idempotent: every requirement is checked first and apt-get runs only when
-# something is missing. Needs root only in that case. Also stops a system
-# nginx that the Debian package may have started on port 80 (the tests run
-# their own nginx in private prefixes on free ports and never use it).
+# something is missing. Needs root only in that case.
+#
+# The host is not ours: this script never stops, disables or reconfigures a
+# service. The tests and the demo run their own nginx in private prefixes on
+# their own ports, so a system nginx, running or not, is left exactly as it
+# was. While it installs packages it keeps their postinst scripts from
+# starting services (a policy-rc.d that it creates only when none exists, and
+# removes afterwards), so installing Debian's nginx does not start a new
+# service on port 80 behind the operator's back.
 set -euo pipefail
 
 log() { printf 'install-deps: %s\n' "$*"; }
@@ -43,30 +49,6 @@ for r in "${reqs[@]}"; do
   fi
 done
 
-# Stop (and keep from starting at boot) a system nginx, if one runs. Never
-# fails: there may be no init system, no service, no pid file.
-stop_system_nginx() {
-  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl stop nginx >/dev/null 2>&1 || true
-    systemctl disable nginx >/dev/null 2>&1 || true
-  fi
-  if command -v service >/dev/null 2>&1; then
-    service nginx stop >/dev/null 2>&1 || true
-  fi
-  if [ -r /run/nginx.pid ]; then
-    pid="$(cat /run/nginx.pid 2>/dev/null || true)"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-      log "stopping system nginx (pid $pid)"
-      kill -QUIT "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  if command -v update-rc.d >/dev/null 2>&1; then
-    update-rc.d nginx disable >/dev/null 2>&1 || true
-  fi
-}
-
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "not root; install these Debian packages first:"
@@ -86,13 +68,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update
   log "apt-get install ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
+  if [ -n "$made_policy" ]; then
+    log "installed ${missing[*]}; no service was started (policy-rc.d held them for this install only)"
+  else
+    log "installed ${missing[*]}; the host's own /usr/sbin/policy-rc.d decided which services started"
+  fi
   for r in "${reqs[@]}"; do
     what="${r%%:*}"
     have "$what" || { log "still missing after install: $what"; exit 1; }
   done
 fi
-
-stop_system_nginx
 
 if ! command -v "${CARGO:-cargo}" >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   log "error: cargo not found; install a Rust toolchain (rustup) first"
