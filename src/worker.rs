@@ -53,6 +53,8 @@ pub struct Worker {
     notice: Option<String>,
     /// Looks at the file so far (`check_file`).
     looks: u32,
+    /// What a look at the file from a request said, for the timer to log.
+    file_notice: Option<String>,
 }
 
 impl Worker {
@@ -72,6 +74,7 @@ impl Worker {
             failed_at: None,
             notice: None,
             looks: 0,
+            file_notice: None,
         };
         w.rebuild(None);
         Ok(w)
@@ -102,7 +105,19 @@ impl Worker {
 
     /// Catches up with the file. `Ok(true)` when the table changed.
     pub fn refresh(&mut self) -> Result<bool> {
-        let next = match self.store.read_if_changed(self.snapshot.seen) {
+        let next = self.store.read_if_changed(self.snapshot.seen);
+        self.take(next)
+    }
+
+    /// Reads the file whatever its generation: after moving to another
+    /// file, whose generation says nothing about this worker's table.
+    fn reload(&mut self) -> Result<bool> {
+        let next = self.store.read().map(Some);
+        self.take(next)
+    }
+
+    fn take(&mut self, next: Result<Option<Snapshot>>) -> Result<bool> {
+        let next = match next {
             Ok(next) => next,
             Err(e) => {
                 self.error = Some(e.to_string());
@@ -171,19 +186,24 @@ impl Worker {
     }
 
     /// Notices the state file deleted, replaced or damaged under the running
-    /// process; restores it from the freshest table at hand when it is gone
-    /// or damaged, and moves to the file now at the path. Returns what the
-    /// error log should say.
+    /// process; restores it with the newest table there is when it is gone
+    /// or damaged (`StateFile::restore`), and moves to the file now at the
+    /// path. Returns what the error log should say.
     pub fn check_file(&mut self, pid: u32) -> Option<String> {
         let path = self.store.path().display().to_string();
         let health = match self.store.health() {
-            // Overwritten in place: the same file, but no table to read.
-            // Verified after a failed refresh, and every VERIFY_EVERY looks.
-            Health::Same if self.error.is_none() && !self.verify_due() => return None,
-            Health::Same => match self.store.read() {
-                Err(e) => Health::Damaged(format!("its table is unreadable ({e})")),
-                Ok(_) => return None,
-            },
+            // Overwritten in place, or its header or a slot wrecked: the
+            // same file, damaged inside. Examined after a failed refresh or
+            // one that fell back to the previous table, and every
+            // VERIFY_EVERY looks.
+            Health::Same
+                if self.error.is_none()
+                    && self.snapshot.fallback.is_none()
+                    && !self.verify_due() =>
+            {
+                return None
+            }
+            Health::Same => self.store.examine(),
             other => other,
         };
         let (what, restored) = match health {
@@ -199,7 +219,7 @@ impl Worker {
             ),
         };
         let restored = match restored {
-            Some(Ok(Some(v))) => format!("; restored it from this worker's table as version {v}"),
+            Some(Ok(Some(r))) => format!("; restored it from {} as version {}", r.from, r.version),
             Some(Ok(None)) | None => String::new(),
             Some(Err(e)) => {
                 return Some(format!(
@@ -218,7 +238,7 @@ impl Worker {
         self.unregister(pid);
         self.store = fresh;
         self.failed_at = None;
-        let moved = self.register(pid).and_then(|()| self.refresh());
+        let moved = self.register(pid).and_then(|()| self.reload());
         // The file there gave its servers cells of its own.
         for (state, u) in self
             .balancers
@@ -234,6 +254,19 @@ impl Worker {
             ),
             Err(e) => format!("state file {path} {what}{restored}; reading it failed: {e}"),
         })
+    }
+
+    /// [`check_file`](Self::check_file) from a request, which cannot log:
+    /// the timer logs what it said ([`take_file_notice`](Self::take_file_notice)).
+    pub fn check_file_quietly(&mut self, pid: u32) {
+        if let Some(msg) = self.check_file(pid) {
+            self.file_notice = Some(msg);
+        }
+    }
+
+    /// What the last quiet look at the file said, once.
+    pub fn take_file_notice(&mut self) -> Option<String> {
+        self.file_notice.take()
     }
 
     /// Counts the looks at the file; true every `VERIFY_EVERY`th.
