@@ -399,6 +399,7 @@ mod tests {
     use crate::ops;
     use crate::store::WriteOptions;
     use crate::testing::TempDir;
+    use std::path::Path;
 
     fn worker(dir: &TempDir) -> Worker {
         let store = dir.store(&[("local", "server 127.0.0.1:8088; server 127.0.0.1:8089;")]);
@@ -500,6 +501,52 @@ mod tests {
         let said = heal(&mut w);
         assert!(said.contains("its table is unreadable"), "{said}");
         assert_whole(&w, &dir, &before);
+    }
+
+    /// A worker that has not applied the last write (another worker made
+    /// it) notices the damage first: the restored file has that write.
+    #[test]
+    fn a_worker_behind_the_last_write_restores_it_from_the_copy() {
+        let cases: [(&str, fn(&Path, &Snapshot)); 4] = [
+            ("its header is damaged", |path, _| wreck(path, 0, 4096)),
+            ("slot 0 is unreadable", |path, s| {
+                // The last write went to slot 0: the table before is in 1.
+                assert_eq!(s.version % 2, 1);
+                wreck(path, crate::store::HEADER_LEN + 40, 16)
+            }),
+            ("its table is unreadable", |path, _| {
+                let len = std::fs::metadata(path).unwrap().len();
+                let h = crate::store::HEADER_LEN;
+                wreck(path, h, len - h)
+            }),
+            ("cut short", |path, _| {
+                let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                f.set_len(crate::store::HEADER_LEN + 100).unwrap();
+            }),
+        ];
+        for (said_what, damage) in cases {
+            let dir = TempDir::new();
+            let mut w = worker(&dir);
+            let opts = WriteOptions::default();
+            w.store()
+                .clone()
+                .write(&opts, |t| ops::update(t, "late", "server 127.0.0.1:9001;"))
+                .unwrap();
+            let last = w.store().read().unwrap();
+            assert_ne!(w.snapshot().table, last.table, "this worker is behind");
+            damage(&dir.file(), &last);
+            let said = heal(&mut w);
+            assert!(said.contains(said_what), "{said}");
+            assert!(said.contains("restored it from the copy"), "{said}");
+            assert_whole(&w, &dir, &last);
+        }
+    }
+
+    /// Overwrites `len` bytes at `at` in place with bytes no checksum takes.
+    fn wreck(path: &Path, at: u64, len: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&vec![0x5a; len as usize], at).unwrap();
     }
 
     #[test]
