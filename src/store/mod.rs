@@ -40,7 +40,9 @@ pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
 use self::copy_file::{CopyFile, FileId};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
-use self::layout::{SlotHeader, COMMIT_WORD, FIXED_LEN, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
+use self::layout::{
+    SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
+};
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 use crate::model::{Change, Table};
@@ -263,7 +265,7 @@ impl StateFile {
         if fallback.fallback.is_none() {
             version = version.max(fallback.seen);
         }
-        if self.header_intact() {
+        if self.header_intact() && self.generation() <= MAX_GENERATION {
             version = version.max(self.generation());
         }
         let version = version + 1;
@@ -498,6 +500,13 @@ impl StateFile {
                 Err(why) => why,
             };
             drop(last);
+            if !self.header_intact() {
+                // The commit word is in the header: it may name any slot and
+                // generation now, so neither slot can be judged by it.
+                return Err(self.corrupt(format!(
+                    "its header is damaged, and slot {active}, which the commit word names, is unreadable ({why})"
+                )));
+            }
             // The active slot is damaged: the other one holds the table
             // before it, whole, unless a writer is filling it right now.
             let other = self.copy_slot(1 - active, &mut buf);
@@ -1004,6 +1013,11 @@ fn fall_back(
     why: String,
     other: Result<Payload, String>,
 ) -> Result<Snapshot, String> {
+    if generation > MAX_GENERATION {
+        return Err(format!(
+            "the commit word is damaged: it names generation {generation}, beyond any a writer makes; slot {active}: {why}"
+        ));
+    }
     match other {
         Ok(p) if p.version < generation => {
             let why = format!(

@@ -255,6 +255,34 @@ fn ports(s: &Snapshot) -> Vec<u16> {
 }
 
 #[test]
+fn a_damaged_commit_word_is_never_taken_for_a_generation() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let path = dir.file();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    // A generation no writer makes (and Lua's numbers cannot hold exactly):
+    // readers would otherwise route by the slot it does not name, under it.
+    let huge = layout::commit_word(1 << 60, 0);
+    file.write_all_at(&huge.to_ne_bytes(), COMMIT_WORD as u64)
+        .unwrap();
+    let err = f.read().unwrap_err().to_string();
+    assert!(err.contains("the commit word is damaged"), "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    let err = inspect_image(&bytes, "img").unwrap_err().to_string();
+    assert!(err.contains("the commit word is damaged"), "{err}");
+    // A plausible one in a wrecked header is not trusted either.
+    let near = layout::commit_word(7, 0);
+    file.write_all_at(&near.to_ne_bytes(), COMMIT_WORD as u64)
+        .unwrap();
+    assert_eq!(f.read().unwrap().fallback.map(|_| ()), Some(()));
+    flip_byte(&path, 3);
+    let err = f.read().unwrap_err().to_string();
+    assert!(err.contains("its header is damaged"), "{err}");
+    assert!(f.examine() != Health::Same);
+}
+
+#[test]
 fn both_slots_damaged_is_an_error_naming_the_path() {
     let dir = TempDir::new();
     let f = fresh(&dir);
