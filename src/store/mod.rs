@@ -242,7 +242,11 @@ impl StateFile {
         let mut candidates = Vec::new();
         let mapped = self.read();
         if let (Ok(s), false) = (mapped, self.map.patched()) {
-            candidates.push((s.version, s.table, "the table this process maps".to_owned()));
+            candidates.push((
+                s.version,
+                s.table,
+                "the table this process still maps".to_owned(),
+            ));
         }
         if let Some(p) = self.copy.newest(self.id) {
             let from = format!("the copy {}", self.copy.path().display());
