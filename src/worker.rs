@@ -507,7 +507,7 @@ mod tests {
     /// it) notices the damage first: the restored file has that write.
     #[test]
     fn a_worker_behind_the_last_write_restores_it_from_the_copy() {
-        let cases: [(&str, fn(&Path, &Snapshot)); 4] = [
+        let cases: [(&str, Damage); 4] = [
             ("its header is damaged", |path, _| wreck(path, 0, 4096)),
             ("slot 0 is unreadable", |path, s| {
                 // The last write went to slot 0: the table before is in 1.
@@ -541,6 +541,9 @@ mod tests {
             assert_whole(&w, &dir, &last);
         }
     }
+
+    /// Damages the state file at the path, whose last table is the one given.
+    type Damage = fn(&Path, &Snapshot);
 
     /// Overwrites `len` bytes at `at` in place with bytes no checksum takes.
     fn wreck(path: &Path, at: u64, len: u64) {

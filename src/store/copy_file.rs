@@ -163,6 +163,8 @@ impl CopyFile {
                 .read(true)
                 .write(true)
                 .create(true)
+                // The other slot keeps the table before: never truncated.
+                .truncate(false)
                 .mode(0o644)
                 .open(&self.path)?;
             let m = file.metadata()?;
