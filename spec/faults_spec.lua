@@ -1,5 +1,5 @@
 -- Faults under a running nginx: the state file deleted, cut short,
--- overwritten, made read-only, the disk full, nginx reloaded in the middle of
+-- overwritten, its header or active slot wrecked, made read-only, the disk full, nginx reloaded in the middle of
 -- a stream of updates. For each: what clients see, what the error log says,
 -- and that no acknowledged update is lost.
 local nginx = require "spec.helpers.nginx"
@@ -70,6 +70,20 @@ describe("faults under a running nginx:", function()
         assert(nginx.execute(("dd if=/dev/urandom of=%s bs=4096 seek=1 count=%d conv=notrunc 2>/dev/null")
           :format(path, math.floor(size / 4096) - 1)))
       end },
+    { "header wrecked", "its header is damaged", function(path)
+        -- Magic, geometry, commit word and worker table: the whole first block.
+        assert(nginx.execute(("dd if=/dev/urandom of=%s bs=4096 count=1 conv=notrunc 2>/dev/null"):format(path)))
+      end },
+    { "active slot wrecked", "is unreadable", function(path)
+        -- The slot the commit word names holds the last write (dyhost).
+        local bytes = assert(nginx.read_file(path))
+        local slot_len = 0
+        for i = 24, 17, -1 do slot_len = slot_len * 256 + bytes:byte(i) end
+        local active = bytes:byte(65) % 2
+        local payload = 4096 + active * slot_len + 32
+        assert(nginx.execute(("dd if=/dev/urandom of=%s bs=1 seek=%d count=16 conv=notrunc 2>/dev/null")
+          :format(path, payload + 8)))
+      end },
   }
 
   for _, d in ipairs(damages) do
@@ -87,6 +101,7 @@ describe("faults under a running nginx:", function()
       end, 5, "the state file restored")
       local log = inst:error_log()
       assert.truthy(log:find(logged, 1, true), log)
+      assert.truthy(log:find("; restored it from ", 1, true), log)
       no_crash(inst, pids)
       assert.equal(before, detail(inst))
       assert.is_true(version(inst) > v)

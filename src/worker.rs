@@ -53,6 +53,8 @@ pub struct Worker {
     notice: Option<String>,
     /// Looks at the file so far (`check_file`).
     looks: u32,
+    /// What a look at the file from a request said, for the timer to log.
+    file_notice: Option<String>,
 }
 
 impl Worker {
@@ -72,6 +74,7 @@ impl Worker {
             failed_at: None,
             notice: None,
             looks: 0,
+            file_notice: None,
         };
         w.rebuild(None);
         Ok(w)
@@ -102,7 +105,19 @@ impl Worker {
 
     /// Catches up with the file. `Ok(true)` when the table changed.
     pub fn refresh(&mut self) -> Result<bool> {
-        let next = match self.store.read_if_changed(self.snapshot.seen) {
+        let next = self.store.read_if_changed(self.snapshot.seen);
+        self.take(next)
+    }
+
+    /// Reads the file whatever its generation: after moving to another
+    /// file, whose generation says nothing about this worker's table.
+    fn reload(&mut self) -> Result<bool> {
+        let next = self.store.read().map(Some);
+        self.take(next)
+    }
+
+    fn take(&mut self, next: Result<Option<Snapshot>>) -> Result<bool> {
+        let next = match next {
             Ok(next) => next,
             Err(e) => {
                 self.error = Some(e.to_string());
@@ -171,19 +186,24 @@ impl Worker {
     }
 
     /// Notices the state file deleted, replaced or damaged under the running
-    /// process; restores it from the freshest table at hand when it is gone
-    /// or damaged, and moves to the file now at the path. Returns what the
-    /// error log should say.
+    /// process; restores it with the newest table there is when it is gone
+    /// or damaged (`StateFile::restore`), and moves to the file now at the
+    /// path. Returns what the error log should say.
     pub fn check_file(&mut self, pid: u32) -> Option<String> {
         let path = self.store.path().display().to_string();
         let health = match self.store.health() {
-            // Overwritten in place: the same file, but no table to read.
-            // Verified after a failed refresh, and every VERIFY_EVERY looks.
-            Health::Same if self.error.is_none() && !self.verify_due() => return None,
-            Health::Same => match self.store.read() {
-                Err(e) => Health::Damaged(format!("its table is unreadable ({e})")),
-                Ok(_) => return None,
-            },
+            // Overwritten in place, or its header or a slot wrecked: the
+            // same file, damaged inside. Examined after a failed refresh or
+            // one that fell back to the previous table, and every
+            // VERIFY_EVERY looks.
+            Health::Same
+                if self.error.is_none()
+                    && self.snapshot.fallback.is_none()
+                    && !self.verify_due() =>
+            {
+                return None
+            }
+            Health::Same => self.store.examine(),
             other => other,
         };
         let (what, restored) = match health {
@@ -199,7 +219,7 @@ impl Worker {
             ),
         };
         let restored = match restored {
-            Some(Ok(Some(v))) => format!("; restored it from this worker's table as version {v}"),
+            Some(Ok(Some(r))) => format!("; restored it from {} as version {}", r.from, r.version),
             Some(Ok(None)) | None => String::new(),
             Some(Err(e)) => {
                 return Some(format!(
@@ -218,7 +238,7 @@ impl Worker {
         self.unregister(pid);
         self.store = fresh;
         self.failed_at = None;
-        let moved = self.register(pid).and_then(|()| self.refresh());
+        let moved = self.register(pid).and_then(|()| self.reload());
         // The file there gave its servers cells of its own.
         for (state, u) in self
             .balancers
@@ -234,6 +254,19 @@ impl Worker {
             ),
             Err(e) => format!("state file {path} {what}{restored}; reading it failed: {e}"),
         })
+    }
+
+    /// [`check_file`](Self::check_file) from a request, which cannot log:
+    /// the timer logs what it said ([`take_file_notice`](Self::take_file_notice)).
+    pub fn check_file_quietly(&mut self, pid: u32) {
+        if let Some(msg) = self.check_file(pid) {
+            self.file_notice = Some(msg);
+        }
+    }
+
+    /// What the last quiet look at the file said, once.
+    pub fn take_file_notice(&mut self) -> Option<String> {
+        self.file_notice.take()
     }
 
     /// Counts the looks at the file; true every `VERIFY_EVERY`th.
@@ -366,6 +399,7 @@ mod tests {
     use crate::ops;
     use crate::store::WriteOptions;
     use crate::testing::TempDir;
+    use std::path::Path;
 
     fn worker(dir: &TempDir) -> Worker {
         let store = dir.store(&[("local", "server 127.0.0.1:8088; server 127.0.0.1:8089;")]);
@@ -467,6 +501,55 @@ mod tests {
         let said = heal(&mut w);
         assert!(said.contains("its table is unreadable"), "{said}");
         assert_whole(&w, &dir, &before);
+    }
+
+    /// A worker that has not applied the last write (another worker made
+    /// it) notices the damage first: the restored file has that write.
+    #[test]
+    fn a_worker_behind_the_last_write_restores_it_from_the_copy() {
+        let cases: [(&str, Damage); 4] = [
+            ("its header is damaged", |path, _| wreck(path, 0, 4096)),
+            ("slot 0 is unreadable", |path, s| {
+                // The last write went to slot 0: the table before is in 1.
+                assert_eq!(s.version % 2, 1);
+                wreck(path, crate::store::HEADER_LEN + 40, 16)
+            }),
+            ("its table is unreadable", |path, _| {
+                let len = std::fs::metadata(path).unwrap().len();
+                let h = crate::store::HEADER_LEN;
+                wreck(path, h, len - h)
+            }),
+            ("cut short", |path, _| {
+                let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                f.set_len(crate::store::HEADER_LEN + 100).unwrap();
+            }),
+        ];
+        for (said_what, damage) in cases {
+            let dir = TempDir::new();
+            let mut w = worker(&dir);
+            let opts = WriteOptions::default();
+            w.store()
+                .clone()
+                .write(&opts, |t| ops::update(t, "late", "server 127.0.0.1:9001;"))
+                .unwrap();
+            let last = w.store().read().unwrap();
+            assert_ne!(w.snapshot().table, last.table, "this worker is behind");
+            damage(&dir.file(), &last);
+            let said = heal(&mut w);
+            assert!(said.contains(said_what), "{said}");
+            assert!(said.contains("restored it from the copy"), "{said}");
+            assert_whole(&w, &dir, &last);
+        }
+    }
+
+    /// Damages the state file at the path, whose last table is the one given.
+    type Damage = fn(&Path, &Snapshot);
+
+    /// Overwrites `len` bytes at `at` in place with bytes no checksum takes.
+    fn wreck(path: &Path, at: u64, len: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&vec![0x5a; len as usize], at).unwrap();
     }
 
     #[test]

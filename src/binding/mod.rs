@@ -454,6 +454,15 @@ fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Re
     }
     if root {
         crate::store::give_to_user(&cfg.path, &user)?;
+        // A copy made by another writer running as root would refuse the
+        // workers' writes (they go on, but without a copy). Never fatal: a
+        // copy is a second line of defence, not a condition to start.
+        let copy = crate::store::copy_path_for(&cfg.path);
+        if copy.exists() {
+            if let Err(e) = crate::store::give_to_user(&copy, &user) {
+                log(lua, "WARN", &e.to_string());
+            }
+        }
     }
     Ok(())
 }
@@ -532,6 +541,8 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
         return Ok(());
     }
     let file = w.check_file(std::process::id());
+    let quiet = w.take_file_notice();
+    let copy = w.store().copy_trouble();
     let no_log_hook = w.counted > NO_LOG_HOOK_AFTER && !w.done_seen && !w.warned;
     w.warned |= no_log_hook;
     let had = w.error.clone();
@@ -549,7 +560,10 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
     if let Some(msg) = notice {
         log(lua, "WARN", &msg);
     }
-    if let Some(msg) = file {
+    for msg in [quiet, file].into_iter().flatten() {
+        log(lua, "ERR", &msg);
+    }
+    if let Some(msg) = copy {
         log(lua, "ERR", &msg);
     }
     if no_log_hook {
@@ -576,6 +590,9 @@ const NO_LOG_HOOK_AFTER: u64 = 1000;
 fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) -> Result<T, String> {
     let mut guard = WORKER.lock();
     if let Some(w) = guard.as_mut() {
+        // Moves to a file restored or replaced since the last tick, so the
+        // answer is the file's at the path, not an old mapping's.
+        w.check_file_quietly(std::process::id());
         let _ = w.refresh();
         if let Some(e) = &w.error {
             return Err(e.clone());
@@ -677,7 +694,7 @@ fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
         Some(w) => {
             // Moves to a file restored or replaced since the last tick, so
             // a write lands in the file at the path.
-            let _ = w.check_file(std::process::id());
+            w.check_file_quietly(std::process::id());
             w.store().clone()
         }
         None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?,

@@ -64,6 +64,12 @@ pub const FIXED_LEN: usize = FIXED_FIELDS + 4;
 /// about as many servers as a slot holds.
 const BYTES_PER_CELL: u64 = 96;
 
+/// The largest generation a commit word may name: the request path takes
+/// it through Lua, whose numbers hold integers exactly up to 2^53. No writer
+/// gets there (a write a microsecond for 285 years); a commit word beyond it
+/// is damaged.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
 /// Smallest and largest file a configuration may ask for.
 pub const MIN_FILE_LEN: u64 = HEADER_LEN + 2 * 4096;
 pub const MAX_FILE_LEN: u64 = 1 << 32;

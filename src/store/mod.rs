@@ -8,8 +8,17 @@
 //! A writer killed before that store leaves the old table active and intact;
 //! one killed after it has published a complete table. See `layout.rs` for
 //! the bytes and `codec.rs` for the payload.
+//!
+//! Damage to the file while processes run it (deleted, cut short, overwritten
+//! in place, its header or a slot wrecked) is noticed by the workers and
+//! repaired by [`StateFile::restore`], which puts a new file at the path
+//! holding the newest table there is: what the damaged file's own mapping
+//! still shows, the copy each writer keeps in `<path>.copy`, or the
+//! restoring worker's table. `copy_file.rs` says why no acknowledged write
+//! is lost that way.
 
 mod codec;
+mod copy_file;
 mod guard;
 mod layout;
 mod mapping;
@@ -28,8 +37,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 pub use self::codec::{Payload, CHANGE_LOG_MAX};
+pub use self::copy_file::path_for as copy_path_for;
+use self::copy_file::{CopyFile, FileId};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
-use self::layout::{SlotHeader, COMMIT_WORD, FIXED_LEN, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE};
+use self::layout::{
+    SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
+};
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 use crate::model::{Change, Table};
@@ -99,6 +112,10 @@ pub struct StateFile {
     geometry: Geometry,
     /// Device and inode of the file mapped, to notice it being replaced.
     identity: (u64, u64),
+    /// The file mapped, as the copy names it.
+    id: FileId,
+    /// The last tables written, kept beside the file.
+    copy: CopyFile,
     /// The table this process read last, whose unchanged upstreams the next
     /// read shares instead of decoding them again.
     last: Mutex<Option<Table>>,
@@ -202,34 +219,63 @@ impl StateFile {
         place(path, &bytes, Place::Create)
     }
 
-    /// Puts a new file at the path holding the freshest table this process
-    /// can vouch for, when the file there is gone or damaged: this file's own
-    /// table if it is still whole (it was deleted or replaced), else
-    /// `fallback` (a worker's last good table). Serialised on this file's
-    /// lock, so of the workers that notice, one restores and the others find
-    /// it done. Returns the restored version, or `None` when nothing needed
-    /// doing.
-    pub fn restore(&self, fallback: &Snapshot) -> Result<Option<u64>> {
+    /// Puts a new file at the path when the file there is gone or damaged
+    /// ([`examine`](Self::examine)), holding the newest table of three: the
+    /// one this file's mapping still shows (whole when the file was deleted,
+    /// or only its header or one slot was hit), the copy's (written by every
+    /// writer before its write is acknowledged), and `fallback` (a worker's
+    /// last good table). Serialised on this file's lock, which writers hold
+    /// until they have written the copy, so of the workers that notice, one
+    /// restores, with every acknowledged write, and the others find it done.
+    /// Returns the restored version and where its table came from, or
+    /// `None` when nothing needed doing.
+    pub fn restore(&self, fallback: &Snapshot) -> Result<Option<Restored>> {
         let _guard = self.lock(Wait::For(Duration::from_secs(1)))?;
-        match self.health() {
-            Health::Same if self.read().is_ok() => return Ok(None),
+        match self.examine() {
+            Health::Same => return Ok(None),
+            // Another file is at the path (restored, or put there by hand):
+            // the workers move to it and examine it there, with its copy.
+            // Only a file that cannot be read at all is restored over.
             Health::Replaced if StateFile::inspect(&self.path).is_ok() => return Ok(None),
             _ => {}
         }
-        let ours = self
-            .read()
-            .ok()
-            .filter(|s| s.fallback.is_none() && !self.map.patched());
-        let best = match ours {
-            Some(s) if s.version >= fallback.version => s,
-            _ => fallback.clone(),
-        };
-        // A version above any this file published, so every worker's caches
-        // of the old one go stale.
-        let version = best.seen.max(fallback.seen).max(self.generation()) + 1;
+        let mut candidates = Vec::new();
+        let mapped = self.read();
+        if let (Ok(s), false) = (mapped, self.map.patched()) {
+            candidates.push((
+                s.version,
+                s.table,
+                "the table this process still maps".to_owned(),
+            ));
+        }
+        if let Some(p) = self.copy.newest(self.id) {
+            let from = format!("the copy {}", self.copy.path().display());
+            candidates.push((p.version, p.table, from));
+        }
+        candidates.push((
+            fallback.version,
+            fallback.table.clone(),
+            "this worker's table".to_owned(),
+        ));
+        let mut best = candidates.swap_remove(0);
+        for c in candidates {
+            if c.0 > best.0 {
+                best = c;
+            }
+        }
+        // A version above any this file published, so that a client's
+        // expected version or ETag of the old file does not match.
+        let mut version = best.0.max(fallback.version);
+        if fallback.fallback.is_none() {
+            version = version.max(fallback.seen);
+        }
+        if self.header_intact() && self.generation() <= MAX_GENERATION {
+            version = version.max(self.generation());
+        }
+        let version = version + 1;
         let payload = Payload {
             version,
-            table: best.table,
+            table: best.1,
             changes: Vec::new(),
         };
         let bytes = image(self.geometry, payload).map_err(|needs| {
@@ -238,8 +284,20 @@ impl StateFile {
                 self.path.display()
             ))
         })?;
-        place(&self.path, &bytes, Place::Replace)?;
-        Ok(Some(version))
+        let payload = image_payload(self.geometry, &bytes);
+        place(
+            &self.path,
+            &bytes,
+            Place::Replace {
+                copy: &self.copy,
+                generation: version,
+                payload,
+            },
+        )?;
+        Ok(Some(Restored {
+            version,
+            from: best.2,
+        }))
     }
 
     /// Opens the file now at this one's path, in place of this one in the
@@ -283,6 +341,44 @@ impl StateFile {
         }
     }
 
+    /// [`health`](Self::health), and when the file at the path is the one
+    /// mapped, what is inside: the fixed header as it was written when the
+    /// file was made (nothing else reads it after the open, but the next
+    /// start would refuse it), and a whole table in the active slot. A table
+    /// read from the other slot counts as damage, though readers route by it
+    /// meanwhile: it lacks the change the active slot held.
+    pub fn examine(&self) -> Health {
+        match self.health() {
+            Health::Same => {}
+            other => return other,
+        }
+        if !self.header_intact() {
+            return Health::Damaged("its header is damaged".into());
+        }
+        match self.read() {
+            Err(e) => Health::Damaged(format!("its table is unreadable ({e})")),
+            Ok(s) => s.fallback.map_or(Health::Same, Health::Damaged),
+        }
+    }
+
+    /// Whether the mapping still shows the fixed header fields this process
+    /// checked when it opened the file (bytes 0..44 never change).
+    fn header_intact(&self) -> bool {
+        let mut head = [0u8; FIXED_LEN];
+        self.map.copy_out(0, &mut head);
+        head == self.geometry.header_bytes() && !self.map.patched()
+    }
+
+    /// Where the copy of this file's last tables is kept.
+    pub fn copy_path(&self) -> &Path {
+        self.copy.path()
+    }
+
+    /// Why the copy could not be written, once per reason: for the log.
+    pub fn copy_trouble(&self) -> Option<String> {
+        self.copy.trouble()
+    }
+
     fn from_file(path: &Path, file: File, writable: bool) -> Result<StateFile> {
         let len = file
             .metadata()
@@ -302,10 +398,10 @@ impl StateFile {
             SharedMap::map_read_only(&file, geometry.file_len)
         }
         .map_err(|e| io_error("map", path, e))?;
-        let identity = {
+        let (identity, id) = {
             use std::os::unix::fs::MetadataExt;
             let m = file.metadata().map_err(|e| io_error("stat", path, e))?;
-            (m.dev(), m.ino())
+            ((m.dev(), m.ino()), FileId::of(&m))
         };
         Ok(StateFile {
             path: path.to_path_buf(),
@@ -313,6 +409,8 @@ impl StateFile {
             map,
             geometry,
             identity,
+            id,
+            copy: CopyFile::new(path, geometry),
             last: Mutex::new(None),
             writers: Mutex::new(()),
         })
@@ -406,6 +504,13 @@ impl StateFile {
                 Err(why) => why,
             };
             drop(last);
+            if !self.header_intact() {
+                // The commit word is in the header: it may name any slot and
+                // generation now, so neither slot can be judged by it.
+                return Err(self.corrupt(format!(
+                    "its header is damaged, and slot {active}, which the commit word names, is unreadable ({why})"
+                )));
+            }
             // The active slot is damaged: the other one holds the table
             // before it, whole, unless a writer is filling it right now.
             let other = self.copy_slot(1 - active, &mut buf);
@@ -474,7 +579,7 @@ impl StateFile {
                 if h == Health::Missing { "deleted" } else { "replaced" }
             )));
         }
-        let current = self.read()?;
+        let current = self.behind_damage(self.read()?)?;
         if let Some(expected) = opts.expect {
             if expected != current.version {
                 return Err(Error::VersionMismatch {
@@ -550,12 +655,36 @@ impl StateFile {
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
+        self.copy.save(self.id, next, &payload);
         if opts.durable {
             self.map
                 .flush(COMMIT_WORD, 8)
                 .map_err(|e| io_error("sync", &self.path, e))?;
         }
         Ok((next, out))
+    }
+
+    /// The table a write builds on, given what the read found: when it fell
+    /// back past a damaged active slot, the copy's table of the generation
+    /// the commit word names, which holds the change that slot held. Without
+    /// one the write is refused: built on the older table, it would drop
+    /// that acknowledged change for good, while a worker restoring the file
+    /// may still hold it.
+    fn behind_damage(&self, current: Snapshot) -> Result<Snapshot> {
+        let Some(why) = &current.fallback else {
+            return Ok(current);
+        };
+        match self.copy.newest(self.id) {
+            Some(p) if p.version == current.seen => {
+                Ok(snapshot(current.seen, p, None, current.slot))
+            }
+            _ => Err(Error::Internal(format!(
+                "state file {}: {why}; its copy {} does not hold version {} either, so nothing was changed: writes go on once the file is restored (nginx's workers restore it within a second)",
+                self.path.display(),
+                self.copy.path().display(),
+                current.seen
+            ))),
+        }
     }
 
     /// Runs `f` on the current table while holding the writer lock, so no
@@ -726,6 +855,15 @@ impl Drop for WriterLock<'_> {
     }
 }
 
+/// What [`StateFile::restore`] put at the path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The restored file's version.
+    pub version: u64,
+    /// Where its table came from, for the log.
+    pub from: String,
+}
+
 /// The file at a state file's path, compared with the one mapped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -734,15 +872,22 @@ pub enum Health {
     Missing,
     /// Another file is at the path now (restored, or put there by hand).
     Replaced,
-    /// Cut short, or unexaminable: why.
+    /// Cut short, overwritten, its header or active slot wrecked, or
+    /// unexaminable: why.
     Damaged(String),
 }
 
-enum Place {
-    /// Only where there is no file yet: of two creators, one wins.
+enum Place<'a> {
+    /// Only where there is no file yet: of two creators, one wins, and
+    /// forgets the copy of whatever file was at the path before.
     Create,
-    /// Over whatever is there, atomically.
-    Replace,
+    /// Over whatever is there, atomically, after saving its table (`payload`,
+    /// at `generation`) in `copy` under the new file's name.
+    Replace {
+        copy: &'a CopyFile,
+        generation: u64,
+        payload: &'a [u8],
+    },
 }
 
 /// A whole file image of `geometry` holding `payload` in slot 0, every
@@ -782,6 +927,13 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
     Ok(bytes)
 }
 
+/// The encoded payload in slot 0 of an `image` of `geometry`.
+fn image_payload(geometry: Geometry, bytes: &[u8]) -> &[u8] {
+    let slot = geometry.slot_offset(0) as usize;
+    let h = SlotHeader::from_bytes(&bytes[slot..slot + SLOT_HEADER as usize]);
+    &bytes[slot + SLOT_HEADER as usize..][..h.len as usize]
+}
+
 /// Writes `bytes` beside `path` and moves them into place, so no process
 /// ever sees a half-made file.
 fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
@@ -800,12 +952,28 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         match how {
-            // link(2) fails when the name exists: the other creator won.
-            Place::Create => match std::fs::hard_link(&tmp, path) {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-                _ => Ok(()),
-            },
-            Place::Replace => std::fs::rename(&tmp, path),
+            Place::Create => {
+                // Its writer lock, so no writer of the new file runs before
+                // the old copy is gone (dropped with `f`).
+                f.lock()?;
+                // link(2) fails when the name exists: the other creator won.
+                match std::fs::hard_link(&tmp, path) {
+                    Ok(()) => {
+                        copy_file::forget(path);
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Place::Replace {
+                copy,
+                generation,
+                payload,
+            } => {
+                copy.save(FileId::of(&f.metadata()?), generation, payload);
+                std::fs::rename(&tmp, path)
+            }
         }
     })();
     let _ = std::fs::remove_file(&tmp);
@@ -849,6 +1017,11 @@ fn fall_back(
     why: String,
     other: Result<Payload, String>,
 ) -> Result<Snapshot, String> {
+    if generation > MAX_GENERATION {
+        return Err(format!(
+            "the commit word is damaged: it names generation {generation}, beyond any a writer makes; slot {active}: {why}"
+        ));
+    }
     match other {
         Ok(p) if p.version < generation => {
             let why = format!(

@@ -1,9 +1,11 @@
 //! What the store asks of the operating system beyond files: whether a
-//! process lives, who we are, and who a user is.
+//! process lives, who we are, who a user is, and a file's blocks.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 
 /// Whether a process with this pid exists. A process of another user counts
 /// (EPERM): nginx workers may run as a different user than the caller.
@@ -57,4 +59,18 @@ fn unsafe_zeroed_passwd() -> libc::passwd {
     // SAFETY: libc::passwd is a plain C struct of integers and pointers, for
     // which all-zero bytes (null pointers, zero ids) is a valid value.
     unsafe { std::mem::zeroed() }
+}
+
+/// Gives `file` its blocks up to `len` bytes (growing it to that length if
+/// it is shorter), so that writes within them cannot fail for want of space.
+pub fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    // SAFETY: posix_fallocate takes a descriptor `file` keeps open for the
+    // whole call, and two integers; it touches no memory of this process.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    // It returns the error number rather than setting errno.
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
 }

@@ -208,19 +208,78 @@ fn a_damaged_active_slot_falls_back_to_the_previous_table() {
     );
     assert_eq!(s.table.get("local").unwrap().servers.len(), 3);
 
-    // The next write builds on the good table and overwrites the bad slot.
+    // The next write builds on the damaged slot's table, kept in the copy,
+    // and overwrites the bad slot: 9001 is not lost.
     assert_eq!(f.write(&opts, add(9002)).unwrap().0, 4);
     let s = f.read().unwrap();
     assert!(s.fallback.is_none());
-    let ports: Vec<_> = s
-        .table
+    assert_eq!(ports(&s), [8088, 8089, 9000, 9001, 9002]);
+}
+
+#[test]
+fn a_write_past_a_damaged_active_slot_without_a_copy_is_refused() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    f.write(&opts, add(9000)).unwrap(); // version 2, slot 1
+    flip_byte(&dir.file(), f.geometry().slot_offset(1) + SLOT_HEADER + 3);
+    std::fs::remove_file(f.copy_path()).unwrap();
+    let before = std::fs::read(dir.file()).unwrap();
+    let err = f.write(&opts, add(9001)).unwrap_err();
+    assert_eq!(err.status(), 500);
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+    // Restored from a table that has 9000, writes go on.
+    let mut held = f.read().unwrap();
+    held.table
+        .get_mut("local")
+        .unwrap()
+        .servers
+        .push(server(9000));
+    held.version = 2;
+    let r = f.restore(&held).unwrap().unwrap();
+    assert_eq!((r.version, r.from.as_str()), (3, "this worker's table"));
+    let again = StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap();
+    assert_eq!(again.write(&opts, add(9001)).unwrap().0, 4);
+    assert_eq!(ports(&again.read().unwrap()), [8088, 8089, 9000, 9001]);
+}
+
+fn ports(s: &Snapshot) -> Vec<u16> {
+    s.table
         .get("local")
         .unwrap()
         .servers
         .iter()
         .map(|s| s.addr.port())
-        .collect();
-    assert_eq!(ports, [8088, 8089, 9000, 9002]);
+        .collect()
+}
+
+#[test]
+fn a_damaged_commit_word_is_never_taken_for_a_generation() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let path = dir.file();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    // A generation no writer makes (and Lua's numbers cannot hold exactly):
+    // readers would otherwise route by the slot it does not name, under it.
+    let huge = layout::commit_word(1 << 60, 0);
+    file.write_all_at(&huge.to_ne_bytes(), COMMIT_WORD as u64)
+        .unwrap();
+    let err = f.read().unwrap_err().to_string();
+    assert!(err.contains("the commit word is damaged"), "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    let err = inspect_image(&bytes, "img").unwrap_err().to_string();
+    assert!(err.contains("the commit word is damaged"), "{err}");
+    // A plausible one in a wrecked header is not trusted either.
+    let near = layout::commit_word(7, 0);
+    file.write_all_at(&near.to_ne_bytes(), COMMIT_WORD as u64)
+        .unwrap();
+    assert_eq!(f.read().unwrap().fallback.map(|_| ()), Some(()));
+    flip_byte(&path, 3);
+    let err = f.read().unwrap_err().to_string();
+    assert!(err.contains("its header is damaged"), "{err}");
+    assert!(f.examine() != Health::Same);
 }
 
 #[test]
@@ -540,6 +599,184 @@ fn the_change_log_is_bounded() {
     assert_eq!(s.changes.last().unwrap().version, s.version);
 }
 
+// ---- damage under running processes -----------------------------------------
+
+/// The ways a state file is damaged while processes have it mapped.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    Deleted,
+    CutToZero,
+    /// Cut inside slot 0, as `truncate -s 6000` does to a small file.
+    CutIntoSlot0,
+    /// Every byte after the header overwritten in place (same inode).
+    SlotsOverwritten,
+    /// The whole header block (fixed fields, commit word, worker table).
+    HeaderWrecked,
+    /// Bytes of the active slot's payload: the slot of the last write.
+    ActiveSlotWrecked,
+}
+
+const DAMAGES: [Damage; 6] = [
+    Damage::Deleted,
+    Damage::CutToZero,
+    Damage::CutIntoSlot0,
+    Damage::SlotsOverwritten,
+    Damage::HeaderWrecked,
+    Damage::ActiveSlotWrecked,
+];
+
+/// Bytes no table checksum accepts, different in every call.
+fn garbage(len: usize) -> Vec<u8> {
+    static SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x9e37_79b9);
+    let mut x = SEED.fetch_add(0x6a09_e667, std::sync::atomic::Ordering::Relaxed) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn inflict(damage: Damage, path: &Path, g: Geometry) {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    };
+    match damage {
+        Damage::Deleted => std::fs::remove_file(path).unwrap(),
+        Damage::CutToZero => open().set_len(0).unwrap(),
+        Damage::CutIntoSlot0 => open().set_len(HEADER_LEN + 1904).unwrap(),
+        Damage::SlotsOverwritten => open()
+            .write_all_at(&garbage((g.file_len - HEADER_LEN) as usize), HEADER_LEN)
+            .unwrap(),
+        Damage::HeaderWrecked => open()
+            .write_all_at(&garbage(HEADER_LEN as usize), 0)
+            .unwrap(),
+        Damage::ActiveSlotWrecked => {
+            let f = open();
+            let mut word = [0u8; 8];
+            f.read_exact_at(&mut word, COMMIT_WORD as u64).unwrap();
+            let active = layout::slot_of(u64::from_ne_bytes(word));
+            let at = g.slot_offset(active) + SLOT_HEADER + 8;
+            f.write_all_at(&garbage(16), at).unwrap();
+        }
+    }
+}
+
+#[test]
+fn damage_right_after_another_process_wrote_keeps_its_write_in_the_restored_file() {
+    for damage in DAMAGES {
+        let dir = TempDir::new();
+        // This process has the file mapped and its table read, and never
+        // applies the other's write: it notices the damage, and restores.
+        let f = fresh(&dir);
+        let held = f.read().unwrap();
+        let mut child = spawn(&format!("write-once {} 9000", dir.file().display()));
+        assert!(
+            child.wait().unwrap().success(),
+            "{damage:?}: the write failed"
+        );
+        // Acknowledged, and the writer is gone: no process holds that table
+        // in memory.
+        inflict(damage, &dir.file(), f.geometry());
+        assert_ne!(f.examine(), Health::Same, "{damage:?} went unnoticed");
+        let r = f
+            .restore(&held)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{damage:?}: nothing restored"));
+        let on_disk = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert!(
+            on_disk.fallback.is_none(),
+            "{damage:?}: {:?}",
+            on_disk.fallback
+        );
+        assert_eq!(
+            ports(&on_disk),
+            [8088, 8089, 9000],
+            "{damage:?}: from {}",
+            r.from
+        );
+        assert_eq!(on_disk.version, r.version);
+        assert!(r.version > 2, "{damage:?}: version {}", r.version);
+        // Nothing else to do for the next process that notices.
+        assert_eq!(f.restore(&held).unwrap(), None, "{damage:?}");
+        // Writes go on in the restored file, and its copy protects them.
+        let next = StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap();
+        assert_eq!(next.write(&no_wait(), add(9001)).unwrap().0, r.version + 1);
+        inflict(Damage::SlotsOverwritten, &dir.file(), next.geometry());
+        let r = next.restore(&held).unwrap().unwrap();
+        let on_disk = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(
+            ports(&on_disk),
+            [8088, 8089, 9000, 9001],
+            "{damage:?} then overwritten"
+        );
+        assert_eq!(on_disk.version, r.version);
+    }
+}
+
+#[test]
+fn a_copy_of_another_file_is_never_taken() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let held = f.read().unwrap();
+    f.write(&WriteOptions::default(), add(9000)).unwrap();
+    let copy = std::fs::read(f.copy_path()).unwrap();
+    drop(f);
+    // A new file at the path (nginx stopped, the file deleted, started
+    // again), which may even get the same inode number: the old copy goes.
+    std::fs::remove_file(dir.file()).unwrap();
+    let g = fresh(&dir);
+    assert!(!g.copy_path().exists(), "a new file forgets the old copy");
+    // And a copy put back by hand names another file: it is not taken.
+    std::fs::write(g.copy_path(), &copy).unwrap();
+    inflict(Damage::SlotsOverwritten, &dir.file(), g.geometry());
+    let r = g.restore(&held).unwrap().unwrap();
+    assert_eq!(r.from, "this worker's table");
+    let on_disk = StateFile::inspect(&dir.file()).unwrap().unwrap();
+    assert_eq!(ports(&on_disk), [8088, 8089]);
+}
+
+#[test]
+fn a_missing_or_damaged_copy_stops_no_write_and_is_made_again() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let opts = WriteOptions::default();
+    f.write(&opts, add(9000)).unwrap();
+    let copy = f.copy_path().to_path_buf();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o644, 0, "mode {mode:o}");
+    }
+    std::fs::write(&copy, garbage(100)).unwrap();
+    assert_eq!(f.write(&opts, add(9001)).unwrap().0, 3);
+    std::fs::remove_file(&copy).unwrap();
+    assert_eq!(f.write(&opts, add(9002)).unwrap().0, 4);
+    assert!(copy.exists(), "the next write makes it again");
+    // A copy that cannot be written (a directory in its place): writes go
+    // on, and the reason is told once.
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::create_dir(&copy).unwrap();
+    assert_eq!(f.write(&opts, add(9003)).unwrap().0, 5);
+    assert_eq!(f.write(&opts, add(9004)).unwrap().0, 6);
+    let why = f.copy_trouble().expect("the failure is told");
+    assert!(why.contains(&copy.display().to_string()), "{why}");
+    assert_eq!(f.copy_trouble(), None, "told once");
+    std::fs::remove_dir(&copy).unwrap();
+    assert_eq!(f.write(&opts, add(9005)).unwrap().0, 7);
+    assert_eq!(f.copy_trouble(), None);
+    // A new process starts without reading it.
+    std::fs::write(&copy, garbage(100)).unwrap();
+    let again = StateFile::open_uncached(&dir.file(), SIZE, seed).unwrap();
+    assert_eq!(again.read().unwrap().version, 7);
+}
+
 // ---- child processes -------------------------------------------------------
 
 /// A child process killed when the test ends, pass or fail.
@@ -645,6 +882,9 @@ fn child_process() {
                 )
                 .unwrap();
             }
+        }
+        "write-once" => {
+            f.write(&opts, add(args[2].parse().unwrap())).unwrap();
         }
         "append" => {
             let base: u16 = args[2].parse().unwrap();
