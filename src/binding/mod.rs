@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
+use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
 use parking_lot::Mutex;
 
 use crate::auth;
@@ -398,7 +398,7 @@ fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
-fn init(lua: &Lua, opts: Value) -> LuaResult<(Value, Option<String>)> {
+fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
     let Value::Table(opts) = opts else {
         return Err(bad_argument(1, "init", "table", &opts));
     };
@@ -414,10 +414,10 @@ fn init(lua: &Lua, opts: Value) -> LuaResult<(Value, Option<String>)> {
         StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map(drop)
     };
     if let Err(e) = checked {
-        return Ok((Value::Nil, Some(e.to_string())));
+        return Ok(Err(e.to_string()));
     }
     *CONFIG.lock() = Some(cfg);
-    Ok((Value::Boolean(true), None))
+    Ok(Ok(true))
 }
 
 fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Result<()> {
@@ -481,10 +481,10 @@ fn config() -> Result<Config, String> {
 
 /// `dyups.init_worker()`: opens the state file in this worker, registers it
 /// for `/ups/check`, and starts the refresh timer.
-fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
     let cfg = match config() {
         Ok(c) => c,
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Err(e) => return Ok(Err(e)),
     };
     let started = (|| {
         let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?;
@@ -494,7 +494,7 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
         Ok::<_, Error>(())
     })();
     if let Err(e) = started {
-        return Ok((Value::Nil, Some(e.to_string())));
+        return Ok(Err(e.to_string()));
     }
     if let Some(ngx) = ngx(lua) {
         let every: Function = ngx.get::<Table>("timer")?.get("every")?;
@@ -507,16 +507,13 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
             .set_name("=ngx.dyups.timer")
             .call((every, cfg.refresh, tick))?;
         if ok.is_nil() {
-            return Ok((
-                Value::Nil,
-                Some(format!(
-                    "could not start the refresh timer: {}",
-                    err.unwrap_or_default()
-                )),
-            ));
+            return Ok(Err(format!(
+                "could not start the refresh timer: {}",
+                err.unwrap_or_default()
+            )));
         }
     }
-    Ok((Value::Boolean(true), None))
+    Ok(Ok(true))
 }
 
 /// The refresh timer: catches up with the file even when no request comes,
@@ -589,28 +586,29 @@ fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) ->
     Ok(f(&store, &snap))
 }
 
-fn version() -> LuaResult<(Option<u64>, Option<String>)> {
-    Ok(match with_snapshot(|_, s| s.version) {
-        Ok(v) => (Some(v), None),
-        Err(e) => (None, Some(e)),
-    })
+// The reading functions return only their value on success and `nil, err`
+// on failure (mlua turns an inner `Err` into those two values), so
+// `ngx.say("version ", dyups.version())` prints the version alone.
+
+fn version() -> LuaResult<Result<u64, String>> {
+    Ok(with_snapshot(|_, s| s.version))
 }
 
-fn list(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn list(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     match with_snapshot(|_, s| s.table.names().map(str::to_owned).collect::<Vec<_>>()) {
-        Ok(names) => Ok((Value::Table(lua.create_sequence_from(names)?), None)),
-        Err(e) => Ok((Value::Nil, Some(e))),
+        Ok(names) => Ok(Ok(lua.create_sequence_from(names)?)),
+        Err(e) => Ok(Err(e)),
     }
 }
 
-fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let name = string_arg(&args, 1, "get")?;
     let found = match with_snapshot(|_, s| s.table.get(&name).cloned()) {
         Ok(u) => u,
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Err(e) => return Ok(Err(e)),
     };
     let Some(u) = found else {
-        return Ok((Value::Nil, Some("not found".into())));
+        return Ok(Err("not found".into()));
     };
     let servers = lua.create_table()?;
     for s in &u.servers {
@@ -631,12 +629,12 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
     t.set("policy", u.policy.to_string())?;
     t.set("keepalive", u.keepalive)?;
     t.set("servers", servers)?;
-    Ok((Value::Table(t), None))
+    Ok(Ok(t))
 }
 
 /// `dyups.peers(name)`: each server's shared state, as every worker sees
 /// it: `{ server, conns, fails, shared }` in table order.
-fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let name = string_arg(&args, 1, "peers")?;
     let found = with_snapshot(|store, s| {
         s.table
@@ -645,8 +643,8 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)>
     });
     let list = match found {
         Ok(Some(list)) => list,
-        Ok(None) => return Ok((Value::Nil, Some("not found".into()))),
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Ok(None) => return Ok(Err("not found".into())),
+        Err(e) => return Ok(Err(e)),
     };
     let out = lua.create_table()?;
     for p in list {
@@ -657,13 +655,13 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)>
         t.set("shared", p.shared)?;
         out.push(t)?;
     }
-    Ok((Value::Table(out), None))
+    Ok(Ok(out))
 }
 
-fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn pending(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     match with_snapshot(|store, s| ups::pending_servers(&store.pending(s))) {
-        Ok(map) => Ok((Value::Table(lua.create_table_from(map)?), None)),
-        Err(e) => Ok((Value::Nil, Some(e))),
+        Ok(map) => Ok(Ok(lua.create_table_from(map)?)),
+        Err(e) => Ok(Err(e)),
     }
 }
 
@@ -747,11 +745,7 @@ fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
 /// `dyups.add_server(name|nil, server [, version])` and
 /// `dyups.remove_server(name|nil, server [, version])` → the new version, or
 /// `nil, err, status`.
-fn set_rotation(
-    lua: &Lua,
-    args: Variadic<Value>,
-    add: bool,
-) -> LuaResult<(Option<u64>, Option<String>, Option<u16>)> {
+fn set_rotation(lua: &Lua, args: Variadic<Value>, add: bool) -> LuaResult<MultiValue> {
     let f = if add { "add_server" } else { "remove_server" };
     let name = opt_string_arg(&args, 1, f)?;
     let server = string_arg(&args, 2, f)?;
@@ -764,10 +758,10 @@ fn set_rotation(
             ops::remove_server(t, name.as_deref(), &server)
         }
     });
-    Ok(match r {
-        Ok((v, _)) => (Some(v), None, None),
-        Err(e) => (None, Some(e.to_string()), Some(e.status())),
-    })
+    match r {
+        Ok((v, _)) => v.into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.to_string(), e.status()).into_lua_multi(lua),
+    }
 }
 
 // ---- content handlers --------------------------------------------------------------
@@ -1046,15 +1040,12 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
 /// upstream file, atomically → `true` | `nil, err`.
-fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Option<bool>, Option<String>)> {
+fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<bool, String>> {
     let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
     check_write_phase(lua, "write_upstreams")?;
     let written = store()
         .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
-    Ok(match written {
-        Ok(()) => (Some(true), None),
-        Err(e) => (None, Some(e.to_string())),
-    })
+    Ok(written.map(|()| true).map_err(|e| e.to_string()))
 }
 
 // ---- the request path ----------------------------------------------------------------
