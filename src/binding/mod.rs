@@ -843,11 +843,34 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         return respond(lua, unauthorized_json(why));
     }
     let method = method(lua)?;
-    let args: Table = ngx(lua)
-        .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    let (args, truncated): (Table, Option<String>) = ngx
         .get::<Table>("req")?
         .get::<Function>("get_uri_args")?
-        .call(100)?;
+        .call(UPS_MAX_ARGS)?;
+    if truncated.is_some() {
+        // A half-read query could miss its `upstream=` and change the
+        // server in every upstream.
+        return respond(
+            lua,
+            ups_refusal(&format!(
+                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                ups::USAGE
+            )),
+        );
+    }
+    if let Some(header) = ups_precondition(&ngx)? {
+        // The original interface has no preconditions, and nginx would
+        // evaluate these against our answer after the write (a 200 without
+        // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
+        return respond(
+            lua,
+            ups_refusal(&format!(
+                "/ups does not evaluate {header}: nothing changed; send the request without it, \
+                 or use the REST interface's If-Match"
+            )),
+        );
+    }
     let reply = match store() {
         Ok((cfg, store)) => {
             let r = ups::handle(
@@ -873,6 +896,33 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         log(lua, "ERR", &reply.body);
     }
     respond(lua, reply)
+}
+
+/// Query arguments `/ups` reads; a request with more is refused.
+const UPS_MAX_ARGS: i64 = 100;
+
+fn ups_refusal(msg: &str) -> ups::Reply {
+    ups::Reply {
+        status: 400,
+        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
+    }
+}
+
+/// The first conditional header a `/ups` request carries, if any.
+/// `If-Modified-Since` is not one: nginx ignores it without a
+/// `Last-Modified`, and it has no meaning on a write.
+fn ups_precondition(ngx: &Table) -> LuaResult<Option<&'static str>> {
+    let var: Table = ngx.get("var")?;
+    for (header, name) in [
+        ("If-Match", "http_if_match"),
+        ("If-None-Match", "http_if_none_match"),
+        ("If-Unmodified-Since", "http_if_unmodified_since"),
+    ] {
+        if var.get::<Option<mlua::LuaString>>(name)?.is_some() {
+            return Ok(Some(header));
+        }
+    }
+    Ok(None)
 }
 
 /// The `/ups/check` content handler (`lua/srvcheck.lua`).
@@ -970,25 +1020,32 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
             .get::<Option<mlua::LuaString>>(name)?
             .map(|s| s.to_string_lossy()))
     };
-    let path = lossy("uri")?.unwrap_or_default();
-    let headers: Table = ngx
-        .get::<Table>("req")?
-        .get::<Function>("get_headers")?
-        .call(100)?;
-    let header = |name: &str| match headers.get::<Value>(name) {
-        Ok(Value::String(s)) => Some(s.to_string_lossy()),
-        _ => None,
-    };
-    let json = header("accept").is_some_and(|a| a.contains("application/json"))
+    // The path as sent: nginx's $uri has `%2F` decoded into a separator
+    // and dot segments resolved (rest.rs routes and decodes).
+    let path = lossy("request_uri")?.unwrap_or_default();
+    // Headers through nginx's variables, which see every header: a list
+    // from ngx.req.get_headers stops at 100, and an If-Match past them
+    // would not be seen.
+    let json = lossy("http_accept")?.is_some_and(|a| a.contains("application/json"))
         || lossy("arg_format")?.as_deref() == Some("json");
-    let if_match = header("if-match");
-    if if_match.is_some() {
-        // We evaluate If-Match against the table version ourselves. Left in
-        // place, nginx's not-modified filter would compare it with the new
-        // version's ETag of a successful write and turn the 200 into a 412.
-        ngx.get::<Table>("req")?
-            .get::<Function>("clear_header")?
-            .call::<()>("If-Match")?;
+    let if_match = lossy("http_if_match")?;
+    let if_none_match = lossy("http_if_none_match")?;
+    let if_unmodified_since = lossy("http_if_unmodified_since")?;
+    let if_modified_since = lossy("http_if_modified_since")?;
+    // rest.rs evaluates every precondition. Left in place, nginx's
+    // not-modified filter would evaluate them again on our answer, after a
+    // write: a 200 with the new ETag would become a 304 (If-None-Match: *)
+    // or a 412 (If-Match, If-Unmodified-Since) for a change that was made.
+    let clear: Function = ngx.get::<Table>("req")?.get("clear_header")?;
+    for (name, value) in [
+        ("If-Match", &if_match),
+        ("If-None-Match", &if_none_match),
+        ("If-Unmodified-Since", &if_unmodified_since),
+        ("If-Modified-Since", &if_modified_since),
+    ] {
+        if value.is_some() {
+            clear.call::<()>(name)?;
+        }
     }
     let response = match (authorize(lua)?, store()) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
@@ -1001,7 +1058,12 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
                     path: &path,
                     body: &body,
                     json,
-                    if_match: if_match.as_deref(),
+                    preconditions: rest::Preconditions {
+                        if_match: if_match.as_deref(),
+                        if_none_match: if_none_match.as_deref(),
+                        if_unmodified_since: if_unmodified_since.as_deref(),
+                        if_modified_since: if_modified_since.as_deref(),
+                    },
                 };
                 let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
