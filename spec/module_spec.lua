@@ -157,7 +157,9 @@ describe("ngx.dyups module", function()
       local dir = mkdtemp()
       write_file(dir .. "/upstream.conf", "upstream a { server 127.0.0.1:1; server 127.0.0.1:2; }\n")
       local cases = {
-        { "init", 1, function() return dyups.init { path = dir .. "/state", upstreams = dir .. "/upstream.conf" } end },
+        { "init", 1, function()
+          return dyups.init { path = dir .. "/state", upstreams = dir .. "/upstream.conf", write_upstreams = true }
+        end },
         { "version", 1, function() return dyups.version() end },
         { "list", 1, function() return dyups.list() end },
         { "get", 1, function() return dyups.get("a") end },
@@ -167,6 +169,7 @@ describe("ngx.dyups module", function()
         { "remove_server", 1, function() return dyups.remove_server("a", "127.0.0.1:2") end },
         { "add_server", 1, function() return dyups.add_server("a", "127.0.0.1:2") end },
         { "write_upstreams", 1, function() return dyups.write_upstreams(dir .. "/out.conf") end },
+        { "write_back_status", 1, function() return dyups.write_back_status() end },
         { "delete", 2, function() return dyups.delete("b") end },
       }
       for _, case in ipairs(cases) do
@@ -196,6 +199,7 @@ describe("ngx.dyups module", function()
         { "add_server", 3, function() return dyups.add_server("nope", "127.0.0.1:2") end },
         { "remove_server", 3, function() return dyups.remove_server("a", "127.0.0.1:1") end },
         { "write_upstreams", 2, function() return dyups.write_upstreams(dir .. "/no/such/dir/out.conf") end },
+        { "write_back_status", 2, function() return dyups.write_back_status() end },
         { "update", 2, function() return dyups.update("a", "server;") end },
         { "delete", 2, function() return dyups.delete("nope") end },
       }

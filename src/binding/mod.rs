@@ -24,7 +24,7 @@ use crate::syntax::render_server;
 use crate::ups::{self, Arg};
 use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
-use crate::{ops, Error};
+use crate::{nginx_conf, ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
@@ -51,6 +51,9 @@ struct Config {
     write_upstreams: Option<PathBuf>,
     /// The bearer token every admin request must carry, if any.
     admin_token: Option<String>,
+    /// Whom nginx's master gave the state file to, and why that user: for
+    /// the message of a worker that cannot open it.
+    owner: Option<(String, String)>,
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -91,6 +94,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("handle_api", lua.create_function(handle_api)?)?;
     m.set("_api_wants_body", lua.create_function(api_wants_body)?)?;
     m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    m.set("write_back_status", lua.create_function(write_back_status)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
     let done = LightUserData(dyups_done as *const () as *mut c_void);
@@ -386,6 +390,7 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             max_body,
             write_upstreams,
             admin_token,
+            owner: None,
         },
         user,
     ))
@@ -402,14 +407,14 @@ fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
     let Value::Table(opts) = opts else {
         return Err(bad_argument(1, "init", "table", &opts));
     };
-    let (cfg, user) = match parse_config(lua, &opts) {
+    let (mut cfg, user) = match parse_config(lua, &opts) {
         Ok(c) => c,
         Err(e) => return Err(mlua::Error::runtime(format!("dyups.init: {e}"))),
     };
     let checked = if phase(lua).as_deref() == Some("init") {
         // nginx's master: check (and create, as root for the workers' user)
         // without keeping anything open across fork.
-        prepare_in_master(lua, &cfg, user)
+        prepare_in_master(lua, &mut cfg, user)
     } else {
         StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map(drop)
     };
@@ -420,16 +425,38 @@ fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
     Ok(Ok(true))
 }
 
-fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Result<()> {
+fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate::Result<()> {
     let root = crate::store::effective_uid() == 0;
-    let user = user.unwrap_or_else(|| worker_user(lua));
+    let (user, why) = match user {
+        Some(u) => (u, "init's user option".to_owned()),
+        None => worker_user(lua),
+    };
+    if root {
+        log(
+            lua,
+            "NOTICE",
+            &format!(
+                "state file {} is for user {user} ({why})",
+                cfg.path.display()
+            ),
+        );
+        cfg.owner = Some((user.clone(), why));
+    }
     // Directories we make are the workers': they write temporary files there.
     let dirs = std::iter::once(&cfg.path).chain(cfg.write_upstreams.iter());
     for dir in dirs.filter_map(|p| p.parent()) {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Internal(format!("could not create directory {}: {e}", dir.display()))
-            })?;
+            // 0755 whatever the umask (a daemonized nginx has umask 0): a
+            // directory others may write is one where they can replace the
+            // state file.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| {
+                    Error::Internal(format!("could not create directory {}: {e}", dir.display()))
+                })?;
             if root {
                 crate::store::give_to_user(dir, &user)?;
             }
@@ -458,19 +485,78 @@ fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Re
     Ok(())
 }
 
-/// The user nginx's workers run as when nginx.conf has no `user`: the one
-/// nginx was built with, else nginx's default.
-fn worker_user(lua: &Lua) -> String {
-    let configure = ngx(lua)
-        .and_then(|n| n.get::<Table>("config").ok())
-        .and_then(|c| c.get::<Function>("nginx_configure").ok())
-        .and_then(|f| f.call::<String>(()).ok())
+/// The user nginx's workers will run as, and where that was found: the
+/// `user` directive of nginx's configuration (read as nginx reads it: `-g`,
+/// then the file of `-c` or the built-in one, with its `include`s), else
+/// the user nginx was built with, else nginx's default.
+fn worker_user(lua: &Lua) -> (String, String) {
+    let config = ngx(lua).and_then(|n| n.get::<Table>("config").ok());
+    let call = |name: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get::<Function>(name).ok())
+            .and_then(|f| f.call::<String>(()).ok())
+            .unwrap_or_default()
+    };
+    let configure = call("nginx_configure");
+    let prefix = call("prefix");
+    // nginx's own copy of its arguments; /proc when the binary hides it.
+    let args = lua
+        .load(include_str!("argv.lua"))
+        .set_name("=ngx.dyups.argv")
+        .call::<Option<Vec<String>>>(())
+        .ok()
+        .flatten()
+        .or_else(|| {
+            std::fs::read("/proc/self/cmdline")
+                .ok()
+                .map(|c| nginx_conf::args_of_cmdline(&c))
+        })
         .unwrap_or_default();
-    configure
+    let cmd = nginx_conf::command_line(&args);
+    let conf = nginx_conf::conf_file(&cmd, &configure, Path::new(&prefix));
+    let read = |p: &Path| std::fs::read_to_string(p).ok();
+    let list = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(user) = nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read, &list) {
+        return (user, format!("the `user` directive of {}", conf.display()));
+    }
+    match configure
         .split_whitespace()
         .find_map(|a| a.strip_prefix("--user="))
-        .unwrap_or(NGINX_DEFAULT_USER)
-        .to_owned()
+    {
+        Some(user) => (
+            user.to_owned(),
+            format!("no `user` directive in {}; nginx's --user", conf.display()),
+        ),
+        None => (
+            NGINX_DEFAULT_USER.to_owned(),
+            format!("no `user` directive in {}; nginx's default", conf.display()),
+        ),
+    }
+}
+
+/// What to add to a worker's failure to open the state file when it runs
+/// as someone else than the user the master gave the file to.
+fn owner_hint(cfg: &Config) -> String {
+    let Some((user, why)) = &cfg.owner else {
+        return String::new();
+    };
+    let me = crate::store::effective_uid();
+    if crate::store::user_ids(user).is_some_and(|(uid, _)| uid == me) {
+        return String::new();
+    }
+    format!(
+        "; nginx's master gave it to user {user} ({why}), but this worker runs as uid {me}: \
+         set dyups.init{{ user = \"...\" }} to the user of nginx's `user` directive"
+    )
 }
 
 fn config() -> Result<Config, String> {
@@ -494,7 +580,7 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
         Ok::<_, Error>(())
     })();
     if let Err(e) = started {
-        return Ok(Err(e.to_string()));
+        return Ok(Err(format!("{e}{}", owner_hint(&cfg))));
     }
     if let Some(ngx) = ngx(lua) {
         let every: Function = ngx.get::<Table>("timer")?.get("every")?;
@@ -678,22 +764,97 @@ fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
             let _ = w.check_file(std::process::id());
             w.store().clone()
         }
-        None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?,
+        None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))
+            .map_err(|e| Error::Internal(format!("{e}{}", owner_hint(&cfg))))?,
     };
     Ok((cfg, store))
 }
 
+/// This process's last failure to write the table back, until a write-back
+/// succeeds: what `dyups.write_back_status()` reports while the file is
+/// behind the table.
+static WRITE_BACK_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
 /// After a successful write: this worker routes by the result at once, and
-/// the upstream file is written back when so configured.
-fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) {
+/// the upstream file is written back when so configured. Returns how the
+/// write-back went (`None` when there is none): the change stands either
+/// way, as the state file has it.
+fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) -> Option<Result<u64, String>> {
     if let Some(w) = WORKER.lock().as_mut() {
         let _ = w.refresh();
     }
-    if let Some(path) = &cfg.write_upstreams {
-        if let Err(e) = upstream_file::write_current(store, path, cfg.write.wait) {
-            log(lua, "ERR", &e.to_string());
-        }
-    }
+    let path = cfg.write_upstreams.as_ref()?;
+    let outcome = upstream_file::write_current(store, path, cfg.write.wait).map_err(|e| {
+        let msg = format!("{e}; the change is made and kept in the state file");
+        log(lua, "ERR", &msg);
+        msg
+    });
+    *WRITE_BACK_ERROR.lock() = outcome.as_ref().err().cloned();
+    Some(outcome)
+}
+
+/// The response header that tells an HTTP client how the write-back of its
+/// change went: `ok`, or `failed: REASON`.
+const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
+
+fn announce_write_back(lua: &Lua, outcome: Option<Result<u64, String>>) -> LuaResult<()> {
+    let Some(outcome) = outcome else {
+        return Ok(());
+    };
+    let value = match outcome {
+        Ok(_) => "ok".to_owned(),
+        // A header value is one line of visible characters.
+        Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
+    };
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
+}
+
+/// `dyups.write_back_status()`: the upstream file the table is written back
+/// to and whether it holds the current table →
+/// `{ path, version, written, error }` | `nil, err`.
+fn write_back_status(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(path) = cfg.write_upstreams else {
+        return Ok(Err(
+            "no write-back: dyups.init has no write_upstreams option".into(),
+        ));
+    };
+    let version = match with_snapshot(|_, s| s.version) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    // The file says which table it holds: the answer is the same in every
+    // worker, whichever of them wrote it back or failed to.
+    let written = upstream_file::written_version(&path);
+    let error = if written == Some(version) {
+        None
+    } else {
+        // Without a failure of its own, this worker tells from the file: a
+        // file it did not write back is behind once the table has changed
+        // (version 1 is the table a new state file is seeded with).
+        let held = written.map(|w| format!("table version {w}"));
+        WRITE_BACK_ERROR.lock().clone().or_else(|| {
+            (written.is_some() || version > 1).then(|| {
+                format!(
+                    "upstream file {} holds {}, the table is at version {version}: \
+                     writing it back failed in another worker (its error log says why)",
+                    path.display(),
+                    held.as_deref()
+                        .unwrap_or("no table written back by ngx.dyups")
+                )
+            })
+        })
+    };
+    let t = lua.create_table()?;
+    t.set("path", path.display().to_string())?;
+    t.set("version", version)?;
+    t.set("written", written)?;
+    t.set("error", error)?;
+    Ok(Ok(t))
 }
 
 /// Runs one write through the store with the configured options.
@@ -882,7 +1043,7 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
                 &cfg.write,
             );
             if r.status == 200 {
-                after_write(lua, &cfg, &store);
+                announce_write_back(lua, after_write(lua, &cfg, &store))?;
             }
             r
         }
@@ -1068,7 +1229,7 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
                 let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
                 if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    after_write(lua, &cfg, &store);
+                    announce_write_back(lua, after_write(lua, &cfg, &store))?;
                 }
                 r
             }
@@ -1107,7 +1268,7 @@ fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<bool, S
     check_write_phase(lua, "write_upstreams")?;
     let written = store()
         .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
-    Ok(written.map(|()| true).map_err(|e| e.to_string()))
+    Ok(written.map(|_| true).map_err(|e| e.to_string()))
 }
 
 // ---- the request path ----------------------------------------------------------------
