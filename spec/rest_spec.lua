@@ -638,6 +638,16 @@ describe("REST endpoints", function()
     end)
   end)
 
+  -- module_spec counts the returns of the functions that run outside nginx.
+  it("the content handlers and log() return nothing", function()
+    for _, f in ipairs { "handle_check", "handle_ups", "handle_api", "log" } do
+      -- Not dy.run: a handler sets its own status.
+      local _, out = nginx.http(inst.ports.proxy, "POST", "/lua",
+        { body = ("return '|' .. select('#', require('ngx.dyups').%s())"):format(f) })
+      assert.are.equal("|0", tostring(out):match("|%d+\n$"):sub(1, -2), f .. ": " .. tostring(out))
+    end
+  end)
+
   -- What a careless or hostile client sends. nginx's not-modified filter
   -- evaluates conditional headers against the answer, after the handler
   -- wrote; every answer here must say whether the table changed.
