@@ -146,6 +146,84 @@ describe("ngx.dyups module", function()
   end)
 
   ----------------------------------------------------------------------------
+  -- As lua-resty-core's functions do: success returns only its values (no
+  -- trailing nil, so `ngx.say("version ", dyups.version())` prints
+  -- "version 1"), failure `nil, err` (add_server/remove_server: `nil, err,
+  -- status`); update/delete return `status, message` for Tengine.
+  describe("return values", function()
+    local function pack(...) return { n = select("#", ...), ... } end
+
+    it("success returns only its values", function()
+      local dir = mkdtemp()
+      write_file(dir .. "/upstream.conf", "upstream a { server 127.0.0.1:1; server 127.0.0.1:2; }\n")
+      local cases = {
+        { "init", 1, function()
+          return dyups.init { path = dir .. "/state", upstreams = dir .. "/upstream.conf", write_upstreams = true }
+        end },
+        { "version", 1, function() return dyups.version() end },
+        { "list", 1, function() return dyups.list() end },
+        { "get", 1, function() return dyups.get("a") end },
+        { "peers", 1, function() return dyups.peers("a") end },
+        { "pending", 1, function() return dyups.pending() end },
+        { "update", 2, function() return dyups.update("b", "server 127.0.0.1:3;") end },
+        { "remove_server", 1, function() return dyups.remove_server("a", "127.0.0.1:2") end },
+        { "add_server", 1, function() return dyups.add_server("a", "127.0.0.1:2") end },
+        { "write_upstreams", 1, function() return dyups.write_upstreams(dir .. "/out.conf") end },
+        { "write_back_status", 1, function() return dyups.write_back_status() end },
+        { "delete", 2, function() return dyups.delete("b") end },
+      }
+      for _, case in ipairs(cases) do
+        local name, want, call = case[1], case[2], case[3]
+        local out = pack(call())
+        assert.is_not_nil(out[1], name .. " failed: " .. tostring(out[2]))
+        assert.equal(want, out.n, name .. " returned " .. out.n .. " values")
+      end
+      assert.equal("version " .. dyups.version(), table.concat({ "version ", dyups.version() }))
+      -- init_worker in a process of its own: it makes that process a worker.
+      local r = child.run(dir, [[
+        local dyups = require "ngx.dyups"
+        local n = select("#", dyups.init { path = ARGS.path })
+        return { init = n, init_worker = select("#", dyups.init_worker()) }
+      ]], { path = dir .. "/state" })
+      assert.same({ init = 1, init_worker = 1 }, r)
+    end)
+
+    it("failure returns nil and a message (add_server/remove_server: and a status)", function()
+      local dir = mkdtemp()
+      assert(dyups.init { path = dir .. "/state" })
+      assert.equal(200, (dyups.update("a", "server 127.0.0.1:1;")))
+      local cases = {
+        { "init", 2, function() return dyups.init { path = dir .. "/new", upstreams = dir .. "/missing.conf" } end },
+        { "get", 2, function() return dyups.get("nope") end },
+        { "peers", 2, function() return dyups.peers("nope") end },
+        { "add_server", 3, function() return dyups.add_server("nope", "127.0.0.1:2") end },
+        { "remove_server", 3, function() return dyups.remove_server("a", "127.0.0.1:1") end },
+        { "write_upstreams", 2, function() return dyups.write_upstreams(dir .. "/no/such/dir/out.conf") end },
+        { "write_back_status", 2, function() return dyups.write_back_status() end },
+        { "update", 2, function() return dyups.update("a", "server;") end },
+        { "delete", 2, function() return dyups.delete("nope") end },
+      }
+      for _, case in ipairs(cases) do
+        local name, want, call = case[1], case[2], case[3]
+        local out = pack(call())
+        assert.equal(want, out.n, name .. " returned " .. out.n .. " values")
+        assert.is_string(out[2], name)
+        if name == "update" or name == "delete" then
+          assert.is_true(out[1] >= 400, name)
+        else
+          assert.is_nil(out[1], name)
+        end
+      end
+      local r = child.run(dir, [[
+        local dyups = require "ngx.dyups"
+        return { version = select("#", dyups.version()), list = select("#", dyups.list()),
+                 init_worker = select("#", dyups.init_worker()) }
+      ]])
+      assert.same({ version = 2, list = 2, init_worker = 2 }, r)
+    end)
+  end)
+
+  ----------------------------------------------------------------------------
   describe("init", function()
     it("creates a missing state file seeded from the upstream file", function()
       local dir = mkdtemp()

@@ -637,6 +637,183 @@ describe("REST endpoints", function()
       assert.are.equal(doc.version, rest.etag_version(h))
     end)
   end)
+
+  -- module_spec counts the returns of the functions that run outside nginx.
+  it("the content handlers and log() return nothing", function()
+    for _, f in ipairs { "handle_check", "handle_ups", "handle_api", "log" } do
+      -- Not dy.run: a handler sets its own status.
+      local _, out = nginx.http(inst.ports.proxy, "POST", "/lua",
+        { body = ("return '|' .. select('#', require('ngx.dyups').%s())"):format(f) })
+      assert.are.equal("|0", tostring(out):match("|%d+\n$"):sub(1, -2), f .. ": " .. tostring(out))
+    end
+  end)
+
+  -- What a careless or hostile client sends. nginx's not-modified filter
+  -- evaluates conditional headers against the answer, after the handler
+  -- wrote; every answer here must say whether the table changed.
+  describe("preconditions", function()
+    local T = require "spec.helpers.traffic"
+
+    --- One request over a raw socket, headers in the order given.
+    local function send(method, path, body, headers)
+      local c = assert(T.conn(inst.ports.api))
+      local lines = { ("%s %s HTTP/1.1"):format(method, path), "Host: 127.0.0.1", "Connection: close" }
+      for _, h in ipairs(headers or {}) do lines[#lines + 1] = h end
+      if body then lines[#lines + 1] = "Content-Length: " .. #body end
+      assert(c:_send(table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or ""), T.now() + 5))
+      local status, rbody, h = c:response()
+      c:close()
+      assert(status, rbody)
+      return status, rbody, h
+    end
+
+    local function exists(name) return (api(inst, "GET", "/upstream/" .. name)) == 200 end
+
+    it("If-None-Match: * creates only: 200 and the new ETag when absent, 412 and unchanged when present", function()
+      local v = version()
+      local status, body, h = send("POST", "/upstream/inm", "server 127.0.0.1:9020;", { "If-None-Match: *" })
+      assert.are.equal(200, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("inm"))))
+      assert.are.equal("success", body)
+      assert.are.equal(v + 1, rest.etag_version(h))
+      assert.are.equal(v + 1, version())
+      status, body = send("POST", "/upstream/inm", "server 127.0.0.1:9021;", { "If-None-Match: *" })
+      assert.are.equal(412, status, body)
+      assert.truthy(body:find("exists", 1, true), body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/inm")))
+    end)
+
+    it("If-Unmodified-Since on a write is refused with 400 before it; with If-Match it is If-Match that counts", function()
+      local v = version()
+      local date = "Thu, 01 Jan 2037 00:00:00 GMT"
+      local status, body = send("POST", "/upstream/ius", "server 127.0.0.1:9022;", { "If-Unmodified-Since: " .. date })
+      assert.are.equal(400, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("ius"))))
+      assert.truthy(body:find("If-Match", 1, true), body)
+      assert.are.equal(v, version())
+      assert.is_false(exists("ius"))
+      status, body = send("POST", "/upstream/ius", "server 127.0.0.1:9022;",
+        { "If-Unmodified-Since: " .. date, ('If-Match: "%d"'):format(v) })
+      assert.are.equal(200, status, body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/ius")))
+    end)
+
+    it("an If-Match after 100 other headers is seen: stale -> 412 unapplied, current -> 200 applied", function()
+      local many = {}
+      for i = 1, 120 do many[i] = ("X-Filler-%d: %d"):format(i, i) end
+      local v = version()
+      local stale = { unpack(many) }
+      stale[#stale + 1] = ('If-Match: "%d"'):format(v - 1)
+      local status, body = send("POST", "/upstream/deep", "server 127.0.0.1:9023;", stale)
+      assert.are.equal(412, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("deep"))))
+      assert.truthy(body:find("table version", 1, true), body) -- ours, not nginx's HTML page
+      assert.are.equal(v, version())
+      assert.is_false(exists("deep"))
+      local current = { unpack(many) }
+      current[#current + 1] = ('If-Match: "%d"'):format(v)
+      status, body = send("POST", "/upstream/deep", "server 127.0.0.1:9023;", current)
+      assert.are.equal(200, status, body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/deep")))
+    end)
+
+    it("whatever the preconditions, 200 means the table moved by one and anything else that it did not", function()
+      local date = "Thu, 01 Jan 1970 00:00:00 GMT"
+      local sets = {
+        function() return { "If-None-Match: *" } end,
+        function(v) return { ('If-None-Match: "%d"'):format(v) } end,
+        function(v) return { ('If-None-Match: W/"%d", "0"'):format(v) } end,
+        function() return { "If-Modified-Since: " .. date } end,
+        function() return { "If-Unmodified-Since: " .. date } end,
+        function(v) return { ('If-Match: "%d"'):format(v), "If-None-Match: *" } end,
+        function(v) return { ('If-Match: W/"%d"'):format(v), "If-Modified-Since: " .. date } end,
+        function(v) return { ('If-Match: "%d", "%d"'):format(v, v + 1) } end,
+        function() return { "If-Match: *" } end,
+        function() return { "If-Match: *", "If-None-Match: *" } end,
+        function() return { "If-Match: nonsense" } end,
+      }
+      local requests = {
+        { "POST", "/upstream/pre", "server 127.0.0.1:9024;" },
+        { "POST", "/upstream/pre/servers", "127.0.0.1:9025" },
+        { "PATCH", "/upstream/pre/servers/127.0.0.1:9025", "weight=2" },
+        { "DELETE", "/upstream/pre/servers/127.0.0.1:9025" },
+        { "DELETE", "/upstream/pre" },
+      }
+      local seen = {}
+      for i, headers_of in ipairs(sets) do
+        -- From no upstream `pre`, each request that succeeds changes something.
+        api(inst, "DELETE", "/upstream/pre")
+        for _, req in ipairs(requests) do
+          local v = version()
+          local headers = headers_of(v)
+          local status, body = send(req[1], req[2], req[3], headers)
+          local now = version()
+          local what = ("set %d (%s) %s %s -> %d %q"):format(i, table.concat(headers, "; "), req[1], req[2],
+            status, body)
+          seen[status] = true
+          if status == 200 then
+            assert.are.equal(v + 1, now, what .. ": answered 200, the table did not move by one")
+          else
+            assert.is_true(status == 400 or status == 404 or status == 412, what)
+            assert.are.equal(v, now, what .. ": answered " .. status .. ", the table moved")
+          end
+        end
+      end
+      assert.is_true(seen[200] and seen[400] and seen[412], "every outcome was exercised")
+      api(inst, "DELETE", "/upstream/pre")
+    end)
+
+    it("reads: If-None-Match with the ETag -> 304, a stale If-Match -> 412, dates ignored", function()
+      local v = version()
+      local status, body, h = send("GET", "/upstream/host1", nil, { ('If-None-Match: "%d"'):format(v) })
+      assert.are.equal(304, status, body)
+      assert.are.equal(v, rest.etag_version(h))
+      status = send("GET", "/upstream/host1", nil, { ('If-None-Match: "%d"'):format(v - 1) })
+      assert.are.equal(200, status)
+      status, body = send("GET", "/upstream/host1", nil, { ('If-Match: "%d"'):format(v - 1) })
+      assert.are.equal(412, status, body)
+      status = send("GET", "/upstream/host1", nil, { "If-Unmodified-Since: Thu, 01 Jan 1970 00:00:00 GMT" })
+      assert.are.equal(200, status)
+    end)
+  end)
+
+  -- nginx decodes `%2F` in $uri into a separator; a front proxy that
+  -- authorises by the path it saw would let these through.
+  describe("an encoded '/' in a name", function()
+    local T = require "spec.helpers.traffic"
+
+    local function victim()
+      local status, body = api(inst, "POST", "/upstream/victim", "server 127.0.0.1:9030; server 127.0.0.1:9031;")
+      assert.are.equal(200, status, body)
+      return version(), select(2, api(inst, "GET", "/upstream/victim"))
+    end
+
+    local function refused(method, path, body, v, servers)
+      local status, rbody = T.request(inst.ports.api, method, path, { body = body })
+      assert.are.equal(400, status, method .. " " .. path .. ": " .. tostring(rbody))
+      assert.truthy(rbody:find("'/'", 1, true), rbody)
+      assert.are.equal(servers, select(2, api(inst, "GET", "/upstream/victim")))
+      assert.are.equal(v, version())
+    end
+
+    it("POST /upstream/victim%2Fservers adds no server to victim", function()
+      local v, servers = victim()
+      refused("POST", "/upstream/victim%2Fservers", "127.0.0.1:9032", v, servers)
+    end)
+
+    it("DELETE /upstream/victim%2Fservers%2FADDR removes no server of victim", function()
+      local v, servers = victim()
+      refused("DELETE", "/upstream/victim%2Fservers%2F127.0.0.1:9031", nil, v, servers)
+      refused("PATCH", "/upstream/victim%2Fservers%2F127.0.0.1:9031", "down", v, servers)
+    end)
+
+    it("POST /upstream/h16%2F..%2Fvictim does not replace victim", function()
+      local v, servers = victim()
+      refused("POST", "/upstream/h16%2F..%2Fvictim", "server 127.0.0.1:9033;", v, servers)
+      refused("DELETE", "/upstream/h16%2F..%2Fvictim", nil, v, servers)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/victim")))
+    end)
+  end)
 end)
 
 describe("REST on an empty table", function()

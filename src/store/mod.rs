@@ -943,10 +943,13 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
         std::process::id()
     ));
     let written = (|| {
+        // A file of ours left by a process of the same pid that died here
+        // keeps its mode when opened again: made anew, so 0644 applies
+        // (narrowed by the umask only, which a daemonized nginx sets to 0).
+        let _ = std::fs::remove_file(&tmp);
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
             .open(&tmp)?;
         f.write_all(bytes)?;

@@ -1080,3 +1080,24 @@ fn connection_counts_are_cleared_only_when_no_worker_lives() {
     assert_eq!(cell.conns(), 0);
     assert!(f.zone().cell(r).is_some(), "the cell is still the server's");
 }
+
+#[test]
+fn a_new_state_file_is_0644_even_over_a_stale_temporary_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    // What a process of this pid that died between creating and renaming
+    // would have left, made by a version that used the umask's mode.
+    let stale = dir
+        .path()
+        .join(format!(".state.{}.tmp", std::process::id()));
+    std::fs::write(&stale, b"junk").unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).unwrap();
+    fresh(&dir);
+    let mode = std::fs::metadata(dir.file()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "the state file is {mode:o}: others may write it"
+    );
+    assert!(!stale.exists(), "the temporary file was left");
+}
