@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::model::{ServerSpec, Table, Upstream};
 use crate::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::{parse_server_patch, policy_lines, render_server};
+use crate::syntax::{parse_server_patch, render_server, setting_lines};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -250,9 +250,10 @@ fn server_line(s: &ServerSpec) -> String {
     line
 }
 
-/// Its balancing and keepalive lines, if any, then its `server` lines.
+/// Its setting lines (balancing, keepalive, checks), if any, then its
+/// `server` lines.
 fn server_lines(u: &Upstream) -> String {
-    policy_lines(u)
+    setting_lines(u)
         .into_iter()
         .chain(u.servers.iter().map(server_line))
         .map(|line| line + "\n")
@@ -518,17 +519,37 @@ mod tests {
     #[test]
     fn json_views_give_every_parameter() {
         let f = fixture("json");
-        call(
+        let r = call(
             &f,
             "POST",
             "/upstream/host1",
-            "server 127.0.0.1:8088 weight=2 max_fails=3 fail_timeout=4s backup;",
+            "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup;\
+             server 127.0.0.1:8089; check interval=3s type=http;\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";",
         );
+        assert_eq!(r.status, 200, "{r:?}");
         let r = call_with(&f, "GET", "/upstream/host1", "", true, None);
         assert!(r.json);
         assert_eq!(
             r.body,
-            r#"{"version":2,"name":"host1","servers":[{"addr":"127.0.0.1:8088","weight":2,"max_fails":3,"fail_timeout":4,"backup":true,"down":false}]}"#
+            concat!(
+                r#"{"version":2,"name":"host1","keepalive_requests":1000,"keepalive_time":3600000,"#,
+                r#""keepalive_timeout":60000,"check":{"interval":3000,"rise":2,"fall":5,"#,
+                r#""timeout":1000,"default_down":true,"type":"http","port":0,"jitter":0},"#,
+                r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
+                r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
+                r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
+                r#""fail_timeout":4,"backup":true,"down":false},{"addr":"127.0.0.1:8089","#,
+                r#""weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"backup":false,"down":false}]}"#
+            )
+        );
+        // The text form: the settings in nginx syntax, each on its line.
+        assert_eq!(
+            call(&f, "GET", "/upstream/host1", "").body,
+            "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";\n\
+             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup\n\
+             server 127.0.0.1:8089\n"
         );
         let r = call_with(&f, "GET", "/list", "", true, None);
         assert_eq!(r.body, r#"{"version":2,"upstreams":["host1","host2"]}"#);
