@@ -256,7 +256,8 @@ pub struct ExpectAlive(u8);
 impl ExpectAlive {
     pub const NAMES: [&'static str; 4] = ["http_2xx", "http_3xx", "http_4xx", "http_5xx"];
 
-    /// The classes named in `names` (each one of [`NAMES`](Self::NAMES)).
+    /// The classes of the bits set in `bits`, bit `i` for
+    /// [`NAMES`](Self::NAMES)`[i]`; `None` for no class or an unknown bit.
     pub fn from_bits(bits: u8) -> Option<ExpectAlive> {
         (bits != 0 && bits < 1 << Self::NAMES.len()).then_some(ExpectAlive(bits))
     }

@@ -30,8 +30,9 @@
 //!           | 1, length u16, unix socket path bytes
 //!
 //! extension := nothing (every upstream has the defaults)
-//!            | upstream count u32 (the base's), entry* (in the base's order)
-//! entry     := length u32, field* (as many bytes as length says)
+//!            | entry count u32, entry* (one per upstream that needs a field)
+//! entry     := upstream position u32 (in the base's table, ascending),
+//!              length u32, field* (as many bytes as length says)
 //! field     := tag u8, length u16, value; a field is given at most once,
 //!              only when it differs from the default, and a tag this
 //!              build does not know (a later build's) is skipped
@@ -149,14 +150,23 @@ fn encode_base(p: &Payload) -> Vec<u8> {
     out
 }
 
-/// The extension of `t`: empty when no upstream needs a field.
+/// The extension of `t`: an entry for each upstream that needs a field,
+/// nothing at all when none does.
 fn encode_extension(t: &Table) -> Vec<u8> {
-    if t.upstreams.iter().all(|u| extension_is_default(u)) {
+    let needing: Vec<(usize, &Upstream)> = t
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| !extension_is_default(u))
+        .map(|(i, u)| (i, &**u))
+        .collect();
+    if needing.is_empty() {
         return Vec::new();
     }
     let mut out = Vec::new();
-    out.extend_from_slice(&(t.upstreams.len() as u32).to_le_bytes());
-    for u in &t.upstreams {
+    out.extend_from_slice(&(needing.len() as u32).to_le_bytes());
+    for (i, u) in needing {
+        out.extend_from_slice(&(i as u32).to_le_bytes());
         let length_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
         put_fields(&mut out, u);
@@ -291,6 +301,7 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
     let upstreams = r.u32()? as usize;
     let changes = r.u32()? as usize;
     let entries = split_extension(extension, upstreams).map_err(|e| format!("extension: {e}"))?;
+    let mut entries = entries.into_iter().peekable();
     // The smallest encoded upstream and change are well over 8 bytes: a count
     // larger than the bytes left is a lie, and must not size an allocation.
     let mut table = Table {
@@ -311,7 +322,9 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
         let rev = r.u64()?;
         let length = r.u32()? as usize;
         let body = r.take(length)?;
-        let entry = entries.get(i).copied().unwrap_or_default();
+        let entry = entries
+            .next_if(|&(at, _)| at == i)
+            .map_or(&[][..], |(_, e)| e);
         // An empty entry where `prev` had fields: a build without the
         // extension rewrote the table, dropping them, and kept the rev.
         let same = |u: &&Arc<Upstream>| {
@@ -408,21 +421,24 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
     })
 }
 
-/// The extension's entries, one per upstream of the base (`upstreams`);
-/// none for an empty extension.
-fn split_extension(b: &[u8], upstreams: usize) -> Result<Vec<&[u8]>, String> {
+/// The extension's entries, each with the position of its upstream among
+/// the base's `upstreams`, in ascending order; none for an empty extension.
+fn split_extension(b: &[u8], upstreams: usize) -> Result<Vec<(usize, &[u8])>, String> {
     if b.is_empty() {
         return Ok(Vec::new());
     }
     let mut r = Reader { b, at: 0 };
     let count = r.u32()? as usize;
-    if count != upstreams {
-        return Err(format!("it has {count} upstreams, the table {upstreams}"));
-    }
-    let mut entries = Vec::with_capacity(count.min(r.left() / 4));
+    let mut entries: Vec<(usize, &[u8])> = Vec::with_capacity(count.min(r.left() / 8));
     for _ in 0..count {
+        let at = r.u32()? as usize;
+        if at >= upstreams || entries.last().is_some_and(|&(prev, _)| prev >= at) {
+            return Err(format!(
+                "entry for upstream {at} is out of order or past the table's {upstreams}"
+            ));
+        }
         let n = r.u32()? as usize;
-        entries.push(r.take(n)?);
+        entries.push((at, r.take(n)?));
     }
     if r.left() != 0 {
         return Err(format!("{} bytes after its end", r.left()));
@@ -717,7 +733,7 @@ pub(crate) mod tests {
     /// without such settings encodes exactly as format 2 did, with none.
     #[test]
     fn defaults_need_no_extension_and_the_base_is_format_2() {
-        let mut p = sample();
+        let p = sample();
         let mut plain = p.clone();
         for u in &mut plain.table.upstreams {
             let u = Arc::make_mut(u);
@@ -737,9 +753,13 @@ pub(crate) mod tests {
         // A slot without an extension (written by a build that had none)
         // reads as the defaults.
         assert_eq!(decode(&encode(&p).base, &[], None).unwrap(), plain);
-        // One setting on one upstream: an entry for every upstream.
-        Arc::make_mut(&mut p.table.upstreams[1]).keepalive_requests = 5;
-        let back = round_trip(&p).unwrap();
+        // One setting on one upstream: the count, one entry (its position
+        // and length) and a 7-byte field.
+        Arc::make_mut(&mut plain.table.upstreams[1]).keepalive_requests = 5;
+        let e = encode(&plain);
+        assert_eq!(e.extension.len(), 4 + 8 + 7);
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert_eq!(back, plain);
         assert_eq!(back.table.upstreams[1].keepalive_requests, 5);
     }
 
@@ -822,6 +842,7 @@ pub(crate) mod tests {
         let e = encode(&p);
         let mut ext = Vec::new();
         ext.extend_from_slice(&1u32.to_le_bytes());
+        ext.extend_from_slice(&0u32.to_le_bytes());
         ext.extend_from_slice(&(fields.len() as u32).to_le_bytes());
         ext.extend_from_slice(fields);
         decode(&e.base, &ext, None)
@@ -865,13 +886,21 @@ pub(crate) mod tests {
             let err = with_entry(&fields).unwrap_err();
             assert!(err.contains(why), "{err} lacks {why}");
         }
-        // The extension must have one entry per upstream.
+        // Entries name upstreams of the table, in order, each once.
         let e = encode(&sample());
-        let mut ext = e.extension.clone();
-        ext[0] += 1;
-        assert!(decode(&e.base, &ext, None)
-            .unwrap_err()
-            .contains("it has 4 upstreams, the table 3"));
+        // "local" (0) and "hashed" (2) have fields, "dyhost" none.
+        assert_eq!(e.extension[..8], [2, 0, 0, 0, 0, 0, 0, 0]);
+        let hashed_at = 8 + 4 + u32::from_le_bytes(e.extension[8..12].try_into().unwrap()) as usize;
+        for (at, bad) in [(4, 3u8), (hashed_at, 0)] {
+            let mut ext = e.extension.clone();
+            ext[at] = bad;
+            assert!(
+                decode(&e.base, &ext, None)
+                    .unwrap_err()
+                    .contains("out of order or past"),
+                "upstream {bad} at byte {at}"
+            );
+        }
     }
 
     /// A reader keeps the upstreams that did not change (same name, same
