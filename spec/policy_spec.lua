@@ -185,7 +185,7 @@ http {
     local _, body = nginx.http(inst.ports.api, "GET", "/upstream/iphash")
     assert.matches("^ip_hash;\n", body)
     local _, detail = nginx.http(inst.ports.api, "GET", "/detail")
-    assert.truthy(detail:find("\nchash\nserver ", 1, true), detail)
+    assert.truthy(("\n" .. detail):find("\nchash\nserver ", 1, true), detail)
     assert.falsy(detail:find("consistent", 1, true), detail)
     local _, json = nginx.http(inst.ports.api, "GET", "/upstream/hash?format=json")
     assert.truthy(json:find('"policy":"hash $arg_k;"', 1, true), json)
