@@ -312,6 +312,17 @@ pub struct CheckSettings {
     pub keepalive_requests: u32,
 }
 
+impl CheckSettings {
+    /// Whether every setting is the module's default (without building one:
+    /// decoding a large table asks this of every upstream).
+    pub fn is_default(&self) -> bool {
+        self.line.is_none()
+            && self.http_send == DEFAULT_CHECK_HTTP_SEND
+            && self.http_expect_alive == ExpectAlive::default()
+            && self.keepalive_requests == DEFAULT_CHECK_KEEPALIVE_REQUESTS
+    }
+}
+
 impl Default for CheckSettings {
     fn default() -> CheckSettings {
         CheckSettings {
@@ -679,6 +690,39 @@ mod tests {
         assert!(check_name("..").unwrap_err().contains("only dots"));
         assert!(check_name("a/b").unwrap_err().contains("'/'"));
         assert!(check_name("a b").is_err());
+    }
+
+    #[test]
+    fn check_settings_know_their_defaults() {
+        assert!(CheckSettings::default().is_default());
+        let changes: [fn(&mut CheckSettings); 4] = [
+            |c| c.line = Some(CheckLine::default()),
+            |c| c.http_send.push(' '),
+            |c| c.http_expect_alive = ExpectAlive::from_bits(1).unwrap(),
+            |c| c.keepalive_requests = 2,
+        ];
+        for change in changes {
+            let mut c = CheckSettings::default();
+            change(&mut c);
+            assert!(!c.is_default(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_one_upstream_in_any_case() {
+        let mut t = Table::default();
+        t.upsert(Upstream::new("Foo.Example", vec![]));
+        t.upsert(Upstream::new(
+            "FOO.example",
+            vec![ServerSpec::new(inet("10.0.0.1:80"))],
+        ));
+        assert_eq!(t.names().collect::<Vec<_>>(), ["Foo.Example"]);
+        assert_eq!(t.get("foo.example").unwrap().servers.len(), 1);
+        assert!(t.get_mut("FOO.EXAMPLE").is_some());
+        assert_eq!(name_key("Foo.Example"), "foo.example");
+        assert!(matches!(name_key("foo"), std::borrow::Cow::Borrowed(_)));
+        assert!(t.remove("foo.EXAMPLE").is_some());
+        assert!(t.upstreams.is_empty());
     }
 
     #[test]

@@ -54,8 +54,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{
-    check_http_send, check_name, Address, Change, CheckLine, CheckSettings, CheckType, ExpectAlive,
-    ServerSpec, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
+    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
+    Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
     DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_REQUESTS,
     DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
     MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
@@ -181,7 +181,7 @@ fn extension_is_default(u: &Upstream) -> bool {
     u.keepalive_requests == DEFAULT_KEEPALIVE_REQUESTS
         && u.keepalive_time == DEFAULT_KEEPALIVE_TIME
         && u.keepalive_timeout == DEFAULT_KEEPALIVE_TIMEOUT
-        && u.check == CheckSettings::default()
+        && u.check.is_default()
         && u.servers.iter().all(|s| s.max_conns == 0)
 }
 
@@ -643,6 +643,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::CheckSettings;
 
     /// Every setting off its default, on the first upstream.
     fn settings(u: &mut Upstream) {
