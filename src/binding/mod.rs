@@ -20,7 +20,7 @@ use crate::model::Table as UpstreamTable;
 use crate::policy::Policy;
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::render_server;
+use crate::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
@@ -720,6 +720,7 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
         t.set("host", s.addr.host())?;
         t.set("port", s.addr.port())?;
         t.set("weight", s.weight)?;
+        t.set("max_conns", s.max_conns)?;
         t.set("max_fails", s.max_fails)?;
         t.set("fail_timeout", s.fail_timeout)?;
         t.set("backup", s.backup)?;
@@ -731,6 +732,28 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     t.set("name", u.name.as_str())?;
     t.set("policy", u.policy.to_string())?;
     t.set("keepalive", u.keepalive)?;
+    t.set("keepalive_requests", u.keepalive_requests)?;
+    t.set("keepalive_time", u.keepalive_time)?;
+    t.set("keepalive_timeout", u.keepalive_timeout)?;
+    if let Some(c) = &u.check.line {
+        let check = lua.create_table()?;
+        check.set("interval", c.interval)?;
+        check.set("rise", c.rise)?;
+        check.set("fall", c.fall)?;
+        check.set("timeout", c.timeout)?;
+        check.set("default_down", c.default_down)?;
+        check.set("type", c.kind.name())?;
+        check.set("port", c.port)?;
+        check.set("jitter", c.jitter)?;
+        t.set("check", check)?;
+    }
+    t.set("check_http_send", u.check.http_send.as_str())?;
+    t.set(
+        "check_http_expect_alive",
+        lua.create_sequence_from(u.check.http_expect_alive.names())?,
+    )?;
+    t.set("check_keepalive_requests", u.check.keepalive_requests)?;
+    t.set("settings", lua.create_sequence_from(setting_lines(&u))?)?;
     t.set("servers", servers)?;
     Ok(Ok(t))
 }
