@@ -661,7 +661,8 @@ impl StateFile {
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
-        self.copy.save(self.id, next, &payload);
+        self.copy
+            .save(self.id, next, &payload.base, &payload.extension);
         if opts.durable {
             self.map
                 .flush(COMMIT_WORD, 8)
@@ -887,12 +888,13 @@ enum Place<'a> {
     /// Only where there is no file yet: of two creators, one wins, and
     /// forgets the copy of whatever file was at the path before.
     Create,
-    /// Over whatever is there, atomically, after saving its table (`payload`,
-    /// at `generation`) in `copy` under the new file's name.
+    /// Over whatever is there, atomically, after saving its table (`payload`:
+    /// base and extension, at `generation`) in `copy` under the new file's
+    /// name.
     Replace {
         copy: &'a CopyFile,
         generation: u64,
-        payload: &'a [u8],
+        payload: (&'a [u8], &'a [u8]),
     },
 }
 
@@ -936,11 +938,12 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
     Ok(bytes)
 }
 
-/// The encoded payload in slot 0 of an `image` of `geometry`.
-fn image_payload(geometry: Geometry, bytes: &[u8]) -> &[u8] {
+/// The encoded payload in slot 0 of an `image` of `geometry`: its base and
+/// its extension.
+fn image_payload(geometry: Geometry, bytes: &[u8]) -> (&[u8], &[u8]) {
     let slot = geometry.slot_offset(0) as usize;
     let h = SlotHeader::from_bytes(&bytes[slot..slot + SLOT_HEADER as usize]);
-    &bytes[slot + SLOT_HEADER as usize..][..h.len as usize]
+    bytes[slot + SLOT_HEADER as usize..][..h.total_len() as usize].split_at(h.len as usize)
 }
 
 /// Writes `bytes` beside `path` and moves them into place, so no process
@@ -983,7 +986,8 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
                 generation,
                 payload,
             } => {
-                copy.save(FileId::of(&f.metadata()?), generation, payload);
+                let (base, extension) = payload;
+                copy.save(FileId::of(&f.metadata()?), generation, base, extension);
                 std::fs::rename(&tmp, path)
             }
         }
