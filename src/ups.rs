@@ -56,6 +56,13 @@ fn refuse(status: u16, msg: &str) -> Reply {
     reply(status, msg, [(); 0])
 }
 
+/// A request refused before it reached the table (a precondition header, a
+/// query too long to read whole): 400 with `data` naming the target server,
+/// as every other failure does.
+pub fn refused(msg: &str, server: &Arg) -> Reply {
+    reply(400, msg, target(server))
+}
+
 /// `data` of a request naming `server`: the server in a list, as nginx
 /// spells the address when it is one, else as given; empty without one.
 fn target(server: &Arg) -> Vec<String> {

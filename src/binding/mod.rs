@@ -1054,10 +1054,13 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         // server in every upstream.
         return respond(
             lua,
-            ups_refusal(&format!(
-                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
-                ups::USAGE
-            )),
+            ups::refused(
+                &format!(
+                    "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                    ups::USAGE
+                ),
+                &query_arg(&args, "server"),
+            ),
         );
     }
     if let Some(header) = ups_precondition(&ngx)? {
@@ -1066,10 +1069,13 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
         return respond(
             lua,
-            ups_refusal(&format!(
-                "/ups does not evaluate {header}: nothing changed; send the request without it, \
-                 or use the REST interface's If-Match"
-            )),
+            ups::refused(
+                &format!(
+                    "/ups does not evaluate {header}: nothing changed; send the request without it, \
+                     or use the REST interface's If-Match"
+                ),
+                &query_arg(&args, "server"),
+            ),
         );
     }
     let reply = match store() {
@@ -1101,13 +1107,6 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// Query arguments `/ups` reads; a request with more is refused.
 const UPS_MAX_ARGS: i64 = 100;
-
-fn ups_refusal(msg: &str) -> ups::Reply {
-    ups::Reply {
-        status: 400,
-        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
-    }
-}
 
 /// The first conditional header a `/ups` request carries, if any.
 /// `If-Modified-Since` is not one: nginx ignores it without a
