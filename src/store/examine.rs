@@ -1,0 +1,529 @@
+//! A state file examined from outside nginx, field by field, with its copy:
+//! what `dyups inspect` shows and what `dyups repair` rebuilds from.
+//!
+//! The file is read whole while holding its writer lock (the same `flock`
+//! every writer takes), so no write publishes meanwhile and the commit word
+//! and both slots are seen as one writer left them. Nothing is trusted
+//! before it is checked: a damaged header, a file cut short or a slot of
+//! garbage is reported field by field, and the verdict is the one nginx's
+//! `init` gives for the same bytes ([`inspect_image`]).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::codec::{self, Payload};
+use super::copy_file::{path_for, CopyFile, FileId};
+use super::layout::{
+    self, Geometry, SlotHeader, COMMIT_WORD, FIXED_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC,
+    MAX_GENERATION, SLOT_HEADER, WORKER_ENTRIES, WORKER_ENTRY, WORKER_TABLE,
+};
+use super::{inspect_image, io_error, pid_alive, Snapshot, Wait};
+use crate::model::Table;
+use crate::{Error, Result};
+
+/// Everything a state file and its copy say, each part checked.
+#[derive(Clone, Debug, Serialize)]
+pub struct Examination {
+    pub path: PathBuf,
+    /// Its length on disk.
+    pub len: u64,
+    /// No damage: `init` takes it as it is and the workers route by its
+    /// active slot.
+    pub sound: bool,
+    /// Why it is not sound, as `init` (or a worker's check) says it.
+    pub damage: Option<String>,
+    pub header: HeaderReport,
+    /// The commit word, when the file is long enough to hold one.
+    pub commit: Option<CommitReport>,
+    /// Both slots, when the header says where they are.
+    pub slots: Vec<SlotReport>,
+    /// The table readers use: the active slot's, or the previous table when
+    /// only that one is whole.
+    pub table: Option<TableReport>,
+    /// Every entry of the worker table in use, live or not.
+    pub workers: Vec<WorkerReport>,
+    pub cells: Option<CellReport>,
+    pub copy: CopyReport,
+    #[serde(skip)]
+    pub(super) snapshot: Option<Snapshot>,
+    #[serde(skip)]
+    pub(super) id: FileId,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HeaderReport {
+    /// The magic bytes of an ngx.dyups state file are there.
+    pub magic: bool,
+    /// The format version as written, and the one this build reads.
+    pub format_version: Option<u32>,
+    pub supported_version: u32,
+    /// The geometry the fixed fields give, when their checksum holds
+    /// (whether or not the file is as long as they say).
+    pub file_len: Option<u64>,
+    pub slot_len: Option<u64>,
+    pub worker_entries: Option<u32>,
+    pub peer_cells: Option<u32>,
+    /// Why the header is refused, if it is.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CommitReport {
+    pub generation: u64,
+    pub active_slot: u64,
+    /// A generation no writer makes (beyond 2^53 - 1): the word is damaged.
+    pub plausible: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotReport {
+    pub index: u64,
+    pub active: bool,
+    /// As its header says (untrusted unless `error` is empty).
+    pub generation: u64,
+    pub payload_len: u64,
+    pub checksum_ok: bool,
+    /// The version of the table it holds, when it is whole and decodes.
+    pub version: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TableReport {
+    pub version: u64,
+    pub slot: u64,
+    pub upstreams: usize,
+    pub servers: usize,
+    /// Why the active slot's table is not the one read, when it is not.
+    pub fallback: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct WorkerReport {
+    pub pid: u32,
+    /// The generation this worker routes by.
+    pub applied: u64,
+    /// A dead worker's entry is ignored (and reused by the next one).
+    pub alive: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CellReport {
+    /// Cells of shared peer state the table's servers hold.
+    pub used: usize,
+    pub total: u32,
+    /// Servers without a cell (the zone was full): they balance per worker.
+    pub servers_without: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CopyReport {
+    pub path: PathBuf,
+    pub present: bool,
+    /// Why it could not be read, when it is present.
+    pub error: Option<String>,
+    pub slots: Vec<CopySlotReport>,
+    /// The newest generation it holds of this state file.
+    pub newest: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CopySlotReport {
+    pub index: u64,
+    /// The generation of this state file's table it holds.
+    pub generation: Option<u64>,
+    /// Why it holds none of this file (empty, of another file, damaged).
+    pub error: Option<String>,
+}
+
+impl Examination {
+    /// The table readers route by, with its version, when there is one.
+    pub fn table(&self) -> Option<(u64, &Table)> {
+        self.snapshot.as_ref().map(|s| (s.version, &s.table))
+    }
+
+    /// The newest table the copy holds of this file.
+    pub(super) fn copy_table(&self) -> Option<Payload> {
+        self.copy_file()?.newest(self.id)
+    }
+
+    fn copy_file(&self) -> Option<CopyFile> {
+        copy_of(&self.path, self.geometry())
+    }
+
+    /// The geometry the header's fixed fields give, when they check.
+    pub(super) fn geometry(&self) -> Option<Geometry> {
+        let h = &self.header;
+        Some(Geometry {
+            slot_len: h.slot_len?,
+            file_len: h.file_len?,
+            workers: h.worker_entries?,
+            cells: h.peer_cells?,
+        })
+    }
+}
+
+/// The copy of the file at `path`, sized by the file's geometry when its
+/// header says it, else by the copy's own length.
+fn copy_of(path: &Path, geometry: Option<Geometry>) -> Option<CopyFile> {
+    match geometry {
+        Some(g) => Some(CopyFile::new(path, g)),
+        None => CopyFile::sized_by_itself(path),
+    }
+}
+
+/// The file at a path, open and holding its writer lock (released when
+/// dropped, with the descriptor).
+pub(super) struct LockedFile {
+    pub file: File,
+    pub id: FileId,
+}
+
+/// Opens the file at `path` and takes its writer lock, waiting as `wait`
+/// says. Makes sure the lock is on the file now at the path: a worker that
+/// restored it meanwhile put another file there, which is opened instead.
+/// `Ok(None)` when there is no file.
+pub(super) fn lock_path(path: &Path, wait: Wait) -> Result<Option<LockedFile>> {
+    let started = Instant::now();
+    let limit = match wait {
+        Wait::Try => Duration::ZERO,
+        Wait::For(d) => d,
+    };
+    loop {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open", path, e)),
+        };
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_error("lock", path, e)),
+            }
+            if started.elapsed() >= limit {
+                return Err(Error::Busy(format!(
+                    "could not lock state file {}: another writer held it for more than {} ms",
+                    path.display(),
+                    limit.as_millis()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        let meta = file.metadata().map_err(|e| io_error("stat", path, e))?;
+        match std::fs::metadata(path) {
+            Ok(m) if (m.dev(), m.ino()) == (meta.dev(), meta.ino()) => {
+                return Ok(Some(LockedFile {
+                    file,
+                    id: FileId::of(&meta),
+                }))
+            }
+            // Replaced (or deleted) while we waited: look at what is there.
+            _ => continue,
+        }
+    }
+}
+
+/// Examines the state file at `path` and its copy (see the module doc).
+/// `Ok(None)` when there is no file.
+pub fn examine_file(path: &Path, wait: Wait) -> Result<Option<Examination>> {
+    let Some(mut locked) = lock_path(path, wait)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    locked
+        .file
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_error("read", path, e))?;
+    Ok(Some(examine_bytes(path, &bytes, locked.id)))
+}
+
+/// Examines the bytes of the state file at `path` (the inode `id`).
+pub(super) fn examine_bytes(path: &Path, bytes: &[u8], id: FileId) -> Examination {
+    let shown = path.display().to_string();
+    let len = bytes.len() as u64;
+    let header = header_report(bytes, &shown);
+    let geometry = header_geometry(bytes);
+    let commit = (bytes.len() >= COMMIT_WORD + 8).then(|| {
+        let word = u64::from_ne_bytes(bytes[COMMIT_WORD..COMMIT_WORD + 8].try_into().unwrap());
+        let generation = layout::generation_of(word);
+        CommitReport {
+            generation,
+            active_slot: layout::slot_of(word),
+            plausible: generation <= MAX_GENERATION,
+        }
+    });
+    let slots = geometry
+        .map(|g| {
+            (0..2)
+                .map(|i| slot_report(bytes, g, i, commit))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The verdict `init` gives for these bytes.
+    let (snapshot, damage) = if header.error.is_some() {
+        (None, header.error.clone())
+    } else {
+        match inspect_image(bytes, &shown) {
+            Ok(s) => {
+                let why = s
+                    .fallback
+                    .as_ref()
+                    .map(|f| format!("state file {shown}: {f}"));
+                (Some(s), why)
+            }
+            Err(e) => (None, Some(e.to_string())),
+        }
+    };
+    let table = snapshot.as_ref().map(|s| TableReport {
+        version: s.version,
+        slot: s.slot,
+        upstreams: s.table.upstreams.len(),
+        servers: s.table.upstreams.iter().map(|u| u.servers.len()).sum(),
+        fallback: s.fallback.clone(),
+    });
+    let cells = match (&snapshot, geometry) {
+        (Some(s), Some(g)) => Some(cell_report(&s.table, g)),
+        _ => None,
+    };
+    let copy = copy_report(path, geometry, id);
+    Examination {
+        path: path.to_path_buf(),
+        len,
+        sound: damage.is_none(),
+        damage,
+        header,
+        commit,
+        slots,
+        table,
+        workers: worker_reports(bytes, geometry),
+        cells,
+        copy,
+        snapshot,
+        id,
+    }
+}
+
+fn header_report(bytes: &[u8], shown: &str) -> HeaderReport {
+    let fixed = &bytes[..bytes.len().min(FIXED_LEN)];
+    let geometry = header_geometry(bytes);
+    HeaderReport {
+        magic: fixed.len() >= MAGIC.len() && fixed[..MAGIC.len()] == MAGIC,
+        format_version: (fixed.len() >= 12)
+            .then(|| u32::from_le_bytes(fixed[8..12].try_into().unwrap())),
+        supported_version: FORMAT_VERSION,
+        file_len: geometry.map(|g| g.file_len),
+        slot_len: geometry.map(|g| g.slot_len),
+        worker_entries: geometry.map(|g| g.workers),
+        peer_cells: geometry.map(|g| g.cells),
+        error: Geometry::parse(fixed, bytes.len() as u64, shown)
+            .err()
+            .map(|e| e.to_string()),
+    }
+}
+
+/// The geometry the fixed fields give when they check, however long the
+/// file is (a file cut short keeps its header).
+fn header_geometry(bytes: &[u8]) -> Option<Geometry> {
+    let fixed = &bytes[..bytes.len().min(FIXED_LEN)];
+    Geometry::parse(fixed, u64::MAX, "").ok()
+}
+
+fn slot_report(bytes: &[u8], g: Geometry, i: u64, commit: Option<CommitReport>) -> SlotReport {
+    let active = commit.is_some_and(|c| c.active_slot == i);
+    let mut report = SlotReport {
+        index: i,
+        active,
+        generation: 0,
+        payload_len: 0,
+        checksum_ok: false,
+        version: None,
+        error: None,
+    };
+    let off = g.slot_offset(i) as usize;
+    let Some(head) = bytes.get(off..off + SLOT_HEADER as usize) else {
+        report.error = Some("beyond the end of the file (cut short)".into());
+        return report;
+    };
+    let h = SlotHeader::from_bytes(head);
+    report.generation = h.generation;
+    report.payload_len = h.len;
+    if h.len > g.payload_capacity() {
+        report.error = Some(format!("payload length {} exceeds the slot", h.len));
+        return report;
+    }
+    let start = off + SLOT_HEADER as usize;
+    let Some(payload) = bytes.get(start..start + h.len as usize) else {
+        report.error = Some("its payload runs past the end of the file (cut short)".into());
+        return report;
+    };
+    report.checksum_ok = h.matches(payload);
+    if !report.checksum_ok {
+        report.error = Some("checksum mismatch".into());
+        return report;
+    }
+    match codec::decode(payload, None) {
+        Ok(p) if p.version == h.generation => report.version = Some(p.version),
+        Ok(p) => {
+            report.error = Some(format!(
+                "table version {} differs from the slot's {}",
+                p.version, h.generation
+            ))
+        }
+        Err(why) => report.error = Some(why),
+    }
+    if let (Some(c), None) = (commit, &report.error) {
+        if active && h.generation != c.generation {
+            report.error = Some(format!(
+                "holds generation {}, the commit word says {}",
+                h.generation, c.generation
+            ));
+        }
+    }
+    report
+}
+
+/// The tables of both slots that check, newest first: what a repair may
+/// rebuild from. Only with a header that checks (the slots are where it
+/// says) and a plausible commit word, and only tables that word published:
+/// a writer killed before publishing leaves a whole table in the other
+/// slot that no one was ever told about.
+pub(super) fn published_slots(bytes: &[u8]) -> Vec<(u64, Payload)> {
+    let Some(g) = header_geometry(bytes) else {
+        return Vec::new();
+    };
+    let Some(word) = bytes.get(COMMIT_WORD..COMMIT_WORD + 8) else {
+        return Vec::new();
+    };
+    let generation = layout::generation_of(u64::from_ne_bytes(word.try_into().unwrap()));
+    if generation > MAX_GENERATION {
+        return Vec::new();
+    }
+    let mut out: Vec<(u64, Payload)> = (0..2)
+        .filter_map(|i| {
+            let off = g.slot_offset(i) as usize;
+            let h = SlotHeader::from_bytes(bytes.get(off..off + SLOT_HEADER as usize)?);
+            if h.len > g.payload_capacity() || h.generation > generation {
+                return None;
+            }
+            let start = off + SLOT_HEADER as usize;
+            let payload = bytes.get(start..start + h.len as usize)?;
+            if !h.matches(payload) {
+                return None;
+            }
+            let p = codec::decode(payload, None).ok()?;
+            (p.version == h.generation).then_some((i, p))
+        })
+        .collect();
+    out.sort_by_key(|(_, p)| std::cmp::Reverse(p.version));
+    out
+}
+
+/// The highest generation anything in the file claims that can be
+/// believed: a rebuilt file's version goes above it, so that a client's
+/// expected version of the damaged file matches nothing.
+pub(super) fn highest_generation(bytes: &[u8]) -> u64 {
+    let Some(g) = header_geometry(bytes) else {
+        return 0;
+    };
+    let commit = bytes
+        .get(COMMIT_WORD..COMMIT_WORD + 8)
+        .map(|w| layout::generation_of(u64::from_ne_bytes(w.try_into().unwrap())))
+        .filter(|&gen| gen <= MAX_GENERATION)
+        .unwrap_or(0);
+    let slots = (0..2).filter_map(|i| {
+        let off = g.slot_offset(i) as usize;
+        let h = SlotHeader::from_bytes(bytes.get(off..off + SLOT_HEADER as usize)?);
+        let start = off + SLOT_HEADER as usize;
+        let payload = bytes.get(start..start.checked_add(h.len as usize)?)?;
+        h.matches(payload).then_some(h.generation)
+    });
+    slots
+        .filter(|&gen| gen <= MAX_GENERATION)
+        .fold(commit, u64::max)
+}
+
+fn worker_reports(bytes: &[u8], geometry: Option<Geometry>) -> Vec<WorkerReport> {
+    if (bytes.len() as u64) < HEADER_LEN {
+        return Vec::new();
+    }
+    let entries = geometry.map_or(WORKER_ENTRIES, |g| g.workers) as usize;
+    (0..entries)
+        .filter_map(|i| {
+            let at = WORKER_TABLE + i * WORKER_ENTRY;
+            let entry = bytes.get(at..at + WORKER_ENTRY)?;
+            // Atomics of this host: native byte order.
+            let pid = u32::from_ne_bytes(entry[0..4].try_into().unwrap());
+            let applied = u64::from_ne_bytes(entry[8..16].try_into().unwrap());
+            (pid != 0).then(|| WorkerReport {
+                pid,
+                applied,
+                alive: pid_alive(pid),
+            })
+        })
+        .collect()
+}
+
+fn cell_report(table: &Table, g: Geometry) -> CellReport {
+    let mut used = HashSet::new();
+    let mut without = 0;
+    for u in &table.upstreams {
+        for i in 0..u.servers.len() {
+            let p = u.peer(i);
+            if p.is_none() || p.index >= g.cells {
+                without += 1;
+            } else {
+                used.insert(p.index);
+            }
+        }
+    }
+    CellReport {
+        used: used.len(),
+        total: g.cells,
+        servers_without: without,
+    }
+}
+
+fn copy_report(path: &Path, geometry: Option<Geometry>, id: FileId) -> CopyReport {
+    let copy_path = path_for(path);
+    let mut report = CopyReport {
+        path: copy_path.clone(),
+        present: copy_path.exists(),
+        error: None,
+        slots: Vec::new(),
+        newest: None,
+    };
+    if !report.present {
+        return report;
+    }
+    let Some(copy) = copy_of(path, geometry) else {
+        report.error = Some("too short to hold a slot".into());
+        return report;
+    };
+    match copy.slots(id) {
+        Err(e) => report.error = Some(format!("could not read it: {e}")),
+        Ok(slots) => {
+            for (i, s) in slots.into_iter().enumerate() {
+                let (generation, error) = match s {
+                    Ok(p) => (Some(p.version), None),
+                    Err(why) => (None, Some(why)),
+                };
+                report.slots.push(CopySlotReport {
+                    index: i as u64,
+                    generation,
+                    error,
+                });
+            }
+            report.newest = report.slots.iter().filter_map(|s| s.generation).max();
+        }
+    }
+    report
+}
