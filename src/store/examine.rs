@@ -21,7 +21,7 @@ use super::codec::{self, Payload};
 use super::copy_file::{path_for, CopyFile, FileId};
 use super::layout::{
     self, Geometry, SlotHeader, COMMIT_WORD, FIXED_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC,
-    MAX_GENERATION, SLOT_HEADER, WORKER_ENTRIES, WORKER_ENTRY, WORKER_TABLE,
+    MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
 };
 use super::{inspect_image, io_error, pid_alive, Snapshot, Wait};
 use crate::model::Table;
@@ -252,7 +252,9 @@ pub(super) fn examine_bytes(path: &Path, bytes: &[u8], id: FileId) -> Examinatio
     let len = bytes.len() as u64;
     let header = header_report(bytes, &shown);
     let geometry = header_geometry(bytes);
-    let commit = (bytes.len() >= COMMIT_WORD + 8).then(|| {
+    // The commit word and the worker table are where a header that checks
+    // says they are; in a wrecked header they are noise.
+    let commit = (geometry.is_some() && bytes.len() >= COMMIT_WORD + 8).then(|| {
         let word = u64::from_ne_bytes(bytes[COMMIT_WORD..COMMIT_WORD + 8].try_into().unwrap());
         let generation = layout::generation_of(word);
         CommitReport {
@@ -353,6 +355,10 @@ fn slot_report(bytes: &[u8], g: Geometry, i: u64, commit: Option<CommitReport>) 
         report.error = Some("beyond the end of the file (cut short)".into());
         return report;
     };
+    if head.iter().all(|&b| b == 0) {
+        report.error = Some("empty (never written)".into());
+        return report;
+    }
     let h = SlotHeader::from_bytes(head);
     report.generation = h.generation;
     report.payload_len = h.len;
@@ -400,13 +406,9 @@ pub(super) fn published_slots(bytes: &[u8]) -> Vec<(u64, Payload)> {
     let Some(g) = header_geometry(bytes) else {
         return Vec::new();
     };
-    let Some(word) = bytes.get(COMMIT_WORD..COMMIT_WORD + 8) else {
+    let Some(generation) = published_generation(bytes) else {
         return Vec::new();
     };
-    let generation = layout::generation_of(u64::from_ne_bytes(word.try_into().unwrap()));
-    if generation > MAX_GENERATION {
-        return Vec::new();
-    }
     let mut out: Vec<(u64, Payload)> = (0..2)
         .filter_map(|i| {
             let off = g.slot_offset(i) as usize;
@@ -427,6 +429,15 @@ pub(super) fn published_slots(bytes: &[u8]) -> Vec<(u64, Payload)> {
     out
 }
 
+/// The generation the commit word says was published last, when the header
+/// checks and the word is one a writer could have made.
+pub(super) fn published_generation(bytes: &[u8]) -> Option<u64> {
+    header_geometry(bytes)?;
+    let word = bytes.get(COMMIT_WORD..COMMIT_WORD + 8)?;
+    let generation = layout::generation_of(u64::from_ne_bytes(word.try_into().unwrap()));
+    (generation <= MAX_GENERATION).then_some(generation)
+}
+
 /// The highest generation anything in the file claims that can be
 /// believed: a rebuilt file's version goes above it, so that a client's
 /// expected version of the damaged file matches nothing.
@@ -434,11 +445,7 @@ pub(super) fn highest_generation(bytes: &[u8]) -> u64 {
     let Some(g) = header_geometry(bytes) else {
         return 0;
     };
-    let commit = bytes
-        .get(COMMIT_WORD..COMMIT_WORD + 8)
-        .map(|w| layout::generation_of(u64::from_ne_bytes(w.try_into().unwrap())))
-        .filter(|&gen| gen <= MAX_GENERATION)
-        .unwrap_or(0);
+    let commit = published_generation(bytes).unwrap_or(0);
     let slots = (0..2).filter_map(|i| {
         let off = g.slot_offset(i) as usize;
         let h = SlotHeader::from_bytes(bytes.get(off..off + SLOT_HEADER as usize)?);
@@ -452,11 +459,13 @@ pub(super) fn highest_generation(bytes: &[u8]) -> u64 {
 }
 
 fn worker_reports(bytes: &[u8], geometry: Option<Geometry>) -> Vec<WorkerReport> {
+    let Some(g) = geometry else {
+        return Vec::new();
+    };
     if (bytes.len() as u64) < HEADER_LEN {
         return Vec::new();
     }
-    let entries = geometry.map_or(WORKER_ENTRIES, |g| g.workers) as usize;
-    (0..entries)
+    (0..g.workers as usize)
         .filter_map(|i| {
             let at = WORKER_TABLE + i * WORKER_ENTRY;
             let entry = bytes.get(at..at + WORKER_ENTRY)?;

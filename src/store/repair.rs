@@ -97,6 +97,16 @@ pub fn repair(path: &Path, opts: &RepairOptions) -> Result<Repair> {
                     found.copy.path.display()
                 )));
             };
+            if let Some(last) = examine::published_generation(&bytes).filter(|&g| g > p.version) {
+                // The change of `last` is only in the memory of workers
+                // that applied it, which restore it themselves.
+                return Err(Error::Internal(format!(
+                    "{damage}; the newest sound table, in {from}, is version {}, but the file published version {last}, which neither its slots nor its copy {} hold: rebuilding would lose that change, so nothing was changed. nginx's workers that applied it restore the file themselves; to rebuild from version {} anyway, `dyups dump` it to a file and give that to --from",
+                    p.version,
+                    found.copy.path.display(),
+                    p.version
+                )));
+            }
             (p.table, format!("{from} (version {})", p.version))
         }
     };
