@@ -317,6 +317,65 @@ mod tests {
     }
 
     #[test]
+    fn put_upstreams_creates_replaces_keeps_and_with_replace_deletes() {
+        let mut t = table();
+        let kept = t.upstreams[1].clone();
+        let given = crate::syntax::parse_upstream_file(
+            "upstream other { server 127.0.0.1:8090; server 127.0.0.1:8091; }\n\
+             upstream local { server 10.0.0.1:80; }\n\
+             upstream new { least_conn; server 10.0.0.2:80; }",
+        )
+        .unwrap();
+        let put = put_upstreams(&mut t, &given, false).unwrap();
+        assert_eq!(
+            put,
+            Put {
+                created: vec!["new".into()],
+                replaced: vec!["local".into()],
+                unchanged: vec!["other".into()],
+                deleted: vec![],
+            }
+        );
+        // The unchanged upstream is the same one: its balancing state stays.
+        assert!(std::sync::Arc::ptr_eq(&t.upstreams[1], &kept));
+        assert_eq!(t.names().collect::<Vec<_>>(), ["local", "other", "new"]);
+        assert_eq!(t.get("local").unwrap().servers.len(), 1);
+
+        let only =
+            crate::syntax::parse_upstream_file("upstream new { server 10.0.0.3:80; }").unwrap();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.deleted, ["local", "other"]);
+        assert_eq!(put.replaced, ["new"]);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["new"]);
+        // Putting it again changes nothing.
+        let before = t.clone();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.unchanged, ["new"]);
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn put_upstreams_refuses_as_a_whole() {
+        let mut t = table();
+        let before = t.clone();
+        let big: String = (0..=SERVERS_MAX)
+            .map(|i| format!("server 10.0.{}.{}:80;", i / 250, i % 250 + 1))
+            .collect();
+        let given = crate::syntax::parse_upstream_file(&format!(
+            "upstream fine {{ server 10.0.0.1:80; }} upstream big {{ {big} }}"
+        ))
+        .unwrap();
+        let err = put_upstreams(&mut t, &given, true).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(
+            err.to_string()
+                .contains("upstream big would have 1001 servers"),
+            "{err}"
+        );
+        assert_eq!(t, before);
+    }
+
+    #[test]
     fn update_creates_replaces_and_rejects_bad_input_unchanged() {
         let mut t = table();
         update(&mut t, "local", "server 10.0.0.1:80 weight=2;").unwrap();

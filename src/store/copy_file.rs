@@ -254,7 +254,10 @@ impl CopyFile {
             return Err("not a copy slot (bad magic)".into());
         }
         if u32_at(8) != COPY_VERSION {
-            return Err(format!("copy format version {}, this build reads version {COPY_VERSION}", u32_at(8)));
+            return Err(format!(
+                "copy format version {}, this build reads version {COPY_VERSION}",
+                u32_at(8)
+            ));
         }
         if named != of {
             return Err(format!("generation {generation} of another state file"));
@@ -273,7 +276,10 @@ impl CopyFile {
         }
         let p = codec::decode(&payload, None)?;
         if p.version != generation {
-            return Err(format!("table version {} differs from the slot's {generation}", p.version));
+            return Err(format!(
+                "table version {} differs from the slot's {generation}",
+                p.version
+            ));
         }
         Ok(p)
     }

@@ -264,11 +264,7 @@ pub(super) fn examine_bytes(path: &Path, bytes: &[u8], id: FileId) -> Examinatio
         }
     });
     let slots = geometry
-        .map(|g| {
-            (0..2)
-                .map(|i| slot_report(bytes, g, i, commit))
-                .collect()
-        })
+        .map(|g| (0..2).map(|i| slot_report(bytes, g, i, commit)).collect())
         .unwrap_or_default();
     // The verdict `init` gives for these bytes.
     let (snapshot, damage) = if header.error.is_some() {
@@ -535,4 +531,237 @@ fn copy_report(path: &Path, geometry: Option<Geometry>, id: FileId) -> CopyRepor
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::ops;
+    use crate::store::{StateFile, WriteOptions};
+    use crate::testing::TempDir;
+
+    const NOW: Wait = Wait::Try;
+
+    /// A file at version 3 (both slots written), upstreams a (2 servers)
+    /// and b (1), and its copy.
+    fn written(dir: &TempDir) -> std::sync::Arc<StateFile> {
+        let f = dir.store(&[("a", "server 10.0.0.1:80;")]);
+        let opts = WriteOptions::default();
+        f.write(&opts, |t| ops::update(t, "b", "server 10.0.0.3:80;"))
+            .unwrap();
+        f.write(&opts, |t| {
+            ops::update(t, "a", "server 10.0.0.1:80; server 10.0.0.2:80;")
+        })
+        .unwrap();
+        f
+    }
+
+    fn active_slot(path: &Path) -> u64 {
+        let mut word = [0u8; 8];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut word, COMMIT_WORD as u64)
+            .unwrap();
+        layout::slot_of(u64::from_ne_bytes(word))
+    }
+
+    fn overwrite(path: &Path, at: u64, bytes: &[u8]) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .write_all_at(bytes, at)
+            .unwrap();
+    }
+
+    /// What nginx's `init` says of the file: StateFile::inspect's error,
+    /// or the previous table's reason.
+    fn inits_words(path: &Path) -> Option<String> {
+        match StateFile::inspect(path) {
+            Ok(Some(s)) => s
+                .fallback
+                .map(|f| format!("state file {}: {f}", path.display())),
+            Ok(None) => panic!("no file"),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_sound_file_is_reported_part_by_part() {
+        let dir = TempDir::new();
+        let f = written(&dir);
+        let me = std::process::id();
+        let i = f.register_worker(me).unwrap();
+        f.set_applied(i, 2);
+        // An entry a worker that exited left behind.
+        let gone = f.register_worker(0x7fff_fff0).unwrap();
+        f.set_applied(gone, 1);
+        let e = examine_file(&dir.file(), NOW).unwrap().unwrap();
+        assert!(e.sound, "{:?}", e.damage);
+        assert_eq!(e.damage, None);
+        let g = f.geometry();
+        assert_eq!(e.len, g.file_len);
+        assert_eq!(
+            (
+                e.header.format_version,
+                e.header.file_len,
+                e.header.peer_cells
+            ),
+            (Some(FORMAT_VERSION), Some(g.file_len), Some(g.cells))
+        );
+        let c = e.commit.unwrap();
+        assert_eq!((c.generation, c.active_slot, c.plausible), (3, 0, true));
+        let slots: Vec<_> = e
+            .slots
+            .iter()
+            .map(|s| (s.index, s.active, s.version, s.checksum_ok, s.error.clone()))
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (0, true, Some(3), true, None),
+                (1, false, Some(2), true, None)
+            ]
+        );
+        let t = e.table.as_ref().unwrap();
+        assert_eq!((t.version, t.slot, t.upstreams, t.servers), (3, 0, 2, 3));
+        assert_eq!(e.table().unwrap().1, &f.read().unwrap().table);
+        let c = e.cells.unwrap();
+        assert_eq!((c.used, c.total, c.servers_without), (3, g.cells, 0));
+        let workers: Vec<_> = e
+            .workers
+            .iter()
+            .map(|w| (w.pid, w.applied, w.alive))
+            .collect();
+        assert_eq!(workers, vec![(me, 2, true), (0x7fff_fff0, 1, false)]);
+        assert!(e.copy.present);
+        assert_eq!(e.copy.newest, Some(3));
+        // Generation g in copy slot g & 1.
+        assert_eq!(e.copy.slots[0].generation, Some(2));
+        assert_eq!(e.copy.slots[1].generation, Some(3));
+    }
+
+    #[test]
+    fn each_damage_is_named_in_the_words_init_uses() {
+        type Damage = fn(&Path, Geometry);
+        let damages: [(&str, Damage, &str); 4] = [
+            (
+                "header wrecked",
+                |p, _| overwrite(p, 0, &[0x5a; 64]),
+                "bad magic",
+            ),
+            (
+                "cut short",
+                |p, _| {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(p)
+                        .unwrap()
+                        .set_len(HEADER_LEN + 100)
+                        .unwrap()
+                },
+                "truncated",
+            ),
+            (
+                "active slot wrecked",
+                |p, g| {
+                    overwrite(
+                        p,
+                        g.slot_offset(active_slot(p)) + SLOT_HEADER + 8,
+                        &[0xa5; 16],
+                    )
+                },
+                "using the previous table, version 2",
+            ),
+            (
+                "both slots wrecked",
+                |p, g| {
+                    overwrite(p, g.slot_offset(0), &[0xa5; 64]);
+                    overwrite(p, g.slot_offset(1), &[0xa5; 64]);
+                },
+                "both table slots are unreadable",
+            ),
+        ];
+        for (what, damage, said) in damages {
+            let dir = TempDir::new();
+            let g = written(&dir).geometry();
+            damage(&dir.file(), g);
+            let e = examine_file(&dir.file(), NOW).unwrap().unwrap();
+            assert!(!e.sound, "{what}");
+            let why = e.damage.clone().unwrap();
+            assert_eq!(Some(why.clone()), inits_words(&dir.file()), "{what}");
+            assert!(why.contains(said), "{what}: {why}");
+            assert!(
+                why.contains(&dir.file().display().to_string()),
+                "{what}: {why}"
+            );
+            match what {
+                "header wrecked" => {
+                    assert!(!e.header.magic && e.header.error.is_some());
+                    // Nothing the header would place is shown.
+                    assert!(e.commit.is_none() && e.slots.is_empty() && e.workers.is_empty());
+                    assert!(e.table.is_none());
+                }
+                "cut short" => {
+                    assert_eq!(e.len, HEADER_LEN + 100);
+                    assert!(e.slots[1].error.as_deref().unwrap().contains("cut short"));
+                    assert!(e.table.is_none());
+                }
+                "active slot wrecked" => {
+                    let s = &e.slots[e.commit.unwrap().active_slot as usize];
+                    assert!(s.active && !s.checksum_ok, "{s:?}");
+                    assert_eq!(s.error.as_deref(), Some("checksum mismatch"));
+                    assert_eq!(e.table.as_ref().unwrap().version, 2);
+                    assert!(e.table.as_ref().unwrap().fallback.is_some());
+                }
+                _ => assert!(e.slots.iter().all(|s| s.error.is_some())),
+            }
+            // The copy is not the state file: it still holds the last table.
+            assert_eq!(e.copy.newest, Some(3), "{what}");
+        }
+    }
+
+    #[test]
+    fn no_file_is_none_and_a_held_lock_is_busy() {
+        let dir = TempDir::new();
+        assert!(examine_file(&dir.file(), NOW).unwrap().is_none());
+        written(&dir);
+        // Another open file description of it, as another writer's.
+        let holder = File::open(dir.file()).unwrap();
+        holder.lock().unwrap();
+        let err = examine_file(&dir.file(), Wait::For(Duration::from_millis(20))).unwrap_err();
+        assert_eq!(err.status(), 409, "{err}");
+        holder.unlock().unwrap();
+        assert!(examine_file(&dir.file(), NOW).unwrap().unwrap().sound);
+    }
+
+    #[test]
+    fn a_copy_missing_or_of_another_file_holds_no_table_of_this_one() {
+        let dir = TempDir::new();
+        written(&dir);
+        let copy = path_for(&dir.file());
+        // Another state file, put at the path by rename: the copy is of
+        // the file before.
+        let other = TempDir::new();
+        other.store(&[("z", "server 10.0.0.9:80;")]);
+        std::fs::rename(other.file(), dir.file()).unwrap();
+        let e = examine_file(&dir.file(), NOW).unwrap().unwrap();
+        assert!(e.sound && e.copy.present);
+        assert_eq!(e.copy.newest, None);
+        for s in &e.copy.slots {
+            assert!(
+                s.error
+                    .as_deref()
+                    .unwrap()
+                    .contains("of another state file"),
+                "{s:?}"
+            );
+        }
+        std::fs::remove_file(&copy).unwrap();
+        let e = examine_file(&dir.file(), NOW).unwrap().unwrap();
+        assert!(!e.copy.present && e.copy.slots.is_empty());
+    }
 }

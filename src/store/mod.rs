@@ -40,11 +40,11 @@ use parking_lot::Mutex;
 
 pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
+use self::copy_file::{CopyFile, FileId};
 pub use self::examine::{
     examine_file, CellReport, CommitReport, CopyReport, CopySlotReport, Examination, HeaderReport,
     SlotReport, TableReport, WorkerReport,
 };
-use self::copy_file::{CopyFile, FileId};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
     SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,

@@ -115,7 +115,14 @@ pub fn repair(path: &Path, opts: &RepairOptions) -> Result<Repair> {
         None => found.geometry().map_or_else(
             || {
                 let len = found.len;
-                geometry_for(path, if len >= MIN_FILE_LEN { len } else { DEFAULT_SIZE })
+                geometry_for(
+                    path,
+                    if len >= MIN_FILE_LEN {
+                        len
+                    } else {
+                        DEFAULT_SIZE
+                    },
+                )
             },
             Ok,
         )?,
@@ -230,4 +237,334 @@ fn keep_aside(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
         return Ok(aside);
     }
     unreachable!()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ops;
+    use crate::store::copy_file::path_for;
+    use crate::store::layout::{self, COMMIT_WORD, HEADER_LEN, SLOT_HEADER};
+    use crate::store::{examine_file, Health, WriteOptions};
+    use crate::syntax::parse_upstream_file;
+    use crate::testing::TempDir;
+
+    fn opts() -> RepairOptions {
+        RepairOptions {
+            from: None,
+            size: None,
+            owner: None,
+            wait: Wait::Try,
+        }
+    }
+
+    /// A file at version 2 whose last write (upstream b) is in the active
+    /// slot and the copy, and the table it holds.
+    fn written(dir: &TempDir) -> (Arc<StateFile>, Table) {
+        let f = dir.store(&[("a", "server 10.0.0.1:80;")]);
+        f.write(&WriteOptions::default(), |t| {
+            ops::update(t, "b", "server 10.0.0.2:80;")
+        })
+        .unwrap();
+        let table = f.read().unwrap().table;
+        (f, table)
+    }
+
+    fn wreck_active_slot(path: &Path, g: Geometry) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut word = [0u8; 8];
+        f.read_exact_at(&mut word, COMMIT_WORD as u64).unwrap();
+        let active = layout::slot_of(u64::from_ne_bytes(word));
+        f.write_all_at(&[0xa5; 16], g.slot_offset(active) + SLOT_HEADER + 8)
+            .unwrap();
+    }
+
+    fn wreck_header(path: &Path) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&[0x5a; HEADER_LEN as usize], 0).unwrap();
+    }
+
+    fn names(t: &Table) -> Vec<&str> {
+        t.names().collect()
+    }
+
+    fn files_in(dir: &TempDir) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_wrecked_active_slot_is_rebuilt_from_the_copy_with_the_last_write() {
+        let dir = TempDir::new();
+        let (f, table) = written(&dir);
+        wreck_active_slot(&dir.file(), f.geometry());
+        let damaged = std::fs::read(dir.file()).unwrap();
+        let Repair::Rebuilt {
+            damage,
+            version,
+            from,
+            aside,
+        } = repair(&dir.file(), &opts()).unwrap()
+        else {
+            panic!("not rebuilt")
+        };
+        assert!(damage.contains("slot"), "{damage}");
+        assert!(from.starts_with("the copy "), "{from}");
+        assert_eq!(version, 3);
+        let now = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!((now.version, now.fallback), (3, None));
+        assert_eq!(names(&now.table), names(&table));
+        assert!(now
+            .table
+            .upstreams
+            .iter()
+            .zip(&table.upstreams)
+            .all(|(a, b)| a.same_content(b)));
+        // The damaged bytes, as they were, readable by their owner only.
+        assert_eq!(std::fs::read(&aside).unwrap(), damaged);
+        assert_eq!(std::fs::metadata(&aside).unwrap().mode() & 0o777, 0o600);
+        assert!(aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("state.damaged."));
+        assert_eq!(std::fs::metadata(dir.file()).unwrap().mode() & 0o777, 0o644);
+        // The copy holds the new file's table, so the next damage keeps it.
+        let e = examine_file(&dir.file(), Wait::Try).unwrap().unwrap();
+        assert!(e.sound);
+        assert_eq!(e.copy.newest, Some(3));
+        // No temporary file left.
+        assert_eq!(
+            files_in(&dir),
+            vec![
+                "state".to_owned(),
+                "state.copy".to_owned(),
+                aside.file_name().unwrap().to_string_lossy().into_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrecked_header_is_rebuilt_from_the_copy_and_without_one_nothing_changes() {
+        let dir = TempDir::new();
+        let (f, table) = written(&dir);
+        let g = f.geometry();
+        wreck_header(&dir.file());
+        let Repair::Rebuilt { version, from, .. } = repair(&dir.file(), &opts()).unwrap() else {
+            panic!("not rebuilt")
+        };
+        assert!(from.contains("copy"), "{from}");
+        // Nothing in the wrecked header can be believed: above the copy's.
+        assert_eq!(version, 3);
+        let now = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(names(&now.table), names(&table));
+        // The damaged file's length gave the size its header no longer says.
+        assert_eq!(std::fs::metadata(dir.file()).unwrap().len(), g.file_len);
+
+        wreck_header(&dir.file());
+        std::fs::remove_file(path_for(&dir.file())).unwrap();
+        let before = std::fs::read(dir.file()).unwrap();
+        let listed = files_in(&dir);
+        let err = repair(&dir.file(), &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("bad magic") && err.contains("--from FILE"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+        assert_eq!(files_in(&dir), listed);
+    }
+
+    #[test]
+    fn an_older_slot_is_not_taken_when_a_newer_table_was_published() {
+        let dir = TempDir::new();
+        let (f, _) = written(&dir);
+        wreck_active_slot(&dir.file(), f.geometry());
+        std::fs::remove_file(path_for(&dir.file())).unwrap();
+        let before = std::fs::read(dir.file()).unwrap();
+        let err = repair(&dir.file(), &opts()).unwrap_err().to_string();
+        assert!(err.contains("would lose that change"), "{err}");
+        assert!(
+            err.contains("is version 1") && err.contains("published version 2"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+        assert_eq!(files_in(&dir), vec!["state".to_owned()]);
+    }
+
+    #[test]
+    fn a_file_cut_after_its_published_slot_is_rebuilt_from_that_slot() {
+        let dir = TempDir::new();
+        let f = dir.store(&[("a", "server 10.0.0.1:80;")]);
+        let g = f.geometry();
+        // Version 1 in slot 0, and no copy (only writes make one).
+        assert!(!path_for(&dir.file()).exists());
+        OpenOptions::new()
+            .write(true)
+            .open(dir.file())
+            .unwrap()
+            .set_len(g.slot_offset(1))
+            .unwrap();
+        let Repair::Rebuilt { version, from, .. } = repair(&dir.file(), &opts()).unwrap() else {
+            panic!("not rebuilt")
+        };
+        assert_eq!((version, from.as_str()), (2, "slot 0 (version 1)"));
+        let now = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(names(&now.table), vec!["a"]);
+        assert_eq!(std::fs::metadata(dir.file()).unwrap().len(), g.file_len);
+    }
+
+    #[test]
+    fn a_given_table_replaces_the_damaged_one_above_every_version_it_reached() {
+        let dir = TempDir::new();
+        let (f, _) = written(&dir);
+        wreck_active_slot(&dir.file(), f.geometry());
+        let given = parse_upstream_file("upstream z { server 10.0.0.9:80; }").unwrap();
+        let o = RepairOptions {
+            from: Some((given, "upstream file z.conf".into())),
+            size: Some(64 << 10),
+            ..opts()
+        };
+        let Repair::Rebuilt { version, from, .. } = repair(&dir.file(), &o).unwrap() else {
+            panic!("not rebuilt")
+        };
+        assert_eq!((version, from.as_str()), (3, "upstream file z.conf"));
+        let now = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(names(&now.table), vec!["z"]);
+        assert_eq!(
+            std::fs::metadata(dir.file()).unwrap().len(),
+            Geometry::for_file_len(64 << 10).unwrap().file_len
+        );
+    }
+
+    #[test]
+    fn a_sound_file_is_left_as_it_is_and_a_missing_one_is_only_created_from_a_table() {
+        let dir = TempDir::new();
+        written(&dir);
+        let before = std::fs::read(dir.file()).unwrap();
+        assert_eq!(
+            repair(&dir.file(), &opts()).unwrap(),
+            Repair::Sound { version: 2 }
+        );
+        assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+        assert_eq!(
+            files_in(&dir),
+            vec!["state".to_owned(), "state.copy".to_owned()]
+        );
+
+        let empty = TempDir::new();
+        let err = repair(&empty.file(), &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("there is no state file") && err.contains("state"),
+            "{err}"
+        );
+        assert!(files_in(&empty).is_empty());
+        let given = parse_upstream_file("upstream z { server 10.0.0.9:80; }").unwrap();
+        let o = RepairOptions {
+            from: Some((given, "z.conf".into())),
+            ..opts()
+        };
+        assert_eq!(
+            repair(&empty.file(), &o).unwrap(),
+            Repair::Created { version: 1 }
+        );
+        let now = StateFile::inspect(&empty.file()).unwrap().unwrap();
+        assert_eq!(names(&now.table), vec!["z"]);
+        assert_eq!(std::fs::metadata(empty.file()).unwrap().len(), DEFAULT_SIZE);
+    }
+
+    #[test]
+    fn a_process_mapping_the_damaged_file_moves_to_the_rebuilt_one() {
+        let dir = TempDir::new();
+        let (f, table) = written(&dir);
+        let held = f.read().unwrap();
+        wreck_active_slot(&dir.file(), f.geometry());
+        assert!(matches!(f.examine(), Health::Damaged(_)));
+        let Repair::Rebuilt { version, .. } = repair(&dir.file(), &opts()).unwrap() else {
+            panic!("not rebuilt")
+        };
+        // What a worker's timer does: it sees another file, does not restore
+        // over it, and moves to it.
+        assert_eq!(f.health(), Health::Replaced);
+        assert_eq!(f.restore(&held).unwrap(), None);
+        let err = f
+            .write(&WriteOptions::default(), |t| ops::delete(t, "a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("was replaced"), "{err}");
+        let moved = f.reopen().unwrap();
+        let now = moved.read().unwrap();
+        assert_eq!(now.version, version);
+        assert_eq!(names(&now.table), names(&table));
+        moved
+            .write(&WriteOptions::default(), |t| ops::delete(t, "a"))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_held_lock_makes_it_busy_and_changes_nothing() {
+        let dir = TempDir::new();
+        let (f, _) = written(&dir);
+        wreck_active_slot(&dir.file(), f.geometry());
+        let before = std::fs::read(dir.file()).unwrap();
+        let holder = File::open(dir.file()).unwrap();
+        holder.lock().unwrap();
+        let err = repair(&dir.file(), &opts()).unwrap_err();
+        assert_eq!(err.status(), 409, "{err}");
+        assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+        assert_eq!(
+            files_in(&dir),
+            vec!["state".to_owned(), "state.copy".to_owned()]
+        );
+    }
+
+    #[test]
+    fn the_rebuilt_file_and_its_copy_go_to_the_owner_given() {
+        let dir = TempDir::new();
+        let (f, _) = written(&dir);
+        wreck_active_slot(&dir.file(), f.geometry());
+        // Root may give files to anyone; another user only to itself.
+        let owner = if crate::store::effective_uid() == 0 {
+            (65534, 65534)
+        } else {
+            let m = std::fs::metadata(dir.path()).unwrap();
+            (m.uid(), m.gid())
+        };
+        let o = RepairOptions {
+            owner: Some(owner),
+            ..opts()
+        };
+        assert!(matches!(
+            repair(&dir.file(), &o).unwrap(),
+            Repair::Rebuilt { .. }
+        ));
+        for p in [dir.file(), path_for(&dir.file())] {
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), owner, "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn sizes_read_as_inits_size_option_reads_them() {
+        use crate::store::parse_size;
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size(" 512k"), Some(512 << 10));
+        assert_eq!(parse_size("4M"), Some(4 << 20));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        for bad in ["", "m", "4 m", "4mb", "-1", "1.5m", "99999999999999999999g"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+        assert_eq!(DEFAULT_SIZE, 2 << 20);
+    }
 }

@@ -74,8 +74,7 @@ pub fn run(args: &Parsed) -> Outcome {
                     "--size {text:?} is not a size (e.g. 1048576, 512k, 4m)"
                 ))
             })?;
-            Geometry::for_file_len(size)
-                .map_err(|e| Failure::usage(format!("--size: {e}")))?;
+            Geometry::for_file_len(size).map_err(|e| Failure::usage(format!("--size: {e}")))?;
             size
         }
     };

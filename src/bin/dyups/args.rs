@@ -173,7 +173,11 @@ mod tests {
         ] {
             assert_eq!(run(args).unwrap_err(), said, "{args:?}");
         }
-        assert!(run(&["f"]).unwrap().state().unwrap_err().contains("--state"));
+        assert!(run(&["f"])
+            .unwrap()
+            .state()
+            .unwrap_err()
+            .contains("--state"));
     }
 
     #[test]

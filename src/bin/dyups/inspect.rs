@@ -162,9 +162,10 @@ fn render(f: &Examination) -> String {
         format!(
             "copy {}: {} ({})",
             c.path.display(),
-            c.newest.map_or("holds no table of this file".into(), |g| format!(
-                "sound, newest generation {g}"
-            )),
+            c.newest
+                .map_or("holds no table of this file".into(), |g| format!(
+                    "sound, newest generation {g}"
+                )),
             slots.join("; ")
         )
     });

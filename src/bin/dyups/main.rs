@@ -93,9 +93,9 @@ pub fn emit(text: &str) -> Outcome {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::failed(format!(
-            "could not write the output: {e}"
-        ))),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::failed(format!("could not write the output: {e}")))
+        }
         _ => Ok(()),
     }
 }
