@@ -404,6 +404,35 @@ mod tests {
     }
 
     #[test]
+    fn a_table_written_but_never_published_is_not_taken() {
+        let dir = TempDir::new();
+        let (f, table) = written(&dir);
+        // A writer killed between filling the other slot and publishing it:
+        // a whole table at generation 3 no one was told about.
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f.write_with(
+                &WriteOptions::default(),
+                |t| ops::update(t, "never", "server 10.0.0.7:80;"),
+                || panic!("killed before publishing"),
+            )
+        }));
+        assert!(killed.is_err());
+        wreck_active_slot(&dir.file(), f.geometry());
+        let Repair::Rebuilt { version, from, .. } = repair(&dir.file(), &opts()).unwrap() else {
+            panic!("not rebuilt")
+        };
+        assert!(
+            from.starts_with("the copy ") && from.ends_with("(version 2)"),
+            "{from}"
+        );
+        // Above the unpublished generation too: no client saw it, but a
+        // slot held it.
+        assert_eq!(version, 4);
+        let now = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(names(&now.table), names(&table));
+    }
+
+    #[test]
     fn a_file_cut_after_its_published_slot_is_rebuilt_from_that_slot() {
         let dir = TempDir::new();
         let f = dir.store(&[("a", "server 10.0.0.1:80;")]);
