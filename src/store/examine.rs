@@ -195,7 +195,14 @@ pub(super) fn lock_path(path: &Path, wait: Wait) -> Result<Option<LockedFile>> {
         Wait::Try => Duration::ZERO,
         Wait::For(d) => d,
     };
-    loop {
+    for round in 0u32.. {
+        if round > 0 && started.elapsed() >= limit {
+            return Err(Error::Busy(format!(
+                "could not lock state file {}: it was replaced again and again for {} ms",
+                path.display(),
+                limit.as_millis()
+            )));
+        }
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -230,6 +237,7 @@ pub(super) fn lock_path(path: &Path, wait: Wait) -> Result<Option<LockedFile>> {
             _ => continue,
         }
     }
+    unreachable!()
 }
 
 /// Examines the state file at `path` and its copy (see the module doc).

@@ -175,13 +175,29 @@ fn create_missing(path: &Path, opts: &RepairOptions) -> Result<Repair> {
         )));
     };
     let size = opts.size.unwrap_or(DEFAULT_SIZE);
-    StateFile::open_detached(path, size, || Ok(table.clone()))?;
+    let seeded = std::cell::Cell::new(false);
+    StateFile::open_detached(path, size, || {
+        seeded.set(true);
+        Ok(table.clone())
+    })?;
+    let made = StateFile::inspect(path)?.filter(|s| {
+        s.version == 1
+            && s.table.upstreams.len() == table.upstreams.len()
+            && s.table
+                .upstreams
+                .iter()
+                .zip(&table.upstreams)
+                .all(|(a, b)| a.same_content(b))
+    });
+    if !seeded.get() || made.is_none() {
+        // Another process made a file there first: that one is examined.
+        return repair(path, opts);
+    }
     if let Some((uid, gid)) = opts.owner {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .map_err(|e| io_error("chown", path, e))?;
     }
-    let version = StateFile::inspect(path)?.map_or(1, |s| s.version);
-    Ok(Repair::Created { version })
+    Ok(Repair::Created { version: 1 })
 }
 
 fn geometry_for(path: &Path, size: u64) -> Result<Geometry> {
