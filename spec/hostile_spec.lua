@@ -256,7 +256,10 @@ local function refused_cases(B)
   -- B2 is in local, host1 (backup) and host2 (alone): refused as a whole
   ups("?op=del&server=127.0.0.1:" .. B2, "last available server")
   -- get_uri_args(100): the op after 200 junk arguments is not seen
-  ups("?" .. ("j=1&"):rep(200) .. "op=del&server=" .. A1 .. "&upstream=host1", "missing op")
+  -- Past 100 arguments a request is refused whole, never half-read: a
+  -- dropped `upstream=` would change the server in every upstream.
+  ups("?" .. ("j=1&"):rep(200) .. "op=del&server=" .. A1 .. "&upstream=host1", "more than 100 query arguments")
+  ups("?op=del&server=" .. A1 .. ("&j=1"):rep(99) .. "&upstream=host1", "more than 100 query arguments")
   -- a query over nginx's 8k request-line buffer: nginx's own 414
   add { port = "proxy", method = "GET", path = "/ups?op=del&server=" .. big10k, want = { 414, 400 } }
   -- bad methods on /ups and /ups/check (GET, POST, PUT are allowed)
@@ -328,9 +331,11 @@ local function refused_cases(B)
   P("/upstream/" .. ("n"):rep(6000), 400)
   P("/upstream/nope/other", 404)
   P("/upstream/host1/servers/", { 400, 404 }, "DELETE")
-  P("/upstream/host1/servers/x/../../../nope", 404, "DELETE")
+  -- Routed on the path as sent: a dot segment would make it name something
+  -- else than it says (nginx resolves them in $uri).
+  P("/upstream/host1/servers/x/../../../nope", 400, "DELETE")
   P("/upstream/host1/servers/x/../../../../../../../nope", { 400, 404 }, "DELETE")
-  P("/upstream/host1/../host1/servers/127.0.0.1:1", 404, "DELETE")
+  P("/upstream/host1/../host1/servers/127.0.0.1:1", 400, "DELETE")
   add { method = "DELETE", path = "/upstream/nope%2F..%2F..%2Flist", want = { 400, 405 } }
   add { rawreq = "GET /list\0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", want = 400 }
   add { rawreq = "POST /upstream/a\0b HTTP/1.1\r\nHost: x\r\nContent-Length: 19\r\nConnection: close\r\n\r\n"
@@ -381,7 +386,17 @@ local function refused_cases(B)
   body("fresh", "server 127.0.0.1:1 fail_timeout=-1;", 400, "fail_timeout")
   body("fresh", "server 127.0.0.1:1 fail_timeout=1s1m;", 400, "fail_timeout")
   body("fresh", "server 127.0.0.1:1 slow_start=1s;", 400, 'unknown parameter "slow_start=1s"')
-  body("fresh", "server 127.0.0.1:1 max_conns=3;", 400, "unknown parameter")
+  body("fresh", "server 127.0.0.1:1 max_conns=1000001;", 400, "max_conns must be 0..1000000")
+  body("fresh", "server 127.0.0.1:1 max_conns=-1;", 400, "max_conns must be 0..1000000")
+  body("fresh", "server 127.0.0.1:1 backup=0;", 400, "backup takes no value in nginx")
+  body("fresh", "server 127.0.0.1:1 backup;", 400, "only backup servers")
+  body("fresh", "server 127.0.0.1:1;\ncheck interval=0;", 400, "line 2")
+  body("fresh", "server 127.0.0.1:1;\ncheck rise=0;", 400, "rise must be 1..1000")
+  body("fresh", "server 127.0.0.1:1;\ncheck interval=3000 spin=1;", 400, 'unknown check parameter "spin=1"')
+  body("fresh", "server 127.0.0.1:1;\ncheck type=ajp;", 400, 'check type "ajp" is not supported')
+  body("fresh", "server 127.0.0.1:1;\ncheck_http_send \"GET / HTTP/1.0\\r\\n\\r\\n;", 400, "not closed")
+  body("fresh", "server 127.0.0.1:1;\nzone z 4k;", 400, "too small")
+  body("fresh", "server 127.0.0.1:1;\nsticky cookie srv;", 400, 'unknown directive "sticky"')
   body("fresh", "server 127.0.0.1:1 colour=red;", 400, "colour")
   body("fresh", "server 127.0.0.1:1 weight=2 weight=3;", 400)
   body("fresh", "server 127.0.0.1:1;server 127.0.0.1:1;", 400, "given twice")

@@ -15,6 +15,35 @@ local function uptime()
   return t
 end
 
+--- The line /detail prints for a server with nginx's defaults, as
+--- ngx_http_dyups_module prints it.
+local function detail_line(port)
+  return ("server 127.0.0.1:%d weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n"):format(port)
+end
+
+--- An upstream's JSON with every setting at its default, and `servers`.
+local function json_upstream(name, servers)
+  return {
+    name = name,
+    keepalive_requests = 1000,
+    keepalive_time = 3600000,
+    keepalive_timeout = 60000,
+    check = rest.null,
+    check_http_send = "GET / HTTP/1.0\r\n\r\n",
+    check_http_expect_alive = { "http_2xx", "http_3xx" },
+    check_keepalive_requests = 1,
+    servers = servers,
+  }
+end
+
+--- A server's JSON: nginx's defaults, then `params`.
+local function json_server(addr, params)
+  local s = { addr = addr, weight = 1, max_conns = 0, max_fails = 1, fail_timeout = 10,
+    backup = false, down = false }
+  for k, v in pairs(params or {}) do s[k] = v end
+  return s
+end
+
 local function seed(b1, b2)
   return ("upstream host1 {\n    server 127.0.0.1:%d;\n}\nupstream host2 {\n    server 127.0.0.1:%d;\n}\n")
     :format(b1, b2)
@@ -75,8 +104,8 @@ describe("REST: the source document's transcript", function()
     -- curl 127.0.0.1:8081/detail
     status, body = api(inst, "GET", "/detail")
     assert.are.equal(200, status)
-    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n\n"
-      .. "dyhost\nserver 127.0.0.1:%d\nserver 127.0.0.1:%d\n"):format(B1, B2, B2, B1), body)
+    assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n"
+      .. "dyhost\n" .. detail_line(B2) .. detail_line(B1) .. "\n", body)
 
     -- curl -i -X DELETE 127.0.0.1:8081/upstream/dyhost
     status, body = api(inst, "DELETE", "/upstream/dyhost")
@@ -85,7 +114,7 @@ describe("REST: the source document's transcript", function()
 
     status, body = api(inst, "GET", "/detail")
     assert.are.equal(200, status)
-    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+    assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n", body)
 
     -- curl -i -H "host: dyhost" 127.0.0.1:8080 -> 502 again, in every worker
     list = rest.route(inst, "dyhost", 8)
@@ -193,10 +222,10 @@ describe("REST endpoints", function()
       assert.matches('^"%d+"$', h.etag)
     end)
 
-    it("GET /detail lists each upstream with its server lines", function()
+    it("GET /detail lists each upstream with every parameter of each server, as the module does", function()
       local status, body, h = api(inst, "GET", "/detail")
       assert.are.equal(200, status)
-      assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+      assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n", body)
       assert.matches('^"%d+"$', h.etag)
     end)
 
@@ -257,10 +286,8 @@ describe("REST endpoints", function()
       assert.are.same({
         version = v,
         upstreams = {
-          { name = "host1", servers = { { addr = "127.0.0.1:" .. B1, weight = 1, max_fails = 1,
-            fail_timeout = 10, backup = false, down = false } } },
-          { name = "host2", servers = { { addr = "127.0.0.1:" .. B2, weight = 1, max_fails = 1,
-            fail_timeout = 10, backup = false, down = false } } },
+          json_upstream("host1", { json_server("127.0.0.1:" .. B1) }),
+          json_upstream("host2", { json_server("127.0.0.1:" .. B2) }),
         },
       }, doc)
     end)
@@ -275,14 +302,12 @@ describe("REST endpoints", function()
       assert.are.equal(200, status, body)
       assert.matches("^application/json", h["content-type"])
       local doc = assert(rest.decode(body), "not JSON: " .. body)
-      assert.are.same({
-        version = v,
-        name = "jsonup",
-        servers = {
-          { addr = "127.0.0.1:9001", weight = 2, max_fails = 3, fail_timeout = 4, backup = true, down = false },
-          { addr = "127.0.0.1:9002", weight = 1, max_fails = 1, fail_timeout = 10, backup = false, down = false },
-        },
-      }, doc)
+      local want = json_upstream("jsonup", {
+        json_server("127.0.0.1:9001", { weight = 2, max_fails = 3, fail_timeout = 4, backup = true }),
+        json_server("127.0.0.1:9002"),
+      })
+      want.version = v
+      assert.are.same(want, doc)
       -- text form of the same
       status, body = api(inst, "GET", "/upstream/jsonup")
       assert.are.equal(200, status)
@@ -344,7 +369,7 @@ describe("REST endpoints", function()
     it("a body mixing good and bad lines changes nothing", function()
       local before, v = detail(), version()
       local status, body = api(inst, "POST", "/upstream/host1",
-        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 max_conns=3;\n"):format(B2))
+        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 slow_start=3s;\n"):format(B2))
       assert.are.equal(400, status, body)
       assert.is_truthy(body:find("line 3", 1, true), body)
       assert.are.equal(before, detail())
@@ -359,6 +384,121 @@ describe("REST endpoints", function()
         local status, body = api(inst, "POST", "/upstream/" .. name, "server 127.0.0.1:9001;")
         assert.are.equal(400, status, name .. ": " .. tostring(status) .. " " .. tostring(body))
       end
+      assert.are.equal(v, version())
+    end)
+  end)
+
+  describe("what ngx_http_dyups_module's users send", function()
+    local CHECKS = "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n"
+      .. 'check_http_send "HEAD / HTTP/1.0\\r\\n\\r\\n";\n'
+
+    --- Posts the Tengine-style body of upstream `name`: zone, max_conns and
+    --- the check lines its users resend with every update.
+    local function post_tengine(name)
+      local status, body = api(inst, "POST", "/upstream/" .. name,
+        ("zone %s 64k;\nserver 127.0.0.1:%d max_conns=10;\nserver 127.0.0.1:%d;\n"):format(name, B1, B2)
+          .. CHECKS .. "check_http_expect_alive http_2xx http_3xx;\n")
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+    end
+
+    it("a body with zone, max_conns and the check lines is taken, shown and routed", function()
+      post_tengine("tengine")
+      local status, body = api(inst, "GET", "/upstream/tengine")
+      assert.are.equal(200, status)
+      assert.are.equal(CHECKS .. ("server 127.0.0.1:%d max_conns=10\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+      status, body = api(inst, "GET", "/upstream/tengine?format=json")
+      assert.are.equal(200, status)
+      local doc = rest.decode(body)
+      assert.are.same({ interval = 3000, rise = 2, fall = 5, timeout = 1000, default_down = true,
+        type = "http", port = 0, jitter = 0 }, doc.check)
+      assert.are.equal("HEAD / HTTP/1.0\r\n\r\n", doc.check_http_send)
+      assert.are.equal(10, doc.servers[1].max_conns)
+      status, body = api(inst, "GET", "/detail")
+      assert.are.equal(200, status)
+      assert.is_truthy(body:find("\ntengine\n" .. detail_line(B1):gsub("max_conns=0", "max_conns=10")
+        .. detail_line(B2) .. "\n", 1, true), body)
+      local list, ports = rest.route(inst, "tengine", 8)
+      assert.are.same(rest.sorted { B1, B2 }, rest.keys(ports), rest.show(list))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/tengine")))
+    end)
+
+    it("/detail's server lines, copied back into a POST, make the same upstream", function()
+      post_tengine("original")
+      local _, body = api(inst, "GET", "/detail")
+      local block = body:match("\noriginal\n(.-\n)\n")
+      assert.is_truthy(block, body)
+      -- nginx writes the flags bare: a script drops `backup=0 down=0`.
+      local copy = block:gsub(" backup=0 down=0\n", ";\n")
+      local status, answer = api(inst, "POST", "/upstream/copy", copy)
+      assert.are.equal(200, status, copy .. " -> " .. tostring(answer))
+      _, body = api(inst, "GET", "/detail")
+      assert.are.equal(block, body:match("\ncopy\n(.-\n)\n"), body)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/original")))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/copy")))
+    end)
+
+    it("per-server changes keep the check settings; a POST replaces them", function()
+      post_tengine("kept")
+      local U = "/upstream/kept"
+      assert.are.equal(200, (api(inst, "POST", U .. "/servers", "127.0.0.1:9009 backup")))
+      assert.are.equal(200, (api(inst, "PATCH", U .. "/servers/127.0.0.1:" .. B2, "weight=2 max_conns=4")))
+      assert.are.equal(200, (api(inst, "DELETE", U .. "/servers/127.0.0.1:9009")))
+      local status, body = nginx.http(inst.ports.proxy, "PUT",
+        ("/ups?op=del&server=127.0.0.1:%d&upstream=kept"):format(B2))
+      assert.are.equal(200, status, body)
+      status, body = api(inst, "GET", U)
+      assert.are.equal(200, status)
+      assert.are.equal(CHECKS .. ("server 127.0.0.1:%d max_conns=10\nserver 127.0.0.1:%d weight=2 max_conns=4 down\n")
+        :format(B1, B2), body)
+      assert.are.equal(200, (api(inst, "POST", U, ("server 127.0.0.1:%d;"):format(B1))))
+      status, body = api(inst, "GET", U)
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      assert.are.equal(200, (api(inst, "DELETE", U)))
+    end)
+
+    it("names match in any case: Host: Foo.Example routes to what POST /upstream/Foo.Example made", function()
+      local status, body = api(inst, "POST", "/upstream/Foo.Example", ("server 127.0.0.1:%d;"):format(B1))
+      assert.are.equal(200, status, body)
+      -- nginx lower-cases $host, by which the proxy routes
+      local list, ports = rest.route(inst, "Foo.Example", 6)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+      status, body = api(inst, "GET", "/upstream/foo.example")
+      assert.are.equal(200, status, body)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      -- replaced under another spelling: still one upstream, shown as first spelt
+      assert.are.equal(200, (api(inst, "POST", "/upstream/FOO.EXAMPLE", ("server 127.0.0.1:%d;"):format(B2))))
+      local _, names = api(inst, "GET", "/list")
+      assert.are.equal("host1\nhost2\nFoo.Example\n", names)
+      list, ports = rest.route(inst, "foo.example", 6)
+      assert.are.same({ B2 }, rest.keys(ports), rest.show(list))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/foo.EXAMPLE")))
+      assert.are.equal(404, (api(inst, "GET", "/upstream/Foo.Example")))
+    end)
+
+    it("what nginx refuses is refused, with a message naming what is wrong; nothing changes", function()
+      local before, v = detail(), version()
+      local cases = {
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\nsticky cookie srv;\n",
+          'line 2: sticky cookie srv: unknown directive "sticky"' },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\ncheck interval=0;\n",
+          "line 2: check interval=0: interval=0: interval must be 1.." },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\ncheck type=mysql;\n", 'check type "mysql" is not supported' },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001 backup;\nserver 127.0.0.1:9002 backup;\n",
+          "only backup servers" },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001; server 127.0.0.1:9001;",
+          "server 127.0.0.1:9001 is given twice on line 1" },
+        { "POST", "/upstream/host1", "server http://127.0.0.1:8088;", "has no scheme (http://)" },
+        { "POST", "/upstream/host1/servers", "127.0.0.1:1,127.0.0.1:2", "one address, not a list" },
+        { "PATCH", "/upstream/host1/servers/127.0.0.1:" .. B1, "weight=2;", "a PATCH body is parameters without ';'" },
+      }
+      for _, c in ipairs(cases) do
+        local status, body = api(inst, c[1], c[2], c[3])
+        assert.are.equal(400, status, ("%s %s %q -> %s %s"):format(c[1], c[2], c[3], tostring(status), tostring(body)))
+        assert.is_truthy(body:find(c[4], 1, true), ("%q -> %q lacks %q"):format(c[3], body, c[4]))
+      end
+      assert.are.equal(before, detail())
       assert.are.equal(v, version())
     end)
   end)
@@ -635,6 +775,183 @@ describe("REST endpoints", function()
       assert.are.equal(200, status)
       local doc = assert(rest.decode(body))
       assert.are.equal(doc.version, rest.etag_version(h))
+    end)
+  end)
+
+  -- module_spec counts the returns of the functions that run outside nginx.
+  it("the content handlers and log() return nothing", function()
+    for _, f in ipairs { "handle_check", "handle_ups", "handle_api", "log" } do
+      -- Not dy.run: a handler sets its own status.
+      local _, out = nginx.http(inst.ports.proxy, "POST", "/lua",
+        { body = ("return '|' .. select('#', require('ngx.dyups').%s())"):format(f) })
+      assert.are.equal("|0", tostring(out):match("|%d+\n$"):sub(1, -2), f .. ": " .. tostring(out))
+    end
+  end)
+
+  -- What a careless or hostile client sends. nginx's not-modified filter
+  -- evaluates conditional headers against the answer, after the handler
+  -- wrote; every answer here must say whether the table changed.
+  describe("preconditions", function()
+    local T = require "spec.helpers.traffic"
+
+    --- One request over a raw socket, headers in the order given.
+    local function send(method, path, body, headers)
+      local c = assert(T.conn(inst.ports.api))
+      local lines = { ("%s %s HTTP/1.1"):format(method, path), "Host: 127.0.0.1", "Connection: close" }
+      for _, h in ipairs(headers or {}) do lines[#lines + 1] = h end
+      if body then lines[#lines + 1] = "Content-Length: " .. #body end
+      assert(c:_send(table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or ""), T.now() + 5))
+      local status, rbody, h = c:response()
+      c:close()
+      assert(status, rbody)
+      return status, rbody, h
+    end
+
+    local function exists(name) return (api(inst, "GET", "/upstream/" .. name)) == 200 end
+
+    it("If-None-Match: * creates only: 200 and the new ETag when absent, 412 and unchanged when present", function()
+      local v = version()
+      local status, body, h = send("POST", "/upstream/inm", "server 127.0.0.1:9020;", { "If-None-Match: *" })
+      assert.are.equal(200, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("inm"))))
+      assert.are.equal("success", body)
+      assert.are.equal(v + 1, rest.etag_version(h))
+      assert.are.equal(v + 1, version())
+      status, body = send("POST", "/upstream/inm", "server 127.0.0.1:9021;", { "If-None-Match: *" })
+      assert.are.equal(412, status, body)
+      assert.truthy(body:find("exists", 1, true), body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/inm")))
+    end)
+
+    it("If-Unmodified-Since on a write is refused with 400 before it; with If-Match it is If-Match that counts", function()
+      local v = version()
+      local date = "Thu, 01 Jan 2037 00:00:00 GMT"
+      local status, body = send("POST", "/upstream/ius", "server 127.0.0.1:9022;", { "If-Unmodified-Since: " .. date })
+      assert.are.equal(400, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("ius"))))
+      assert.truthy(body:find("If-Match", 1, true), body)
+      assert.are.equal(v, version())
+      assert.is_false(exists("ius"))
+      status, body = send("POST", "/upstream/ius", "server 127.0.0.1:9022;",
+        { "If-Unmodified-Since: " .. date, ('If-Match: "%d"'):format(v) })
+      assert.are.equal(200, status, body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/ius")))
+    end)
+
+    it("an If-Match after 100 other headers is seen: stale -> 412 unapplied, current -> 200 applied", function()
+      local many = {}
+      for i = 1, 120 do many[i] = ("X-Filler-%d: %d"):format(i, i) end
+      local v = version()
+      local stale = { unpack(many) }
+      stale[#stale + 1] = ('If-Match: "%d"'):format(v - 1)
+      local status, body = send("POST", "/upstream/deep", "server 127.0.0.1:9023;", stale)
+      assert.are.equal(412, status, ("answered %d %q; applied: %s"):format(status, body, tostring(exists("deep"))))
+      assert.truthy(body:find("table version", 1, true), body) -- ours, not nginx's HTML page
+      assert.are.equal(v, version())
+      assert.is_false(exists("deep"))
+      local current = { unpack(many) }
+      current[#current + 1] = ('If-Match: "%d"'):format(v)
+      status, body = send("POST", "/upstream/deep", "server 127.0.0.1:9023;", current)
+      assert.are.equal(200, status, body)
+      assert.are.equal(v + 1, version())
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/deep")))
+    end)
+
+    it("whatever the preconditions, 200 means the table moved by one and anything else that it did not", function()
+      local date = "Thu, 01 Jan 1970 00:00:00 GMT"
+      local sets = {
+        function() return { "If-None-Match: *" } end,
+        function(v) return { ('If-None-Match: "%d"'):format(v) } end,
+        function(v) return { ('If-None-Match: W/"%d", "0"'):format(v) } end,
+        function() return { "If-Modified-Since: " .. date } end,
+        function() return { "If-Unmodified-Since: " .. date } end,
+        function(v) return { ('If-Match: "%d"'):format(v), "If-None-Match: *" } end,
+        function(v) return { ('If-Match: W/"%d"'):format(v), "If-Modified-Since: " .. date } end,
+        function(v) return { ('If-Match: "%d", "%d"'):format(v, v + 1) } end,
+        function() return { "If-Match: *" } end,
+        function() return { "If-Match: *", "If-None-Match: *" } end,
+        function() return { "If-Match: nonsense" } end,
+      }
+      local requests = {
+        { "POST", "/upstream/pre", "server 127.0.0.1:9024;" },
+        { "POST", "/upstream/pre/servers", "127.0.0.1:9025" },
+        { "PATCH", "/upstream/pre/servers/127.0.0.1:9025", "weight=2" },
+        { "DELETE", "/upstream/pre/servers/127.0.0.1:9025" },
+        { "DELETE", "/upstream/pre" },
+      }
+      local seen = {}
+      for i, headers_of in ipairs(sets) do
+        -- From no upstream `pre`, each request that succeeds changes something.
+        api(inst, "DELETE", "/upstream/pre")
+        for _, req in ipairs(requests) do
+          local v = version()
+          local headers = headers_of(v)
+          local status, body = send(req[1], req[2], req[3], headers)
+          local now = version()
+          local what = ("set %d (%s) %s %s -> %d %q"):format(i, table.concat(headers, "; "), req[1], req[2],
+            status, body)
+          seen[status] = true
+          if status == 200 then
+            assert.are.equal(v + 1, now, what .. ": answered 200, the table did not move by one")
+          else
+            assert.is_true(status == 400 or status == 404 or status == 412, what)
+            assert.are.equal(v, now, what .. ": answered " .. status .. ", the table moved")
+          end
+        end
+      end
+      assert.is_true(seen[200] and seen[400] and seen[412], "every outcome was exercised")
+      api(inst, "DELETE", "/upstream/pre")
+    end)
+
+    it("reads: If-None-Match with the ETag -> 304, a stale If-Match -> 412, dates ignored", function()
+      local v = version()
+      local status, body, h = send("GET", "/upstream/host1", nil, { ('If-None-Match: "%d"'):format(v) })
+      assert.are.equal(304, status, body)
+      assert.are.equal(v, rest.etag_version(h))
+      status = send("GET", "/upstream/host1", nil, { ('If-None-Match: "%d"'):format(v - 1) })
+      assert.are.equal(200, status)
+      status, body = send("GET", "/upstream/host1", nil, { ('If-Match: "%d"'):format(v - 1) })
+      assert.are.equal(412, status, body)
+      status = send("GET", "/upstream/host1", nil, { "If-Unmodified-Since: Thu, 01 Jan 1970 00:00:00 GMT" })
+      assert.are.equal(200, status)
+    end)
+  end)
+
+  -- nginx decodes `%2F` in $uri into a separator; a front proxy that
+  -- authorises by the path it saw would let these through.
+  describe("an encoded '/' in a name", function()
+    local T = require "spec.helpers.traffic"
+
+    local function victim()
+      local status, body = api(inst, "POST", "/upstream/victim", "server 127.0.0.1:9030; server 127.0.0.1:9031;")
+      assert.are.equal(200, status, body)
+      return version(), select(2, api(inst, "GET", "/upstream/victim"))
+    end
+
+    local function refused(method, path, body, v, servers)
+      local status, rbody = T.request(inst.ports.api, method, path, { body = body })
+      assert.are.equal(400, status, method .. " " .. path .. ": " .. tostring(rbody))
+      assert.truthy(rbody:find("'/'", 1, true), rbody)
+      assert.are.equal(servers, select(2, api(inst, "GET", "/upstream/victim")))
+      assert.are.equal(v, version())
+    end
+
+    it("POST /upstream/victim%2Fservers adds no server to victim", function()
+      local v, servers = victim()
+      refused("POST", "/upstream/victim%2Fservers", "127.0.0.1:9032", v, servers)
+    end)
+
+    it("DELETE /upstream/victim%2Fservers%2FADDR removes no server of victim", function()
+      local v, servers = victim()
+      refused("DELETE", "/upstream/victim%2Fservers%2F127.0.0.1:9031", nil, v, servers)
+      refused("PATCH", "/upstream/victim%2Fservers%2F127.0.0.1:9031", "down", v, servers)
+    end)
+
+    it("POST /upstream/h16%2F..%2Fvictim does not replace victim", function()
+      local v, servers = victim()
+      refused("POST", "/upstream/h16%2F..%2Fvictim", "server 127.0.0.1:9033;", v, servers)
+      refused("DELETE", "/upstream/h16%2F..%2Fvictim", nil, v, servers)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/victim")))
     end)
   end)
 end)

@@ -9,12 +9,12 @@ local USAGE = "usage: /ups?op=add|del&server=IP:PORT[&upstream=NAME]"
 local addr, upstream, body_of = dy.addr, dy.upstream, dy.body_of
 
 -- request `path` over a new connection (or over `conn`); decode the JSON
-local function call(inst, method, path, conn)
+local function call(inst, method, path, conn, headers)
   local status, raw, h
   if conn then
     status, raw, h = conn:request(method, path)
   else
-    status, raw, h = T.request(inst.ports.proxy, method, path)
+    status, raw, h = T.request(inst.ports.proxy, method, path, { headers = headers })
   end
   assert(status, "request failed: " .. tostring(raw))
   local ok, json = pcall(T.json_decode, raw)
@@ -220,20 +220,52 @@ describe("ngx.dyups admin", function()
       { "last server in rotation of halfdown (the other is down)", "GET", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=halfdown", { "last available server of upstream halfdown" } end, 400 },
       { "refused as a whole: A is the last server of only_a (local untouched)", "GET", function() return "/ups?op=del&server=" .. addr(A), { "last available server of upstream only_a" } end, 400 },
       { "refused as a whole: B is the last in rotation of halfdown (local untouched)", "GET", function() return "/ups?op=del&server=" .. addr(B), { "last available server of upstream halfdown" } end, 400 },
+      { "a URL for a server", "GET", function() return "/ups?op=del&server=http://" .. addr(A), { "has no scheme (http://): write \"" .. addr(A) .. "\"" } end, 400 },
+      { "a list of servers", "GET", function() return "/ups?op=del&server=" .. addr(A) .. "," .. addr(B), { "one address, not a list" } end, 400 },
       { "DELETE method", "DELETE", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=local", { "DELETE" } end, 405 },
       { "PATCH method", "PATCH", function() return "/ups?op=add&server=" .. addr(D) .. "&upstream=local", { "PATCH" } end, 405 },
+      -- A change /ups would make, with a precondition nginx would evaluate
+      -- on the answer after it: a 200 without an ETag fails If-Match and
+      -- If-Unmodified-Since (nginx's own 412 page, the change made).
+      { "If-Match on a good del", "GET", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=local", { "If-Match", "nothing changed" } end, 400, { ["If-Match"] = '"1"' } },
+      { "If-Unmodified-Since on a good del", "PUT", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=local", { "If-Unmodified-Since" } end, 400, { ["If-Unmodified-Since"] = "Thu, 01 Jan 2037 00:00:00 GMT" } },
+      { "If-None-Match on a good del", "GET", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=local", { "If-None-Match" } end, 400, { ["If-None-Match"] = "*" } },
     }
 
     for _, case in ipairs(cases) do
-      local name, method, path_fn, want = unpack(case)
+      local name, method, path_fn, want, headers = unpack(case)
       it(("%s → %d E00001, msg names it, table and version unchanged"):format(name, want), function()
         local before = T.snapshot(proxy)
         local path, needles = path_fn()
-        local status, json, raw = call(proxy, method, path)
+        local status, json, raw = call(proxy, method, path, nil, headers)
         assert_failure(status, json, raw, want, needles)
+        -- data: the target server in a list, as on a success (none named: [])
+        local server = path:match("[?&]server=([^&]*)")
+        assert.equal("array", T.json_kind(json.data), raw)
+        assert.same((server or "") ~= "" and { server } or {}, { unpack(json.data) }, raw)
         assert.equal(before, T.snapshot(proxy), method .. " " .. path .. " changed the table")
       end)
     end
+
+    it("more than 100 query arguments → 400, never half-read (a lost upstream= would change every upstream)", function()
+      local E = nginx.free_port() -- in two upstreams of this test only
+      local both = ("server 127.0.0.1:%d; server 127.0.0.1:%d;"):format(A, E)
+      for _, name in ipairs { "tw1", "tw2" } do
+        assert.equal(200, (nginx.http(proxy.ports.api, "POST", "/upstream/" .. name, { body = both })))
+      end
+      finally(function()
+        for _, name in ipairs { "tw1", "tw2" } do nginx.http(proxy.ports.api, "DELETE", "/upstream/" .. name) end
+      end)
+      local before = T.snapshot(proxy)
+      local path = "/ups?op=del&server=" .. addr(E) .. ("&pad=1"):rep(98) .. "&upstream=tw1"
+      local status, json, raw = call(proxy, "GET", path)
+      assert_failure(status, json, raw, 400, { "more than 100 query arguments", "nothing changed" })
+      assert.equal(before, T.snapshot(proxy), "the table changed")
+      -- 100 are read whole.
+      path = "/ups?op=del&server=" .. addr(E) .. ("&pad=1"):rep(97) .. "&upstream=tw1"
+      status, json, raw = call(proxy, "GET", path)
+      assert_success(status, json, raw, "del a server success.", addr(E))
+    end)
 
     it("the missing-op message is \"missing op\" plus the usage line", function()
       local _, json = call(proxy, "GET", "/ups")

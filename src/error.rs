@@ -14,6 +14,9 @@ pub enum Error {
     Busy(String),
     /// The caller's expected table version is not the current one (412).
     VersionMismatch { expected: u64, actual: u64 },
+    /// Another precondition of the caller does not hold (412): an
+    /// `If-None-Match: *` write to something that exists, say.
+    PreconditionFailed(String),
     /// The new table does not fit the state file's capacity (507).
     NoSpace(String),
     /// The state file is unusable or an I/O call failed (500).
@@ -27,7 +30,7 @@ impl Error {
             Error::BadRequest(_) => 400,
             Error::NotFound(_) => 404,
             Error::Busy(_) => 409,
-            Error::VersionMismatch { .. } => 412,
+            Error::VersionMismatch { .. } | Error::PreconditionFailed(_) => 412,
             Error::NoSpace(_) => 507,
             Error::Internal(_) => 500,
         }
@@ -40,6 +43,7 @@ impl fmt::Display for Error {
             Error::BadRequest(m)
             | Error::NotFound(m)
             | Error::Busy(m)
+            | Error::PreconditionFailed(m)
             | Error::NoSpace(m)
             | Error::Internal(m) => f.write_str(m),
             Error::VersionMismatch { expected, actual } => write!(

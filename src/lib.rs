@@ -10,6 +10,7 @@ pub mod auth;
 pub mod balancer;
 pub mod error;
 pub mod model;
+pub mod nginx_conf;
 pub mod ops;
 pub mod policy;
 pub mod rest;

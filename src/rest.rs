@@ -3,13 +3,21 @@
 //! asked for: per-server changes (`/upstream/NAME/servers[/ADDR]`), JSON
 //! views for programs, and the table version as an `ETag` that `If-Match`
 //! checks, so a read-decide-write cycle cannot lose another writer's change.
+//!
+//! Requests are routed on the path as the client sent it, not on nginx's
+//! decoded `$uri`: there `%2F` is a `/`, so `POST /upstream/a%2Fservers`
+//! would add a server to `a`, behind the back of a front proxy that
+//! authorises by the path it saw. Every precondition (`If-Match`,
+//! `If-None-Match`, `If-Unmodified-Since`) is evaluated here, before a
+//! write, or refused: nginx's not-modified filter would otherwise evaluate
+//! it after the write and turn its 200 into a 304 or a 412.
 
 use serde::Serialize;
 
-use crate::model::{ServerSpec, Table, Upstream};
+use crate::model::{check_name, ServerSpec, Table, Upstream};
 use crate::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::{parse_server_patch, policy_lines, render_server};
+use crate::syntax::{parse_server_patch, render_server, setting_lines};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -19,12 +27,24 @@ pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Request<'a> {
     pub method: &'a str,
-    /// The normalised, decoded URI path (nginx's `$uri`).
+    /// The path as the client sent it, undecoded (nginx's `$request_uri`;
+    /// anything from a `?` on is ignored).
     pub path: &'a str,
     pub body: &'a [u8],
     /// `Accept: application/json` or `?format=json`.
     pub json: bool,
+    pub preconditions: Preconditions<'a>,
+}
+
+/// The request's conditional headers, as sent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Preconditions<'a> {
     pub if_match: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub if_unmodified_since: Option<&'a str>,
+    /// Ignored: the table has no modification time, and on a write the
+    /// header has no meaning (RFC 9110 13.1.3).
+    pub if_modified_since: Option<&'a str>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,35 +79,232 @@ impl Response {
     }
 }
 
-/// The endpoints, parsed from the path.
-enum Endpoint<'a> {
+/// The endpoints, parsed from the path; names and addresses decoded.
+enum Endpoint {
     List,
     Detail,
-    Upstream(&'a str),
-    Servers(&'a str),
-    Server(&'a str, &'a str),
+    Upstream(String),
+    Servers(String),
+    Server(String, String),
+}
+
+impl Endpoint {
+    /// Whether a GET of the endpoint would find something: what
+    /// `If-None-Match: *` and `If-Match: *` ask of a write.
+    fn exists(&self, t: &Table) -> bool {
+        match self {
+            Endpoint::List | Endpoint::Detail => true,
+            Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
+            Endpoint::Server(name, addr) => crate::syntax::parse_address(addr)
+                .ok()
+                .zip(t.get(name))
+                .is_some_and(|(a, u)| u.server(&a).is_some()),
+        }
+    }
 }
 
 const USAGE: &str =
     "no such endpoint: use /list, /detail, /upstream/NAME or /upstream/NAME/servers[/ADDR]";
 
-fn route(path: &str) -> Option<Endpoint<'_>> {
-    let rest = path.strip_prefix('/')?;
-    match rest {
-        "list" => return Some(Endpoint::List),
-        "detail" => return Some(Endpoint::Detail),
-        _ => {}
+/// Routes the path as sent. The fixed words must be spelled out; a name is
+/// decoded once and must then be a valid name, sent as itself (every
+/// character a name may have is URL-safe, so an escape in one only hides it
+/// from whoever reads the path); everything after `servers/` is the address,
+/// decoded once (`unix:/path` has slashes). A `.` or `..` segment is
+/// refused: nginx would resolve it, so the path would name something else
+/// than what it says.
+fn route(path: &str) -> Result<Endpoint, Response> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(Response::text(404, USAGE));
+    };
+    if rest.split('/').any(|s| s == "." || s == "..") {
+        return Err(Response::text(
+            400,
+            format!("path {path:?} has a '.' or '..' segment: send the path it stands for"),
+        ));
     }
-    let rest = rest.strip_prefix("upstream/")?;
-    match rest.split_once('/') {
-        None => Some(Endpoint::Upstream(rest)),
-        Some((name, "servers")) => Some(Endpoint::Servers(name)),
-        // Everything after `servers/` is the address: `unix:/path` has slashes.
-        Some((name, more)) => more
-            .strip_prefix("servers/")
-            .filter(|a| !a.is_empty())
-            .map(|addr| Endpoint::Server(name, addr)),
+    let segments: Vec<&str> = rest.splitn(4, '/').collect();
+    Ok(match segments.as_slice() {
+        ["list"] => Endpoint::List,
+        ["detail"] => Endpoint::Detail,
+        ["upstream", name] => Endpoint::Upstream(upstream_name(name)?),
+        ["upstream", name, "servers"] => Endpoint::Servers(upstream_name(name)?),
+        ["upstream", name, "servers", addr] if !addr.is_empty() => {
+            let addr = percent_decode(addr).map_err(|e| Response::text(400, e))?;
+            Endpoint::Server(upstream_name(name)?, addr)
+        }
+        _ => return Err(Response::text(404, USAGE)),
+    })
+}
+
+/// A name segment of the path: decoded once, then held to the name rules.
+fn upstream_name(raw: &str) -> Result<String, Response> {
+    let name = percent_decode(raw).map_err(|e| Response::text(400, e))?;
+    check_name(&name).map_err(|e| Response::text(400, e))?;
+    if name != raw {
+        return Err(Response::text(
+            400,
+            format!("upstream name {raw:?} is percent-encoded: send it as {name}"),
+        ));
     }
+    Ok(name)
+}
+
+/// `%XX` escapes decoded, once; bytes that are not UTF-8 become U+FFFD,
+/// which no name or address takes.
+fn percent_decode(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        let Some(b) = hex else {
+            return Err(format!(
+                "path segment {raw:?} has a '%' that is not a %XX escape"
+            ));
+        };
+        out.push(b);
+        i += 3;
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// An entity-tag list as in `If-Match` and `If-None-Match`.
+#[derive(Debug, PartialEq, Eq)]
+enum Tags {
+    /// `*`
+    Any,
+    /// Each tag as a table version, `None` for one that is not a version
+    /// this server gives (it never matches).
+    Versions(Vec<Option<u64>>),
+}
+
+/// `"12"`, also weak `W/"12"` or unquoted, comma-separated; or `*`.
+fn parse_tags(v: &str) -> Tags {
+    if v.trim() == "*" {
+        return Tags::Any;
+    }
+    Tags::Versions(
+        v.split(',')
+            .map(|t| {
+                let t = t.trim();
+                t.strip_prefix("W/")
+                    .unwrap_or(t)
+                    .trim_matches('"')
+                    .parse()
+                    .ok()
+            })
+            .collect(),
+    )
+}
+
+impl Tags {
+    fn matches(&self, version: u64) -> bool {
+        match self {
+            Tags::Any => true,
+            Tags::Versions(v) => v.contains(&Some(version)),
+        }
+    }
+}
+
+/// What a write's preconditions ask, checked under the writer lock with
+/// the change: the version the table must be at, and whether the target
+/// must exist (`If-Match: *`) or must not (`If-None-Match: *`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct WriteGuard {
+    expect: Option<u64>,
+    exists: Option<bool>,
+}
+
+/// The preconditions of a write, or the refusal: 412 for one that can never
+/// hold, 400 for one this interface cannot honour, so a write is never made
+/// under a condition that was not checked.
+fn write_guard(c: &Preconditions<'_>) -> Result<WriteGuard, Response> {
+    let mut guard = WriteGuard::default();
+    match c.if_match.map(parse_tags) {
+        None if c.if_unmodified_since.is_some() => {
+            return Err(Response::text(
+                400,
+                "If-Unmodified-Since cannot guard a write: the table has no modification time; \
+                 send If-Match with the ETag of your read",
+            ))
+        }
+        // RFC 9110 13.1.4: with If-Match, If-Unmodified-Since is ignored.
+        None => {}
+        Some(Tags::Any) => guard.exists = Some(true),
+        Some(Tags::Versions(v)) => match v.as_slice() {
+            [Some(version)] => guard.expect = Some(*version),
+            _ if v.iter().all(Option::is_none) => {
+                return Err(Response::text(
+                    412,
+                    format!(
+                        "If-Match {:?} is not a table version this server gave as ETag: nothing changed",
+                        c.if_match.unwrap_or_default()
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Response::text(
+                    400,
+                    "If-Match lists several versions: a write takes one, the ETag of your read",
+                ))
+            }
+        },
+    }
+    match c.if_none_match.map(parse_tags) {
+        None => {}
+        Some(Tags::Any) if guard.exists.is_none() => guard.exists = Some(false),
+        Some(Tags::Any) => {
+            return Err(Response::text(
+                400,
+                "If-Match: * and If-None-Match: * together can never hold",
+            ))
+        }
+        Some(Tags::Versions(_)) => {
+            return Err(Response::text(
+                400,
+                "If-None-Match with a version cannot guard a write: send If-Match with the ETag \
+                 of your read, or If-None-Match: * to create only",
+            ))
+        }
+    }
+    Ok(guard)
+}
+
+/// A read's answer under its preconditions (RFC 9110 13.2.2): only a 2xx
+/// answer is conditional; a failed If-Match is 412, a matching
+/// If-None-Match 304. The time-based ones are ignored: the table has no
+/// modification time.
+fn conditional_read(c: &Preconditions<'_>, r: Response, version: u64) -> Response {
+    if !(200..300).contains(&r.status) {
+        return r;
+    }
+    if c.if_match.is_some_and(|v| !parse_tags(v).matches(version)) {
+        return Response::text(
+            412,
+            format!("the table is at version {version}, which If-Match does not list"),
+        )
+        .with_etag(version);
+    }
+    if c.if_none_match
+        .is_some_and(|v| parse_tags(v).matches(version))
+    {
+        return Response {
+            status: 304,
+            body: String::new(),
+            ..r
+        };
+    }
+    r
 }
 
 /// Answers one request: reads from `snapshot` (the caller's fresh view),
@@ -98,8 +315,9 @@ pub fn handle(
     snapshot: &Snapshot,
     opts: &WriteOptions,
 ) -> Response {
-    let Some(endpoint) = route(req.path) else {
-        return Response::text(404, USAGE);
+    let endpoint = match route(req.path) {
+        Ok(e) => e,
+        Err(r) => return r,
     };
     let (allow, reading) = match endpoint {
         Endpoint::List | Endpoint::Detail => ("GET, HEAD", matches!(req.method, "GET" | "HEAD")),
@@ -122,7 +340,8 @@ pub fn handle(
         return r;
     }
     if reading {
-        return read(&endpoint, req.json, snapshot).with_etag(snapshot.version);
+        let r = read(&endpoint, req.json, snapshot).with_etag(snapshot.version);
+        return conditional_read(&req.preconditions, r, snapshot.version);
     }
     let body = match std::str::from_utf8(req.body) {
         Ok(b) => b,
@@ -133,12 +352,34 @@ pub fn handle(
             );
         }
     };
-    let expect = match req.if_match.map(parse_etag).transpose() {
-        Ok(v) => v.flatten(),
-        Err(why) => return Response::text(412, why),
+    let guard = match write_guard(&req.preconditions) {
+        Ok(g) => g,
+        Err(r) => return r,
     };
-    let opts = WriteOptions { expect, ..*opts };
-    let written = store.write(&opts, |t| match (&endpoint, req.method) {
+    let opts = WriteOptions {
+        expect: guard.expect,
+        ..*opts
+    };
+    let written = store.write(&opts, |t| {
+        if let Some(wanted) = guard.exists.filter(|w| endpoint.exists(t) != *w) {
+            let header = if wanted { "If-Match" } else { "If-None-Match" };
+            return Err(Error::PreconditionFailed(format!(
+                "{header}: * does not hold: {} {}: nothing changed",
+                req.path.split_once('?').map_or(req.path, |(p, _)| p),
+                if wanted { "does not exist" } else { "exists" }
+            )));
+        }
+        change(&endpoint, req.method, body, t)
+    });
+    match written {
+        Ok((version, ())) => Response::text(200, "success").with_etag(version),
+        Err(e) => Response::error(&e),
+    }
+}
+
+/// The change a write request asks for.
+fn change(endpoint: &Endpoint, method: &str, body: &str, t: &mut Table) -> crate::Result<()> {
+    match (endpoint, method) {
         (Endpoint::Upstream(name), "POST") => ops::update(t, name, body),
         (Endpoint::Upstream(name), _) => ops::delete(t, name),
         (Endpoint::Servers(name), _) => ops::insert_server(t, name, body),
@@ -148,26 +389,10 @@ pub fn handle(
         }
         (Endpoint::Server(name, addr), _) => ops::delete_server(t, name, addr),
         (Endpoint::List | Endpoint::Detail, _) => unreachable!("read-only endpoints"),
-    });
-    match written {
-        Ok((version, ())) => Response::text(200, "success").with_etag(version),
-        Err(e) => Response::error(&e),
     }
 }
 
-/// `If-Match: "12"` (also unquoted, or weak `W/"12"`); `*` matches any.
-fn parse_etag(v: &str) -> Result<Option<u64>, String> {
-    let v = v.trim();
-    if v == "*" {
-        return Ok(None);
-    }
-    let tag = v.strip_prefix("W/").unwrap_or(v).trim_matches('"');
-    tag.parse()
-        .map(Some)
-        .map_err(|_| format!("If-Match {v:?} is not a table version this server gave as ETag"))
-}
-
-fn read(endpoint: &Endpoint<'_>, json: bool, snap: &Snapshot) -> Response {
+fn read(endpoint: &Endpoint, json: bool, snap: &Snapshot) -> Response {
     let t = &snap.table;
     let found = |name: &str| {
         t.get(name)
@@ -250,23 +475,48 @@ fn server_line(s: &ServerSpec) -> String {
     line
 }
 
-/// Its balancing and keepalive lines, if any, then its `server` lines.
+/// Its setting lines (balancing, keepalive, checks), if any, then its
+/// `server` lines.
 fn server_lines(u: &Upstream) -> String {
-    policy_lines(u)
+    setting_lines(u)
         .into_iter()
         .chain(u.servers.iter().map(server_line))
         .map(|line| line + "\n")
         .collect()
 }
 
-/// Each upstream's name, then its `server` lines, a blank line between
-/// upstreams: the layout of ngx_http_dyups_module's `/detail`.
+/// Each upstream's name, then one line per server with every parameter,
+/// then a blank line: ngx_http_dyups_module's `/detail`, byte for byte, so
+/// the scripts that parse it keep working. The settings besides the servers
+/// are in the JSON form and in `/upstream/NAME`.
 fn detail(t: &Table) -> String {
-    t.upstreams
-        .iter()
-        .map(|u| format!("{}\n{}", u.name, server_lines(u)))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut out = String::new();
+    for u in &t.upstreams {
+        out.push_str(&u.name);
+        out.push('\n');
+        for s in &u.servers {
+            out.push_str(&detail_line(s));
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `server ADDR weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0
+/// down=0`: the module's `/detail` line, `fail_timeout` in seconds without
+/// a unit and the flags as 0 or 1.
+fn detail_line(s: &ServerSpec) -> String {
+    format!(
+        "server {} weight={} max_conns={} max_fails={} fail_timeout={} backup={} down={}",
+        s.addr,
+        s.weight,
+        s.max_conns,
+        s.max_fails,
+        s.fail_timeout,
+        u8::from(s.backup),
+        u8::from(s.down)
+    )
 }
 
 #[cfg(test)]
@@ -301,13 +551,28 @@ mod tests {
         json: bool,
         if_match: Option<&str>,
     ) -> Response {
+        let preconditions = Preconditions {
+            if_match,
+            ..Preconditions::default()
+        };
+        call_if(f, method, path, body, json, preconditions)
+    }
+
+    fn call_if(
+        f: &Fixture,
+        method: &str,
+        path: &str,
+        body: &str,
+        json: bool,
+        preconditions: Preconditions<'_>,
+    ) -> Response {
         let snap = f.store.read().unwrap();
         let req = Request {
             method,
             path,
             body: body.as_bytes(),
             json,
-            if_match,
+            preconditions,
         };
         handle(&req, &f.store, &snap, &WriteOptions::default())
     }
@@ -323,17 +588,93 @@ mod tests {
         );
         assert_eq!((r.status, r.body.as_str()), (200, "success"));
         let r = call(&f, "GET", "/detail", "");
+        let line = |port| {
+            format!("server 127.0.0.1:{port} weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n")
+        };
         assert_eq!(
             r.body,
-            "host1\nserver 127.0.0.1:8088\n\nhost2\nserver 127.0.0.1:8089\n\ndyhost\nserver 127.0.0.1:8089\nserver 127.0.0.1:8088\n"
+            format!(
+                "host1\n{}\nhost2\n{}\ndyhost\n{}{}\n",
+                line(8088),
+                line(8089),
+                line(8089),
+                line(8088)
+            )
         );
         let r = call(&f, "DELETE", "/upstream/dyhost", "");
         assert_eq!((r.status, r.body.as_str()), (200, "success"));
         assert_eq!(
             call(&f, "GET", "/detail", "").body,
-            "host1\nserver 127.0.0.1:8088\n\nhost2\nserver 127.0.0.1:8089\n"
+            format!("host1\n{}\nhost2\n{}\n", line(8088), line(8089))
         );
         assert_eq!(call(&f, "GET", "/list", "").body, "host1\nhost2\n");
+    }
+
+    #[test]
+    fn detail_gives_every_parameter_as_the_module_does() {
+        let f = fixture("detail");
+        let r = call(
+            &f,
+            "POST",
+            "/upstream/host1",
+            "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; ip_hash;",
+        );
+        assert_eq!(r.status, 400, "ip_hash refuses backup: {r:?}");
+        call(
+            &f,
+            "POST",
+            "/upstream/host1",
+            "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; least_conn; check interval=1000;",
+        );
+        assert_eq!(
+            call(&f, "GET", "/detail", "").body,
+            "host1\n\
+             server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=90 backup=0 down=1\n\
+             server [::1]:81 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=1 down=0\n\
+             server unix:/run/a.sock weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n\
+             host2\n\
+             server 127.0.0.1:8089 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n"
+        );
+        // What a script copies from /detail goes back in a body, backup= and
+        // down= aside (nginx takes them bare).
+        let copied = "server 127.0.0.1:9000 weight=3 max_conns=10 max_fails=2 fail_timeout=90;";
+        let r = call(&f, "POST", "/upstream/copy", copied);
+        assert_eq!((r.status, r.body.as_str()), (200, "success"));
+        let v: serde_json::Value =
+            serde_json::from_str(&call_with(&f, "GET", "/detail", "", true, None).body).unwrap();
+        assert_eq!(v["upstreams"][0]["policy"], "least_conn;");
+        assert_eq!(v["upstreams"][0]["check"]["interval"], 1000);
+        assert_eq!(v["upstreams"][0]["servers"][0]["max_conns"], 10);
+    }
+
+    #[test]
+    fn upstream_names_are_found_in_any_case() {
+        let f = fixture("case");
+        let r = call(&f, "POST", "/upstream/Foo.Example", "server 127.0.0.1:1;");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            call(&f, "GET", "/upstream/foo.example", "").body,
+            "server 127.0.0.1:1\n"
+        );
+        assert_eq!(
+            call(&f, "POST", "/upstream/FOO.EXAMPLE/servers", "127.0.0.1:2").status,
+            200
+        );
+        assert_eq!(
+            call(&f, "GET", "/upstream/foo.example/servers/127.0.0.1:2", "").status,
+            200
+        );
+        // Shown as it was first spelled.
+        assert_eq!(
+            call(&f, "GET", "/list", "").body,
+            "host1\nhost2\nFoo.Example\n"
+        );
+        assert_eq!(call(&f, "DELETE", "/upstream/foo.EXAMPLE", "").status, 200);
+        assert_eq!(call(&f, "GET", "/upstream/Foo.Example", "").status, 404);
     }
 
     #[test]
@@ -518,17 +859,37 @@ mod tests {
     #[test]
     fn json_views_give_every_parameter() {
         let f = fixture("json");
-        call(
+        let r = call(
             &f,
             "POST",
             "/upstream/host1",
-            "server 127.0.0.1:8088 weight=2 max_fails=3 fail_timeout=4s backup;",
+            "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup;\
+             server 127.0.0.1:8089; check interval=3s type=http;\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";",
         );
+        assert_eq!(r.status, 200, "{r:?}");
         let r = call_with(&f, "GET", "/upstream/host1", "", true, None);
         assert!(r.json);
         assert_eq!(
             r.body,
-            r#"{"version":2,"name":"host1","servers":[{"addr":"127.0.0.1:8088","weight":2,"max_fails":3,"fail_timeout":4,"backup":true,"down":false}]}"#
+            concat!(
+                r#"{"version":2,"name":"host1","keepalive_requests":1000,"keepalive_time":3600000,"#,
+                r#""keepalive_timeout":60000,"check":{"interval":3000,"rise":2,"fall":5,"#,
+                r#""timeout":1000,"default_down":true,"type":"http","port":0,"jitter":0},"#,
+                r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
+                r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
+                r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
+                r#""fail_timeout":4,"backup":true,"down":false},{"addr":"127.0.0.1:8089","#,
+                r#""weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"backup":false,"down":false}]}"#
+            )
+        );
+        // The text form: the settings in nginx syntax, each on its line.
+        assert_eq!(
+            call(&f, "GET", "/upstream/host1", "").body,
+            "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";\n\
+             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup\n\
+             server 127.0.0.1:8089\n"
         );
         let r = call_with(&f, "GET", "/list", "", true, None);
         assert_eq!(r.body, r#"{"version":2,"upstreams":["host1","host2"]}"#);
@@ -546,11 +907,256 @@ mod tests {
             path: "/upstream/x",
             body: b"server 127.0.0.1:1;\xff",
             json: false,
-            if_match: None,
+            preconditions: Preconditions::default(),
         };
         assert_eq!(
             handle(&req, &f.store, &snap, &WriteOptions::default()).status,
             400
         );
+    }
+
+    fn servers_of(f: &Fixture, name: &str) -> Vec<String> {
+        let snap = f.store.read().unwrap();
+        snap.table
+            .get(name)
+            .map(|u| u.servers.iter().map(|s| s.addr.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_encoded_slash_is_part_of_a_name_not_a_separator() {
+        let f = fixture("slash");
+        let v = f.store.read().unwrap().version;
+        let cases = [
+            ("POST", "/upstream/host1%2Fservers", "127.0.0.1:9"),
+            ("POST", "/upstream/host1%2fservers", "127.0.0.1:9"),
+            ("DELETE", "/upstream/host1%2Fservers%2F127.0.0.1:8088", ""),
+            (
+                "PATCH",
+                "/upstream/host1%2Fservers%2F127.0.0.1:8088",
+                "down",
+            ),
+            ("POST", "/upstream/h16%2F..%2Fhost1", "server 127.0.0.1:9;"),
+            ("DELETE", "/upstream/h16%2F..%2Fhost1", ""),
+            ("GET", "/upstream/h16%2F..%2Fhost1", ""),
+        ];
+        for (method, path, body) in cases {
+            let r = call(&f, method, path, body);
+            assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+            assert!(r.body.contains("'/'"), "{method} {path}: {r:?}");
+        }
+        assert_eq!(servers_of(&f, "host1"), ["127.0.0.1:8088"]);
+        assert_eq!(
+            f.store.read().unwrap().version,
+            v,
+            "a refused request wrote"
+        );
+    }
+
+    #[test]
+    fn paths_are_routed_as_sent() {
+        let f = fixture("raw");
+        let cases = [
+            // nginx would resolve these to /upstream/host2 or /list.
+            ("DELETE", "/upstream/x/../host2", 400, "'..' segment"),
+            ("DELETE", "/upstream/./host2", 400, "'.' or '..'"),
+            (
+                "DELETE",
+                "/upstream/host1/servers/x/../../../host2",
+                400,
+                "'..'",
+            ),
+            // A name spelled with escapes hides it from a reader of the path.
+            (
+                "DELETE",
+                "/upstream/host%32",
+                400,
+                "percent-encoded: send it as host2",
+            ),
+            ("DELETE", "/%75pstream/host2", 404, "no such endpoint"),
+            ("DELETE", "/upstream/host2%", 400, "not a %XX escape"),
+            ("DELETE", "/upstream/host2%+f", 400, "not a %XX escape"),
+            ("DELETE", "/upstream/%2E%2E", 400, "only dots"),
+            ("DELETE", "/upstream/caf%C3%A9", 400, "only letters"),
+            ("DELETE", "/upstream/a%FFb", 400, "only letters"),
+            ("DELETE", "/upstream//servers", 400, "empty"),
+        ];
+        for (method, path, status, text) in cases {
+            let r = call(&f, method, path, "");
+            assert_eq!(r.status, status, "{method} {path}: {r:?}");
+            assert!(
+                r.body.contains(text),
+                "{method} {path}: {r:?} lacks {text:?}"
+            );
+        }
+        assert!(f.store.read().unwrap().table.get("host2").is_some());
+        // The address is decoded once; the query is not part of the path.
+        call(&f, "POST", "/upstream/host1/servers", "unix:/run/a.sock");
+        let r = call(
+            &f,
+            "GET",
+            "/upstream/host1/servers/unix:%2Frun%2Fa.sock?x=/../",
+            "",
+        );
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "server unix:/run/a.sock\n")
+        );
+        let r = call(&f, "DELETE", "/upstream/host1/servers/unix:/run/a.sock", "");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    #[test]
+    fn every_precondition_of_a_write_is_checked_before_it_or_refused() {
+        let f = fixture("conditions");
+        let v = f.store.read().unwrap().version;
+        let tag = format!("\"{v}\"");
+        let date = "Thu, 01 Jan 1970 00:00:00 GMT";
+        let with = |if_match, if_none_match, if_unmodified_since| Preconditions {
+            if_match,
+            if_none_match,
+            if_unmodified_since,
+            if_modified_since: None,
+        };
+        let refused = [
+            (
+                with(None, Some("*"), None),
+                412,
+                "If-None-Match: * does not hold",
+            ),
+            (
+                with(None, Some(&tag), None),
+                400,
+                "If-None-Match with a version",
+            ),
+            (
+                with(None, None, Some(date)),
+                400,
+                "If-Unmodified-Since cannot guard",
+            ),
+            (
+                with(Some("\"1\", \"2\""), None, None),
+                400,
+                "several versions",
+            ),
+            (
+                with(Some("nonsense"), None, None),
+                412,
+                "not a table version",
+            ),
+            (with(Some("*"), Some("*"), None), 400, "can never hold"),
+        ];
+        for (c, status, text) in refused {
+            let r = call_if(
+                &f,
+                "POST",
+                "/upstream/host1",
+                "server 127.0.0.1:7;",
+                false,
+                c,
+            );
+            assert_eq!(r.status, status, "{c:?}: {r:?}");
+            assert!(r.body.contains(text), "{c:?}: {r:?} lacks {text:?}");
+        }
+        let r = call_if(
+            &f,
+            "DELETE",
+            "/upstream/nope",
+            "",
+            false,
+            with(Some("*"), None, None),
+        );
+        assert_eq!(r.status, 412, "{r:?}");
+        assert_eq!(
+            f.store.read().unwrap().version,
+            v,
+            "a refused write changed the table"
+        );
+        assert_eq!(servers_of(&f, "host1"), ["127.0.0.1:8088"]);
+
+        // The ones that hold: create only, replace only, If-Match governs
+        // If-Unmodified-Since.
+        let c = with(None, Some("*"), None);
+        let r = call_if(
+            &f,
+            "POST",
+            "/upstream/host3",
+            "server 127.0.0.1:7;",
+            false,
+            c,
+        );
+        assert_eq!((r.status, r.etag), (200, Some(v + 1)), "{r:?}");
+        let c = with(Some("*"), None, None);
+        let r = call_if(
+            &f,
+            "POST",
+            "/upstream/host3",
+            "server 127.0.0.1:8;",
+            false,
+            c,
+        );
+        assert_eq!((r.status, r.etag), (200, Some(v + 2)), "{r:?}");
+        let tag = format!("W/\"{}\"", v + 2);
+        let c = with(Some(&tag), None, Some(date));
+        let r = call_if(&f, "DELETE", "/upstream/host3", "", false, c);
+        assert_eq!((r.status, r.etag), (200, Some(v + 3)), "{r:?}");
+        // If-Modified-Since has no meaning on a write.
+        let c = Preconditions {
+            if_modified_since: Some(date),
+            ..Preconditions::default()
+        };
+        assert_eq!(
+            call_if(
+                &f,
+                "POST",
+                "/upstream/host3",
+                "server 127.0.0.1:8;",
+                false,
+                c
+            )
+            .status,
+            200
+        );
+    }
+
+    #[test]
+    fn reads_answer_304_and_412_by_the_table_version() {
+        let f = fixture("conditional reads");
+        let v = f.store.read().unwrap().version;
+        let tag = format!("\"{v}\"");
+        let read = |c| call_if(&f, "GET", "/upstream/host1", "", false, c);
+        let r = read(Preconditions {
+            if_none_match: Some(&tag),
+            ..Preconditions::default()
+        });
+        assert_eq!((r.status, r.body.as_str(), r.etag), (304, "", Some(v)));
+        let r = read(Preconditions {
+            if_none_match: Some("\"0\", *"),
+            ..Preconditions::default()
+        });
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = read(Preconditions {
+            if_match: Some("\"0\""),
+            ..Preconditions::default()
+        });
+        assert_eq!((r.status, r.etag), (412, Some(v)));
+        let r = read(Preconditions {
+            if_unmodified_since: Some("Thu, 01 Jan 1970 00:00:00 GMT"),
+            ..Preconditions::default()
+        });
+        assert_eq!(r.status, 200, "{r:?}");
+        // Only a 2xx answer is conditional.
+        let r = call_if(
+            &f,
+            "GET",
+            "/upstream/nope",
+            "",
+            false,
+            Preconditions {
+                if_match: Some("\"0\""),
+                ..Preconditions::default()
+            },
+        );
+        assert_eq!(r.status, 404);
     }
 }

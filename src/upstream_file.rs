@@ -3,7 +3,8 @@
 //! the table on a fresh host (ngx_http_dyups_module's `dyups_upstream_conf`,
 //! without a third party to dump it).
 
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::model::Table;
@@ -23,9 +24,13 @@ pub fn read(path: &Path) -> Result<Table> {
         .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", path.display())))
 }
 
-/// Writes `table` to `path` atomically: a reader (nginx at its next start)
-/// sees the old file or the new one, never a part.
-pub fn write(path: &Path, table: &Table) -> Result<()> {
+/// The first line of a file written back: which table version it holds, so
+/// any worker can tell whether the file is behind the table.
+const STAMP: &str = "# ngx.dyups table version ";
+
+/// Writes `table` (at `version`) to `path` atomically: a reader (nginx at
+/// its next start) sees the old file or the new one, never a part.
+pub fn write(path: &Path, table: &Table, version: u64) -> Result<()> {
     let fail = |e: std::io::Error| {
         Error::Internal(format!(
             "could not write upstream file {}: {e} (this process runs as uid {}: \
@@ -42,8 +47,18 @@ pub fn write(path: &Path, table: &Table) -> Result<()> {
         std::process::id()
     ));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(render_upstream_file(table).as_bytes())?;
+        // A file of ours left by a process of the same pid that died here:
+        // made anew, so the mode below applies.
+        let _ = std::fs::remove_file(&tmp);
+        // 0644 whatever the umask (a daemonized nginx has umask 0): a file
+        // others may write is one where they can rewrite routing.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        let text = format!("{STAMP}{version}\n{}", render_upstream_file(table));
+        f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -55,8 +70,21 @@ pub fn write(path: &Path, table: &Table) -> Result<()> {
 
 /// Writes the current table of `store` to `path`, holding the writer lock so
 /// that of two processes writing it back, the last one writes the newest.
-pub fn write_current(store: &StateFile, path: &Path, wait: Wait) -> Result<()> {
-    store.while_locked(wait, |snapshot| write(path, &snapshot.table))?
+/// Returns the version written.
+pub fn write_current(store: &StateFile, path: &Path, wait: Wait) -> Result<u64> {
+    store.while_locked(wait, |snapshot| {
+        write(path, &snapshot.table, snapshot.version).map(|()| snapshot.version)
+    })?
+}
+
+/// The table version the file at `path` was written from, if it is a file
+/// written back by ngx.dyups.
+pub fn written_version(path: &Path) -> Option<u64> {
+    let mut line = String::new();
+    std::io::BufReader::new(std::fs::File::open(path).ok()?)
+        .read_line(&mut line)
+        .ok()?;
+    line.strip_prefix(STAMP)?.trim_end().parse().ok()
 }
 
 #[cfg(test)]
@@ -77,8 +105,10 @@ mod tests {
         )
         .unwrap();
         ops::update(&mut t, "b", "server unix:/run/b.sock;").unwrap();
-        write(&path, &t).unwrap();
+        write(&path, &t, 7).unwrap();
         assert_eq!(read(&path).unwrap(), t);
+        assert_eq!(written_version(&path), Some(7));
+        assert_eq!(written_version(&dir.path().join("missing.conf")), None);
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,
@@ -88,5 +118,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.conf"), "{err}");
+    }
+
+    #[test]
+    fn the_written_file_is_0644_even_over_a_stale_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        let path = dir.path().join("upstream.conf");
+        let stale = dir
+            .path()
+            .join(format!(".upstream.conf.{}.tmp", std::process::id()));
+        std::fs::write(&stale, b"junk").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write(&path, &Table::default(), 1).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode & 0o022,
+            0,
+            "the upstream file is {mode:o}: others may write it"
+        );
+        assert!(!stale.exists(), "the temporary file was left");
     }
 }

@@ -88,7 +88,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-const TWO: &str = "upstream a {\n    server 127.0.0.1:81;\n}\n\nupstream b {\n    least_conn;\n    server 127.0.0.1:82 weight=3 max_fails=2;\n    server unix:/run/b.sock backup;\n}\n";
+/// Two upstreams, one with what the state file keeps in a slot's extension
+/// (a check line, max_conns), as `dump` writes them.
+const TWO: &str = "upstream a {\n    server 127.0.0.1:81;\n}\n\nupstream b {\n    least_conn;\n    check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n    server 127.0.0.1:82 weight=3 max_conns=5 max_fails=2;\n    server unix:/run/b.sock backup;\n}\n";
 
 #[test]
 fn usage_mistakes_exit_2_and_help_exits_0() {

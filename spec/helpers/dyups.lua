@@ -9,11 +9,14 @@ local M = {}
 --- ngx.dyups, `/ups`, `/ups/check`, and `/lua` running a Lua snippet given
 --- in the request body (specs use it to call the module inside a worker).
 --- opts.upstreams: the seed upstream file's text; opts.init: extra init
---- options as Lua source (`refresh = 1, trylock = true`).
+--- options as Lua source (`refresh = 1, trylock = true`); opts.user and
+--- opts.umask: nginx's `user` directive and the umask nginx starts under.
 function M.proxy(opts)
   opts = opts or {}
   local inst = nginx.new {
     workers = opts.workers or 2,
+    user = opts.user,
+    umask = opts.umask,
     conf = [[
 http {
     lua_package_path "${lua_package_path}";

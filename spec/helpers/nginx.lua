@@ -409,7 +409,8 @@ end
 
 --- nginx.new{ conf = template, vars = {}, workers = 2, modules = true,
 ---            temp_paths = true, log_level = "info", watchdog = true,
----            user = nil, prefix = nil (default: fresh mktemp -d) }
+---            user = nil, umask = nil (e.g. "000": nginx started under it),
+---            prefix = nil (default: fresh mktemp -d) }
 function M.new(opts)
   opts = opts or {}
   assert(type(opts.conf) == "string", "nginx.new: conf (template string) required")
@@ -427,6 +428,7 @@ function M.new(opts)
   self.watchdog = opts.watchdog ~= false
   self.log_level = opts.log_level or "info"
   self.user = opts.user
+  self.umask = opts.umask
   self.nginx = opts.nginx or M.NGINX
   self.conf_path = self.prefix .. "/conf/nginx.conf"
   self.ports = {}
@@ -504,7 +506,8 @@ function Instance:_fail(msg)
 end
 
 local function nginx_cmd(self, extra)
-  return shell_quote(self.nginx) .. " -p " .. shell_quote(self.prefix .. "/")
+  local umask = self.umask and ("umask " .. assert(tostring(self.umask):match("^[0-7][0-7][0-7]$")) .. "; ") or ""
+  return umask .. shell_quote(self.nginx) .. " -p " .. shell_quote(self.prefix .. "/")
     .. " -c conf/nginx.conf" .. (extra or "")
     .. " >" .. shell_quote(self.prefix .. "/logs/nginx.out") .. " 2>&1 </dev/null"
 end

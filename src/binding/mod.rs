@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
+use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
 use parking_lot::Mutex;
 
 use crate::auth;
@@ -20,11 +20,11 @@ use crate::model::Table as UpstreamTable;
 use crate::policy::Policy;
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::render_server;
+use crate::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
-use crate::{ops, Error};
+use crate::{nginx_conf, ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
@@ -51,6 +51,9 @@ struct Config {
     write_upstreams: Option<PathBuf>,
     /// The bearer token every admin request must carry, if any.
     admin_token: Option<String>,
+    /// Whom nginx's master gave the state file to, and why that user: for
+    /// the message of a worker that cannot open it.
+    owner: Option<(String, String)>,
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -91,6 +94,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("handle_api", lua.create_function(handle_api)?)?;
     m.set("_api_wants_body", lua.create_function(api_wants_body)?)?;
     m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    m.set("write_back_status", lua.create_function(write_back_status)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
     let done = LightUserData(dyups_done as *const () as *mut c_void);
@@ -377,6 +381,7 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             max_body,
             write_upstreams,
             admin_token,
+            owner: None,
         },
         user,
     ))
@@ -389,38 +394,60 @@ fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
-fn init(lua: &Lua, opts: Value) -> LuaResult<(Value, Option<String>)> {
+fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
     let Value::Table(opts) = opts else {
         return Err(bad_argument(1, "init", "table", &opts));
     };
-    let (cfg, user) = match parse_config(lua, &opts) {
+    let (mut cfg, user) = match parse_config(lua, &opts) {
         Ok(c) => c,
         Err(e) => return Err(mlua::Error::runtime(format!("dyups.init: {e}"))),
     };
     let checked = if phase(lua).as_deref() == Some("init") {
         // nginx's master: check (and create, as root for the workers' user)
         // without keeping anything open across fork.
-        prepare_in_master(lua, &cfg, user)
+        prepare_in_master(lua, &mut cfg, user)
     } else {
         StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map(drop)
     };
     if let Err(e) = checked {
-        return Ok((Value::Nil, Some(e.to_string())));
+        return Ok(Err(e.to_string()));
     }
     *CONFIG.lock() = Some(cfg);
-    Ok((Value::Boolean(true), None))
+    Ok(Ok(true))
 }
 
-fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Result<()> {
+fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate::Result<()> {
     let root = crate::store::effective_uid() == 0;
-    let user = user.unwrap_or_else(|| worker_user(lua));
+    let (user, why) = match user {
+        Some(u) => (u, "init's user option".to_owned()),
+        None => worker_user(lua),
+    };
+    if root {
+        log(
+            lua,
+            "NOTICE",
+            &format!(
+                "state file {} is for user {user} ({why})",
+                cfg.path.display()
+            ),
+        );
+        cfg.owner = Some((user.clone(), why));
+    }
     // Directories we make are the workers': they write temporary files there.
     let dirs = std::iter::once(&cfg.path).chain(cfg.write_upstreams.iter());
     for dir in dirs.filter_map(|p| p.parent()) {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Internal(format!("could not create directory {}: {e}", dir.display()))
-            })?;
+            // 0755 whatever the umask (a daemonized nginx has umask 0): a
+            // directory others may write is one where they can replace the
+            // state file.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| {
+                    Error::Internal(format!("could not create directory {}: {e}", dir.display()))
+                })?;
             if root {
                 crate::store::give_to_user(dir, &user)?;
             }
@@ -458,19 +485,78 @@ fn prepare_in_master(lua: &Lua, cfg: &Config, user: Option<String>) -> crate::Re
     Ok(())
 }
 
-/// The user nginx's workers run as when nginx.conf has no `user`: the one
-/// nginx was built with, else nginx's default.
-fn worker_user(lua: &Lua) -> String {
-    let configure = ngx(lua)
-        .and_then(|n| n.get::<Table>("config").ok())
-        .and_then(|c| c.get::<Function>("nginx_configure").ok())
-        .and_then(|f| f.call::<String>(()).ok())
+/// The user nginx's workers will run as, and where that was found: the
+/// `user` directive of nginx's configuration (read as nginx reads it: `-g`,
+/// then the file of `-c` or the built-in one, with its `include`s), else
+/// the user nginx was built with, else nginx's default.
+fn worker_user(lua: &Lua) -> (String, String) {
+    let config = ngx(lua).and_then(|n| n.get::<Table>("config").ok());
+    let call = |name: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get::<Function>(name).ok())
+            .and_then(|f| f.call::<String>(()).ok())
+            .unwrap_or_default()
+    };
+    let configure = call("nginx_configure");
+    let prefix = call("prefix");
+    // nginx's own copy of its arguments; /proc when the binary hides it.
+    let args = lua
+        .load(include_str!("argv.lua"))
+        .set_name("=ngx.dyups.argv")
+        .call::<Option<Vec<String>>>(())
+        .ok()
+        .flatten()
+        .or_else(|| {
+            std::fs::read("/proc/self/cmdline")
+                .ok()
+                .map(|c| nginx_conf::args_of_cmdline(&c))
+        })
         .unwrap_or_default();
-    configure
+    let cmd = nginx_conf::command_line(&args);
+    let conf = nginx_conf::conf_file(&cmd, &configure, Path::new(&prefix));
+    let read = |p: &Path| std::fs::read_to_string(p).ok();
+    let list = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(user) = nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read, &list) {
+        return (user, format!("the `user` directive of {}", conf.display()));
+    }
+    match configure
         .split_whitespace()
         .find_map(|a| a.strip_prefix("--user="))
-        .unwrap_or(NGINX_DEFAULT_USER)
-        .to_owned()
+    {
+        Some(user) => (
+            user.to_owned(),
+            format!("no `user` directive in {}; nginx's --user", conf.display()),
+        ),
+        None => (
+            NGINX_DEFAULT_USER.to_owned(),
+            format!("no `user` directive in {}; nginx's default", conf.display()),
+        ),
+    }
+}
+
+/// What to add to a worker's failure to open the state file when it runs
+/// as someone else than the user the master gave the file to.
+fn owner_hint(cfg: &Config) -> String {
+    let Some((user, why)) = &cfg.owner else {
+        return String::new();
+    };
+    let me = crate::store::effective_uid();
+    if crate::store::user_ids(user).is_some_and(|(uid, _)| uid == me) {
+        return String::new();
+    }
+    format!(
+        "; nginx's master gave it to user {user} ({why}), but this worker runs as uid {me}: \
+         set dyups.init{{ user = \"...\" }} to the user of nginx's `user` directive"
+    )
 }
 
 fn config() -> Result<Config, String> {
@@ -481,10 +567,10 @@ fn config() -> Result<Config, String> {
 
 /// `dyups.init_worker()`: opens the state file in this worker, registers it
 /// for `/ups/check`, and starts the refresh timer.
-fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
     let cfg = match config() {
         Ok(c) => c,
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Err(e) => return Ok(Err(e)),
     };
     let started = (|| {
         let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?;
@@ -494,7 +580,7 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
         Ok::<_, Error>(())
     })();
     if let Err(e) = started {
-        return Ok((Value::Nil, Some(e.to_string())));
+        return Ok(Err(format!("{e}{}", owner_hint(&cfg))));
     }
     if let Some(ngx) = ngx(lua) {
         let every: Function = ngx.get::<Table>("timer")?.get("every")?;
@@ -507,16 +593,13 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
             .set_name("=ngx.dyups.timer")
             .call((every, cfg.refresh, tick))?;
         if ok.is_nil() {
-            return Ok((
-                Value::Nil,
-                Some(format!(
-                    "could not start the refresh timer: {}",
-                    err.unwrap_or_default()
-                )),
-            ));
+            return Ok(Err(format!(
+                "could not start the refresh timer: {}",
+                err.unwrap_or_default()
+            )));
         }
     }
-    Ok((Value::Boolean(true), None))
+    Ok(Ok(true))
 }
 
 /// The refresh timer: catches up with the file even when no request comes,
@@ -597,28 +680,29 @@ fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) ->
     Ok(f(&store, &snap))
 }
 
-fn version() -> LuaResult<(Option<u64>, Option<String>)> {
-    Ok(match with_snapshot(|_, s| s.version) {
-        Ok(v) => (Some(v), None),
-        Err(e) => (None, Some(e)),
-    })
+// The reading functions return only their value on success and `nil, err`
+// on failure (mlua turns an inner `Err` into those two values), so
+// `ngx.say("version ", dyups.version())` prints the version alone.
+
+fn version() -> LuaResult<Result<u64, String>> {
+    Ok(with_snapshot(|_, s| s.version))
 }
 
-fn list(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn list(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     match with_snapshot(|_, s| s.table.names().map(str::to_owned).collect::<Vec<_>>()) {
-        Ok(names) => Ok((Value::Table(lua.create_sequence_from(names)?), None)),
-        Err(e) => Ok((Value::Nil, Some(e))),
+        Ok(names) => Ok(Ok(lua.create_sequence_from(names)?)),
+        Err(e) => Ok(Err(e)),
     }
 }
 
-fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let name = string_arg(&args, 1, "get")?;
     let found = match with_snapshot(|_, s| s.table.get(&name).cloned()) {
         Ok(u) => u,
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Err(e) => return Ok(Err(e)),
     };
     let Some(u) = found else {
-        return Ok((Value::Nil, Some("not found".into())));
+        return Ok(Err("not found".into()));
     };
     let servers = lua.create_table()?;
     for s in &u.servers {
@@ -627,6 +711,7 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
         t.set("host", s.addr.host())?;
         t.set("port", s.addr.port())?;
         t.set("weight", s.weight)?;
+        t.set("max_conns", s.max_conns)?;
         t.set("max_fails", s.max_fails)?;
         t.set("fail_timeout", s.fail_timeout)?;
         t.set("backup", s.backup)?;
@@ -638,13 +723,35 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
     t.set("name", u.name.as_str())?;
     t.set("policy", u.policy.to_string())?;
     t.set("keepalive", u.keepalive)?;
+    t.set("keepalive_requests", u.keepalive_requests)?;
+    t.set("keepalive_time", u.keepalive_time)?;
+    t.set("keepalive_timeout", u.keepalive_timeout)?;
+    if let Some(c) = &u.check.line {
+        let check = lua.create_table()?;
+        check.set("interval", c.interval)?;
+        check.set("rise", c.rise)?;
+        check.set("fall", c.fall)?;
+        check.set("timeout", c.timeout)?;
+        check.set("default_down", c.default_down)?;
+        check.set("type", c.kind.name())?;
+        check.set("port", c.port)?;
+        check.set("jitter", c.jitter)?;
+        t.set("check", check)?;
+    }
+    t.set("check_http_send", u.check.http_send.as_str())?;
+    t.set(
+        "check_http_expect_alive",
+        lua.create_sequence_from(u.check.http_expect_alive.names())?,
+    )?;
+    t.set("check_keepalive_requests", u.check.keepalive_requests)?;
+    t.set("settings", lua.create_sequence_from(setting_lines(&u))?)?;
     t.set("servers", servers)?;
-    Ok((Value::Table(t), None))
+    Ok(Ok(t))
 }
 
 /// `dyups.peers(name)`: each server's shared state, as every worker sees
 /// it: `{ server, conns, fails, shared }` in table order.
-fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)> {
+fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let name = string_arg(&args, 1, "peers")?;
     let found = with_snapshot(|store, s| {
         s.table
@@ -653,8 +760,8 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)>
     });
     let list = match found {
         Ok(Some(list)) => list,
-        Ok(None) => return Ok((Value::Nil, Some("not found".into()))),
-        Err(e) => return Ok((Value::Nil, Some(e))),
+        Ok(None) => return Ok(Err("not found".into())),
+        Err(e) => return Ok(Err(e)),
     };
     let out = lua.create_table()?;
     for p in list {
@@ -665,13 +772,13 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Value, Option<String>)>
         t.set("shared", p.shared)?;
         out.push(t)?;
     }
-    Ok((Value::Table(out), None))
+    Ok(Ok(out))
 }
 
-fn pending(lua: &Lua, (): ()) -> LuaResult<(Value, Option<String>)> {
+fn pending(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     match with_snapshot(|store, s| ups::pending_servers(&store.pending(s))) {
-        Ok(map) => Ok((Value::Table(lua.create_table_from(map)?), None)),
-        Err(e) => Ok((Value::Nil, Some(e))),
+        Ok(map) => Ok(Ok(lua.create_table_from(map)?)),
+        Err(e) => Ok(Err(e)),
     }
 }
 
@@ -688,22 +795,97 @@ fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
             w.check_file_quietly(std::process::id());
             w.store().clone()
         }
-        None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))?,
+        None => StateFile::open(&cfg.path, cfg.size, || seed(&cfg))
+            .map_err(|e| Error::Internal(format!("{e}{}", owner_hint(&cfg))))?,
     };
     Ok((cfg, store))
 }
 
+/// This process's last failure to write the table back, until a write-back
+/// succeeds: what `dyups.write_back_status()` reports while the file is
+/// behind the table.
+static WRITE_BACK_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
 /// After a successful write: this worker routes by the result at once, and
-/// the upstream file is written back when so configured.
-fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) {
+/// the upstream file is written back when so configured. Returns how the
+/// write-back went (`None` when there is none): the change stands either
+/// way, as the state file has it.
+fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) -> Option<Result<u64, String>> {
     if let Some(w) = WORKER.lock().as_mut() {
         let _ = w.refresh();
     }
-    if let Some(path) = &cfg.write_upstreams {
-        if let Err(e) = upstream_file::write_current(store, path, cfg.write.wait) {
-            log(lua, "ERR", &e.to_string());
-        }
-    }
+    let path = cfg.write_upstreams.as_ref()?;
+    let outcome = upstream_file::write_current(store, path, cfg.write.wait).map_err(|e| {
+        let msg = format!("{e}; the change is made and kept in the state file");
+        log(lua, "ERR", &msg);
+        msg
+    });
+    *WRITE_BACK_ERROR.lock() = outcome.as_ref().err().cloned();
+    Some(outcome)
+}
+
+/// The response header that tells an HTTP client how the write-back of its
+/// change went: `ok`, or `failed: REASON`.
+const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
+
+fn announce_write_back(lua: &Lua, outcome: Option<Result<u64, String>>) -> LuaResult<()> {
+    let Some(outcome) = outcome else {
+        return Ok(());
+    };
+    let value = match outcome {
+        Ok(_) => "ok".to_owned(),
+        // A header value is one line of visible characters.
+        Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
+    };
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
+}
+
+/// `dyups.write_back_status()`: the upstream file the table is written back
+/// to and whether it holds the current table →
+/// `{ path, version, written, error }` | `nil, err`.
+fn write_back_status(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(path) = cfg.write_upstreams else {
+        return Ok(Err(
+            "no write-back: dyups.init has no write_upstreams option".into(),
+        ));
+    };
+    let version = match with_snapshot(|_, s| s.version) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    // The file says which table it holds: the answer is the same in every
+    // worker, whichever of them wrote it back or failed to.
+    let written = upstream_file::written_version(&path);
+    let error = if written == Some(version) {
+        None
+    } else {
+        // Without a failure of its own, this worker tells from the file: a
+        // file it did not write back is behind once the table has changed
+        // (version 1 is the table a new state file is seeded with).
+        let held = written.map(|w| format!("table version {w}"));
+        WRITE_BACK_ERROR.lock().clone().or_else(|| {
+            (written.is_some() || version > 1).then(|| {
+                format!(
+                    "upstream file {} holds {}, the table is at version {version}: \
+                     writing it back failed in another worker (its error log says why)",
+                    path.display(),
+                    held.as_deref()
+                        .unwrap_or("no table written back by ngx.dyups")
+                )
+            })
+        })
+    };
+    let t = lua.create_table()?;
+    t.set("path", path.display().to_string())?;
+    t.set("version", version)?;
+    t.set("written", written)?;
+    t.set("error", error)?;
+    Ok(Ok(t))
 }
 
 /// Runs one write through the store with the configured options.
@@ -755,11 +937,7 @@ fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
 /// `dyups.add_server(name|nil, server [, version])` and
 /// `dyups.remove_server(name|nil, server [, version])` → the new version, or
 /// `nil, err, status`.
-fn set_rotation(
-    lua: &Lua,
-    args: Variadic<Value>,
-    add: bool,
-) -> LuaResult<(Option<u64>, Option<String>, Option<u16>)> {
+fn set_rotation(lua: &Lua, args: Variadic<Value>, add: bool) -> LuaResult<MultiValue> {
     let f = if add { "add_server" } else { "remove_server" };
     let name = opt_string_arg(&args, 1, f)?;
     let server = string_arg(&args, 2, f)?;
@@ -772,10 +950,10 @@ fn set_rotation(
             ops::remove_server(t, name.as_deref(), &server)
         }
     });
-    Ok(match r {
-        Ok((v, _)) => (Some(v), None, None),
-        Err(e) => (None, Some(e.to_string()), Some(e.status())),
-    })
+    match r {
+        Ok((v, _)) => v.into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.to_string(), e.status()).into_lua_multi(lua),
+    }
 }
 
 // ---- content handlers --------------------------------------------------------------
@@ -857,11 +1035,34 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         return respond(lua, unauthorized_json(why));
     }
     let method = method(lua)?;
-    let args: Table = ngx(lua)
-        .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    let (args, truncated): (Table, Option<String>) = ngx
         .get::<Table>("req")?
         .get::<Function>("get_uri_args")?
-        .call(100)?;
+        .call(UPS_MAX_ARGS)?;
+    if truncated.is_some() {
+        // A half-read query could miss its `upstream=` and change the
+        // server in every upstream.
+        return respond(
+            lua,
+            ups_refusal(&format!(
+                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                ups::USAGE
+            )),
+        );
+    }
+    if let Some(header) = ups_precondition(&ngx)? {
+        // The original interface has no preconditions, and nginx would
+        // evaluate these against our answer after the write (a 200 without
+        // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
+        return respond(
+            lua,
+            ups_refusal(&format!(
+                "/ups does not evaluate {header}: nothing changed; send the request without it, \
+                 or use the REST interface's If-Match"
+            )),
+        );
+    }
     let reply = match store() {
         Ok((cfg, store)) => {
             let r = ups::handle(
@@ -873,7 +1074,7 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
                 &cfg.write,
             );
             if r.status == 200 {
-                after_write(lua, &cfg, &store);
+                announce_write_back(lua, after_write(lua, &cfg, &store))?;
             }
             r
         }
@@ -887,6 +1088,33 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         log(lua, "ERR", &reply.body);
     }
     respond(lua, reply)
+}
+
+/// Query arguments `/ups` reads; a request with more is refused.
+const UPS_MAX_ARGS: i64 = 100;
+
+fn ups_refusal(msg: &str) -> ups::Reply {
+    ups::Reply {
+        status: 400,
+        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
+    }
+}
+
+/// The first conditional header a `/ups` request carries, if any.
+/// `If-Modified-Since` is not one: nginx ignores it without a
+/// `Last-Modified`, and it has no meaning on a write.
+fn ups_precondition(ngx: &Table) -> LuaResult<Option<&'static str>> {
+    let var: Table = ngx.get("var")?;
+    for (header, name) in [
+        ("If-Match", "http_if_match"),
+        ("If-None-Match", "http_if_none_match"),
+        ("If-Unmodified-Since", "http_if_unmodified_since"),
+    ] {
+        if var.get::<Option<mlua::LuaString>>(name)?.is_some() {
+            return Ok(Some(header));
+        }
+    }
+    Ok(None)
 }
 
 /// The `/ups/check` content handler (`lua/srvcheck.lua`).
@@ -984,25 +1212,32 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
             .get::<Option<mlua::LuaString>>(name)?
             .map(|s| s.to_string_lossy()))
     };
-    let path = lossy("uri")?.unwrap_or_default();
-    let headers: Table = ngx
-        .get::<Table>("req")?
-        .get::<Function>("get_headers")?
-        .call(100)?;
-    let header = |name: &str| match headers.get::<Value>(name) {
-        Ok(Value::String(s)) => Some(s.to_string_lossy()),
-        _ => None,
-    };
-    let json = header("accept").is_some_and(|a| a.contains("application/json"))
+    // The path as sent: nginx's $uri has `%2F` decoded into a separator
+    // and dot segments resolved (rest.rs routes and decodes).
+    let path = lossy("request_uri")?.unwrap_or_default();
+    // Headers through nginx's variables, which see every header: a list
+    // from ngx.req.get_headers stops at 100, and an If-Match past them
+    // would not be seen.
+    let json = lossy("http_accept")?.is_some_and(|a| a.contains("application/json"))
         || lossy("arg_format")?.as_deref() == Some("json");
-    let if_match = header("if-match");
-    if if_match.is_some() {
-        // We evaluate If-Match against the table version ourselves. Left in
-        // place, nginx's not-modified filter would compare it with the new
-        // version's ETag of a successful write and turn the 200 into a 412.
-        ngx.get::<Table>("req")?
-            .get::<Function>("clear_header")?
-            .call::<()>("If-Match")?;
+    let if_match = lossy("http_if_match")?;
+    let if_none_match = lossy("http_if_none_match")?;
+    let if_unmodified_since = lossy("http_if_unmodified_since")?;
+    let if_modified_since = lossy("http_if_modified_since")?;
+    // rest.rs evaluates every precondition. Left in place, nginx's
+    // not-modified filter would evaluate them again on our answer, after a
+    // write: a 200 with the new ETag would become a 304 (If-None-Match: *)
+    // or a 412 (If-Match, If-Unmodified-Since) for a change that was made.
+    let clear: Function = ngx.get::<Table>("req")?.get("clear_header")?;
+    for (name, value) in [
+        ("If-Match", &if_match),
+        ("If-None-Match", &if_none_match),
+        ("If-Unmodified-Since", &if_unmodified_since),
+        ("If-Modified-Since", &if_modified_since),
+    ] {
+        if value.is_some() {
+            clear.call::<()>(name)?;
+        }
     }
     let response = match (authorize(lua)?, store()) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
@@ -1015,12 +1250,17 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
                     path: &path,
                     body: &body,
                     json,
-                    if_match: if_match.as_deref(),
+                    preconditions: rest::Preconditions {
+                        if_match: if_match.as_deref(),
+                        if_none_match: if_none_match.as_deref(),
+                        if_unmodified_since: if_unmodified_since.as_deref(),
+                        if_modified_since: if_modified_since.as_deref(),
+                    },
                 };
                 let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
                 if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    after_write(lua, &cfg, &store);
+                    announce_write_back(lua, after_write(lua, &cfg, &store))?;
                 }
                 r
             }
@@ -1054,15 +1294,12 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
 /// upstream file, atomically → `true` | `nil, err`.
-fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<(Option<bool>, Option<String>)> {
+fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<bool, String>> {
     let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
     check_write_phase(lua, "write_upstreams")?;
     let written = store()
         .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
-    Ok(match written {
-        Ok(()) => (Some(true), None),
-        Err(e) => (None, Some(e.to_string())),
-    })
+    Ok(written.map(|_| true).map_err(|e| e.to_string()))
 }
 
 // ---- the request path ----------------------------------------------------------------

@@ -365,13 +365,13 @@ fn slot_report(bytes: &[u8], g: Geometry, i: u64, commit: Option<CommitReport>) 
     }
     let h = SlotHeader::from_bytes(head);
     report.generation = h.generation;
-    report.payload_len = h.len;
-    if h.len > g.payload_capacity() {
-        report.error = Some(format!("payload length {} exceeds the slot", h.len));
+    report.payload_len = h.total_len();
+    if h.total_len() > g.payload_capacity() {
+        report.error = Some(format!("payload length {} exceeds the slot", h.total_len()));
         return report;
     }
     let start = off + SLOT_HEADER as usize;
-    let Some(payload) = bytes.get(start..start + h.len as usize) else {
+    let Some(payload) = bytes.get(start..start + h.total_len() as usize) else {
         report.error = Some("its payload runs past the end of the file (cut short)".into());
         return report;
     };
@@ -380,7 +380,8 @@ fn slot_report(bytes: &[u8], g: Geometry, i: u64, commit: Option<CommitReport>) 
         report.error = Some("checksum mismatch".into());
         return report;
     }
-    match codec::decode(payload, None) {
+    let (base, extension) = h.split(payload);
+    match codec::decode(base, extension, None) {
         Ok(p) if p.version == h.generation => report.version = Some(p.version),
         Ok(p) => {
             report.error = Some(format!(
@@ -417,15 +418,16 @@ pub(super) fn published_slots(bytes: &[u8]) -> Vec<(u64, Payload)> {
         .filter_map(|i| {
             let off = g.slot_offset(i) as usize;
             let h = SlotHeader::from_bytes(bytes.get(off..off + SLOT_HEADER as usize)?);
-            if h.len > g.payload_capacity() || h.generation > generation {
+            if h.total_len() > g.payload_capacity() || h.generation > generation {
                 return None;
             }
             let start = off + SLOT_HEADER as usize;
-            let payload = bytes.get(start..start + h.len as usize)?;
+            let payload = bytes.get(start..start + h.total_len() as usize)?;
             if !h.matches(payload) {
                 return None;
             }
-            let p = codec::decode(payload, None).ok()?;
+            let (base, extension) = h.split(payload);
+            let p = codec::decode(base, extension, None).ok()?;
             (p.version == h.generation).then_some((i, p))
         })
         .collect();
@@ -454,7 +456,7 @@ pub(super) fn highest_generation(bytes: &[u8]) -> u64 {
         let off = g.slot_offset(i) as usize;
         let h = SlotHeader::from_bytes(bytes.get(off..off + SLOT_HEADER as usize)?);
         let start = off + SLOT_HEADER as usize;
-        let payload = bytes.get(start..start.checked_add(h.len as usize)?)?;
+        let payload = bytes.get(start..start.checked_add(h.total_len() as usize)?)?;
         h.matches(payload).then_some(h.generation)
     });
     slots

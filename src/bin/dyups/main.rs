@@ -68,13 +68,14 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        let code = match e {
-            Error::BadRequest(_) => exit::BAD_INPUT,
-            Error::NotFound(_) => exit::NOT_FOUND,
-            Error::Busy(_) => exit::BUSY,
-            Error::VersionMismatch { .. } => exit::STALE,
-            Error::NoSpace(_) => exit::NO_ROOM,
-            Error::Internal(_) => exit::FAILED,
+        // By HTTP status, as every other interface reports the error.
+        let code = match e.status() {
+            400 => exit::BAD_INPUT,
+            404 => exit::NOT_FOUND,
+            409 => exit::BUSY,
+            412 => exit::STALE,
+            507 => exit::NO_ROOM,
+            _ => exit::FAILED,
         };
         Failure {
             code,
