@@ -1,16 +1,17 @@
 # ngx.dyups: dynamic upstreams for OpenResty (Rust + mlua, LuaJIT module).
 #
 #   make deps      install system packages (Debian 12) the build/tests need
-#   make build     build the Lua module: lib/ngx/dyups.so
+#   make build     build the Lua module lib/ngx/dyups.so and the tool bin/dyups
 #   make test      cargo test (core) + busted specs against a real nginx
 #   make lint      rustfmt, clippy (with and without the lua binding), luacheck
 #   make demo      run scripts/demo.sh
 #   make bench     run bench/run.sh
 #   make fuzz      run each fuzz target FUZZ_SECONDS (30) s: scripts/fuzz.sh
-#   make install   install into $(DESTDIR)$(LUA_LIB_DIR)
+#   make install   install into $(DESTDIR)$(LUA_LIB_DIR) and $(DESTDIR)$(BINDIR)
 
 PREFIX      ?= /usr/local/openresty
 LUA_LIB_DIR ?= $(PREFIX)/lualib
+BINDIR      ?= $(PREFIX)/bin
 DESTDIR     ?=
 INSTALL     ?= install
 CARGO       ?= cargo
@@ -20,6 +21,8 @@ LUAJIT      ?= luajit
 
 SO_BUILT    := target/release/libngx_dyups.so
 SO          := lib/ngx/dyups.so
+BIN_BUILT   := target/release/dyups
+BIN         := bin/dyups
 LUA_SHIMS   := $(wildcard lua/*.lua)
 LINT_DIRS   := $(wildcard lua spec examples bench/lua src/binding)
 
@@ -30,10 +33,13 @@ all: build
 deps:
 	bash scripts/install-deps.sh
 
+# One cargo run builds both: the binary links the library without calling
+# its Lua binding, so it needs no Lua to run.
 build:
 	$(CARGO) build --release --features lua
-	$(INSTALL) -d lib/ngx
+	$(INSTALL) -d lib/ngx bin
 	$(INSTALL) -m 0755 $(SO_BUILT) $(SO)
+	$(INSTALL) -m 0755 $(BIN_BUILT) $(BIN)
 
 test: deps build
 	$(MAKE) --no-print-directory test-rust
@@ -71,12 +77,14 @@ fuzz:
 
 install:
 	@test -f $(SO) || { echo "$(SO) is missing: run 'make build' first"; exit 1; }
-	$(INSTALL) -d $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups
+	@test -f $(BIN) || { echo "$(BIN) is missing: run 'make build' first"; exit 1; }
+	$(INSTALL) -d $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups $(DESTDIR)$(BINDIR)
 	$(INSTALL) -m 0755 $(SO) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/dyups
 ifneq ($(strip $(LUA_SHIMS)),)
 	$(INSTALL) -m 0644 $(LUA_SHIMS) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups/
 endif
 
 clean:
 	$(CARGO) clean
-	rm -rf lib
+	rm -rf lib bin

@@ -9,6 +9,68 @@ use crate::model::{
 use crate::syntax::{only_backups, parse_address, parse_body, parse_server_args};
 use crate::{Error, Result};
 
+/// What [`put_upstreams`] did, by upstream name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Put {
+    pub created: Vec<String>,
+    pub replaced: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// Creates or replaces each upstream of `given` (an upstream file's
+/// table), in one change; with `replace`, also deletes every upstream
+/// `given` does not name, so that the table ends as `given`. An upstream
+/// that says the same as the one of its name is left as it is (its
+/// balancing state and shared cells with it). Refused as a whole when an
+/// upstream has too many servers or the table would hold too many.
+pub fn put_upstreams(table: &mut Table, given: &Table, replace: bool) -> Result<Put> {
+    for u in &given.upstreams {
+        check_size(&u.name, u.servers.len())?;
+    }
+    let mut put = Put::default();
+    if replace {
+        let keep: std::collections::HashSet<&str> = given.names().collect();
+        put.deleted = table
+            .names()
+            .filter(|n| !keep.contains(n))
+            .map(str::to_owned)
+            .collect();
+    }
+    let kept = table.upstreams.len() - put.deleted.len();
+    let created = given
+        .upstreams
+        .iter()
+        .filter(|u| table.get(&u.name).is_none())
+        .count();
+    if created > 0 && kept + created > UPSTREAMS_MAX {
+        return Err(Error::BadRequest(format!(
+            "could not create {created} upstreams: the table would have {}, at most {UPSTREAMS_MAX} are allowed",
+            kept + created
+        )));
+    }
+    for name in &put.deleted {
+        table.remove(name);
+    }
+    for u in &given.upstreams {
+        let said = match table.get(&u.name) {
+            Some(old) if old.same_content(u) => {
+                put.unchanged.push(u.name.clone());
+                continue;
+            }
+            Some(_) => &mut put.replaced,
+            None => &mut put.created,
+        };
+        said.push(u.name.clone());
+        // What the store keeps (revision, cells) is the store's to give.
+        let mut fresh = Upstream::clone(u);
+        fresh.rev = 0;
+        fresh.peers.clear();
+        table.upsert(fresh);
+    }
+    Ok(put)
+}
+
 /// Creates or replaces the upstream `name` with the servers of `body`
 /// (`server ADDR [PARAMS];` lines): ngx_http_dyups_module's update.
 pub fn update(table: &mut Table, name: &str, body: &str) -> Result<()> {
@@ -265,6 +327,65 @@ mod tests {
             .filter(|s| s.down)
             .map(|s| s.addr.port())
             .collect()
+    }
+
+    #[test]
+    fn put_upstreams_creates_replaces_keeps_and_with_replace_deletes() {
+        let mut t = table();
+        let kept = t.upstreams[1].clone();
+        let given = crate::syntax::parse_upstream_file(
+            "upstream other { server 127.0.0.1:8090; server 127.0.0.1:8091; }\n\
+             upstream local { server 10.0.0.1:80; }\n\
+             upstream new { least_conn; server 10.0.0.2:80; }",
+        )
+        .unwrap();
+        let put = put_upstreams(&mut t, &given, false).unwrap();
+        assert_eq!(
+            put,
+            Put {
+                created: vec!["new".into()],
+                replaced: vec!["local".into()],
+                unchanged: vec!["other".into()],
+                deleted: vec![],
+            }
+        );
+        // The unchanged upstream is the same one: its balancing state stays.
+        assert!(std::sync::Arc::ptr_eq(&t.upstreams[1], &kept));
+        assert_eq!(t.names().collect::<Vec<_>>(), ["local", "other", "new"]);
+        assert_eq!(t.get("local").unwrap().servers.len(), 1);
+
+        let only =
+            crate::syntax::parse_upstream_file("upstream new { server 10.0.0.3:80; }").unwrap();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.deleted, ["local", "other"]);
+        assert_eq!(put.replaced, ["new"]);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["new"]);
+        // Putting it again changes nothing.
+        let before = t.clone();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.unchanged, ["new"]);
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn put_upstreams_refuses_as_a_whole() {
+        let mut t = table();
+        let before = t.clone();
+        let big: String = (0..=SERVERS_MAX)
+            .map(|i| format!("server 10.0.{}.{}:80;", i / 250, i % 250 + 1))
+            .collect();
+        let given = crate::syntax::parse_upstream_file(&format!(
+            "upstream fine {{ server 10.0.0.1:80; }} upstream big {{ {big} }}"
+        ))
+        .unwrap();
+        let err = put_upstreams(&mut t, &given, true).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(
+            err.to_string()
+                .contains("upstream big would have 1001 servers"),
+            "{err}"
+        );
+        assert_eq!(t, before);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::{nginx_conf, ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
-const DEFAULT_SIZE: u64 = 2 << 20;
+const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
 const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
 const DEFAULT_REFRESH: f64 = 0.05;
 /// nginx's own default worker user, when `--user` was not given at build.
@@ -232,16 +232,7 @@ fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
 // ---- init ----------------------------------------------------------------------
 
 fn size_option(v: Value) -> Result<u64, String> {
-    let parse = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        let (digits, unit) = match s.char_indices().last()? {
-            (i, 'k' | 'K') => (&s[..i], 1 << 10),
-            (i, 'm' | 'M') => (&s[..i], 1 << 20),
-            (i, 'g' | 'G') => (&s[..i], 1 << 30),
-            _ => (s, 1),
-        };
-        digits.parse::<u64>().ok()?.checked_mul(unit)
-    };
+    let parse = crate::store::parse_size;
     match v {
         Value::Nil => Ok(DEFAULT_SIZE),
         Value::Integer(i) if i > 0 => Ok(i as u64),

@@ -120,6 +120,21 @@ impl CopyFile {
         }
     }
 
+    /// The copy of the state file at `state` when that file's header no
+    /// longer says how large its slots are: the copy's own length does (two
+    /// slots of one stride). `None` when there is no copy of a usable length.
+    pub fn sized_by_itself(state: &Path) -> Option<CopyFile> {
+        let path = path_for(state);
+        let stride = std::fs::metadata(&path).ok()?.len() / 2;
+        let capacity = stride.checked_sub(SLOT_HEADER)?;
+        Some(CopyFile {
+            path,
+            capacity,
+            open: Mutex::new(None),
+            trouble: Mutex::new((None, false)),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -221,14 +236,22 @@ impl CopyFile {
     pub fn newest(&self, of: FileId) -> Option<Payload> {
         let file = File::open(&self.path).ok()?;
         (0..2)
-            .filter_map(|i| self.slot(&file, i, of))
+            .filter_map(|i| self.slot(&file, i, of).ok())
             .max_by_key(|p| p.version)
     }
 
-    fn slot(&self, file: &File, i: u64, of: FileId) -> Option<Payload> {
+    /// What each of the two slots holds for state file `of`: its table, or
+    /// why it holds none. `Err` when the copy cannot be opened.
+    pub fn slots(&self, of: FileId) -> io::Result<[Result<Payload, String>; 2]> {
+        let file = File::open(&self.path)?;
+        Ok([self.slot(&file, 0, of), self.slot(&file, 1, of)])
+    }
+
+    fn slot(&self, file: &File, i: u64, of: FileId) -> Result<Payload, String> {
         let at = i * self.stride();
         let mut head = [0u8; SLOT_HEADER as usize];
-        file.read_exact_at(&mut head, at).ok()?;
+        file.read_exact_at(&mut head, at)
+            .map_err(|_| "empty (the copy ends before it)".to_owned())?;
         let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
         let named = FileId {
@@ -237,26 +260,44 @@ impl CopyFile {
             born: u64_at(32),
         };
         let (generation, len, ext_len) = (u64_at(40), u64_at(48), u64::from(u32_at(12)));
-        if head[0..8] != MAGIC
-            || u32_at(8) != COPY_VERSION
-            || named != of
-            || len > self.capacity
-            || ext_len > len
-        {
-            return None;
+        if head == [0u8; SLOT_HEADER as usize] {
+            return Err("empty".into());
+        }
+        if head[0..8] != MAGIC {
+            return Err("not a copy slot (bad magic)".into());
+        }
+        if u32_at(8) != COPY_VERSION {
+            return Err(format!(
+                "copy format version {}, this build reads version {COPY_VERSION}",
+                u32_at(8)
+            ));
+        }
+        if named != of {
+            return Err(format!("generation {generation} of another state file"));
+        }
+        if len > self.capacity || ext_len > len {
+            return Err(format!(
+                "payload length {len} (extension {ext_len}) exceeds the slot"
+            ));
         }
         let mut payload = vec![0u8; len as usize];
-        file.read_exact_at(&mut payload, at + SLOT_HEADER).ok()?;
+        file.read_exact_at(&mut payload, at + SLOT_HEADER)
+            .map_err(|_| "cut short".to_owned())?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head[..CHECKED]);
         crc.update(&payload);
         if crc.finalize() != u32_at(56) {
-            return None;
+            return Err("checksum mismatch".into());
         }
         let (base, extension) = payload.split_at((len - ext_len) as usize);
-        codec::decode(base, extension, None)
-            .ok()
-            .filter(|p| p.version == generation)
+        let p = codec::decode(base, extension, None)?;
+        if p.version != generation {
+            return Err(format!(
+                "table version {} differs from the slot's {generation}",
+                p.version
+            ));
+        }
+        Ok(p)
     }
 }
 

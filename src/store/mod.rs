@@ -19,10 +19,12 @@
 
 mod codec;
 mod copy_file;
+mod examine;
 mod guard;
 mod layout;
 mod mapping;
 mod os;
+mod repair;
 #[cfg(test)]
 mod tests;
 
@@ -39,15 +41,37 @@ use parking_lot::Mutex;
 pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
 use self::copy_file::{CopyFile, FileId};
+pub use self::examine::{
+    examine_file, CellReport, CommitReport, CopyReport, CopySlotReport, Examination, HeaderReport,
+    SlotReport, TableReport, WorkerReport,
+};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
     SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
+pub use self::repair::{repair, Repair, RepairOptions};
 use crate::model::{Change, Table};
 use crate::zone::{self, PeerCell, Zone, CELL_LEN};
 use crate::{Error, Result};
+
+/// The size of a state file when the configuration gives none.
+pub const DEFAULT_SIZE: u64 = 2 << 20;
+
+/// A size as the configuration gives it: bytes, or a number with a unit
+/// `k`, `m` or `g` (either case), as nginx writes sizes. `None` when it is
+/// not one.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let s = text.trim();
+    let (digits, unit) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
 
 /// How long a writer may wait for the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,6 +316,7 @@ impl StateFile {
                 copy: &self.copy,
                 generation: version,
                 payload,
+                owner: None,
             },
         )?;
         Ok(Some(Restored {
@@ -895,6 +920,10 @@ enum Place<'a> {
         copy: &'a CopyFile,
         generation: u64,
         payload: (&'a [u8], &'a [u8]),
+        /// Owner and group for the new file (and the copy), given before
+        /// it is at the path: a process running as root replacing the file
+        /// of workers that do not.
+        owner: Option<(u32, u32)>,
     },
 }
 
@@ -985,9 +1014,18 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
                 copy,
                 generation,
                 payload,
+                owner,
             } => {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+                }
                 let (base, extension) = payload;
                 copy.save(FileId::of(&f.metadata()?), generation, base, extension);
+                if let Some((uid, gid)) = owner {
+                    // Never fatal: a copy the workers cannot write only
+                    // costs them the copy, which they report.
+                    let _ = std::os::unix::fs::chown(copy.path(), Some(uid), Some(gid));
+                }
                 std::fs::rename(&tmp, path)
             }
         }
