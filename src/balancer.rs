@@ -12,7 +12,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::ServerSpec;
+use crate::table::model::ServerSpec;
 use crate::zone::{PeerCell, PeerRef, ZoneSource};
 
 /// Indices kept in the bitmask.

@@ -9,13 +9,11 @@ pub mod attempts;
 pub mod auth;
 pub mod balancer;
 pub mod error;
-pub mod model;
-pub mod nginx_conf;
 pub mod ops;
 pub mod policy;
 pub mod rest;
 pub mod store;
-pub mod syntax;
+pub mod table;
 #[cfg(test)]
 mod testing;
 pub mod ups;

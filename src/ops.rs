@@ -3,10 +3,10 @@
 //! `Table` in memory or fails leaving it as it was; the store makes the
 //! change durable and visible, all or nothing.
 
-use crate::model::{
+use crate::table::model::{
     check_name, Address, ServerPatch, ServerSpec, Table, Upstream, SERVERS_MAX, UPSTREAMS_MAX,
 };
-use crate::syntax::{only_backups, parse_address, parse_body, parse_server_args};
+use crate::table::syntax::{only_backups, parse_address, parse_body, parse_server_args};
 use crate::{Error, Result};
 
 /// Creates or replaces the upstream `name` with the servers of `body`

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::attempts::Attempts;
 use crate::balancer::{Balancer, Retry, Tried};
-use crate::model::ServerSpec;
+use crate::table::model::ServerSpec;
 use crate::zone::{PeerRef, ZoneSource};
 
 /// Rounds a hashing or random method spends on unavailable servers before
@@ -763,7 +763,7 @@ pub fn pick_for_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Address;
+    use crate::table::model::Address;
     use crate::testing::{servers, MemoryZone};
 
     /// One balancer call of request `key` on upstream 1 at `generation`,

@@ -14,10 +14,10 @@
 
 use serde::Serialize;
 
-use crate::model::{check_name, ServerSpec, Table, Upstream};
 use crate::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::{parse_server_patch, render_server, setting_lines};
+use crate::table::model::{check_name, ServerSpec, Table, Upstream};
+use crate::table::syntax::{parse_server_patch, render_server, setting_lines};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -95,7 +95,7 @@ impl Endpoint {
         match self {
             Endpoint::List | Endpoint::Detail => true,
             Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
-            Endpoint::Server(name, addr) => crate::syntax::parse_address(addr)
+            Endpoint::Server(name, addr) => crate::table::syntax::parse_address(addr)
                 .ok()
                 .zip(t.get(name))
                 .is_some_and(|(a, u)| u.server(&a).is_some()),
@@ -423,7 +423,7 @@ fn read(endpoint: &Endpoint, json: bool, snap: &Snapshot) -> Response {
             }
         }),
         Endpoint::Server(name, addr) => found(name).and_then(|u| {
-            let a = crate::syntax::parse_address(addr)
+            let a = crate::table::syntax::parse_address(addr)
                 .map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
             let s = u
                 .server(&a)

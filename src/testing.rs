@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::model::{Address, ServerSpec, Table};
 use crate::ops;
 use crate::store::StateFile;
+use crate::table::model::{Address, ServerSpec, Table};
 use crate::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 
 /// A directory of its own for one test, removed when it ends, pass or fail.

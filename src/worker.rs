@@ -9,10 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attempts::Attempts;
 use crate::balancer::Retry;
-use crate::model::{name_key, Upstream};
 use crate::policy::Policy;
 use crate::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
+use crate::table::model::{name_key, Upstream};
 use crate::Result;
 
 /// What `Worker::pick` answers besides a server index.

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::model::{Table, Upstream};
+use crate::table::model::{Table, Upstream};
 
 /// Bytes per cell in the state file.
 pub const CELL_LEN: usize = 32;
@@ -437,7 +437,7 @@ mod tests {
     fn upstream(name: &str, ports: &[u16]) -> Upstream {
         let mut s = servers(&vec![1; ports.len()]);
         for (s, &p) in s.iter_mut().zip(ports) {
-            s.addr = crate::model::Address::Inet(([10, 0, 0, 1], p).into());
+            s.addr = crate::table::model::Address::Inet(([10, 0, 0, 1], p).into());
         }
         Upstream::new(name, s)
     }

@@ -10,12 +10,12 @@
 
 use std::sync::OnceLock;
 
-use ngx_dyups::model::{
+use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
+use ngx_dyups::table::model::{
     check_http_send, check_name, same_name, Address, ServerSpec, Table, FAIL_TIMEOUT_MAX,
     MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
-use ngx_dyups::syntax::{
+use ngx_dyups::table::syntax::{
     parse_address, parse_server_args, parse_server_patch, parse_servers, parse_upstream_file,
     render_server, render_upstream_file,
 };

@@ -16,15 +16,16 @@ use parking_lot::Mutex;
 
 use crate::auth;
 use crate::balancer::Retry;
-use crate::model::Table as UpstreamTable;
 use crate::policy::Policy;
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::{render_server, setting_lines};
+use crate::table::model::Table as UpstreamTable;
+use crate::table::nginx_conf;
+use crate::table::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
-use crate::{nginx_conf, ops, Error};
+use crate::{ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.

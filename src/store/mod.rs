@@ -45,7 +45,7 @@ use self::layout::{
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
-use crate::model::{Change, Table};
+use crate::table::model::{Change, Table};
 use crate::zone::{self, PeerCell, Zone, CELL_LEN};
 use crate::{Error, Result};
 

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::model::{Address, ServerSpec, Upstream};
+use crate::table::model::{Address, ServerSpec, Upstream};
 use crate::testing::TempDir;
 
 const SIZE: u64 = 256 * 1024;

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::error::Error;
-use crate::model::{
+use crate::policy::Policy;
+use crate::table::model::{
     check_http_send, check_name, name_key, Address, CheckLine, CheckType, ExpectAlive, ServerPatch,
     ServerSpec, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
     DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_FAIL_TIMEOUT,
@@ -19,7 +20,6 @@ use crate::model::{
     DEFAULT_MAX_FAILS, DEFAULT_PORT, DEFAULT_WEIGHT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
     MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use crate::policy::Policy;
 
 /// `sizeof(sun_path) - 1` on Linux: the longest unix socket path.
 const UNIX_PATH_MAX: usize = 107;
