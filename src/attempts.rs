@@ -8,7 +8,7 @@
 
 use crate::balancer::Tried;
 use crate::policy::Cursor;
-use crate::zone::PeerRef;
+use crate::store::zone::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.

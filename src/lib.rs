@@ -19,7 +19,6 @@ mod testing;
 pub mod ups;
 pub mod upstream_file;
 pub mod worker;
-pub mod zone;
 
 #[cfg(feature = "lua")]
 mod binding;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use crate::attempts::Attempts;
 use crate::balancer::{Balancer, Retry, Tried};
+use crate::store::zone::{PeerRef, ZoneSource};
 use crate::table::model::ServerSpec;
-use crate::zone::{PeerRef, ZoneSource};
 
 /// Rounds a hashing or random method spends on unavailable servers before
 /// it hands the request to round robin, as nginx's `tries > 20`.

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::ops;
+use crate::store::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 use crate::store::StateFile;
 use crate::table::model::{Address, ServerSpec, Table};
-use crate::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 
 /// A directory of its own for one test, removed when it ends, pass or fail.
 pub struct TempDir(PathBuf);

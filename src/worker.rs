@@ -583,9 +583,9 @@ mod tests {
         (one, other)
     }
 
-    fn peers(w: &Worker) -> Vec<crate::zone::PeerStatus> {
+    fn peers(w: &Worker) -> Vec<crate::store::zone::PeerStatus> {
         let up = w.snapshot().table.get("up").unwrap();
-        crate::zone::status(w.store().zone(), up)
+        crate::store::zone::status(w.store().zone(), up)
     }
 
     fn conns(w: &Worker) -> Vec<u32> {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use ngx_dyups::attempts::Attempts;
 use ngx_dyups::balancer::Retry;
 use ngx_dyups::policy::{pick_for_request, PickInput, Policy, PolicyState};
+use ngx_dyups::store::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 use ngx_dyups::table::model::{Address, ServerSpec};
-use ngx_dyups::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 
 /// A zone of `n` cells in memory, cell `i` given to server `i` under tag 1.
 struct Cells(Vec<PeerCell>);

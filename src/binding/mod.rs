@@ -766,7 +766,7 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let found = with_snapshot(|store, s| {
         s.table
             .get(&name)
-            .map(|u| crate::zone::status(store.zone(), u))
+            .map(|u| crate::store::zone::status(store.zone(), u))
     });
     let list = match found {
         Ok(Some(list)) => list,

@@ -25,6 +25,7 @@ mod mapping;
 mod os;
 #[cfg(test)]
 mod tests;
+pub mod zone;
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -45,8 +46,8 @@ use self::layout::{
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
+use self::zone::{PeerCell, Zone, CELL_LEN};
 use crate::table::model::{Change, Table};
-use crate::zone::{self, PeerCell, Zone, CELL_LEN};
 use crate::{Error, Result};
 
 /// How long a writer may wait for the lock.

@@ -965,7 +965,7 @@ fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
 }
 
 /// The cell of server `port` of upstream `local` in `s`.
-fn cell_of(s: &Snapshot, port: u16) -> crate::zone::PeerRef {
+fn cell_of(s: &Snapshot, port: u16) -> crate::store::zone::PeerRef {
     let local = s.table.get("local").unwrap();
     let i = local.servers.iter().position(|x| x.addr.port() == port);
     local.peer(i.expect("no such server"))

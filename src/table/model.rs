@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Serialize, Serializer};
 
 use crate::policy::Policy;
-use crate::zone::PeerRef;
+use crate::store::zone::PeerRef;
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -389,7 +389,7 @@ pub struct Upstream {
     pub rev: u64,
     /// Each server's cell of shared peer state, index for index with
     /// `servers` once the store has written the table (empty before). Given
-    /// and kept by the store; see [`crate::zone`].
+    /// and kept by the store; see [`crate::store::zone`].
     #[serde(skip)]
     pub peers: Vec<PeerRef>,
 }
