@@ -5,12 +5,10 @@
 //! [`store`], where the shared mapping is.
 #![deny(unsafe_code)]
 
-pub mod attempts;
 pub mod auth;
-pub mod balancer;
+pub mod balance;
 pub mod error;
 pub mod ops;
-pub mod policy;
 pub mod rest;
 pub mod store;
 pub mod table;
@@ -18,7 +16,6 @@ pub mod table;
 mod testing;
 pub mod ups;
 pub mod upstream_file;
-pub mod worker;
 
 #[cfg(feature = "lua")]
 mod binding;

@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
-use ngx_dyups::attempts::Attempts;
-use ngx_dyups::balancer::Retry;
-use ngx_dyups::policy::{pick_for_request, PickInput, Policy, PolicyState};
+use ngx_dyups::balance::attempts::Attempts;
+use ngx_dyups::balance::balancer::Retry;
+use ngx_dyups::balance::policy::{pick_for_request, PickInput, Policy, PolicyState};
 use ngx_dyups::store::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 use ngx_dyups::table::model::{Address, ServerSpec};
 

@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ngx_dyups::policy::Policy;
+use ngx_dyups::balance::policy::Policy;
 use ngx_dyups::store::inspect_image;
 use ngx_dyups::table::model::{
     check_http_send, Address, CheckLine, CheckSettings, CheckType, ExpectAlive, ServerSpec, Table,

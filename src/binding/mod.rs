@@ -15,8 +15,9 @@ use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value,
 use parking_lot::Mutex;
 
 use crate::auth;
-use crate::balancer::Retry;
-use crate::policy::Policy;
+use crate::balance::balancer::Retry;
+use crate::balance::policy::Policy;
+use crate::balance::worker::{Worker, UNKNOWN};
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
@@ -24,7 +25,6 @@ use crate::table::nginx_conf;
 use crate::table::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
-use crate::worker::{Worker, UNKNOWN};
 use crate::{ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -53,7 +53,7 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::policy::Policy;
+use crate::balance::policy::Policy;
 use crate::store::zone::PeerRef;
 use crate::table::model::{
     check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,

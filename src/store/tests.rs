@@ -1044,7 +1044,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     let opts = WriteOptions::default();
     let (v, ()) = f
         .write(&opts, |t| {
-            t.get_mut("local").unwrap().policy = crate::policy::Policy::LeastConn;
+            t.get_mut("local").unwrap().policy = crate::balance::policy::Policy::LeastConn;
             Ok(())
         })
         .unwrap();
@@ -1058,7 +1058,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     assert_eq!(v, 3);
     let local = f.read().unwrap().table.get("local").unwrap().clone();
     assert_eq!((local.keepalive, local.rev), (8, 3));
-    assert_eq!(local.policy, crate::policy::Policy::LeastConn);
+    assert_eq!(local.policy, crate::balance::policy::Policy::LeastConn);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::policy::Policy;
+use crate::balance::policy::Policy;
 use crate::store::zone::PeerRef;
 
 /// Longest upstream name, in bytes.

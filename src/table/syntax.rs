@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::balance::policy::Policy;
 use crate::error::Error;
-use crate::policy::Policy;
 use crate::table::model::{
     check_http_send, check_name, name_key, Address, CheckLine, CheckType, ExpectAlive, ServerPatch,
     ServerSpec, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,

@@ -6,8 +6,8 @@
 //! keyed by the request pointer, in a table allocated once per worker so the
 //! per-request path never allocates.
 
-use crate::balancer::Tried;
-use crate::policy::Cursor;
+use crate::balance::balancer::Tried;
+use crate::balance::policy::Cursor;
 use crate::store::zone::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches

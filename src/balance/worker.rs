@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::attempts::Attempts;
-use crate::balancer::Retry;
-use crate::policy::Policy;
-use crate::policy::{pick_for_request, PickInput, PolicyState};
+use crate::balance::attempts::Attempts;
+use crate::balance::balancer::Retry;
+use crate::balance::policy::Policy;
+use crate::balance::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::table::model::{name_key, Upstream};
 use crate::Result;
@@ -485,7 +485,15 @@ mod tests {
         // The next look at the commit word would raise SIGBUS: the guard
         // turns the lost page into zeros instead.
         assert_eq!(w.store().generation(), 0);
-        assert!(w.pick(0, before.seen, 1, crate::balancer::Retry::First, b"") >= 0);
+        assert!(
+            w.pick(
+                0,
+                before.seen,
+                1,
+                crate::balance::balancer::Retry::First,
+                b""
+            ) >= 0
+        );
         let said = heal(&mut w);
         assert!(said.contains("is damaged: it was cut short"), "{said}");
         assert_whole(&w, &dir, &before);

@@ -442,7 +442,7 @@ impl Balancer {
         }
     }
 
-    /// For the other balancing methods ([`crate::policy`]): whether
+    /// For the other balancing methods ([`crate::balance::policy`]): whether
     /// `servers[index]` may be picked now under the rules of
     /// [`pick`](Self::pick): up, not in `tried` and not disabled by failures
     /// (after presuming recovery, as `pick` does).

@@ -21,8 +21,8 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
-use crate::attempts::Attempts;
-use crate::balancer::{Balancer, Retry, Tried};
+use crate::balance::attempts::Attempts;
+use crate::balance::balancer::{Balancer, Retry, Tried};
 use crate::store::zone::{PeerRef, ZoneSource};
 use crate::table::model::ServerSpec;
 
