@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::ops;
+use crate::admin::ops;
 use crate::store::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 use crate::store::StateFile;
 use crate::table::model::{Address, ServerSpec, Table};

@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use ngx_dyups::admin::ops;
 use ngx_dyups::balance::policy::Policy;
 use ngx_dyups::store::inspect_image;
 use ngx_dyups::table::model::{
@@ -14,7 +15,7 @@ use ngx_dyups::table::model::{
 use ngx_dyups::table::syntax::{
     parse_server_args, parse_server_patch, parse_servers, parse_upstream_file, render_upstream_file,
 };
-use ngx_dyups::{ops, Error};
+use ngx_dyups::Error;
 use proptest::prelude::*;
 
 #[path = "../fuzz/src/checks.rs"]

@@ -271,10 +271,10 @@ fn build_image() -> Result<Vec<u8>, Error> {
             ..WriteOptions::default()
         };
         store.write(&opts, |t| {
-            ngx_dyups::ops::update(t, "dyhost", "server 127.0.0.2:81; server 127.0.0.3:82;")
+            ngx_dyups::admin::ops::update(t, "dyhost", "server 127.0.0.2:81; server 127.0.0.3:82;")
         })?;
         store.write(&opts, |t| {
-            ngx_dyups::ops::remove_server(t, Some("dyhost"), "127.0.0.2:81").map(drop)
+            ngx_dyups::admin::ops::remove_server(t, Some("dyhost"), "127.0.0.2:81").map(drop)
         })?;
         std::fs::read(&path).map_err(|e| Error::Internal(e.to_string()))
     })();

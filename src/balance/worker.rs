@@ -400,7 +400,7 @@ fn client_bytes<'a>(text: &[u8], buf: &'a mut [u8; 16]) -> &'a [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops;
+    use crate::admin::ops;
     use crate::store::WriteOptions;
     use crate::testing::TempDir;
     use std::path::Path;

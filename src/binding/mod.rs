@@ -14,18 +14,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
 use parking_lot::Mutex;
 
-use crate::auth;
+use crate::admin::auth;
+use crate::admin::ops;
+use crate::admin::rest;
+use crate::admin::ups::{self, Arg};
+use crate::admin::upstream_file;
 use crate::balance::balancer::Retry;
 use crate::balance::policy::Policy;
 use crate::balance::worker::{Worker, UNKNOWN};
-use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 use crate::table::nginx_conf;
 use crate::table::syntax::{render_server, setting_lines};
-use crate::ups::{self, Arg};
-use crate::upstream_file;
-use crate::{ops, Error};
+use crate::Error;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.

@@ -1114,7 +1114,7 @@ fn the_copy_keeps_the_settings_stored_in_the_slot_extension() {
                 check_http_send \"GET /health HTTP/1.0\\r\\n\\r\\n\"; \
                 server 127.0.0.1:9000;";
     f.write(&WriteOptions::default(), |t| {
-        crate::ops::update(t, "checked", body)
+        crate::admin::ops::update(t, "checked", body)
     })
     .unwrap();
     let written = f.read().unwrap().table;

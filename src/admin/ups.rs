@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::ops;
+use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
 use crate::table::model::Change;
 use crate::table::syntax::parse_address;

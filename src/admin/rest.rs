@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use crate::ops;
+use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
 use crate::table::model::{check_name, ServerSpec, Table, Upstream};
 use crate::table::syntax::{parse_server_patch, render_server, setting_lines};

@@ -90,7 +90,7 @@ pub fn written_version(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops;
+    use crate::admin::ops;
     use crate::testing::TempDir;
 
     #[test]
