@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::admin::ops;
-use crate::store::zone::{PeerCell, PeerRef, Zone, ZoneSource};
+use crate::store::zone::{PeerCell, Zone, ZoneSource};
 use crate::store::StateFile;
+use crate::table::model::PeerRef;
 use crate::table::model::{Address, ServerSpec, Table};
 
 /// A directory of its own for one test, removed when it ends, pass or fail.

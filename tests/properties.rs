@@ -5,13 +5,13 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ngx_dyups::admin::ops;
-use ngx_dyups::balance::policy::Policy;
 use ngx_dyups::store::inspect_image;
 use ngx_dyups::table::model::{
     check_http_send, Address, CheckLine, CheckSettings, CheckType, ExpectAlive, ServerSpec, Table,
     Upstream, CHECK_COUNT_MAX, CHECK_TIME_MAX, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
     WEIGHT_MAX, WEIGHT_MIN,
 };
+use ngx_dyups::table::policy::Policy;
 use ngx_dyups::table::syntax::{
     parse_server_args, parse_server_patch, parse_servers, parse_upstream_file, render_upstream_file,
 };

@@ -8,7 +8,7 @@
 
 use crate::balance::balancer::Tried;
 use crate::balance::policy::Cursor;
-use crate::store::zone::PeerRef;
+use crate::table::model::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.

@@ -12,7 +12,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::store::zone::{PeerCell, PeerRef, ZoneSource};
+use crate::store::zone::{PeerCell, ZoneSource};
+use crate::table::model::PeerRef;
 use crate::table::model::ServerSpec;
 
 /// Indices kept in the bitmask.

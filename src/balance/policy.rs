@@ -17,14 +17,15 @@
 //! [`PolicyState::pick_with_cursor`]. Nothing on the pick path allocates.
 
 use std::collections::hash_map::RandomState;
-use std::fmt;
 use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
 use crate::balance::attempts::Attempts;
 use crate::balance::balancer::{Balancer, Retry, Tried};
-use crate::store::zone::{PeerRef, ZoneSource};
+use crate::store::zone::ZoneSource;
+use crate::table::model::PeerRef;
 use crate::table::model::ServerSpec;
+use crate::table::policy::Policy;
 
 /// Rounds a hashing or random method spends on unavailable servers before
 /// it hands the request to round robin, as nginx's `tries > 20`.
@@ -37,88 +38,6 @@ const IP_HASH_MOD: u32 = 6271;
 /// What nginx hashes for a client that is neither IPv4 nor IPv6
 /// (`ngx_http_upstream_ip_hash_pseudo_addr`).
 const PSEUDO_ADDR: [u8; 3] = [0; 3];
-
-/// An upstream's balancing method, as its `upstream {}` block spells it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Policy {
-    /// nginx's default: smooth weighted round robin.
-    #[default]
-    RoundRobin,
-    IpHash,
-    /// `hash KEY [consistent]`: `key` is the nginx expression (say
-    /// `$request_uri`); the caller evaluates it and passes the bytes in
-    /// [`PickInput::key`].
-    Hash {
-        key: String,
-        consistent: bool,
-    },
-    LeastConn,
-    Random {
-        two: bool,
-    },
-}
-
-impl Policy {
-    /// The directive's name: `round_robin` (which has none in nginx),
-    /// `ip_hash`, `hash`, `least_conn` or `random`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Policy::RoundRobin => "round_robin",
-            Policy::IpHash => "ip_hash",
-            Policy::Hash { .. } => "hash",
-            Policy::LeastConn => "least_conn",
-            Policy::Random { .. } => "random",
-        }
-    }
-
-    /// nginx refuses `backup` servers under `hash`, `ip_hash` and `random`.
-    pub fn allows_backup(&self) -> bool {
-        matches!(self, Policy::RoundRobin | Policy::LeastConn)
-    }
-
-    /// Checks the method against the servers it will balance, with the
-    /// errors nginx gives at configuration time.
-    pub fn validate(&self, servers: &[ServerSpec]) -> Result<(), String> {
-        if let Policy::Hash { key, .. } = self {
-            if key.is_empty() {
-                return Err("hash: the key is empty".to_string());
-            }
-            if let Some(c) = key
-                .chars()
-                .find(|c| c.is_whitespace() || c.is_control() || "{};\"'\\#".contains(*c))
-            {
-                return Err(format!("hash: invalid character {c:?} in the key"));
-            }
-        }
-        if !self.allows_backup() {
-            if let Some(s) = servers.iter().find(|s| s.backup) {
-                return Err(format!(
-                    "balancing method \"{}\" does not support parameter \"backup\" (server {})",
-                    self.name(),
-                    s.addr
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for Policy {
-    /// The directive as nginx reads it (`ip_hash;`, `hash $request_uri
-    /// consistent;`, `least_conn;`, `random two;`); nothing for round robin.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Policy::RoundRobin => Ok(()),
-            Policy::IpHash => f.write_str("ip_hash;"),
-            Policy::Hash { key, consistent } => {
-                let consistent = if *consistent { " consistent" } else { "" };
-                write!(f, "hash {key}{consistent};")
-            }
-            Policy::LeastConn => f.write_str("least_conn;"),
-            Policy::Random { two } => f.write_str(if *two { "random two;" } else { "random;" }),
-        }
-    }
-}
 
 /// What one request brings to a pick. Each method reads only its part;
 /// [`Default`] gives empty slices.

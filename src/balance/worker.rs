@@ -9,10 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::balance::attempts::Attempts;
 use crate::balance::balancer::Retry;
-use crate::balance::policy::Policy;
 use crate::balance::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
 use crate::table::model::{name_key, Upstream};
+use crate::table::policy::Policy;
 use crate::Result;
 
 /// What `Worker::pick` answers besides a server index.

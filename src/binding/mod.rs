@@ -20,11 +20,11 @@ use crate::admin::rest;
 use crate::admin::ups::{self, Arg};
 use crate::admin::upstream_file;
 use crate::balance::balancer::Retry;
-use crate::balance::policy::Policy;
 use crate::balance::worker::{Worker, UNKNOWN};
 use crate::store::{StateFile, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 use crate::table::nginx_conf;
+use crate::table::policy::Policy;
 use crate::table::syntax::{render_server, setting_lines};
 use crate::Error;
 

@@ -53,8 +53,7 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::balance::policy::Policy;
-use crate::store::zone::PeerRef;
+use crate::table::model::PeerRef;
 use crate::table::model::{
     check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
     Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
@@ -62,6 +61,7 @@ use crate::table::model::{
     DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
     MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::table::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
 pub const CHANGE_LOG_MAX: usize = 512;

@@ -965,7 +965,7 @@ fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
 }
 
 /// The cell of server `port` of upstream `local` in `s`.
-fn cell_of(s: &Snapshot, port: u16) -> crate::store::zone::PeerRef {
+fn cell_of(s: &Snapshot, port: u16) -> crate::table::model::PeerRef {
     let local = s.table.get("local").unwrap();
     let i = local.servers.iter().position(|x| x.addr.port() == port);
     local.peer(i.expect("no such server"))
@@ -1044,7 +1044,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     let opts = WriteOptions::default();
     let (v, ()) = f
         .write(&opts, |t| {
-            t.get_mut("local").unwrap().policy = crate::balance::policy::Policy::LeastConn;
+            t.get_mut("local").unwrap().policy = crate::table::policy::Policy::LeastConn;
             Ok(())
         })
         .unwrap();
@@ -1058,7 +1058,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     assert_eq!(v, 3);
     let local = f.read().unwrap().table.get("local").unwrap().clone();
     assert_eq!((local.keepalive, local.rev), (8, 3));
-    assert_eq!(local.policy, crate::balance::policy::Policy::LeastConn);
+    assert_eq!(local.policy, crate::table::policy::Policy::LeastConn);
 }
 
 #[test]

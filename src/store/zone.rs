@@ -17,31 +17,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::table::model::{Table, Upstream};
+use crate::table::model::{PeerRef, Table, Upstream};
 
 /// Bytes per cell in the state file.
 pub const CELL_LEN: usize = 32;
-
-/// Which cell of the zone holds a server's shared state: what the table
-/// stores per server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerRef {
-    pub index: u32,
-    /// Stamped when the cell was given to this server; never 0.
-    pub tag: u32,
-}
-
-impl PeerRef {
-    /// No shared cell (the zone was full, or the table was never stored).
-    pub const NONE: PeerRef = PeerRef {
-        index: u32::MAX,
-        tag: 0,
-    };
-
-    pub fn is_none(self) -> bool {
-        self.index == u32::MAX
-    }
-}
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process

@@ -8,4 +8,5 @@
 
 pub mod model;
 pub mod nginx_conf;
+pub mod policy;
 pub mod syntax;

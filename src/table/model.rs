@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::balance::policy::Policy;
-use crate::store::zone::PeerRef;
+use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -357,6 +356,27 @@ pub fn check_http_send(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Which cell of the zone ([`crate::store::zone`]) holds a server's shared
+/// state: what the table stores per server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    pub index: u32,
+    /// Stamped when the cell was given to this server; never 0.
+    pub tag: u32,
+}
+
+impl PeerRef {
+    /// No shared cell (the zone was full, or the table was never stored).
+    pub const NONE: PeerRef = PeerRef {
+        index: u32::MAX,
+        tag: 0,
+    };
+
+    pub fn is_none(self) -> bool {
+        self.index == u32::MAX
+    }
 }
 
 /// A named upstream: its servers in the order they were given.

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::balance::policy::Policy;
 use crate::error::Error;
 use crate::table::model::{
     check_http_send, check_name, name_key, Address, CheckLine, CheckType, ExpectAlive, ServerPatch,
@@ -20,6 +19,7 @@ use crate::table::model::{
     DEFAULT_MAX_FAILS, DEFAULT_PORT, DEFAULT_WEIGHT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
     MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::table::policy::Policy;
 
 /// `sizeof(sun_path) - 1` on Linux: the longest unix socket path.
 const UNIX_PATH_MAX: usize = 107;
