@@ -9,5 +9,6 @@
 
 pub mod attempts;
 pub mod balancer;
+pub mod hashing;
 pub mod policy;
 pub mod worker;
