@@ -48,6 +48,9 @@
 //!   7 keepalive_timeout         u32 ms
 //!   8 max_conns                 u32 per server, in the servers' order
 //! ```
+//!
+//! Over 600 lines: one format, whose encoder and decoder read best side by
+//! side; its tests follow it.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -16,6 +16,10 @@
 //! still shows, the copy each writer keeps in `<path>.copy`, or the
 //! restoring worker's table. `copy_file.rs` says why no acknowledged write
 //! is lost that way.
+//!
+//! Over 600 lines: one protocol (the seqlock read, the locked write, the
+//! restore), which reads better whole; the bytes, the payload, the copy and
+//! the mapping have files of their own.
 
 mod codec;
 mod copy_file;

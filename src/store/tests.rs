@@ -3,6 +3,8 @@
 //! hot path, corruption, capacity. Several tests run real child processes:
 //! this test binary again, entering `child_process` with a role in the
 //! environment.
+//!
+//! Over 600 lines: one store's invariants, which read best side by side.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

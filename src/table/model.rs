@@ -1,6 +1,9 @@
 //! The upstream table: named upstreams, each an ordered list of servers with
 //! nginx's own parameters and defaults. This is what the state file stores,
 //! what the parser produces and what every interface shows.
+//!
+//! Over 600 lines with its tests: the table's types, with their limits and
+//! nginx's defaults, read best together.
 
 use std::collections::HashMap;
 use std::fmt;
