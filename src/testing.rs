@@ -1,5 +1,10 @@
 //! Fixtures the core's tests share: a temporary directory removed when the
 //! test ends, and a state file in it seeded from upstream bodies.
+//!
+//! Test code only (`#[cfg(test)]`), so it may use any folder: seeding a
+//! store through `admin::ops` is what makes a fixture read like a test's
+//! input. No code outside tests can reach it, so it adds no arrow to the
+//! layering.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

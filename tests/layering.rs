@@ -1,6 +1,7 @@
 //! Keeps the tree's layering true: each folder of `src/` may use only the
 //! folders below it in `LAYERS` (and its own files, and the crate root's
-//! `error`), and a source file over 600 lines says why at its top.
+//! `error`), a source file over 600 lines says why at its top, and the
+//! README's map in its Development section names every folder and file.
 //!
 //! Test code is exempt from the order: a `tests.rs`, `testing.rs` and the
 //! `mod tests { ... }` a file ends with may build fixtures from any folder.
@@ -157,4 +158,33 @@ fn the_check_catches_what_it_forbids() {
     assert_eq!(violations("store/codec.rs", &long).len(), 1);
     let why = format!("//! {WHY}: one concept.\n{long}");
     assert!(violations("store/codec.rs", &why).is_empty());
+}
+
+#[test]
+fn the_readme_map_names_every_folder_and_file() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(manifest.join("README.md")).unwrap();
+    let map = &readme[readme
+        .find("## Development")
+        .expect("a Development section")..];
+    let root = manifest.join("src");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    let mut missing = Vec::new();
+    for path in &files {
+        let rel = path.strip_prefix(&root).unwrap();
+        let name = rel.file_name().unwrap().to_string_lossy();
+        if ["lib.rs", "mod.rs", "tests.rs"].contains(&name.as_ref()) {
+            continue;
+        }
+        if !map.contains(&format!("`{name}`")) && !map.contains(&format!("/{name}`")) {
+            missing.push(rel.display().to_string());
+        }
+    }
+    for folder in LAYERS {
+        if !map.contains(&format!("`{folder}/`")) {
+            missing.push(format!("{folder}/"));
+        }
+    }
+    assert!(missing.is_empty(), "README's map lacks: {missing:?}");
 }
