@@ -168,8 +168,11 @@ fn apply_creates_the_file_as_init_does_and_dump_reads_back_the_same_table() {
     let dumped = stdout(&o);
     assert!(dumped.ends_with(TWO), "{dumped}");
     // Read back as an upstream file, it is the same table.
-    let back = ngx_dyups::syntax::parse_upstream_file(&dumped).unwrap();
-    assert_eq!(back, ngx_dyups::syntax::parse_upstream_file(TWO).unwrap());
+    let back = ngx_dyups::table::syntax::parse_upstream_file(&dumped).unwrap();
+    assert_eq!(
+        back,
+        ngx_dyups::table::syntax::parse_upstream_file(TWO).unwrap()
+    );
     let o = dyups(&["dump", "--state", s(&state), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["version"], 1);

@@ -100,7 +100,7 @@ fn a_state_file_written_before_the_extension_reads_with_the_defaults() {
     let names: Vec<&str> = snap.table.names().collect();
     assert_eq!(names, ["local", "sock", "dyhost"]);
     for u in &snap.table.upstreams {
-        let defaults = ngx_dyups::model::Upstream::new(u.name.clone(), Vec::new());
+        let defaults = ngx_dyups::table::model::Upstream::new(u.name.clone(), Vec::new());
         assert_eq!(u.check, defaults.check, "{}", u.name);
         assert_eq!(
             (u.keepalive_requests, u.keepalive_time, u.keepalive_timeout),
@@ -124,7 +124,7 @@ fn the_upstream_file_seeds_parse() {
     assert!(!seeds.is_empty());
     for file in seeds {
         let text = std::fs::read_to_string(&file).unwrap();
-        if let Err(e) = ngx_dyups::syntax::parse_upstream_file(&text) {
+        if let Err(e) = ngx_dyups::table::syntax::parse_upstream_file(&text) {
             panic!("{}: {e}", file.display());
         }
     }

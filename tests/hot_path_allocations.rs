@@ -7,11 +7,11 @@
 use std::alloc::System;
 use std::path::PathBuf;
 
-use ngx_dyups::balancer::Retry;
-use ngx_dyups::model::Table;
-use ngx_dyups::ops;
+use ngx_dyups::admin::ops;
+use ngx_dyups::balance::balancer::Retry;
+use ngx_dyups::balance::worker::Worker;
 use ngx_dyups::store::StateFile;
-use ngx_dyups::worker::Worker;
+use ngx_dyups::table::model::Table;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]

@@ -14,17 +14,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
 use parking_lot::Mutex;
 
-use crate::auth;
-use crate::balancer::Retry;
-use crate::model::Table as UpstreamTable;
-use crate::policy::Policy;
-use crate::rest;
+use crate::admin::auth;
+use crate::admin::ops;
+use crate::admin::rest;
+use crate::admin::ups::{self, Arg};
+use crate::admin::upstream_file;
+use crate::balance::balancer::Retry;
+use crate::balance::worker::{Worker, UNKNOWN};
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::{render_server, setting_lines};
-use crate::ups::{self, Arg};
-use crate::upstream_file;
-use crate::worker::{Worker, UNKNOWN};
-use crate::{nginx_conf, ops, Error};
+use crate::table::model::Table as UpstreamTable;
+use crate::table::nginx_conf;
+use crate::table::policy::Policy;
+use crate::table::syntax::{render_server, setting_lines};
+use crate::Error;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
@@ -756,7 +758,7 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let found = with_snapshot(|store, s| {
         s.table
             .get(&name)
-            .map(|u| crate::zone::status(store.zone(), u))
+            .map(|u| crate::store::zone::status(store.zone(), u))
     });
     let list = match found {
         Ok(Some(list)) => list,

@@ -48,20 +48,23 @@
 //!   7 keepalive_timeout         u32 ms
 //!   8 max_conns                 u32 per server, in the servers' order
 //! ```
+//!
+//! Over 600 lines: one format, whose encoder and decoder read best side by
+//! side; its tests follow it.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{
+use crate::table::model::PeerRef;
+use crate::table::model::{
     check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
     Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
     DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_REQUESTS,
     DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
     MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use crate::policy::Policy;
-use crate::zone::PeerRef;
+use crate::table::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
 pub const CHANGE_LOG_MAX: usize = 512;
@@ -643,7 +646,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::CheckSettings;
+    use crate::table::model::CheckSettings;
 
     /// Every setting off its default, on the first upstream.
     fn settings(u: &mut Upstream) {

@@ -53,7 +53,7 @@
 //! only ever steers balancing, never what the table says.
 
 use super::super::Error;
-use crate::zone::CELL_LEN;
+use crate::store::zone::CELL_LEN;
 
 pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 /// 2: the peer cells after the slots (version 1, without them, was never

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::guard::Guard;
-use crate::zone::{PeerCell, CELL_LEN};
+use crate::store::zone::{PeerCell, CELL_LEN};
 
 /// A `MAP_SHARED` mapping of a whole state file. Raw, not `&[u8]`: other
 /// processes write it while we hold it, which a Rust slice may not see.

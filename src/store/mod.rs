@@ -16,6 +16,10 @@
 //! still shows, the copy each writer keeps in `<path>.copy`, or the
 //! restoring worker's table. `copy_file.rs` says why no acknowledged write
 //! is lost that way.
+//!
+//! Over 600 lines: one protocol (the seqlock read, the locked write, the
+//! restore), which reads better whole; the bytes, the payload, the copy and
+//! the mapping have files of their own.
 
 mod codec;
 mod copy_file;
@@ -27,6 +31,7 @@ mod os;
 mod repair;
 #[cfg(test)]
 mod tests;
+pub mod zone;
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -52,8 +57,8 @@ use self::layout::{
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 pub use self::repair::{repair, Repair, RepairOptions};
-use crate::model::{Change, Table};
-use crate::zone::{self, PeerCell, Zone, CELL_LEN};
+use self::zone::{PeerCell, Zone, CELL_LEN};
+use crate::table::model::{Change, Table};
 use crate::{Error, Result};
 
 /// The size of a state file when the configuration gives none.

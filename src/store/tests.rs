@@ -3,6 +3,8 @@
 //! hot path, corruption, capacity. Several tests run real child processes:
 //! this test binary again, entering `child_process` with a role in the
 //! environment.
+//!
+//! Over 600 lines: one store's invariants, which read best side by side.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -10,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::model::{Address, ServerSpec, Upstream};
+use crate::table::model::{Address, ServerSpec, Upstream};
 use crate::testing::TempDir;
 
 const SIZE: u64 = 256 * 1024;
@@ -965,7 +967,7 @@ fn a_read_after_a_change_decodes_only_the_upstreams_that_changed() {
 }
 
 /// The cell of server `port` of upstream `local` in `s`.
-fn cell_of(s: &Snapshot, port: u16) -> crate::zone::PeerRef {
+fn cell_of(s: &Snapshot, port: u16) -> crate::table::model::PeerRef {
     let local = s.table.get("local").unwrap();
     let i = local.servers.iter().position(|x| x.addr.port() == port);
     local.peer(i.expect("no such server"))
@@ -1044,7 +1046,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     let opts = WriteOptions::default();
     let (v, ()) = f
         .write(&opts, |t| {
-            t.get_mut("local").unwrap().policy = crate::policy::Policy::LeastConn;
+            t.get_mut("local").unwrap().policy = crate::table::policy::Policy::LeastConn;
             Ok(())
         })
         .unwrap();
@@ -1058,7 +1060,7 @@ fn a_change_of_method_or_keepalive_alone_is_a_write() {
     assert_eq!(v, 3);
     let local = f.read().unwrap().table.get("local").unwrap().clone();
     assert_eq!((local.keepalive, local.rev), (8, 3));
-    assert_eq!(local.policy, crate::policy::Policy::LeastConn);
+    assert_eq!(local.policy, crate::table::policy::Policy::LeastConn);
 }
 
 #[test]
@@ -1114,7 +1116,7 @@ fn the_copy_keeps_the_settings_stored_in_the_slot_extension() {
                 check_http_send \"GET /health HTTP/1.0\\r\\n\\r\\n\"; \
                 server 127.0.0.1:9000;";
     f.write(&WriteOptions::default(), |t| {
-        crate::ops::update(t, "checked", body)
+        crate::admin::ops::update(t, "checked", body)
     })
     .unwrap();
     let written = f.read().unwrap().table;

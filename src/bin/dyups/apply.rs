@@ -6,10 +6,10 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::path::Path;
 
-use ngx_dyups::model::Table;
-use ngx_dyups::ops::{self, Put};
+use ngx_dyups::admin::ops::{self, Put};
 use ngx_dyups::store::{parse_size, Geometry, StateFile, WriteOptions, DEFAULT_SIZE};
-use ngx_dyups::syntax::parse_upstream_file;
+use ngx_dyups::table::model::Table;
+use ngx_dyups::table::syntax::parse_upstream_file;
 use ngx_dyups::Error;
 
 use crate::args::{Parsed, Spec};

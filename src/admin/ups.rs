@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::model::Change;
-use crate::ops;
+use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::parse_address;
+use crate::table::model::Change;
+use crate::table::syntax::parse_address;
 use crate::Error;
 
 pub const OK: &str = "A00001";

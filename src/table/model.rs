@@ -1,6 +1,9 @@
 //! The upstream table: named upstreams, each an ordered list of servers with
 //! nginx's own parameters and defaults. This is what the state file stores,
 //! what the parser produces and what every interface shows.
+//!
+//! Over 600 lines with its tests: the table's types, with their limits and
+//! nginx's defaults, read best together.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,8 +12,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::policy::Policy;
-use crate::zone::PeerRef;
+use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -359,6 +361,27 @@ pub fn check_http_send(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Which cell of the zone ([`crate::store::zone`]) holds a server's shared
+/// state: what the table stores per server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    pub index: u32,
+    /// Stamped when the cell was given to this server; never 0.
+    pub tag: u32,
+}
+
+impl PeerRef {
+    /// No shared cell (the zone was full, or the table was never stored).
+    pub const NONE: PeerRef = PeerRef {
+        index: u32::MAX,
+        tag: 0,
+    };
+
+    pub fn is_none(self) -> bool {
+        self.index == u32::MAX
+    }
+}
+
 /// A named upstream: its servers in the order they were given.
 ///
 /// Equal upstreams have the same content and `rev`; their `peers`, cells
@@ -389,7 +412,7 @@ pub struct Upstream {
     pub rev: u64,
     /// Each server's cell of shared peer state, index for index with
     /// `servers` once the store has written the table (empty before). Given
-    /// and kept by the store; see [`crate::zone`].
+    /// and kept by the store; see [`crate::store::zone`].
     #[serde(skip)]
     pub peers: Vec<PeerRef>,
 }

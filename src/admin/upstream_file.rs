@@ -7,9 +7,9 @@ use std::io::{BufRead, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::model::Table;
 use crate::store::{StateFile, Wait};
-use crate::syntax::{parse_upstream_file, render_upstream_file};
+use crate::table::model::Table;
+use crate::table::syntax::{parse_upstream_file, render_upstream_file};
 use crate::{Error, Result};
 
 /// Reads and parses the upstream file at `path`.
@@ -90,7 +90,7 @@ pub fn written_version(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops;
+    use crate::admin::ops;
     use crate::testing::TempDir;
 
     #[test]

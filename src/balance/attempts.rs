@@ -6,9 +6,9 @@
 //! keyed by the request pointer, in a table allocated once per worker so the
 //! per-request path never allocates.
 
-use crate::balancer::Tried;
-use crate::policy::Cursor;
-use crate::zone::PeerRef;
+use crate::balance::balancer::Tried;
+use crate::balance::policy::Cursor;
+use crate::table::model::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.

@@ -17,31 +17,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::model::{Table, Upstream};
+use crate::table::model::{PeerRef, Table, Upstream};
 
 /// Bytes per cell in the state file.
 pub const CELL_LEN: usize = 32;
-
-/// Which cell of the zone holds a server's shared state: what the table
-/// stores per server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerRef {
-    pub index: u32,
-    /// Stamped when the cell was given to this server; never 0.
-    pub tag: u32,
-}
-
-impl PeerRef {
-    /// No shared cell (the zone was full, or the table was never stored).
-    pub const NONE: PeerRef = PeerRef {
-        index: u32::MAX,
-        tag: 0,
-    };
-
-    pub fn is_none(self) -> bool {
-        self.index == u32::MAX
-    }
-}
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
@@ -437,7 +416,7 @@ mod tests {
     fn upstream(name: &str, ports: &[u16]) -> Upstream {
         let mut s = servers(&vec![1; ports.len()]);
         for (s, &p) in s.iter_mut().zip(ports) {
-            s.addr = crate::model::Address::Inet(([10, 0, 0, 1], p).into());
+            s.addr = crate::table::model::Address::Inet(([10, 0, 0, 1], p).into());
         }
         Upstream::new(name, s)
     }
