@@ -14,6 +14,7 @@ pub mod nginx_conf;
 pub mod ops;
 pub mod policy;
 pub mod rest;
+pub mod seed;
 pub mod store;
 pub mod syntax;
 #[cfg(test)]
