@@ -14,14 +14,21 @@ use crate::{Error, Result};
 
 /// Reads and parses the upstream file at `path`.
 pub fn read(path: &Path) -> Result<Table> {
+    read_stamped(path).map(|(table, _)| table)
+}
+
+/// Reads and parses the upstream file at `path`, with its stamp when it is
+/// a file written back by ngx.dyups.
+pub fn read_stamped(path: &Path) -> Result<(Table, Option<Stamp>)> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Error::BadRequest(format!(
             "could not read upstream file {}: {e}",
             path.display()
         ))
     })?;
-    parse_upstream_file(&text)
-        .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", path.display())))
+    let table = parse_upstream_file(&text)
+        .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", path.display())))?;
+    Ok((table, stamp_of(&text)))
 }
 
 /// The first line of a file written back: which table version it holds, so
