@@ -7,10 +7,28 @@
 #   make demo      run scripts/demo.sh
 #   make bench     run bench/run.sh
 #   make fuzz      run each fuzz target FUZZ_SECONDS (30) s: scripts/fuzz.sh
-#   make install   install into $(DESTDIR)$(LUA_LIB_DIR)
+#   make install   install the module and its shims where nginx's Lua finds them
+#   make uninstall remove what make install put there
 
+# Where `make install` puts the module (ngx/dyups.so, on package.cpath) and
+# the shims (ngx/dyups/*.lua, named by *_by_lua_file), for the nginx at hand:
+#   LAYOUT=openresty  both in $(PREFIX)/lualib
+#   LAYOUT=debian     /usr/local/lib/lua/5.1 and /usr/local/share/lua/5.1: on
+#                     the default package.cpath and package.path of Debian's
+#                     libnginx-mod-http-lua, so nginx.conf needs no lua_package_*
+# Default: openresty when $(PREFIX)/lualib exists, else debian. DESTDIR is
+# honoured; LUA_LIB_DIR and LUA_SHARE_DIR override the two directories.
 PREFIX      ?= /usr/local/openresty
-LUA_LIB_DIR ?= $(PREFIX)/lualib
+LAYOUT      ?= $(if $(wildcard $(PREFIX)/lualib),openresty,debian)
+ifeq ($(LAYOUT),openresty)
+LUA_LIB_DIR   ?= $(PREFIX)/lualib
+LUA_SHARE_DIR ?= $(LUA_LIB_DIR)
+else ifeq ($(LAYOUT),debian)
+LUA_LIB_DIR   ?= /usr/local/lib/lua/5.1
+LUA_SHARE_DIR ?= /usr/local/share/lua/5.1
+else
+$(error LAYOUT must be openresty or debian, not "$(LAYOUT)")
+endif
 DESTDIR     ?=
 INSTALL     ?= install
 CARGO       ?= cargo
@@ -23,7 +41,7 @@ SO          := lib/ngx/dyups.so
 LUA_SHIMS   := $(wildcard lua/*.lua)
 LINT_DIRS   := $(wildcard lua spec examples bench/lua src/binding)
 
-.PHONY: all deps build test test-rust test-lua lint demo bench fuzz install clean
+.PHONY: all deps build test test-rust test-lua lint demo bench fuzz install uninstall clean
 
 all: build
 
@@ -69,13 +87,28 @@ FUZZ_SECONDS ?= 30
 fuzz:
 	FUZZ_SECONDS="$(FUZZ_SECONDS)" bash scripts/fuzz.sh
 
+SHIM_DIR := $(LUA_SHARE_DIR)/ngx/dyups
+
 install:
 	@test -f $(SO) || { echo "$(SO) is missing: run 'make build' first"; exit 1; }
-	$(INSTALL) -d $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups
+	$(INSTALL) -d -m 0755 $(DESTDIR)$(LUA_LIB_DIR)/ngx $(DESTDIR)$(SHIM_DIR)
 	$(INSTALL) -m 0755 $(SO) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so
-ifneq ($(strip $(LUA_SHIMS)),)
-	$(INSTALL) -m 0644 $(LUA_SHIMS) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups/
-endif
+	$(INSTALL) -m 0644 $(LUA_SHIMS) $(DESTDIR)$(SHIM_DIR)/
+	@echo "installed for $(LAYOUT):"
+	@echo "  $(LUA_LIB_DIR)/ngx/dyups.so   require \"ngx.dyups\""
+	@echo "  $(SHIM_DIR)/, in nginx.conf:"
+	@echo "    balancer_by_lua_file $(SHIM_DIR)/upstream.lua;"
+	@echo "    log_by_lua_file      $(SHIM_DIR)/log.lua;"
+	@echo "    content_by_lua_file  $(SHIM_DIR)/upsops.lua;     # /ups"
+	@echo "    content_by_lua_file  $(SHIM_DIR)/srvcheck.lua;   # /ups/check"
+	@echo "    content_by_lua_file  $(SHIM_DIR)/dyups_api.lua;  # the REST interface"
+
+# Only what install put there: ngx/ itself may hold other modules
+# (OpenResty's lua-resty-core), so it goes only when nothing else is left.
+uninstall:
+	rm -f $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so $(addprefix $(DESTDIR)$(SHIM_DIR)/,$(notdir $(LUA_SHIMS)))
+	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(SHIM_DIR) 2>/dev/null || true
+	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(LUA_SHARE_DIR)/ngx $(DESTDIR)$(LUA_LIB_DIR)/ngx 2>/dev/null || true
 
 clean:
 	$(CARGO) clean
