@@ -138,9 +138,10 @@ http {
     }
     nginx.write_file(inst.prefix .. "/conf/upstream.conf", ("upstream local { server 127.0.0.1:%d; }\n"):format(B))
     inst:start()
-    local got
-    status, got, _, body = T.get(inst, "/local")
+    local got, pid
+    status, got, pid, body = T.get(inst, "/local")
     assert.equal(200, status, body)
+    assert.is_number(pid)
     assert.equal(B, got)
     status, body = nginx.http(inst.ports.proxy, "PUT", "/ups?op=add&upstream=local&server=127.0.0.1:1")
     assert.equal(200, status, body)
