@@ -4,7 +4,7 @@
 #   make build     build the Lua module: lib/ngx/dyups.so
 #   make test      cargo test (core) + busted specs against a real nginx
 #   make lint      rustfmt, clippy (with and without the lua binding), luacheck
-#   make demo      run scripts/demo.sh
+#   make demo      run scripts/demo.sh (EXAMPLE=from-upsops or from-dyups: examples/NAME/)
 #   make bench     run bench/run.sh
 #   make fuzz      run each fuzz target FUZZ_SECONDS (30) s: scripts/fuzz.sh
 #   make install   install the module and its shims where nginx's Lua finds them
@@ -73,7 +73,7 @@ endif
 
 demo: deps build
 	@test -f scripts/demo.sh || { echo "scripts/demo.sh is not written yet"; exit 1; }
-	bash scripts/demo.sh
+	EXAMPLE="$(EXAMPLE)" bash scripts/demo.sh
 
 bench:
 	@if [ -f bench/run.sh ]; then \
