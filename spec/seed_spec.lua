@@ -146,6 +146,10 @@ describe("nginx.conf as it is:", function()
 
     it("seeds every upstream block with a balancer_by_lua_* line, through includes, and no other", function()
       assert.equal("local api", T.run(inst, [[return table.concat(require("ngx.dyups").list(), " ")]]))
+      -- Which file it read is said (init_by_lua logs before the error log is open).
+      local said = nginx.read_file(inst.prefix .. "/logs/nginx.out") or ""
+      assert.truthy(said:find(("state file %s/state/dyups.state made from nginx configuration %s/conf/nginx.conf: 2 upstreams")
+        :format(inst.prefix, inst.prefix), 1, true), said)
       local set, list = reached(inst, "/local", 12)
       assert.same({ [P[1]] = true, [P[3]] = true }, set, table.concat(list, " "))
       assert.same({ [P[4]] = true }, (reached(inst, "/api", 3)))
@@ -261,6 +265,13 @@ describe("nginx.conf as it is:", function()
         .. "applied as table version %d: upstream local set to { server 127.0.0.1:%d; server 127.0.0.1:%d; }, "
         .. "upstream new created { server 127.0.0.1:%d; }, upstream gone deleted")
         :format(inst.prefix, v + 1, P[1], P[4], P[3]), 1, true), said)
+      -- The file gone: said, and the table kept.
+      assert(os.remove(inst.prefix .. "/conf/upstream.conf"))
+      mark = #inst:error_log()
+      inst:reload()
+      assert.equal(v + 1, version(inst))
+      said = log_since(inst, mark)
+      assert.truthy(said:find("upstream file " .. inst.prefix .. "/conf/upstream.conf is missing: nothing applied", 1, true), said)
       inst:stop()
     end)
 

@@ -573,6 +573,16 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
             check_native(nginx.as_ref(), &table)?;
             StateFile::open_detached(&cfg.path, cfg.size, || Ok(table.clone()))?;
             if let Some(source) = &source {
+                log(
+                    lua,
+                    "NOTICE",
+                    &format!(
+                        "state file {} made from {}: {} upstreams",
+                        cfg.path.display(),
+                        source.name,
+                        table.upstreams.len()
+                    ),
+                );
                 if let Err(e) = crate::seed::write_record(&cfg.path, &source.name, &table) {
                     log(
                         lua,
