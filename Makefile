@@ -1,13 +1,13 @@
 # ngx.dyups: dynamic upstreams for OpenResty (Rust + mlua, LuaJIT module).
 #
 #   make deps      install system packages (Debian 12) the build/tests need
-#   make build     build the Lua module: lib/ngx/dyups.so
+#   make build     build the Lua module lib/ngx/dyups.so and the tool bin/dyups
 #   make test      cargo test (core) + busted specs against a real nginx
 #   make lint      rustfmt, clippy (with and without the lua binding), luacheck
 #   make demo      run scripts/demo.sh (EXAMPLE=from-upsops or from-dyups: examples/NAME/)
 #   make bench     run bench/run.sh
 #   make fuzz      run each fuzz target FUZZ_SECONDS (30) s: scripts/fuzz.sh
-#   make install   install the module and its shims where nginx's Lua finds them
+#   make install   install the module, its shims and bin/dyups where nginx and its Lua find them
 #   make uninstall remove what make install put there
 
 # Where `make install` puts the module (ngx/dyups.so, on package.cpath) and
@@ -23,9 +23,11 @@ LAYOUT      ?= $(if $(wildcard $(PREFIX)/lualib),openresty,debian)
 ifeq ($(LAYOUT),openresty)
 LUA_LIB_DIR   ?= $(PREFIX)/lualib
 LUA_SHARE_DIR ?= $(LUA_LIB_DIR)
+BINDIR        ?= $(PREFIX)/bin
 else ifeq ($(LAYOUT),debian)
 LUA_LIB_DIR   ?= /usr/local/lib/lua/5.1
 LUA_SHARE_DIR ?= /usr/local/share/lua/5.1
+BINDIR        ?= /usr/local/bin
 else
 $(error LAYOUT must be openresty or debian, not "$(LAYOUT)")
 endif
@@ -38,6 +40,8 @@ LUAJIT      ?= luajit
 
 SO_BUILT    := target/release/libngx_dyups.so
 SO          := lib/ngx/dyups.so
+BIN_BUILT   := target/release/dyups
+BIN         := bin/dyups
 LUA_SHIMS   := $(wildcard lua/*.lua)
 LINT_DIRS   := $(wildcard lua spec examples bench/lua src/binding)
 
@@ -48,10 +52,13 @@ all: build
 deps:
 	bash scripts/install-deps.sh
 
+# One cargo run builds both: the binary links the library without calling
+# its Lua binding, so it needs no Lua to run.
 build:
 	$(CARGO) build --release --features lua
-	$(INSTALL) -d lib/ngx
+	$(INSTALL) -d lib/ngx bin
 	$(INSTALL) -m 0755 $(SO_BUILT) $(SO)
+	$(INSTALL) -m 0755 $(BIN_BUILT) $(BIN)
 
 test: deps build
 	$(MAKE) --no-print-directory test-rust
@@ -91,11 +98,14 @@ SHIM_DIR := $(LUA_SHARE_DIR)/ngx/dyups
 
 install:
 	@test -f $(SO) || { echo "$(SO) is missing: run 'make build' first"; exit 1; }
-	$(INSTALL) -d -m 0755 $(DESTDIR)$(LUA_LIB_DIR)/ngx $(DESTDIR)$(SHIM_DIR)
+	@test -f $(BIN) || { echo "$(BIN) is missing: run 'make build' first"; exit 1; }
+	$(INSTALL) -d -m 0755 $(DESTDIR)$(LUA_LIB_DIR)/ngx $(DESTDIR)$(SHIM_DIR) $(DESTDIR)$(BINDIR)
 	$(INSTALL) -m 0755 $(SO) $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so
 	$(INSTALL) -m 0644 $(LUA_SHIMS) $(DESTDIR)$(SHIM_DIR)/
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/dyups
 	@echo "installed for $(LAYOUT):"
 	@echo "  $(LUA_LIB_DIR)/ngx/dyups.so   require \"ngx.dyups\""
+	@echo "  $(BINDIR)/dyups"
 	@echo "  $(SHIM_DIR)/, in nginx.conf:"
 	@echo "    balancer_by_lua_file $(SHIM_DIR)/upstream.lua;"
 	@echo "    log_by_lua_file      $(SHIM_DIR)/log.lua;"
@@ -107,9 +117,10 @@ install:
 # (OpenResty's lua-resty-core), so it goes only when nothing else is left.
 uninstall:
 	rm -f $(DESTDIR)$(LUA_LIB_DIR)/ngx/dyups.so $(addprefix $(DESTDIR)$(SHIM_DIR)/,$(notdir $(LUA_SHIMS)))
+	rm -f $(DESTDIR)$(BINDIR)/dyups
 	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(SHIM_DIR) 2>/dev/null || true
 	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(LUA_SHARE_DIR)/ngx $(DESTDIR)$(LUA_LIB_DIR)/ngx 2>/dev/null || true
 
 clean:
 	$(CARGO) clean
-	rm -rf lib
+	rm -rf lib bin

@@ -2,8 +2,9 @@
 --   * LAYOUT=debian puts the module and the shims in the directories on the
 --     default package.cpath and package.path of Debian's nginx lua module
 --     (checked against that nginx), and an nginx using them there works;
---   * LAYOUT=openresty puts both in $(PREFIX)/lualib, and is the default
---     where that directory exists;
+--     the tool in /usr/local/bin;
+--   * LAYOUT=openresty puts both in $(PREFIX)/lualib and the tool in
+--     $(PREFIX)/bin, and is the default where $(PREFIX)/lualib exists;
 --   * uninstall removes exactly what install put there.
 local nginx = require "spec.helpers.nginx"
 local dy = require "spec.helpers.dyups"
@@ -46,8 +47,8 @@ local function files(dir)
   return by_path(out)
 end
 
-local function expected(lib, share)
-  local out = { "755 " .. lib .. "/ngx/dyups.so" }
+local function expected(lib, share, bin)
+  local out = { "755 " .. lib .. "/ngx/dyups.so", "755 " .. bin .. "/dyups" }
   for _, name in ipairs(SHIMS) do out[#out + 1] = "644 " .. share .. "/ngx/dyups/" .. name end
   return by_path(out)
 end
@@ -73,7 +74,7 @@ describe("make install", function()
     assert(nginx.execute("mkdir -p " .. q(dest .. "/usr/local/share/lua/5.1/ngx")))
     nginx.write_file(dest .. "/usr/local/share/lua/5.1/ngx/other.lua", "return 1\n")
     local said = make("install LAYOUT=debian DESTDIR=" .. q(dest))
-    local want = expected("usr/local/lib/lua/5.1", "usr/local/share/lua/5.1")
+    local want = expected("usr/local/lib/lua/5.1", "usr/local/share/lua/5.1", "usr/local/bin")
     table.insert(want, "644 usr/local/share/lua/5.1/ngx/other.lua")
     assert.same(by_path(want), files(dest))
     -- It says what to put in nginx.conf.
@@ -161,7 +162,7 @@ http {
     local said = make("install PREFIX=" .. q(prefix) .. " DESTDIR=" .. q(dest))
     assert.truthy(said:find("installed for openresty", 1, true), said)
     local lualib = prefix:sub(2) .. "/lualib"
-    assert.same(expected(lualib, lualib), files(dest))
+    assert.same(expected(lualib, lualib, prefix:sub(2) .. "/bin"), files(dest))
     -- Uninstall, with lua-resty-core's file where install put ours.
     nginx.write_file(dest .. prefix .. "/lualib/ngx/balancer.lua", "return {}\n")
     make("uninstall PREFIX=" .. q(prefix) .. " DESTDIR=" .. q(dest))
@@ -169,6 +170,6 @@ http {
     -- Without PREFIX/lualib, the default is Debian's layout.
     said = make("install PREFIX=" .. q(root .. "/none") .. " DESTDIR=" .. q(root .. "/dest2"))
     assert.truthy(said:find("installed for debian", 1, true), said)
-    assert.same(expected("usr/local/lib/lua/5.1", "usr/local/share/lua/5.1"), files(root .. "/dest2"))
+    assert.same(expected("usr/local/lib/lua/5.1", "usr/local/share/lua/5.1", "usr/local/bin"), files(root .. "/dest2"))
   end)
 end)

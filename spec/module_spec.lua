@@ -82,6 +82,8 @@ upstream alpha {
         if t.peers then ngx.log(ngx.INFO, "}") end
     }
     keepalive 16;
+    zone alpha 64k;
+    check interval=3000 rise=2 fall=5 timeout=1000;
 }
 
 upstream beta {
@@ -243,19 +245,30 @@ describe("ngx.dyups module", function()
       assert.equal("alpha", alpha.name)
       -- the balancer_by_lua_block (and keepalive) contributed no server
       assert.same({
-        { addr = "127.0.0.1:8081", host = "127.0.0.1", port = 8081, weight = 3, max_fails = 2,
+        { addr = "127.0.0.1:8081", host = "127.0.0.1", port = 8081, weight = 3, max_conns = 0, max_fails = 2,
           fail_timeout = 5, backup = false, down = false,
           line = "server 127.0.0.1:8081 weight=3 max_fails=2 fail_timeout=5s;" },
-        { addr = "127.0.0.1:8082", host = "127.0.0.1", port = 8082, weight = 1, max_fails = 1,
+        { addr = "127.0.0.1:8082", host = "127.0.0.1", port = 8082, weight = 1, max_conns = 0, max_fails = 1,
           fail_timeout = 10, backup = true, down = false,
           line = "server 127.0.0.1:8082 backup;" },
       }, alpha.servers)
+      -- the upstream's settings: keepalive and the check line as given, the
+      -- rest at nginx's and the check module's defaults
+      assert.equal(16, alpha.keepalive)
+      assert.same({ 1000, 3600000, 60000 }, { alpha.keepalive_requests, alpha.keepalive_time, alpha.keepalive_timeout })
+      assert.same({ interval = 3000, rise = 2, fall = 5, timeout = 1000, default_down = true, type = "tcp",
+        port = 0, jitter = 0 }, alpha.check)
+      assert.equal("GET / HTTP/1.0\r\n\r\n", alpha.check_http_send)
+      assert.same({ "http_2xx", "http_3xx" }, alpha.check_http_expect_alive)
+      assert.equal(1, alpha.check_keepalive_requests)
+      assert.same({ "keepalive 16;", "check interval=3000 rise=2 fall=5 timeout=1000;" }, alpha.settings)
 
       local beta = dyups.get("beta")
       assert.equal("beta", beta.name)
       assert.same({ "127.0.0.2:9000", "127.0.0.3:9001" }, addrs("beta"))
       assert.is_true(beta.servers[1].down)
       assert.is_false(beta.servers[2].down)
+      assert.is_nil(beta.check)
       assert.is_nil(dyups.get("10.9.9.9:9"))
       local none, nerr = dyups.get("nope")
       assert.is_nil(none)
@@ -311,6 +324,48 @@ describe("ngx.dyups module", function()
       assert.truthy(err:find("line 3", 1, true), err)
       assert.truthy(err:find(conf, 1, true), err)
       assert.is_false(exists(path))
+    end)
+
+    it("refuses an upstream file with what nginx refuses in an upstream block, naming the line", function()
+      for _, case in ipairs {
+        { "    sticky cookie srv_id;\n", 'line 3: sticky cookie srv_id: unknown directive "sticky"' },
+        { "    check interval=0;\n", "line 3: check interval=0: interval=0: interval must be 1.." },
+        { "    check_http_send \"GET / HTTP/1.0\\r\\n\\r\\n\" x;\n", "line 3: check_http_send" },
+        { "    server 1.2.3.5:80 max_conns=-1;\n", "line 3: server 1.2.3.5:80 max_conns=-1: max_conns=-1: max_conns must be 0.." },
+      } do
+        local dir = mkdtemp()
+        local conf = dir .. "/upstream.conf"
+        write_file(conf, "upstream a {\n    server 1.2.3.4:80;\n" .. case[1] .. "}\n")
+        local ok, err = dyups.init { path = dir .. "/state", upstreams = conf }
+        assert.is_nil(ok)
+        assert.truthy(err:find(case[2], 1, true), err)
+        assert.truthy(err:find(conf, 1, true), err)
+        assert.is_false(exists(dir .. "/state"))
+      end
+    end)
+
+    it("write_upstreams writes every setting back, and a new state file made from it holds the same upstreams", function()
+      local dir = fresh()
+      local body = "least_conn;\nzone z 64k;\nserver 127.0.0.1:1 weight=2 max_conns=10;\nserver 127.0.0.1:2 backup;\n"
+        .. "keepalive 8;\nkeepalive_requests 50;\nkeepalive_time 30m;\nkeepalive_timeout 500ms;\n"
+        .. "check interval=2s rise=3 fall=4 timeout=500 type=http default_down=false port=8080 jitter=100;\n"
+        .. 'check_http_send "GET /health HTTP/1.1\\r\\nHost: \\"a\\" } {;\\r\\n\\r\\n";\n'
+        .. "check_http_expect_alive http_2xx http_4xx;\ncheck_keepalive_requests 5;\n"
+      local status, msg = dyups.update("full", body)
+      assert.equal(200, status, msg)
+      local before = snapshot()
+      assert.equal("GET /health HTTP/1.1\r\nHost: \"a\" } {;\r\n\r\n", before.upstreams.full.check_http_send)
+      assert.is_true(dyups.write_upstreams(dir .. "/written.conf"))
+      local text = read_file(dir .. "/written.conf")
+      assert.truthy(text:find('    check_http_send "GET /health HTTP/1.1\\r\\nHost: \\"a\\" } {;\\r\\n\\r\\n";\n', 1, true), text)
+      assert.truthy(text:find("    check interval=2000 rise=3 fall=4 timeout=500 default_down=false type=http port=8080 jitter=100;\n", 1, true), text)
+      assert.truthy(text:find("    server 127.0.0.1:1 weight=2 max_conns=10;\n", 1, true), text)
+      assert.truthy(text:find("    keepalive_timeout 500ms;\n", 1, true), text)
+      -- read again on a fresh host: the same table
+      assert.is_true(dyups.init { path = dir .. "/state2", upstreams = dir .. "/written.conf" })
+      local after = snapshot()
+      assert.same(before.list, after.list)
+      assert.same(before.upstreams, after.upstreams)
     end)
 
     it("refuses an upstream file with a host name and creates no state file", function()
@@ -850,7 +905,7 @@ describe("ngx.dyups module", function()
       ]], { path = path, go = go })
       local v0 = dyups.version()
       nginx.sleep(0.05)
-      assert.equal(200, dyups.update("gamma", "server 127.0.0.6:6 backup;"))
+      assert.equal(200, dyups.update("gamma", "server 127.0.0.6:6 down;"))
       assert.equal(200, dyups.delete("alpha"))
       local expected = snapshot()
       write_file(go, "")

@@ -181,13 +181,16 @@ http {
     assert.is_true(moved > 300 and kept > 1500, ("moved %d, kept %d"):format(moved, kept))
   end)
 
-  it("shows the policy in /upstream/NAME, /detail and the JSON view", function()
+  it("shows the policy in /upstream/NAME and the JSON views; /detail keeps the module's server lines only", function()
     local _, body = nginx.http(inst.ports.api, "GET", "/upstream/iphash")
     assert.matches("^ip_hash;\n", body)
     local _, detail = nginx.http(inst.ports.api, "GET", "/detail")
-    assert.truthy(detail:find("chash\nhash $arg_k consistent;\nserver ", 1, true), detail)
+    assert.truthy(("\n" .. detail):find("\nchash\nserver ", 1, true), detail)
+    assert.falsy(detail:find("consistent", 1, true), detail)
     local _, json = nginx.http(inst.ports.api, "GET", "/upstream/hash?format=json")
     assert.truthy(json:find('"policy":"hash $arg_k;"', 1, true), json)
+    _, json = nginx.http(inst.ports.api, "GET", "/detail?format=json")
+    assert.truthy(json:find('"policy":"hash $arg_k consistent;"', 1, true), json)
   end)
 
   it("refuses a backup server under ip_hash, and a second balancing line", function()

@@ -15,6 +15,35 @@ local function uptime()
   return t
 end
 
+--- The line /detail prints for a server with nginx's defaults, as
+--- ngx_http_dyups_module prints it.
+local function detail_line(port)
+  return ("server 127.0.0.1:%d weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n"):format(port)
+end
+
+--- An upstream's JSON with every setting at its default, and `servers`.
+local function json_upstream(name, servers)
+  return {
+    name = name,
+    keepalive_requests = 1000,
+    keepalive_time = 3600000,
+    keepalive_timeout = 60000,
+    check = rest.null,
+    check_http_send = "GET / HTTP/1.0\r\n\r\n",
+    check_http_expect_alive = { "http_2xx", "http_3xx" },
+    check_keepalive_requests = 1,
+    servers = servers,
+  }
+end
+
+--- A server's JSON: nginx's defaults, then `params`.
+local function json_server(addr, params)
+  local s = { addr = addr, weight = 1, max_conns = 0, max_fails = 1, fail_timeout = 10,
+    backup = false, down = false }
+  for k, v in pairs(params or {}) do s[k] = v end
+  return s
+end
+
 local function seed(b1, b2)
   return ("upstream host1 {\n    server 127.0.0.1:%d;\n}\nupstream host2 {\n    server 127.0.0.1:%d;\n}\n")
     :format(b1, b2)
@@ -75,8 +104,8 @@ describe("REST: the source document's transcript", function()
     -- curl 127.0.0.1:8081/detail
     status, body = api(inst, "GET", "/detail")
     assert.are.equal(200, status)
-    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n\n"
-      .. "dyhost\nserver 127.0.0.1:%d\nserver 127.0.0.1:%d\n"):format(B1, B2, B2, B1), body)
+    assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n"
+      .. "dyhost\n" .. detail_line(B2) .. detail_line(B1) .. "\n", body)
 
     -- curl -i -X DELETE 127.0.0.1:8081/upstream/dyhost
     status, body = api(inst, "DELETE", "/upstream/dyhost")
@@ -85,7 +114,7 @@ describe("REST: the source document's transcript", function()
 
     status, body = api(inst, "GET", "/detail")
     assert.are.equal(200, status)
-    assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+    assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n", body)
 
     -- curl -i -H "host: dyhost" 127.0.0.1:8080 -> 502 again, in every worker
     list = rest.route(inst, "dyhost", 8)
@@ -193,10 +222,10 @@ describe("REST endpoints", function()
       assert.matches('^"%d+"$', h.etag)
     end)
 
-    it("GET /detail lists each upstream with its server lines", function()
+    it("GET /detail lists each upstream with every parameter of each server, as the module does", function()
       local status, body, h = api(inst, "GET", "/detail")
       assert.are.equal(200, status)
-      assert.are.equal(("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+      assert.are.equal("host1\n" .. detail_line(B1) .. "\nhost2\n" .. detail_line(B2) .. "\n", body)
       assert.matches('^"%d+"$', h.etag)
     end)
 
@@ -257,10 +286,8 @@ describe("REST endpoints", function()
       assert.are.same({
         version = v,
         upstreams = {
-          { name = "host1", servers = { { addr = "127.0.0.1:" .. B1, weight = 1, max_fails = 1,
-            fail_timeout = 10, backup = false, down = false } } },
-          { name = "host2", servers = { { addr = "127.0.0.1:" .. B2, weight = 1, max_fails = 1,
-            fail_timeout = 10, backup = false, down = false } } },
+          json_upstream("host1", { json_server("127.0.0.1:" .. B1) }),
+          json_upstream("host2", { json_server("127.0.0.1:" .. B2) }),
         },
       }, doc)
     end)
@@ -275,14 +302,12 @@ describe("REST endpoints", function()
       assert.are.equal(200, status, body)
       assert.matches("^application/json", h["content-type"])
       local doc = assert(rest.decode(body), "not JSON: " .. body)
-      assert.are.same({
-        version = v,
-        name = "jsonup",
-        servers = {
-          { addr = "127.0.0.1:9001", weight = 2, max_fails = 3, fail_timeout = 4, backup = true, down = false },
-          { addr = "127.0.0.1:9002", weight = 1, max_fails = 1, fail_timeout = 10, backup = false, down = false },
-        },
-      }, doc)
+      local want = json_upstream("jsonup", {
+        json_server("127.0.0.1:9001", { weight = 2, max_fails = 3, fail_timeout = 4, backup = true }),
+        json_server("127.0.0.1:9002"),
+      })
+      want.version = v
+      assert.are.same(want, doc)
       -- text form of the same
       status, body = api(inst, "GET", "/upstream/jsonup")
       assert.are.equal(200, status)
@@ -344,7 +369,7 @@ describe("REST endpoints", function()
     it("a body mixing good and bad lines changes nothing", function()
       local before, v = detail(), version()
       local status, body = api(inst, "POST", "/upstream/host1",
-        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 max_conns=3;\n"):format(B2))
+        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 slow_start=3s;\n"):format(B2))
       assert.are.equal(400, status, body)
       assert.is_truthy(body:find("line 3", 1, true), body)
       assert.are.equal(before, detail())
@@ -359,6 +384,121 @@ describe("REST endpoints", function()
         local status, body = api(inst, "POST", "/upstream/" .. name, "server 127.0.0.1:9001;")
         assert.are.equal(400, status, name .. ": " .. tostring(status) .. " " .. tostring(body))
       end
+      assert.are.equal(v, version())
+    end)
+  end)
+
+  describe("what ngx_http_dyups_module's users send", function()
+    local CHECKS = "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n"
+      .. 'check_http_send "HEAD / HTTP/1.0\\r\\n\\r\\n";\n'
+
+    --- Posts the Tengine-style body of upstream `name`: zone, max_conns and
+    --- the check lines its users resend with every update.
+    local function post_tengine(name)
+      local status, body = api(inst, "POST", "/upstream/" .. name,
+        ("zone %s 64k;\nserver 127.0.0.1:%d max_conns=10;\nserver 127.0.0.1:%d;\n"):format(name, B1, B2)
+          .. CHECKS .. "check_http_expect_alive http_2xx http_3xx;\n")
+      assert.are.equal(200, status, body)
+      assert.are.equal("success", body)
+    end
+
+    it("a body with zone, max_conns and the check lines is taken, shown and routed", function()
+      post_tengine("tengine")
+      local status, body = api(inst, "GET", "/upstream/tengine")
+      assert.are.equal(200, status)
+      assert.are.equal(CHECKS .. ("server 127.0.0.1:%d max_conns=10\nserver 127.0.0.1:%d\n"):format(B1, B2), body)
+      status, body = api(inst, "GET", "/upstream/tengine?format=json")
+      assert.are.equal(200, status)
+      local doc = rest.decode(body)
+      assert.are.same({ interval = 3000, rise = 2, fall = 5, timeout = 1000, default_down = true,
+        type = "http", port = 0, jitter = 0 }, doc.check)
+      assert.are.equal("HEAD / HTTP/1.0\r\n\r\n", doc.check_http_send)
+      assert.are.equal(10, doc.servers[1].max_conns)
+      status, body = api(inst, "GET", "/detail")
+      assert.are.equal(200, status)
+      assert.is_truthy(body:find("\ntengine\n" .. detail_line(B1):gsub("max_conns=0", "max_conns=10")
+        .. detail_line(B2) .. "\n", 1, true), body)
+      local list, ports = rest.route(inst, "tengine", 8)
+      assert.are.same(rest.sorted { B1, B2 }, rest.keys(ports), rest.show(list))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/tengine")))
+    end)
+
+    it("/detail's server lines, copied back into a POST, make the same upstream", function()
+      post_tengine("original")
+      local _, body = api(inst, "GET", "/detail")
+      local block = body:match("\noriginal\n(.-\n)\n")
+      assert.is_truthy(block, body)
+      -- nginx writes the flags bare: a script drops `backup=0 down=0`.
+      local copy = block:gsub(" backup=0 down=0\n", ";\n")
+      local status, answer = api(inst, "POST", "/upstream/copy", copy)
+      assert.are.equal(200, status, copy .. " -> " .. tostring(answer))
+      _, body = api(inst, "GET", "/detail")
+      assert.are.equal(block, body:match("\ncopy\n(.-\n)\n"), body)
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/original")))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/copy")))
+    end)
+
+    it("per-server changes keep the check settings; a POST replaces them", function()
+      post_tengine("kept")
+      local U = "/upstream/kept"
+      assert.are.equal(200, (api(inst, "POST", U .. "/servers", "127.0.0.1:9009 backup")))
+      assert.are.equal(200, (api(inst, "PATCH", U .. "/servers/127.0.0.1:" .. B2, "weight=2 max_conns=4")))
+      assert.are.equal(200, (api(inst, "DELETE", U .. "/servers/127.0.0.1:9009")))
+      local status, body = nginx.http(inst.ports.proxy, "PUT",
+        ("/ups?op=del&server=127.0.0.1:%d&upstream=kept"):format(B2))
+      assert.are.equal(200, status, body)
+      status, body = api(inst, "GET", U)
+      assert.are.equal(200, status)
+      assert.are.equal(CHECKS .. ("server 127.0.0.1:%d max_conns=10\nserver 127.0.0.1:%d weight=2 max_conns=4 down\n")
+        :format(B1, B2), body)
+      assert.are.equal(200, (api(inst, "POST", U, ("server 127.0.0.1:%d;"):format(B1))))
+      status, body = api(inst, "GET", U)
+      assert.are.equal(200, status)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      assert.are.equal(200, (api(inst, "DELETE", U)))
+    end)
+
+    it("names match in any case: Host: Foo.Example routes to what POST /upstream/Foo.Example made", function()
+      local status, body = api(inst, "POST", "/upstream/Foo.Example", ("server 127.0.0.1:%d;"):format(B1))
+      assert.are.equal(200, status, body)
+      -- nginx lower-cases $host, by which the proxy routes
+      local list, ports = rest.route(inst, "Foo.Example", 6)
+      assert.are.same({ B1 }, rest.keys(ports), rest.show(list))
+      status, body = api(inst, "GET", "/upstream/foo.example")
+      assert.are.equal(200, status, body)
+      assert.are.equal(("server 127.0.0.1:%d\n"):format(B1), body)
+      -- replaced under another spelling: still one upstream, shown as first spelt
+      assert.are.equal(200, (api(inst, "POST", "/upstream/FOO.EXAMPLE", ("server 127.0.0.1:%d;"):format(B2))))
+      local _, names = api(inst, "GET", "/list")
+      assert.are.equal("host1\nhost2\nFoo.Example\n", names)
+      list, ports = rest.route(inst, "foo.example", 6)
+      assert.are.same({ B2 }, rest.keys(ports), rest.show(list))
+      assert.are.equal(200, (api(inst, "DELETE", "/upstream/foo.EXAMPLE")))
+      assert.are.equal(404, (api(inst, "GET", "/upstream/Foo.Example")))
+    end)
+
+    it("what nginx refuses is refused, with a message naming what is wrong; nothing changes", function()
+      local before, v = detail(), version()
+      local cases = {
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\nsticky cookie srv;\n",
+          'line 2: sticky cookie srv: unknown directive "sticky"' },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\ncheck interval=0;\n",
+          "line 2: check interval=0: interval=0: interval must be 1.." },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001;\ncheck type=mysql;\n", 'check type "mysql" is not supported' },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001 backup;\nserver 127.0.0.1:9002 backup;\n",
+          "only backup servers" },
+        { "POST", "/upstream/host1", "server 127.0.0.1:9001; server 127.0.0.1:9001;",
+          "server 127.0.0.1:9001 is given twice on line 1" },
+        { "POST", "/upstream/host1", "server http://127.0.0.1:8088;", "has no scheme (http://)" },
+        { "POST", "/upstream/host1/servers", "127.0.0.1:1,127.0.0.1:2", "one address, not a list" },
+        { "PATCH", "/upstream/host1/servers/127.0.0.1:" .. B1, "weight=2;", "a PATCH body is parameters without ';'" },
+      }
+      for _, c in ipairs(cases) do
+        local status, body = api(inst, c[1], c[2], c[3])
+        assert.are.equal(400, status, ("%s %s %q -> %s %s"):format(c[1], c[2], c[3], tostring(status), tostring(body)))
+        assert.is_truthy(body:find(c[4], 1, true), ("%q -> %q lacks %q"):format(c[3], body, c[4]))
+      end
+      assert.are.equal(before, detail())
       assert.are.equal(v, version())
     end)
   end)

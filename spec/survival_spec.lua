@@ -28,9 +28,14 @@ local function change(inst, P)
   assert.matches('"code":"A00001"', body, 1, true)
 end
 
+-- /detail as ngx_http_dyups_module prints it: every parameter of each server.
 local function expected_detail(P)
-  return ("host1\nserver 127.0.0.1:%d\n\nhost2\nserver 127.0.0.1:%d down\nserver 127.0.0.1:%d\n\n"
-    .. "dyhost\nserver 127.0.0.1:%d\nserver 127.0.0.1:%d\n"):format(P[1], P[2], P[3], P[3], P[1])
+  local function line(port, down)
+    return ("server 127.0.0.1:%d weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=%d\n")
+      :format(port, down and 1 or 0)
+  end
+  return "host1\n" .. line(P[1]) .. "\nhost2\n" .. line(P[2], true) .. line(P[3]) .. "\n"
+    .. "dyhost\n" .. line(P[3]) .. line(P[1]) .. "\n"
 end
 
 -- The changed table, as the REST interface shows it and as both workers

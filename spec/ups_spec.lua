@@ -220,6 +220,8 @@ describe("ngx.dyups admin", function()
       { "last server in rotation of halfdown (the other is down)", "GET", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=halfdown", { "last available server of upstream halfdown" } end, 400 },
       { "refused as a whole: A is the last server of only_a (local untouched)", "GET", function() return "/ups?op=del&server=" .. addr(A), { "last available server of upstream only_a" } end, 400 },
       { "refused as a whole: B is the last in rotation of halfdown (local untouched)", "GET", function() return "/ups?op=del&server=" .. addr(B), { "last available server of upstream halfdown" } end, 400 },
+      { "a URL for a server", "GET", function() return "/ups?op=del&server=http://" .. addr(A), { "has no scheme (http://): write \"" .. addr(A) .. "\"" } end, 400 },
+      { "a list of servers", "GET", function() return "/ups?op=del&server=" .. addr(A) .. "," .. addr(B), { "one address, not a list" } end, 400 },
       { "DELETE method", "DELETE", function() return "/ups?op=del&server=" .. addr(B) .. "&upstream=local", { "DELETE" } end, 405 },
       { "PATCH method", "PATCH", function() return "/ups?op=add&server=" .. addr(D) .. "&upstream=local", { "PATCH" } end, 405 },
       -- A change /ups would make, with a precondition nginx would evaluate
@@ -237,6 +239,10 @@ describe("ngx.dyups admin", function()
         local path, needles = path_fn()
         local status, json, raw = call(proxy, method, path, nil, headers)
         assert_failure(status, json, raw, want, needles)
+        -- data: the target server in a list, as on a success (none named: [])
+        local server = path:match("[?&]server=([^&]*)")
+        assert.equal("array", T.json_kind(json.data), raw)
+        assert.same((server or "") ~= "" and { server } or {}, { unpack(json.data) }, raw)
         assert.equal(before, T.snapshot(proxy), method .. " " .. path .. " changed the table")
       end)
     end

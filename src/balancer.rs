@@ -155,7 +155,8 @@ impl Health<'_> {
     }
 
     /// Whether server `index` (`spec`) may be picked now: up, not tried by
-    /// this request, not disabled by failures (after presuming recovery).
+    /// this request, not disabled by failures (after presuming recovery),
+    /// not at its `max_conns`.
     pub(crate) fn available(
         &self,
         spec: &ServerSpec,
@@ -167,7 +168,13 @@ impl Health<'_> {
             return false;
         }
         self.presume_recovery(spec, now_ms);
-        !self.disabled(spec, now_ms)
+        !self.disabled(spec, now_ms) && !self.full(spec)
+    }
+
+    /// nginx's `peer->max_conns && peer->conns >= peer->max_conns`: the
+    /// server takes no new request until one of its connections ends.
+    fn full(&self, spec: &ServerSpec) -> bool {
+        spec.max_conns > 0 && self.cell.conns() >= spec.max_conns
     }
 
     /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
@@ -352,7 +359,10 @@ impl Balancer {
         if is_single(servers) {
             // As nginx: a lone server is never taken out for failures, since
             // refusing it would only turn errors into 502s.
-            let ok = !servers[0].down && !tried.contains(0) && !self.peers.is_empty();
+            let ok = !servers[0].down
+                && !tried.contains(0)
+                && !self.peers.is_empty()
+                && !self.health(0).full(&servers[0]);
             return ok.then_some(0);
         }
         self.pick_among(servers, tried, now_ms, false)

@@ -24,6 +24,9 @@ pub const WEIGHT_MIN: u32 = 1;
 pub const WEIGHT_MAX: u32 = 1000;
 /// `max_fails=` upper bound (0 disables passive health checks, as in nginx).
 pub const MAX_FAILS_MAX: u32 = 1000;
+/// `max_conns=` upper bound (0: no limit, as in nginx). nginx has none; a
+/// million connections to one server is far past any real one.
+pub const MAX_CONNS_MAX: u32 = 1_000_000;
 /// `fail_timeout=` upper bound, in seconds (one day).
 pub const FAIL_TIMEOUT_MAX: u32 = 86_400;
 /// nginx's defaults for a `server` line.
@@ -32,6 +35,11 @@ pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: u32 = 10;
 /// The port nginx assumes when a `server` address has none.
 pub const DEFAULT_PORT: u16 = 80;
+/// nginx's defaults for `keepalive_requests`, `keepalive_time` and
+/// `keepalive_timeout` (the last two in milliseconds, as nginx keeps them).
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
+pub const DEFAULT_KEEPALIVE_TIME: u32 = 3_600_000;
+pub const DEFAULT_KEEPALIVE_TIMEOUT: u32 = 60_000;
 
 /// Where a server listens: an IP literal with a port, or a unix socket path.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,6 +97,9 @@ impl Serialize for Address {
 pub struct ServerSpec {
     pub addr: Address,
     pub weight: u32,
+    /// Connections in flight at which the server takes no new request
+    /// until one ends; 0: no limit.
+    pub max_conns: u32,
     pub max_fails: u32,
     /// Seconds, as nginx keeps it.
     pub fail_timeout: u32,
@@ -102,6 +113,7 @@ impl ServerSpec {
         ServerSpec {
             addr,
             weight: DEFAULT_WEIGHT,
+            max_conns: 0,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
             backup: false,
@@ -120,6 +132,7 @@ impl ServerSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerPatch {
     pub weight: Option<u32>,
+    pub max_conns: Option<u32>,
     pub max_fails: Option<u32>,
     pub fail_timeout: Option<u32>,
     pub backup: Option<bool>,
@@ -133,11 +146,217 @@ impl ServerPatch {
 
     pub fn apply(&self, s: &mut ServerSpec) {
         s.weight = self.weight.unwrap_or(s.weight);
+        s.max_conns = self.max_conns.unwrap_or(s.max_conns);
         s.max_fails = self.max_fails.unwrap_or(s.max_fails);
         s.fail_timeout = self.fail_timeout.unwrap_or(s.fail_timeout);
         s.backup = self.backup.unwrap_or(s.backup);
         s.down = self.down.unwrap_or(s.down);
     }
+}
+
+/// The probe a `check` line asks for (nginx_upstream_check_module's
+/// `type=`); the types ngx.dyups takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CheckType {
+    #[default]
+    Tcp,
+    Http,
+    Https,
+    SslHello,
+}
+
+impl CheckType {
+    pub const ALL: [CheckType; 4] = [
+        CheckType::Tcp,
+        CheckType::Http,
+        CheckType::Https,
+        CheckType::SslHello,
+    ];
+
+    /// The module's spelling: `tcp`, `http`, `https`, `ssl_hello`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckType::Tcp => "tcp",
+            CheckType::Http => "http",
+            CheckType::Https => "https",
+            CheckType::SslHello => "ssl_hello",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CheckType> {
+        CheckType::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl Serialize for CheckType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// nginx_upstream_check_module's defaults for a `check` line.
+pub const DEFAULT_CHECK_INTERVAL: u32 = 30_000;
+pub const DEFAULT_CHECK_RISE: u32 = 2;
+pub const DEFAULT_CHECK_FALL: u32 = 5;
+pub const DEFAULT_CHECK_TIMEOUT: u32 = 1000;
+/// `check_http_send`'s default request.
+pub const DEFAULT_CHECK_HTTP_SEND: &str = "GET / HTTP/1.0\r\n\r\n";
+pub const DEFAULT_CHECK_KEEPALIVE_REQUESTS: u32 = 1;
+/// Bounds of the `check` parameters: times in milliseconds up to a day,
+/// counts up to 1000.
+pub const CHECK_TIME_MAX: u32 = 86_400_000;
+pub const CHECK_COUNT_MAX: u32 = 1000;
+/// `check_http_send`: the longest request, in bytes.
+pub const CHECK_HTTP_SEND_MAX: usize = 4096;
+pub const CHECK_KEEPALIVE_REQUESTS_MAX: u32 = 1_000_000;
+
+/// A `check` line: active health checks of every server of the upstream.
+/// Times in milliseconds, as the module keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckLine {
+    /// Between two probes of one server.
+    pub interval: u32,
+    /// Successful probes in a row that bring a server up.
+    pub rise: u32,
+    /// Failed probes in a row that take it down.
+    pub fall: u32,
+    /// How long one probe may take.
+    pub timeout: u32,
+    /// Whether servers start down until their first `rise` probes pass.
+    pub default_down: bool,
+    #[serde(rename = "type")]
+    pub kind: CheckType,
+    /// The port probed; 0: the server's own.
+    pub port: u16,
+    /// Up to this much random delay before each probe (ours: spreads the
+    /// probes of many servers).
+    pub jitter: u32,
+}
+
+impl Default for CheckLine {
+    fn default() -> CheckLine {
+        CheckLine {
+            interval: DEFAULT_CHECK_INTERVAL,
+            rise: DEFAULT_CHECK_RISE,
+            fall: DEFAULT_CHECK_FALL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            default_down: true,
+            kind: CheckType::Tcp,
+            port: 0,
+            jitter: 0,
+        }
+    }
+}
+
+/// `check_http_expect_alive`: the classes of HTTP status that count as a
+/// passing probe, one bit each from `http_2xx` (bit 0) to `http_5xx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectAlive(u8);
+
+impl ExpectAlive {
+    pub const NAMES: [&'static str; 4] = ["http_2xx", "http_3xx", "http_4xx", "http_5xx"];
+
+    /// The classes of the bits set in `bits`, bit `i` for
+    /// [`NAMES`](Self::NAMES)`[i]`; `None` for no class or an unknown bit.
+    pub fn from_bits(bits: u8) -> Option<ExpectAlive> {
+        (bits != 0 && bits < 1 << Self::NAMES.len()).then_some(ExpectAlive(bits))
+    }
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The bit of class `name`, if it is one.
+    pub fn bit(name: &str) -> Option<u8> {
+        Self::NAMES.iter().position(|n| *n == name).map(|i| 1 << i)
+    }
+
+    /// The names of the classes, from 2xx to 5xx.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .into_iter()
+            .enumerate()
+            .filter(move |(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, n)| n)
+    }
+}
+
+impl Default for ExpectAlive {
+    /// `http_2xx http_3xx`, the module's default.
+    fn default() -> ExpectAlive {
+        ExpectAlive(0b11)
+    }
+}
+
+impl Serialize for ExpectAlive {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
+}
+
+/// What nginx_upstream_check_module's lines say about an upstream. Kept
+/// whole by per-server changes; replaced with the rest of the definition by
+/// an update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckSettings {
+    /// The `check` line; `None`: no active checks.
+    #[serde(rename = "check")]
+    pub line: Option<CheckLine>,
+    /// `check_http_send`: the request an `http` probe sends, escapes
+    /// applied (real CR and LF bytes).
+    #[serde(rename = "check_http_send")]
+    pub http_send: String,
+    #[serde(rename = "check_http_expect_alive")]
+    pub http_expect_alive: ExpectAlive,
+    #[serde(rename = "check_keepalive_requests")]
+    pub keepalive_requests: u32,
+}
+
+impl CheckSettings {
+    /// Whether every setting is the module's default (without building one:
+    /// decoding a large table asks this of every upstream).
+    pub fn is_default(&self) -> bool {
+        self.line.is_none()
+            && self.http_send == DEFAULT_CHECK_HTTP_SEND
+            && self.http_expect_alive == ExpectAlive::default()
+            && self.keepalive_requests == DEFAULT_CHECK_KEEPALIVE_REQUESTS
+    }
+}
+
+impl Default for CheckSettings {
+    fn default() -> CheckSettings {
+        CheckSettings {
+            line: None,
+            http_send: DEFAULT_CHECK_HTTP_SEND.to_owned(),
+            http_expect_alive: ExpectAlive::default(),
+            keepalive_requests: DEFAULT_CHECK_KEEPALIVE_REQUESTS,
+        }
+    }
+}
+
+/// Whether `s` may be a `check_http_send` request: what the parser can
+/// produce and the upstream file can hold (`""` and control characters
+/// other than tab, CR and LF cannot).
+pub fn check_http_send(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("check_http_send: the request is empty".into());
+    }
+    if s.len() > CHECK_HTTP_SEND_MAX {
+        return Err(format!(
+            "check_http_send: the request is {} bytes long, at most {CHECK_HTTP_SEND_MAX} are allowed",
+            s.len()
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|&c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
+    {
+        return Err(format!(
+            "check_http_send: control character U+{:04X} in the request",
+            c as u32
+        ));
+    }
+    Ok(())
 }
 
 /// A named upstream: its servers in the order they were given.
@@ -154,6 +373,14 @@ pub struct Upstream {
     /// nginx `upstream` block's: ngx.balancer cannot set one per upstream.
     #[serde(skip_serializing_if = "is_zero")]
     pub keepalive: u32,
+    /// `keepalive_requests`, `keepalive_time` and `keepalive_timeout`
+    /// (milliseconds), as given: kept and shown like `keepalive`.
+    pub keepalive_requests: u32,
+    pub keepalive_time: u32,
+    pub keepalive_timeout: u32,
+    /// The lines of nginx_upstream_check_module.
+    #[serde(flatten)]
+    pub check: CheckSettings,
     pub servers: Vec<ServerSpec>,
     /// The table version at which this upstream last changed. Kept by the
     /// store; lets a worker keep the balancing state of upstreams that did
@@ -173,24 +400,38 @@ impl Upstream {
             name: name.into(),
             policy: Policy::RoundRobin,
             keepalive: 0,
+            keepalive_requests: DEFAULT_KEEPALIVE_REQUESTS,
+            keepalive_time: DEFAULT_KEEPALIVE_TIME,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            check: CheckSettings::default(),
             servers,
             rev: 0,
             peers: Vec::new(),
         }
     }
 
-    /// Whether `other` says the same: name, method, keepalive and servers.
-    /// What the store keeps (`rev`, `peers`) does not count.
+    /// Whether `other` says the same: name, method, every setting and the
+    /// servers. What the store keeps (`rev`, `peers`) does not count.
     pub fn same_content(&self, other: &Upstream) -> bool {
         self.name == other.name
             && self.policy == other.policy
             && self.keepalive == other.keepalive
+            && self.keepalive_requests == other.keepalive_requests
+            && self.keepalive_time == other.keepalive_time
+            && self.keepalive_timeout == other.keepalive_timeout
+            && self.check == other.check
             && self.servers == other.servers
     }
 
     /// The shared cell of server `index`, if it has one.
     pub fn peer(&self, index: usize) -> PeerRef {
         self.peers.get(index).copied().unwrap_or(PeerRef::NONE)
+    }
+
+    /// Whether some server is a primary (not `backup`): nginx refuses an
+    /// upstream without one ("no servers in upstream").
+    pub fn has_primary(&self) -> bool {
+        self.servers.iter().any(|s| !s.backup)
     }
 
     pub fn server(&self, addr: &Address) -> Option<&ServerSpec> {
@@ -234,30 +475,62 @@ pub struct Table {
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
+/// Whether two upstream names are the same upstream: without regard to
+/// ASCII case, as nginx and ngx_http_dyups_module compare them
+/// (`ngx_strncasecmp`), since nginx lower-cases `$host`.
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// The key an upstream is looked up by: its name in lower case.
+pub fn name_key(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    }
+}
+
 impl Table {
+    /// The upstream of that name, in any case (see [`same_name`]).
     pub fn get(&self, name: &str) -> Option<&Upstream> {
-        self.upstreams.iter().find(|u| u.name == name).map(|u| &**u)
+        self.upstreams
+            .iter()
+            .find(|u| same_name(&u.name, name))
+            .map(|u| &**u)
     }
 
     /// The named upstream to change: this table's own copy of it.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Upstream> {
         self.upstreams
             .iter_mut()
-            .find(|u| u.name == name)
+            .find(|u| same_name(&u.name, name))
             .map(Arc::make_mut)
     }
 
-    /// Replaces the upstream of that name in place, or appends it.
-    pub fn upsert(&mut self, upstream: Upstream) {
-        match self.upstreams.iter_mut().find(|u| u.name == upstream.name) {
-            Some(slot) => *slot = Arc::new(upstream),
+    /// Replaces the upstream of that name in place, or appends it. A
+    /// replaced upstream keeps the spelling it was created with: the name is
+    /// what other tables, the change log and the shared cells pair it by.
+    pub fn upsert(&mut self, mut upstream: Upstream) {
+        match self
+            .upstreams
+            .iter_mut()
+            .find(|u| same_name(&u.name, &upstream.name))
+        {
+            Some(slot) => {
+                upstream.name.clone_from(&slot.name);
+                *slot = Arc::new(upstream);
+            }
             None => self.upstreams.push(Arc::new(upstream)),
         }
     }
 
     /// Removes the named upstream; `None` when there was none.
     pub fn remove(&mut self, name: &str) -> Option<Upstream> {
-        let at = self.upstreams.iter().position(|u| u.name == name)?;
+        let at = self
+            .upstreams
+            .iter()
+            .position(|u| same_name(&u.name, name))?;
         Some(Arc::unwrap_or_clone(self.upstreams.remove(at)))
     }
 
@@ -417,6 +690,39 @@ mod tests {
         assert!(check_name("..").unwrap_err().contains("only dots"));
         assert!(check_name("a/b").unwrap_err().contains("'/'"));
         assert!(check_name("a b").is_err());
+    }
+
+    #[test]
+    fn check_settings_know_their_defaults() {
+        assert!(CheckSettings::default().is_default());
+        let changes: [fn(&mut CheckSettings); 4] = [
+            |c| c.line = Some(CheckLine::default()),
+            |c| c.http_send.push(' '),
+            |c| c.http_expect_alive = ExpectAlive::from_bits(1).unwrap(),
+            |c| c.keepalive_requests = 2,
+        ];
+        for change in changes {
+            let mut c = CheckSettings::default();
+            change(&mut c);
+            assert!(!c.is_default(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_one_upstream_in_any_case() {
+        let mut t = Table::default();
+        t.upsert(Upstream::new("Foo.Example", vec![]));
+        t.upsert(Upstream::new(
+            "FOO.example",
+            vec![ServerSpec::new(inet("10.0.0.1:80"))],
+        ));
+        assert_eq!(t.names().collect::<Vec<_>>(), ["Foo.Example"]);
+        assert_eq!(t.get("foo.example").unwrap().servers.len(), 1);
+        assert!(t.get_mut("FOO.EXAMPLE").is_some());
+        assert_eq!(name_key("Foo.Example"), "foo.example");
+        assert!(matches!(name_key("foo"), std::borrow::Cow::Borrowed(_)));
+        assert!(t.remove("foo.EXAMPLE").is_some());
+        assert!(t.upstreams.is_empty());
     }
 
     #[test]

@@ -6,8 +6,70 @@
 use crate::model::{
     check_name, Address, ServerPatch, ServerSpec, Table, Upstream, SERVERS_MAX, UPSTREAMS_MAX,
 };
-use crate::syntax::{parse_address, parse_body, parse_server_args};
+use crate::syntax::{only_backups, parse_address, parse_body, parse_server_args};
 use crate::{Error, Result};
+
+/// What [`put_upstreams`] did, by upstream name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Put {
+    pub created: Vec<String>,
+    pub replaced: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// Creates or replaces each upstream of `given` (an upstream file's
+/// table), in one change; with `replace`, also deletes every upstream
+/// `given` does not name, so that the table ends as `given`. An upstream
+/// that says the same as the one of its name is left as it is (its
+/// balancing state and shared cells with it). Refused as a whole when an
+/// upstream has too many servers or the table would hold too many.
+pub fn put_upstreams(table: &mut Table, given: &Table, replace: bool) -> Result<Put> {
+    for u in &given.upstreams {
+        check_size(&u.name, u.servers.len())?;
+    }
+    let mut put = Put::default();
+    if replace {
+        let keep: std::collections::HashSet<&str> = given.names().collect();
+        put.deleted = table
+            .names()
+            .filter(|n| !keep.contains(n))
+            .map(str::to_owned)
+            .collect();
+    }
+    let kept = table.upstreams.len() - put.deleted.len();
+    let created = given
+        .upstreams
+        .iter()
+        .filter(|u| table.get(&u.name).is_none())
+        .count();
+    if created > 0 && kept + created > UPSTREAMS_MAX {
+        return Err(Error::BadRequest(format!(
+            "could not create {created} upstreams: the table would have {}, at most {UPSTREAMS_MAX} are allowed",
+            kept + created
+        )));
+    }
+    for name in &put.deleted {
+        table.remove(name);
+    }
+    for u in &given.upstreams {
+        let said = match table.get(&u.name) {
+            Some(old) if old.same_content(u) => {
+                put.unchanged.push(u.name.clone());
+                continue;
+            }
+            Some(_) => &mut put.replaced,
+            None => &mut put.created,
+        };
+        said.push(u.name.clone());
+        // What the store keeps (revision, cells) is the store's to give.
+        let mut fresh = Upstream::clone(u);
+        fresh.rev = 0;
+        fresh.peers.clear();
+        table.upsert(fresh);
+    }
+    Ok(put)
+}
 
 /// Creates or replaces the upstream `name` with the servers of `body`
 /// (`server ADDR [PARAMS];` lines): ngx_http_dyups_module's update.
@@ -134,6 +196,9 @@ pub fn patch_server(
     if s.in_rotation() && !changed.in_rotation() && rotating == 1 {
         return Err(last_server(&addr, name));
     }
+    if changed.backup && !s.backup && primaries(u) == 1 {
+        return Err(Error::BadRequest(only_backups(&u.name)));
+    }
     fits_policy(u, &changed)?;
     *u.server_mut(&addr).expect("found above") = changed;
     Ok(())
@@ -154,8 +219,18 @@ pub fn delete_server(table: &mut Table, name: &str, server: &str) -> Result<()> 
     if u.servers[at].in_rotation() && u.in_rotation() == 1 {
         return Err(last_server(&addr, name));
     }
+    if !u.servers[at].backup && primaries(u) == 1 && u.servers.len() > 1 {
+        return Err(Error::BadRequest(only_backups(&u.name)));
+    }
     u.servers.remove(at);
     Ok(())
+}
+
+/// How many servers of `u` are not `backup`. A change that takes away the
+/// last one is refused (an upstream that never had one, from before that
+/// rule, may still be changed).
+fn primaries(u: &Upstream) -> usize {
+    u.servers.iter().filter(|s| !s.backup).count()
 }
 
 /// The upstreams `addr` is to be changed in: `name` alone (which must exist;
@@ -252,6 +327,65 @@ mod tests {
             .filter(|s| s.down)
             .map(|s| s.addr.port())
             .collect()
+    }
+
+    #[test]
+    fn put_upstreams_creates_replaces_keeps_and_with_replace_deletes() {
+        let mut t = table();
+        let kept = t.upstreams[1].clone();
+        let given = crate::syntax::parse_upstream_file(
+            "upstream other { server 127.0.0.1:8090; server 127.0.0.1:8091; }\n\
+             upstream local { server 10.0.0.1:80; }\n\
+             upstream new { least_conn; server 10.0.0.2:80; }",
+        )
+        .unwrap();
+        let put = put_upstreams(&mut t, &given, false).unwrap();
+        assert_eq!(
+            put,
+            Put {
+                created: vec!["new".into()],
+                replaced: vec!["local".into()],
+                unchanged: vec!["other".into()],
+                deleted: vec![],
+            }
+        );
+        // The unchanged upstream is the same one: its balancing state stays.
+        assert!(std::sync::Arc::ptr_eq(&t.upstreams[1], &kept));
+        assert_eq!(t.names().collect::<Vec<_>>(), ["local", "other", "new"]);
+        assert_eq!(t.get("local").unwrap().servers.len(), 1);
+
+        let only =
+            crate::syntax::parse_upstream_file("upstream new { server 10.0.0.3:80; }").unwrap();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.deleted, ["local", "other"]);
+        assert_eq!(put.replaced, ["new"]);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["new"]);
+        // Putting it again changes nothing.
+        let before = t.clone();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.unchanged, ["new"]);
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn put_upstreams_refuses_as_a_whole() {
+        let mut t = table();
+        let before = t.clone();
+        let big: String = (0..=SERVERS_MAX)
+            .map(|i| format!("server 10.0.{}.{}:80;", i / 250, i % 250 + 1))
+            .collect();
+        let given = crate::syntax::parse_upstream_file(&format!(
+            "upstream fine {{ server 10.0.0.1:80; }} upstream big {{ {big} }}"
+        ))
+        .unwrap();
+        let err = put_upstreams(&mut t, &given, true).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(
+            err.to_string()
+                .contains("upstream big would have 1001 servers"),
+            "{err}"
+        );
+        assert_eq!(t, before);
     }
 
     #[test]
@@ -385,6 +519,90 @@ mod tests {
             400
         );
         assert_eq!(t, before);
+    }
+
+    #[test]
+    fn the_last_primary_is_never_made_or_left_a_backup() {
+        let mut t = table();
+        let before = t.clone();
+        let backup = ServerPatch {
+            backup: Some(true),
+            ..ServerPatch::default()
+        };
+        patch_server(&mut t, "local", "127.0.0.1:8088", &backup).unwrap();
+        // 8090 is now the only primary of "local" (8089 is a backup).
+        let err = patch_server(&mut t, "local", "127.0.0.1:8090", &backup).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "upstream \"local\" would have only backup servers: nginx refuses that (\"no servers in upstream\")"
+        );
+        let err = delete_server(&mut t, "local", "127.0.0.1:8090").unwrap_err();
+        assert!(err.to_string().contains("only backup servers"), "{err}");
+        // A backup may go, and the last primary may become one again.
+        delete_server(&mut t, "local", "127.0.0.1:8089").unwrap();
+        let primary = ServerPatch {
+            backup: Some(false),
+            ..ServerPatch::default()
+        };
+        patch_server(&mut t, "local", "127.0.0.1:8088", &primary).unwrap();
+        assert_ne!(t, before);
+        assert_eq!(
+            update(&mut t, "x", "server 10.0.0.1 backup;")
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn names_match_in_any_case_and_keep_their_spelling() {
+        let mut t = Table::default();
+        update(&mut t, "Foo.Example", "server 10.0.0.1:80;").unwrap();
+        assert_eq!(t.get("foo.example").unwrap().name, "Foo.Example");
+        // Replaced under another spelling: one upstream, first spelling.
+        update(&mut t, "FOO.example", "server 10.0.0.2:80;").unwrap();
+        assert_eq!(t.names().collect::<Vec<_>>(), ["Foo.Example"]);
+        assert_eq!(t.get("foo.EXAMPLE").unwrap().servers[0].addr.port(), 80);
+        insert_server(&mut t, "foo.example", "10.0.0.3:80").unwrap();
+        remove_server(&mut t, Some("FOO.EXAMPLE"), "10.0.0.3:80").unwrap();
+        assert_eq!(
+            add_server(&mut t, None, "10.0.0.3:80").unwrap(),
+            ["Foo.Example"]
+        );
+        delete(&mut t, "foo.example").unwrap();
+        assert!(t.upstreams.is_empty());
+    }
+
+    #[test]
+    fn per_server_changes_keep_the_upstreams_settings() {
+        let mut t = Table::default();
+        update(
+            &mut t,
+            "c",
+            "server 10.0.0.1:80; server 10.0.0.2:80; check interval=3000 rise=2 fall=5 timeout=1000;\
+             keepalive_timeout 30s;",
+        )
+        .unwrap();
+        let settings = |t: &Table| {
+            let u = t.get("c").unwrap();
+            (u.check.clone(), u.keepalive_timeout)
+        };
+        let before = settings(&t);
+        assert!(before.0.line.is_some());
+        insert_server(&mut t, "c", "10.0.0.3:80 max_conns=4").unwrap();
+        remove_server(&mut t, None, "10.0.0.1:80").unwrap();
+        add_server(&mut t, Some("c"), "10.0.0.1:80").unwrap();
+        let patch = ServerPatch {
+            max_conns: Some(2),
+            ..ServerPatch::default()
+        };
+        patch_server(&mut t, "c", "10.0.0.2:80", &patch).unwrap();
+        delete_server(&mut t, "c", "10.0.0.3:80").unwrap();
+        assert_eq!(settings(&t), before);
+        assert_eq!(t.get("c").unwrap().servers[1].max_conns, 2);
+        // An update replaces the whole definition, settings included.
+        update(&mut t, "c", "server 10.0.0.1:80;").unwrap();
+        assert_eq!(t.get("c").unwrap().check.line, None);
     }
 
     #[test]

@@ -167,6 +167,8 @@ pub struct PolicyState {
     /// text; nginx matches a point to its peers by name.
     group: Vec<usize>,
     rng: XorShift,
+    /// Some server has a `max_conns`: connections are counted for it.
+    limits_conns: bool,
 }
 
 impl PolicyState {
@@ -216,6 +218,7 @@ impl PolicyState {
             points,
             group,
             rng: XorShift::new(seed),
+            limits_conns: servers.iter().any(|s| s.max_conns > 0),
         })
     }
 
@@ -253,13 +256,15 @@ impl PolicyState {
         self.balancer.share(zone, cells);
     }
 
-    /// Whether the method weighs connections in flight (`least_conn`,
-    /// `random two`), so each request's connection is counted until it ends.
+    /// Whether connections in flight count here, so each request's
+    /// connection is counted until it ends: the method weighs them
+    /// (`least_conn`, `random two`) or some server has a `max_conns`.
     pub fn counts_conns(&self) -> bool {
-        matches!(
-            self.policy,
-            Policy::LeastConn | Policy::Random { two: true }
-        )
+        self.limits_conns
+            || matches!(
+                self.policy,
+                Policy::LeastConn | Policy::Random { two: true }
+            )
     }
 
     /// Records a failed attempt on `servers[index]`, as

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::model::{check_name, ServerSpec, Table, Upstream};
 use crate::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::{parse_server_patch, policy_lines, render_server};
+use crate::syntax::{parse_server_patch, render_server, setting_lines};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -475,23 +475,48 @@ fn server_line(s: &ServerSpec) -> String {
     line
 }
 
-/// Its balancing and keepalive lines, if any, then its `server` lines.
+/// Its setting lines (balancing, keepalive, checks), if any, then its
+/// `server` lines.
 fn server_lines(u: &Upstream) -> String {
-    policy_lines(u)
+    setting_lines(u)
         .into_iter()
         .chain(u.servers.iter().map(server_line))
         .map(|line| line + "\n")
         .collect()
 }
 
-/// Each upstream's name, then its `server` lines, a blank line between
-/// upstreams: the layout of ngx_http_dyups_module's `/detail`.
+/// Each upstream's name, then one line per server with every parameter,
+/// then a blank line: ngx_http_dyups_module's `/detail`, byte for byte, so
+/// the scripts that parse it keep working. The settings besides the servers
+/// are in the JSON form and in `/upstream/NAME`.
 fn detail(t: &Table) -> String {
-    t.upstreams
-        .iter()
-        .map(|u| format!("{}\n{}", u.name, server_lines(u)))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut out = String::new();
+    for u in &t.upstreams {
+        out.push_str(&u.name);
+        out.push('\n');
+        for s in &u.servers {
+            out.push_str(&detail_line(s));
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `server ADDR weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0
+/// down=0`: the module's `/detail` line, `fail_timeout` in seconds without
+/// a unit and the flags as 0 or 1.
+fn detail_line(s: &ServerSpec) -> String {
+    format!(
+        "server {} weight={} max_conns={} max_fails={} fail_timeout={} backup={} down={}",
+        s.addr,
+        s.weight,
+        s.max_conns,
+        s.max_fails,
+        s.fail_timeout,
+        u8::from(s.backup),
+        u8::from(s.down)
+    )
 }
 
 #[cfg(test)]
@@ -563,17 +588,93 @@ mod tests {
         );
         assert_eq!((r.status, r.body.as_str()), (200, "success"));
         let r = call(&f, "GET", "/detail", "");
+        let line = |port| {
+            format!("server 127.0.0.1:{port} weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n")
+        };
         assert_eq!(
             r.body,
-            "host1\nserver 127.0.0.1:8088\n\nhost2\nserver 127.0.0.1:8089\n\ndyhost\nserver 127.0.0.1:8089\nserver 127.0.0.1:8088\n"
+            format!(
+                "host1\n{}\nhost2\n{}\ndyhost\n{}{}\n",
+                line(8088),
+                line(8089),
+                line(8089),
+                line(8088)
+            )
         );
         let r = call(&f, "DELETE", "/upstream/dyhost", "");
         assert_eq!((r.status, r.body.as_str()), (200, "success"));
         assert_eq!(
             call(&f, "GET", "/detail", "").body,
-            "host1\nserver 127.0.0.1:8088\n\nhost2\nserver 127.0.0.1:8089\n"
+            format!("host1\n{}\nhost2\n{}\n", line(8088), line(8089))
         );
         assert_eq!(call(&f, "GET", "/list", "").body, "host1\nhost2\n");
+    }
+
+    #[test]
+    fn detail_gives_every_parameter_as_the_module_does() {
+        let f = fixture("detail");
+        let r = call(
+            &f,
+            "POST",
+            "/upstream/host1",
+            "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; ip_hash;",
+        );
+        assert_eq!(r.status, 400, "ip_hash refuses backup: {r:?}");
+        call(
+            &f,
+            "POST",
+            "/upstream/host1",
+            "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; least_conn; check interval=1000;",
+        );
+        assert_eq!(
+            call(&f, "GET", "/detail", "").body,
+            "host1\n\
+             server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=90 backup=0 down=1\n\
+             server [::1]:81 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=1 down=0\n\
+             server unix:/run/a.sock weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n\
+             host2\n\
+             server 127.0.0.1:8089 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n"
+        );
+        // What a script copies from /detail goes back in a body, backup= and
+        // down= aside (nginx takes them bare).
+        let copied = "server 127.0.0.1:9000 weight=3 max_conns=10 max_fails=2 fail_timeout=90;";
+        let r = call(&f, "POST", "/upstream/copy", copied);
+        assert_eq!((r.status, r.body.as_str()), (200, "success"));
+        let v: serde_json::Value =
+            serde_json::from_str(&call_with(&f, "GET", "/detail", "", true, None).body).unwrap();
+        assert_eq!(v["upstreams"][0]["policy"], "least_conn;");
+        assert_eq!(v["upstreams"][0]["check"]["interval"], 1000);
+        assert_eq!(v["upstreams"][0]["servers"][0]["max_conns"], 10);
+    }
+
+    #[test]
+    fn upstream_names_are_found_in_any_case() {
+        let f = fixture("case");
+        let r = call(&f, "POST", "/upstream/Foo.Example", "server 127.0.0.1:1;");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            call(&f, "GET", "/upstream/foo.example", "").body,
+            "server 127.0.0.1:1\n"
+        );
+        assert_eq!(
+            call(&f, "POST", "/upstream/FOO.EXAMPLE/servers", "127.0.0.1:2").status,
+            200
+        );
+        assert_eq!(
+            call(&f, "GET", "/upstream/foo.example/servers/127.0.0.1:2", "").status,
+            200
+        );
+        // Shown as it was first spelled.
+        assert_eq!(
+            call(&f, "GET", "/list", "").body,
+            "host1\nhost2\nFoo.Example\n"
+        );
+        assert_eq!(call(&f, "DELETE", "/upstream/foo.EXAMPLE", "").status, 200);
+        assert_eq!(call(&f, "GET", "/upstream/Foo.Example", "").status, 404);
     }
 
     #[test]
@@ -758,17 +859,37 @@ mod tests {
     #[test]
     fn json_views_give_every_parameter() {
         let f = fixture("json");
-        call(
+        let r = call(
             &f,
             "POST",
             "/upstream/host1",
-            "server 127.0.0.1:8088 weight=2 max_fails=3 fail_timeout=4s backup;",
+            "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup;\
+             server 127.0.0.1:8089; check interval=3s type=http;\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";",
         );
+        assert_eq!(r.status, 200, "{r:?}");
         let r = call_with(&f, "GET", "/upstream/host1", "", true, None);
         assert!(r.json);
         assert_eq!(
             r.body,
-            r#"{"version":2,"name":"host1","servers":[{"addr":"127.0.0.1:8088","weight":2,"max_fails":3,"fail_timeout":4,"backup":true,"down":false}]}"#
+            concat!(
+                r#"{"version":2,"name":"host1","keepalive_requests":1000,"keepalive_time":3600000,"#,
+                r#""keepalive_timeout":60000,"check":{"interval":3000,"rise":2,"fall":5,"#,
+                r#""timeout":1000,"default_down":true,"type":"http","port":0,"jitter":0},"#,
+                r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
+                r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
+                r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
+                r#""fail_timeout":4,"backup":true,"down":false},{"addr":"127.0.0.1:8089","#,
+                r#""weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"backup":false,"down":false}]}"#
+            )
+        );
+        // The text form: the settings in nginx syntax, each on its line.
+        assert_eq!(
+            call(&f, "GET", "/upstream/host1", "").body,
+            "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";\n\
+             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup\n\
+             server 127.0.0.1:8089\n"
         );
         let r = call_with(&f, "GET", "/list", "", true, None);
         assert_eq!(r.body, r#"{"version":2,"upstreams":["host1","host2"]}"#);

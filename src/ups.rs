@@ -1,9 +1,10 @@
 //! The `/ups` and `/ups/check` interface of lua-nginx-upstream-dynamic-update
 //! (the first source document): its query arguments, messages and JSON shape
 //! (`{"msg":…,"data":…,"code":…}`), over the same operations as every other
-//! interface. One difference, documented in the README: failures answer
-//! HTTP 400 (405 for a wrong method) with code `E00001`, where the original
-//! answered 200 to everything.
+//! interface. `data` is the target server in a list, on failures as on
+//! successes, as in the original. One difference, documented in the README:
+//! failures answer HTTP 400 (405 for a wrong method) with code `E00001`,
+//! where the original answered 200 to everything.
 
 use std::collections::BTreeMap;
 
@@ -55,24 +56,40 @@ fn refuse(status: u16, msg: &str) -> Reply {
     reply(status, msg, [(); 0])
 }
 
-fn allowed(method: &str) -> Option<Reply> {
-    (!matches!(method, "GET" | "POST" | "PUT")).then(|| {
-        refuse(
-            405,
-            &format!("method {method} is not allowed: use {ALLOWED}"),
-        )
-    })
+/// A request refused before it reached the table (a precondition header, a
+/// query too long to read whole): 400 with `data` naming the target server,
+/// as every other failure does.
+pub fn refused(msg: &str, server: &Arg) -> Reply {
+    reply(400, msg, target(server))
 }
 
-fn text<'a>(arg: &'a Arg, what: &str, required: bool) -> Result<Option<&'a str>, Reply> {
+/// `data` of a request naming `server`: the server in a list, as nginx
+/// spells the address when it is one, else as given; empty without one.
+fn target(server: &Arg) -> Vec<String> {
+    let Arg::One(server) = server else {
+        return Vec::new();
+    };
+    // The address without any parameters given.
+    let shown = server.split_whitespace().next().unwrap_or(server);
+    if shown.is_empty() {
+        return Vec::new();
+    }
+    vec![parse_address(shown).map_or_else(|_| shown.to_owned(), |a| a.to_string())]
+}
+
+/// Why `method` is refused (405), if it is.
+fn not_allowed(method: &str) -> Option<String> {
+    (!matches!(method, "GET" | "POST" | "PUT"))
+        .then(|| format!("method {method} is not allowed: use {ALLOWED}"))
+}
+
+/// The value of query argument `what`; why the request is bad otherwise.
+fn text<'a>(arg: &'a Arg, what: &str, required: bool) -> Result<Option<&'a str>, String> {
     match arg {
         Arg::One(v) if !v.is_empty() => Ok(Some(v)),
         Arg::Absent if !required => Ok(None),
-        Arg::Many => Err(refuse(
-            400,
-            &format!("{what} is given more than once; {USAGE}"),
-        )),
-        _ => Err(refuse(400, &format!("missing {what}; {USAGE}"))),
+        Arg::Many => Err(format!("{what} is given more than once; {USAGE}")),
+        _ => Err(format!("missing {what}; {USAGE}")),
     }
 }
 
@@ -87,15 +104,16 @@ pub fn handle(
     store: &StateFile,
     opts: &WriteOptions,
 ) -> Reply {
-    if let Some(r) = allowed(method) {
-        return r;
+    let data = target(server);
+    if let Some(why) = not_allowed(method) {
+        return reply(405, &why, &data);
     }
     let parsed = (|| {
         let op = text(op, "op", true)?.unwrap_or_default();
         let add = match op {
             "add" => true,
             "del" => false,
-            other => return Err(refuse(400, &format!("unknown op {other:?}; {USAGE}"))),
+            other => return Err(format!("unknown op {other:?}; {USAGE}")),
         };
         let server = text(server, "server", true)?.unwrap_or_default();
         let upstream = text(upstream, "upstream", false)?;
@@ -103,7 +121,7 @@ pub fn handle(
     })();
     let (add, server, upstream) = match parsed {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(why) => return reply(400, &why, &data),
     };
     let result = store.write(opts, |t| {
         if add {
@@ -114,17 +132,14 @@ pub fn handle(
     });
     match result {
         Ok(_) => {
-            // The address as nginx spells it, without any parameters given.
-            let shown = server.split_whitespace().next().unwrap_or(server);
-            let addr = parse_address(shown).map_or_else(|_| shown.to_owned(), |a| a.to_string());
             let msg = if add {
                 "add a server success."
             } else {
                 "del a server success."
             };
-            reply(200, msg, [addr])
+            reply(200, msg, &data)
         }
-        Err(e) => refuse(status_of(&e), &e.to_string()),
+        Err(e) => reply(status_of(&e), &e.to_string(), &data),
     }
 }
 
@@ -132,8 +147,8 @@ pub fn handle(
 /// yet, 1 for a pending removal and 0 for a pending restore; `{}` once every
 /// worker routes by the current table.
 pub fn check(method: &str, store: &StateFile, snapshot: &Snapshot) -> Reply {
-    if let Some(r) = allowed(method) {
-        return r;
+    if let Some(why) = not_allowed(method) {
+        return refuse(405, &why);
     }
     reply(200, "OK", pending_servers(&store.pending(snapshot)))
 }
@@ -309,17 +324,52 @@ mod tests {
                 v["msg"]
             );
             assert_eq!(v.as_object().unwrap().len(), 3);
+            // The target server, as on a success (as nginx spells it: the
+            // port is 80 when none is given); none when none is named.
+            let want: Vec<String> = match &server {
+                Arg::One(s) if s == "127.0.0.1" => vec!["127.0.0.1:80".into()],
+                Arg::One(s) => vec![s.clone()],
+                _ => vec![],
+            };
+            assert_eq!(v["data"], serde_json::json!(want), "{r:?}");
         }
         // Removing the last available server is refused and named.
         del(&f, "127.0.0.1:8088");
         del(&f, "127.0.0.1:8090");
         let r = del(&f, "127.0.0.1:8089");
         assert_eq!(r.status, 400);
-        assert!(
-            r.body.contains("last available server of upstream local"),
-            "{}",
-            r.body
+        assert_eq!(
+            r.body,
+            r#"{"msg":"refusing to remove 127.0.0.1:8089: it is the last available server of upstream local","data":["127.0.0.1:8089"],"code":"E00001"}"#
         );
+        // As nginx spells it, without the parameters given.
+        let r = handle(
+            "PUT",
+            &one("add"),
+            &one("[0:0::1]:80 weight=0"),
+            &one("local"),
+            &f,
+            &o,
+        );
+        assert_eq!(r.status, 400);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["data"], serde_json::json!(["[::1]:80"]));
+        // What a user mistook for an address is named for what it is.
+        for (server, why) in [
+            (
+                "http://127.0.0.1:8088",
+                "has no scheme (http://): write \\\"127.0.0.1:8088\\\"",
+            ),
+            ("127.0.0.1:8088,127.0.0.1:8089", "one address, not a list"),
+        ] {
+            let r = del(&f, server);
+            assert!(r.body.contains(why), "{}", r.body);
+            assert!(
+                r.body.contains(&format!("\"data\":[\"{server}\"]")),
+                "{}",
+                r.body
+            );
+        }
         assert_eq!(f.read().unwrap().version, before + 2);
     }
 

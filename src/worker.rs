@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attempts::Attempts;
 use crate::balancer::Retry;
-use crate::model::Upstream;
+use crate::model::{name_key, Upstream};
 use crate::policy::Policy;
 use crate::policy::{pick_for_request, PickInput, PolicyState};
 use crate::store::{Health, Snapshot, StateFile};
@@ -171,7 +171,11 @@ impl Worker {
         self.index.clear();
         self.balancers = Vec::with_capacity(self.snapshot.table.upstreams.len());
         for (i, u) in self.snapshot.table.upstreams.iter().enumerate() {
-            self.index.insert(u.name.clone(), i as u32);
+            // Keyed in lower case: nginx lower-cases `$host`. Of names that
+            // differ only in case (a table from before that rule), the first.
+            self.index
+                .entry(name_key(&u.name).into_owned())
+                .or_insert(i as u32);
             let b = match (old.as_ref(), old_balancers.remove(&u.name)) {
                 (Some(o), Some((b, at))) if o.table.upstreams[at].rev == u.rev => b,
                 (Some(o), Some((b, at))) => {
@@ -280,9 +284,9 @@ impl Worker {
         self.notice.take()
     }
 
-    /// The id of upstream `name` in the current snapshot.
+    /// The id of upstream `name` in the current snapshot, in any case.
     pub fn upstream_id(&self, name: &str) -> Option<u32> {
-        self.index.get(name).copied()
+        self.index.get(name_key(name).as_ref()).copied()
     }
 
     /// Picks a server of upstream `id` for one attempt of request `key`.

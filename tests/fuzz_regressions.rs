@@ -76,4 +76,56 @@ fn the_state_seed_is_a_valid_image() {
     let snap = checks::check_image(&seed).expect("the committed seed image is valid");
     assert!(snap.fallback.is_none());
     assert_eq!(snap.version, 3);
+    // It has an extension, so the fuzzer mutates one.
+    let local = snap.table.get("local").unwrap();
+    assert_eq!(local.servers[0].max_conns, 7);
+    assert!(local.check.line.is_some());
+}
+
+/// `format2_min_image` is the seed image as the build of format version 2
+/// wrote it, before the slot extension: a newer build reads it, every
+/// upstream with the defaults of what the extension holds.
+#[test]
+fn a_state_file_written_before_the_extension_reads_with_the_defaults() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/state_file/format2_min_image");
+    let image = std::fs::read(&path).unwrap();
+    // Bytes +20..+32 of both slot headers: zero, as that build left them.
+    let slot_len = u64::from_le_bytes(image[16..24].try_into().unwrap()) as usize;
+    for slot in [4096, 4096 + slot_len] {
+        assert_eq!(image[slot + 20..slot + 32], [0; 12]);
+    }
+    let snap = checks::check_image(&image).expect("the format-2 image is valid");
+    assert_eq!((snap.version, snap.fallback.as_deref()), (3, None));
+    let names: Vec<&str> = snap.table.names().collect();
+    assert_eq!(names, ["local", "sock", "dyhost"]);
+    for u in &snap.table.upstreams {
+        let defaults = ngx_dyups::model::Upstream::new(u.name.clone(), Vec::new());
+        assert_eq!(u.check, defaults.check, "{}", u.name);
+        assert_eq!(
+            (u.keepalive_requests, u.keepalive_time, u.keepalive_timeout),
+            (
+                defaults.keepalive_requests,
+                defaults.keepalive_time,
+                defaults.keepalive_timeout
+            )
+        );
+        assert!(u.servers.iter().all(|s| s.max_conns == 0), "{}", u.name);
+    }
+    assert_eq!(snap.table.get("local").unwrap().servers[0].weight, 3);
+}
+
+/// The hand-written upstream-file seeds are files nginx takes: a seed the
+/// parser refuses would start the fuzzer from an error.
+#[test]
+fn the_upstream_file_seeds_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/upstream_file");
+    let seeds = inputs(&dir, true);
+    assert!(!seeds.is_empty());
+    for file in seeds {
+        let text = std::fs::read_to_string(&file).unwrap();
+        if let Err(e) = ngx_dyups::syntax::parse_upstream_file(&text) {
+            panic!("{}: {e}", file.display());
+        }
+    }
 }

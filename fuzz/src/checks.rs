@@ -11,7 +11,8 @@
 use std::sync::OnceLock;
 
 use ngx_dyups::model::{
-    check_name, Address, ServerSpec, Table, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
+    check_http_send, check_name, same_name, Address, ServerSpec, Table, FAIL_TIMEOUT_MAX,
+    MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
 use ngx_dyups::syntax::{
@@ -47,9 +48,23 @@ pub fn server_line(data: &[u8]) {
     if let Ok(spec) = parse_server_args(&text) {
         check_server(&spec, &text);
         let line = render_server(&spec);
-        let back = parse_servers(&line)
-            .unwrap_or_else(|e| panic!("{text:?} parsed, its rendering {line:?} does not: {e}"));
-        assert_eq!(back, [spec], "{text:?} -> {line:?} reads back differently");
+        let args = line
+            .strip_prefix("server ")
+            .and_then(|l| l.strip_suffix(';'));
+        let back = args.map(parse_server_args);
+        assert_eq!(
+            back,
+            Some(Ok(spec.clone())),
+            "{text:?} -> {line:?} reads back differently"
+        );
+        // A body of backups only is refused, as nginx refuses it.
+        match parse_servers(&line) {
+            Ok(back) => assert_eq!(back, [spec], "{text:?} -> {line:?} reads back differently"),
+            Err(e) => assert!(
+                spec.backup && e.to_string().contains("only backup servers"),
+                "{text:?} parsed, its rendering {line:?} does not: {e}"
+            ),
+        }
     }
 
     match parse_servers(&text) {
@@ -58,6 +73,10 @@ pub fn server_line(data: &[u8]) {
             for s in &servers {
                 check_server(s, &text);
             }
+            assert!(
+                servers.iter().any(|s| !s.backup),
+                "{text:?}: a body of backups only was accepted"
+            );
             let body: String = servers.iter().map(render_server).collect();
             let back = parse_servers(&body).unwrap_or_else(|e| {
                 panic!("{text:?} parsed, its rendering {body:?} does not: {e}")
@@ -97,6 +116,7 @@ pub fn check_line_prefix(msg: &str, text: &str) {
 fn check_server(s: &ServerSpec, text: &str) {
     assert!(
         (WEIGHT_MIN..=WEIGHT_MAX).contains(&s.weight)
+            && s.max_conns <= MAX_CONNS_MAX
             && s.max_fails <= MAX_FAILS_MAX
             && s.fail_timeout <= FAIL_TIMEOUT_MAX,
         "{text:?}: out-of-range server accepted: {s:?}"
@@ -137,15 +157,19 @@ fn check_table(t: &Table, text: &str) {
     for (i, u) in t.upstreams.iter().enumerate() {
         check_name(&u.name).unwrap_or_else(|e| panic!("{text:?}: bad name accepted: {e}"));
         assert!(
-            t.upstreams[..i].iter().all(|o| o.name != u.name),
+            t.upstreams[..i]
+                .iter()
+                .all(|o| !same_name(&o.name, &u.name)),
             "{text:?}: upstream {} twice",
             u.name
         );
         assert!(
-            !u.servers.is_empty(),
-            "{text:?}: upstream {} has no server",
+            u.has_primary(),
+            "{text:?}: upstream {} has no server or only backups",
             u.name
         );
+        check_http_send(&u.check.http_send)
+            .unwrap_or_else(|e| panic!("{text:?}: bad check_http_send accepted: {e}"));
         for (j, s) in u.servers.iter().enumerate() {
             check_server(s, text);
             assert!(
@@ -235,8 +259,9 @@ fn build_image() -> Result<Vec<u8>, Error> {
     let image = (|| {
         let seed = || {
             parse_upstream_file(
-                "upstream local { server 127.0.0.1:8088 weight=3 max_fails=2 fail_timeout=5s; \
-                 server [::1]:8089 backup; }\n\
+                "upstream local { server 127.0.0.1:8088 weight=3 max_conns=7 max_fails=2 fail_timeout=5s; \
+                 server [::1]:8089 backup; check interval=3000 rise=2 fall=5 timeout=1000 type=http; \
+                 check_http_send \"HEAD / HTTP/1.0\\r\\n\\r\\n\"; keepalive_timeout 30s; }\n\
                  upstream sock { server unix:/run/app.sock down; server 10.0.0.1; }\n",
             )
         };
@@ -302,8 +327,9 @@ pub fn mutate(script: &[u8]) -> Vec<u8> {
     image
 }
 
-/// Recomputes each slot's CRC over its (generation, length) and as much
-/// payload as the length claims, when that fits in the slot.
+/// Recomputes each slot's CRCs: the base's over its (generation, length)
+/// and as much payload as the length claims, the extension's over the
+/// generation and the extension (0 for none), when they fit in the slot.
 pub fn fix_slot_crcs(image: &mut [u8]) {
     let slot_len = u64_at(image, SLOT_LEN_AT) as usize;
     if slot_len < SLOT_HEADER || slot_len > image.len() {
@@ -315,7 +341,8 @@ pub fn fix_slot_crcs(image: &mut [u8]) {
             return;
         }
         let len = u64_at(image, off + 8);
-        if len > (slot_len - SLOT_HEADER) as u64 {
+        let ext_len = u64::from(u32_at(image, off + 20));
+        if len + ext_len > (slot_len - SLOT_HEADER) as u64 {
             continue;
         }
         let start = off + SLOT_HEADER;
@@ -324,7 +351,23 @@ pub fn fix_slot_crcs(image: &mut [u8]) {
         h.update(&image[start..start + len as usize]);
         let crc = h.finalize();
         image[off + 16..off + 20].copy_from_slice(&crc.to_le_bytes());
+        let ext = start + len as usize..start + (len + ext_len) as usize;
+        let ext_crc = if ext.is_empty() {
+            0
+        } else {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&image[off..off + 8]);
+            h.update(&image[ext]);
+            h.finalize()
+        };
+        image[off + 24..off + 28].copy_from_slice(&ext_crc.to_le_bytes());
     }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -20,7 +20,7 @@ use crate::model::Table as UpstreamTable;
 use crate::policy::Policy;
 use crate::rest;
 use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::render_server;
+use crate::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
 use crate::worker::{Worker, UNKNOWN};
@@ -28,7 +28,7 @@ use crate::{nginx_conf, ops, Error};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
-const DEFAULT_SIZE: u64 = 2 << 20;
+const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
 const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
 const DEFAULT_REFRESH: f64 = 0.05;
 /// nginx's own default worker user, when `--user` was not given at build.
@@ -243,16 +243,7 @@ fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
 // ---- init ----------------------------------------------------------------------
 
 fn size_option(v: Value) -> Result<u64, String> {
-    let parse = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        let (digits, unit) = match s.char_indices().last()? {
-            (i, 'k' | 'K') => (&s[..i], 1 << 10),
-            (i, 'm' | 'M') => (&s[..i], 1 << 20),
-            (i, 'g' | 'G') => (&s[..i], 1 << 30),
-            _ => (s, 1),
-        };
-        digits.parse::<u64>().ok()?.checked_mul(unit)
-    };
+    let parse = crate::store::parse_size;
     match v {
         Value::Nil => Ok(DEFAULT_SIZE),
         Value::Integer(i) if i > 0 => Ok(i as u64),
@@ -964,6 +955,7 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
         t.set("host", s.addr.host())?;
         t.set("port", s.addr.port())?;
         t.set("weight", s.weight)?;
+        t.set("max_conns", s.max_conns)?;
         t.set("max_fails", s.max_fails)?;
         t.set("fail_timeout", s.fail_timeout)?;
         t.set("backup", s.backup)?;
@@ -975,6 +967,28 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     t.set("name", u.name.as_str())?;
     t.set("policy", u.policy.to_string())?;
     t.set("keepalive", u.keepalive)?;
+    t.set("keepalive_requests", u.keepalive_requests)?;
+    t.set("keepalive_time", u.keepalive_time)?;
+    t.set("keepalive_timeout", u.keepalive_timeout)?;
+    if let Some(c) = &u.check.line {
+        let check = lua.create_table()?;
+        check.set("interval", c.interval)?;
+        check.set("rise", c.rise)?;
+        check.set("fall", c.fall)?;
+        check.set("timeout", c.timeout)?;
+        check.set("default_down", c.default_down)?;
+        check.set("type", c.kind.name())?;
+        check.set("port", c.port)?;
+        check.set("jitter", c.jitter)?;
+        t.set("check", check)?;
+    }
+    t.set("check_http_send", u.check.http_send.as_str())?;
+    t.set(
+        "check_http_expect_alive",
+        lua.create_sequence_from(u.check.http_expect_alive.names())?,
+    )?;
+    t.set("check_keepalive_requests", u.check.keepalive_requests)?;
+    t.set("settings", lua.create_sequence_from(setting_lines(&u))?)?;
     t.set("servers", servers)?;
     Ok(Ok(t))
 }
@@ -1275,10 +1289,13 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         // server in every upstream.
         return respond(
             lua,
-            ups_refusal(&format!(
-                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
-                ups::USAGE
-            )),
+            ups::refused(
+                &format!(
+                    "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                    ups::USAGE
+                ),
+                &query_arg(&args, "server"),
+            ),
         );
     }
     if let Some(header) = ups_precondition(&ngx)? {
@@ -1287,10 +1304,13 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
         // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
         return respond(
             lua,
-            ups_refusal(&format!(
-                "/ups does not evaluate {header}: nothing changed; send the request without it, \
-                 or use the REST interface's If-Match"
-            )),
+            ups::refused(
+                &format!(
+                    "/ups does not evaluate {header}: nothing changed; send the request without it, \
+                     or use the REST interface's If-Match"
+                ),
+                &query_arg(&args, "server"),
+            ),
         );
     }
     let reply = match store() {
@@ -1322,13 +1342,6 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// Query arguments `/ups` reads; a request with more is refused.
 const UPS_MAX_ARGS: i64 = 100;
-
-fn ups_refusal(msg: &str) -> ups::Reply {
-    ups::Reply {
-        status: 400,
-        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
-    }
-}
 
 /// The first conditional header a `/ups` request carries, if any.
 /// `If-Modified-Since` is not one: nginx ignores it without a

@@ -3,6 +3,16 @@
 //! a payload that passed its checksum but was written by a broken or foreign
 //! writer is still refused rather than trusted.
 //!
+//! A payload has two parts. The *base* is what format version 2 defined,
+//! byte for byte, so every build since reads it. The *extension* follows it
+//! in the slot, outside the base's length and checksum (the slot header has
+//! its own for it, see layout.rs), and holds what later builds added: the
+//! settings besides the servers and the balancing method, and `max_conns`.
+//! A build that predates it reads the base alone and cannot misread the
+//! rest; a slot such a build wrote has no extension, which reads as every
+//! setting at its default. So adding these fields needed no new format
+//! version.
+//!
 //! ```text
 //! payload  := version u64, upstream count u32, change count u32,
 //!             upstream*, change*
@@ -18,6 +28,25 @@
 //! address  := 4, IPv4 [4], port u16
 //!           | 6, IPv6 [16], port u16
 //!           | 1, length u16, unix socket path bytes
+//!
+//! extension := nothing (every upstream has the defaults)
+//!            | entry count u32, entry* (one per upstream that needs a field)
+//! entry     := upstream position u32 (in the base's table, ascending),
+//!              length u32, field* (as many bytes as length says)
+//! field     := tag u8, length u16, value; a field is given at most once,
+//!              only when it differs from the default, and a tag this
+//!              build does not know (a later build's) is skipped
+//!   1 check                     interval u32, rise u32, fall u32,
+//!                               timeout u32, default_down u8, type u8
+//!                               (0 tcp, 1 http, 2 https, 3 ssl_hello),
+//!                               port u16, jitter u32 (times in ms)
+//!   2 check_http_send           UTF-8 bytes
+//!   3 check_http_expect_alive   u8, one bit per class from http_2xx
+//!   4 check_keepalive_requests  u32
+//!   5 keepalive_requests        u32
+//!   6 keepalive_time            u32 ms
+//!   7 keepalive_timeout         u32 ms
+//!   8 max_conns                 u32 per server, in the servers' order
 //! ```
 
 use std::collections::HashSet;
@@ -25,8 +54,11 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{
-    check_name, Address, Change, ServerSpec, Table, Upstream, FAIL_TIMEOUT_MAX, MAX_FAILS_MAX,
-    WEIGHT_MAX, WEIGHT_MIN,
+    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
+    Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
+    DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_REQUESTS,
+    DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
+    MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::policy::Policy;
 use crate::zone::PeerRef;
@@ -37,6 +69,20 @@ pub const CHANGE_LOG_MAX: usize = 512;
 const BACKUP: u8 = 1;
 const DOWN: u8 = 2;
 
+// The extension's field tags.
+const TAG_CHECK: u8 = 1;
+const TAG_CHECK_HTTP_SEND: u8 = 2;
+const TAG_CHECK_EXPECT_ALIVE: u8 = 3;
+const TAG_CHECK_KEEPALIVE_REQUESTS: u8 = 4;
+const TAG_KEEPALIVE_REQUESTS: u8 = 5;
+const TAG_KEEPALIVE_TIME: u8 = 6;
+const TAG_KEEPALIVE_TIMEOUT: u8 = 7;
+const TAG_MAX_CONNS: u8 = 8;
+/// The check line's value: four u32, two u8, a u16 and a u32.
+const CHECK_LEN: usize = 24;
+/// nginx's largest time in milliseconds.
+const MSEC_MAX: u32 = i32::MAX as u32;
+
 /// What one slot holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Payload {
@@ -45,7 +91,30 @@ pub struct Payload {
     pub changes: Vec<Change>,
 }
 
-pub fn encode(p: &Payload) -> Vec<u8> {
+/// A payload as a slot holds it: the base, then the extension (see the
+/// module's documentation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub base: Vec<u8>,
+    /// Empty when every upstream has the defaults of what it holds.
+    pub extension: Vec<u8>,
+}
+
+impl Encoded {
+    /// The bytes both take in the slot.
+    pub fn slot_bytes(&self) -> usize {
+        self.base.len() + self.extension.len()
+    }
+}
+
+pub fn encode(p: &Payload) -> Encoded {
+    Encoded {
+        base: encode_base(p),
+        extension: encode_extension(&p.table),
+    }
+}
+
+fn encode_base(p: &Payload) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + p.table.upstreams.len() * 64);
     out.extend_from_slice(&p.version.to_le_bytes());
     out.extend_from_slice(&(p.table.upstreams.len() as u32).to_le_bytes());
@@ -79,6 +148,102 @@ pub fn encode(p: &Payload) -> Vec<u8> {
         out.push(c.removed as u8);
     }
     out
+}
+
+/// The extension of `t`: an entry for each upstream that needs a field,
+/// nothing at all when none does.
+fn encode_extension(t: &Table) -> Vec<u8> {
+    let needing: Vec<(usize, &Upstream)> = t
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| !extension_is_default(u))
+        .map(|(i, u)| (i, &**u))
+        .collect();
+    if needing.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&(needing.len() as u32).to_le_bytes());
+    for (i, u) in needing {
+        out.extend_from_slice(&(i as u32).to_le_bytes());
+        let length_at = out.len();
+        out.extend_from_slice(&0u32.to_le_bytes());
+        put_fields(&mut out, u);
+        let length = (out.len() - length_at - 4) as u32;
+        out[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
+    }
+    out
+}
+
+/// Whether `u` has nothing for the extension: its entry would be empty.
+fn extension_is_default(u: &Upstream) -> bool {
+    u.keepalive_requests == DEFAULT_KEEPALIVE_REQUESTS
+        && u.keepalive_time == DEFAULT_KEEPALIVE_TIME
+        && u.keepalive_timeout == DEFAULT_KEEPALIVE_TIMEOUT
+        && u.check.is_default()
+        && u.servers.iter().all(|s| s.max_conns == 0)
+}
+
+fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
+    let c = &u.check;
+    if let Some(line) = &c.line {
+        let mut v = Vec::with_capacity(CHECK_LEN);
+        for n in [line.interval, line.rise, line.fall, line.timeout] {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        v.push(line.default_down as u8);
+        let kind = CheckType::ALL.iter().position(|&k| k == line.kind);
+        v.push(kind.unwrap_or(0) as u8);
+        v.extend_from_slice(&line.port.to_le_bytes());
+        v.extend_from_slice(&line.jitter.to_le_bytes());
+        put_field(out, TAG_CHECK, &v);
+    }
+    if c.http_send != DEFAULT_CHECK_HTTP_SEND {
+        put_field(out, TAG_CHECK_HTTP_SEND, c.http_send.as_bytes());
+    }
+    if c.http_expect_alive != ExpectAlive::default() {
+        put_field(out, TAG_CHECK_EXPECT_ALIVE, &[c.http_expect_alive.bits()]);
+    }
+    let numbers = [
+        (
+            TAG_CHECK_KEEPALIVE_REQUESTS,
+            c.keepalive_requests,
+            DEFAULT_CHECK_KEEPALIVE_REQUESTS,
+        ),
+        (
+            TAG_KEEPALIVE_REQUESTS,
+            u.keepalive_requests,
+            DEFAULT_KEEPALIVE_REQUESTS,
+        ),
+        (TAG_KEEPALIVE_TIME, u.keepalive_time, DEFAULT_KEEPALIVE_TIME),
+        (
+            TAG_KEEPALIVE_TIMEOUT,
+            u.keepalive_timeout,
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        ),
+    ];
+    for (tag, n, default) in numbers {
+        if n != default {
+            put_field(out, tag, &n.to_le_bytes());
+        }
+    }
+    if u.servers.iter().any(|s| s.max_conns != 0) {
+        let v: Vec<u8> = u
+            .servers
+            .iter()
+            .flat_map(|s| s.max_conns.to_le_bytes())
+            .collect();
+        put_field(out, TAG_MAX_CONNS, &v);
+    }
+}
+
+fn put_field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+    // The longest value is max_conns for 1000 servers (4000 bytes) or a
+    // check_http_send of 4096: u16 never truncates.
+    out.push(tag);
+    out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    out.extend_from_slice(value);
 }
 
 fn put_policy(out: &mut Vec<u8>, p: &Policy) {
@@ -126,11 +291,17 @@ fn put_addr(out: &mut Vec<u8>, a: &Address) {
 /// decoding their servers again: a writer stamps a new rev on every upstream
 /// it changes, so a change to one upstream of a large table costs a reader
 /// that upstream, not the table.
-pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
-    let mut r = Reader { b, at: 0 };
+///
+/// `base` and `extension` are the two parts of the payload; an empty
+/// extension (a slot written by a build without it) gives every upstream
+/// the defaults of what it holds.
+pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
+    let mut r = Reader { b: base, at: 0 };
     let version = r.u64()?;
     let upstreams = r.u32()? as usize;
     let changes = r.u32()? as usize;
+    let entries = split_extension(extension, upstreams).map_err(|e| format!("extension: {e}"))?;
+    let mut entries = entries.into_iter().peekable();
     // The smallest encoded upstream and change are well over 8 bytes: a count
     // larger than the bytes left is a lie, and must not size an allocation.
     let mut table = Table {
@@ -151,7 +322,16 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
         let rev = r.u64()?;
         let length = r.u32()? as usize;
         let body = r.take(length)?;
-        let same = |u: &&Arc<Upstream>| u.name.as_bytes() == name && u.rev == rev;
+        let entry = entries
+            .next_if(|&(at, _)| at == i)
+            .map_or(&[][..], |(_, e)| e);
+        // An empty entry where `prev` had fields: a build without the
+        // extension rewrote the table, dropping them, and kept the rev.
+        let same = |u: &&Arc<Upstream>| {
+            u.name.as_bytes() == name
+                && u.rev == rev
+                && (!entry.is_empty() || extension_is_default(u))
+        };
         let kept = prev.and_then(|p| {
             // By position first: most changes keep the order of upstreams.
             p.upstreams.get(i).filter(same).or_else(|| {
@@ -206,14 +386,13 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
         policy
             .validate(&servers)
             .map_err(|why| format!("upstream {name:?}: {why}"))?;
-        table.upstreams.push(Arc::new(Upstream {
-            name,
-            policy,
-            keepalive,
-            servers,
-            rev,
-            peers,
-        }));
+        let mut u = Upstream::new(name, servers);
+        apply_extension(&mut u, entry).map_err(|why| format!("upstream {:?}: {why}", u.name))?;
+        u.policy = policy;
+        u.keepalive = keepalive;
+        u.rev = rev;
+        u.peers = peers;
+        table.upstreams.push(Arc::new(u));
     }
     let mut log = Vec::with_capacity(changes.min(r.left() / 8));
     for _ in 0..changes {
@@ -242,6 +421,125 @@ pub fn decode(b: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
     })
 }
 
+/// The extension's entries, each with the position of its upstream among
+/// the base's `upstreams`, in ascending order; none for an empty extension.
+fn split_extension(b: &[u8], upstreams: usize) -> Result<Vec<(usize, &[u8])>, String> {
+    if b.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut r = Reader { b, at: 0 };
+    let count = r.u32()? as usize;
+    let mut entries: Vec<(usize, &[u8])> = Vec::with_capacity(count.min(r.left() / 8));
+    for _ in 0..count {
+        let at = r.u32()? as usize;
+        if at >= upstreams || entries.last().is_some_and(|&(prev, _)| prev >= at) {
+            return Err(format!(
+                "entry for upstream {at} is out of order or past the table's {upstreams}"
+            ));
+        }
+        let n = r.u32()? as usize;
+        entries.push((at, r.take(n)?));
+    }
+    if r.left() != 0 {
+        return Err(format!("{} bytes after its end", r.left()));
+    }
+    Ok(entries)
+}
+
+/// Sets what the fields of `entry` say on `u` (which has its servers),
+/// checking each as the parser would.
+fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
+    let mut r = Reader { b: entry, at: 0 };
+    let mut seen = 0u32;
+    while r.left() > 0 {
+        let tag = r.u8()?;
+        let n = r.u16()? as usize;
+        let v = r.take(n)?;
+        if (TAG_CHECK..=TAG_MAX_CONNS).contains(&tag) {
+            if seen & 1 << tag != 0 {
+                return Err(format!("field {tag} appears twice"));
+            }
+            seen |= 1 << tag;
+        }
+        let exact = |len: usize| {
+            if n == len {
+                Ok(Reader { b: v, at: 0 })
+            } else {
+                Err(format!("field {tag} is {n} bytes long, not {len}"))
+            }
+        };
+        let number = |min: u32, max: u32| -> Result<u32, String> {
+            let n = exact(4)?.u32()?;
+            if (min..=max).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!("field {tag} holds {n}, out of range"))
+            }
+        };
+        match tag {
+            TAG_CHECK => u.check.line = Some(check_line(exact(CHECK_LEN)?)?),
+            TAG_CHECK_HTTP_SEND => {
+                let text =
+                    std::str::from_utf8(v).map_err(|_| "invalid UTF-8 in check_http_send")?;
+                check_http_send(text)?;
+                u.check.http_send = text.to_owned();
+            }
+            TAG_CHECK_EXPECT_ALIVE => {
+                u.check.http_expect_alive = ExpectAlive::from_bits(exact(1)?.u8()?)
+                    .ok_or("check_http_expect_alive names no class or an unknown one")?;
+            }
+            TAG_CHECK_KEEPALIVE_REQUESTS => {
+                u.check.keepalive_requests = number(1, CHECK_KEEPALIVE_REQUESTS_MAX)?
+            }
+            TAG_KEEPALIVE_REQUESTS => u.keepalive_requests = number(0, u32::MAX)?,
+            TAG_KEEPALIVE_TIME => u.keepalive_time = number(0, MSEC_MAX)?,
+            TAG_KEEPALIVE_TIMEOUT => u.keepalive_timeout = number(0, MSEC_MAX)?,
+            TAG_MAX_CONNS => {
+                let mut f = exact(4 * u.servers.len())?;
+                for s in &mut u.servers {
+                    s.max_conns = f.u32()?;
+                    if s.max_conns > MAX_CONNS_MAX {
+                        return Err(format!("server {} has max_conns {}", s.addr, s.max_conns));
+                    }
+                }
+            }
+            // A later build's field: it says nothing this build could use.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_line(mut f: Reader<'_>) -> Result<CheckLine, String> {
+    let line = CheckLine {
+        interval: f.u32()?,
+        rise: f.u32()?,
+        fall: f.u32()?,
+        timeout: f.u32()?,
+        default_down: match f.u8()? {
+            0 => false,
+            1 => true,
+            x => return Err(format!("check default_down {x} is neither 0 nor 1")),
+        },
+        kind: *CheckType::ALL
+            .get(f.u8()? as usize)
+            .ok_or("check has an unknown type")?,
+        port: f.u16()?,
+        jitter: f.u32()?,
+    };
+    let time = 1..=CHECK_TIME_MAX;
+    let count = 1..=CHECK_COUNT_MAX;
+    if !time.contains(&line.interval)
+        || !time.contains(&line.timeout)
+        || line.jitter > CHECK_TIME_MAX
+        || !count.contains(&line.rise)
+        || !count.contains(&line.fall)
+    {
+        return Err("check has out-of-range parameters".into());
+    }
+    Ok(line)
+}
+
 fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
     let addr = r.addr()?;
     let weight = r.u32()?;
@@ -258,6 +556,8 @@ fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
     Ok(ServerSpec {
         addr,
         weight,
+        // In the extension, if not 0.
+        max_conns: 0,
         max_fails,
         fail_timeout,
         backup: flags & BACKUP != 0,
@@ -343,29 +643,52 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::CheckSettings;
+
+    /// Every setting off its default, on the first upstream.
+    fn settings(u: &mut Upstream) {
+        u.keepalive_requests = 7;
+        u.keepalive_time = 1500;
+        u.keepalive_timeout = 0;
+        u.check = CheckSettings {
+            line: Some(CheckLine {
+                interval: 3000,
+                rise: 1,
+                fall: 1000,
+                timeout: 250,
+                default_down: false,
+                kind: CheckType::SslHello,
+                port: 8443,
+                jitter: 100,
+            }),
+            http_send: "HEAD /h\"\\ HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            http_expect_alive: ExpectAlive::from_bits(0b1010).unwrap(),
+            keepalive_requests: 50,
+        };
+    }
 
     pub(crate) fn sample() -> Payload {
         let mut a = ServerSpec::new(Address::Inet("127.0.0.1:8088".parse().unwrap()));
         a.weight = 3;
         a.max_fails = 2;
         a.fail_timeout = 5;
+        a.max_conns = MAX_CONNS_MAX;
         let mut b = ServerSpec::new(Address::Inet("[::1]:8089".parse().unwrap()));
         b.backup = true;
         b.down = true;
         let c = ServerSpec::new(Address::Unix("/run/app.sock".into()));
         let mut table = Table::default();
-        table.upsert(Upstream {
-            name: "local".into(),
-            policy: Policy::LeastConn,
-            keepalive: 16,
-            servers: vec![a, b, c],
-            rev: 3,
-            peers: vec![
-                PeerRef { index: 0, tag: 2 },
-                PeerRef::NONE,
-                PeerRef { index: 7, tag: 3 },
-            ],
-        });
+        let mut local = Upstream::new("local", vec![a, b, c]);
+        local.policy = Policy::LeastConn;
+        local.keepalive = 16;
+        local.rev = 3;
+        local.peers = vec![
+            PeerRef { index: 0, tag: 2 },
+            PeerRef::NONE,
+            PeerRef { index: 7, tag: 3 },
+        ];
+        settings(&mut local);
+        table.upsert(local);
         table.upsert(Upstream::new("dyhost", vec![]));
         let mut hashed = Upstream::new(
             "hashed",
@@ -375,6 +698,7 @@ pub(crate) mod tests {
             key: "$request_uri".into(),
             consistent: true,
         };
+        hashed.check.line = Some(CheckLine::default());
         table.upsert(hashed);
         Payload {
             version: 4,
@@ -388,50 +712,224 @@ pub(crate) mod tests {
         }
     }
 
+    fn round_trip(p: &Payload) -> Result<Payload, String> {
+        let e = encode(p);
+        decode(&e.base, &e.extension, None)
+    }
+
     #[test]
     fn round_trip_keeps_every_field() {
         let p = sample();
-        let back = decode(&encode(&p), None).unwrap();
+        let back = round_trip(&p).unwrap();
         assert_eq!(back, p);
         // Equality leaves the cells out: compared here.
         for (b, u) in back.table.upstreams.iter().zip(&p.table.upstreams) {
             assert_eq!(b.peers, u.peers, "{}", u.name);
         }
         assert_eq!(back.table.get("local").unwrap().peers.len(), 3);
-        assert_eq!(
-            decode(&encode(&Payload::default()), None).unwrap(),
-            Payload::default()
-        );
+        assert_eq!(round_trip(&Payload::default()).unwrap(), Payload::default());
+    }
+
+    /// The extension holds only what differs from the defaults: a table
+    /// without such settings encodes exactly as format 2 did, with none.
+    #[test]
+    fn defaults_need_no_extension_and_the_base_is_format_2() {
+        let p = sample();
+        let mut plain = p.clone();
+        for u in &mut plain.table.upstreams {
+            let u = Arc::make_mut(u);
+            let defaults = Upstream::new(u.name.clone(), vec![]);
+            u.check = defaults.check;
+            u.keepalive_requests = defaults.keepalive_requests;
+            u.keepalive_time = defaults.keepalive_time;
+            u.keepalive_timeout = defaults.keepalive_timeout;
+            for s in &mut u.servers {
+                s.max_conns = 0;
+            }
+        }
+        let e = encode(&plain);
+        assert!(e.extension.is_empty());
+        // The settings change the extension only, never the base.
+        assert_eq!(encode(&p).base, e.base);
+        // A slot without an extension (written by a build that had none)
+        // reads as the defaults.
+        assert_eq!(decode(&encode(&p).base, &[], None).unwrap(), plain);
+        // One setting on one upstream: the count, one entry (its position
+        // and length) and a 7-byte field.
+        Arc::make_mut(&mut plain.table.upstreams[1]).keepalive_requests = 5;
+        let e = encode(&plain);
+        assert_eq!(e.extension.len(), 4 + 8 + 7);
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert_eq!(back, plain);
+        assert_eq!(back.table.upstreams[1].keepalive_requests, 5);
     }
 
     #[test]
     fn every_truncation_is_refused() {
-        let bytes = encode(&sample());
-        for n in 0..bytes.len() {
+        let e = encode(&sample());
+        assert!(!e.extension.is_empty());
+        for n in 0..e.base.len() {
             assert!(
-                decode(&bytes[..n], None).is_err(),
+                decode(&e.base[..n], &e.extension, None).is_err(),
                 "accepted {n} of {} bytes",
-                bytes.len()
+                e.base.len()
             );
         }
-        let mut longer = bytes.clone();
+        // An empty extension is a valid one (the defaults); any other cut
+        // is refused.
+        for n in 1..e.extension.len() {
+            assert!(
+                decode(&e.base, &e.extension[..n], None).is_err(),
+                "accepted {n} of {} extension bytes",
+                e.extension.len()
+            );
+        }
+        let mut longer = e.base.clone();
         longer.push(0);
-        assert!(decode(&longer, None).unwrap_err().contains("after the end"));
+        assert!(decode(&longer, &e.extension, None)
+            .unwrap_err()
+            .contains("after the end"));
+        let mut longer = e.extension.clone();
+        longer.push(0);
+        assert!(decode(&e.base, &longer, None)
+            .unwrap_err()
+            .contains("after its end"));
     }
 
     #[test]
     fn out_of_range_values_are_refused() {
         let mut p = sample();
         Arc::make_mut(&mut p.table.upstreams[0]).servers[0].weight = 0;
-        assert!(decode(&encode(&p), None)
-            .unwrap_err()
-            .contains("out-of-range"));
+        assert!(round_trip(&p).unwrap_err().contains("out-of-range"));
         let mut p = sample();
         Arc::make_mut(&mut p.table.upstreams[1]).name = "bad name".into();
-        assert!(decode(&encode(&p), None).is_err());
+        assert!(round_trip(&p).is_err());
         let mut p = sample();
         Arc::make_mut(&mut p.table.upstreams[1]).name = "local".into();
-        assert!(decode(&encode(&p), None).unwrap_err().contains("twice"));
+        assert!(round_trip(&p).unwrap_err().contains("twice"));
+        type Spoil = fn(&mut Upstream);
+        let bad: [(&str, Spoil); 8] = [
+            ("max_conns", |u| u.servers[0].max_conns = MAX_CONNS_MAX + 1),
+            ("out-of-range", |u| {
+                u.check.line.as_mut().unwrap().interval = 0
+            }),
+            ("out-of-range", |u| u.check.line.as_mut().unwrap().rise = 0),
+            ("out-of-range", |u| {
+                u.check.line.as_mut().unwrap().timeout = CHECK_TIME_MAX + 1
+            }),
+            ("control character", |u| {
+                u.check.http_send = "GET \u{1}".into()
+            }),
+            ("empty", |u| u.check.http_send = String::new()),
+            ("out of range", |u| u.check.keepalive_requests = 0),
+            ("out of range", |u| u.keepalive_timeout = MSEC_MAX + 1),
+        ];
+        for (why, spoil) in bad {
+            let mut p = sample();
+            spoil(Arc::make_mut(&mut p.table.upstreams[0]));
+            let err = round_trip(&p).unwrap_err();
+            assert!(
+                err.contains("upstream \"local\"") && err.contains(why),
+                "{err}"
+            );
+        }
+    }
+
+    /// Entries and fields built by hand: what a later build (or a broken
+    /// one) could write.
+    fn with_entry(fields: &[u8]) -> Result<Payload, String> {
+        let mut p = sample();
+        p.table.upstreams.truncate(1);
+        let e = encode(&p);
+        let mut ext = Vec::new();
+        ext.extend_from_slice(&1u32.to_le_bytes());
+        ext.extend_from_slice(&0u32.to_le_bytes());
+        ext.extend_from_slice(&(fields.len() as u32).to_le_bytes());
+        ext.extend_from_slice(fields);
+        decode(&e.base, &ext, None)
+    }
+
+    fn field(tag: u8, value: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag];
+        f.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        f.extend_from_slice(value);
+        f
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_known_ones_checked() {
+        // A later build's field 200 between two of ours.
+        let mut fields = field(TAG_KEEPALIVE_REQUESTS, &9u32.to_le_bytes());
+        fields.extend(field(200, b"anything at all"));
+        fields.extend(field(TAG_CHECK_EXPECT_ALIVE, &[0b0100]));
+        let u = &with_entry(&fields).unwrap().table.upstreams[0];
+        assert_eq!(u.keepalive_requests, 9);
+        assert_eq!(
+            u.check.http_expect_alive.names().collect::<Vec<_>>(),
+            ["http_4xx"]
+        );
+        assert_eq!(u.check.line, None);
+        assert!(u.servers.iter().all(|s| s.max_conns == 0));
+
+        let cases: [(Vec<u8>, &str); 7] = [
+            (
+                [field(5, &1u32.to_le_bytes()), field(5, &2u32.to_le_bytes())].concat(),
+                "appears twice",
+            ),
+            (field(TAG_KEEPALIVE_TIME, &[1, 2]), "2 bytes long, not 4"),
+            (field(TAG_MAX_CONNS, &[0; 8]), "8 bytes long, not 12"),
+            (field(TAG_CHECK_EXPECT_ALIVE, &[0]), "names no class"),
+            (field(TAG_CHECK_EXPECT_ALIVE, &[0x10]), "unknown one"),
+            (field(TAG_CHECK_HTTP_SEND, b"\xff"), "UTF-8"),
+            (vec![TAG_CHECK, 24, 0, 1], "ends early"),
+        ];
+        for (fields, why) in cases {
+            let err = with_entry(&fields).unwrap_err();
+            assert!(err.contains(why), "{err} lacks {why}");
+        }
+        // Entries name upstreams of the table, in order, each once.
+        let e = encode(&sample());
+        // "local" (0) and "hashed" (2) have fields, "dyhost" none.
+        assert_eq!(e.extension[..8], [2, 0, 0, 0, 0, 0, 0, 0]);
+        let hashed_at = 8 + 4 + u32::from_le_bytes(e.extension[8..12].try_into().unwrap()) as usize;
+        for (at, bad) in [(4, 3u8), (hashed_at, 0)] {
+            let mut ext = e.extension.clone();
+            ext[at] = bad;
+            assert!(
+                decode(&e.base, &ext, None)
+                    .unwrap_err()
+                    .contains("out of order or past"),
+                "upstream {bad} at byte {at}"
+            );
+        }
+    }
+
+    /// A reader keeps the upstreams that did not change (same name, same
+    /// rev) from the table it read last, except one whose fields a build
+    /// without the extension dropped: that one it decodes again.
+    #[test]
+    fn a_dropped_extension_is_not_papered_over_by_the_previous_table() {
+        let p = sample();
+        let e = encode(&p);
+        let prev = decode(&e.base, &e.extension, None).unwrap();
+        let shared = decode(&e.base, &e.extension, Some(&prev.table)).unwrap();
+        assert!(Arc::ptr_eq(
+            &shared.table.upstreams[0],
+            &prev.table.upstreams[0]
+        ));
+        // The same base, rewritten by a format-2 build: no extension.
+        let dropped = decode(&e.base, &[], Some(&prev.table)).unwrap();
+        let local = &dropped.table.upstreams[0];
+        assert!(!Arc::ptr_eq(local, &prev.table.upstreams[0]));
+        assert_eq!(
+            (local.check.line.as_ref(), local.servers[0].max_conns),
+            (None, 0)
+        );
+        // "dyhost" has nothing in the extension: still shared.
+        assert!(Arc::ptr_eq(
+            &dropped.table.upstreams[1],
+            &prev.table.upstreams[1]
+        ));
     }
 
     #[test]
@@ -440,17 +938,27 @@ pub(crate) mod tests {
         b.extend_from_slice(&1u64.to_le_bytes());
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         b.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode(&b, None).unwrap_err().contains("ends early"));
+        assert!(decode(&b, &[], None).unwrap_err().contains("ends early"));
+        let mut ext = Vec::new();
+        ext.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&b, &ext, None).unwrap_err().contains("extension"));
     }
 
     #[test]
     fn every_single_byte_flip_decodes_or_errors_without_panic() {
-        let bytes = encode(&sample());
-        for i in 0..bytes.len() {
+        let e = encode(&sample());
+        for i in 0..e.base.len() {
             for bit in 0..8 {
-                let mut m = bytes.clone();
+                let mut m = e.base.clone();
                 m[i] ^= 1 << bit;
-                let _ = decode(&m, None);
+                let _ = decode(&m, &e.extension, None);
+            }
+        }
+        for i in 0..e.extension.len() {
+            for bit in 0..8 {
+                let mut m = e.extension.clone();
+                m[i] ^= 1 << bit;
+                let _ = decode(&e.base, &m, None);
             }
         }
     }

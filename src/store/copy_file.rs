@@ -43,16 +43,17 @@
 //! slot:
 //! +0    8      magic "\x89DYCPY\r\n"
 //! +8    4      copy format version, u32 LE (COPY_VERSION)
-//! +12   4      reserved, zero
+//! +12   4      extension length, u32 LE: the payload's last bytes (codec.rs)
 //! +16   8      device of the state file copied, u64 LE
 //! +24   8      inode of the state file copied, u64 LE
 //! +32   8      birth time of the state file copied, ns since the epoch, u64
 //!              LE (0: the file system keeps none)
 //! +40   8      generation of the table, u64 LE
-//! +48   8      payload length, u64 LE
+//! +48   8      payload length (base and extension), u64 LE
 //! +56   4      CRC32 of bytes +0..+56 and of the payload
 //! +60   4      reserved, zero
-//! +64   len    payload, as a state file slot holds it (codec.rs)
+//! +64   len    payload, as a state file slot holds it: the base, then the
+//!              extension (codec.rs)
 //! ```
 
 use std::fs::{File, Metadata, OpenOptions};
@@ -119,6 +120,21 @@ impl CopyFile {
         }
     }
 
+    /// The copy of the state file at `state` when that file's header no
+    /// longer says how large its slots are: the copy's own length does (two
+    /// slots of one stride). `None` when there is no copy of a usable length.
+    pub fn sized_by_itself(state: &Path) -> Option<CopyFile> {
+        let path = path_for(state);
+        let stride = std::fs::metadata(&path).ok()?.len() / 2;
+        let capacity = stride.checked_sub(SLOT_HEADER)?;
+        Some(CopyFile {
+            path,
+            capacity,
+            open: Mutex::new(None),
+            trouble: Mutex::new((None, false)),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -127,11 +143,12 @@ impl CopyFile {
         SLOT_HEADER + self.capacity
     }
 
-    /// Puts `payload`, the table published at `generation` in state file
-    /// `of`, in its slot. Never fails the write it serves: a failure is kept
-    /// for [`trouble`](Self::trouble).
-    pub fn save(&self, of: FileId, generation: u64, payload: &[u8]) {
-        let saved = self.try_save(of, generation, payload);
+    /// Puts the table published at `generation` in state file `of` (its
+    /// encoded `base` and `extension`, as the slot holds them) in its slot.
+    /// Never fails the write it serves: a failure is kept for
+    /// [`trouble`](Self::trouble).
+    pub fn save(&self, of: FileId, generation: u64, base: &[u8], extension: &[u8]) {
+        let saved = self.try_save(of, generation, base, extension);
         let mut t = self.trouble.lock();
         match saved {
             Ok(()) => *t = (None, false),
@@ -147,8 +164,15 @@ impl CopyFile {
         }
     }
 
-    fn try_save(&self, of: FileId, generation: u64, payload: &[u8]) -> io::Result<()> {
-        if payload.len() as u64 > self.capacity {
+    fn try_save(
+        &self,
+        of: FileId,
+        generation: u64,
+        base: &[u8],
+        extension: &[u8],
+    ) -> io::Result<()> {
+        let len = base.len() + extension.len();
+        if len as u64 > self.capacity {
             return Err(io::Error::other("the table is larger than a slot"));
         }
         let mut open = self.open.lock();
@@ -178,17 +202,21 @@ impl CopyFile {
         let mut head = [0u8; SLOT_HEADER as usize];
         head[0..8].copy_from_slice(&MAGIC);
         head[8..12].copy_from_slice(&COPY_VERSION.to_le_bytes());
+        // Fits: the capacity is a slot's, at most half of a 4 GiB file.
+        head[12..16].copy_from_slice(&(extension.len() as u32).to_le_bytes());
         head[16..24].copy_from_slice(&of.dev.to_le_bytes());
         head[24..32].copy_from_slice(&of.ino.to_le_bytes());
         head[32..40].copy_from_slice(&of.born.to_le_bytes());
         head[40..48].copy_from_slice(&generation.to_le_bytes());
-        head[48..56].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        head[48..56].copy_from_slice(&(len as u64).to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head[..CHECKED]);
-        crc.update(payload);
+        crc.update(base);
+        crc.update(extension);
         head[56..60].copy_from_slice(&crc.finalize().to_le_bytes());
         let at = (generation & 1) * self.stride();
-        file.write_all_at(payload, at + SLOT_HEADER)?;
+        file.write_all_at(base, at + SLOT_HEADER)?;
+        file.write_all_at(extension, at + SLOT_HEADER + base.len() as u64)?;
         file.write_all_at(&head, at)
     }
 
@@ -208,14 +236,22 @@ impl CopyFile {
     pub fn newest(&self, of: FileId) -> Option<Payload> {
         let file = File::open(&self.path).ok()?;
         (0..2)
-            .filter_map(|i| self.slot(&file, i, of))
+            .filter_map(|i| self.slot(&file, i, of).ok())
             .max_by_key(|p| p.version)
     }
 
-    fn slot(&self, file: &File, i: u64, of: FileId) -> Option<Payload> {
+    /// What each of the two slots holds for state file `of`: its table, or
+    /// why it holds none. `Err` when the copy cannot be opened.
+    pub fn slots(&self, of: FileId) -> io::Result<[Result<Payload, String>; 2]> {
+        let file = File::open(&self.path)?;
+        Ok([self.slot(&file, 0, of), self.slot(&file, 1, of)])
+    }
+
+    fn slot(&self, file: &File, i: u64, of: FileId) -> Result<Payload, String> {
         let at = i * self.stride();
         let mut head = [0u8; SLOT_HEADER as usize];
-        file.read_exact_at(&mut head, at).ok()?;
+        file.read_exact_at(&mut head, at)
+            .map_err(|_| "empty (the copy ends before it)".to_owned())?;
         let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
         let named = FileId {
@@ -223,21 +259,45 @@ impl CopyFile {
             ino: u64_at(24),
             born: u64_at(32),
         };
-        let (generation, len) = (u64_at(40), u64_at(48));
-        if head[0..8] != MAGIC || u32_at(8) != COPY_VERSION || named != of || len > self.capacity {
-            return None;
+        let (generation, len, ext_len) = (u64_at(40), u64_at(48), u64::from(u32_at(12)));
+        if head == [0u8; SLOT_HEADER as usize] {
+            return Err("empty".into());
+        }
+        if head[0..8] != MAGIC {
+            return Err("not a copy slot (bad magic)".into());
+        }
+        if u32_at(8) != COPY_VERSION {
+            return Err(format!(
+                "copy format version {}, this build reads version {COPY_VERSION}",
+                u32_at(8)
+            ));
+        }
+        if named != of {
+            return Err(format!("generation {generation} of another state file"));
+        }
+        if len > self.capacity || ext_len > len {
+            return Err(format!(
+                "payload length {len} (extension {ext_len}) exceeds the slot"
+            ));
         }
         let mut payload = vec![0u8; len as usize];
-        file.read_exact_at(&mut payload, at + SLOT_HEADER).ok()?;
+        file.read_exact_at(&mut payload, at + SLOT_HEADER)
+            .map_err(|_| "cut short".to_owned())?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head[..CHECKED]);
         crc.update(&payload);
         if crc.finalize() != u32_at(56) {
-            return None;
+            return Err("checksum mismatch".into());
         }
-        codec::decode(&payload, None)
-            .ok()
-            .filter(|p| p.version == generation)
+        let (base, extension) = payload.split_at((len - ext_len) as usize);
+        let p = codec::decode(base, extension, None)?;
+        if p.version != generation {
+            return Err(format!(
+                "table version {} differs from the slot's {generation}",
+                p.version
+            ));
+        }
+        Ok(p)
     }
 }
 

@@ -32,11 +32,19 @@
 //!
 //! slot:
 //! +0            8      generation of the table in this slot, u64 LE
-//! +8            8      payload length, u64 LE
-//! +16           4      CRC32 of bytes +0..+16 and of the payload
-//! +20           12     reserved, zero
-//! +32           len    payload (see codec.rs)
+//! +8            8      payload length, u64 LE: the base (see codec.rs)
+//! +16           4      CRC32 of bytes +0..+16 and of the base
+//! +20           4      extension length, u32 LE (0: none)
+//! +24           4      CRC32 of the generation (u64 LE) and the extension;
+//!                      0 when there is none
+//! +28           4      reserved, zero
+//! +32           len    the payload's base
+//! +32+len       ext    the payload's extension
 //! ```
+//!
+//! Format version 2 had bytes +20..+32 reserved, and builds of it write them
+//! zero and never read them: they read the base alone, and a slot they write
+//! has no extension. That is why the extension needed no new version.
 //!
 //! Bytes 0..44 are written once, when the file is created, and never change.
 //! The commit word is the only word a writer changes to publish a table: the
@@ -191,19 +199,27 @@ impl Geometry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotHeader {
     pub generation: u64,
+    /// The base's length.
     pub len: u64,
     pub crc: u32,
+    pub ext_len: u32,
+    pub ext_crc: u32,
 }
 
 impl SlotHeader {
-    /// The header for `payload` stored at `generation`.
-    pub fn for_payload(generation: u64, payload: &[u8]) -> SlotHeader {
+    /// The header for a payload of `base` and `extension` stored at
+    /// `generation`.
+    pub fn for_payload(generation: u64, base: &[u8], extension: &[u8]) -> SlotHeader {
         let mut s = SlotHeader {
             generation,
-            len: payload.len() as u64,
+            len: base.len() as u64,
             crc: 0,
+            // Fits: a slot is at most half of a 4 GiB file.
+            ext_len: extension.len() as u32,
+            ext_crc: 0,
         };
-        s.crc = s.checksum(payload);
+        s.crc = s.checksum(base);
+        s.ext_crc = s.ext_checksum(extension);
         s
     }
 
@@ -212,6 +228,8 @@ impl SlotHeader {
         b[0..8].copy_from_slice(&self.generation.to_le_bytes());
         b[8..16].copy_from_slice(&self.len.to_le_bytes());
         b[16..20].copy_from_slice(&self.crc.to_le_bytes());
+        b[20..24].copy_from_slice(&self.ext_len.to_le_bytes());
+        b[24..28].copy_from_slice(&self.ext_crc.to_le_bytes());
         b
     }
 
@@ -220,20 +238,47 @@ impl SlotHeader {
             generation: u64_at(b, 0),
             len: u64_at(b, 8),
             crc: u32_at(b, 16),
+            ext_len: u32_at(b, 20),
+            ext_crc: u32_at(b, 24),
         }
     }
 
-    fn checksum(&self, payload: &[u8]) -> u32 {
+    /// The bytes of payload the slot claims: base and extension.
+    pub fn total_len(&self) -> u64 {
+        self.len + u64::from(self.ext_len)
+    }
+
+    fn checksum(&self, base: &[u8]) -> u32 {
         let mut h = crc32fast::Hasher::new();
         h.update(&self.generation.to_le_bytes());
         h.update(&self.len.to_le_bytes());
-        h.update(payload);
+        h.update(base);
         h.finalize()
     }
 
-    /// True when `payload` is what this header describes.
+    /// 0 for no extension, as a build without it leaves the field.
+    fn ext_checksum(&self, extension: &[u8]) -> u32 {
+        if extension.is_empty() {
+            return 0;
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.generation.to_le_bytes());
+        h.update(extension);
+        h.finalize()
+    }
+
+    /// True when `payload` (base, then extension) is what this header
+    /// describes.
     pub fn matches(&self, payload: &[u8]) -> bool {
-        self.len == payload.len() as u64 && self.crc == self.checksum(payload)
+        self.total_len() == payload.len() as u64 && {
+            let (base, extension) = self.split(payload);
+            self.crc == self.checksum(base) && self.ext_crc == self.ext_checksum(extension)
+        }
+    }
+
+    /// `payload` as base and extension, by this header's lengths.
+    pub fn split<'a>(&self, payload: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        payload.split_at((self.len as usize).min(payload.len()))
     }
 }
 
@@ -325,11 +370,36 @@ mod tests {
 
     #[test]
     fn slot_checksum_covers_generation_length_and_payload() {
-        let s = SlotHeader::for_payload(9, b"table");
+        let s = SlotHeader::for_payload(9, b"table", b"");
         let back = SlotHeader::from_bytes(&s.to_bytes());
         assert_eq!(back, s);
         assert!(back.matches(b"table"));
         assert!(!back.matches(b"tablE"));
+        assert!(!back.matches(b"table+"));
         assert!(!SlotHeader { generation: 8, ..s }.matches(b"table"));
+        // What a build of format 2 writes: +20..+32 zero.
+        assert_eq!(s.to_bytes()[20..], [0; 12]);
+        assert!(!SlotHeader { ext_crc: 1, ..s }.matches(b"table"));
+    }
+
+    #[test]
+    fn the_extension_has_its_own_length_and_checksum() {
+        let s = SlotHeader::for_payload(9, b"table", b"ext");
+        let back = SlotHeader::from_bytes(&s.to_bytes());
+        assert_eq!(back, s);
+        assert_eq!((back.len, back.ext_len, back.total_len()), (5, 3, 8));
+        assert!(back.matches(b"tableext"));
+        assert_eq!(back.split(b"tableext"), (&b"table"[..], &b"ext"[..]));
+        assert!(!back.matches(b"tableexT"));
+        assert!(!back.matches(b"table"));
+        assert!(!SlotHeader { generation: 8, ..s }.matches(b"tableext"));
+        // A base alone still checks under the format-2 rule, so a build
+        // that reads only the base reads it.
+        let base_only = SlotHeader {
+            ext_len: 0,
+            ext_crc: 0,
+            ..s
+        };
+        assert!(base_only.matches(b"table"));
     }
 }

@@ -19,10 +19,12 @@
 
 mod codec;
 mod copy_file;
+mod examine;
 mod guard;
 mod layout;
 mod mapping;
 mod os;
+mod repair;
 #[cfg(test)]
 mod tests;
 
@@ -39,15 +41,37 @@ use parking_lot::Mutex;
 pub use self::codec::{Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
 use self::copy_file::{CopyFile, FileId};
+pub use self::examine::{
+    examine_file, CellReport, CommitReport, CopyReport, CopySlotReport, Examination, HeaderReport,
+    SlotReport, TableReport, WorkerReport,
+};
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
     SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
+pub use self::repair::{repair, Repair, RepairOptions};
 use crate::model::{Change, Table};
 use crate::zone::{self, PeerCell, Zone, CELL_LEN};
 use crate::{Error, Result};
+
+/// The size of a state file when the configuration gives none.
+pub const DEFAULT_SIZE: u64 = 2 << 20;
+
+/// A size as the configuration gives it: bytes, or a number with a unit
+/// `k`, `m` or `g` (either case), as nginx writes sizes. `None` when it is
+/// not one.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let s = text.trim();
+    let (digits, unit) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
 
 /// How long a writer may wait for the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -309,6 +333,7 @@ impl StateFile {
                 copy: &self.copy,
                 generation: version,
                 payload,
+                owner: None,
             },
         )?;
         Ok(Some(Restored {
@@ -557,10 +582,13 @@ impl StateFile {
         let mut head = [0u8; SLOT_HEADER as usize];
         self.map.copy_out(off, &mut head);
         let header = SlotHeader::from_bytes(&head);
-        if header.len > self.geometry.payload_capacity() {
-            return Err(format!("payload length {} exceeds the slot", header.len));
+        if header.total_len() > self.geometry.payload_capacity() {
+            return Err(format!(
+                "payload length {} exceeds the slot",
+                header.total_len()
+            ));
         }
-        buf.resize(header.len as usize, 0);
+        buf.resize(header.total_len() as usize, 0);
         self.map.copy_out(off + SLOT_HEADER as usize, buf);
         Ok(header)
     }
@@ -642,10 +670,10 @@ impl StateFile {
             table,
             changes,
         });
-        if payload.len() as u64 > self.geometry.payload_capacity() {
+        if payload.slot_bytes() as u64 > self.geometry.payload_capacity() {
             return Err(Error::NoSpace(format!(
                 "the new table needs {} bytes, a slot of state file {} holds {}: raise `size` (nothing was changed)",
-                payload.len(),
+                payload.slot_bytes(),
                 self.path.display(),
                 self.geometry.payload_capacity()
             )));
@@ -661,18 +689,22 @@ impl StateFile {
         // inactive one, or the damaged active one after a fallback.
         let target = 1 - current.slot;
         let off = self.geometry.slot_offset(target) as usize;
-        self.map.copy_in(off + SLOT_HEADER as usize, &payload);
+        let start = off + SLOT_HEADER as usize;
+        self.map.copy_in(start, &payload.base);
         self.map
-            .copy_in(off, &SlotHeader::for_payload(next, &payload).to_bytes());
+            .copy_in(start + payload.base.len(), &payload.extension);
+        let header = SlotHeader::for_payload(next, &payload.base, &payload.extension);
+        self.map.copy_in(off, &header.to_bytes());
         if opts.durable {
             self.map
-                .flush(off, SLOT_HEADER as usize + payload.len())
+                .flush(off, SLOT_HEADER as usize + payload.slot_bytes())
                 .map_err(|e| io_error("sync", &self.path, e))?;
         }
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
-        self.copy.save(self.id, next, &payload);
+        self.copy
+            .save(self.id, next, &payload.base, &payload.extension);
         if opts.durable {
             self.map
                 .flush(COMMIT_WORD, 8)
@@ -898,12 +930,17 @@ enum Place<'a> {
     /// Only where there is no file yet: of two creators, one wins, and
     /// forgets the copy of whatever file was at the path before.
     Create,
-    /// Over whatever is there, atomically, after saving its table (`payload`,
-    /// at `generation`) in `copy` under the new file's name.
+    /// Over whatever is there, atomically, after saving its table (`payload`:
+    /// base and extension, at `generation`) in `copy` under the new file's
+    /// name.
     Replace {
         copy: &'a CopyFile,
         generation: u64,
-        payload: &'a [u8],
+        payload: (&'a [u8], &'a [u8]),
+        /// Owner and group for the new file (and the copy), given before
+        /// it is at the path: a process running as root replacing the file
+        /// of workers that do not.
+        owner: Option<(u32, u32)>,
     },
 }
 
@@ -923,8 +960,8 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         cell_tag(payload.version),
     );
     let encoded = codec::encode(&payload);
-    if encoded.len() as u64 > geometry.payload_capacity() {
-        return Err(encoded.len());
+    if encoded.slot_bytes() as u64 > geometry.payload_capacity() {
+        return Err(encoded.slot_bytes());
     }
     let mut bytes = vec![0u8; geometry.file_len as usize];
     bytes[..FIXED_LEN].copy_from_slice(&geometry.header_bytes());
@@ -938,17 +975,21 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag));
     }
     let slot = geometry.slot_offset(0) as usize;
-    bytes[slot..slot + SLOT_HEADER as usize]
-        .copy_from_slice(&SlotHeader::for_payload(payload.version, &encoded).to_bytes());
-    bytes[slot + SLOT_HEADER as usize..][..encoded.len()].copy_from_slice(&encoded);
+    let header = SlotHeader::for_payload(payload.version, &encoded.base, &encoded.extension);
+    bytes[slot..slot + SLOT_HEADER as usize].copy_from_slice(&header.to_bytes());
+    let start = slot + SLOT_HEADER as usize;
+    bytes[start..][..encoded.base.len()].copy_from_slice(&encoded.base);
+    bytes[start + encoded.base.len()..][..encoded.extension.len()]
+        .copy_from_slice(&encoded.extension);
     Ok(bytes)
 }
 
-/// The encoded payload in slot 0 of an `image` of `geometry`.
-fn image_payload(geometry: Geometry, bytes: &[u8]) -> &[u8] {
+/// The encoded payload in slot 0 of an `image` of `geometry`: its base and
+/// its extension.
+fn image_payload(geometry: Geometry, bytes: &[u8]) -> (&[u8], &[u8]) {
     let slot = geometry.slot_offset(0) as usize;
     let h = SlotHeader::from_bytes(&bytes[slot..slot + SLOT_HEADER as usize]);
-    &bytes[slot + SLOT_HEADER as usize..][..h.len as usize]
+    bytes[slot + SLOT_HEADER as usize..][..h.total_len() as usize].split_at(h.len as usize)
 }
 
 /// Writes `bytes` beside `path` and moves them into place, so no process
@@ -990,8 +1031,18 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
                 copy,
                 generation,
                 payload,
+                owner,
             } => {
-                copy.save(FileId::of(&f.metadata()?), generation, payload);
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+                }
+                let (base, extension) = payload;
+                copy.save(FileId::of(&f.metadata()?), generation, base, extension);
+                if let Some((uid, gid)) = owner {
+                    // Never fatal: a copy the workers cannot write only
+                    // costs them the copy, which they report.
+                    let _ = std::os::unix::fs::chown(copy.path(), Some(uid), Some(gid));
+                }
                 std::fs::rename(&tmp, path)
             }
         }
@@ -1000,8 +1051,8 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
     written.map_err(|e| io_error("create", path, e))
 }
 
-/// Checks a slot's bytes against its header and, for the active slot, the
-/// commit word's generation; then decodes them.
+/// Checks a slot's bytes (base, then extension) against its header and,
+/// for the active slot, the commit word's generation; then decodes them.
 fn check_slot(
     h: SlotHeader,
     payload: &[u8],
@@ -1019,7 +1070,8 @@ fn check_slot(
             ));
         }
     }
-    let p = codec::decode(payload, prev)?;
+    let (base, extension) = h.split(payload);
+    let p = codec::decode(base, extension, prev)?;
     if p.version != h.generation {
         return Err(format!(
             "table version {} differs from the slot's {}",
@@ -1079,11 +1131,11 @@ pub fn inspect_image(bytes: &[u8], name: &str) -> Result<Snapshot> {
     let slot = |i: u64| -> Result<(SlotHeader, &[u8]), String> {
         let off = g.slot_offset(i) as usize;
         let h = SlotHeader::from_bytes(&bytes[off..off + SLOT_HEADER as usize]);
-        if h.len > g.payload_capacity() {
-            return Err(format!("payload length {} exceeds the slot", h.len));
+        if h.total_len() > g.payload_capacity() {
+            return Err(format!("payload length {} exceeds the slot", h.total_len()));
         }
         let start = off + SLOT_HEADER as usize;
-        Ok((h, &bytes[start..start + h.len as usize]))
+        Ok((h, &bytes[start..start + h.total_len() as usize]))
     };
     let why = match slot(active).and_then(|(h, p)| check_slot(h, p, Some(generation), None)) {
         Ok(p) => return Ok(snapshot(generation, p, None, active)),

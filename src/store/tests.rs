@@ -1101,3 +1101,31 @@ fn a_new_state_file_is_0644_even_over_a_stale_temporary_file() {
     );
     assert!(!stale.exists(), "the temporary file was left");
 }
+
+#[test]
+fn the_copy_keeps_the_settings_stored_in_the_slot_extension() {
+    // Check lines and keepalive settings live in the slot's extension
+    // (codec.rs), not its base: a restore from the copy must bring them back.
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let held = f.read().unwrap();
+    let body = "keepalive 8; keepalive_timeout 30s; \
+                check interval=3000 rise=2 fall=5 timeout=1000 type=http; \
+                check_http_send \"GET /health HTTP/1.0\\r\\n\\r\\n\"; \
+                server 127.0.0.1:9000;";
+    f.write(&WriteOptions::default(), |t| {
+        crate::ops::update(t, "checked", body)
+    })
+    .unwrap();
+    let written = f.read().unwrap().table;
+    inflict(Damage::SlotsOverwritten, &dir.file(), f.geometry());
+    let r = f.restore(&held).unwrap().unwrap();
+    assert!(r.from.contains("copy"), "restored from {}", r.from);
+    let on_disk = StateFile::inspect(&dir.file()).unwrap().unwrap();
+    assert_eq!(on_disk.table, written);
+    assert!(on_disk
+        .table
+        .get("checked")
+        .unwrap()
+        .same_content(written.get("checked").unwrap()));
+}
