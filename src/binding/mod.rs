@@ -45,6 +45,9 @@ struct Config {
     path: PathBuf,
     size: u64,
     upstreams: Option<PathBuf>,
+    /// Seed from the balancer blocks of this nginx configuration instead
+    /// (init's `nginx_conf`): resolved to the file in nginx's master.
+    nginx_conf: Option<NginxConf>,
     write: WriteOptions,
     refresh: f64,
     /// Largest REST request body.
@@ -56,6 +59,14 @@ struct Config {
     /// Whom nginx's master gave the state file to, and why that user: for
     /// the message of a worker that cannot open it.
     owner: Option<(String, String)>,
+}
+
+/// init's `nginx_conf` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NginxConf {
+    /// `true`: the configuration nginx runs with, found in the master.
+    Running,
+    File(PathBuf),
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -284,6 +295,25 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             ))
         }
     };
+    let nginx_conf = match opts.get::<Value>("nginx_conf").map_err(|e| e.to_string())? {
+        Value::Nil | Value::Boolean(false) => None,
+        Value::Boolean(true) => Some(NginxConf::Running),
+        Value::String(s) if !s.as_bytes().is_empty() => {
+            Some(NginxConf::File(resolve_path(lua, &s.to_string_lossy())))
+        }
+        v => {
+            return Err(format!(
+            "option nginx_conf must be true (the configuration nginx runs with) or a path, not {}",
+            type_name(&v)
+        ))
+        }
+    };
+    if nginx_conf.is_some() && upstreams.is_some() {
+        return Err(
+            "give upstreams (an upstream file) or nginx_conf (the upstream blocks of nginx.conf), not both"
+                .into(),
+        );
+    }
     let lock_timeout = seconds_option(
         opts.get("lock_timeout").unwrap_or(Value::Nil),
         "lock_timeout",
@@ -333,6 +363,10 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
     };
     let write_upstreams = match opts.get::<Value>("write_upstreams").unwrap_or(Value::Nil) {
         Value::Nil | Value::Boolean(false) => None,
+        Value::Boolean(true) if nginx_conf.is_some() => {
+            return Err("write_upstreams = true writes back to the upstreams file, and nginx_conf has none: give the path of a file nginx does not include"
+                .into())
+        }
         Value::Boolean(true) => Some(
             upstreams
                 .clone()
@@ -378,6 +412,7 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             path,
             size,
             upstreams,
+            nginx_conf,
             write,
             refresh,
             max_body,
@@ -390,9 +425,36 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
 }
 
 fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
-    cfg.upstreams
-        .as_deref()
-        .map_or(Ok(UpstreamTable::default()), upstream_file::read)
+    match (&cfg.nginx_conf, &cfg.upstreams) {
+        (Some(NginxConf::File(conf)), _) => nginx_configuration(conf)
+            .map_err(Error::BadRequest)?
+            .balanced_table(),
+        (Some(NginxConf::Running), _) => Err(Error::BadRequest(
+            "nginx_conf = true reads the configuration nginx runs with: outside nginx, give its path"
+                .into(),
+        )),
+        (None, Some(file)) => upstream_file::read(file),
+        (None, None) => Ok(UpstreamTable::default()),
+    }
+}
+
+/// Reads nginx's configuration at `conf` from the file system.
+fn nginx_configuration(conf: &Path) -> Result<nginx_conf::Configuration, String> {
+    nginx_conf::read_configuration(conf, &read_text, &list_dir)
+}
+
+fn read_text(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p).ok()
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
@@ -435,6 +497,32 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
         );
         cfg.owner = Some((user.clone(), why));
     }
+    let running = running_configuration(lua).2;
+    if cfg.nginx_conf == Some(NginxConf::Running) {
+        cfg.nginx_conf = Some(NginxConf::File(running.clone()));
+    }
+    // What nginx itself reads, to refuse what would bypass ngx.dyups.
+    let nginx = nginx_configuration(&running)
+        .inspect_err(|e| {
+            log(
+                lua,
+                "WARN",
+                &format!("not checked against nginx's configuration: {e}"),
+            )
+        })
+        .ok();
+    if let (Some(nginx), Some(path)) = (&nginx, &cfg.write_upstreams) {
+        if let Some(how) = nginx.reads(path) {
+            return Err(Error::BadRequest(format!(
+                "write_upstreams {}: {how}. nginx would take the upstreams written there for \
+                 upstream blocks of its own, without balancer_by_lua_*: after the next reload \
+                 they would ignore every change made through ngx.dyups, and one named like an \
+                 upstream block of nginx.conf would fail the reload (duplicate upstream). Write \
+                 the table back to a file nginx does not include",
+                path.display()
+            )));
+        }
+    }
     // Directories we make are the workers': they write temporary files there.
     let dirs = std::iter::once(&cfg.path).chain(cfg.write_upstreams.iter());
     for dir in dirs.filter_map(|p| p.parent()) {
@@ -455,25 +543,57 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
             }
         }
     }
+    let source = seed_source(cfg);
     match StateFile::inspect(&cfg.path)? {
         Some(snap) => {
-            if let Some(why) = snap.fallback {
-                log(lua, "WARN", &why);
+            if let Some(why) = &snap.fallback {
+                log(lua, "WARN", why);
             }
+            check_native(nginx.as_ref(), &snap.table)?;
             // Connections counted by the workers of an nginx that is gone
             // (killed in the middle of requests) would weigh forever.
             if let Err(e) = StateFile::clear_connections_at(&cfg.path) {
                 log(lua, "WARN", &format!("connection counts kept: {e}"));
             }
+            if let Some(source) = &source {
+                apply_seed_changes(lua, cfg, source, nginx.as_ref())?;
+            }
         }
         None => {
             // Made here rather than by the first worker so that a bad
             // upstream file stops nginx from starting, with the reason.
-            StateFile::open_detached(&cfg.path, cfg.size, || seed(cfg))?;
+            let table = seed(cfg)?;
+            check_native(nginx.as_ref(), &table)?;
+            StateFile::open_detached(&cfg.path, cfg.size, || Ok(table.clone()))?;
+            if let Some(source) = &source {
+                log(
+                    lua,
+                    "NOTICE",
+                    &format!(
+                        "state file {} made from {}: {} upstreams",
+                        cfg.path.display(),
+                        source.name,
+                        table.upstreams.len()
+                    ),
+                );
+                if let Err(e) = crate::admin::seed::write_record(&cfg.path, &source.name, &table) {
+                    log(
+                        lua,
+                        "WARN",
+                        &format!("{e}: a reload cannot tell what changed in {}", source.name),
+                    );
+                }
+            }
         }
     }
     if root {
         crate::store::give_to_user(&cfg.path, &user)?;
+        let record = crate::admin::seed::record_path(&cfg.path);
+        if record.exists() {
+            if let Err(e) = crate::store::give_to_user(&record, &user) {
+                log(lua, "WARN", &e.to_string());
+            }
+        }
         // A copy made by another writer running as root would refuse the
         // workers' writes (they go on, but without a copy). Never fatal: a
         // copy is a second line of defence, not a condition to start.
@@ -487,11 +607,160 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
     Ok(())
 }
 
+/// Where `init` seeds from, when anywhere.
+struct SeedSource {
+    /// For messages and the record: `upstream file PATH`, `nginx
+    /// configuration PATH`.
+    name: String,
+    file: PathBuf,
+    /// Whether the file is the one the table is written back to.
+    written_back: bool,
+    nginx_conf: bool,
+}
+
+fn seed_source(cfg: &Config) -> Option<SeedSource> {
+    match (&cfg.nginx_conf, &cfg.upstreams) {
+        (Some(NginxConf::File(conf)), _) => Some(SeedSource {
+            name: format!("nginx configuration {}", conf.display()),
+            file: conf.clone(),
+            written_back: false,
+            nginx_conf: true,
+        }),
+        (None, Some(file)) => Some(SeedSource {
+            name: format!("upstream file {}", file.display()),
+            file: file.clone(),
+            written_back: cfg.write_upstreams.as_ref() == Some(file),
+            nginx_conf: false,
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a table upstream that nginx's configuration also defines as a
+/// block it balances itself: `proxy_pass http://NAME` would go to that
+/// block, and nothing ngx.dyups does to NAME would reach it.
+fn check_native(
+    nginx: Option<&nginx_conf::Configuration>,
+    table: &UpstreamTable,
+) -> crate::Result<()> {
+    let Some(nginx) = nginx else {
+        return Ok(());
+    };
+    for name in table.names() {
+        if let Some(b) = nginx.native_block(name) {
+            return Err(Error::BadRequest(format!(
+                "upstream {name} of ngx.dyups is also an upstream block that nginx balances \
+                 itself ({} line {}: it has no balancer_by_lua_*): `proxy_pass http://{}` would \
+                 ignore every change made to it. Add `balancer_by_lua_file \
+                 .../ngx/dyups/upstream.lua;` to that block, or remove the block (or the \
+                 `include` that reads it)",
+                b.file.display(),
+                b.line,
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// At a start or reload with a state file: applies what changed in the
+/// seed since it was last read, as one write, and logs what it did.
+fn apply_seed_changes(
+    lua: &Lua,
+    cfg: &Config,
+    source: &SeedSource,
+    nginx: Option<&nginx_conf::Configuration>,
+) -> crate::Result<()> {
+    use crate::admin::seed::{Outcome, Reading};
+    if !source.file.exists() {
+        log(
+            lua,
+            "WARN",
+            &format!(
+                "{} is missing: nothing applied from it; the state file's table is kept",
+                source.name
+            ),
+        );
+        return Ok(());
+    }
+    let read = || -> crate::Result<Reading> {
+        let reading = if source.nginx_conf {
+            Reading {
+                table: seed(cfg)?,
+                stamp: None,
+            }
+        } else {
+            let (table, stamp) = upstream_file::read_stamped(&source.file)?;
+            Reading {
+                table,
+                stamp: stamp.filter(|_| source.written_back),
+            }
+        };
+        check_native(nginx, &reading.table)?;
+        Ok(reading)
+    };
+    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &cfg.write)? {
+        Outcome::Unchanged => {}
+        Outcome::Applied { version, what } => log(
+            lua,
+            "NOTICE",
+            &format!(
+                "{} changed since nginx last read it: applied as table version {version}: {what}",
+                source.name
+            ),
+        ),
+        Outcome::Recorded { version } => log(
+            lua,
+            "NOTICE",
+            &format!(
+                "{}: its upstreams are recorded in {}; the state file's table (version \
+                 {version}) is kept; from now on a reload applies what changes in it",
+                source.name,
+                crate::admin::seed::record_path(&cfg.path).display()
+            ),
+        ),
+        Outcome::Behind { written, version } => log(
+            lua,
+            "WARN",
+            &format!(
+                "{} holds table version {written} and the table is at version {version} (a \
+                 write-back failed): nothing applied from it; the next change writes it whole",
+                source.name
+            ),
+        ),
+    }
+    Ok(())
+}
+
 /// The user nginx's workers will run as, and where that was found: the
 /// `user` directive of nginx's configuration (read as nginx reads it: `-g`,
 /// then the file of `-c` or the built-in one, with its `include`s), else
 /// the user nginx was built with, else nginx's default.
 fn worker_user(lua: &Lua) -> (String, String) {
+    let (cmd, configure, conf) = running_configuration(lua);
+    if let Some(user) =
+        nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read_text, &list_dir)
+    {
+        return (user, format!("the `user` directive of {}", conf.display()));
+    }
+    match configure
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--user="))
+    {
+        Some(user) => (
+            user.to_owned(),
+            format!("no `user` directive in {}; nginx's --user", conf.display()),
+        ),
+        None => (
+            NGINX_DEFAULT_USER.to_owned(),
+            format!("no `user` directive in {}; nginx's default", conf.display()),
+        ),
+    }
+}
+
+/// nginx's command line, its `configure` arguments, and the configuration
+/// file it runs with (`-c`, or the one it was built with).
+fn running_configuration(lua: &Lua) -> (nginx_conf::CommandLine, String, PathBuf) {
     let config = ngx(lua).and_then(|n| n.get::<Table>("config").ok());
     let call = |name: &str| {
         config
@@ -517,32 +786,7 @@ fn worker_user(lua: &Lua) -> (String, String) {
         .unwrap_or_default();
     let cmd = nginx_conf::command_line(&args);
     let conf = nginx_conf::conf_file(&cmd, &configure, Path::new(&prefix));
-    let read = |p: &Path| std::fs::read_to_string(p).ok();
-    let list = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    if let Some(user) = nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read, &list) {
-        return (user, format!("the `user` directive of {}", conf.display()));
-    }
-    match configure
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix("--user="))
-    {
-        Some(user) => (
-            user.to_owned(),
-            format!("no `user` directive in {}; nginx's --user", conf.display()),
-        ),
-        None => (
-            NGINX_DEFAULT_USER.to_owned(),
-            format!("no `user` directive in {}; nginx's default", conf.display()),
-        ),
-    }
+    (cmd, configure, conf)
 }
 
 /// What to add to a worker's failure to open the state file when it runs

@@ -203,6 +203,23 @@ impl StateFile {
         Self::open_uncached(path, size, seed).map(drop)
     }
 
+    /// Makes one write (see [`write`](Self::write)) to the file at `path`
+    /// without keeping it open or in this process's registry: for nginx's
+    /// master, which applies an edited upstream file at a reload and must
+    /// not hold the file open across fork.
+    pub fn write_detached<R>(
+        path: &Path,
+        opts: &WriteOptions,
+        change: impl FnOnce(&mut Table) -> Result<R>,
+    ) -> Result<(u64, R)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error("open", path, e))?;
+        Self::from_file(path, file, true)?.write(opts, change)
+    }
+
     fn open_uncached(
         path: &Path,
         size: u64,

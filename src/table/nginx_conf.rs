@@ -5,8 +5,16 @@
 //! the master reads the directive the way nginx will: from `-g` on the
 //! command line, then from the configuration file named by `-c` (or built
 //! in), following `include` in the main context.
+//!
+//! Over 600 lines: one reader of nginx's configuration, as nginx reads it
+//! (its tokens, `include`, the main context's `user`, the upstream blocks);
+//! the parts share one walk over the files and read best together.
 
 use std::path::{Path, PathBuf};
+
+use crate::table::model::Table;
+use crate::table::syntax::parse_upstream_file;
+use crate::Error;
 
 /// What nginx's command line says about its configuration.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -156,6 +164,298 @@ fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
     }
 }
 
+/// An `upstream NAME { ... }` block of nginx's `http` context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamBlock {
+    pub name: String,
+    /// The file it is in, and the line of its `upstream`.
+    pub file: PathBuf,
+    pub line: usize,
+    /// The block's text, from `upstream` to its `}`.
+    pub text: String,
+    /// Whether the block hands its balancing to Lua (`balancer_by_lua_*`).
+    /// Without it nginx balances the block itself, and nothing ngx.dyups
+    /// holds under that name reaches `proxy_pass http://NAME`.
+    pub balancer: bool,
+    /// Whether some of its lines come from an `include`, which its `text`
+    /// does not hold.
+    pub includes: bool,
+}
+
+/// An `include` nginx follows: the path it names (joined to the
+/// configuration's directory; a wildcard is kept), and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Include {
+    pub pattern: PathBuf,
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+/// What nginx's configuration holds that ngx.dyups has to know: the files
+/// nginx reads, and the upstream blocks of its `http` context.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Configuration {
+    /// The main file (`-c`, or the one nginx was built with).
+    pub main: PathBuf,
+    pub includes: Vec<Include>,
+    pub upstreams: Vec<UpstreamBlock>,
+}
+
+/// Reads nginx's configuration as nginx does: the file at `conf` and,
+/// through `include` in any context, the files it names. `read` reads a
+/// file; `list` gives the names in a directory (for an `include` with a
+/// wildcard). An error when a file nginx would read cannot be read.
+pub fn read_configuration(
+    conf: &Path,
+    read: &dyn Fn(&Path) -> Option<String>,
+    list: &dyn Fn(&Path) -> Vec<String>,
+) -> Result<Configuration, String> {
+    let dir = conf.parent().unwrap_or(Path::new("/"));
+    let mut walk = Walk {
+        files: Files { dir, read, list },
+        context: Vec::new(),
+        open: None,
+        out: Configuration {
+            main: conf.to_path_buf(),
+            ..Configuration::default()
+        },
+    };
+    walk.file(conf, 0)?;
+    Ok(walk.out)
+}
+
+impl Configuration {
+    /// How nginx comes to read the file at `path`, if it does: it is the
+    /// main file, or an `include` names it (also through a wildcard, so a
+    /// file that does not exist yet counts once it would match).
+    pub fn reads(&self, path: &Path) -> Option<String> {
+        let path = normal(path);
+        if path == normal(&self.main) {
+            return Some(format!(
+                "it is nginx's configuration file {}",
+                self.main.display()
+            ));
+        }
+        self.includes.iter().find_map(|inc| {
+            let pattern = normal(&inc.pattern);
+            let name = pattern.file_name()?.to_str()?;
+            let matched = if name.contains(['*', '?', '[']) {
+                pattern.parent() == path.parent()
+                    && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        !n.starts_with('.') && wildcard_match(name.as_bytes(), n.as_bytes())
+                    })
+            } else {
+                pattern == path
+            };
+            matched.then(|| {
+                format!(
+                    "`include {}` on line {} of {} reads it",
+                    inc.pattern.display(),
+                    inc.line,
+                    inc.file.display()
+                )
+            })
+        })
+    }
+
+    /// The block nginx balances itself (no `balancer_by_lua_*`) under
+    /// `name`, compared as nginx compares upstream names: without case.
+    pub fn native_block(&self, name: &str) -> Option<&UpstreamBlock> {
+        self.upstreams
+            .iter()
+            .find(|b| !b.balancer && b.name.eq_ignore_ascii_case(name))
+    }
+}
+
+impl Configuration {
+    /// The table of the blocks that hand their balancing to Lua, each block
+    /// read by the upstream-file parser; parse errors name the file and its
+    /// line. Blocks nginx balances itself are not ngx.dyups's.
+    pub fn balanced_table(&self) -> crate::Result<Table> {
+        let mut table = Table::default();
+        for b in self.upstreams.iter().filter(|b| b.balancer) {
+            let at = format!("{} line {}", b.file.display(), b.line);
+            if b.includes {
+                return Err(Error::BadRequest(format!(
+                    "{at}: upstream {}: ngx.dyups reads the lines of an upstream block, not the \
+                     files it includes: put them in the block",
+                    b.name
+                )));
+            }
+            // Put on its own line, so the parser's line numbers are the file's.
+            let text = "\n".repeat(b.line.saturating_sub(1)) + &b.text;
+            let parsed = parse_upstream_file(&text)
+                .map_err(|e| Error::BadRequest(format!("{}: {e}", b.file.display())))?;
+            for u in parsed.upstreams {
+                if table.names().any(|n| n.eq_ignore_ascii_case(&u.name)) {
+                    return Err(Error::BadRequest(format!(
+                        "{at}: upstream {} is defined twice (nginx: duplicate upstream)",
+                        u.name
+                    )));
+                }
+                table.upstreams.push(u);
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// `path` with `.` and `..` taken out, and its directory resolved through
+/// symbolic links when it exists: two spellings of one file compare equal.
+fn normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    let resolved = out
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .zip(out.file_name())
+        .map(|(d, n)| d.join(n));
+    resolved.unwrap_or(out)
+}
+
+/// An `upstream` block being read.
+struct OpenBlock {
+    name: String,
+    file: PathBuf,
+    line: usize,
+    /// Where its text starts in its file, and how deep the context was
+    /// when it opened.
+    start: usize,
+    depth: usize,
+    balancer: bool,
+    includes: bool,
+}
+
+struct Walk<'a> {
+    files: Files<'a>,
+    /// The blocks around the current statement (`http`, `server`, ...).
+    context: Vec<String>,
+    open: Option<OpenBlock>,
+    out: Configuration,
+}
+
+impl Walk<'_> {
+    fn file(&mut self, path: &Path, depth: usize) -> Result<(), String> {
+        let text = (self.files.read)(path).ok_or_else(|| {
+            format!(
+                "could not read nginx's configuration file {}",
+                path.display()
+            )
+        })?;
+        let line_of = |at: usize| {
+            1 + text.as_bytes()[..at]
+                .iter()
+                .filter(|&&c| c == b'\n')
+                .count()
+        };
+        let mut lexer = Lexer::new(&text);
+        let mut words: Vec<String> = Vec::new();
+        let mut first = 0usize;
+        while let Some(token) = lexer.next() {
+            match token {
+                Token::Word(w) => {
+                    if words.is_empty() {
+                        first = lexer.start;
+                    }
+                    words.push(w);
+                }
+                Token::End => {
+                    let in_upstream = self
+                        .open
+                        .as_ref()
+                        .filter(|b| b.depth + 1 == self.context.len());
+                    if in_upstream.is_some()
+                        && words
+                            .first()
+                            .is_some_and(|w| w.starts_with("balancer_by_lua"))
+                    {
+                        if let Some(b) = self.open.as_mut() {
+                            b.balancer = true;
+                        }
+                    }
+                    if let [name, pattern] = words.as_slice() {
+                        if name == "include" {
+                            if depth >= INCLUDE_DEPTH {
+                                return Err(format!(
+                                    "{} line {}: includes nested more than {INCLUDE_DEPTH} deep",
+                                    path.display(),
+                                    line_of(first)
+                                ));
+                            }
+                            if let Some(b) = self.open.as_mut() {
+                                b.includes = true;
+                            }
+                            self.out.includes.push(Include {
+                                pattern: self.files.dir.join(pattern),
+                                file: path.to_path_buf(),
+                                line: line_of(first),
+                            });
+                            for file in self.files.expand(pattern) {
+                                self.file(&file, depth + 1)?;
+                            }
+                        }
+                    }
+                    words.clear();
+                }
+                Token::Open => {
+                    let directive = words.first().map(String::as_str).unwrap_or("");
+                    if directive.ends_with("_by_lua_block") {
+                        if directive == "balancer_by_lua_block" {
+                            if let Some(b) = self.open.as_mut() {
+                                b.balancer |= b.depth + 1 == self.context.len();
+                            }
+                        }
+                        lexer.skip_lua_block();
+                    } else {
+                        if directive == "upstream" && self.context == ["http"] {
+                            self.open = Some(OpenBlock {
+                                name: words.get(1).cloned().unwrap_or_default(),
+                                file: path.to_path_buf(),
+                                line: line_of(first),
+                                start: first,
+                                depth: self.context.len(),
+                                balancer: false,
+                                includes: false,
+                            });
+                        }
+                        self.context.push(directive.to_owned());
+                    }
+                    words.clear();
+                }
+                Token::Close => {
+                    self.context.pop();
+                    let closes = self
+                        .open
+                        .as_ref()
+                        .is_some_and(|b| b.depth == self.context.len() && b.file == path);
+                    if closes {
+                        let b = self.open.take().expect("an open block");
+                        self.out.upstreams.push(UpstreamBlock {
+                            text: text[b.start..lexer.i].to_owned(),
+                            name: b.name,
+                            file: b.file,
+                            line: b.line,
+                            balancer: b.balancer,
+                            includes: b.includes,
+                        });
+                    }
+                    words.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A piece of nginx configuration syntax.
 #[derive(Debug, PartialEq, Eq)]
 enum Token {
@@ -169,10 +469,7 @@ enum Token {
 /// words. Blocks are skipped, `*_by_lua_block` ones as Lua, whose strings
 /// and comments may hold braces.
 fn main_directives(text: &str) -> Vec<Vec<String>> {
-    let mut lexer = Lexer {
-        s: text.as_bytes(),
-        i: 0,
-    };
+    let mut lexer = Lexer::new(text);
     let mut out = Vec::new();
     let mut words: Vec<String> = Vec::new();
     let mut depth = 0usize;
@@ -205,9 +502,19 @@ fn main_directives(text: &str) -> Vec<Vec<String>> {
 struct Lexer<'a> {
     s: &'a [u8],
     i: usize,
+    /// Where the token `next` returned last starts.
+    start: usize,
 }
 
-impl Lexer<'_> {
+impl<'a> Lexer<'a> {
+    fn new(text: &'a str) -> Lexer<'a> {
+        Lexer {
+            s: text.as_bytes(),
+            i: 0,
+            start: 0,
+        }
+    }
+
     fn peek(&self, at: usize) -> Option<u8> {
         self.s.get(self.i + at).copied()
     }
@@ -224,6 +531,7 @@ impl Lexer<'_> {
                     }
                 }
                 b';' | b'{' | b'}' => {
+                    self.start = self.i;
                     self.i += 1;
                     return Some(match c {
                         b';' => Token::End,
@@ -231,9 +539,13 @@ impl Lexer<'_> {
                         _ => Token::Close,
                     });
                 }
-                b'"' | b'\'' => return Some(Token::Word(self.quoted(c))),
+                b'"' | b'\'' => {
+                    self.start = self.i;
+                    return Some(Token::Word(self.quoted(c)));
+                }
                 _ => {
                     let start = self.i;
+                    self.start = start;
                     while self.peek(0).is_some_and(|c| {
                         !matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b';' | b'{' | b'}')
                     }) {
@@ -335,137 +647,4 @@ impl Lexer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    fn args(line: &str) -> Vec<String> {
-        line.split(' ').map(str::to_owned).collect()
-    }
-
-    #[test]
-    fn options_are_read_as_nginx_reads_them() {
-        let cmd = command_line(&args("nginx -p /srv/ -c conf/a.conf -g daemon_off;"));
-        assert_eq!(cmd.conf.as_deref(), Some("conf/a.conf"));
-        assert_eq!(cmd.globals.as_deref(), Some("daemon_off;"));
-        let cmd = command_line(&args("nginx -tq -c/etc/b.conf -s reload"));
-        assert_eq!(cmd.conf.as_deref(), Some("/etc/b.conf"));
-        let cmd = command_line(&args("nginx -qc /etc/c.conf"));
-        assert_eq!(cmd.conf.as_deref(), Some("/etc/c.conf"));
-        assert_eq!(command_line(&args("nginx")), CommandLine::default());
-        assert_eq!(
-            conf_file(
-                &command_line(&args("nginx")),
-                "--prefix=/usr/share/nginx --conf-path=/etc/nginx/nginx.conf",
-                Path::new("/usr/share/nginx/")
-            ),
-            Path::new("/etc/nginx/nginx.conf")
-        );
-        assert_eq!(
-            conf_file(&CommandLine::default(), "", Path::new("/opt/nginx/")),
-            Path::new("/opt/nginx/conf/nginx.conf")
-        );
-    }
-
-    #[test]
-    fn a_process_title_gives_back_the_arguments() {
-        let title = b"nginx: master process /usr/sbin/nginx -p /srv/ -c conf/nginx.conf\0\0\0";
-        assert_eq!(
-            args_of_cmdline(title),
-            args("/usr/sbin/nginx -p /srv/ -c conf/nginx.conf")
-        );
-        let raw = b"/usr/sbin/nginx\0-c\0/etc/my nginx.conf\0";
-        assert_eq!(
-            command_line(&args_of_cmdline(raw)).conf.as_deref(),
-            Some("/etc/my nginx.conf")
-        );
-    }
-
-    fn find(files: &[(&str, &str)], globals: Option<&str>) -> Option<String> {
-        let files: BTreeMap<PathBuf, String> = files
-            .iter()
-            .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
-            .collect();
-        let read = |p: &Path| files.get(p).cloned();
-        let list = |dir: &Path| {
-            files
-                .keys()
-                .filter(|p| p.parent() == Some(dir))
-                .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
-                .collect()
-        };
-        worker_user(globals, Path::new("/etc/nginx/nginx.conf"), &read, &list)
-    }
-
-    #[test]
-    fn finds_the_user_of_the_main_context() {
-        let debian = "user www-data;\nworker_processes auto;\npid /run/nginx.pid;\n\
-                      include /etc/nginx/modules-enabled/*.conf;\nevents { worker_connections 768; }\n";
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", debian)], None).as_deref(),
-            Some("www-data")
-        );
-        let with_group = "# user nobody;\nuser  \"nginx\" 'web' ;";
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", with_group)], None).as_deref(),
-            Some("nginx")
-        );
-        // Inside blocks, `user` is something else (or nothing); after them
-        // it is still the main context's.
-        let late =
-            "events { user no; }\nhttp { server { location / { set $user x; } } }\nuser late;";
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", late)], None).as_deref(),
-            Some("late")
-        );
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", "events {}\n")], None),
-            None
-        );
-        assert_eq!(find(&[], None), None);
-        // -g comes first.
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", debian)], Some("user gee;")).as_deref(),
-            Some("gee")
-        );
-    }
-
-    #[test]
-    fn follows_includes_of_the_main_context() {
-        let files = [
-            (
-                "/etc/nginx/nginx.conf",
-                "include main.d/*.conf;\nhttp { include users.conf; }\n",
-            ),
-            ("/etc/nginx/main.d/10-modules.conf", "load_module x.so;\n"),
-            ("/etc/nginx/main.d/20-user.conf", "user from-include;\n"),
-            ("/etc/nginx/main.d/20-user.conf.bak", "user backup;\n"),
-            ("/etc/nginx/users.conf", "user in-http;\n"),
-        ];
-        assert_eq!(find(&files, None).as_deref(), Some("from-include"));
-        let looped = [("/etc/nginx/nginx.conf", "include nginx.conf;\n")];
-        assert_eq!(find(&looped, None), None);
-    }
-
-    #[test]
-    fn braces_in_lua_blocks_do_not_count() {
-        let conf = r#"
-http {
-    init_by_lua_block {
-        -- } } a comment that would close both blocks
-        local s = "}" .. '}' .. [[ } ]] .. [==[ }]] } ]==]
-        --[[ and a long
-             one } ]]
-        if true then ngx.log(ngx.ERR, "{") end
-        user "in-lua";
-    }
-    content_by_lua_block { ngx.say("}}}") }
-}
-user after-lua;
-"#;
-        assert_eq!(
-            find(&[("/etc/nginx/nginx.conf", conf)], None).as_deref(),
-            Some("after-lua")
-        );
-    }
-}
+mod tests;
