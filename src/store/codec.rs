@@ -63,11 +63,11 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{
-    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
-    Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
-    DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_REQUESTS,
-    DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
-    MAX_FAILS_MAX, Owner, SyncMark, WEIGHT_MAX, WEIGHT_MIN,
+    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, Owner,
+    ServerSpec, SyncMark, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX,
+    CHECK_TIME_MAX, DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS,
+    DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
+    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::policy::Policy;
 use crate::zone::PeerRef;
@@ -560,7 +560,10 @@ fn sync_mark(entry: &[u8]) -> Result<Option<SyncMark>, String> {
             prefix: f.str()?,
         };
         if f.left() != 0 {
-            return Err(format!("the sync field has {} bytes after its end", f.left()));
+            return Err(format!(
+                "the sync field has {} bytes after its end",
+                f.left()
+            ));
         }
         return Ok(Some(mark));
     }
