@@ -124,9 +124,6 @@ pub fn delete(table: &mut Table, name: &str) -> Result<()> {
 pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result<Vec<String>> {
     let spec = server_spec(server)?;
     let names = holders(table, name, &spec.addr, true)?;
-    if let Some(name) = name {
-        check_local(table, name)?;
-    }
     if names.is_empty() {
         // Only reachable with a name: the upstream exists but lacks it.
         let name = name.unwrap_or_default();
@@ -258,6 +255,7 @@ fn holders(
     match name {
         Some(name) => {
             check_name(name).map_err(Error::BadRequest)?;
+            check_local(table, name)?;
             let u = table.get(name).ok_or_else(|| not_found(name))?;
             match u.server(addr) {
                 Some(_) => Ok(vec![name.to_owned()]),
