@@ -416,6 +416,7 @@ fn last_server(addr: &Address, name: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::syntax::parse_body;
 
     fn table() -> Table {
         let mut t = Table::default();
@@ -518,6 +519,84 @@ mod tests {
             assert_eq!(update(&mut t, name, body).unwrap_err().status(), 400);
         }
         assert_eq!(t, before);
+    }
+
+    fn synced(t: &mut Table, bodies: &[(&str, &str)], deletes: &[&str], full: bool) -> Synced {
+        let puts = bodies
+            .iter()
+            .map(|(n, b)| parse_body(n, b).unwrap())
+            .collect();
+        let deletes: Vec<String> = deletes.iter().map(|d| d.to_string()).collect();
+        let mark = SyncMark {
+            revision: 7,
+            cluster_id: 1,
+            prefix: "/p/".into(),
+        };
+        sync_upstreams(t, mark, puts, &deletes, &[], full)
+    }
+
+    #[test]
+    fn every_local_write_to_an_upstream_etcd_owns_is_409_and_changes_nothing() {
+        let mut t = table();
+        synced(&mut t, &[("owned", "server 127.0.0.1:7000;")], &[], false);
+        let before = t.clone();
+        let given =
+            crate::syntax::parse_upstream_file("upstream owned { server 1.1.1.1:1; }").unwrap();
+        let refused = [
+            update(&mut t, "owned", "server 10.0.0.1:80;").unwrap_err(),
+            delete(&mut t, "OWNED").unwrap_err(),
+            insert_server(&mut t, "owned", "10.0.0.1:80").unwrap_err(),
+            add_server(&mut t, Some("owned"), "10.0.0.1:80").unwrap_err(),
+            remove_server(&mut t, Some("owned"), "127.0.0.1:7000").unwrap_err(),
+            remove_server(&mut t, None, "127.0.0.1:7000").unwrap_err(),
+            patch_server(&mut t, "owned", "127.0.0.1:7000", &ServerPatch::default()).unwrap_err(),
+            delete_server(&mut t, "owned", "127.0.0.1:7000").unwrap_err(),
+            put_upstreams(&mut t, &given, false).unwrap_err(),
+        ];
+        for e in refused {
+            assert_eq!(e.status(), 409, "{e}");
+            assert!(
+                e.to_string()
+                    .contains("write it to etcd key /p/upstreams/owned"),
+                "{e}"
+            );
+        }
+        assert_eq!(t, before);
+        // --replace leaves etcd's upstreams alone; local ones stay writable.
+        let only =
+            crate::syntax::parse_upstream_file("upstream other { server 1.1.1.1:1; }").unwrap();
+        let put = put_upstreams(&mut t, &only, true).unwrap();
+        assert_eq!(put.deleted, ["local"]);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["other", "owned"]);
+    }
+
+    #[test]
+    fn sync_takes_over_deletes_only_its_own_and_a_full_read_keeps_bad_keys() {
+        let mut t = table();
+        let done = synced(
+            &mut t,
+            &[
+                ("a", "server 127.0.0.1:1;"),
+                ("b", "server 127.0.0.1:2;"),
+                ("other", "server 127.0.0.1:3;"),
+            ],
+            &["local"],
+            false,
+        );
+        assert_eq!(done.put.created, ["a", "b"]);
+        assert_eq!(done.put.replaced, ["other"]);
+        // A delete in etcd of a name only a local upstream has: it stays.
+        assert!(done.put.deleted.is_empty());
+        assert!(t.get("local").unwrap().owner.is_local());
+        assert_eq!(t.get("other").unwrap().owner, Owner::Etcd);
+        assert_eq!(t.sync.as_ref().unwrap().revision, 7);
+        // A full read naming only `a`, with `b`'s value unparsable.
+        let puts = vec![parse_body("a", "server 127.0.0.1:1;").unwrap()];
+        let mark = t.sync.clone().unwrap();
+        let done = sync_upstreams(&mut t, mark, puts, &[], &["B".into()], true);
+        assert_eq!(done.put.deleted, ["other"]);
+        assert_eq!(done.put.unchanged, ["a"]);
+        assert_eq!(t.names().collect::<Vec<_>>(), ["local", "a", "b"]);
     }
 
     #[test]

@@ -824,6 +824,41 @@ pub(crate) mod tests {
         assert_eq!(back.table.upstreams[1].keepalive_requests, 5);
     }
 
+    /// `dyups sync`'s marks: the owner flag per upstream, the table's sync
+    /// mark on the first upstream's entry, in the extension only; a reader
+    /// reusing a previous table's upstream 0 still reads the new mark.
+    #[test]
+    fn owner_and_sync_mark_round_trip_in_the_extension() {
+        let mut p = sample();
+        let base = encode(&p).base;
+        Arc::make_mut(&mut p.table.upstreams[1]).owner = Owner::Etcd;
+        p.table.sync = Some(SyncMark {
+            revision: 41,
+            cluster_id: u64::MAX,
+            prefix: "/dyups/".into(),
+        });
+        let e = encode(&p);
+        assert_eq!(e.base, base);
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.table.upstreams[1].owner, Owner::Etcd);
+        assert_eq!(back.table.upstreams[0].owner, Owner::Local);
+        let mut later = p.clone();
+        later.table.sync.as_mut().unwrap().revision = 42;
+        let e2 = encode(&later);
+        let again = decode(&e2.base, &e2.extension, Some(&back.table)).unwrap();
+        assert_eq!(again.table.sync.unwrap().revision, 42);
+        // A table without upstreams has nowhere to keep the mark.
+        let empty = Payload {
+            table: Table {
+                upstreams: vec![],
+                sync: later.table.sync.clone(),
+            },
+            ..Payload::default()
+        };
+        assert_eq!(round_trip(&empty).unwrap().table.sync, None);
+    }
+
     #[test]
     fn every_truncation_is_refused() {
         let e = encode(&sample());
