@@ -29,6 +29,8 @@ reqs=(
   "luacheck:lua-check"
   "curl:curl"
   "pkg-config:pkg-config"
+  "/usr/bin/etcd:etcd-server"
+  "/usr/bin/etcdctl:etcd-client"
 )
 
 have() {

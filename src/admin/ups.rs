@@ -167,7 +167,7 @@ pub fn pending_servers(changes: &[Change]) -> BTreeMap<String, u8> {
 fn status_of(e: &Error) -> u16 {
     match e {
         Error::Internal(_) => 500,
-        Error::Busy(_) => 409,
+        Error::Busy(_) | Error::Owned(_) => 409,
         _ => 400,
     }
 }

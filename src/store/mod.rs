@@ -1161,10 +1161,13 @@ fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snaps
     }
 }
 
-/// The same upstreams saying the same, in the same order; what the store
+/// The same upstreams saying the same, in the same order, at the same etcd
+/// revision (`dyups sync` records a revision whose changes left the
+/// upstreams as they were, so a restart resumes after it); what the store
 /// keeps (`rev`, cells) does not count.
 fn same_content(a: &Table, b: &Table) -> bool {
-    a.upstreams.len() == b.upstreams.len()
+    a.sync == b.sync
+        && a.upstreams.len() == b.upstreams.len()
         && a.upstreams
             .iter()
             .zip(&b.upstreams)
