@@ -119,7 +119,13 @@ fn each_write_raises_the_version_by_one_and_a_no_op_not_at_all() {
 fn a_failed_change_writes_nothing() {
     let dir = TempDir::new();
     let f = fresh(&dir);
-    let before = std::fs::read(dir.file()).unwrap();
+    // All but the writers' queue (72..112), which every write attempt moves.
+    let table_bytes = || {
+        let mut b = std::fs::read(dir.file()).unwrap();
+        b[72..112].fill(0);
+        b
+    };
+    let before = table_bytes();
     let err = f
         .write(&WriteOptions::default(), |t| {
             t.remove("local");
@@ -127,7 +133,7 @@ fn a_failed_change_writes_nothing() {
         })
         .unwrap_err();
     assert_eq!(err.status(), 400);
-    assert_eq!(std::fs::read(dir.file()).unwrap(), before);
+    assert_eq!(table_bytes(), before);
 }
 
 #[test]
@@ -540,6 +546,148 @@ fn the_change_log_is_bounded() {
     assert_eq!(s.changes.last().unwrap().version, s.version);
 }
 
+// ---- the writers' queue ------------------------------------------------------
+
+#[test]
+fn waiting_writers_are_served_in_the_order_they_came() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let q = Queue::new(&f.map);
+    let wait = Duration::from_secs(5);
+    let mut tickets: Vec<_> = (0..4).map(|_| q.join(wait).unwrap()).collect();
+    for served in 0..4u32 {
+        // Only the oldest ticket left has the turn, however often the
+        // others look.
+        for _ in 0..3 {
+            for (i, t) in tickets.iter_mut().enumerate() {
+                let want = if i == 0 { Poll::Turn } else { Poll::Wait };
+                assert_eq!(q.poll(t), want, "ticket {i} after {served} served");
+            }
+        }
+        assert_eq!(q.len(), 4 - served);
+        q.leave(tickets.remove(0));
+    }
+    assert_eq!(q.len(), 0);
+    // An empty queue: a trylock writer gets the turn at once.
+    assert!(q.join(Duration::ZERO).is_some_and(|t| t.turn));
+}
+
+#[test]
+fn a_ticket_given_up_is_skipped_at_once() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let q = Queue::new(&f.map);
+    let mut first = q.join(Duration::from_secs(5)).unwrap();
+    assert_eq!(q.poll(&mut first), Poll::Turn);
+    let mut quitter = q.join(Duration::from_millis(1)).unwrap();
+    let mut last = q.join(Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(q.poll(&mut quitter), Poll::TimedOut);
+    drop(quitter);
+    q.leave(first);
+    // Well within CLAIM_MAX_MS: skipped for the mark, not for the time.
+    assert_eq!(q.poll(&mut last), Poll::Turn);
+    // Trylock sees the queue busy while a live writer holds the turn.
+    let err = f.write(&no_wait(), add(9000)).unwrap_err();
+    assert!(err.to_string().contains("another writer holds it"), "{err}");
+    q.leave(last);
+    assert_eq!(f.write(&no_wait(), add(9000)).unwrap().0, 2);
+}
+
+#[test]
+fn writers_killed_while_waiting_do_not_stall_the_queue() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let q = Queue::new(&f.map);
+    let mut mine = q.join(Duration::from_secs(5)).unwrap();
+    assert_eq!(q.poll(&mut mine), Poll::Turn);
+    // Two writers join behind us and die waiting: the newest one's pid is
+    // on the ticket counter, the other one's is known to nobody.
+    for n in 0..2 {
+        let marker = dir.path().join(format!("queued-{n}"));
+        let mut child = spawn(&format!(
+            "wait-in-queue {} {}",
+            dir.file().display(),
+            marker.display()
+        ));
+        wait_for(&marker, &mut child);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(q.len(), 3);
+    q.leave(mine);
+    let started = Instant::now();
+    let opts = WriteOptions {
+        wait: Wait::For(Duration::from_secs(5)),
+        ..WriteOptions::default()
+    };
+    assert_eq!(f.write(&opts, add(9000)).unwrap().0, 2);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(queue::CLAIM_MAX_MS + 500),
+        "waited {waited:?} for two dead waiters"
+    );
+    assert_eq!(q.len(), 0);
+    // A dead waiter's ticket that is the only one is skipped even by a
+    // writer that cannot wait: the ticket counter names its taker.
+    let mut mine = q.join(Duration::from_secs(5)).unwrap();
+    assert_eq!(q.poll(&mut mine), Poll::Turn);
+    let marker = dir.path().join("queued-last");
+    let mut child = spawn(&format!(
+        "wait-in-queue {} {}",
+        dir.file().display(),
+        marker.display()
+    ));
+    wait_for(&marker, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    q.leave(mine);
+    assert_eq!(f.write(&no_wait(), add(9001)).unwrap().0, 3);
+}
+
+/// Issue 11: 8 processes writing 500 times each on one 16 MiB file with the
+/// default options (wait up to 1 s, durable): with `flock` alone some were
+/// refused after waiting the whole second while the others went round.
+#[test]
+fn eight_processes_writing_500_times_each_are_all_served_in_time() {
+    let dir = TempDir::new();
+    let f = StateFile::open_uncached(&dir.file(), 16 << 20, seed).unwrap();
+    let v0 = f.read().unwrap().version;
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            spawn(&format!(
+                "update-named {} u{i} 500 {}",
+                dir.file().display(),
+                dir.path().join(format!("result-{i}")).display()
+            ))
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a writer failed");
+    }
+    let mut longest = Duration::ZERO;
+    let mut refused = Vec::new();
+    for i in 0..8 {
+        let result = std::fs::read_to_string(dir.path().join(format!("result-{i}"))).unwrap();
+        let (n, ms) = result.trim().split_once(' ').unwrap();
+        let n: u32 = n.parse().unwrap();
+        longest = longest.max(Duration::from_micros(ms.parse().unwrap()));
+        if n > 0 {
+            refused.push(format!("u{i}: {n} refused"));
+        }
+    }
+    eprintln!("8 x 500 writes: the longest wait for a write was {longest:?}");
+    assert_eq!(refused, Vec::<String>::new(), "longest wait {longest:?}");
+    // Every write applied: each changed the table, once.
+    let s = f.read().unwrap();
+    assert_eq!(s.version, v0 + 8 * 500);
+    for i in 0..8 {
+        let u = s.table.get(&format!("u{i}")).unwrap();
+        assert_eq!(u.servers.len(), 1);
+        assert_eq!(u.servers[0].addr.port(), 20_000 + 499);
+    }
+}
+
 // ---- child processes -------------------------------------------------------
 
 /// A child process killed when the test ends, pass or fail.
@@ -645,6 +793,35 @@ fn child_process() {
                 )
                 .unwrap();
             }
+        }
+        "wait-in-queue" => {
+            let q = Queue::new(&f.map);
+            let mut ticket = q.join(CHILD_LIFETIME).unwrap();
+            std::fs::write(args[2], b"").unwrap();
+            while q.poll(&mut ticket) == Poll::Wait {
+                q.wait(&ticket);
+            }
+        }
+        // N writes of `NAME { server 127.0.0.1:20000+k; }` with the default
+        // options; writes "refused longest-wait-in-µs" to RESULT.
+        "update-named" => {
+            let name = args[2];
+            let n: u16 = args[3].parse().unwrap();
+            let (mut refused, mut longest) = (0u32, Duration::ZERO);
+            for k in 0..n {
+                let started = Instant::now();
+                let written = f.write(&WriteOptions::default(), |t| {
+                    t.upsert(Upstream::new(name, vec![server(20_000 + k)]));
+                    Ok(())
+                });
+                longest = longest.max(started.elapsed());
+                match written {
+                    Ok(_) => {}
+                    Err(Error::Busy(_)) => refused += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            std::fs::write(args[4], format!("{refused} {}", longest.as_micros())).unwrap();
         }
         "append" => {
             let base: u16 = args[2].parse().unwrap();
