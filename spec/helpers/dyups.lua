@@ -15,6 +15,9 @@ function M.proxy(opts)
   local inst = nginx.new {
     workers = opts.workers or 2,
     conf = [[
+# Durable writes msync in this pool, off the event loop (the README's set-up).
+thread_pool dyups threads=1;
+
 http {
     lua_package_path "${lua_package_path}";
     lua_package_cpath "${lua_package_cpath}";
