@@ -644,6 +644,109 @@ fn writers_killed_while_waiting_do_not_stall_the_queue() {
     assert_eq!(f.write(&no_wait(), add(9001)).unwrap().0, 3);
 }
 
+#[test]
+fn a_durable_write_overwrites_the_other_slot_only_once_the_table_it_read_is_on_disk() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let lazy = WriteOptions {
+        durable: false,
+        ..WriteOptions::default()
+    };
+    let on_disk = || f.flushed().load(Ordering::Acquire);
+    // A write that is not durable leaves its table not known to be on disk.
+    assert_eq!(f.write(&lazy, add(9000)).unwrap().0, 2);
+    assert!(on_disk() < 2);
+    // The durable write after it flushes that table before it fills the
+    // slot holding the one before (version 1, the fallback of version 2).
+    let mut seen = None;
+    let written = f.write_with(&WriteOptions::default(), add(9001), || {
+        seen = Some(on_disk())
+    });
+    assert_eq!(written.unwrap().0, 3);
+    assert_eq!(
+        seen,
+        Some(2),
+        "the slot was filled before version 2 was on disk"
+    );
+    assert_eq!(on_disk(), 3, "answered before its own table was on disk");
+    // A durable write that changes nothing vouches for the table it read.
+    assert_eq!(f.write(&lazy, add(9002)).unwrap().0, 4);
+    assert_eq!(f.write(&WriteOptions::default(), |_| Ok(())).unwrap().0, 4);
+    assert_eq!(on_disk(), 4);
+}
+
+#[test]
+fn a_turn_writer_never_blocks_and_holds_its_turn_until_its_flush_is_done() {
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let q = Queue::new(&f.map);
+    let in_turn = |id, limit| WriteOptions {
+        wait: Wait::Turn(id, limit),
+        ..WriteOptions::default()
+    };
+    // Behind another writer: refused at once, still waiting.
+    let mut other = q.join(Duration::from_secs(5)).unwrap();
+    assert_eq!(q.poll(&mut other), Poll::Turn);
+    let id = TurnId::new();
+    let started = Instant::now();
+    assert_eq!(
+        f.write(&in_turn(id, Duration::from_secs(5)), add(9000))
+            .unwrap_err()
+            .status(),
+        409
+    );
+    assert!(started.elapsed() < Duration::from_millis(100), "it blocked");
+    assert_eq!(f.turn_state(id), TurnState::Waiting);
+    assert_eq!(f.read().unwrap().version, 1);
+    // Its turn comes: the write is made, its msync left to the caller.
+    q.leave(other);
+    assert_eq!(
+        f.write(&in_turn(id, Duration::from_secs(5)), add(9000))
+            .unwrap()
+            .0,
+        2
+    );
+    let TurnState::Held {
+        flush: Some((at, len)),
+    } = f.turn_state(id)
+    else {
+        panic!("no flush pending: {:?}", f.turn_state(id));
+    };
+    assert_eq!(at, f.map.address());
+    assert!(
+        len > f.geometry.slot_offset(1) as usize,
+        "the range misses the slot written"
+    );
+    assert!(f.flushed().load(Ordering::Acquire) < 2);
+    // Until it is finished nobody else writes; finishing msyncs.
+    assert_eq!(f.write(&no_wait(), add(9001)).unwrap_err().status(), 409);
+    f.finish_turn(id, false).unwrap();
+    assert_eq!(f.flushed().load(Ordering::Acquire), 2);
+    assert_eq!(f.turn_state(id), TurnState::Done);
+    assert_eq!(f.write(&no_wait(), add(9001)).unwrap().0, 3);
+    // One that waits past its limit leaves the queue, refused.
+    let mut other = q.join(Duration::from_secs(5)).unwrap();
+    assert_eq!(q.poll(&mut other), Poll::Turn);
+    let late = TurnId::new();
+    let limit = Duration::from_millis(5);
+    assert!(f.write(&in_turn(late, limit), add(9002)).is_err());
+    std::thread::sleep(limit * 2);
+    let err = f.write(&in_turn(late, limit), add(9002)).unwrap_err();
+    assert!(err.to_string().contains("more than 5 ms"), "{err}");
+    assert_eq!(f.turn_state(late), TurnState::Done);
+    q.leave(other);
+    // Its ticket is left marked, skipped at once even by trylock (below).
+    assert_eq!(q.len(), 1);
+    // A caller that flushed itself says so: recorded, not synced again.
+    let id = TurnId::new();
+    assert_eq!(
+        f.write(&in_turn(id, Duration::ZERO), add(9003)).unwrap().0,
+        4
+    );
+    f.finish_turn(id, true).unwrap();
+    assert_eq!(f.flushed().load(Ordering::Acquire), 4);
+}
+
 /// Issue 11: 8 processes writing 500 times each on one 16 MiB file with the
 /// default options (wait up to 1 s, durable): with `flock` alone some were
 /// refused after waiting the whole second while the others went round.
