@@ -240,3 +240,78 @@ describe("durable writes without the thread pool", function()
     assert.are.equal("seed\nu1\nu2\nu3\nu4\nu5\n", body)
   end)
 end)
+
+describe("writes from every phase that allows them", function()
+  local inst
+
+  lazy_setup(function()
+    inst = nginx.new {
+      workers = 1,
+      conf = [[
+thread_pool dyups threads=1;
+http {
+    lua_package_path "${lua_package_path}";
+    lua_package_cpath "${lua_package_cpath}";
+
+    init_by_lua_block {
+        assert(require("ngx.dyups").init{ path = "state/dyups.state" })
+    }
+    init_worker_by_lua_block {
+        local dyups = require "ngx.dyups"
+        assert(dyups.init_worker())
+        -- init_worker cannot yield: this one blocks
+        local status, msg = dyups.update("init_worker", "server 127.0.0.1:1;")
+        if status ~= 200 then ngx.log(ngx.ERR, "INIT_WORKER ", status, " ", msg) end
+        ngx.timer.at(0, function()
+            local s, m = dyups.update("timer", "server 127.0.0.1:1;")
+            if s ~= 200 then ngx.log(ngx.ERR, "TIMER ", s, " ", m) end
+        end)
+    }
+
+    server {
+        listen 127.0.0.1:${port_http};
+        location = /rewrite {
+            rewrite_by_lua_block { ngx.ctx.r = { require("ngx.dyups").update("rewrite", "server 127.0.0.1:1;") } }
+            content_by_lua_block { ngx.say(table.concat(ngx.ctx.r, " ")) }
+        }
+        location = /access {
+            access_by_lua_block { ngx.ctx.r = { require("ngx.dyups").add_server("rewrite", "127.0.0.1:2") } }
+            content_by_lua_block { ngx.say(table.concat(ngx.ctx.r, " ")) }
+        }
+        location = /content {
+            content_by_lua_block { ngx.say(require("ngx.dyups").update("content", "server 127.0.0.1:1;")) }
+        }
+        location = /list {
+            content_by_lua_block { ngx.say(table.concat(require("ngx.dyups").list(), " ")) }
+        }
+    }
+}
+]],
+    }
+    inst:start()
+  end)
+
+  lazy_teardown(function() nginx.stop_all() end)
+
+  it("succeed, with the msync in the thread pool where the phase can yield", function()
+    nginx.wait_until(function()
+      local _, body = nginx.http(inst.ports.http, "GET", "/list")
+      return body and body:find("timer", 1, true)
+    end, 5, "the timer's write")
+    local status, body = nginx.http(inst.ports.http, "GET", "/rewrite")
+    assert.are.equal(200, status)
+    assert.are.equal("200 success\n", body)
+    status, body = nginx.http(inst.ports.http, "GET", "/access")
+    assert.are.equal(200, status)
+    assert.matches("^%d+\n$", body)
+    status, body = nginx.http(inst.ports.http, "GET", "/content")
+    assert.are.equal(200, status)
+    assert.are.equal("200success\n", body)
+    status, body = nginx.http(inst.ports.http, "GET", "/list")
+    assert.are.equal(200, status)
+    assert.are.equal("init_worker timer rewrite content\n", body)
+    local log = inst:error_log()
+    assert.is_nil(log:find("[error]", 1, true), log)
+    assert.is_nil(log:find("msync on the event loop", 1, true), log)
+  end)
+end)

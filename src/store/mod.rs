@@ -749,23 +749,34 @@ impl StateFile {
         }
         // The turn is ours; `flock` is free unless a writer that lost its
         // turn (or an old build) still writes. Waiting for it is for a later
-        // call, unless the deadline has come.
+        // call, unless the deadline has come, or this turn already wrote
+        // (a second lock in the same call, which will not come again).
         let deadline = turns[i].ticket.deadline;
-        let lock = match self.exclude(Instant::now()) {
-            Ok(lock) => lock,
-            Err(Some(e)) => return Err(e),
-            Err(None) if Instant::now() < deadline => {
-                return Err(self.busy("waiting for the writer before"))
+        let wrote = turns[i].wrote;
+        drop(turns);
+        let lock = self.exclude(if wrote { deadline } else { Instant::now() });
+        let mut turns = self.turns.lock();
+        let Some(i) = turns.iter().position(|t| t.id == id) else {
+            return Err(self.busy("the turn was given up meanwhile"));
+        };
+        match lock {
+            Ok(lock) => {
+                turns[i].wrote = true;
+                Ok(lock)
             }
+            Err(Some(e)) => Err(e),
+            Err(None) if !wrote && Instant::now() < deadline => {
+                Err(self.busy("waiting for the writer before"))
+            }
+            // Its write stays for finish_turn, which tells how it went.
+            Err(None) if wrote => Err(self.timed_out(limit)),
             Err(None) => {
                 let t = turns.swap_remove(i);
                 drop(turns);
                 self.finish(t, false)?;
-                return Err(self.timed_out(limit));
+                Err(self.timed_out(limit))
             }
-        };
-        turns[i].wrote = true;
-        Ok(lock)
+        }
     }
 
     /// Takes `writers` and `flock`, trying until `deadline`. `Err(None)`:
