@@ -440,11 +440,13 @@ def wrk_finish(p):
 # statistics
 
 
-def writer_bg(api_port, rate, secs, names, backends):
-    """Section 4's REST writer (lua/writer.lua) in the background."""
+def writer_bg(api_port, rate, secs, names, backends, read=False):
+    """Section 4's REST writer (lua/writer.lua) in the background; `read`:
+    GET /list at the same rate instead."""
     others = names if len(names) <= 200 else random.sample(names, 200)
     p = subprocess.Popen([LUAJIT, os.path.join(BENCH, "lua", "writer.lua"), str(api_port), str(rate),
-                          str(secs), ",".join(others), ",".join(map(str, backends))],
+                          str(secs), ",".join(others), ",".join(map(str, backends))]
+                         + (["read"] if read else []),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     CHILDREN.append(p)
     return p
@@ -894,7 +896,8 @@ def section_scale(cfg, root, backends, res):
     for n in cfg.scale:
         port, api_port = free_port(), free_port()
         text = "".join(f"upstream u{i} {{ {four} }}\n" for i in range(n))
-        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size),
+        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size,
+                                                         extra_init=cfg.scale_init),
                      files={"conf/upstream.conf": text}, main=DYUPS_MAIN)
         t0 = now()
         inst.start([port, api_port], timeout=120)
@@ -924,15 +927,18 @@ def section_scale(cfg, root, backends, res):
         # throughput on unchanged u0, quiet vs while the others churn at a
         # steady rate (cfg.scale_rate, then cfg.scale_fast_rate), interleaved
         quiet = []
-        churns = {rate: {"runs": [], "rates": [], "p50": [], "p99": [], "failed": 0}
-                  for rate in (cfg.scale_rate, cfg.scale_fast_rate)}
+        # For N = 1 also the same rate of reads (GET /list): what the admin
+        # requests cost without writing.
+        kinds = [(cfg.scale_rate, False), (cfg.scale_fast_rate, False)]
+        kinds += [(cfg.scale_fast_rate, True)] if n == 1 else []
+        churns = {k: {"runs": [], "rates": [], "p50": [], "p99": [], "failed": 0} for k in kinds}
         for rnd in range(cfg.scale_rounds):
             quiet.append(wrk(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0"))
-            for rate, c in churns.items():
+            for (rate, read), c in churns.items():
                 # a steady `rate` updates/s on other upstreams, from a LuaJIT
                 # client (lua/writer.lua) as long as wrk runs
                 p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
-                w = writer_bg(api_port, rate, cfg.scale_secs, others, b4)
+                w = writer_bg(api_port, rate, cfg.scale_secs, others, b4, read=read)
                 c["runs"].append(wrk_finish(p))
                 wr = writer_finish(w)
                 c["rates"].append(wr["ok"] / wr["secs"])
@@ -942,7 +948,8 @@ def section_scale(cfg, root, backends, res):
         sf = os.stat(os.path.join(inst.prefix, "state", "dyups.state"))
         rss = max(rss_kb(w) for w in workers)
         q = med([r["rps"] for r in quiet])
-        slow, fast = churns[cfg.scale_rate], churns[cfg.scale_fast_rate]
+        slow, fast = churns[(cfg.scale_rate, False)], churns[(cfg.scale_fast_rate, False)]
+        reads = churns.get((cfg.scale_fast_rate, True))
         b = med([r["rps"] for r in slow["runs"]])
         row = {"n": n, "start_s": start_s, "file_bytes": sf.st_size,
                "seed_bytes": len(text), "rss_kb": rss,
@@ -960,6 +967,10 @@ def section_scale(cfg, root, backends, res):
                "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + slow["runs"] + fast["runs"])
                + slow["failed"] + fast["failed"]}
         row["fast"]["ratio"] = row["fast"]["rps"] / q
+        if reads:
+            row["reads"] = {"rps": med([r["rps"] for r in reads["runs"]]),
+                            "ratio_paired": med([r["rps"] / qq["rps"] for r, qq in zip(reads["runs"], quiet)]),
+                            "rate": med(reads["rates"])}
         log(f"  [4] N={n}: file {sf.st_size >> 10} KiB, "
             f"RSS {rss} kB, update p50 {row['update_p50'] * 1e3:.2f} ms, visible p99 "
             f"{row['prop_p99'] * 1e3:.2f} ms, {q:.0f} req/s quiet, {b:.0f} req/s with "
@@ -1297,9 +1308,11 @@ def report(cfg, res, elapsed):
         p("   (times in ms; upd = client-side REST POST latency; vis = until both workers route by it;"
           " ratio = req/s on unchanged u0 while others churn / quiet;"
           f" upd/s = churn rate achieved, target {cfg.scale_rate}/s)")
-        p(f"   the same unchanged u0 while others churn at {cfg.scale_fast_rate} updates/s (durable, msync in"
-          f" thread pool \"dyups\"), {cfg.scale_rounds} rounds of quiet / {cfg.scale_rate}/s /"
-          f" {cfg.scale_fast_rate}/s x {cfg.scale_secs} s:")
+        p(f"   the same unchanged u0 while others churn at {cfg.scale_fast_rate} updates/s ("
+          + (f"init {cfg.scale_init.strip()}" if cfg.scale_init else "durable, msync in thread pool \"dyups\"")
+          + f"), {cfg.scale_rounds} rounds of quiet / {cfg.scale_rate}/s / {cfg.scale_fast_rate}/s"
+          + (f" / {cfg.scale_fast_rate} reads/s (N = 1)" if any("reads" in r for r in sc) else "")
+          + f" x {cfg.scale_secs} s, writes from lua/writer.lua:")
         p(f"   {'N':>6s} {'rps quiet':>9s} {'rps churn':>9s} {'ratio':>6s} {'(medians)':>9s} {'upd/s':>6s} "
           f"{'upd p50':>8s} {'upd p99':>8s} {'failed':>6s}   quiet / churn req/s per round")
         for r in sc:
@@ -1307,6 +1320,11 @@ def report(cfg, res, elapsed):
             p(f"   {r['n']:6d} {r['rps_quiet']:9.0f} {f['rps']:9.0f} {f['ratio_paired']:6.3f} {f['ratio']:9.3f} "
               f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f}   "
               + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
+        for r in sc:
+            if "reads" in r:
+                rd = r["reads"]
+                p(f"   control, N={r['n']}: {rd['rate']:.0f} reads/s (GET /list) instead of writes: {rd['rps']:.0f} "
+                  f"req/s, ratio {rd['ratio_paired']:.3f}")
         p("   (ratio: median of the per-round ratios churn/quiet, paired; (medians): ratio of the medians;"
           " upd = client-side REST POST latency during that churn, median over the rounds of each round's"
           " p50 / p99; failed = updates not answered 200)")
@@ -1424,6 +1442,8 @@ def main():
     cfg.scale_size = "16m"
     cfg.scale_rate = 20  # updates/s on other upstreams during the scale throughput runs
     cfg.scale_fast_rate = 400  # and the second rate (issue 11: a write must not stall traffic)
+    # Extra init options for section 4's proxies, e.g. BENCH_SCALE_INIT='durable = false,'
+    cfg.scale_init = os.environ.get("BENCH_SCALE_INIT", "")
     cfg.scale_updates = 20 if q else 50
     cfg.scale_rounds = 2 if q else 5
     cfg.scale_secs = 2 if q else 3

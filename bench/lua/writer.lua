@@ -5,8 +5,10 @@
 -- through the FFI, so that the writer's own CPU (a few µs a write) does not
 -- take the machine from the traffic it measures, as a Python client's does.
 --
---   luajit writer.lua API_PORT RATE SECS NAME[,NAME...] PORT[,PORT...]
+--   luajit writer.lua API_PORT RATE SECS NAME[,NAME...] PORT[,PORT...] [read]
 --
+-- With `read`, it sends `GET /list` instead, at the same rate: what the
+-- admin requests cost without the writes.
 -- Prints one line: `ok N failed M secs S p50 X p99 Y` (latencies in
 -- seconds, client side, request sent to answer read).
 local ffi = require "ffi"
@@ -30,6 +32,7 @@ local api_port, rate, secs = tonumber(arg[1]), tonumber(arg[2]), tonumber(arg[3]
 local names, backends = {}, {}
 for n in arg[4]:gmatch("[^,]+") do names[#names + 1] = n end
 for p in arg[5]:gmatch("[^,]+") do backends[#backends + 1] = tonumber(p) end
+local reading = arg[6] == "read"
 
 local ts = ffi.new("struct bench_timespec")
 local function now()
@@ -85,7 +88,8 @@ end
 -- One request, answered (nginx sends ngx.print's body chunked): the status,
 -- or nil when the connection dropped.
 local function request(path, body)
-    local req = ("POST %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%s"):format(path, #body, body)
+    local req = reading and "GET /list HTTP/1.1\r\nHost: bench\r\n\r\n"
+        or ("POST %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%s"):format(path, #body, body)
     if C.write(fd, req, #req) ~= #req then return nil end
     local head = take_until("\r\n\r\n")
     if not head then return nil end
