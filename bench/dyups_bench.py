@@ -958,7 +958,9 @@ def section_scale(cfg, root, backends, res):
                "prop_max": max(prop["times"]), "rps_quiet": q, "rps_churn": b,
                "churn_ratio": b / q, "churn_rate": med(slow["rates"]),
                "rps_quiet_all": [r["rps"] for r in quiet],
+               "p99_quiet": med([r["p99"] for r in quiet]),
                "fast": {"rps": med([r["rps"] for r in fast["runs"]]),
+                        "p99": med([r["p99"] for r in fast["runs"]]),
                         "rps_all": [r["rps"] for r in fast["runs"]],
                         # paired: each busy run against the quiet run of its round
                         "ratio_paired": med([f["rps"] / qq["rps"] for f, qq in zip(fast["runs"], quiet)]),
@@ -1314,11 +1316,13 @@ def report(cfg, res, elapsed):
           + (f" / {cfg.scale_fast_rate} reads/s (N = 1)" if any("reads" in r for r in sc) else "")
           + f" x {cfg.scale_secs} s, writes from lua/writer.lua:")
         p(f"   {'N':>6s} {'rps quiet':>9s} {'rps churn':>9s} {'ratio':>6s} {'(medians)':>9s} {'upd/s':>6s} "
-          f"{'upd p50':>8s} {'upd p99':>8s} {'failed':>6s}   quiet / churn req/s per round")
+          f"{'upd p50':>8s} {'upd p99':>8s} {'failed':>6s} {'p99 quiet':>9s} {'p99 churn':>9s}"
+          f"   quiet / churn req/s per round")
         for r in sc:
             f = r["fast"]
             p(f"   {r['n']:6d} {r['rps_quiet']:9.0f} {f['rps']:9.0f} {f['ratio_paired']:6.3f} {f['ratio']:9.3f} "
-              f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f}   "
+              f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f} "
+              f"{fmt_ms(r['p99_quiet']):>9s} {fmt_ms(f['p99']):>9s}   "
               + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
         for r in sc:
             if "reads" in r:
@@ -1327,7 +1331,7 @@ def report(cfg, res, elapsed):
                   f"req/s, ratio {rd['ratio_paired']:.3f}")
         p("   (ratio: median of the per-round ratios churn/quiet, paired; (medians): ratio of the medians;"
           " upd = client-side REST POST latency during that churn, median over the rounds of each round's"
-          " p50 / p99; failed = updates not answered 200)")
+          " p50 / p99; failed = updates not answered 200; p99 quiet / churn: wrk's p99 latency on u0, medians)")
     po = res.get("policies")
     if po:
         p()
