@@ -1322,7 +1322,7 @@ def report(cfg, res, elapsed):
             f = r["fast"]
             p(f"   {r['n']:6d} {r['rps_quiet']:9.0f} {f['rps']:9.0f} {f['ratio_paired']:6.3f} {f['ratio']:9.3f} "
               f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f} "
-              f"{fmt_ms(r['p99_quiet']):>9s} {fmt_ms(f['p99']):>9s}   "
+              f"{r['p99_quiet']:9.2f} {f['p99']:9.2f}   "
               + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
         for r in sc:
             if "reads" in r:
