@@ -2,12 +2,15 @@
 //!
 //! Readers take no lock: they load the commit word, copy the active slot,
 //! and load the commit word again (a seqlock); a moved word means a writer
-//! got in between and they copy again. Writers serialise on `flock`, which
-//! the kernel releases when a writer dies, build the next table in the
-//! inactive slot and publish it with one release store of the commit word.
-//! A writer killed before that store leaves the old table active and intact;
-//! one killed after it has published a complete table. See `layout.rs` for
-//! the bytes and `codec.rs` for the payload.
+//! got in between and they copy again. Writers wait their turn in a queue in
+//! the mapping (`queue.rs`: served in order, dead writers skipped), then
+//! serialise on `flock`, which the kernel releases when a writer dies, build
+//! the next table in the inactive slot and publish it with one release store
+//! of the commit word. A writer killed before that store leaves the old
+//! table active and intact; one killed after it has published a complete
+//! table. A durable writer then msyncs the slot and the commit word, and the
+//! next writer overwrites the other slot only once that is done (`FLUSHED`).
+//! See `layout.rs` for the bytes and `codec.rs` for the payload.
 
 mod codec;
 mod guard;
@@ -700,21 +703,21 @@ impl StateFile {
             Wait::Turn(id, limit) => return self.lock_in_turn(id, limit),
         };
         let queue = Queue::new(&self.map);
-        let mut place = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
+        let mut ticket = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
         loop {
-            match queue.poll(&mut place) {
+            match queue.poll(&mut ticket) {
                 Poll::Turn => break,
-                Poll::Wait => queue.wait(&place),
+                Poll::Wait => queue.wait(&ticket),
                 Poll::TimedOut => return Err(self.timed_out(limit)),
             }
         }
-        match self.exclude(place.deadline) {
+        match self.exclude(ticket.deadline) {
             Ok(mut lock) => {
-                lock.ticket = Some(place);
+                lock.ticket = Some(ticket);
                 Ok(lock)
             }
             Err(e) => {
-                queue.leave(place);
+                queue.leave(ticket);
                 Err(e.unwrap_or_else(|| self.timed_out(limit)))
             }
         }
@@ -729,10 +732,10 @@ impl StateFile {
         let i = match turns.iter().position(|t| t.id == id) {
             Some(i) => i,
             None => {
-                let place = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
+                let ticket = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
                 turns.push(Turn {
                     id,
-                    ticket: place,
+                    ticket,
                     wrote: false,
                     unflushed: None,
                 });
@@ -836,8 +839,9 @@ impl StateFile {
     }
 
     fn finish(&self, turn: Turn, flushed: bool) -> Result<()> {
+        let on_disk = |g| self.flushed().load(Ordering::Acquire) >= g;
         let synced = match turn.unflushed {
-            Some((generation, _)) if flushed => {
+            Some((generation, _)) if flushed || on_disk(generation) => {
                 self.flushed().fetch_max(generation, Ordering::AcqRel);
                 Ok(())
             }
