@@ -43,6 +43,7 @@ NGINX = os.environ.get("NGINX_BIN", "nginx")
 NGINX_ENV = {k: v for k, v in os.environ.items() if k != "NGINX"}
 MODULES_DIR = os.environ.get("NGINX_MODULES_DIR", "/usr/lib/nginx/modules")
 WRK = os.environ.get("WRK", "wrk")
+LUAJIT = os.environ.get("LUAJIT", "luajit")
 
 INSTANCES = []  # every started nginx, for stop_all()
 CHILDREN = []  # background processes (wrk), for stop_all()
@@ -107,8 +108,13 @@ HTTP_COMMON = """
 """
 
 
+# The main-context lines of every ngx.dyups proxy, as the README has them:
+# durable writes msync in this thread pool, off the event loop.
+DYUPS_MAIN = "thread_pool dyups threads=1;\n"
+
+
 class Nginx:
-    def __init__(self, root, name, workers, http_body, lua=True, files=None):
+    def __init__(self, root, name, workers, http_body, lua=True, files=None, main=""):
         self.prefix = os.path.join(root, name)
         self.name = name
         self.workers = workers
@@ -118,7 +124,7 @@ class Nginx:
         for rel, text in (files or {}).items():
             with open(os.path.join(self.prefix, rel), "w") as f:
                 f.write(text)
-        conf = preamble(workers, lua) + "http {\n" + HTTP_COMMON + http_body + "\n}\n"
+        conf = preamble(workers, lua) + main + "http {\n" + HTTP_COMMON + http_body + "\n}\n"
         self.conf = os.path.join(self.prefix, "conf", "nginx.conf")
         with open(self.conf, "w") as f:
             f.write(conf)
@@ -434,6 +440,26 @@ def wrk_finish(p):
 # statistics
 
 
+def writer_bg(api_port, rate, secs, names, backends, read=False):
+    """Section 4's REST writer (lua/writer.lua) in the background; `read`:
+    GET /list at the same rate instead."""
+    others = names if len(names) <= 200 else random.sample(names, 200)
+    p = subprocess.Popen([LUAJIT, os.path.join(BENCH, "lua", "writer.lua"), str(api_port), str(rate),
+                          str(secs), ",".join(others), ",".join(map(str, backends))]
+                         + (["read"] if read else []),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(p)
+    return p
+
+
+def writer_finish(p):
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"lua/writer.lua failed: {err.strip()}")
+    f = out.split()
+    return {f[i]: float(f[i + 1]) for i in range(0, len(f) - 1, 2)}
+
+
 def med(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
@@ -595,10 +621,12 @@ def section_throughput(cfg, root, backends, res):
     proxies = [
         ("native", Nginx(root, "p-native", 1, native_conf(pn, b2)), pn),
         ("minimal-lua", Nginx(root, "p-minlua", 1, minlua_conf(pm, b2)), pm),
-        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi, x_worker=False), files=seed), pd),
+        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi, x_worker=False), files=seed,
+                        main=DYUPS_MAIN), pd),
         # Informative: the same without the $dyups_upstream read (map + ngx.var).
         ("dyups-named", Nginx(root, "p-dyups-named", 1,
-                              dyups_conf(pdn, papin, x_worker=False, named=True), files=seed), pdn),
+                              dyups_conf(pdn, papin, x_worker=False, named=True), files=seed,
+                              main=DYUPS_MAIN), pdn),
     ]
     for _, inst, port in proxies:
         inst.start([port])
@@ -748,7 +776,8 @@ def section_propagation(cfg, root, backends, res):
     port, api_port = free_port(), free_port()
     files = {"conf/upstream.conf": "upstream u { %s }\nupstream bench { %s %s }\n"
              % (srv(backends[0]), srv(backends[0]), srv(backends[1]))}
-    inst = Nginx(root, "p-prop", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    inst = Nginx(root, "p-prop", 2, dyups_conf(port, api_port), files=files,
+                 main=DYUPS_MAIN).start([port, api_port])
     workers = set(inst.worker_pids())
     api = Api(api_port)
     out = {}
@@ -821,7 +850,8 @@ def churn_ops(name, b):
 def section_churn(cfg, root, backends, res):
     port, api_port = free_port(), free_port()
     files = {"conf/upstream.conf": "upstream churn { %s %s %s %s }\n" % tuple(srv(b) for b in backends[:4])}
-    inst = Nginx(root, "p-churn", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    inst = Nginx(root, "p-churn", 2, dyups_conf(port, api_port), files=files,
+                 main=DYUPS_MAIN).start([port, api_port])
     api = Api(api_port)
     raw_get(port, "/churn")
     ops = churn_ops("churn", backends[:4])
@@ -866,8 +896,9 @@ def section_scale(cfg, root, backends, res):
     for n in cfg.scale:
         port, api_port = free_port(), free_port()
         text = "".join(f"upstream u{i} {{ {four} }}\n" for i in range(n))
-        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size),
-                     files={"conf/upstream.conf": text})
+        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size,
+                                                         extra_init=cfg.scale_init),
+                     files={"conf/upstream.conf": text}, main=DYUPS_MAIN)
         t0 = now()
         inst.start([port, api_port], timeout=120)
         start_s = now() - t0
@@ -893,34 +924,60 @@ def section_scale(cfg, root, backends, res):
             c.s.close()
         api.call("POST", "/upstream/u0", four)
         raw_get(port, "/host", "u0")
-        # throughput on unchanged u0, quiet vs while the others churn
-        quiet, busy, rates = [], [], []
+        # throughput on unchanged u0, quiet vs while the others churn at a
+        # steady rate (cfg.scale_rate, then cfg.scale_fast_rate), interleaved
+        quiet = []
+        # For N = 1 also the same rate of reads (GET /list): what the admin
+        # requests cost without writing.
+        kinds = [(cfg.scale_rate, False), (cfg.scale_fast_rate, False)]
+        kinds += [(cfg.scale_fast_rate, True)] if n == 1 else []
+        churns = {k: {"runs": [], "rates": [], "p50": [], "p99": [], "failed": 0} for k in kinds}
         for rnd in range(cfg.scale_rounds):
             quiet.append(wrk(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0"))
-            p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
-            t0, k = now(), 0
-            while p.poll() is None:  # a steady cfg.scale_rate updates/s on other upstreams
-                random.shuffle(b4)
-                st, body, _ = api.timed("POST", f"/upstream/{random.choice(others)}",
-                                        " ".join(srv(b) for b in b4[:random.randint(1, 4)]))
-                k += st == 200
-                time.sleep(max(0.0, t0 + k / cfg.scale_rate - now()))
-            rates.append(k / (now() - t0))
-            busy.append(wrk_finish(p))
+            for (rate, read), c in churns.items():
+                # a steady `rate` updates/s on other upstreams, from a LuaJIT
+                # client (lua/writer.lua) as long as wrk runs
+                p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
+                w = writer_bg(api_port, rate, cfg.scale_secs, others, b4, read=read)
+                c["runs"].append(wrk_finish(p))
+                wr = writer_finish(w)
+                c["rates"].append(wr["ok"] / wr["secs"])
+                c["failed"] += wr["failed"]
+                c["p50"].append(wr["p50"])
+                c["p99"].append(wr["p99"])
         sf = os.stat(os.path.join(inst.prefix, "state", "dyups.state"))
         rss = max(rss_kb(w) for w in workers)
-        q, b = med([r["rps"] for r in quiet]), med([r["rps"] for r in busy])
+        q = med([r["rps"] for r in quiet])
+        slow, fast = churns[(cfg.scale_rate, False)], churns[(cfg.scale_fast_rate, False)]
+        reads = churns.get((cfg.scale_fast_rate, True))
+        b = med([r["rps"] for r in slow["runs"]])
         row = {"n": n, "start_s": start_s, "file_bytes": sf.st_size,
                "seed_bytes": len(text), "rss_kb": rss,
                "update_p50": pct(lat, 50), "update_p99": pct(lat, 99),
                "prop_p50": pct(prop["times"], 50), "prop_p99": pct(prop["times"], 99),
                "prop_max": max(prop["times"]), "rps_quiet": q, "rps_churn": b,
-               "churn_ratio": b / q, "churn_rate": med(rates),
-               "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + busy)}
+               "churn_ratio": b / q, "churn_rate": med(slow["rates"]),
+               "rps_quiet_all": [r["rps"] for r in quiet],
+               "p99_quiet": med([r["p99"] for r in quiet]),
+               "fast": {"rps": med([r["rps"] for r in fast["runs"]]),
+                        "p99": med([r["p99"] for r in fast["runs"]]),
+                        "rps_all": [r["rps"] for r in fast["runs"]],
+                        # paired: each busy run against the quiet run of its round
+                        "ratio_paired": med([f["rps"] / qq["rps"] for f, qq in zip(fast["runs"], quiet)]),
+                        "rate": med(fast["rates"]), "update_p50": med(fast["p50"]),
+                        "update_p99": med(fast["p99"]), "failed": fast["failed"]},
+               "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + slow["runs"] + fast["runs"])
+               + slow["failed"] + fast["failed"]}
+        row["fast"]["ratio"] = row["fast"]["rps"] / q
+        if reads:
+            row["reads"] = {"rps": med([r["rps"] for r in reads["runs"]]),
+                            "ratio_paired": med([r["rps"] / qq["rps"] for r, qq in zip(reads["runs"], quiet)]),
+                            "rate": med(reads["rates"])}
         log(f"  [4] N={n}: file {sf.st_size >> 10} KiB, "
             f"RSS {rss} kB, update p50 {row['update_p50'] * 1e3:.2f} ms, visible p99 "
             f"{row['prop_p99'] * 1e3:.2f} ms, {q:.0f} req/s quiet, {b:.0f} req/s with "
-            f"{row['churn_rate']:.0f} updates/s on others")
+            f"{row['churn_rate']:.0f} updates/s on others, {row['fast']['rps']:.0f} req/s with "
+            f"{row['fast']['rate']:.0f} updates/s (paired ratio {row['fast']['ratio_paired']:.3f})")
         inst.stop()
         out.append(row)
     res["scale"] = out
@@ -1100,7 +1157,7 @@ def section_policies(cfg, root, backends, res):
     proxies = [
         ("native", Nginx(root, "p-pol-native", 1, policy_native_conf(pn, b2)), pn),
         ("dyups", Nginx(root, "p-pol-dyups", 1, policy_dyups_conf(pd, b2),
-                        files={"conf/upstream.conf": policy_seed(b2)}), pd),
+                        files={"conf/upstream.conf": policy_seed(b2)}, main=DYUPS_MAIN), pd),
     ]
     for _, inst, port in proxies:
         inst.start([port])
@@ -1253,6 +1310,28 @@ def report(cfg, res, elapsed):
         p("   (times in ms; upd = client-side REST POST latency; vis = until both workers route by it;"
           " ratio = req/s on unchanged u0 while others churn / quiet;"
           f" upd/s = churn rate achieved, target {cfg.scale_rate}/s)")
+        p(f"   the same unchanged u0 while others churn at {cfg.scale_fast_rate} updates/s ("
+          + (f"init {cfg.scale_init.strip()}" if cfg.scale_init else "durable, msync in thread pool \"dyups\"")
+          + f"), {cfg.scale_rounds} rounds of quiet / {cfg.scale_rate}/s / {cfg.scale_fast_rate}/s"
+          + (f" / {cfg.scale_fast_rate} reads/s (N = 1)" if any("reads" in r for r in sc) else "")
+          + f" x {cfg.scale_secs} s, writes from lua/writer.lua:")
+        p(f"   {'N':>6s} {'rps quiet':>9s} {'rps churn':>9s} {'ratio':>6s} {'(medians)':>9s} {'upd/s':>6s} "
+          f"{'upd p50':>8s} {'upd p99':>8s} {'failed':>6s} {'p99 quiet':>9s} {'p99 churn':>9s}"
+          f"   quiet / churn req/s per round")
+        for r in sc:
+            f = r["fast"]
+            p(f"   {r['n']:6d} {r['rps_quiet']:9.0f} {f['rps']:9.0f} {f['ratio_paired']:6.3f} {f['ratio']:9.3f} "
+              f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f} "
+              f"{r['p99_quiet']:9.2f} {f['p99']:9.2f}   "
+              + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
+        for r in sc:
+            if "reads" in r:
+                rd = r["reads"]
+                p(f"   control, N={r['n']}: {rd['rate']:.0f} reads/s (GET /list) instead of writes: {rd['rps']:.0f} "
+                  f"req/s, ratio {rd['ratio_paired']:.3f}")
+        p("   (ratio: median of the per-round ratios churn/quiet, paired; (medians): ratio of the medians;"
+          " upd = client-side REST POST latency during that churn, median over the rounds of each round's"
+          " p50 / p99; failed = updates not answered 200; p99 quiet / churn: wrk's p99 latency on u0, medians)")
     po = res.get("policies")
     if po:
         p()
@@ -1319,6 +1398,12 @@ def report(cfg, res, elapsed):
         target("zero failed requests under churn", 1, f == 0,
                f"{f} failed of {ch['requests']} ({ch['rate']:.0f} updates/s)")
     if sc:
+        one = [r for r in sc if r["n"] == 1]
+        if one:
+            f = one[0]["fast"]
+            target(f"1 upstream: an unchanged upstream keeps >= 0.97 x quiet req/s while "
+                   f"{cfg.scale_fast_rate} writes/s arrive (durable)", 1, f["ratio_paired"] >= 0.97,
+                   f"{f['ratio_paired']:.3f} at {f['rate']:.0f} writes/s")
         big = [r for r in sc if r["n"] >= 10000]
         if big:
             r = big[-1]
@@ -1356,10 +1441,15 @@ def main():
     cfg.prop_n = 100 if q else 300
     cfg.churn_secs = 5 if q else 15
     cfg.scale = [1, 100, 1000] if q else [1, 100, 1000, 10000]
+    if os.environ.get("BENCH_SCALE"):  # e.g. BENCH_SCALE=1,100: section 4 for these N only
+        cfg.scale = [int(x) for x in os.environ["BENCH_SCALE"].split(",")]
     cfg.scale_size = "16m"
     cfg.scale_rate = 20  # updates/s on other upstreams during the scale throughput runs
+    cfg.scale_fast_rate = 400  # and the second rate (issue 11: a write must not stall traffic)
+    # Extra init options for section 4's proxies, e.g. BENCH_SCALE_INIT='durable = false,'
+    cfg.scale_init = os.environ.get("BENCH_SCALE_INIT", "")
     cfg.scale_updates = 20 if q else 50
-    cfg.scale_rounds = 2 if q else 3
+    cfg.scale_rounds = 2 if q else 5
     cfg.scale_secs = 2 if q else 3
     cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 6 policies x 2 proxies
     cfg.pol_secs = 2 if q else 3

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
+use mlua::{
+    AnyUserData, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData,
+    UserDataMethods, UserDataRefMut, Value, Variadic,
+};
 use parking_lot::Mutex;
 
 use crate::admin::auth;
@@ -21,7 +24,7 @@ use crate::admin::ups::{self, Arg};
 use crate::admin::upstream_file;
 use crate::balance::balancer::Retry;
 use crate::balance::worker::{Worker, UNKNOWN};
-use crate::store::{StateFile, Wait, WriteOptions};
+use crate::store::{StateFile, TurnId, TurnState, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 use crate::table::nginx_conf;
 use crate::table::policy::Policy;
@@ -33,6 +36,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
 const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
 const DEFAULT_REFRESH: f64 = 0.05;
+/// The nginx thread pool (`thread_pool NAME threads=N;`) durable writes
+/// msync in, off the event loop.
+const DEFAULT_THREAD_POOL: &str = "dyups";
 /// nginx's own default worker user, when `--user` was not given at build.
 const NGINX_DEFAULT_USER: &str = "nobody";
 
@@ -59,6 +65,9 @@ struct Config {
     /// Whom nginx's master gave the state file to, and why that user: for
     /// the message of a worker that cannot open it.
     owner: Option<(String, String)>,
+    /// The nginx thread pool durable writes msync in; `None`: on the event
+    /// loop.
+    thread_pool: Option<String>,
 }
 
 /// init's `nginx_conf` option.
@@ -88,25 +97,38 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("version", lua.create_function(|_, ()| version())?)?;
     m.set("init", lua.create_function(init)?)?;
     m.set("init_worker", lua.create_function(init_worker)?)?;
-    m.set("update", lua.create_function(update)?)?;
-    m.set("delete", lua.create_function(delete)?)?;
-    m.set(
-        "add_server",
-        lua.create_function(|lua, a| set_rotation(lua, a, true))?,
-    )?;
-    m.set(
-        "remove_server",
-        lua.create_function(|lua, a| set_rotation(lua, a, false))?,
-    )?;
     m.set("list", lua.create_function(list)?)?;
     m.set("get", lua.create_function(get)?)?;
     m.set("peers", lua.create_function(peers)?)?;
     m.set("pending", lua.create_function(pending)?)?;
-    m.set("handle_ups", lua.create_function(handle_ups)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
-    m.set("handle_api", lua.create_function(handle_api)?)?;
-    m.set("_api_wants_body", lua.create_function(api_wants_body)?)?;
-    m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    // The writing functions take a turn of the writers' queue first (nil:
+    // block); writes.lua gives them their public faces.
+    let raw = lua.create_table()?;
+    raw.set("turn", lua.create_function(|_, ()| Ok(TurnHandle::new()))?)?;
+    raw.set(
+        "thread_pool",
+        lua.create_function(|_, ()| Ok(config().ok().and_then(|c| c.thread_pool)))?,
+    )?;
+    raw.set("update", lua.create_function(update)?)?;
+    raw.set("delete", lua.create_function(delete)?)?;
+    raw.set(
+        "add_server",
+        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, true))?,
+    )?;
+    raw.set(
+        "remove_server",
+        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, false))?,
+    )?;
+    raw.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    raw.set("ups", lua.create_function(ups_reply)?)?;
+    raw.set("send_ups", lua.create_function(send_ups)?)?;
+    raw.set("api", lua.create_function(api_reply)?)?;
+    raw.set("send_api", lua.create_function(send_api)?)?;
+    raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
+    lua.load(include_str!("writes.lua"))
+        .set_name("=ngx.dyups.writes")
+        .call::<()>((&m, raw))?;
     m.set("write_back_status", lua.create_function(write_back_status)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
@@ -139,14 +161,80 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_check",
         "handle_api",
     ];
-    let m: Table = lua
-        .load(include_str!("raise.lua"))
+    lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
-        .call((m, raising))?;
-    lua.load(include_str!("content.lua"))
-        .set_name("=ngx.dyups.content")
-        .call(m)
+        .call((m, raising))
 }
+
+/// A write's turn in the writers' queue, kept across its calls while the
+/// Lua side yields (writes.lua). Dropped unfinished (its coroutine was
+/// abandoned), it gives the turn up, flushing what it wrote first.
+struct TurnHandle {
+    id: TurnId,
+    /// The state file the turn was taken in.
+    file: Option<std::sync::Arc<StateFile>>,
+}
+
+impl TurnHandle {
+    fn new() -> TurnHandle {
+        TurnHandle {
+            id: TurnId::new(),
+            file: None,
+        }
+    }
+
+    /// How a write in this turn on `store` waits, the configured wait
+    /// giving its limit.
+    fn wait(&mut self, store: &std::sync::Arc<StateFile>, configured: Wait) -> Wait {
+        if let Some(f) = &self.file {
+            if !std::sync::Arc::ptr_eq(f, store) {
+                // The file was replaced meanwhile: the turn there is void.
+                let _ = f.finish_turn(self.id, false);
+            }
+        }
+        self.file = Some(store.clone());
+        let limit = match configured {
+            Wait::For(d) | Wait::Turn(_, d) => d,
+            Wait::Try => Duration::ZERO,
+        };
+        Wait::Turn(self.id, limit)
+    }
+}
+
+impl UserData for TurnHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // "waiting" | "done" | "held" [, address, length to msync]
+        methods.add_method("state", |_, this, ()| {
+            let state = this.file.as_ref().map(|f| f.turn_state(this.id));
+            Ok(match state {
+                None | Some(TurnState::Done) => ("done", None, None),
+                Some(TurnState::Waiting) => ("waiting", None, None),
+                Some(TurnState::Held { flush }) => (
+                    "held",
+                    flush.map(|(at, _)| LightUserData(at as *mut c_void)),
+                    flush.map(|(_, len)| len),
+                ),
+            })
+        });
+        // finish(flushed) → nil, or why the write is not known to be on disk
+        methods.add_method_mut("finish", |_, this, flushed: bool| {
+            Ok(match this.file.take() {
+                Some(f) => f.finish_turn(this.id, flushed).err().map(|e| e.to_string()),
+                None => None,
+            })
+        });
+    }
+}
+
+impl Drop for TurnHandle {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            let _ = f.finish_turn(self.id, false);
+        }
+    }
+}
+
+type Turn = Option<UserDataRefMut<TurnHandle>>;
 
 // ---- arguments ---------------------------------------------------------------
 
@@ -357,6 +445,17 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
         expect: None,
         durable: flag("durable", true)?,
     };
+    let thread_pool = match opts.get::<Value>("thread_pool").unwrap_or(Value::Nil) {
+        Value::Nil => Some(DEFAULT_THREAD_POOL.to_owned()),
+        Value::Boolean(false) => None,
+        Value::String(s) if !s.as_bytes().is_empty() => Some(s.to_string_lossy()),
+        v => {
+            return Err(format!(
+                "option thread_pool must be the name of an nginx thread_pool or false, not {}",
+                type_name(&v)
+            ))
+        }
+    };
     let max_body = match opts.get::<Value>("max_body").unwrap_or(Value::Nil) {
         Value::Nil => rest::DEFAULT_MAX_BODY,
         v => size_option(v).map_err(|e| format!("max_body: {e}"))? as usize,
@@ -419,6 +518,7 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             write_upstreams,
             admin_token,
             owner: None,
+            thread_pool,
         },
         user,
     ))
@@ -1056,12 +1156,17 @@ static WRITE_BACK_ERROR: Mutex<Option<String>> = Mutex::new(None);
 /// the upstream file is written back when so configured. Returns how the
 /// write-back went (`None` when there is none): the change stands either
 /// way, as the state file has it.
-fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) -> Option<Result<u64, String>> {
+fn after_write(
+    lua: &Lua,
+    cfg: &Config,
+    store: &StateFile,
+    wait: Wait,
+) -> Option<Result<u64, String>> {
     if let Some(w) = WORKER.lock().as_mut() {
         let _ = w.refresh();
     }
     let path = cfg.write_upstreams.as_ref()?;
-    let outcome = upstream_file::write_current(store, path, cfg.write.wait).map_err(|e| {
+    let outcome = upstream_file::write_current(store, path, wait).map_err(|e| {
         let msg = format!("{e}; the change is made and kept in the state file");
         log(lua, "ERR", &msg);
         msg
@@ -1134,41 +1239,54 @@ fn write_back_status(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     Ok(Ok(t))
 }
 
-/// Runs one write through the store with the configured options.
+/// The state file of this process and how a write in `turn` on it waits
+/// (without a turn: as configured, blocking).
+fn store_in(turn: &mut Turn) -> crate::Result<(Config, std::sync::Arc<StateFile>, Wait)> {
+    let (cfg, store) = store()?;
+    let wait = match turn {
+        Some(t) => t.wait(&store, cfg.write.wait),
+        None => cfg.write.wait,
+    };
+    Ok((cfg, store, wait))
+}
+
+/// Runs one write through the store with the configured options, in `turn`.
 fn write<R>(
     lua: &Lua,
+    turn: &mut Turn,
     expect: Option<u64>,
     change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
 ) -> crate::Result<(u64, R)> {
-    let (cfg, store) = store()?;
+    let (cfg, store, wait) = store_in(turn)?;
     let out = store.write(
         &WriteOptions {
             expect,
+            wait,
             ..cfg.write
         },
         change,
     )?;
-    after_write(lua, &cfg, &store);
+    after_write(lua, &cfg, &store, wait);
     Ok(out)
 }
 
 /// `dyups.update(name, body [, version])` → `status, message`.
-fn update(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+fn update(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
     let name = string_arg(&args, 1, "update")?;
     let body = string_arg(&args, 2, "update")?;
     let expect = expect_arg(&args, 3, "update")?;
     check_write_phase(lua, "update")?;
-    Ok(status_message(write(lua, expect, |t| {
+    Ok(status_message(write(lua, &mut turn, expect, |t| {
         ops::update(t, &name, &body)
     })))
 }
 
 /// `dyups.delete(name [, version])` → `status, message`.
-fn delete(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+fn delete(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
     let name = string_arg(&args, 1, "delete")?;
     let expect = expect_arg(&args, 2, "delete")?;
     check_write_phase(lua, "delete")?;
-    Ok(status_message(write(lua, expect, |t| {
+    Ok(status_message(write(lua, &mut turn, expect, |t| {
         ops::delete(t, &name)
     })))
 }
@@ -1183,13 +1301,18 @@ fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
 /// `dyups.add_server(name|nil, server [, version])` and
 /// `dyups.remove_server(name|nil, server [, version])` → the new version, or
 /// `nil, err, status`.
-fn set_rotation(lua: &Lua, args: Variadic<Value>, add: bool) -> LuaResult<MultiValue> {
+fn set_rotation(
+    lua: &Lua,
+    mut turn: Turn,
+    args: Variadic<Value>,
+    add: bool,
+) -> LuaResult<MultiValue> {
     let f = if add { "add_server" } else { "remove_server" };
     let name = opt_string_arg(&args, 1, f)?;
     let server = string_arg(&args, 2, f)?;
     let expect = expect_arg(&args, 3, f)?;
     check_write_phase(lua, f)?;
-    let r = write(lua, expect, |t| {
+    let r = write(lua, &mut turn, expect, |t| {
         if add {
             ops::add_server(t, name.as_deref(), &server)
         } else {
@@ -1275,10 +1398,16 @@ fn method(lua: &Lua) -> LuaResult<String> {
         .call(())
 }
 
-/// The `/ups` content handler (`lua/upsops.lua`).
-fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
+/// The answer of one `/ups` request, sent once its write is on disk.
+struct UpsReply(ups::Reply);
+
+impl UserData for UpsReply {}
+
+/// The `/ups` content handler (`lua/upsops.lua`, through writes.lua): the
+/// answer, in `turn`.
+fn ups_reply(lua: &Lua, mut turn: Turn) -> LuaResult<UpsReply> {
     if let Err(why) = authorize(lua)? {
-        return respond(lua, unauthorized_json(why));
+        return Ok(UpsReply(unauthorized_json(why)));
     }
     let method = method(lua)?;
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
@@ -1289,52 +1418,59 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
     if truncated.is_some() {
         // A half-read query could miss its `upstream=` and change the
         // server in every upstream.
-        return respond(
-            lua,
-            ups::refused(
-                &format!(
-                    "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
-                    ups::USAGE
-                ),
-                &query_arg(&args, "server"),
+        return Ok(UpsReply(ups::refused(
+            &format!(
+                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                ups::USAGE
             ),
-        );
+            &query_arg(&args, "server"),
+        )));
     }
     if let Some(header) = ups_precondition(&ngx)? {
         // The original interface has no preconditions, and nginx would
         // evaluate these against our answer after the write (a 200 without
         // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
-        return respond(
-            lua,
-            ups::refused(
-                &format!(
-                    "/ups does not evaluate {header}: nothing changed; send the request without it, \
+        return Ok(UpsReply(ups::refused(
+            &format!(
+                "/ups does not evaluate {header}: nothing changed; send the request without it, \
                      or use the REST interface's If-Match"
-                ),
-                &query_arg(&args, "server"),
             ),
-        );
+            &query_arg(&args, "server"),
+        )));
     }
-    let reply = match store() {
-        Ok((cfg, store)) => {
+    let reply = match store_in(&mut turn) {
+        Ok((cfg, store, wait)) => {
             let r = ups::handle(
                 &method,
                 &query_arg(&args, "op"),
                 &query_arg(&args, "server"),
                 &query_arg(&args, "upstream"),
                 &store,
-                &cfg.write,
+                &WriteOptions { wait, ..cfg.write },
             );
             if r.status == 200 {
-                announce_write_back(lua, after_write(lua, &cfg, &store))?;
+                announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
             }
             r
         }
-        Err(e) => ups::Reply {
-            status: 500,
-            body: serde_json::json!({"msg": e.to_string(), "data": [], "code": ups::FAILED})
-                .to_string(),
-        },
+        Err(e) => ups_failure(&e.to_string()),
+    };
+    Ok(UpsReply(reply))
+}
+
+fn ups_failure(msg: &str) -> ups::Reply {
+    ups::Reply {
+        status: 500,
+        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
+    }
+}
+
+/// Sends a `/ups` answer; `unsynced`: why the write it reports is not
+/// known to be on disk, which makes it a failure.
+fn send_ups(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
+    let reply = match unsynced {
+        Some(why) => ups_failure(&why),
+        None => reply.take::<UpsReply>()?.0,
     };
     if reply.status >= 500 {
         log(lua, "ERR", &reply.body);
@@ -1444,9 +1580,15 @@ fn rest_text(status: u16, body: String) -> rest::Response {
     }
 }
 
-/// The REST content handler (`lua/dyups_api.lua`): ngx_http_dyups_module's
-/// interface and its per-server additions.
-fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
+/// The answer of one REST request, sent once its write is on disk.
+struct ApiReply(rest::Response);
+
+impl UserData for ApiReply {}
+
+/// The REST content handler (`lua/dyups_api.lua`, through writes.lua):
+/// ngx_http_dyups_module's interface and its per-server additions. The
+/// answer, in `turn`.
+fn api_reply(lua: &Lua, mut turn: Turn) -> LuaResult<ApiReply> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
     let method = method(lua)?;
     let var: Table = ngx.get("var")?;
@@ -1484,10 +1626,10 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
             clear.call::<()>(name)?;
         }
     }
-    let response = match (authorize(lua)?, store()) {
+    let response = match (authorize(lua)?, store_in(&mut turn)) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
         (_, Err(e)) => rest_text(500, e.to_string()),
-        (_, Ok((cfg, store))) => match request_body(&ngx, cfg.max_body)? {
+        (_, Ok((cfg, store, wait))) => match request_body(&ngx, cfg.max_body)? {
             Err(r) => r,
             Ok(body) => {
                 let req = rest::Request {
@@ -1502,18 +1644,37 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
                         if_modified_since: if_modified_since.as_deref(),
                     },
                 };
-                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
+                let opts = WriteOptions { wait, ..cfg.write };
+                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &opts));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
                 if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    announce_write_back(lua, after_write(lua, &cfg, &store))?;
+                    announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
                 }
                 r
             }
         },
     };
+    Ok(ApiReply(response))
+}
+
+/// Sends a REST answer; `unsynced`: why the write it reports is not known
+/// to be on disk, which makes it a failure.
+fn send_api(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
+    let response = match unsynced {
+        Some(why) => rest_text(500, why),
+        None => reply.take::<ApiReply>()?.0,
+    };
     if response.status >= 500 {
         log(lua, "ERR", &response.body);
     }
+    // We evaluated If-Match against the table version ourselves. Left in
+    // place, nginx's not-modified filter would compare it with the new
+    // version's ETag of a successful write and turn the 200 into a 412.
+    // (Cleared only now: `api_reply` reads it on each of its calls.)
+    ngx.get::<Table>("req")?
+        .get::<Function>("clear_header")?
+        .call::<()>("If-Match")?;
     ngx.set("status", response.status)?;
     let out: Table = ngx.get("header")?;
     let kind = if response.json {
@@ -1539,11 +1700,14 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
 /// upstream file, atomically → `true` | `nil, err`.
-fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<bool, String>> {
+fn write_upstreams(
+    lua: &Lua,
+    (mut turn, args): (Turn, Variadic<Value>),
+) -> LuaResult<Result<bool, String>> {
     let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
     check_write_phase(lua, "write_upstreams")?;
-    let written = store()
-        .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
+    let written = store_in(&mut turn)
+        .and_then(|(_, store, wait)| upstream_file::write_current(&store, &path, wait));
     Ok(written.map(|_| true).map_err(|e| e.to_string()))
 }
 

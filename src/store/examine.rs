@@ -196,7 +196,8 @@ pub(super) fn lock_path(path: &Path, wait: Wait) -> Result<Option<LockedFile>> {
     let started = Instant::now();
     let limit = match wait {
         Wait::Try => Duration::ZERO,
-        Wait::For(d) => d,
+        // No turn in the queue here: a tool outside nginx waits on the lock.
+        Wait::For(d) | Wait::Turn(_, d) => d,
     };
     for round in 0u32.. {
         if round > 0 && started.elapsed() >= limit {

@@ -127,4 +127,12 @@ impl SharedMap {
     pub fn flush(&self, off: usize, len: usize) -> io::Result<()> {
         self.raw.flush_range(off, len)
     }
+
+    /// Where the mapping starts (page-aligned): for an msync of its first
+    /// bytes made by another thread of this process (an nginx thread pool),
+    /// which must not outlive the mapping. msync only hands pages to the
+    /// kernel and reads or writes no memory, so a late one is harmless.
+    pub fn address(&self) -> usize {
+        self.raw.as_ptr() as usize
+    }
 }
