@@ -365,17 +365,18 @@ describe("8 concurrent writers (4 over REST, 4 through the module), 2 readers", 
       assert.is_truthy(by_version[v], "no accepted write has version " .. v)
     end
 
-    -- the writers really interleaved: REST and Lua writers both won versions
-    -- throughout, and some writer's versions are not one contiguous run
-    local kinds_in_half = { {}, {} }
-    local mid = v0 + math.floor((final.version - v0) / 2)
-    for _, o in ipairs(accepted) do
-      kinds_in_half[o.v <= mid and 1 or 2][o.w <= REST_WRITERS and "rest" or "lua"] = true
+    -- the writers really interleaved: in version order, the kind of writer
+    -- (REST or Lua) changes again and again, not once (one kind's writes all
+    -- before the other's). How often depends on the machine's speed; a few
+    -- times is what shows the two kinds contended.
+    local kind_at = {}
+    for _, o in ipairs(accepted) do kind_at[o.v] = o.w <= REST_WRITERS and "rest" or "lua" end
+    local switches, last = 0, nil
+    for v = v0 + 1, final.version do
+      if last and kind_at[v] ~= last then switches = switches + 1 end
+      last = kind_at[v]
     end
-    for half = 1, 2 do
-      assert.is_truthy(kinds_in_half[half].rest and kinds_in_half[half].lua,
-        "half " .. half .. " of the versions was not written by both kinds of writer")
-    end
+    assert.is_true(switches >= 4, ("the writer kind changed only %d times in version order"):format(switches))
 
     -- replay in version order
     local model_at = { [v0] = model_string(state) }
