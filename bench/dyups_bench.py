@@ -230,6 +230,22 @@ def stop_all():
         INSTANCES.pop().stop()
 
 
+def cpu_ns(pid):
+    """CPU time (user + system) process `pid` has run, in ns: the scheduler's
+    own count (/proc/PID/schedstat), else the 10 ms ticks of /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            ns = int(f.read().split()[0])
+        if ns:
+            return ns
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -1104,6 +1120,8 @@ def section_policies(cfg, root, backends, res):
     ]
     for _, inst, port in proxies:
         inst.start([port])
+    # The one worker of each proxy, whose CPU time per request is measured.
+    worker = {pname: inst.worker_pids()[0] for pname, inst, _ in proxies}
     out = {}
     # Sanity: both proxies send the same keys to the same backend, and the
     # keys spread over both backends (wrk varies the key as these do). The
@@ -1132,10 +1150,18 @@ def section_policies(cfg, root, backends, res):
             # alternate which proxy goes first, so neither always follows the other
             order = proxies if rnd % 2 == 0 else proxies[::-1]
             for pname, _, port in order:
+                cpu0, t0 = cpu_ns(worker[pname]), now()
                 r = wrk_keys(port, f"/{name}", cfg.pol_secs, mode, cfg.conns, cfg.threads)
+                cpu, wall = cpu_ns(worker[pname]) - cpu0, now() - t0
+                # The worker's CPU time over the requests it served (wrk's
+                # count; the few it cut off at the end are not in it), and
+                # how busy it was: near 100 % the proxy is the bottleneck.
+                r["cpu_us"] = cpu / 1e3 / r["requests"] if r["requests"] else float("nan")
+                r["busy"] = cpu / 1e9 / wall
                 runs[(name, pname)].append(r)
                 log(f"  [5] round {rnd + 1}/{cfg.pol_rounds} {name:7s} {pname:7s} {r['rps']:9.0f} req/s "
-                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms, worker {r['cpu_us']:.2f} us/req "
+                    f"({r['busy'] * 100:.0f} % busy)")
     # The keyless methods: connections given back after all the timed load,
     # then a counted run per proxy (share of each backend under load, and
     # dyups.peers() sampled while it runs), and the connections again.
@@ -1173,10 +1199,13 @@ def section_policies(cfg, root, backends, res):
             o[pname] = {"rps": med([r["rps"] for r in rs]), "p50": med([r["p50"] for r in rs]),
                         "p99": med([r["p99"] for r in rs]),
                         "errors": sum(r["non2xx"] + r["sockerr"] for r in rs),
-                        "rps_all": [r["rps"] for r in rs]}
+                        "rps_all": [r["rps"] for r in rs],
+                        "cpu_us": med([r["cpu_us"] for r in rs]),
+                        "busy": med([r["busy"] for r in rs])}
         d, n = runs[(name, "dyups")], runs[(name, "native")]
         o["ratio"] = o["dyups"]["rps"] / o["native"]["rps"]
         o["ratio_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
+        o["cpu_ratio_paired"] = med([a["cpu_us"] / b["cpu_us"] for a, b in zip(d, n)])
     out["errors_in_log"] = errors_in_log
     res["policies"] = out
 
@@ -1261,16 +1290,21 @@ def report(cfg, res, elapsed):
           f"with `zone`; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys (hash, ip_hash); "
           f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
         p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
-          f"  {'dyups/native':>12s}   req/s per round")
+          f"  {'dyups/native':>12s}  {'us/req':>6s} {'busy':>4s} {'cpu d/n':>7s}   req/s per round")
         for name, line, _ in POLICIES:
             o = po[name]
             for k, pname in enumerate(("native", "dyups")):
                 r = o[pname]
                 ratio = (f"{o['ratio_paired']:.3f} ({o['ratio']:.3f})" if pname == "dyups" else "")
+                cpu = f"{o['cpu_ratio_paired']:.3f}" if pname == "dyups" else ""
                 p(f"   {(line.rstrip(';') if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
-                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}   "
+                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}  {r['cpu_us']:6.2f} "
+                  f"{r['busy'] * 100:3.0f}% {cpu:>7s}   "
                   + " ".join(f"{x:.0f}" for x in r["rps_all"]))
-        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians)")
+        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians."
+          " us/req: the proxy worker's CPU time (user + system) per request served, median of the rounds;"
+          " busy: its CPU time over the run's wall time; cpu d/n: dyups/native us/req, median of the"
+          " per-round ratios)")
         keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
           + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
