@@ -12,7 +12,8 @@ proxies (bench/dyups_bench.py's configurations, plus a round robin upstream
 under `valgrind --tool=callgrind`, sends `--warm` requests per method over
 one keep-alive connection (the JIT compiles, the keepalive pool fills), zeroes
 the counters, sends `--requests` more with the keys section 5's wrk script
-sends, and dumps. An idle dump as long as the measured one is subtracted (the
+sends, and dumps, in a process of its own per method and proxy (what LuaJIT
+compiles depends on what ran before). An idle dump as long as the measured one is subtracted (the
 refresh timer, epoll). Printed per method and proxy: instructions per
 request, split by the object that ran them (ngx.dyups' .so, lua-nginx-module
 with LuaJIT and its JIT-compiled code, nginx, libc and the rest), and with
@@ -63,6 +64,32 @@ DETAIL = [
     "ngx_http_realip_handler",
     "ngx_http_process_request",
 ]
+
+
+# The floors, measured in the dyups proxy itself (same configuration, realip
+# included): "floor" is section 1's minimal Lua balancer (bench_rr: a fixed
+# round robin that only calls set_current_peer), the least any Lua balancer
+# costs; "floor-log" adds an empty log_by_lua_block, the least any log-phase
+# hook costs (least_conn and random two carry the README's hook).
+FLOORS = [("floor", "", "none"), ("floor-log", "", "none")]
+FLOOR_OF = {"lc": "floor-log", "random2": "floor-log"}
+
+
+def floor_conf(body, backends):
+    body = body.replace("init_by_lua_block {", "init_by_lua_block {\n        require(\"bench_rr\").init({ "
+                        + ", ".join(map(str, backends)) + " })", 1)
+    ups = """
+    upstream floor {
+        server 0.0.0.1;
+        balancer_by_lua_block { require("bench_rr").balance() }
+        keepalive 32;
+    }
+"""
+    locs = """        location = /floor { proxy_pass http://floor; }
+        location = /floor-log { proxy_pass http://floor; log_by_lua_block { } }
+"""
+    body = body.replace("\n    server {", ups + "\n    server {", 1)
+    return body.replace("        location = /peers", locs + "        location = /peers", 1)
 
 
 def proc_conf(body):
@@ -258,17 +285,19 @@ def main():
         be = db.Nginx(root, "backends", 1, db.backends_conf(backends), lua=False)
         be.start(backends)
         b2 = backends[:2]
+        # A process of its own for each method: what LuaJIT compiles, and so
+        # what a request costs, depends on which code ran before.
         for pname in cfg.proxies.split(","):
-            port = db.free_port()
-            if pname == "native":
-                p = Proc(root, "native", db.policy_native_conf(port, b2), port)
-            else:
-                p = Proc(root, "dyups", db.policy_dyups_conf(port, b2), port,
-                         files={"conf/upstream.conf": db.policy_seed(b2)})
-            procs.append(p)
-            for name, _, mode in METHODS:
-                if name not in wanted:
+            for name, _, mode in METHODS + (FLOORS if pname == "dyups" else []):
+                if name not in wanted and name not in [f for f, _, _ in FLOORS]:
                     continue
+                port = db.free_port()
+                if pname == "native":
+                    p = Proc(root, f"native-{name}", db.policy_native_conf(port, b2), port)
+                else:
+                    p = Proc(root, f"dyups-{name}", floor_conf(db.policy_dyups_conf(port, b2), b2), port,
+                             files={"conf/upstream.conf": db.policy_seed(b2)})
+                procs.append(p)
                 send(port, name, mode, cfg.warm, 0)
                 p.control("-z")
                 t0 = time.monotonic()
@@ -278,11 +307,11 @@ def main():
                 p.control("-z")
                 time.sleep(secs)
                 idle = parse(p.dump())
+                p.stop()
                 results[(name, pname)] = (busy, idle, secs)
                 per = (busy[0] - idle[0]) / cfg.requests
                 print(f"{name:8s} {pname:7s} {per:8.0f} instr/request (idle {idle[0] / cfg.requests:.0f},"
                       f" {secs:.1f} s)", file=sys.stderr, flush=True)
-            p.stop()
     finally:
         for p in procs:
             p.stop()
@@ -296,7 +325,7 @@ def main():
     print(f"callgrind, instructions per request ({n} requests after {cfg.warm} warm-up, one keep-alive "
           f"connection, idle dump of the same length subtracted)")
     print(f"{'method':8s} {'proxy':7s} {'total':>8s} " + " ".join(f"{g:>24s}" for g in GROUPS))
-    for name, _, _ in METHODS:
+    for name, _, _ in METHODS + FLOORS:
         for pname in cfg.proxies.split(","):
             r = results.get((name, pname))
             if not r:
@@ -309,8 +338,25 @@ def main():
                 by[group(obj)] -= c
             print(f"{name:8s} {pname:7s} {(bt - it) / n:8.0f} "
                   + " ".join(f"{by[g] / n:24.0f}" for g in GROUPS))
-    if cfg.detail:
+    floors = {f: results.get((f, "dyups")) for f, _, _ in FLOORS}
+    if all(floors.values()):
+        total = {f: (r[0][0] - r[1][0]) / n for f, r in floors.items()}
+        print(f"floors (dyups proxy): any Lua balancer {total['floor']:.0f}, with an empty log_by_lua "
+              f"{total['floor-log']:.0f}")
+        print(f"{'method':8s} {'native':>8s} {'dyups':>8s} {'d-n':>7s} {'floor':>8s} {'ours':>7s} {'.so':>6s}"
+              "   (ours = dyups - the floor: what ngx.dyups adds to the least a Lua balancer costs,"
+              " with its hook for lc, random2; .so = instructions in ngx.dyups' library)")
         for name, _, _ in METHODS:
+            d, nat = results.get((name, "dyups")), results.get((name, "native"))
+            if not d or not nat:
+                continue
+            dt = (d[0][0] - d[1][0]) / n
+            nt = (nat[0][0] - nat[1][0]) / n
+            fl = total[FLOOR_OF.get(name, "floor")]
+            so = sum(c for o, c in d[0][1].items() if group(o) == "ngx.dyups") / n
+            print(f"{name:8s} {nt:8.0f} {dt:8.0f} {dt - nt:7.0f} {fl:8.0f} {dt - fl:7.0f} {so:6.0f}")
+    if cfg.detail:
+        for name, _, _ in METHODS + FLOORS:
             for pname in cfg.proxies.split(","):
                 r = results.get((name, pname))
                 if not r:
