@@ -1131,10 +1131,11 @@ enum KeyPart {
 }
 
 /// What the request path evaluates into `KEY` for an upstream: the hash
-/// key's parts, the client address for ip_hash, nothing for the others.
+/// key's parts, the client address for ip_hash (in binary, the bytes
+/// nginx's ip_hash reads: no text to parse), nothing for the others.
 fn key_parts(policy: &Policy) -> Option<Vec<KeyPart>> {
     match policy {
-        Policy::IpHash => Some(vec![KeyPart::Var("remote_addr".into())]),
+        Policy::IpHash => Some(vec![KeyPart::Var("binary_remote_addr".into())]),
         Policy::Hash { key, .. } => Some(split_key(key)),
         _ => None,
     }
