@@ -264,6 +264,21 @@ impl Worker {
     /// When the table cannot be read, the worker keeps routing by the last
     /// table it could read (`error` says why) rather than failing requests.
     pub fn pick(&mut self, id: u32, seen: u64, key: usize, retry: Retry, hash_key: &[u8]) -> i32 {
+        self.pick_at(id, seen, key, retry, hash_key, unix_ms())
+    }
+
+    /// [`pick`](Self::pick) at `now_ms`, milliseconds of the Unix clock: the
+    /// request path passes nginx's cached time (`ngx.now()`, what nginx's
+    /// own balancers go by), which costs no clock read.
+    pub fn pick_at(
+        &mut self,
+        id: u32,
+        seen: u64,
+        key: usize,
+        retry: Retry,
+        hash_key: &[u8],
+        now_ms: u64,
+    ) -> i32 {
         let published = self.store.generation();
         if published != self.snapshot.seen && self.failed_at != Some(published) {
             let _ = self.refresh();
@@ -274,7 +289,6 @@ impl Worker {
         let Some(upstream) = self.snapshot.table.upstreams.get(id as usize) else {
             return UNKNOWN;
         };
-        let now = unix_ms();
         let state = &mut self.balancers[id as usize];
         let input = match upstream.policy {
             Policy::IpHash => PickInput {
@@ -295,7 +309,7 @@ impl Worker {
             id,
             self.snapshot.seen,
             retry,
-            now,
+            now_ms,
         );
         if picked.is_some() && state.counts_conns() {
             self.counted += 1;

@@ -14,7 +14,7 @@ local STALE, NO_LIVE, UNKNOWN = -2, -1, -3
 -- upstreams" and answers 502, exactly as its own round robin does.
 local NGX_BUSY = -3
 
-local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, uint32_t)", pick_fn)
+local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, uint32_t, double)", pick_fn)
 -- The Rust-owned buffer a request's hash key is written to.
 local key_buf = ffi.cast("uint8_t *", key_addr)
 local ffi_copy = ffi.copy
@@ -23,7 +23,7 @@ local current = ffi.cast("int64_t (*)(void)", current_fn)
 local done = ffi.cast("void (*)(const void *)", done_fn)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
-local var, log, ERR, exit
+local var, log, ERR, exit, now
 local cache, seen = {}, -1
 
 -- A hash key's variables are read with the function behind ngx.var,
@@ -44,7 +44,7 @@ local function setup()
     get_last_failure = balancer.get_last_failure
     set_current_peer = balancer.set_current_peer
     set_more_tries = balancer.set_more_tries
-    var, log, ERR, exit = ngx.var, ngx.log, ngx.ERR, ngx.exit
+    var, log, ERR, exit, now = ngx.var, ngx.log, ngx.ERR, ngx.exit, ngx.now
     require "resty.core.var"
     var_get = C.ngx_http_lua_ffi_var_get
     value_ptr = ffi.new("unsigned char *[1]")
@@ -161,7 +161,9 @@ local function balance(name)
             end
         end
 
-        local i = pick(e.id, seen, r, retry, key_len)
+        -- nginx's cached time, as its own balancers read it: failure
+        -- windows are timed by it, in the shared cells, in every worker.
+        local i = pick(e.id, seen, r, retry, key_len, now())
         if i >= 0 then
             if retry == 0 and e.tries > 1 then
                 set_more_tries(e.tries - 1)
