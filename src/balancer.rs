@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::model::ServerSpec;
-use crate::zone::{PeerCell, PeerRef, ZoneSource};
+use crate::zone::{PeerCell, PeerRef, Zone, ZoneSource};
 
 /// Indices kept in the bitmask.
 const LOW_BITS: usize = u64::BITS as usize;
@@ -215,8 +215,8 @@ impl Health<'_> {
 
 /// The health of `peer`: its cell in `zone` while that still holds it,
 /// else its own.
-fn health_of<'a>(zone: Option<&'a dyn ZoneSource>, peer: &'a PeerState) -> Health<'a> {
-    match zone.and_then(|z| z.zone().cell(peer.shared)) {
+fn health_of<'a>(zone: Option<Zone<'a>>, peer: &'a PeerState) -> Health<'a> {
+    match zone.and_then(|z| z.cell(peer.shared)) {
         Some(cell) => Health {
             cell,
             tag: peer.shared.tag,
@@ -333,7 +333,22 @@ impl Balancer {
     /// The failures and connections of the server at `index`, where they are
     /// counted. Panics past the end, as indexing does.
     pub fn health(&self, index: usize) -> Health<'_> {
-        health_of(self.zone.as_deref(), &self.peers[index])
+        health_of(self.zone(), &self.peers[index])
+    }
+
+    /// The zone's cells, looked up (in the state file's mapping) once for a
+    /// pick that looks at many servers, rather than once per server.
+    fn zone(&self) -> Option<Zone<'_>> {
+        self.zone.as_deref().map(ZoneSource::zone)
+    }
+
+    /// Every server's health, with the zone looked up once: for the methods
+    /// that look at several servers in one pick.
+    pub(crate) fn healths(&self) -> Healths<'_> {
+        Healths {
+            zone: self.zone(),
+            peers: &self.peers,
+        }
     }
 
     /// Picks a server for one attempt: smooth weighted round robin over the
@@ -389,7 +404,7 @@ impl Balancer {
         servers: &[ServerSpec],
         mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
-        let zone = self.zone.as_deref();
+        let zone = self.zone.as_deref().map(ZoneSource::zone);
         let mut best: Option<(usize, i64)> = None;
         let mut total: i64 = 0;
         for (i, spec) in servers.iter().enumerate().take(self.peers.len()) {
@@ -443,12 +458,7 @@ impl Balancer {
         index: usize,
         now_ms: u64,
     ) -> bool {
-        match servers.get(index) {
-            Some(spec) if index < self.peers.len() => {
-                self.health(index).available(spec, tried, index, now_ms)
-            }
-            _ => false,
-        }
+        self.healths().eligible(servers, tried, index, now_ms)
     }
 
     /// For the other balancing methods: `servers[index]` was picked. Opens a
@@ -473,6 +483,31 @@ impl Balancer {
     pub fn release(&self, cell: PeerRef) {
         if let Some(zone) = &self.zone {
             zone.zone().release(cell);
+        }
+    }
+}
+
+/// The health of every server of a [`Balancer`], for one pick
+/// ([`Balancer::healths`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Healths<'a> {
+    zone: Option<Zone<'a>>,
+    peers: &'a [PeerState],
+}
+
+impl<'a> Healths<'a> {
+    /// As [`Balancer::health`].
+    pub fn get(&self, index: usize) -> Health<'a> {
+        health_of(self.zone, &self.peers[index])
+    }
+
+    /// As [`Balancer::eligible`].
+    pub fn eligible(&self, servers: &[ServerSpec], tried: &Tried, index: usize, now_ms: u64) -> bool {
+        match servers.get(index) {
+            Some(spec) if index < self.peers.len() => {
+                self.get(index).available(spec, tried, index, now_ms)
+            }
+            _ => false,
         }
     }
 }

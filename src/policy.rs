@@ -22,7 +22,7 @@ use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
 use crate::attempts::Attempts;
-use crate::balancer::{Balancer, Retry, Tried};
+use crate::balancer::{Balancer, Healths, Retry, Tried};
 use crate::model::ServerSpec;
 use crate::zone::{PeerRef, ZoneSource};
 
@@ -491,8 +491,8 @@ impl PolicyState {
 
     /// The load of server `index`: its connections in flight (in the whole
     /// nginx, when it has a shared cell) and its weight.
-    fn load(&self, servers: &[ServerSpec], index: usize) -> (u64, u64) {
-        let conns = self.balancer.health(index).conns();
+    fn load(healths: &Healths<'_>, servers: &[ServerSpec], index: usize) -> (u64, u64) {
+        let conns = healths.get(index).conns();
         (u64::from(conns), u64::from(servers[index].weight))
     }
 
@@ -505,13 +505,12 @@ impl PolicyState {
     ) -> Option<usize> {
         let mut first: Option<(usize, (u64, u64))> = None;
         let mut many = false;
+        let healths = self.balancer.healths();
         for index in 0..servers.len() {
-            if servers[index].backup != backup
-                || !self.balancer.eligible(servers, tried, index, now_ms)
-            {
+            if servers[index].backup != backup || !healths.eligible(servers, tried, index, now_ms) {
                 continue;
             }
-            let load = self.load(servers, index);
+            let load = Self::load(&healths, servers, index);
             let Some((_, best)) = first else {
                 first = Some((index, load));
                 continue;
@@ -576,10 +575,14 @@ impl PolicyState {
         let mut prev: Option<usize> = None;
         loop {
             let index = self.peek();
-            if prev != Some(index) && self.balancer.eligible(servers, tried, index, now_ms) {
+            let healths = self.balancer.healths();
+            if prev != Some(index) && healths.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
-                    let heavier = lighter(self.load(servers, index), self.load(servers, prev))
-                        == std::cmp::Ordering::Greater;
+                    let (a, b) = (
+                        Self::load(&healths, servers, index),
+                        Self::load(&healths, servers, prev),
+                    );
+                    let heavier = lighter(a, b) == std::cmp::Ordering::Greater;
                     return Some(if heavier { prev } else { index });
                 }
                 // The first of the two counts as a round, as in nginx.
