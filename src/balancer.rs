@@ -383,11 +383,12 @@ impl Balancer {
     ) -> Option<usize> {
         // Another worker may take a probe between our look and our claim;
         // the server is then disabled again and the next round passes it by.
+        let zone = self.zone.as_deref().map(ZoneSource::zone);
         for _ in 0..=servers.len() {
-            let index = self.smooth_pick(servers, |i, spec, health| {
+            let index = smooth_pick_in(&mut self.peers, zone, servers, |i, spec, health| {
                 spec.backup == backup && health.available(spec, tried, i, now_ms)
             })?;
-            if self.claim(servers, index, now_ms) {
+            if health_of(zone, &self.peers[index]).claim(&servers[index], now_ms) {
                 return Some(index);
             }
         }
@@ -402,28 +403,10 @@ impl Balancer {
     pub(crate) fn smooth_pick(
         &mut self,
         servers: &[ServerSpec],
-        mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
+        candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
         let zone = self.zone.as_deref().map(ZoneSource::zone);
-        let mut best: Option<(usize, i64)> = None;
-        let mut total: i64 = 0;
-        for (i, spec) in servers.iter().enumerate().take(self.peers.len()) {
-            if !candidate(i, spec, health_of(zone, &self.peers[i])) {
-                continue;
-            }
-            let peer = &mut self.peers[i];
-            peer.current_weight += peer.effective_weight;
-            total += peer.effective_weight;
-            if peer.effective_weight < i64::from(spec.weight) {
-                peer.effective_weight += 1;
-            }
-            if best.is_none_or(|(_, w)| peer.current_weight > w) {
-                best = Some((i, peer.current_weight));
-            }
-        }
-        let (index, _) = best?;
-        self.peers[index].current_weight -= total;
-        Some(index)
+        smooth_pick_in(&mut self.peers, zone, servers, candidate)
     }
 
     /// Records that an attempt on `servers[index]` failed (nginx's
@@ -485,6 +468,34 @@ impl Balancer {
             zone.zone().release(cell);
         }
     }
+}
+
+/// [`Balancer::smooth_pick`] over `peers`, whose cells are in `zone`.
+fn smooth_pick_in(
+    peers: &mut [PeerState],
+    zone: Option<Zone<'_>>,
+    servers: &[ServerSpec],
+    mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
+) -> Option<usize> {
+    let mut best: Option<(usize, i64)> = None;
+    let mut total: i64 = 0;
+    for (i, spec) in servers.iter().enumerate().take(peers.len()) {
+        if !candidate(i, spec, health_of(zone, &peers[i])) {
+            continue;
+        }
+        let peer = &mut peers[i];
+        peer.current_weight += peer.effective_weight;
+        total += peer.effective_weight;
+        if peer.effective_weight < i64::from(spec.weight) {
+            peer.effective_weight += 1;
+        }
+        if best.is_none_or(|(_, w)| peer.current_weight > w) {
+            best = Some((i, peer.current_weight));
+        }
+    }
+    let (index, _) = best?;
+    peers[index].current_weight -= total;
+    Some(index)
 }
 
 /// The health of every server of a [`Balancer`], for one pick

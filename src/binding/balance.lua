@@ -19,6 +19,7 @@ local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, ui
 local key_buf = ffi.cast("uint8_t *", key_addr)
 local ffi_copy = ffi.copy
 local ffi_str = ffi.string
+local tonumber = tonumber
 local current = ffi.cast("int64_t (*)(void)", current_fn)
 local done = ffi.cast("void (*)(const void *)", done_fn)
 
