@@ -505,6 +505,10 @@ impl PolicyState {
     ) -> Option<usize> {
         let mut first: Option<(usize, (u64, u64))> = None;
         let mut many = false;
+        // The servers below index 64 tied at the least load so far, so the
+        // tie-break need not look at their cells again.
+        let mut tied = 0u64;
+        let bit = |i: usize| if i < 64 { 1u64 << i } else { 0 };
         let healths = self.balancer.healths();
         for index in 0..servers.len() {
             if servers[index].backup != backup || !healths.eligible(servers, tried, index, now_ms) {
@@ -513,14 +517,19 @@ impl PolicyState {
             let load = Self::load(&healths, servers, index);
             let Some((_, best)) = first else {
                 first = Some((index, load));
+                tied = bit(index);
                 continue;
             };
             match lighter(load, best) {
                 std::cmp::Ordering::Less => {
                     first = Some((index, load));
                     many = false;
+                    tied = bit(index);
                 }
-                std::cmp::Ordering::Equal => many = true,
+                std::cmp::Ordering::Equal => {
+                    many = true;
+                    tied |= bit(index);
+                }
                 std::cmp::Ordering::Greater => {}
             }
         }
@@ -530,6 +539,9 @@ impl PolicyState {
         }
         // The tied, from `first` on, by smooth weighted round robin.
         self.balancer.smooth_pick(servers, |i, spec, health| {
+            if i < 64 {
+                return tied & bit(i) != 0;
+            }
             let load = (u64::from(health.conns()), u64::from(spec.weight));
             i >= first
                 && spec.backup == backup
@@ -1278,6 +1290,33 @@ mod tests {
             .map(|_| pick_loaded(&mut st, &s, &[1, 2, 9], &Tried::new()).unwrap())
             .collect();
         assert_eq!(seq, [1, 0, 1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn least_conn_ties_across_the_64th_server_go_round_robin() {
+        // 70 servers, all loaded but 3, 63, 64 and 69: the tie-break takes
+        // those four in turn, on both sides of the bitmask's end, and a
+        // tried one is skipped whichever side it is on.
+        let s = servers(&[1; 70]);
+        let mut st = state(Policy::LeastConn, &s);
+        let mut conns = [5u32; 70];
+        for i in [3, 63, 64, 69] {
+            conns[i] = 1;
+        }
+        let seq: Vec<usize> = (0..8)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &Tried::new()).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 63, 64, 69, 3, 63, 64, 69]);
+        let mut tried = Tried::new();
+        tried.insert(63);
+        tried.insert(69);
+        let seq: Vec<usize> = (0..4)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &tried).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 64, 3, 64]);
+        // A lighter server past 64 wins alone.
+        conns[66] = 0;
+        assert_eq!(pick_loaded(&mut st, &s, &conns, &Tried::new()), Some(66));
     }
 
     #[test]
