@@ -335,7 +335,7 @@ impl PolicyState {
     /// The server whose share of the total weight holds `w`, as nginx's
     /// `while (w >= peer->weight) { w -= peer->weight; peer = peer->next; }`.
     fn walk(&self, w: u64) -> usize {
-        self.ranges.partition_point(|&end| end <= w)
+        walk_in(&self.ranges, w)
     }
 
     /// Whether a hashing or random method runs at all: nginx goes straight
@@ -553,8 +553,7 @@ impl PolicyState {
     /// `ngx_http_upstream_peek_random_peer`: a server drawn with
     /// probability proportional to its weight.
     fn peek(&mut self) -> usize {
-        let x = self.rng.next() % self.total_weight();
-        self.walk(x)
+        draw(&mut self.rng, &self.ranges)
     }
 
     /// `ngx_http_upstream_get_random_peer`.
@@ -585,9 +584,9 @@ impl PolicyState {
             return None;
         }
         let mut prev: Option<usize> = None;
+        let healths = self.balancer.healths();
         loop {
-            let index = self.peek();
-            let healths = self.balancer.healths();
+            let index = draw(&mut self.rng, &self.ranges);
             if prev != Some(index) && healths.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
                     let (a, b) = (
@@ -605,6 +604,21 @@ impl PolicyState {
             }
         }
     }
+}
+
+/// [`PolicyState::walk`] over `ranges`, the weights summed up to each server.
+#[inline]
+fn walk_in(ranges: &[u64], w: u64) -> usize {
+    ranges.partition_point(|&end| end <= w)
+}
+
+/// A server drawn from `rng` with probability proportional to its weight
+/// (`ranges` as for [`walk_in`]; the total must not be zero). A function of
+/// the fields it uses, so a pick can hold the balancer's health meanwhile.
+#[inline]
+fn draw(rng: &mut XorShift, ranges: &[u64]) -> usize {
+    let total = ranges.last().copied().unwrap_or(0);
+    walk_in(ranges, rng.next() % total)
 }
 
 /// Compares two `(conns, weight)` loads as nginx does, without dividing:
