@@ -69,13 +69,24 @@ DETAIL = [
 # The floors, measured in the dyups proxy itself (same configuration, realip
 # included): "floor" is section 1's minimal Lua balancer (bench_rr: a fixed
 # round robin that only calls set_current_peer), the least any Lua balancer
-# costs; "floor-log" adds an empty log_by_lua_block, the least any log-phase
-# hook costs (least_conn and random two carry the README's hook).
+# costs; "floor-log" adds a log_by_lua_file of an empty file, the least a
+# hook of the README's form costs (least_conn and random two carry it).
 FLOORS = [("floor", "", "none"), ("floor-log", "", "none")]
-FLOOR_OF = {"lc": "floor-log", "random2": "floor-log"}
+FLOOR_OF = {"lc": "floor-log", "random2": "floor-log", "lc-block": "floor-log"}
+# Only with --methods: least_conn with the hook as a log_by_lua_block
+# instead of the README's log_by_lua_file lua/log.lua; the floor with the
+# README's hook (dyups.log() finds no connection to give back), with it as a
+# block, and with an empty log_by_lua_block.
+VARIANTS = [("lc-block", "", "none"), ("floor-hook", "", "none"), ("floor-hookblock", "", "none"),
+            ("floor-logblock", "", "none")]
 
 
 def floor_conf(body, backends):
+    # No refresh timer during the counts: its cost is per second, not per
+    # request (~20 looks a second of a few thousand instructions), and it
+    # would make the count depend on how fast the machine ran the requests.
+    body = body.replace('upstreams = "conf/upstream.conf" }',
+                        'upstreams = "conf/upstream.conf", refresh = 3600 }', 1)
     body = body.replace("init_by_lua_block {", "init_by_lua_block {\n        require(\"bench_rr\").init({ "
                         + ", ".join(map(str, backends)) + " })", 1)
     ups = """
@@ -86,7 +97,11 @@ def floor_conf(body, backends):
     }
 """
     locs = """        location = /floor { proxy_pass http://floor; }
-        location = /floor-log { proxy_pass http://floor; log_by_lua_block { } }
+        location = /floor-log { proxy_pass http://floor; log_by_lua_file conf/empty.lua; }
+        location = /floor-logblock { proxy_pass http://floor; log_by_lua_block { } }
+        location = /lc-block { proxy_pass http://dy_lc; log_by_lua_block { require("ngx.dyups").log() } }
+        location = /floor-hook { proxy_pass http://floor;""" + db.LOG_HOOK + """ }
+        location = /floor-hookblock { proxy_pass http://floor; log_by_lua_block { require("ngx.dyups").log() } }
 """
     body = body.replace("\n    server {", ups + "\n    server {", 1)
     return body.replace("        location = /peers", locs + "        location = /peers", 1)
@@ -106,12 +121,13 @@ class Proc:
         self.prefix = os.path.join(root, name)
         for d in ("conf", "logs", "tmp", "state"):
             os.makedirs(os.path.join(self.prefix, d), exist_ok=True)
-        for rel, text in (files or {}).items():
-            with open(os.path.join(self.prefix, rel), "w") as f:
-                f.write(text)
+        os.chmod(self.prefix, 0o755)
         self.conf = os.path.join(self.prefix, "conf", "nginx.conf")
-        with open(self.conf, "w") as f:
-            f.write(proc_conf(body))
+        for rel, text in {**(files or {}), "conf/nginx.conf": proc_conf(body)}.items():
+            path = os.path.join(self.prefix, rel)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o644)
         self.port = port
         self.out = os.path.join(self.prefix, "callgrind.out")
         self.p = subprocess.Popen(
@@ -288,7 +304,7 @@ def main():
         # A process of its own for each method: what LuaJIT compiles, and so
         # what a request costs, depends on which code ran before.
         for pname in cfg.proxies.split(","):
-            for name, _, mode in METHODS + (FLOORS if pname == "dyups" else []):
+            for name, _, mode in METHODS + (FLOORS + VARIANTS if pname == "dyups" else []):
                 if name not in wanted and name not in [f for f, _, _ in FLOORS]:
                     continue
                 port = db.free_port()
@@ -296,7 +312,7 @@ def main():
                     p = Proc(root, f"native-{name}", db.policy_native_conf(port, b2), port)
                 else:
                     p = Proc(root, f"dyups-{name}", floor_conf(db.policy_dyups_conf(port, b2), b2), port,
-                             files={"conf/upstream.conf": db.policy_seed(b2)})
+                             files={"conf/upstream.conf": db.policy_seed(b2), "conf/empty.lua": ""})
                 procs.append(p)
                 send(port, name, mode, cfg.warm, 0)
                 p.control("-z")
@@ -341,20 +357,25 @@ def main():
     floors = {f: results.get((f, "dyups")) for f, _, _ in FLOORS}
     if all(floors.values()):
         total = {f: (r[0][0] - r[1][0]) / n for f, r in floors.items()}
-        print(f"floors (dyups proxy): any Lua balancer {total['floor']:.0f}, with an empty log_by_lua "
-              f"{total['floor-log']:.0f}")
-        print(f"{'method':8s} {'native':>8s} {'dyups':>8s} {'d-n':>7s} {'floor':>8s} {'ours':>7s} {'.so':>6s}"
-              "   (ours = dyups - the floor: what ngx.dyups adds to the least a Lua balancer costs,"
-              " with its hook for lc, random2; .so = instructions in ngx.dyups' library)")
-        for name, _, _ in METHODS:
-            d, nat = results.get((name, "dyups")), results.get((name, "native"))
+        print(f"floors (dyups proxy): any Lua balancer {total['floor']:.0f}, with a log_by_lua_file of an "
+              f"empty file {total['floor-log']:.0f}")
+        rr = results.get(("rr", "native"))
+        base = (rr[0][0] - rr[1][0]) / n if rr else float("nan")
+        print(f"{'method':8s} {'native':>8s} {'dyups':>8s} {'d-n':>7s} {'lua':>6s} {'ours':>7s} {'.so':>6s}"
+              "   (lua = the floor - native round robin: what any Lua balancer costs, with an empty"
+              " log_by_lua_file for lc, random2 (the methods with the hook); ours = d-n - lua: what"
+              " ngx.dyups costs beyond that and beyond native's own pick; .so = instructions in"
+              " ngx.dyups' library)")
+        for name, _, _ in METHODS + VARIANTS:
+            d = results.get((name, "dyups"))
+            nat = results.get((name.split("-")[0], "native"))
             if not d or not nat:
                 continue
             dt = (d[0][0] - d[1][0]) / n
             nt = (nat[0][0] - nat[1][0]) / n
-            fl = total[FLOOR_OF.get(name, "floor")]
+            lua = total[FLOOR_OF.get(name, "floor")] - base
             so = sum(c for o, c in d[0][1].items() if group(o) == "ngx.dyups") / n
-            print(f"{name:8s} {nt:8.0f} {dt:8.0f} {dt - nt:7.0f} {fl:8.0f} {dt - fl:7.0f} {so:6.0f}")
+            print(f"{name:8s} {nt:8.0f} {dt:8.0f} {dt - nt:7.0f} {lua:6.0f} {dt - nt - lua:7.0f} {so:6.0f}")
     if cfg.detail:
         for name, _, _ in METHODS + FLOORS:
             for pname in cfg.proxies.split(","):
