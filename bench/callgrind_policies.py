@@ -285,6 +285,9 @@ def main():
     ap.add_argument("--warm", type=int, default=2000)
     ap.add_argument("--methods", default=",".join(m for m, _, _ in METHODS))
     ap.add_argument("--proxies", default="native,dyups")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="processes per method and proxy; the median one is reported (LuaJIT's "
+                         "trace choices vary between runs by up to ~200 instructions a request)")
     ap.add_argument("--detail", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the prefixes and dumps")
     cfg = ap.parse_args()
@@ -303,31 +306,31 @@ def main():
         b2 = backends[:2]
         # A process of its own for each method: what LuaJIT compiles, and so
         # what a request costs, depends on which code ran before.
-        for pname in cfg.proxies.split(","):
-            for name, _, mode in METHODS + (FLOORS + VARIANTS if pname == "dyups" else []):
-                if name not in wanted and name not in [f for f, _, _ in FLOORS]:
-                    continue
-                port = db.free_port()
-                if pname == "native":
-                    p = Proc(root, f"native-{name}", db.policy_native_conf(port, b2), port)
-                else:
-                    p = Proc(root, f"dyups-{name}", floor_conf(db.policy_dyups_conf(port, b2), b2), port,
-                             files={"conf/upstream.conf": db.policy_seed(b2), "conf/empty.lua": ""})
-                procs.append(p)
-                send(port, name, mode, cfg.warm, 0)
-                p.control("-z")
-                t0 = time.monotonic()
-                send(port, name, mode, cfg.requests, cfg.warm)
-                secs = time.monotonic() - t0
-                busy = parse(p.dump())
-                p.control("-z")
-                time.sleep(secs)
-                idle = parse(p.dump())
-                p.stop()
-                results[(name, pname)] = (busy, idle, secs)
-                per = (busy[0] - idle[0]) / cfg.requests
-                print(f"{name:8s} {pname:7s} {per:8.0f} instr/request (idle {idle[0] / cfg.requests:.0f},"
-                      f" {secs:.1f} s)", file=sys.stderr, flush=True)
+        runs = [(pname, m) for pname in cfg.proxies.split(",")
+                for m in METHODS + (FLOORS + VARIANTS if pname == "dyups" else [])
+                if m[0] in wanted or m in FLOORS]
+        for rep, (pname, (name, _, mode)) in ((r, x) for r in range(cfg.repeat) for x in runs):
+            port = db.free_port()
+            if pname == "native":
+                p = Proc(root, f"native-{name}-{rep}", db.policy_native_conf(port, b2), port)
+            else:
+                p = Proc(root, f"dyups-{name}-{rep}", floor_conf(db.policy_dyups_conf(port, b2), b2),
+                         port, files={"conf/upstream.conf": db.policy_seed(b2), "conf/empty.lua": ""})
+            procs.append(p)
+            send(port, name, mode, cfg.warm, 0)
+            p.control("-z")
+            t0 = time.monotonic()
+            send(port, name, mode, cfg.requests, cfg.warm)
+            secs = time.monotonic() - t0
+            busy = parse(p.dump())
+            p.control("-z")
+            time.sleep(secs)
+            idle = parse(p.dump())
+            p.stop()
+            results.setdefault((name, pname), []).append((busy, idle, secs))
+            per = (busy[0] - idle[0]) / cfg.requests
+            print(f"{name:8s} {pname:7s} {per:8.0f} instr/request (idle {idle[0] / cfg.requests:.0f},"
+                  f" {secs:.1f} s)", file=sys.stderr, flush=True)
     finally:
         for p in procs:
             p.stop()
@@ -338,6 +341,10 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
 
     n = cfg.requests
+    # The run with the median total, of each method and proxy.
+    results = {k: sorted(v, key=lambda r: r[0][0] - r[1][0])[len(v) // 2] for k, v in results.items()}
+    if cfg.repeat > 1:
+        print(f"(median of {cfg.repeat} processes each)")
     print(f"callgrind, instructions per request ({n} requests after {cfg.warm} warm-up, one keep-alive "
           f"connection, idle dump of the same length subtracted)")
     print(f"{'method':8s} {'proxy':7s} {'total':>8s} " + " ".join(f"{g:>24s}" for g in GROUPS))
