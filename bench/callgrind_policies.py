@@ -34,8 +34,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dyups_bench as db  # noqa: E402  (the configurations of section 5)
 
-# Section 5's methods plus round robin (section 1 compares that one).
-METHODS = db.POLICIES + [("rr", "", "none")]
+# Section 5's methods, round robin among them.
+METHODS = list(db.POLICIES)
 
 # Functions whose inclusive cost per request --detail prints, when they ran.
 DETAIL = [
@@ -294,7 +294,6 @@ def main():
     if not shutil.which("valgrind"):
         sys.exit("valgrind not found: apt-get install -y valgrind")
     wanted = cfg.methods.split(",")
-    db.POLICIES[:] = METHODS  # the configurations below hold the rr upstream too
     root = tempfile.mkdtemp(prefix="ngx-dyups-cg.")
     os.chmod(root, 0o755)
     procs = []

@@ -11,9 +11,10 @@ measures ngx.dyups in five sections:
      the new table (with traffic, and idle via /ups/check);
   3. churn: failed client requests while an upstream changes many times/s;
   4. scale: 1 .. 10,000 upstreams of 4 servers;
-  5. policies: hash $arg_k consistent, hash $arg_k, ip_hash, least_conn,
-     random and random two, each against nginx's native upstream with the
-     same policy, keys varied by lua/keys.lua, interleaved rounds, medians;
+  5. policies: round robin, hash $arg_k consistent, hash $arg_k, ip_hash,
+     least_conn, random and random two, each against nginx's native
+     upstream with the same policy, keys varied by lua/keys.lua, interleaved
+     rounds, medians, and each proxy worker's CPU time per request;
      for the keyless ones, each backend's share under load and
      dyups.peers() connection counts back to 0 after it.
 
@@ -943,9 +944,12 @@ def section_scale(cfg, root, backends, res):
 
 
 # ---------------------------------------------------------------------------
-# section 5: policies (every balancing method but round robin) against nginx's own
+# section 5: policies (every balancing method) against nginx's own
 
 POLICIES = [  # (location / dyups name, policy line, wrk script mode)
+    # Round robin (no balancing line): the reference row, section 1's
+    # comparison in this section's configuration.
+    ("rr", "", "none"),
     ("chash", "hash $arg_k consistent;", "k"),
     ("hash", "hash $arg_k;", "k"),
     ("iphash", "ip_hash;", "ip"),
@@ -962,6 +966,11 @@ NATIVE_ZONE = ("lc", "random", "random2")
 COUNTS_CONNS = ("lc", "random2")
 LOG_HOOK = f" log_by_lua_file {REPO}/lua/log.lua;"
 KEYLESS = tuple(name for name, _, mode in POLICIES if mode == "none")
+
+
+def policy_label(line):
+    """A policy line as the report names it."""
+    return line.rstrip(";") or "round robin"
 POLICY_KEYS = 10000  # distinct keys (or client /24s) wrk cycles through
 REALIP = """
     set_real_ip_from 127.0.0.1;
@@ -1297,7 +1306,7 @@ def report(cfg, res, elapsed):
                 r = o[pname]
                 ratio = (f"{o['ratio_paired']:.3f} ({o['ratio']:.3f})" if pname == "dyups" else "")
                 cpu = f"{o['cpu_ratio_paired']:.3f}" if pname == "dyups" else ""
-                p(f"   {(line.rstrip(';') if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
+                p(f"   {(policy_label(line) if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
                   f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}  {r['cpu_us']:6.2f} "
                   f"{r['busy'] * 100:3.0f}% {cpu:>7s}   "
                   + " ".join(f"{x:.0f}" for x in r["rps_all"]))
@@ -1307,26 +1316,26 @@ def report(cfg, res, elapsed):
           " per-round ratios)")
         keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['agree']}/{po[n]['checked']} keys"
                       f" ({po[n]['backends_seen']} backends used)" for n in keyed))
         p(f"   keyless, {po[KEYLESS[0]]['checked']} requests one by one: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['backends_seen']} backends used through both"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['backends_seen']} backends used through both"
                       for n in KEYLESS))
         p(f"   share of each backend under load (untimed wrk -c {cfg.conns} run of {cfg.pol_share_secs} s "
           f"per proxy, answers counted): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} native "
+          + "; ".join(f"{policy_label(po[n]['policy'])} native "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["native"]) + " %, dyups "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["dyups"]) + " %"
                       + (f" ({po[n]['share_errors']} errors)" if po[n]["share_errors"] else "")
                       for n in KEYLESS))
         p("   dyups.peers() conns (whole nginx): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} during that run max "
+          + "; ".join(f"{policy_label(po[n]['policy'])} during that run max "
                       f"{max(po[n]['conns_samples'], default=0)} (median {med(po[n]['conns_samples']):.0f}, "
                       f"{len(po[n]['conns_samples'])} samples), after the rounds "
                       f"{'+'.join(map(str, po[n]['conns_after_rounds']))}, after that run "
                       f"{'+'.join(map(str, po[n]['conns_after']))}"
                       for n in KEYLESS)
-          + " (random counts none)")
+          + " (round robin and random count none)")
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
     # targets
@@ -1366,8 +1375,18 @@ def report(cfg, res, elapsed):
                    f"{fmt_ms(sc[-1]['prop_p99'])} ms)")
             target("10,000 upstreams: no drop on an unchanged upstream", None, False,
                    f"not run (QUICK; N={sc[-1]['n']}: ratio {sc[-1]['churn_ratio']:.3f})")
+    if po:
+        names = [n for n, _, _ in POLICIES]
+        worst = min(names, key=lambda n: po[n]["ratio_paired"])
+        target("every method: dyups >= 0.95 x native req/s (paired)", 1,
+               po[worst]["ratio_paired"] >= 0.95,
+               f"lowest {po[worst]['ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
+        worst = max(names, key=lambda n: po[n]["cpu_ratio_paired"])
+        target("every method: proxy worker CPU per request <= 1.05 x native (paired)", 1,
+               po[worst]["cpu_ratio_paired"] <= 1.05,
+               f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
     if not rows:
-        p("   (none in the sections run; section 5 reports ratios only)")
+        p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
     for label, shown, verdict in rows:
         p(f"   {verdict:4s}  {label:{w}s}  {shown}")
@@ -1395,7 +1414,7 @@ def main():
     cfg.scale_updates = 20 if q else 50
     cfg.scale_rounds = 2 if q else 3
     cfg.scale_secs = 2 if q else 3
-    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 6 policies x 2 proxies
+    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 7 policies x 2 proxies
     cfg.pol_secs = 2 if q else 3
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy
