@@ -513,7 +513,13 @@ impl<'a> Healths<'a> {
     }
 
     /// As [`Balancer::eligible`].
-    pub fn eligible(&self, servers: &[ServerSpec], tried: &Tried, index: usize, now_ms: u64) -> bool {
+    pub fn eligible(
+        &self,
+        servers: &[ServerSpec],
+        tried: &Tried,
+        index: usize,
+        now_ms: u64,
+    ) -> bool {
         match servers.get(index) {
             Some(spec) if index < self.peers.len() => {
                 self.get(index).available(spec, tried, index, now_ms)

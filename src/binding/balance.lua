@@ -24,7 +24,7 @@ local current = ffi.cast("int64_t (*)(void)", current_fn)
 local done = ffi.cast("void (*)(const void *)", done_fn)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
-local var, log, ERR, exit, now
+local var, log, ERR, exit, ngx_now
 local cache, seen = {}, -1
 
 -- A hash key's variables are read with the function behind ngx.var,
@@ -45,7 +45,7 @@ local function setup()
     get_last_failure = balancer.get_last_failure
     set_current_peer = balancer.set_current_peer
     set_more_tries = balancer.set_more_tries
-    var, log, ERR, exit, now = ngx.var, ngx.log, ngx.ERR, ngx.exit, ngx.now
+    var, log, ERR, exit, ngx_now = ngx.var, ngx.log, ngx.ERR, ngx.exit, ngx.now
     require "resty.core.var"
     var_get = C.ngx_http_lua_ffi_var_get
     value_ptr = ffi.new("unsigned char *[1]")
@@ -164,7 +164,7 @@ local function balance(name)
 
         -- nginx's cached time, as its own balancers read it: failure
         -- windows are timed by it, in the shared cells, in every worker.
-        local i = pick(e.id, seen, r, retry, key_len, now())
+        local i = pick(e.id, seen, r, retry, key_len, ngx_now())
         if i >= 0 then
             if retry == 0 and e.tries > 1 then
                 set_more_tries(e.tries - 1)
