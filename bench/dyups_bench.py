@@ -11,9 +11,10 @@ measures ngx.dyups in five sections:
      the new table (with traffic, and idle via /ups/check);
   3. churn: failed client requests while an upstream changes many times/s;
   4. scale: 1 .. 10,000 upstreams of 4 servers;
-  5. policies: hash $arg_k consistent, hash $arg_k, ip_hash, least_conn,
-     random and random two, each against nginx's native upstream with the
-     same policy, keys varied by lua/keys.lua, interleaved rounds, medians;
+  5. policies: round robin, hash $arg_k consistent, hash $arg_k, ip_hash,
+     least_conn, random and random two, each against nginx's native
+     upstream with the same policy, keys varied by lua/keys.lua, interleaved
+     rounds, medians, and each proxy worker's CPU time per request;
      for the keyless ones, each backend's share under load and
      dyups.peers() connection counts back to 0 after it.
 
@@ -234,6 +235,22 @@ def stop_all():
             p.wait()
     while INSTANCES:
         INSTANCES.pop().stop()
+
+
+def cpu_ns(pid):
+    """CPU time (user + system) process `pid` has run, in ns: the scheduler's
+    own count (/proc/PID/schedstat), else the 10 ms ticks of /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            ns = int(f.read().split()[0])
+        if ns:
+            return ns
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid):
@@ -984,9 +1001,12 @@ def section_scale(cfg, root, backends, res):
 
 
 # ---------------------------------------------------------------------------
-# section 5: policies (every balancing method but round robin) against nginx's own
+# section 5: policies (every balancing method) against nginx's own
 
 POLICIES = [  # (location / dyups name, policy line, wrk script mode)
+    # Round robin (no balancing line): the reference row, section 1's
+    # comparison in this section's configuration.
+    ("rr", "", "none"),
     ("chash", "hash $arg_k consistent;", "k"),
     ("hash", "hash $arg_k;", "k"),
     ("iphash", "ip_hash;", "ip"),
@@ -1003,6 +1023,11 @@ NATIVE_ZONE = ("lc", "random", "random2")
 COUNTS_CONNS = ("lc", "random2")
 LOG_HOOK = f" log_by_lua_file {REPO}/lua/log.lua;"
 KEYLESS = tuple(name for name, _, mode in POLICIES if mode == "none")
+
+
+def policy_label(line):
+    """A policy line as the report names it."""
+    return line.rstrip(";") or "round robin"
 POLICY_KEYS = 10000  # distinct keys (or client /24s) wrk cycles through
 REALIP = """
     set_real_ip_from 127.0.0.1;
@@ -1161,6 +1186,8 @@ def section_policies(cfg, root, backends, res):
     ]
     for _, inst, port in proxies:
         inst.start([port])
+    # The one worker of each proxy, whose CPU time per request is measured.
+    worker = {pname: inst.worker_pids()[0] for pname, inst, _ in proxies}
     out = {}
     # Sanity: both proxies send the same keys to the same backend, and the
     # keys spread over both backends (wrk varies the key as these do). The
@@ -1189,10 +1216,18 @@ def section_policies(cfg, root, backends, res):
             # alternate which proxy goes first, so neither always follows the other
             order = proxies if rnd % 2 == 0 else proxies[::-1]
             for pname, _, port in order:
+                cpu0, t0 = cpu_ns(worker[pname]), now()
                 r = wrk_keys(port, f"/{name}", cfg.pol_secs, mode, cfg.conns, cfg.threads)
+                cpu, wall = cpu_ns(worker[pname]) - cpu0, now() - t0
+                # The worker's CPU time over the requests it served (wrk's
+                # count; the few it cut off at the end are not in it), and
+                # how busy it was: near 100 % the proxy is the bottleneck.
+                r["cpu_us"] = cpu / 1e3 / r["requests"] if r["requests"] else float("nan")
+                r["busy"] = cpu / 1e9 / wall
                 runs[(name, pname)].append(r)
                 log(f"  [5] round {rnd + 1}/{cfg.pol_rounds} {name:7s} {pname:7s} {r['rps']:9.0f} req/s "
-                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms, worker {r['cpu_us']:.2f} us/req "
+                    f"({r['busy'] * 100:.0f} % busy)")
     # The keyless methods: connections given back after all the timed load,
     # then a counted run per proxy (share of each backend under load, and
     # dyups.peers() sampled while it runs), and the connections again.
@@ -1230,10 +1265,13 @@ def section_policies(cfg, root, backends, res):
             o[pname] = {"rps": med([r["rps"] for r in rs]), "p50": med([r["p50"] for r in rs]),
                         "p99": med([r["p99"] for r in rs]),
                         "errors": sum(r["non2xx"] + r["sockerr"] for r in rs),
-                        "rps_all": [r["rps"] for r in rs]}
+                        "rps_all": [r["rps"] for r in rs],
+                        "cpu_us": med([r["cpu_us"] for r in rs]),
+                        "busy": med([r["busy"] for r in rs])}
         d, n = runs[(name, "dyups")], runs[(name, "native")]
         o["ratio"] = o["dyups"]["rps"] / o["native"]["rps"]
         o["ratio_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
+        o["cpu_ratio_paired"] = med([a["cpu_us"] / b["cpu_us"] for a, b in zip(d, n)])
     out["errors_in_log"] = errors_in_log
     res["policies"] = out
 
@@ -1340,38 +1378,43 @@ def report(cfg, res, elapsed):
           f"with `zone`; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys (hash, ip_hash); "
           f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
         p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
-          f"  {'dyups/native':>12s}   req/s per round")
+          f"  {'dyups/native':>12s}  {'us/req':>6s} {'busy':>4s} {'cpu d/n':>7s}   req/s per round")
         for name, line, _ in POLICIES:
             o = po[name]
             for k, pname in enumerate(("native", "dyups")):
                 r = o[pname]
                 ratio = (f"{o['ratio_paired']:.3f} ({o['ratio']:.3f})" if pname == "dyups" else "")
-                p(f"   {(line.rstrip(';') if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
-                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}   "
+                cpu = f"{o['cpu_ratio_paired']:.3f}" if pname == "dyups" else ""
+                p(f"   {(policy_label(line) if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
+                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}  {r['cpu_us']:6.2f} "
+                  f"{r['busy'] * 100:3.0f}% {cpu:>7s}   "
                   + " ".join(f"{x:.0f}" for x in r["rps_all"]))
-        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians)")
+        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians."
+          " us/req: the proxy worker's CPU time (user + system) per request served, median of the rounds;"
+          " busy: its CPU time over the run's wall time; cpu d/n: dyups/native us/req, median of the"
+          " per-round ratios)")
         keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['agree']}/{po[n]['checked']} keys"
                       f" ({po[n]['backends_seen']} backends used)" for n in keyed))
         p(f"   keyless, {po[KEYLESS[0]]['checked']} requests one by one: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['backends_seen']} backends used through both"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['backends_seen']} backends used through both"
                       for n in KEYLESS))
         p(f"   share of each backend under load (untimed wrk -c {cfg.conns} run of {cfg.pol_share_secs} s "
           f"per proxy, answers counted): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} native "
+          + "; ".join(f"{policy_label(po[n]['policy'])} native "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["native"]) + " %, dyups "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["dyups"]) + " %"
                       + (f" ({po[n]['share_errors']} errors)" if po[n]["share_errors"] else "")
                       for n in KEYLESS))
         p("   dyups.peers() conns (whole nginx): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} during that run max "
+          + "; ".join(f"{policy_label(po[n]['policy'])} during that run max "
                       f"{max(po[n]['conns_samples'], default=0)} (median {med(po[n]['conns_samples']):.0f}, "
                       f"{len(po[n]['conns_samples'])} samples), after the rounds "
                       f"{'+'.join(map(str, po[n]['conns_after_rounds']))}, after that run "
                       f"{'+'.join(map(str, po[n]['conns_after']))}"
                       for n in KEYLESS)
-          + " (random counts none)")
+          + " (round robin and random count none)")
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
     # targets
@@ -1417,8 +1460,18 @@ def report(cfg, res, elapsed):
                    f"{fmt_ms(sc[-1]['prop_p99'])} ms)")
             target("10,000 upstreams: no drop on an unchanged upstream", None, False,
                    f"not run (QUICK; N={sc[-1]['n']}: ratio {sc[-1]['churn_ratio']:.3f})")
+    if po:
+        names = [n for n, _, _ in POLICIES]
+        worst = min(names, key=lambda n: po[n]["ratio_paired"])
+        target("every method: dyups >= 0.95 x native req/s (paired)", 1,
+               po[worst]["ratio_paired"] >= 0.95,
+               f"lowest {po[worst]['ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
+        worst = max(names, key=lambda n: po[n]["cpu_ratio_paired"])
+        target("every method: proxy worker CPU per request <= 1.05 x native (paired)", 1,
+               po[worst]["cpu_ratio_paired"] <= 1.05,
+               f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
     if not rows:
-        p("   (none in the sections run; section 5 reports ratios only)")
+        p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
     for label, shown, verdict in rows:
         p(f"   {verdict:4s}  {label:{w}s}  {shown}")
@@ -1451,7 +1504,7 @@ def main():
     cfg.scale_updates = 20 if q else 50
     cfg.scale_rounds = 2 if q else 5
     cfg.scale_secs = 2 if q else 3
-    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 6 policies x 2 proxies
+    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 7 policies x 2 proxies
     cfg.pol_secs = 2 if q else 3
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy

@@ -61,12 +61,13 @@ fn main() {
         .map(|(name, _)| w.upstream_id(name).unwrap())
         .collect();
     let keys: Vec<String> = (0..1000).map(|i| format!("/item/{i}")).collect();
-    let clients: Vec<String> = (0..1000)
-        .map(|i| format!("10.{}.{}.7", i % 7, i % 251))
+    // ip_hash's key is the client address as $binary_remote_addr gives it.
+    let clients: Vec<[u8; 4]> = (0..1000)
+        .map(|i| [10, (i % 7) as u8, (i % 251) as u8, 7])
         .collect();
     let hash_key = |name: &str, i: usize| -> &[u8] {
         match name {
-            "iphash" => clients[i].as_bytes(),
+            "iphash" => &clients[i],
             "hash" | "chash" => keys[i].as_bytes(),
             _ => b"",
         }

@@ -25,7 +25,7 @@ use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
 use crate::balance::attempts::Attempts;
-use crate::balance::balancer::{Balancer, Retry, Tried};
+use crate::balance::balancer::{Balancer, Healths, Retry, Tried};
 use crate::balance::hashing::{find_point, ketama_points, memcached_hash, Point};
 use crate::store::zone::ZoneSource;
 use crate::table::model::PeerRef;
@@ -255,7 +255,7 @@ impl PolicyState {
     /// The server whose share of the total weight holds `w`, as nginx's
     /// `while (w >= peer->weight) { w -= peer->weight; peer = peer->next; }`.
     fn walk(&self, w: u64) -> usize {
-        self.ranges.partition_point(|&end| end <= w)
+        walk_in(&self.ranges, w)
     }
 
     /// Whether a hashing or random method runs at all: nginx goes straight
@@ -411,8 +411,8 @@ impl PolicyState {
 
     /// The load of server `index`: its connections in flight (in the whole
     /// nginx, when it has a shared cell) and its weight.
-    fn load(&self, servers: &[ServerSpec], index: usize) -> (u64, u64) {
-        let conns = self.balancer.health(index).conns();
+    fn load(healths: &Healths<'_>, servers: &[ServerSpec], index: usize) -> (u64, u64) {
+        let conns = healths.get(index).conns();
         (u64::from(conns), u64::from(servers[index].weight))
     }
 
@@ -425,23 +425,31 @@ impl PolicyState {
     ) -> Option<usize> {
         let mut first: Option<(usize, (u64, u64))> = None;
         let mut many = false;
+        // The servers below index 64 tied at the least load so far, so the
+        // tie-break need not look at their cells again.
+        let mut tied = 0u64;
+        let bit = |i: usize| if i < 64 { 1u64 << i } else { 0 };
+        let healths = self.balancer.healths();
         for index in 0..servers.len() {
-            if servers[index].backup != backup
-                || !self.balancer.eligible(servers, tried, index, now_ms)
-            {
+            if servers[index].backup != backup || !healths.eligible(servers, tried, index, now_ms) {
                 continue;
             }
-            let load = self.load(servers, index);
+            let load = Self::load(&healths, servers, index);
             let Some((_, best)) = first else {
                 first = Some((index, load));
+                tied = bit(index);
                 continue;
             };
             match lighter(load, best) {
                 std::cmp::Ordering::Less => {
                     first = Some((index, load));
                     many = false;
+                    tied = bit(index);
                 }
-                std::cmp::Ordering::Equal => many = true,
+                std::cmp::Ordering::Equal => {
+                    many = true;
+                    tied |= bit(index);
+                }
                 std::cmp::Ordering::Greater => {}
             }
         }
@@ -451,6 +459,9 @@ impl PolicyState {
         }
         // The tied, from `first` on, by smooth weighted round robin.
         self.balancer.smooth_pick(servers, |i, spec, health| {
+            if i < 64 {
+                return tied & bit(i) != 0;
+            }
             let load = (u64::from(health.conns()), u64::from(spec.weight));
             i >= first
                 && spec.backup == backup
@@ -462,8 +473,7 @@ impl PolicyState {
     /// `ngx_http_upstream_peek_random_peer`: a server drawn with
     /// probability proportional to its weight.
     fn peek(&mut self) -> usize {
-        let x = self.rng.next() % self.total_weight();
-        self.walk(x)
+        draw(&mut self.rng, &self.ranges)
     }
 
     /// `ngx_http_upstream_get_random_peer`.
@@ -494,12 +504,16 @@ impl PolicyState {
             return None;
         }
         let mut prev: Option<usize> = None;
+        let healths = self.balancer.healths();
         loop {
-            let index = self.peek();
-            if prev != Some(index) && self.balancer.eligible(servers, tried, index, now_ms) {
+            let index = draw(&mut self.rng, &self.ranges);
+            if prev != Some(index) && healths.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
-                    let heavier = lighter(self.load(servers, index), self.load(servers, prev))
-                        == std::cmp::Ordering::Greater;
+                    let (a, b) = (
+                        Self::load(&healths, servers, index),
+                        Self::load(&healths, servers, prev),
+                    );
+                    let heavier = lighter(a, b) == std::cmp::Ordering::Greater;
                     return Some(if heavier { prev } else { index });
                 }
                 // The first of the two counts as a round, as in nginx.
@@ -510,6 +524,21 @@ impl PolicyState {
             }
         }
     }
+}
+
+/// [`PolicyState::walk`] over `ranges`, the weights summed up to each server.
+#[inline]
+fn walk_in(ranges: &[u64], w: u64) -> usize {
+    ranges.partition_point(|&end| end <= w)
+}
+
+/// A server drawn from `rng` with probability proportional to its weight
+/// (`ranges` as for [`walk_in`]; the total must not be zero). A function of
+/// the fields it uses, so a pick can hold the balancer's health meanwhile.
+#[inline]
+fn draw(rng: &mut XorShift, ranges: &[u64]) -> usize {
+    let total = ranges.last().copied().unwrap_or(0);
+    walk_in(ranges, rng.next() % total)
 }
 
 /// Compares two `(conns, weight)` loads as nginx does, without dividing:
@@ -1062,6 +1091,33 @@ mod tests {
             .map(|_| pick_loaded(&mut st, &s, &[1, 2, 9], &Tried::new()).unwrap())
             .collect();
         assert_eq!(seq, [1, 0, 1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn least_conn_ties_across_the_64th_server_go_round_robin() {
+        // 70 servers, all loaded but 3, 63, 64 and 69: the tie-break takes
+        // those four in turn, on both sides of the bitmask's end, and a
+        // tried one is skipped whichever side it is on.
+        let s = servers(&[1; 70]);
+        let mut st = state(Policy::LeastConn, &s);
+        let mut conns = [5u32; 70];
+        for i in [3, 63, 64, 69] {
+            conns[i] = 1;
+        }
+        let seq: Vec<usize> = (0..8)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &Tried::new()).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 63, 64, 69, 3, 63, 64, 69]);
+        let mut tried = Tried::new();
+        tried.insert(63);
+        tried.insert(69);
+        let seq: Vec<usize> = (0..4)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &tried).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 64, 3, 64]);
+        // A lighter server past 64 wins alone.
+        conns[66] = 0;
+        assert_eq!(pick_loaded(&mut st, &s, &conns, &Tried::new()), Some(66));
     }
 
     #[test]

@@ -293,8 +293,10 @@ impl Worker {
     }
 
     /// Picks a server of upstream `id` for one attempt of request `key`.
-    /// `hash_key` is the request's evaluated hash key (for `ip_hash`, the
-    /// client address as text); empty for the other methods.
+    /// `hash_key` is the request's evaluated hash key; for `ip_hash`, the
+    /// client address as nginx's `$binary_remote_addr` gives it (4 bytes for
+    /// IPv4, 16 for IPv6, anything else hashes as nginx hashes a unix
+    /// socket's client); empty for the other methods.
     /// Returns its index in the upstream, or `STALE` when the caller's ids
     /// are from another generation than the current one (the caller then
     /// resolves the name again), `NO_LIVE` or `UNKNOWN`.
@@ -302,6 +304,21 @@ impl Worker {
     /// When the table cannot be read, the worker keeps routing by the last
     /// table it could read (`error` says why) rather than failing requests.
     pub fn pick(&mut self, id: u32, seen: u64, key: usize, retry: Retry, hash_key: &[u8]) -> i32 {
+        self.pick_at(id, seen, key, retry, hash_key, unix_ms())
+    }
+
+    /// [`pick`](Self::pick) at `now_ms`, milliseconds of the Unix clock: the
+    /// request path passes nginx's cached time (`ngx.now()`, what nginx's
+    /// own balancers go by), which costs no clock read.
+    pub fn pick_at(
+        &mut self,
+        id: u32,
+        seen: u64,
+        key: usize,
+        retry: Retry,
+        hash_key: &[u8],
+        now_ms: u64,
+    ) -> i32 {
         let published = self.store.generation();
         if published != self.snapshot.seen && self.failed_at != Some(published) {
             let _ = self.refresh();
@@ -312,12 +329,10 @@ impl Worker {
         let Some(upstream) = self.snapshot.table.upstreams.get(id as usize) else {
             return UNKNOWN;
         };
-        let now = unix_ms();
         let state = &mut self.balancers[id as usize];
-        let mut client = [0u8; 16];
         let input = match upstream.policy {
             Policy::IpHash => PickInput {
-                client: client_bytes(hash_key, &mut client),
+                client: hash_key,
                 ..PickInput::default()
             },
             _ => PickInput {
@@ -334,7 +349,7 @@ impl Worker {
             id,
             self.snapshot.seen,
             retry,
-            now,
+            now_ms,
         );
         if picked.is_some() && state.counts_conns() {
             self.counted += 1;
@@ -379,25 +394,6 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The client address `text` (nginx's `$remote_addr`) as the bytes ip_hash
-/// hashes: 4 for IPv4, 16 for IPv6, none for anything else (a unix socket).
-fn client_bytes<'a>(text: &[u8], buf: &'a mut [u8; 16]) -> &'a [u8] {
-    let parsed = std::str::from_utf8(text)
-        .ok()
-        .and_then(|t| t.parse::<std::net::IpAddr>().ok());
-    match parsed {
-        Some(std::net::IpAddr::V4(v4)) => {
-            buf[..4].copy_from_slice(&v4.octets());
-            &buf[..4]
-        }
-        Some(std::net::IpAddr::V6(v6)) => {
-            buf.copy_from_slice(&v6.octets());
-            &buf[..]
-        }
-        None => &buf[..0],
-    }
 }
 
 #[cfg(test)]

@@ -1785,10 +1785,11 @@ enum KeyPart {
 }
 
 /// What the request path evaluates into `KEY` for an upstream: the hash
-/// key's parts, the client address for ip_hash, nothing for the others.
+/// key's parts, the client address for ip_hash (in binary, the bytes
+/// nginx's ip_hash reads: no text to parse), nothing for the others.
 fn key_parts(policy: &Policy) -> Option<Vec<KeyPart>> {
     match policy {
-        Policy::IpHash => Some(vec![KeyPart::Var("remote_addr".into())]),
+        Policy::IpHash => Some(vec![KeyPart::Var("binary_remote_addr".into())]),
         Policy::Hash { key, .. } => Some(split_key(key)),
         _ => None,
     }
@@ -1830,14 +1831,18 @@ fn split_key(key: &str) -> Vec<KeyPart> {
 }
 
 /// The per-request pick, called through LuaJIT's FFI (see balance.lua):
-/// integers in, an integer out, nothing allocated.
+/// numbers in, an integer out, nothing allocated. `now` is nginx's cached
+/// time in seconds (`ngx.now()`).
 extern "C" fn dyups_pick(
     id: u32,
     seen: u64,
     request: *const c_void,
     retry: i32,
     key_len: u32,
+    now: f64,
 ) -> i32 {
+    // Seconds to milliseconds; a clock before 1970 (or NaN) counts as 0.
+    let now_ms = (now * 1000.0) as u64;
     let retry = match retry {
         0 => Retry::First,
         1 => Retry::Failed,
@@ -1851,13 +1856,13 @@ extern "C" fn dyups_pick(
         };
         if key_len == 0 {
             // Round robin and the other keyless methods: nothing to copy.
-            return w.pick(id, seen, request as usize, retry, &[]);
+            return w.pick_at(id, seen, request as usize, retry, &[], now_ms);
         }
         let mut key = KEY_COPY.lock();
         key.clear();
         let len = (key_len as usize).min(KEY_MAX);
         key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
-        w.pick(id, seen, request as usize, retry, &key)
+        w.pick_at(id, seen, request as usize, retry, &key, now_ms)
     })
     .unwrap_or(UNKNOWN)
 }
