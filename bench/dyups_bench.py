@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -253,6 +254,13 @@ def cpu_ns(pid):
     return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
 
 
+def cpu_s(pid):
+    """CPU seconds (user + system) a process has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -475,6 +483,22 @@ def writer_finish(p):
         raise RuntimeError(f"lua/writer.lua failed: {err.strip()}")
     f = out.split()
     return {f[i]: float(f[i + 1]) for i in range(0, len(f) - 1, 2)}
+
+
+def write_cpu(api_port, workers, rate, secs, names, backends, read=False):
+    """CPU a write costs, without traffic: `rate` writes/s for `secs`, and the
+    CPU seconds the workers (all their threads: the msync runs in nginx's
+    thread pool) and the writer used, per write (µs)."""
+    def children_cpu():
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
+
+    before, mine = [cpu_s(w) for w in workers], children_cpu()
+    p = writer_bg(api_port, rate, secs, names, backends, read=read)
+    wr = writer_finish(p)  # waits for it: its CPU is then in RUSAGE_CHILDREN
+    n = max(1.0, wr["ok"] + wr["failed"])
+    return {"workers_us": (sum(cpu_s(w) for w in workers) - sum(before)) / n * 1e6,
+            "writer_us": (children_cpu() - mine) / n * 1e6, "rate": wr["ok"] / wr["secs"]}
 
 
 def med(xs):
@@ -962,6 +986,11 @@ def section_scale(cfg, root, backends, res):
                 c["failed"] += wr["failed"]
                 c["p50"].append(wr["p50"])
                 c["p99"].append(wr["p99"])
+        # what a write costs, without traffic (and, for N = 1, a read)
+        cost = write_cpu(api_port, workers, cfg.scale_fast_rate, cfg.scale_secs, others, b4)
+        if n == 1:
+            cost["read"] = write_cpu(api_port, workers, cfg.scale_fast_rate, cfg.scale_secs, others, b4,
+                                     read=True)
         sf = os.stat(os.path.join(inst.prefix, "state", "dyups.state"))
         rss = max(rss_kb(w) for w in workers)
         q = med([r["rps"] for r in quiet])
@@ -986,6 +1015,7 @@ def section_scale(cfg, root, backends, res):
                "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + slow["runs"] + fast["runs"])
                + slow["failed"] + fast["failed"]}
         row["fast"]["ratio"] = row["fast"]["rps"] / q
+        row["cost"] = cost
         if reads:
             row["reads"] = {"rps": med([r["rps"] for r in reads["runs"]]),
                             "ratio_paired": med([r["rps"] / qq["rps"] for r, qq in zip(reads["runs"], quiet)]),
@@ -1362,6 +1392,15 @@ def report(cfg, res, elapsed):
               f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f} "
               f"{r['p99_quiet']:9.2f} {f['p99']:9.2f}   "
               + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
+        p(f"   CPU a write costs, without traffic ({cfg.scale_fast_rate}/s for {cfg.scale_secs} s): "
+          + "; ".join(f"N={r['n']}: workers {r['cost']['workers_us']:.0f} µs (at {r['cost']['rate']:.0f}/s), "
+                      f"writer {r['cost']['writer_us']:.0f} µs" for r in sc))
+        for r in sc:
+            rd = r["cost"].get("read")
+            if rd:
+                p(f"   ... and a read (GET /list), N={r['n']}: workers {rd['workers_us']:.0f} µs, "
+                  f"writer {rd['writer_us']:.0f} µs; {cfg.scale_fast_rate} writes/s of N={r['n']} take "
+                  f"{r['cost']['workers_us'] * cfg.scale_fast_rate / 1e4 / 2:.1f} % of 2 CPUs in the workers")
         for r in sc:
             if "reads" in r:
                 rd = r["reads"]
