@@ -365,10 +365,12 @@ describe("8 concurrent writers (4 over REST, 4 through the module), 2 readers", 
       assert.is_truthy(by_version[v], "no accepted write has version " .. v)
     end
 
-    -- the writers really interleaved: in version order, the kind of writer
-    -- (REST or Lua) changes again and again, not once (one kind's writes all
-    -- before the other's). How often depends on the machine's speed; a few
-    -- times is what shows the two kinds contended.
+    -- the writers really contended: the Lua writers lost read-decide-write
+    -- races to others (412 retries), and in version order the kind of writer
+    -- (REST or Lua) changes more than once (one kind's writes all before the
+    -- other's would be once). How often it changes depends on the machine's
+    -- speed: the writers' queue serves in order of arrival, and a fast kind
+    -- can run ahead for a while.
     local kind_at = {}
     for _, o in ipairs(accepted) do kind_at[o.v] = o.w <= REST_WRITERS and "rest" or "lua" end
     local switches, last = 0, nil
@@ -376,7 +378,8 @@ describe("8 concurrent writers (4 over REST, 4 through the module), 2 readers", 
       if last and kind_at[v] ~= last then switches = switches + 1 end
       last = kind_at[v]
     end
-    assert.is_true(switches >= 4, ("the writer kind changed only %d times in version order"):format(switches))
+    assert.is_true(switches >= 2, ("the writer kind changed only %d times in version order"):format(switches))
+    assert.is_true(total_412 > 0, "no Lua writer ever lost a race: the writers did not contend")
 
     -- replay in version order
     local model_at = { [v0] = model_string(state) }
