@@ -66,11 +66,12 @@ DETAIL = [
 ]
 
 
-# The floors, measured in the dyups proxy itself (same configuration, realip
-# included): "floor" is section 1's minimal Lua balancer (bench_rr: a fixed
-# round robin that only calls set_current_peer), the least any Lua balancer
-# costs; "floor-log" adds a log_by_lua_file of an empty file, the least a
-# hook of the README's form costs (least_conn and random two carry it).
+# The floors, measured in the dyups proxy itself (section 5's FLOOR_ROWS, in
+# its configuration, realip included): "floor" is section 1's minimal Lua
+# balancer (bench_rr: a fixed round robin that only calls set_current_peer),
+# the least any Lua balancer costs; "floor-log" adds a log_by_lua_file of an
+# empty file, the least a hook of the README's form costs (least_conn and
+# random two carry it).
 FLOORS = [("floor", "", "none"), ("floor-log", "", "none")]
 FLOOR_OF = {"lc": "floor-log", "random2": "floor-log", "lc-block": "floor-log"}
 # Only with --methods: least_conn with the hook as a log_by_lua_block
@@ -81,29 +82,19 @@ VARIANTS = [("lc-block", "", "none"), ("floor-hook", "", "none"), ("floor-hookbl
             ("floor-logblock", "", "none")]
 
 
-def floor_conf(body, backends):
-    # No refresh timer during the counts: its cost is per second, not per
-    # request (~20 looks a second of a few thousand instructions), and it
-    # would make the count depend on how fast the machine ran the requests.
+def floor_conf(body):
+    """Section 5's dyups proxy (which holds the floors, dyups_bench.FLOOR_ROWS)
+    with the variants' locations, and no refresh timer during the counts: its
+    cost is per second, not per request (~20 looks a second of a few thousand
+    instructions), and it would make the count depend on how fast the machine
+    ran the requests."""
     body = body.replace('upstreams = "conf/upstream.conf" }',
                         'upstreams = "conf/upstream.conf", refresh = 3600 }', 1)
-    body = body.replace("init_by_lua_block {", "init_by_lua_block {\n        require(\"bench_rr\").init({ "
-                        + ", ".join(map(str, backends)) + " })", 1)
-    ups = """
-    upstream floor {
-        server 0.0.0.1;
-        balancer_by_lua_block { require("bench_rr").balance() }
-        keepalive 32;
-    }
-"""
-    locs = """        location = /floor { proxy_pass http://floor; }
-        location = /floor-log { proxy_pass http://floor; log_by_lua_file conf/empty.lua; }
-        location = /floor-logblock { proxy_pass http://floor; log_by_lua_block { } }
+    locs = """        location = /floor-logblock { proxy_pass http://floor; log_by_lua_block { } }
         location = /lc-block { proxy_pass http://dy_lc; log_by_lua_block { require("ngx.dyups").log() } }
         location = /floor-hook { proxy_pass http://floor;""" + db.LOG_HOOK + """ }
         location = /floor-hookblock { proxy_pass http://floor; log_by_lua_block { require("ngx.dyups").log() } }
 """
-    body = body.replace("\n    server {", ups + "\n    server {", 1)
     return body.replace("        location = /peers", locs + "        location = /peers", 1)
 
 
@@ -313,7 +304,7 @@ def main():
             if pname == "native":
                 p = Proc(root, f"native-{name}-{rep}", db.policy_native_conf(port, b2), port)
             else:
-                p = Proc(root, f"dyups-{name}-{rep}", floor_conf(db.policy_dyups_conf(port, b2), b2),
+                p = Proc(root, f"dyups-{name}-{rep}", floor_conf(db.policy_dyups_conf(port, b2)),
                          port, files={"conf/upstream.conf": db.policy_seed(b2), "conf/empty.lua": ""})
             procs.append(p)
             send(port, name, mode, cfg.warm, 0)

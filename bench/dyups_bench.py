@@ -1053,6 +1053,15 @@ NATIVE_ZONE = ("lc", "random", "random2")
 COUNTS_CONNS = ("lc", "random2")
 LOG_HOOK = f" log_by_lua_file {REPO}/lua/log.lua;"
 KEYLESS = tuple(name for name, _, mode in POLICIES if mode == "none")
+# Rows timed like the methods, for reference, in the dyups proxy against
+# native round robin: what any Lua balancer costs (section 1's minimal one,
+# bench_rr: a fixed round robin that only calls set_current_peer), and with
+# it a log_by_lua_file of an empty file (the README's hook form, doing
+# nothing). What lua-nginx-module costs whatever the balancer does.
+FLOOR_ROWS = [  # (dyups location, label)
+    ("floor", "floor: any Lua balancer"),
+    ("floor-log", "floor + log_by_lua_file"),
+]
 
 
 def policy_label(line):
@@ -1097,19 +1106,30 @@ def policy_dyups_conf(port, backends):
     locs = "".join(f"        location = /{name} {{ proxy_pass http://dy_{name};"
                    f"{LOG_HOOK if name in COUNTS_CONNS else ''} }}\n"
                    for name, _, _ in POLICIES)
-    return lua_paths() + REALIP + """
-    init_by_lua_block {
-        assert(require("ngx.dyups").init{ path = "state/dyups.state", upstreams = "conf/upstream.conf" })
-    }
-    init_worker_by_lua_block {
+    # The floors (FLOOR_ROWS): bench_rr over the same backends; the empty
+    # file is conf/empty.lua in the prefix.
+    floors = """        location = /floor { proxy_pass http://floor; }
+        location = /floor-log { proxy_pass http://floor; log_by_lua_file conf/empty.lua; }
+"""
+    return lua_paths() + REALIP + f"""
+    init_by_lua_block {{
+        assert(require("ngx.dyups").init{{ path = "state/dyups.state", upstreams = "conf/upstream.conf" }})
+        require("bench_rr").init({{ {", ".join(map(str, backends))} }})
+    }}
+    init_worker_by_lua_block {{
         local ok, err = require("ngx.dyups").init_worker()
         if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
-    }
+    }}
+    upstream floor {{
+        server 0.0.0.1;
+        balancer_by_lua_block {{ require("bench_rr").balance() }}
+        keepalive 32;
+    }}
 """ + ups + f"""
     server {{
         listen 127.0.0.1:{port} backlog=4096;
 {PROXY_SERVER}
-{locs}        location = /peers {{ content_by_lua_file {BENCH}/lua/peers.lua; }}
+{locs}{floors}        location = /peers {{ content_by_lua_file {BENCH}/lua/peers.lua; }}
     }}
 """
 
@@ -1212,7 +1232,8 @@ def section_policies(cfg, root, backends, res):
     proxies = [
         ("native", Nginx(root, "p-pol-native", 1, policy_native_conf(pn, b2)), pn),
         ("dyups", Nginx(root, "p-pol-dyups", 1, policy_dyups_conf(pd, b2),
-                        files={"conf/upstream.conf": policy_seed(b2)}, main=DYUPS_MAIN), pd),
+                        files={"conf/upstream.conf": policy_seed(b2), "conf/empty.lua": ""},
+                        main=DYUPS_MAIN), pd),
     ]
     for _, inst, port in proxies:
         inst.start([port])
@@ -1237,17 +1258,22 @@ def section_policies(cfg, root, backends, res):
                      "backends_seen": used}
         if (mode != "none" and agree != cfg.pol_check) or used < 2:
             log(f"  [5] {name}: {agree}/{cfg.pol_check} requests routed alike, {used} backend(s) seen")
-    for name, _, mode in POLICIES:  # warm-up (JIT, keepalive pools)
-        for _, _, port in proxies:
-            wrk_keys(port, f"/{name}", cfg.pol_warm, mode, cfg.conns, cfg.threads)
-    runs = {(pol, p): [] for pol, _, _ in POLICIES for p, _, _ in proxies}
+    # What each row times: (row, path on native, path on dyups, wrk mode).
+    rows = ([(name, f"/{name}", f"/{name}", mode) for name, _, mode in POLICIES]
+            + [(name, "/rr", f"/{name}", "none") for name, _ in FLOOR_ROWS])
+    for name, npath, dpath, mode in rows:  # warm-up (JIT, keepalive pools)
+        for pname, _, port in proxies:
+            wrk_keys(port, npath if pname == "native" else dpath, cfg.pol_warm, mode, cfg.conns,
+                     cfg.threads)
+    runs = {(row[0], p): [] for row in rows for p, _, _ in proxies}
     for rnd in range(cfg.pol_rounds):
-        for name, _, mode in POLICIES:
+        for name, npath, dpath, mode in rows:
             # alternate which proxy goes first, so neither always follows the other
             order = proxies if rnd % 2 == 0 else proxies[::-1]
             for pname, _, port in order:
                 cpu0, t0 = cpu_ns(worker[pname]), now()
-                r = wrk_keys(port, f"/{name}", cfg.pol_secs, mode, cfg.conns, cfg.threads)
+                r = wrk_keys(port, npath if pname == "native" else dpath, cfg.pol_secs, mode,
+                             cfg.conns, cfg.threads)
                 cpu, wall = cpu_ns(worker[pname]) - cpu0, now() - t0
                 # The worker's CPU time over the requests it served (wrk's
                 # count; the few it cut off at the end are not in it), and
@@ -1287,8 +1313,8 @@ def section_policies(cfg, root, backends, res):
             log(inst.error_log_tail(5))
     for _, inst, _ in proxies:
         inst.stop()
-    for name, line, _ in POLICIES:
-        o = out[name]
+    for name, line in [(n, line) for n, line, _ in POLICIES] + FLOOR_ROWS:
+        o = out.setdefault(name, {})
         o["policy"] = line
         for pname, _, _ in proxies:
             rs = runs[(name, pname)]
@@ -1418,7 +1444,8 @@ def report(cfg, res, elapsed):
           f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
         p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
           f"  {'dyups/native':>12s}  {'us/req':>6s} {'busy':>4s} {'cpu d/n':>7s}   req/s per round")
-        for name, line, _ in POLICIES:
+        floors = [(n, label) for n, label in FLOOR_ROWS if n in po]
+        for name, line in [(n, line) for n, line, _ in POLICIES] + floors:
             o = po[name]
             for k, pname in enumerate(("native", "dyups")):
                 r = o[pname]
@@ -1431,7 +1458,9 @@ def report(cfg, res, elapsed):
         p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians."
           " us/req: the proxy worker's CPU time (user + system) per request served, median of the rounds;"
           " busy: its CPU time over the run's wall time; cpu d/n: dyups/native us/req, median of the"
-          " per-round ratios)")
+          " per-round ratios; the floor rows: lua-nginx-module's least, a Lua balancer that only calls"
+          " set_current_peer (bench_rr), alone and with a log_by_lua_file of an empty file, in the dyups"
+          " proxy, against native round robin)")
         keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
           + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['agree']}/{po[n]['checked']} keys"
