@@ -363,7 +363,9 @@ impl Agent {
     /// Reads everything under the prefix and makes the table hold it (and
     /// its local upstreams): returns the revision read at.
     fn full(&mut self) -> Result<u64, Stop> {
+        let started = Instant::now();
         let (head, kvs) = self.endpoints[self.at].range(self.keys.as_bytes())?;
+        let ranged = started.elapsed();
         let mut puts = Vec::new();
         let mut keep = Vec::new();
         for kv in kvs {
@@ -379,8 +381,10 @@ impl Agent {
         let n = puts.len();
         let revision = self.write(puts, &[], &keep, true, head)?;
         log(&format!(
-            "read {n} upstreams from etcd {} at revision {revision}",
-            self.endpoints[self.at].url
+            "read {n} upstreams from etcd {} at revision {revision} in {:.2} s ({:.2} s reading etcd)",
+            self.endpoints[self.at].url,
+            started.elapsed().as_secs_f64(),
+            ranged.as_secs_f64()
         ));
         Ok(revision)
     }
