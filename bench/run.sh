@@ -36,7 +36,7 @@ sections="${SECTIONS:-123456}"
 ETCD="${ETCD:-/usr/bin/etcd}"
 if [[ "$sections" == *6* ]]; then
   [ -x "$ETCD" ] || die "etcd not found ($ETCD): install the Debian package 'etcd-server' (make deps does), or leave section 6 out (SECTIONS=12345)"
-  [ -x "$repo/bin/dyups" ] || die "bin/dyups is missing: run 'make build' first"
+  [ -x "${DYUPS_BIN:-$repo/bin/dyups}" ] || die "bin/dyups is missing: run 'make build' first"
 fi
 export NGINX_BIN WRK ETCD
 unset NGINX  # nginx itself reads $NGINX (inherited sockets)

@@ -25,7 +25,9 @@ import signal
 import subprocess
 import time
 
-DYUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "dyups")
+# DYUPS_BIN: another build of the tool, to compare (bench/README.md).
+DYUPS = os.environ.get("DYUPS_BIN") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "dyups")
 ETCD = os.environ.get("ETCD", "/usr/bin/etcd")
 # A transaction of this many puts loads the big tables (etcd's default, 128,
 # would take 782 transactions for 100,000 keys).
@@ -234,6 +236,10 @@ def routes_to(port):
     return lambda st, body: st == 200 and body.split()[0].decode() == str(port)
 
 
+# A write's log line; from this build on it ends with the write's time.
+WROTE = re.compile(r"^dyups sync: revision \d+: version \d+ ")
+
+
 def applied_ms(lines):
     """The agent's write times (ms), from its log lines `revision R: version
     V (...) in X ms`."""
@@ -347,6 +353,7 @@ def scale_run(b, cfg, root, backends, etcd, n):
     pinned = [host.conns("u0")]
     logs_before = len(host.log_lines())
     cpu0 = b.cpu_s(agent.pid)
+    wcpu0 = sum(b.cpu_s(w) for w in host.workers)
     times = []
     k = 0
     for i in range(cfg.sync_scale_puts):
@@ -358,9 +365,12 @@ def scale_run(b, cfg, root, backends, etcd, n):
         at_rest([host], rev)
         time.sleep(random.uniform(0.002, 0.01))
     put_cpu_ms = (b.cpu_s(agent.pid) - cpu0) / cfg.sync_scale_puts * 1e3
+    # Each worker's CPU a put: its refresh, and the few probe requests.
+    worker_cpu_ms = ((sum(b.cpu_s(w) for w in host.workers) - wcpu0) / cfg.sync_scale_puts
+                     / len(host.workers) * 1e3)
     # The agent may log the last write just after the workers route by it.
-    wait_for(lambda: len(applied_ms(host.log_lines()[logs_before:])) >= cfg.sync_scale_puts, 30,
-             "the agent's log of the puts")
+    wait_for(lambda: sum(1 for line in host.log_lines()[logs_before:] if WROTE.search(line))
+             >= cfg.sync_scale_puts, 30, "the agent's log of the puts")
     applied = applied_ms(host.log_lines()[logs_before:])
     for c in pinned[0].conns.values():
         c.s.close()
@@ -374,11 +384,11 @@ def scale_run(b, cfg, root, backends, etcd, n):
            "range_s": reading[0] if reading else float("nan"),
            "agent_hwm_kb": full_hwm, "agent_hwm_after_kb": hwm_kb(agent.pid),
            "worker_rss_kb": max(b.rss_kb(w) for w in host.workers), "payload_bytes": slot,
-           "times": times, "applied_ms": applied, "put_cpu_ms": put_cpu_ms,
+           "times": times, "applied_ms": applied, "put_cpu_ms": put_cpu_ms, "worker_cpu_ms": worker_cpu_ms,
            "errors_in_log": host.count_errors()}
     b.log(f"  [6] N={n}: etcd loaded in {load_s:.1f} s; full read {full_s:.2f} s (every worker "
           f"routes by it at {visible_s:.2f} s), agent peak RSS {full_hwm} kB; a put: agent write p50 "
-          f"{b.pct(applied, 50):.1f} ms p99 {b.pct(applied, 99):.1f} ms ({put_cpu_ms:.1f} ms CPU), "
+          f"{b.pct(applied, 50):.1f} ms p99 {b.pct(applied, 99):.1f} ms ({put_cpu_ms:.1f} ms CPU, each worker {worker_cpu_ms:.1f} ms), "
           f"visible p50 {b.pct(times, 50) * 1e3:.1f} ms p99 {b.pct(times, 99) * 1e3:.1f} ms")
     host.stop()
     return row
@@ -423,18 +433,18 @@ def report_sync(b, cfg, res, p):
         p("   N upstreams x 4 servers in etcd, one host (2 workers) following them: its first full read, "
           f"then {cfg.sync_scale_puts} puts of u0 one by one")
         p(f"   {'N':>7s} {'size':>5s} {'slot KiB':>9s} {'load s':>6s} {'full s':>6s} {'range s':>7s} {'vis s':>6s} "
-          f"{'agent kB':>9s} {'worker kB':>9s} {'write p50':>9s} {'write p99':>9s} {'cpu ms':>6s} "
+          f"{'agent kB':>9s} {'worker kB':>9s} {'write p50':>9s} {'write p99':>9s} {'cpu ms':>6s} {'wkr ms':>6s} "
           f"{'vis p50':>8s} {'vis p99':>8s} {'vis max':>8s} {'err':>4s}")
         for r in sy["scale"]:
             p(f"   {r['n']:7d} {r['size']:>5s} {(r['payload_bytes'] or 0) >> 10:9d} {r['load_s']:6.1f} "
               f"{r['full_s']:6.2f} {r['range_s']:7.2f} {r['visible_s']:6.2f} {r['agent_hwm_kb']:9d} {r['worker_rss_kb']:9d} "
-              f"{b.pct(r['applied_ms'], 50):9.1f} {b.pct(r['applied_ms'], 99):9.1f} {r['put_cpu_ms']:6.1f} "
+              f"{b.pct(r['applied_ms'], 50):9.1f} {b.pct(r['applied_ms'], 99):9.1f} {r['put_cpu_ms']:6.1f} {r['worker_cpu_ms']:6.1f} "
               f"{fmt(b.pct(r['times'], 50)):>8s} {fmt(b.pct(r['times'], 99)):>8s} {fmt(max(r['times'])):>8s} "
               f"{r['errors_in_log']:4d}")
         p("   (load s: the upstreams put into etcd in transactions of 1,000; full s: from the agent's start "
           "until it logged the read written; range s: of which reading etcd (pages of 1,000 keys); vis s: until both workers route by the last upstream; agent kB: "
           "its peak RSS (VmHWM) after the full read; worker kB: the larger worker VmRSS at the end; write: "
-          "the agent's store write of one put, msync included (its log), ms; cpu ms: the agent's CPU a put; "
+          "the agent's store write of one put, msync included (its log), ms; cpu ms: the agent's CPU a put; wkr ms: each worker's (its refresh, and the probes); "
           "vis: from the put's answer until both workers route by it, ms; err: nginx error-log lines, "
           "but for the probes' own requests for an upstream not there yet)")
     out = [("sync: a put visible on every worker of 3 hosts <= 100 ms (p99)", 1,
