@@ -1,3 +1,6 @@
 //! The Lua module `ngx.dyups`, split by concern into the files below.
 
+mod hot_path;
 mod lifecycle;
+
+type LuaResult<T> = mlua::Result<T>;
