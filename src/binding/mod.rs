@@ -1,6 +1,7 @@
 //! The Lua module `ngx.dyups`, split by concern into the files below.
 
 mod hot_path;
+mod http;
 mod lifecycle;
 
 type LuaResult<T> = mlua::Result<T>;
