@@ -12,9 +12,8 @@ use crate::admin::rest;
 use crate::admin::ups::{self, Arg};
 use crate::store::WriteOptions;
 
-use super::lifecycle::{
-    after_write, announce_write_back, config, log, ngx, store_in, with_snapshot, Turn,
-};
+use super::lifecycle::{config, log, ngx, with_snapshot};
+use super::write_api::{after_write, announce_write_back, store_in, Turn};
 use super::LuaResult;
 
 /// One query argument from `ngx.req.get_uri_args()`.

@@ -9,19 +9,15 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mlua::{
-    Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData, UserDataMethods,
-    UserDataRefMut, Value, Variadic,
-};
+use mlua::{Function, LightUserData, Lua, Table, Value, Variadic};
 use parking_lot::Mutex;
 
 use crate::admin::auth;
-use crate::admin::ops;
 use crate::admin::rest;
 use crate::admin::ups;
 use crate::admin::upstream_file;
 use crate::balance::worker::Worker;
-use crate::store::{StateFile, TurnId, TurnState, Wait, WriteOptions};
+use crate::store::{StateFile, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 use crate::table::nginx_conf;
 use crate::table::syntax::{render_server, setting_lines};
@@ -29,6 +25,9 @@ use crate::Error;
 
 use super::hot_path::{dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX, WORKER};
 use super::http::{api_reply, api_wants_body, handle_check, send_api, send_ups, ups_reply};
+use super::write_api::{
+    delete, set_rotation, update, write_upstreams, TurnHandle, WRITE_BACK_ERROR,
+};
 use super::LuaResult;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -154,76 +153,6 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         .call((m, raising))
 }
 
-/// A write's turn in the writers' queue, kept across its calls while the
-/// Lua side yields (writes.lua). Dropped unfinished (its coroutine was
-/// abandoned), it gives the turn up, flushing what it wrote first.
-pub(super) struct TurnHandle {
-    id: TurnId,
-    /// The state file the turn was taken in.
-    file: Option<std::sync::Arc<StateFile>>,
-}
-
-impl TurnHandle {
-    fn new() -> TurnHandle {
-        TurnHandle {
-            id: TurnId::new(),
-            file: None,
-        }
-    }
-
-    /// How a write in this turn on `store` waits, the configured wait
-    /// giving its limit.
-    fn wait(&mut self, store: &std::sync::Arc<StateFile>, configured: Wait) -> Wait {
-        if let Some(f) = &self.file {
-            if !std::sync::Arc::ptr_eq(f, store) {
-                // The file was replaced meanwhile: the turn there is void.
-                let _ = f.finish_turn(self.id, false);
-            }
-        }
-        self.file = Some(store.clone());
-        let limit = match configured {
-            Wait::For(d) | Wait::Turn(_, d) => d,
-            Wait::Try => Duration::ZERO,
-        };
-        Wait::Turn(self.id, limit)
-    }
-}
-
-impl UserData for TurnHandle {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // "waiting" | "done" | "held" [, address, length to msync]
-        methods.add_method("state", |_, this, ()| {
-            let state = this.file.as_ref().map(|f| f.turn_state(this.id));
-            Ok(match state {
-                None | Some(TurnState::Done) => ("done", None, None),
-                Some(TurnState::Waiting) => ("waiting", None, None),
-                Some(TurnState::Held { flush }) => (
-                    "held",
-                    flush.map(|(at, _)| LightUserData(at as *mut c_void)),
-                    flush.map(|(_, len)| len),
-                ),
-            })
-        });
-        // finish(flushed) → nil, or why the write is not known to be on disk
-        methods.add_method_mut("finish", |_, this, flushed: bool| {
-            Ok(match this.file.take() {
-                Some(f) => f.finish_turn(this.id, flushed).err().map(|e| e.to_string()),
-                None => None,
-            })
-        });
-    }
-}
-
-impl Drop for TurnHandle {
-    fn drop(&mut self) {
-        if let Some(f) = self.file.take() {
-            let _ = f.finish_turn(self.id, false);
-        }
-    }
-}
-
-pub(super) type Turn = Option<UserDataRefMut<TurnHandle>>;
-
 // ---- arguments ---------------------------------------------------------------
 
 fn type_name(v: &Value) -> &'static str {
@@ -245,14 +174,14 @@ fn nil() -> Value {
 }
 
 /// Argument `n` (1-based) as a string; a number is not a string here.
-fn string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<String> {
+pub(super) fn string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<String> {
     match args.get(n - 1) {
         Some(Value::String(s)) => Ok(String::from_utf8_lossy(&s.as_bytes()).into_owned()),
         other => Err(bad_argument(n, f, "string", other.unwrap_or(&nil()))),
     }
 }
 
-fn opt_string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<String>> {
+pub(super) fn opt_string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<String>> {
     match args.get(n - 1) {
         None | Some(Value::Nil) => Ok(None),
         _ => string_arg(args, n, f).map(Some),
@@ -260,7 +189,7 @@ fn opt_string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<String>
 }
 
 /// The optional expected table version of a write.
-fn expect_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<u64>> {
+pub(super) fn expect_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<u64>> {
     match args.get(n - 1) {
         None | Some(Value::Nil) => Ok(None),
         Some(Value::Integer(i)) if *i >= 0 => Ok(Some(*i as u64)),
@@ -277,20 +206,9 @@ pub(super) fn ngx(lua: &Lua) -> Option<Table> {
 }
 
 /// The current nginx phase, or `None` outside nginx.
-fn phase(lua: &Lua) -> Option<String> {
+pub(super) fn phase(lua: &Lua) -> Option<String> {
     let f: Function = ngx(lua)?.get("get_phase").ok()?;
     f.call::<String>(()).ok()
-}
-
-/// Raises when a write is attempted where it must not run: the master (it
-/// would open the file before fork) or a phase that must not block.
-fn check_write_phase(lua: &Lua, f: &str) -> LuaResult<()> {
-    match phase(lua).as_deref() {
-        None | Some("init_worker" | "timer" | "rewrite" | "server_rewrite" | "access" | "content") => Ok(()),
-        Some(p) => Err(mlua::Error::runtime(format!(
-            "'{f}' cannot run in the {p} phase: writes may wait for the state file lock; call it from content, access, rewrite, timer or init_worker"
-        ))),
-    }
 }
 
 pub(super) fn log(lua: &Lua, level: &str, msg: &str) {
@@ -303,7 +221,7 @@ pub(super) fn log(lua: &Lua, level: &str, msg: &str) {
 
 /// Resolves a relative path against nginx's prefix (as nginx does for its
 /// own paths), or the working directory outside nginx.
-fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
+pub(super) fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
     let path = Path::new(p);
     if path.is_absolute() {
         return path.to_path_buf();
@@ -1122,7 +1040,7 @@ fn pending(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
 
 /// The state file of this process: the worker's, or (outside nginx) opened
 /// from the configuration.
-fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
+pub(super) fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
     let cfg = config().map_err(Error::Internal)?;
     let store = match WORKER.lock().as_mut() {
         Some(w) => {
@@ -1135,54 +1053,6 @@ fn store() -> crate::Result<(Config, std::sync::Arc<StateFile>)> {
             .map_err(|e| Error::Internal(format!("{e}{}", owner_hint(&cfg))))?,
     };
     Ok((cfg, store))
-}
-
-/// This process's last failure to write the table back, until a write-back
-/// succeeds: what `dyups.write_back_status()` reports while the file is
-/// behind the table.
-static WRITE_BACK_ERROR: Mutex<Option<String>> = Mutex::new(None);
-
-/// After a successful write: this worker routes by the result at once, and
-/// the upstream file is written back when so configured. Returns how the
-/// write-back went (`None` when there is none): the change stands either
-/// way, as the state file has it.
-pub(super) fn after_write(
-    lua: &Lua,
-    cfg: &Config,
-    store: &StateFile,
-    wait: Wait,
-) -> Option<Result<u64, String>> {
-    if let Some(w) = WORKER.lock().as_mut() {
-        let _ = w.refresh();
-    }
-    let path = cfg.write_upstreams.as_ref()?;
-    let outcome = upstream_file::write_current(store, path, wait).map_err(|e| {
-        let msg = format!("{e}; the change is made and kept in the state file");
-        log(lua, "ERR", &msg);
-        msg
-    });
-    *WRITE_BACK_ERROR.lock() = outcome.as_ref().err().cloned();
-    Some(outcome)
-}
-
-/// The response header that tells an HTTP client how the write-back of its
-/// change went: `ok`, or `failed: REASON`.
-const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
-
-pub(super) fn announce_write_back(
-    lua: &Lua,
-    outcome: Option<Result<u64, String>>,
-) -> LuaResult<()> {
-    let Some(outcome) = outcome else {
-        return Ok(());
-    };
-    let value = match outcome {
-        Ok(_) => "ok".to_owned(),
-        // A header value is one line of visible characters.
-        Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
-    };
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
-    ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
 }
 
 /// `dyups.write_back_status()`: the upstream file the table is written back
@@ -1230,105 +1100,4 @@ fn write_back_status(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     t.set("written", written)?;
     t.set("error", error)?;
     Ok(Ok(t))
-}
-
-/// The state file of this process and how a write in `turn` on it waits
-/// (without a turn: as configured, blocking).
-pub(super) fn store_in(
-    turn: &mut Turn,
-) -> crate::Result<(Config, std::sync::Arc<StateFile>, Wait)> {
-    let (cfg, store) = store()?;
-    let wait = match turn {
-        Some(t) => t.wait(&store, cfg.write.wait),
-        None => cfg.write.wait,
-    };
-    Ok((cfg, store, wait))
-}
-
-/// Runs one write through the store with the configured options, in `turn`.
-fn write<R>(
-    lua: &Lua,
-    turn: &mut Turn,
-    expect: Option<u64>,
-    change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
-) -> crate::Result<(u64, R)> {
-    let (cfg, store, wait) = store_in(turn)?;
-    let out = store.write(
-        &WriteOptions {
-            expect,
-            wait,
-            ..cfg.write
-        },
-        change,
-    )?;
-    after_write(lua, &cfg, &store, wait);
-    Ok(out)
-}
-
-/// `dyups.update(name, body [, version])` → `status, message`.
-fn update(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
-    let name = string_arg(&args, 1, "update")?;
-    let body = string_arg(&args, 2, "update")?;
-    let expect = expect_arg(&args, 3, "update")?;
-    check_write_phase(lua, "update")?;
-    Ok(status_message(write(lua, &mut turn, expect, |t| {
-        ops::update(t, &name, &body)
-    })))
-}
-
-/// `dyups.delete(name [, version])` → `status, message`.
-fn delete(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
-    let name = string_arg(&args, 1, "delete")?;
-    let expect = expect_arg(&args, 2, "delete")?;
-    check_write_phase(lua, "delete")?;
-    Ok(status_message(write(lua, &mut turn, expect, |t| {
-        ops::delete(t, &name)
-    })))
-}
-
-fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
-    match r {
-        Ok(_) => (200, "success".into()),
-        Err(e) => (e.status(), e.to_string()),
-    }
-}
-
-/// `dyups.add_server(name|nil, server [, version])` and
-/// `dyups.remove_server(name|nil, server [, version])` → the new version, or
-/// `nil, err, status`.
-fn set_rotation(
-    lua: &Lua,
-    mut turn: Turn,
-    args: Variadic<Value>,
-    add: bool,
-) -> LuaResult<MultiValue> {
-    let f = if add { "add_server" } else { "remove_server" };
-    let name = opt_string_arg(&args, 1, f)?;
-    let server = string_arg(&args, 2, f)?;
-    let expect = expect_arg(&args, 3, f)?;
-    check_write_phase(lua, f)?;
-    let r = write(lua, &mut turn, expect, |t| {
-        if add {
-            ops::add_server(t, name.as_deref(), &server)
-        } else {
-            ops::remove_server(t, name.as_deref(), &server)
-        }
-    });
-    match r {
-        Ok((v, _)) => v.into_lua_multi(lua),
-        Err(e) => (Value::Nil, e.to_string(), e.status()).into_lua_multi(lua),
-    }
-}
-
-/// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
-/// upstream file, atomically → `true` | `nil, err`.
-fn write_upstreams(
-    lua: &Lua,
-    (mut turn, args): (Turn, Variadic<Value>),
-) -> LuaResult<Result<bool, String>> {
-    let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
-    check_write_phase(lua, "write_upstreams")?;
-    let written = store_in(&mut turn)
-        .and_then(|(_, store, wait)| upstream_file::write_current(&store, &path, wait));
-    Ok(written.map(|_| true).map_err(|e| e.to_string()))
 }

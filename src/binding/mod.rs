@@ -3,5 +3,6 @@
 mod hot_path;
 mod http;
 mod lifecycle;
+mod write_api;
 
 type LuaResult<T> = mlua::Result<T>;
