@@ -3,6 +3,7 @@
 mod hot_path;
 mod http;
 mod lifecycle;
+mod read_api;
 mod write_api;
 
 type LuaResult<T> = mlua::Result<T>;
