@@ -15,7 +15,7 @@ use crate::balance::balancer::Retry;
 use crate::balance::worker::{Worker, UNKNOWN};
 use crate::table::policy::Policy;
 
-use super::lifecycle::config;
+use super::config::config;
 use super::LuaResult;
 
 /// Longest hash key used; longer keys are cut here.

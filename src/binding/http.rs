@@ -12,7 +12,8 @@ use crate::admin::rest;
 use crate::admin::ups::{self, Arg};
 use crate::store::WriteOptions;
 
-use super::lifecycle::{config, log, ngx};
+use super::config::config;
+use super::lifecycle::{log, ngx};
 use super::read_api::with_snapshot;
 use super::write_api::{after_write, announce_write_back, store_in, Turn};
 use super::LuaResult;

@@ -1,5 +1,6 @@
 //! The Lua module `ngx.dyups`, split by concern into the files below.
 
+mod config;
 mod hot_path;
 mod http;
 mod lifecycle;

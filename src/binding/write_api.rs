@@ -18,9 +18,10 @@ use crate::admin::upstream_file;
 use crate::store::{StateFile, TurnId, TurnState, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 
+use super::config::Config;
 use super::hot_path::WORKER;
 use super::lifecycle::{
-    expect_arg, log, ngx, opt_string_arg, phase, resolve_path, store, string_arg, Config,
+    expect_arg, log, ngx, opt_string_arg, phase, resolve_path, store, string_arg,
 };
 use super::LuaResult;
 
