@@ -13,7 +13,8 @@ use crate::admin::auth;
 use crate::admin::rest;
 use crate::store::{Wait, WriteOptions};
 
-use super::lifecycle::{resolve_path, type_name};
+use super::arguments::type_name;
+use super::ngx_api::resolve_path;
 
 /// Named defaults of `init`.
 const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;

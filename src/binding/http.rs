@@ -13,7 +13,7 @@ use crate::admin::ups::{self, Arg};
 use crate::store::WriteOptions;
 
 use super::config::config;
-use super::lifecycle::{log, ngx};
+use super::ngx_api::{log, ngx};
 use super::read_api::with_snapshot;
 use super::write_api::{after_write, announce_write_back, store_in, Turn};
 use super::LuaResult;

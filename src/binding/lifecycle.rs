@@ -17,9 +17,11 @@ use crate::table::model::Table as UpstreamTable;
 use crate::table::nginx_conf;
 use crate::Error;
 
+use super::arguments::bad_argument;
 use super::config::{config, parse_config, Config, NginxConf, CONFIG};
 use super::hot_path::{dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX, WORKER};
 use super::http::{api_reply, api_wants_body, handle_check, send_api, send_ups, ups_reply};
+use super::ngx_api::{log, ngx, phase};
 use super::read_api::{get, list, peers, pending, version, write_back_status};
 use super::write_api::{delete, set_rotation, update, write_upstreams, TurnHandle};
 use super::LuaResult;
@@ -102,89 +104,6 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
         .call((m, raising))
-}
-
-// ---- arguments ---------------------------------------------------------------
-
-pub(super) fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Integer(_) | Value::Number(_) => "number",
-        v => v.type_name(),
-    }
-}
-
-fn bad_argument(n: usize, f: &str, want: &str, got: &Value) -> mlua::Error {
-    mlua::Error::runtime(format!(
-        "bad argument #{n} to '{f}' ({want} expected, got {})",
-        type_name(got)
-    ))
-}
-
-fn nil() -> Value {
-    Value::Nil
-}
-
-/// Argument `n` (1-based) as a string; a number is not a string here.
-pub(super) fn string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<String> {
-    match args.get(n - 1) {
-        Some(Value::String(s)) => Ok(String::from_utf8_lossy(&s.as_bytes()).into_owned()),
-        other => Err(bad_argument(n, f, "string", other.unwrap_or(&nil()))),
-    }
-}
-
-pub(super) fn opt_string_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<String>> {
-    match args.get(n - 1) {
-        None | Some(Value::Nil) => Ok(None),
-        _ => string_arg(args, n, f).map(Some),
-    }
-}
-
-/// The optional expected table version of a write.
-pub(super) fn expect_arg(args: &[Value], n: usize, f: &str) -> LuaResult<Option<u64>> {
-    match args.get(n - 1) {
-        None | Some(Value::Nil) => Ok(None),
-        Some(Value::Integer(i)) if *i >= 0 => Ok(Some(*i as u64)),
-        Some(Value::Number(x)) if *x >= 0.0 && x.fract() == 0.0 => Ok(Some(*x as u64)),
-        Some(v) => Err(bad_argument(n, f, "version number", v)),
-    }
-}
-
-// ---- nginx ---------------------------------------------------------------------
-
-/// The `ngx` table, when running inside nginx.
-pub(super) fn ngx(lua: &Lua) -> Option<Table> {
-    lua.globals().get::<Option<Table>>("ngx").ok().flatten()
-}
-
-/// The current nginx phase, or `None` outside nginx.
-pub(super) fn phase(lua: &Lua) -> Option<String> {
-    let f: Function = ngx(lua)?.get("get_phase").ok()?;
-    f.call::<String>(()).ok()
-}
-
-pub(super) fn log(lua: &Lua, level: &str, msg: &str) {
-    if let Some(ngx) = ngx(lua) {
-        if let (Ok(log), Ok(lvl)) = (ngx.get::<Function>("log"), ngx.get::<Value>(level)) {
-            let _ = log.call::<()>((lvl, "ngx.dyups: ", msg));
-        }
-    }
-}
-
-/// Resolves a relative path against nginx's prefix (as nginx does for its
-/// own paths), or the working directory outside nginx.
-pub(super) fn resolve_path(lua: &Lua, p: &str) -> PathBuf {
-    let path = Path::new(p);
-    if path.is_absolute() {
-        return path.to_path_buf();
-    }
-    let prefix = ngx(lua)
-        .and_then(|n| n.get::<Table>("config").ok())
-        .and_then(|c| c.get::<Function>("prefix").ok())
-        .and_then(|f| f.call::<String>(()).ok());
-    match prefix {
-        Some(prefix) => Path::new(&prefix).join(path),
-        None => path.to_path_buf(),
-    }
 }
 
 pub(super) fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {

@@ -10,9 +10,10 @@ use crate::admin::upstream_file;
 use crate::store::StateFile;
 use crate::table::syntax::{render_server, setting_lines};
 
+use super::arguments::string_arg;
 use super::config::config;
 use super::hot_path::WORKER;
-use super::lifecycle::{seed, string_arg};
+use super::lifecycle::seed;
 use super::write_api::WRITE_BACK_ERROR;
 use super::LuaResult;
 

@@ -18,11 +18,11 @@ use crate::admin::upstream_file;
 use crate::store::{StateFile, TurnId, TurnState, Wait, WriteOptions};
 use crate::table::model::Table as UpstreamTable;
 
+use super::arguments::{expect_arg, opt_string_arg, string_arg};
 use super::config::Config;
 use super::hot_path::WORKER;
-use super::lifecycle::{
-    expect_arg, log, ngx, opt_string_arg, phase, resolve_path, store, string_arg,
-};
+use super::lifecycle::store;
+use super::ngx_api::{log, ngx, phase, resolve_path};
 use super::LuaResult;
 
 /// A write's turn in the writers' queue, kept across its calls while the
