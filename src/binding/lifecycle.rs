@@ -1,14 +1,13 @@
-//! `require "ngx.dyups"`: the Lua face of the core. This layer only checks
-//! and converts arguments, reads nginx's request through its Lua API, and
-//! turns core errors into Lua's conventions: a programmer's mistake raises
-//! (`bad argument #1 to 'update' (string expected, got nil)`), a runtime
-//! failure returns `nil, err` (or `status, message` for `update`/`delete`,
-//! as ngx_http_dyups_module's Lua API does).
+//! Start-up and the timer. `init` checks its options and, in nginx's
+//! master, prepares the state file for the workers (created as their user,
+//! seeded from the upstream file or nginx.conf, what changed in the seed
+//! applied at a reload, tables nginx would balance itself refused);
+//! `init_worker` opens it in each worker and starts the refresh `tick`;
+//! `store` finds this process's state file for a write.
 
-use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
-use mlua::{Function, LightUserData, Lua, Table, Value};
+use mlua::{Function, Lua, Table, Value};
 
 use crate::admin::upstream_file;
 use crate::balance::worker::Worker;
@@ -19,92 +18,12 @@ use crate::Error;
 
 use super::arguments::bad_argument;
 use super::config::{config, parse_config, Config, NginxConf, CONFIG};
-use super::hot_path::{dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX, WORKER};
-use super::http::{api_reply, api_wants_body, handle_check, send_api, send_ups, ups_reply};
+use super::hot_path::WORKER;
 use super::ngx_api::{log, ngx, phase};
-use super::read_api::{get, list, peers, pending, version, write_back_status};
-use super::write_api::{delete, set_rotation, update, write_upstreams, TurnHandle};
 use super::LuaResult;
 
-const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// nginx's own default worker user, when `--user` was not given at build.
 const NGINX_DEFAULT_USER: &str = "nobody";
-
-#[mlua::lua_module(name = "ngx_dyups")]
-fn open(lua: &Lua) -> LuaResult<Table> {
-    let m = lua.create_table()?;
-    m.set("_VERSION", VERSION)?;
-    m.set("version", lua.create_function(|_, ()| version())?)?;
-    m.set("init", lua.create_function(init)?)?;
-    m.set("init_worker", lua.create_function(init_worker)?)?;
-    m.set("list", lua.create_function(list)?)?;
-    m.set("get", lua.create_function(get)?)?;
-    m.set("peers", lua.create_function(peers)?)?;
-    m.set("pending", lua.create_function(pending)?)?;
-    m.set("handle_check", lua.create_function(handle_check)?)?;
-    // The writing functions take a turn of the writers' queue first (nil:
-    // block); writes.lua gives them their public faces.
-    let raw = lua.create_table()?;
-    raw.set("turn", lua.create_function(|_, ()| Ok(TurnHandle::new()))?)?;
-    raw.set(
-        "thread_pool",
-        lua.create_function(|_, ()| Ok(config().ok().and_then(|c| c.thread_pool)))?,
-    )?;
-    raw.set("update", lua.create_function(update)?)?;
-    raw.set("delete", lua.create_function(delete)?)?;
-    raw.set(
-        "add_server",
-        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, true))?,
-    )?;
-    raw.set(
-        "remove_server",
-        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, false))?,
-    )?;
-    raw.set("write_upstreams", lua.create_function(write_upstreams)?)?;
-    raw.set("ups", lua.create_function(ups_reply)?)?;
-    raw.set("send_ups", lua.create_function(send_ups)?)?;
-    raw.set("api", lua.create_function(api_reply)?)?;
-    raw.set("send_api", lua.create_function(send_api)?)?;
-    raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
-    lua.load(include_str!("writes.lua"))
-        .set_name("=ngx.dyups.writes")
-        .call::<()>((&m, raw))?;
-    m.set("write_back_status", lua.create_function(write_back_status)?)?;
-    let pick = LightUserData(dyups_pick as *const () as *mut c_void);
-    let current = LightUserData(dyups_current as *const () as *mut c_void);
-    let done = LightUserData(dyups_done as *const () as *mut c_void);
-    let key = LightUserData(KEY.as_ptr() as *mut c_void);
-    let (balance, log): (Function, Function) = lua
-        .load(include_str!("balance.lua"))
-        .set_name("=ngx.dyups.balance")
-        .call((
-            pick,
-            current,
-            done,
-            key,
-            KEY_MAX,
-            lua.create_function(resolve)?,
-        ))?;
-    m.set("balance", balance)?;
-    m.set("log", log)?;
-    let raising = [
-        "init",
-        "init_worker",
-        "update",
-        "delete",
-        "add_server",
-        "remove_server",
-        "get",
-        "peers",
-        "write_upstreams",
-        "handle_ups",
-        "handle_check",
-        "handle_api",
-    ];
-    lua.load(include_str!("raise.lua"))
-        .set_name("=ngx.dyups")
-        .call((m, raising))
-}
 
 pub(super) fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
     match (&cfg.nginx_conf, &cfg.upstreams) {
@@ -140,7 +59,7 @@ fn list_dir(dir: &Path) -> Vec<String> {
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
-fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
+pub(super) fn init(lua: &Lua, opts: Value) -> LuaResult<Result<bool, String>> {
     let Value::Table(opts) = opts else {
         return Err(bad_argument(1, "init", "table", &opts));
     };
@@ -489,7 +408,7 @@ fn owner_hint(cfg: &Config) -> String {
 
 /// `dyups.init_worker()`: opens the state file in this worker, registers it
 /// for `/ups/check`, and starts the refresh timer.
-fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
+pub(super) fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
     let cfg = match config() {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
@@ -578,8 +497,6 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
 /// warns that the log-phase hook is missing: more than can be in flight at
 /// once in a quiet worker.
 const NO_LOG_HOOK_AFTER: u64 = 1000;
-
-// ---- writing ---------------------------------------------------------------------
 
 /// The state file of this process: the worker's, or (outside nginx) opened
 /// from the configuration.
