@@ -138,6 +138,8 @@ fn is_single(servers: &[ServerSpec]) -> bool {
 pub struct Health<'a> {
     cell: &'a PeerCell,
     tag: u32,
+    /// Whether the upstream has active health checks.
+    checks: bool,
 }
 
 impl Health<'_> {
@@ -164,11 +166,18 @@ impl Health<'_> {
         index: usize,
         now_ms: u64,
     ) -> bool {
-        if spec.down || tried.contains(index) {
+        if spec.down || tried.contains(index) || self.check_down() {
             return false;
         }
         self.presume_recovery(spec, now_ms);
         !self.disabled(spec, now_ms) && !self.full(spec)
+    }
+
+    /// Whether active health checks hold the server out (down, or still
+    /// `checking` under `default_down`): only in its shared cell, where the
+    /// probes record, and only while its upstream has a check line.
+    fn check_down(&self) -> bool {
+        self.checks && self.tag != 0 && self.cell.check_down(self.tag)
     }
 
     /// nginx's `peer->max_conns && peer->conns >= peer->max_conns`: the
@@ -222,15 +231,21 @@ impl Health<'_> {
 
 /// The health of `peer`: its cell in `zone` while that still holds it,
 /// else its own.
-fn health_of<'a>(zone: Option<&'a dyn ZoneSource>, peer: &'a PeerState) -> Health<'a> {
+fn health_of<'a>(
+    zone: Option<&'a dyn ZoneSource>,
+    peer: &'a PeerState,
+    checks: bool,
+) -> Health<'a> {
     match zone.and_then(|z| z.zone().cell(peer.shared)) {
         Some(cell) => Health {
             cell,
             tag: peer.shared.tag,
+            checks,
         },
         None => Health {
             cell: &peer.own,
             tag: 0,
+            checks,
         },
     }
 }
@@ -258,6 +273,9 @@ fn health_of<'a>(zone: Option<&'a dyn ZoneSource>, peer: &'a PeerState) -> Healt
 pub struct Balancer {
     peers: Vec<PeerState>,
     zone: Option<Arc<dyn ZoneSource>>,
+    /// The upstream has a `check` line: the verdicts in the shared cells
+    /// count ([`crate::health`]).
+    checks: bool,
 }
 
 impl fmt::Debug for Balancer {
@@ -276,7 +294,14 @@ impl Balancer {
         Balancer {
             peers: servers.iter().map(PeerState::fresh).collect(),
             zone: None,
+            checks: false,
         }
+    }
+
+    /// Whether the upstream has active health checks, whose verdicts (in the
+    /// shared cells) then take servers out of rotation.
+    pub fn set_checks(&mut self, on: bool) {
+        self.checks = on;
     }
 
     /// Counts failures and connections of server `i` in `zone`'s cell
@@ -340,7 +365,7 @@ impl Balancer {
     /// The failures and connections of the server at `index`, where they are
     /// counted. Panics past the end, as indexing does.
     pub fn health(&self, index: usize) -> Health<'_> {
-        health_of(self.zone.as_deref(), &self.peers[index])
+        health_of(self.zone.as_deref(), &self.peers[index], self.checks)
     }
 
     /// Picks a server for one attempt: smooth weighted round robin over the
@@ -362,7 +387,8 @@ impl Balancer {
             let ok = !servers[0].down
                 && !tried.contains(0)
                 && !self.peers.is_empty()
-                && !self.health(0).full(&servers[0]);
+                && !self.health(0).full(&servers[0])
+                && !self.health(0).check_down();
             return ok.then_some(0);
         }
         self.pick_among(servers, tried, now_ms, false)
@@ -403,7 +429,7 @@ impl Balancer {
         let mut best: Option<(usize, i64)> = None;
         let mut total: i64 = 0;
         for (i, spec) in servers.iter().enumerate().take(self.peers.len()) {
-            if !candidate(i, spec, health_of(zone, &self.peers[i])) {
+            if !candidate(i, spec, health_of(zone, &self.peers[i], self.checks)) {
                 continue;
             }
             let peer = &mut self.peers[i];

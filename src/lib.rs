@@ -9,6 +9,7 @@ pub mod attempts;
 pub mod auth;
 pub mod balancer;
 pub mod error;
+pub mod health;
 pub mod model;
 pub mod nginx_conf;
 pub mod ops;

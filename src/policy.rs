@@ -256,6 +256,11 @@ impl PolicyState {
         self.balancer.share(zone, cells);
     }
 
+    /// [`Balancer::set_checks`].
+    pub fn set_checks(&mut self, on: bool) {
+        self.balancer.set_checks(on);
+    }
+
     /// Whether connections in flight count here, so each request's
     /// connection is counted until it ends: the method weighs them
     /// (`least_conn`, `random two`) or some server has a `max_conns`.

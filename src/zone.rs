@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::model::{Table, Upstream};
 
 /// Bytes per cell in the state file.
-pub const CELL_LEN: usize = 32;
+pub const CELL_LEN: usize = 64;
 
 /// Which cell of the zone holds a server's shared state: what the table
 /// stores per server.
@@ -60,6 +60,16 @@ pub struct PeerCell {
     accessed: AtomicU64,
     /// When the current fail window started.
     checked: AtomicU64,
+    /// Active health checks ([`crate::health`]): tag << 32 | verdict and
+    /// consecutive counts. Probe results land here, outside the table's
+    /// checksum: a flip never raises the table version.
+    health: AtomicU64,
+    /// Which worker probes the server and when next ([`crate::health`]).
+    lease: AtomicU64,
+    /// When the last probe ended, Unix ms.
+    probed: AtomicU64,
+    /// What the last probe found ([`crate::health`]).
+    result: AtomicU64,
 }
 
 const LOW: u64 = 0xffff_ffff;
@@ -72,8 +82,20 @@ impl PeerCell {
     /// Makes this the fresh cell of a server stamped `tag`: no connections,
     /// no failures.
     pub fn reset(&self, tag: u32) {
+        self.reset_checked(tag, false);
+    }
+
+    /// [`reset`](Self::reset), the server starting as `checking` (down until
+    /// its first `rise` probes pass) when `checking`: a new server of an
+    /// upstream with `check ... default_down=true`.
+    pub fn reset_checked(&self, tag: u32, checking: bool) {
         self.accessed.store(0, Ordering::Relaxed);
         self.checked.store(0, Ordering::Relaxed);
+        self.lease.store(0, Ordering::Relaxed);
+        self.probed.store(0, Ordering::Relaxed);
+        self.result.store(0, Ordering::Relaxed);
+        self.health
+            .store(crate::health::fresh_word(tag, checking), Ordering::Release);
         self.conns.store(tagged(tag, 0), Ordering::Release);
         self.fails.store(tagged(tag, 0), Ordering::Release);
     }
@@ -81,13 +103,38 @@ impl PeerCell {
     /// The bytes of a cell just [`reset`](Self::reset) for `tag`, for a file
     /// image built before anything maps it (atomics of this host, so native
     /// byte order).
-    pub fn image(tag: u32) -> [u8; CELL_LEN] {
+    pub fn image(tag: u32, checking: bool) -> [u8; CELL_LEN] {
         let mut b = [0u8; CELL_LEN];
         let word = tagged(tag, 0).to_ne_bytes();
-        // conns, then fails: the field order of this `repr(C)` struct.
+        // conns, fails, then health at +32: the field order of this
+        // `repr(C)` struct.
         b[0..8].copy_from_slice(&word);
         b[8..16].copy_from_slice(&word);
+        b[32..40].copy_from_slice(&crate::health::fresh_word(tag, checking).to_ne_bytes());
         b
+    }
+
+    /// The active-check words, for [`crate::health`].
+    pub fn health_word(&self) -> &AtomicU64 {
+        &self.health
+    }
+
+    pub fn lease_word(&self) -> &AtomicU64 {
+        &self.lease
+    }
+
+    pub fn probed_word(&self) -> &AtomicU64 {
+        &self.probed
+    }
+
+    pub fn result_word(&self) -> &AtomicU64 {
+        &self.result
+    }
+
+    /// Whether active checks hold the server out of rotation (down, or
+    /// still `checking`); false when the word is another server's.
+    pub fn check_down(&self, tag: u32) -> bool {
+        crate::health::word_down(self.health.load(Ordering::Acquire), tag)
     }
 
     /// Whether the cell still belongs to the server stamped `tag`.
@@ -172,6 +219,10 @@ impl Clone for PeerCell {
             fails: copy(&self.fails),
             accessed: copy(&self.accessed),
             checked: copy(&self.checked),
+            health: copy(&self.health),
+            lease: copy(&self.lease),
+            probed: copy(&self.probed),
+            result: copy(&self.result),
         }
     }
 }
@@ -179,7 +230,17 @@ impl Clone for PeerCell {
 impl PartialEq for PeerCell {
     fn eq(&self, other: &PeerCell) -> bool {
         let words = |c: &PeerCell| {
-            [&c.conns, &c.fails, &c.accessed, &c.checked].map(|w| w.load(Ordering::Acquire))
+            [
+                &c.conns,
+                &c.fails,
+                &c.accessed,
+                &c.checked,
+                &c.health,
+                &c.lease,
+                &c.probed,
+                &c.result,
+            ]
+            .map(|w| w.load(Ordering::Acquire))
         };
         words(self) == words(other)
     }
@@ -370,16 +431,25 @@ mod tests {
     fn a_cell_image_reads_as_a_reset_cell() {
         let reset = PeerCell::default();
         reset.reset(9);
-        let b = PeerCell::image(9);
-        let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
-        let read = PeerCell {
-            conns: AtomicU64::new(word(0)),
-            fails: AtomicU64::new(word(8)),
-            accessed: AtomicU64::new(word(16)),
-            checked: AtomicU64::new(word(24)),
-        };
-        assert_eq!(read, reset);
-        assert!(read.holds(9));
+        for checking in [false, true] {
+            reset.reset_checked(9, checking);
+            let b = PeerCell::image(9, checking);
+            let word =
+                |at: usize| AtomicU64::new(u64::from_ne_bytes(b[at..at + 8].try_into().unwrap()));
+            let read = PeerCell {
+                conns: word(0),
+                fails: word(8),
+                accessed: word(16),
+                checked: word(24),
+                health: word(32),
+                lease: word(40),
+                probed: word(48),
+                result: word(56),
+            };
+            assert_eq!(read, reset);
+            assert!(read.holds(9));
+            assert_eq!(read.check_down(9), checking);
+        }
     }
 
     #[test]

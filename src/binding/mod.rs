@@ -23,8 +23,14 @@ use crate::store::{StateFile, Wait, WriteOptions};
 use crate::syntax::{render_server, setting_lines};
 use crate::ups::{self, Arg};
 use crate::upstream_file;
-use crate::worker::{Worker, UNKNOWN};
+use crate::worker::{Worker, NO_LIVE, UNKNOWN};
+
+/// `dyups_pick`: no live server because every one failed its active health
+/// checks (balance.lua logs why before nginx answers 502).
+const NO_LIVE_CHECKS: i32 = -4;
 use crate::{nginx_conf, ops, Error};
+
+mod probe;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
@@ -112,6 +118,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         ))?;
     m.set("balance", balance)?;
     m.set("log", log)?;
+    probe::install(lua, &m)?;
     let raising = [
         "init",
         "init_worker",
@@ -125,6 +132,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_ups",
         "handle_check",
         "handle_api",
+        "check_status",
     ];
     let m: Table = lua
         .load(include_str!("raise.lua"))
@@ -639,6 +647,9 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
     }
     if let Some(msg) = copy {
         log(lua, "ERR", &msg);
+    }
+    if let Err(e) = probe::tick(lua) {
+        log(lua, "ERR", &format!("health checks: {e}"));
     }
     if no_log_hook {
         log(
@@ -1439,15 +1450,27 @@ extern "C" fn dyups_pick(
         let Some(w) = guard.as_mut() else {
             return UNKNOWN;
         };
-        if key_len == 0 {
+        let picked = if key_len == 0 {
             // Round robin and the other keyless methods: nothing to copy.
-            return w.pick(id, seen, request as usize, retry, &[]);
+            w.pick(id, seen, request as usize, retry, &[])
+        } else {
+            let mut key = KEY_COPY.lock();
+            key.clear();
+            let len = (key_len as usize).min(KEY_MAX);
+            key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
+            w.pick(id, seen, request as usize, retry, &key)
+        };
+        let all_failed = picked == NO_LIVE
+            && w.snapshot()
+                .table
+                .upstreams
+                .get(id as usize)
+                .is_some_and(|u| crate::health::all_failed(w.store().zone(), u));
+        if all_failed {
+            NO_LIVE_CHECKS
+        } else {
+            picked
         }
-        let mut key = KEY_COPY.lock();
-        key.clear();
-        let len = (key_len as usize).min(KEY_MAX);
-        key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
-        w.pick(id, seen, request as usize, retry, &key)
     })
     .unwrap_or(UNKNOWN)
 }

@@ -643,6 +643,7 @@ impl StateFile {
             self.geometry.cells,
             cell_tag(next),
         );
+        let checking = crate::health::starts_checking(&table, &given);
         let mut changes = current.changes;
         changes.extend(Change::between(&current.table, &table, next));
         if changes.len() > CHANGE_LOG_MAX {
@@ -663,9 +664,9 @@ impl StateFile {
         }
         // No published table names these cells yet: workers see them fresh.
         let zone = self.zone();
-        for r in given {
+        for (r, checking) in given.into_iter().zip(checking) {
             if let Some(cell) = zone.cells().get(r.index as usize) {
-                cell.reset(r.tag);
+                cell.reset_checked(r.tag, checking);
             }
         }
         // Write into the slot that does not hold the table just read: the
@@ -942,6 +943,7 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         geometry.cells,
         cell_tag(payload.version),
     );
+    let checking = crate::health::starts_checking(&payload.table, &given);
     let encoded = codec::encode(&payload);
     if encoded.slot_bytes() as u64 > geometry.payload_capacity() {
         return Err(encoded.slot_bytes());
@@ -953,9 +955,9 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
     // upstream file does that).
     bytes[COMMIT_WORD..COMMIT_WORD + 8]
         .copy_from_slice(&layout::commit_word(payload.version, 0).to_ne_bytes());
-    for r in given {
+    for (r, checking) in given.into_iter().zip(checking) {
         let at = geometry.cells_offset() as usize + r.index as usize * CELL_LEN;
-        bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag));
+        bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag, checking));
     }
     let slot = geometry.slot_offset(0) as usize;
     let header = SlotHeader::for_payload(payload.version, &encoded.base, &encoded.extension);

@@ -1,0 +1,174 @@
+//! The Lua side of active health checks: the per-worker prober driven by the
+//! refresh tick, the results the probes report back, and the `check_status`
+//! page. The decisions are in [`crate::health`]; the cosockets in
+//! `probe.lua`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mlua::{Function, Lua, Table, Value};
+use parking_lot::Mutex;
+
+use super::{log, ngx, with_snapshot, LuaResult, WORKER};
+use crate::health::status::{render, rows, Filter, Format};
+use crate::health::{Prober, MAX_IN_FLIGHT};
+
+/// This worker's prober; `None` until the first tick (a new worker, after a
+/// crash or a reload, starts with no probe in flight).
+static PROBER: Mutex<Option<Prober>> = Mutex::new(None);
+
+const START: &str = "ngx.dyups.probe.start";
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Loads `probe.lua` into this VM and adds `check_status` to the module.
+pub fn install(lua: &Lua, m: &Table) -> LuaResult<()> {
+    let record = lua.create_function(record)?;
+    let start: Function = lua
+        .load(include_str!("probe.lua"))
+        .set_name("=ngx.dyups.probe")
+        .call(record)?;
+    lua.set_named_registry_value(START, start)?;
+    m.set("check_status", lua.create_function(check_status)?)?;
+    Ok(())
+}
+
+/// One tick of the prober (from the refresh timer): starts the probes this
+/// worker owns that are due.
+pub fn tick(lua: &Lua) -> LuaResult<()> {
+    let jobs = {
+        let guard = WORKER.lock();
+        let Some(w) = guard.as_ref() else {
+            return Ok(());
+        };
+        let snap = w.snapshot();
+        if !snap.table.upstreams.iter().any(|u| u.check.line.is_some()) {
+            return Ok(());
+        }
+        let store = w.store();
+        let live: Vec<u32> = store.workers().iter().map(|w| w.pid).collect();
+        let me = std::process::id();
+        let now = unix_ms();
+        let mut prober = PROBER.lock();
+        let prober =
+            prober.get_or_insert_with(|| Prober::new(now ^ u64::from(me) << 20, MAX_IN_FLIGHT));
+        prober.due(&snap.table, snap.seen, store.zone(), now, me, &live)
+    };
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let list = lua.create_table_with_capacity(jobs.len(), 0)?;
+    for j in jobs {
+        let t = lua.create_table()?;
+        t.set("token", j.token)?;
+        t.set("host", j.host)?;
+        t.set("port", j.port)?;
+        t.set("timeout", j.timeout_ms)?;
+        t.set("tls", j.tls)?;
+        if let Some(send) = j.send {
+            t.set("send", lua.create_string(send.as_bytes())?)?;
+        }
+        list.push(t)?;
+    }
+    let start: Function = lua.named_registry_value(START)?;
+    start.call::<()>(list)
+}
+
+/// `record(token, status, err, elapsed_ms)` from `probe.lua`.
+fn record(
+    lua: &Lua,
+    (token, status, err, elapsed): (u64, Option<u16>, Option<String>, u64),
+) -> LuaResult<()> {
+    let flip = {
+        let guard = WORKER.lock();
+        let Some(w) = guard.as_ref() else {
+            return Ok(());
+        };
+        let mut prober = PROBER.lock();
+        let Some(p) = prober.as_mut() else {
+            return Ok(());
+        };
+        p.record(
+            w.store().zone(),
+            token,
+            status,
+            err.as_deref(),
+            elapsed,
+            unix_ms(),
+        )
+    };
+    if let Some(f) = flip {
+        let msg = if f.up {
+            format!(
+                "upstream {} server {} is up after {} passing health checks",
+                f.upstream, f.server, f.count
+            )
+        } else {
+            format!(
+                "upstream {} server {} is down after {} failed health checks (last: {}{})",
+                f.upstream,
+                f.server,
+                f.count,
+                f.outcome.name(),
+                err.map_or(String::new(), |e| format!(", {e}"))
+            )
+        };
+        log(lua, "WARN", &msg);
+    }
+    Ok(())
+}
+
+/// The `check_status` content handler (`lua/check_status.lua`):
+/// `?format=html|csv|json`, `?status=up|down|checking`.
+fn check_status(lua: &Lua, (): ()) -> LuaResult<()> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
+    let method: String = ngx
+        .get::<Table>("req")?
+        .get::<Function>("get_method")?
+        .call(())?;
+    let args: Table = ngx
+        .get::<Table>("req")?
+        .get::<Function>("get_uri_args")?
+        .call(())?;
+    let arg = |name: &str| -> Option<String> {
+        match args.get::<Value>(name).ok()? {
+            Value::String(s) => Some(s.to_string_lossy()),
+            _ => None,
+        }
+    };
+    let header: Table = ngx.get("header")?;
+    let parsed = Format::from_arg(arg("format").as_deref())
+        .and_then(|f| Ok((f, Filter::from_arg(arg("status").as_deref())?)));
+    let (status, content_type, body) = if method != "GET" && method != "HEAD" {
+        header.set("Allow", "GET, HEAD")?;
+        (
+            405,
+            "text/plain",
+            "check_status takes GET and HEAD\n".to_owned(),
+        )
+    } else {
+        match parsed {
+            Err(e) => (400, "text/plain", format!("{e}\n")),
+            Ok((format, filter)) => match with_snapshot(|store, snap| {
+                render(
+                    &rows(&snap.table, store.zone()),
+                    snap.version,
+                    format,
+                    filter,
+                )
+            }) {
+                Ok(body) => (200, format.content_type(), body),
+                Err(e) => (500, "text/plain", format!("{e}\n")),
+            },
+        }
+    };
+    ngx.set("status", status)?;
+    header.set("Content-Type", content_type)?;
+    header.set("Cache-Control", "no-cache")?;
+    let print: Function = ngx.get("print")?;
+    print.call::<Value>(lua.create_string(body.as_bytes())?)?;
+    Ok(())
+}

@@ -1,0 +1,300 @@
+use super::status::{render, rows, Filter, Format};
+use super::*;
+use crate::testing::TempDir;
+
+const BODY: &str = "server 127.0.0.1:81; server 127.0.0.1:82; \
+                    check interval=1000 rise=2 fall=3 timeout=500 type=http;";
+
+fn cell_of<'a>(zone: Zone<'a>, table: &Table, name: &str, i: usize) -> (&'a PeerCell, PeerRef) {
+    let u = table.upstreams.iter().find(|u| u.name == name).unwrap();
+    let r = u.peer(i);
+    (zone.cell(r).unwrap(), r)
+}
+
+#[test]
+fn new_servers_of_default_down_upstreams_start_checking() {
+    let dir = TempDir::new();
+    let store = dir.store(&[
+        ("a", BODY),
+        (
+            "b",
+            "server 127.0.0.1:81; check interval=1000 default_down=false;",
+        ),
+        ("c", "server 127.0.0.1:81;"),
+    ]);
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let (a, ra) = cell_of(zone, &snap.table, "a", 0);
+    let (b, rb) = cell_of(zone, &snap.table, "b", 0);
+    let (c, rc) = cell_of(zone, &snap.table, "c", 0);
+    assert!(a.check_down(ra.tag) && verdict(a, ra.tag).unwrap().checking);
+    assert!(!b.check_down(rb.tag));
+    assert!(!c.check_down(rc.tag));
+    // The same address in two upstreams: two cells, two states.
+    assert_ne!(ra.index, rb.index);
+
+    // A server added at run time is stamped by the writer, before any
+    // worker can route to it.
+    store
+        .write(&Default::default(), |t| {
+            crate::ops::update(t, "a", &format!("{BODY} server 127.0.0.1:83;"))
+        })
+        .unwrap();
+    let snap = store.read().unwrap();
+    let (n, rn) = cell_of(zone, &snap.table, "a", 2);
+    assert!(n.check_down(rn.tag));
+    // The servers that stayed kept their cells.
+    assert_eq!(cell_of(zone, &snap.table, "a", 0).1, ra);
+}
+
+#[test]
+fn rise_and_fall_flip_the_verdict_and_a_settings_change_restarts_the_counts() {
+    let c = PeerCell::default();
+    c.reset_checked(4, true);
+    let rec = |fp, o| record(&c, 4, fp, 2, 3, o).unwrap().1;
+    assert!(rec(1, Outcome::Passed).checking, "one pass of two");
+    let v = rec(1, Outcome::Passed);
+    assert!(!v.checking && !v.down && v.passes == 2);
+    rec(1, Outcome::Timeout);
+    rec(1, Outcome::Late);
+    let v = rec(1, Outcome::Connect);
+    assert!(!v.down && v.failures == 2, "late counts for nothing: {v:?}");
+    assert!(rec(1, Outcome::BadStatus).down);
+    assert!(c.check_down(4));
+    // New settings: still down, counts from zero.
+    let v = rec(2, Outcome::Passed);
+    assert!(v.down && v.passes == 1 && v.failures == 0);
+    assert!(!rec(2, Outcome::Passed).down);
+    // Another server's cell now: nothing recorded.
+    c.reset(5);
+    assert!(record(&c, 4, 2, 2, 3, Outcome::Timeout).is_none());
+    assert!(!c.check_down(4) && !c.check_down(5));
+}
+
+#[test]
+fn a_passing_probe_forgets_passive_failures() {
+    let c = PeerCell::default();
+    c.reset(1);
+    c.add_failure(1, 10);
+    c.add_failure(1, 11);
+    record(&c, 1, 1, 2, 3, Outcome::Timeout);
+    assert_eq!(c.fails(), 2);
+    record(&c, 1, 1, 2, 3, Outcome::Passed);
+    assert_eq!(c.fails(), 0);
+}
+
+#[test]
+fn outcomes_from_what_the_socket_saw() {
+    let e = ExpectAlive::default();
+    let http = CheckType::Http;
+    assert_eq!(classify(http, e, Some(200), None, 3, 500), Outcome::Passed);
+    assert_eq!(classify(http, e, Some(302), None, 3, 500), Outcome::Passed);
+    assert_eq!(
+        classify(http, e, Some(500), None, 3, 500),
+        Outcome::BadStatus
+    );
+    assert_eq!(
+        classify(http, e, Some(100), None, 3, 500),
+        Outcome::BadStatus
+    );
+    let five = ExpectAlive::from_bits(0b1000).unwrap();
+    assert_eq!(
+        classify(http, five, Some(503), None, 3, 500),
+        Outcome::Passed
+    );
+    assert_eq!(
+        classify(http, e, None, Some("timeout"), 510, 500),
+        Outcome::Timeout
+    );
+    // The loop was busy: the timer fired long after the timeout.
+    assert_eq!(
+        classify(http, e, None, Some("timeout"), 2000, 500),
+        Outcome::Late
+    );
+    assert_eq!(
+        classify(http, e, None, Some("connect: connection refused"), 1, 500),
+        Outcome::Connect
+    );
+    assert_eq!(
+        classify(http, e, None, Some("connection reset by peer"), 1, 500),
+        Outcome::Socket
+    );
+    assert_eq!(
+        classify(http, e, None, Some("bad status line"), 1, 500),
+        Outcome::Garbage
+    );
+    assert_eq!(
+        classify(CheckType::Tcp, e, None, None, 1, 500),
+        Outcome::Passed
+    );
+}
+
+fn live_store() -> (TempDir, std::sync::Arc<crate::store::StateFile>) {
+    let dir = TempDir::new();
+    let s = dir.store(&[("a", BODY), ("plain", "server 127.0.0.1:81;")]);
+    (dir, s)
+}
+
+#[test]
+fn one_probe_per_server_per_interval_over_every_worker() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let live = [100, 200];
+    let mut w1 = Prober::new(1, MAX_IN_FLIGHT);
+    let mut w2 = Prober::new(2, MAX_IN_FLIGHT);
+    let mut count = HashMap::<String, usize>::new();
+    let t0 = 1_000_000;
+    // 10 s of ticks every 50 ms in both workers, each probe answering at once.
+    let mut now = t0;
+    while now < t0 + 10_000 {
+        for (w, me) in [(&mut w1, 100), (&mut w2, 200)] {
+            for j in w.due(&snap.table, snap.seen, zone, now, me, &live) {
+                *count.entry(format!("{}:{}", j.host, j.port)).or_default() += 1;
+                w.record(zone, j.token, Some(200), None, 1, now);
+            }
+        }
+        now += 50;
+    }
+    // Only `a` has checks; each of its servers 10 times (+1 for the
+    // probe at once), and the two are spread over the two workers.
+    assert_eq!(count.len(), 2, "{count:?}");
+    for (k, n) in &count {
+        assert!((10..=11).contains(n), "{k}: {n}");
+    }
+    let owners: HashSet<u32> = (0..2)
+        .map(|i| {
+            lease_parts(
+                cell_of(zone, &snap.table, "a", i)
+                    .0
+                    .lease_word()
+                    .load(Ordering::Acquire),
+            )
+            .1
+        })
+        .collect();
+    assert_eq!(owners.len(), 2, "spread over the workers: {owners:?}");
+    // Up after rise=2 passes.
+    let (c, r) = cell_of(zone, &snap.table, "a", 0);
+    assert!(!c.check_down(r.tag));
+}
+
+#[test]
+fn a_dead_or_stalled_owner_is_taken_over_within_two_intervals() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let mut w1 = Prober::new(1, MAX_IN_FLIGHT);
+    let mut w2 = Prober::new(2, MAX_IN_FLIGHT);
+    let t0 = 1_000_000;
+    let mut last = HashMap::new();
+    // Both live; w1 (pid 100) probes once, then stalls (never ticks again).
+    for j in w1.due(&snap.table, snap.seen, zone, t0, 100, &[100, 200]) {
+        last.insert(j.host.clone() + &j.port.to_string(), t0);
+        w1.record(zone, j.token, Some(200), None, 1, t0);
+    }
+    let mut now = t0;
+    let mut taken = None;
+    while now < t0 + 5_000 {
+        now += 50;
+        for j in w2.due(&snap.table, snap.seen, zone, now, 200, &[100, 200]) {
+            if j.port == 81 && taken.is_none() {
+                // Port 81 (cell 0 of `a`) may have gone to w1.
+                taken = Some(now);
+            }
+            w2.record(zone, j.token, Some(200), None, 1, now);
+        }
+    }
+    let (c, _) = cell_of(zone, &snap.table, "a", 0);
+    assert_eq!(lease_parts(c.lease_word().load(Ordering::Acquire)).1, 200);
+    let at = taken.expect("port 81 (cell 0) went to pid 100, and was taken over");
+    // Due at t0 + 1000, overdue one interval later; ticks every 50 ms.
+    assert!(
+        at - t0 <= 2_050,
+        "taken over {} ms after the last probe",
+        at - t0
+    );
+    // A dead owner (not among the live) is replaced at once.
+    let mut w3 = Prober::new(3, MAX_IN_FLIGHT);
+    let jobs = w3.due(&snap.table, snap.seen, zone, now + 1, 300, &[300]);
+    assert_eq!(jobs.len(), 2, "both servers, probed at once");
+}
+
+#[test]
+fn at_the_cap_a_due_probe_waits_and_is_reported_late() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let mut w = Prober::new(1, 1);
+    let jobs = w.due(&snap.table, snap.seen, zone, 1_000, 7, &[7]);
+    assert_eq!(jobs.len(), 1, "cap of one");
+    assert_eq!(w.due(&snap.table, snap.seen, zone, 1_300, 7, &[7]).len(), 0);
+    let waiting = (0..2)
+        .map(|i| cell_of(zone, &snap.table, "a", i).0)
+        .find(|c| c.result_word().load(Ordering::Acquire) >> 44 != 0)
+        .expect("the waiting server is reported late");
+    assert_eq!(waiting.result_word().load(Ordering::Acquire) >> 44, 300);
+    w.record(zone, jobs[0].token, None, Some("timeout"), 500, 1_500);
+    assert_eq!(w.due(&snap.table, snap.seen, zone, 1_550, 7, &[7]).len(), 1);
+}
+
+#[test]
+fn every_status_format() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let (c, r) = cell_of(zone, &snap.table, "a", 1);
+    record(c, r.tag, 1, 1, 1, Outcome::Passed);
+    c.result_word()
+        .store(result_word(Outcome::Passed, 200, 3, 0), Ordering::Release);
+    let rows = rows(&snap.table, zone);
+    let all: Value = serde_json::from_str(&render(&rows, 9, Format::Json, Filter::All)).unwrap();
+    let s = &all["servers"];
+    assert_eq!(
+        (s["total"].as_u64(), s["up"].as_u64(), s["down"].as_u64()),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(s["generation"], 9);
+    assert_eq!(s["server"][0]["name"], "127.0.0.1:81");
+    assert_eq!(s["server"][0]["status"], "down");
+    assert_eq!(s["server"][0]["checking"], true);
+    assert_eq!(s["server"][1]["result"], "200");
+    assert_eq!(s["server"][1]["type"], "http");
+    let down: Value = serde_json::from_str(&render(&rows, 9, Format::Json, Filter::Down)).unwrap();
+    assert_eq!(down["servers"]["server"].as_array().unwrap().len(), 1);
+    let csv = render(&rows, 9, Format::Csv, Filter::Up);
+    assert!(
+        csv.starts_with("1,a,127.0.0.1:82,up,1,0,http,0,false,200,3,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 1);
+    let html = render(&rows, 9, Format::Html, Filter::All);
+    assert!(html.contains("generation: 9") && html.contains("<td>checking</td>"));
+}
+
+use serde_json::Value;
+
+#[test]
+fn the_balancer_skips_servers_down_by_checks_only_while_checks_are_on() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let u = snap.table.get("a").unwrap().clone();
+    let mut b = crate::balancer::Balancer::new(&u.servers);
+    b.share(store.clone(), &u.peers);
+    b.set_checks(true);
+    let tried = crate::balancer::Tried::new();
+    // Both still checking (default_down): nothing to pick.
+    assert_eq!(b.pick(&u.servers, &tried, 1), None);
+    assert!(all_failed(store.zone(), &u));
+    let (c, r) = cell_of(store.zone(), &snap.table, "a", 1);
+    record(c, r.tag, 1, 1, 1, Outcome::Passed);
+    assert_eq!(b.pick(&u.servers, &tried, 1), Some(1));
+    assert_eq!(b.pick(&u.servers, &tried, 1), Some(1));
+    assert!(!all_failed(store.zone(), &u));
+    // The check line removed: the verdicts no longer count.
+    b.set_checks(false);
+    let picks: HashSet<usize> = (0..4)
+        .filter_map(|_| b.pick(&u.servers, &tried, 1))
+        .collect();
+    assert_eq!(picks.len(), 2);
+}
