@@ -7,9 +7,9 @@
 -- nothing. `record(token, status, err, elapsed_ms)` takes every outcome.
 local record = ...
 
-local tcp, timer_at = ngx.socket.tcp, ngx.timer.at
-local now, update_time = ngx.now, ngx.update_time
 local floor, tonumber = math.floor, tonumber
+-- Taken from `ngx` at the first start: the module also loads outside nginx.
+local tcp, timer_at, now, update_time
 
 local function elapsed_ms(t0)
     update_time()
@@ -79,6 +79,10 @@ end
 
 -- Starts the probes `jobs` (from the Rust side's walk).
 return function(jobs)
+    if not tcp then
+        tcp, timer_at = ngx.socket.tcp, ngx.timer.at
+        now, update_time = ngx.now, ngx.update_time
+    end
     for i = 1, #jobs do
         local job = jobs[i]
         local ok, err = timer_at(0, probe, job)

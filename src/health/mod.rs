@@ -630,7 +630,7 @@ impl Prober {
         );
         let was = before.down || before.checking;
         let is = after.down || after.checking;
-        (was != is).then(|| Flip {
+        (was != is).then_some(Flip {
             upstream: p.upstream,
             server: p.server,
             up: !is,
