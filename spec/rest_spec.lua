@@ -418,7 +418,13 @@ describe("REST endpoints", function()
       assert.are.equal(200, status)
       assert.is_truthy(body:find("\ntengine\n" .. detail_line(B1):gsub("max_conns=0", "max_conns=10")
         .. detail_line(B2) .. "\n", 1, true), body)
-      local list, ports = rest.route(inst, "tengine", 8)
+      -- default_down (the check line's default): new servers take traffic
+      -- once their first rise=2 probes passed, about one interval (3 s) on.
+      local want = table.concat(rest.sorted { B1, B2 }, " ")
+      local list, ports = nginx.wait_until(function()
+        local l, p = rest.route(inst, "tengine", 8)
+        if table.concat(rest.keys(p), " ") == want then return l, p end
+      end, 10, "both servers of tengine up by their checks")
       assert.are.same(rest.sorted { B1, B2 }, rest.keys(ports), rest.show(list))
       assert.are.equal(200, (api(inst, "DELETE", "/upstream/tengine")))
     end)
