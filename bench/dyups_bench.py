@@ -11,9 +11,10 @@ measures ngx.dyups in five sections:
      the new table (with traffic, and idle via /ups/check);
   3. churn: failed client requests while an upstream changes many times/s;
   4. scale: 1 .. 10,000 upstreams of 4 servers;
-  5. policies: hash $arg_k consistent, hash $arg_k, ip_hash, least_conn,
-     random and random two, each against nginx's native upstream with the
-     same policy, keys varied by lua/keys.lua, interleaved rounds, medians;
+  5. policies: round robin, hash $arg_k consistent, hash $arg_k, ip_hash,
+     least_conn, random and random two, each against nginx's native
+     upstream with the same policy, keys varied by lua/keys.lua, interleaved
+     rounds, medians, and each proxy worker's CPU time per request;
      for the keyless ones, each backend's share under load and
      dyups.peers() connection counts back to 0 after it.
 
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -43,6 +45,7 @@ NGINX = os.environ.get("NGINX_BIN", "nginx")
 NGINX_ENV = {k: v for k, v in os.environ.items() if k != "NGINX"}
 MODULES_DIR = os.environ.get("NGINX_MODULES_DIR", "/usr/lib/nginx/modules")
 WRK = os.environ.get("WRK", "wrk")
+LUAJIT = os.environ.get("LUAJIT", "luajit")
 
 INSTANCES = []  # every started nginx, for stop_all()
 CHILDREN = []  # background processes (wrk), for stop_all()
@@ -107,8 +110,13 @@ HTTP_COMMON = """
 """
 
 
+# The main-context lines of every ngx.dyups proxy, as the README has them:
+# durable writes msync in this thread pool, off the event loop.
+DYUPS_MAIN = "thread_pool dyups threads=1;\n"
+
+
 class Nginx:
-    def __init__(self, root, name, workers, http_body, lua=True, files=None):
+    def __init__(self, root, name, workers, http_body, lua=True, files=None, main=""):
         self.prefix = os.path.join(root, name)
         self.name = name
         self.workers = workers
@@ -118,7 +126,7 @@ class Nginx:
         for rel, text in (files or {}).items():
             with open(os.path.join(self.prefix, rel), "w") as f:
                 f.write(text)
-        conf = preamble(workers, lua) + "http {\n" + HTTP_COMMON + http_body + "\n}\n"
+        conf = preamble(workers, lua) + main + "http {\n" + HTTP_COMMON + http_body + "\n}\n"
         self.conf = os.path.join(self.prefix, "conf", "nginx.conf")
         with open(self.conf, "w") as f:
             f.write(conf)
@@ -228,6 +236,29 @@ def stop_all():
             p.wait()
     while INSTANCES:
         INSTANCES.pop().stop()
+
+
+def cpu_ns(pid):
+    """CPU time (user + system) process `pid` has run, in ns: the scheduler's
+    own count (/proc/PID/schedstat), else the 10 ms ticks of /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            ns = int(f.read().split()[0])
+        if ns:
+            return ns
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid):
+    """CPU seconds (user + system) a process has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid):
@@ -434,6 +465,42 @@ def wrk_finish(p):
 # statistics
 
 
+def writer_bg(api_port, rate, secs, names, backends, read=False):
+    """Section 4's REST writer (lua/writer.lua) in the background; `read`:
+    GET /list at the same rate instead."""
+    others = names if len(names) <= 200 else random.sample(names, 200)
+    p = subprocess.Popen([LUAJIT, os.path.join(BENCH, "lua", "writer.lua"), str(api_port), str(rate),
+                          str(secs), ",".join(others), ",".join(map(str, backends))]
+                         + (["read"] if read else []),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(p)
+    return p
+
+
+def writer_finish(p):
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"lua/writer.lua failed: {err.strip()}")
+    f = out.split()
+    return {f[i]: float(f[i + 1]) for i in range(0, len(f) - 1, 2)}
+
+
+def write_cpu(api_port, workers, rate, secs, names, backends, read=False):
+    """CPU a write costs, without traffic: `rate` writes/s for `secs`, and the
+    CPU seconds the workers (all their threads: the msync runs in nginx's
+    thread pool) and the writer used, per write (µs)."""
+    def children_cpu():
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
+
+    before, mine = [cpu_s(w) for w in workers], children_cpu()
+    p = writer_bg(api_port, rate, secs, names, backends, read=read)
+    wr = writer_finish(p)  # waits for it: its CPU is then in RUSAGE_CHILDREN
+    n = max(1.0, wr["ok"] + wr["failed"])
+    return {"workers_us": (sum(cpu_s(w) for w in workers) - sum(before)) / n * 1e6,
+            "writer_us": (children_cpu() - mine) / n * 1e6, "rate": wr["ok"] / wr["secs"]}
+
+
 def med(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
@@ -595,10 +662,12 @@ def section_throughput(cfg, root, backends, res):
     proxies = [
         ("native", Nginx(root, "p-native", 1, native_conf(pn, b2)), pn),
         ("minimal-lua", Nginx(root, "p-minlua", 1, minlua_conf(pm, b2)), pm),
-        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi, x_worker=False), files=seed), pd),
+        ("dyups", Nginx(root, "p-dyups", 1, dyups_conf(pd, papi, x_worker=False), files=seed,
+                        main=DYUPS_MAIN), pd),
         # Informative: the same without the $dyups_upstream read (map + ngx.var).
         ("dyups-named", Nginx(root, "p-dyups-named", 1,
-                              dyups_conf(pdn, papin, x_worker=False, named=True), files=seed), pdn),
+                              dyups_conf(pdn, papin, x_worker=False, named=True), files=seed,
+                              main=DYUPS_MAIN), pdn),
     ]
     for _, inst, port in proxies:
         inst.start([port])
@@ -748,7 +817,8 @@ def section_propagation(cfg, root, backends, res):
     port, api_port = free_port(), free_port()
     files = {"conf/upstream.conf": "upstream u { %s }\nupstream bench { %s %s }\n"
              % (srv(backends[0]), srv(backends[0]), srv(backends[1]))}
-    inst = Nginx(root, "p-prop", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    inst = Nginx(root, "p-prop", 2, dyups_conf(port, api_port), files=files,
+                 main=DYUPS_MAIN).start([port, api_port])
     workers = set(inst.worker_pids())
     api = Api(api_port)
     out = {}
@@ -821,7 +891,8 @@ def churn_ops(name, b):
 def section_churn(cfg, root, backends, res):
     port, api_port = free_port(), free_port()
     files = {"conf/upstream.conf": "upstream churn { %s %s %s %s }\n" % tuple(srv(b) for b in backends[:4])}
-    inst = Nginx(root, "p-churn", 2, dyups_conf(port, api_port), files=files).start([port, api_port])
+    inst = Nginx(root, "p-churn", 2, dyups_conf(port, api_port), files=files,
+                 main=DYUPS_MAIN).start([port, api_port])
     api = Api(api_port)
     raw_get(port, "/churn")
     ops = churn_ops("churn", backends[:4])
@@ -866,8 +937,9 @@ def section_scale(cfg, root, backends, res):
     for n in cfg.scale:
         port, api_port = free_port(), free_port()
         text = "".join(f"upstream u{i} {{ {four} }}\n" for i in range(n))
-        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size),
-                     files={"conf/upstream.conf": text})
+        inst = Nginx(root, f"p-scale-{n}", 2, dyups_conf(port, api_port, size=cfg.scale_size,
+                                                         extra_init=cfg.scale_init),
+                     files={"conf/upstream.conf": text}, main=DYUPS_MAIN)
         t0 = now()
         inst.start([port, api_port], timeout=120)
         start_s = now() - t0
@@ -893,43 +965,78 @@ def section_scale(cfg, root, backends, res):
             c.s.close()
         api.call("POST", "/upstream/u0", four)
         raw_get(port, "/host", "u0")
-        # throughput on unchanged u0, quiet vs while the others churn
-        quiet, busy, rates = [], [], []
+        # throughput on unchanged u0, quiet vs while the others churn at a
+        # steady rate (cfg.scale_rate, then cfg.scale_fast_rate), interleaved
+        quiet = []
+        # For N = 1 also the same rate of reads (GET /list): what the admin
+        # requests cost without writing.
+        kinds = [(cfg.scale_rate, False), (cfg.scale_fast_rate, False)]
+        kinds += [(cfg.scale_fast_rate, True)] if n == 1 else []
+        churns = {k: {"runs": [], "rates": [], "p50": [], "p99": [], "failed": 0} for k in kinds}
         for rnd in range(cfg.scale_rounds):
             quiet.append(wrk(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0"))
-            p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
-            t0, k = now(), 0
-            while p.poll() is None:  # a steady cfg.scale_rate updates/s on other upstreams
-                random.shuffle(b4)
-                st, body, _ = api.timed("POST", f"/upstream/{random.choice(others)}",
-                                        " ".join(srv(b) for b in b4[:random.randint(1, 4)]))
-                k += st == 200
-                time.sleep(max(0.0, t0 + k / cfg.scale_rate - now()))
-            rates.append(k / (now() - t0))
-            busy.append(wrk_finish(p))
+            for (rate, read), c in churns.items():
+                # a steady `rate` updates/s on other upstreams, from a LuaJIT
+                # client (lua/writer.lua) as long as wrk runs
+                p = wrk_bg(port, "/host", cfg.scale_secs, cfg.conns, cfg.threads, host="u0")
+                w = writer_bg(api_port, rate, cfg.scale_secs, others, b4, read=read)
+                c["runs"].append(wrk_finish(p))
+                wr = writer_finish(w)
+                c["rates"].append(wr["ok"] / wr["secs"])
+                c["failed"] += wr["failed"]
+                c["p50"].append(wr["p50"])
+                c["p99"].append(wr["p99"])
+        # what a write costs, without traffic (and, for N = 1, a read)
+        cost = write_cpu(api_port, workers, cfg.scale_fast_rate, cfg.scale_secs, others, b4)
+        if n == 1:
+            cost["read"] = write_cpu(api_port, workers, cfg.scale_fast_rate, cfg.scale_secs, others, b4,
+                                     read=True)
         sf = os.stat(os.path.join(inst.prefix, "state", "dyups.state"))
         rss = max(rss_kb(w) for w in workers)
-        q, b = med([r["rps"] for r in quiet]), med([r["rps"] for r in busy])
+        q = med([r["rps"] for r in quiet])
+        slow, fast = churns[(cfg.scale_rate, False)], churns[(cfg.scale_fast_rate, False)]
+        reads = churns.get((cfg.scale_fast_rate, True))
+        b = med([r["rps"] for r in slow["runs"]])
         row = {"n": n, "start_s": start_s, "file_bytes": sf.st_size,
                "seed_bytes": len(text), "rss_kb": rss,
                "update_p50": pct(lat, 50), "update_p99": pct(lat, 99),
                "prop_p50": pct(prop["times"], 50), "prop_p99": pct(prop["times"], 99),
                "prop_max": max(prop["times"]), "rps_quiet": q, "rps_churn": b,
-               "churn_ratio": b / q, "churn_rate": med(rates),
-               "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + busy)}
+               "churn_ratio": b / q, "churn_rate": med(slow["rates"]),
+               "rps_quiet_all": [r["rps"] for r in quiet],
+               "p99_quiet": med([r["p99"] for r in quiet]),
+               "fast": {"rps": med([r["rps"] for r in fast["runs"]]),
+                        "p99": med([r["p99"] for r in fast["runs"]]),
+                        "rps_all": [r["rps"] for r in fast["runs"]],
+                        # paired: each busy run against the quiet run of its round
+                        "ratio_paired": med([f["rps"] / qq["rps"] for f, qq in zip(fast["runs"], quiet)]),
+                        "rate": med(fast["rates"]), "update_p50": med(fast["p50"]),
+                        "update_p99": med(fast["p99"]), "failed": fast["failed"]},
+               "errors": sum(r["non2xx"] + r["sockerr"] for r in quiet + slow["runs"] + fast["runs"])
+               + slow["failed"] + fast["failed"]}
+        row["fast"]["ratio"] = row["fast"]["rps"] / q
+        row["cost"] = cost
+        if reads:
+            row["reads"] = {"rps": med([r["rps"] for r in reads["runs"]]),
+                            "ratio_paired": med([r["rps"] / qq["rps"] for r, qq in zip(reads["runs"], quiet)]),
+                            "rate": med(reads["rates"])}
         log(f"  [4] N={n}: file {sf.st_size >> 10} KiB, "
             f"RSS {rss} kB, update p50 {row['update_p50'] * 1e3:.2f} ms, visible p99 "
             f"{row['prop_p99'] * 1e3:.2f} ms, {q:.0f} req/s quiet, {b:.0f} req/s with "
-            f"{row['churn_rate']:.0f} updates/s on others")
+            f"{row['churn_rate']:.0f} updates/s on others, {row['fast']['rps']:.0f} req/s with "
+            f"{row['fast']['rate']:.0f} updates/s (paired ratio {row['fast']['ratio_paired']:.3f})")
         inst.stop()
         out.append(row)
     res["scale"] = out
 
 
 # ---------------------------------------------------------------------------
-# section 5: policies (every balancing method but round robin) against nginx's own
+# section 5: policies (every balancing method) against nginx's own
 
 POLICIES = [  # (location / dyups name, policy line, wrk script mode)
+    # Round robin (no balancing line): the reference row, section 1's
+    # comparison in this section's configuration.
+    ("rr", "", "none"),
     ("chash", "hash $arg_k consistent;", "k"),
     ("hash", "hash $arg_k;", "k"),
     ("iphash", "ip_hash;", "ip"),
@@ -946,6 +1053,20 @@ NATIVE_ZONE = ("lc", "random", "random2")
 COUNTS_CONNS = ("lc", "random2")
 LOG_HOOK = f" log_by_lua_file {REPO}/lua/log.lua;"
 KEYLESS = tuple(name for name, _, mode in POLICIES if mode == "none")
+# Rows timed like the methods, for reference, in the dyups proxy against
+# native round robin: what any Lua balancer costs (section 1's minimal one,
+# bench_rr: a fixed round robin that only calls set_current_peer), and with
+# it a log_by_lua_file of an empty file (the README's hook form, doing
+# nothing). What lua-nginx-module costs whatever the balancer does.
+FLOOR_ROWS = [  # (dyups location, label)
+    ("floor", "floor: any Lua balancer"),
+    ("floor-log", "floor + log_by_lua_file"),
+]
+
+
+def policy_label(line):
+    """A policy line as the report names it."""
+    return line.rstrip(";") or "round robin"
 POLICY_KEYS = 10000  # distinct keys (or client /24s) wrk cycles through
 REALIP = """
     set_real_ip_from 127.0.0.1;
@@ -985,19 +1106,30 @@ def policy_dyups_conf(port, backends):
     locs = "".join(f"        location = /{name} {{ proxy_pass http://dy_{name};"
                    f"{LOG_HOOK if name in COUNTS_CONNS else ''} }}\n"
                    for name, _, _ in POLICIES)
-    return lua_paths() + REALIP + """
-    init_by_lua_block {
-        assert(require("ngx.dyups").init{ path = "state/dyups.state", upstreams = "conf/upstream.conf" })
-    }
-    init_worker_by_lua_block {
+    # The floors (FLOOR_ROWS): bench_rr over the same backends; the empty
+    # file is conf/empty.lua in the prefix.
+    floors = """        location = /floor { proxy_pass http://floor; }
+        location = /floor-log { proxy_pass http://floor; log_by_lua_file conf/empty.lua; }
+"""
+    return lua_paths() + REALIP + f"""
+    init_by_lua_block {{
+        assert(require("ngx.dyups").init{{ path = "state/dyups.state", upstreams = "conf/upstream.conf" }})
+        require("bench_rr").init({{ {", ".join(map(str, backends))} }})
+    }}
+    init_worker_by_lua_block {{
         local ok, err = require("ngx.dyups").init_worker()
         if not ok then ngx.log(ngx.ERR, "dyups init_worker: ", err) end
-    }
+    }}
+    upstream floor {{
+        server 0.0.0.1;
+        balancer_by_lua_block {{ require("bench_rr").balance() }}
+        keepalive 32;
+    }}
 """ + ups + f"""
     server {{
         listen 127.0.0.1:{port} backlog=4096;
 {PROXY_SERVER}
-{locs}        location = /peers {{ content_by_lua_file {BENCH}/lua/peers.lua; }}
+{locs}{floors}        location = /peers {{ content_by_lua_file {BENCH}/lua/peers.lua; }}
     }}
 """
 
@@ -1100,10 +1232,13 @@ def section_policies(cfg, root, backends, res):
     proxies = [
         ("native", Nginx(root, "p-pol-native", 1, policy_native_conf(pn, b2)), pn),
         ("dyups", Nginx(root, "p-pol-dyups", 1, policy_dyups_conf(pd, b2),
-                        files={"conf/upstream.conf": policy_seed(b2)}), pd),
+                        files={"conf/upstream.conf": policy_seed(b2), "conf/empty.lua": ""},
+                        main=DYUPS_MAIN), pd),
     ]
     for _, inst, port in proxies:
         inst.start([port])
+    # The one worker of each proxy, whose CPU time per request is measured.
+    worker = {pname: inst.worker_pids()[0] for pname, inst, _ in proxies}
     out = {}
     # Sanity: both proxies send the same keys to the same backend, and the
     # keys spread over both backends (wrk varies the key as these do). The
@@ -1123,19 +1258,32 @@ def section_policies(cfg, root, backends, res):
                      "backends_seen": used}
         if (mode != "none" and agree != cfg.pol_check) or used < 2:
             log(f"  [5] {name}: {agree}/{cfg.pol_check} requests routed alike, {used} backend(s) seen")
-    for name, _, mode in POLICIES:  # warm-up (JIT, keepalive pools)
-        for _, _, port in proxies:
-            wrk_keys(port, f"/{name}", cfg.pol_warm, mode, cfg.conns, cfg.threads)
-    runs = {(pol, p): [] for pol, _, _ in POLICIES for p, _, _ in proxies}
+    # What each row times: (row, path on native, path on dyups, wrk mode).
+    rows = ([(name, f"/{name}", f"/{name}", mode) for name, _, mode in POLICIES]
+            + [(name, "/rr", f"/{name}", "none") for name, _ in FLOOR_ROWS])
+    for name, npath, dpath, mode in rows:  # warm-up (JIT, keepalive pools)
+        for pname, _, port in proxies:
+            wrk_keys(port, npath if pname == "native" else dpath, cfg.pol_warm, mode, cfg.conns,
+                     cfg.threads)
+    runs = {(row[0], p): [] for row in rows for p, _, _ in proxies}
     for rnd in range(cfg.pol_rounds):
-        for name, _, mode in POLICIES:
+        for name, npath, dpath, mode in rows:
             # alternate which proxy goes first, so neither always follows the other
             order = proxies if rnd % 2 == 0 else proxies[::-1]
             for pname, _, port in order:
-                r = wrk_keys(port, f"/{name}", cfg.pol_secs, mode, cfg.conns, cfg.threads)
+                cpu0, t0 = cpu_ns(worker[pname]), now()
+                r = wrk_keys(port, npath if pname == "native" else dpath, cfg.pol_secs, mode,
+                             cfg.conns, cfg.threads)
+                cpu, wall = cpu_ns(worker[pname]) - cpu0, now() - t0
+                # The worker's CPU time over the requests it served (wrk's
+                # count; the few it cut off at the end are not in it), and
+                # how busy it was: near 100 % the proxy is the bottleneck.
+                r["cpu_us"] = cpu / 1e3 / r["requests"] if r["requests"] else float("nan")
+                r["busy"] = cpu / 1e9 / wall
                 runs[(name, pname)].append(r)
                 log(f"  [5] round {rnd + 1}/{cfg.pol_rounds} {name:7s} {pname:7s} {r['rps']:9.0f} req/s "
-                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms")
+                    f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms, worker {r['cpu_us']:.2f} us/req "
+                    f"({r['busy'] * 100:.0f} % busy)")
     # The keyless methods: connections given back after all the timed load,
     # then a counted run per proxy (share of each backend under load, and
     # dyups.peers() sampled while it runs), and the connections again.
@@ -1165,18 +1313,21 @@ def section_policies(cfg, root, backends, res):
             log(inst.error_log_tail(5))
     for _, inst, _ in proxies:
         inst.stop()
-    for name, line, _ in POLICIES:
-        o = out[name]
+    for name, line in [(n, line) for n, line, _ in POLICIES] + FLOOR_ROWS:
+        o = out.setdefault(name, {})
         o["policy"] = line
         for pname, _, _ in proxies:
             rs = runs[(name, pname)]
             o[pname] = {"rps": med([r["rps"] for r in rs]), "p50": med([r["p50"] for r in rs]),
                         "p99": med([r["p99"] for r in rs]),
                         "errors": sum(r["non2xx"] + r["sockerr"] for r in rs),
-                        "rps_all": [r["rps"] for r in rs]}
+                        "rps_all": [r["rps"] for r in rs],
+                        "cpu_us": med([r["cpu_us"] for r in rs]),
+                        "busy": med([r["busy"] for r in rs])}
         d, n = runs[(name, "dyups")], runs[(name, "native")]
         o["ratio"] = o["dyups"]["rps"] / o["native"]["rps"]
         o["ratio_paired"] = med([a["rps"] / b["rps"] for a, b in zip(d, n)])
+        o["cpu_ratio_paired"] = med([a["cpu_us"] / b["cpu_us"] for a, b in zip(d, n)])
     out["errors_in_log"] = errors_in_log
     res["policies"] = out
 
@@ -1253,6 +1404,37 @@ def report(cfg, res, elapsed):
         p("   (times in ms; upd = client-side REST POST latency; vis = until both workers route by it;"
           " ratio = req/s on unchanged u0 while others churn / quiet;"
           f" upd/s = churn rate achieved, target {cfg.scale_rate}/s)")
+        p(f"   the same unchanged u0 while others churn at {cfg.scale_fast_rate} updates/s ("
+          + (f"init {cfg.scale_init.strip()}" if cfg.scale_init else "durable, msync in thread pool \"dyups\"")
+          + f"), {cfg.scale_rounds} rounds of quiet / {cfg.scale_rate}/s / {cfg.scale_fast_rate}/s"
+          + (f" / {cfg.scale_fast_rate} reads/s (N = 1)" if any("reads" in r for r in sc) else "")
+          + f" x {cfg.scale_secs} s, writes from lua/writer.lua:")
+        p(f"   {'N':>6s} {'rps quiet':>9s} {'rps churn':>9s} {'ratio':>6s} {'(medians)':>9s} {'upd/s':>6s} "
+          f"{'upd p50':>8s} {'upd p99':>8s} {'failed':>6s} {'p99 quiet':>9s} {'p99 churn':>9s}"
+          f"   quiet / churn req/s per round")
+        for r in sc:
+            f = r["fast"]
+            p(f"   {r['n']:6d} {r['rps_quiet']:9.0f} {f['rps']:9.0f} {f['ratio_paired']:6.3f} {f['ratio']:9.3f} "
+              f"{f['rate']:6.0f} {fmt_ms(f['update_p50']):>8s} {fmt_ms(f['update_p99']):>8s} {f['failed']:6.0f} "
+              f"{r['p99_quiet']:9.2f} {f['p99']:9.2f}   "
+              + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rps_quiet_all"], f["rps_all"])))
+        p(f"   CPU a write costs, without traffic ({cfg.scale_fast_rate}/s for {cfg.scale_secs} s): "
+          + "; ".join(f"N={r['n']}: workers {r['cost']['workers_us']:.0f} µs (at {r['cost']['rate']:.0f}/s), "
+                      f"writer {r['cost']['writer_us']:.0f} µs" for r in sc))
+        for r in sc:
+            rd = r["cost"].get("read")
+            if rd:
+                p(f"   ... and a read (GET /list), N={r['n']}: workers {rd['workers_us']:.0f} µs, "
+                  f"writer {rd['writer_us']:.0f} µs; {cfg.scale_fast_rate} writes/s of N={r['n']} take "
+                  f"{r['cost']['workers_us'] * cfg.scale_fast_rate / 1e4 / 2:.1f} % of 2 CPUs in the workers")
+        for r in sc:
+            if "reads" in r:
+                rd = r["reads"]
+                p(f"   control, N={r['n']}: {rd['rate']:.0f} reads/s (GET /list) instead of writes: {rd['rps']:.0f} "
+                  f"req/s, ratio {rd['ratio_paired']:.3f}")
+        p("   (ratio: median of the per-round ratios churn/quiet, paired; (medians): ratio of the medians;"
+          " upd = client-side REST POST latency during that churn, median over the rounds of each round's"
+          " p50 / p99; failed = updates not answered 200; p99 quiet / churn: wrk's p99 latency on u0, medians)")
     po = res.get("policies")
     if po:
         p()
@@ -1261,38 +1443,46 @@ def report(cfg, res, elapsed):
           f"with `zone`; wrk -s lua/keys.lua cycles {POLICY_KEYS} keys (hash, ip_hash); "
           f"{cfg.pol_rounds} interleaved rounds x {cfg.pol_secs} s, medians")
         p(f"   {'policy':24s} {'proxy':7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
-          f"  {'dyups/native':>12s}   req/s per round")
-        for name, line, _ in POLICIES:
+          f"  {'dyups/native':>12s}  {'us/req':>6s} {'busy':>4s} {'cpu d/n':>7s}   req/s per round")
+        floors = [(n, label) for n, label in FLOOR_ROWS if n in po]
+        for name, line in [(n, line) for n, line, _ in POLICIES] + floors:
             o = po[name]
             for k, pname in enumerate(("native", "dyups")):
                 r = o[pname]
                 ratio = (f"{o['ratio_paired']:.3f} ({o['ratio']:.3f})" if pname == "dyups" else "")
-                p(f"   {(line.rstrip(';') if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
-                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}   "
+                cpu = f"{o['cpu_ratio_paired']:.3f}" if pname == "dyups" else ""
+                p(f"   {(policy_label(line) if k == 0 else ''):24s} {pname:7s} {r['rps']:8.0f} {r['p50']:8.3f} "
+                  f"{r['p99']:8.3f} {r['errors']:7d}  {ratio:>12s}  {r['cpu_us']:6.2f} "
+                  f"{r['busy'] * 100:3.0f}% {cpu:>7s}   "
                   + " ".join(f"{x:.0f}" for x in r["rps_all"]))
-        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians)")
+        p("   (dyups/native: median of the per-round ratios, paired; in brackets the ratio of the medians."
+          " us/req: the proxy worker's CPU time (user + system) per request served, median of the rounds;"
+          " busy: its CPU time over the run's wall time; cpu d/n: dyups/native us/req, median of the"
+          " per-round ratios; the floor rows: lua-nginx-module's least, a Lua balancer that only calls"
+          " set_current_peer (bench_rr), alone and with a log_by_lua_file of an empty file, in the dyups"
+          " proxy, against native round robin)")
         keyed = [n for n, _, mode in POLICIES if mode != "none"]
         p("   same backend for both proxies: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['agree']}/{po[n]['checked']} keys"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['agree']}/{po[n]['checked']} keys"
                       f" ({po[n]['backends_seen']} backends used)" for n in keyed))
         p(f"   keyless, {po[KEYLESS[0]]['checked']} requests one by one: "
-          + ", ".join(f"{po[n]['policy'].rstrip(';')} {po[n]['backends_seen']} backends used through both"
+          + ", ".join(f"{policy_label(po[n]['policy'])} {po[n]['backends_seen']} backends used through both"
                       for n in KEYLESS))
         p(f"   share of each backend under load (untimed wrk -c {cfg.conns} run of {cfg.pol_share_secs} s "
           f"per proxy, answers counted): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} native "
+          + "; ".join(f"{policy_label(po[n]['policy'])} native "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["native"]) + " %, dyups "
                       + "/".join(f"{x * 100:.1f}" for x in po[n]["share"]["dyups"]) + " %"
                       + (f" ({po[n]['share_errors']} errors)" if po[n]["share_errors"] else "")
                       for n in KEYLESS))
         p("   dyups.peers() conns (whole nginx): "
-          + "; ".join(f"{po[n]['policy'].rstrip(';')} during that run max "
+          + "; ".join(f"{policy_label(po[n]['policy'])} during that run max "
                       f"{max(po[n]['conns_samples'], default=0)} (median {med(po[n]['conns_samples']):.0f}, "
                       f"{len(po[n]['conns_samples'])} samples), after the rounds "
                       f"{'+'.join(map(str, po[n]['conns_after_rounds']))}, after that run "
                       f"{'+'.join(map(str, po[n]['conns_after']))}"
                       for n in KEYLESS)
-          + " (random counts none)")
+          + " (round robin and random count none)")
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
     # targets
@@ -1319,6 +1509,12 @@ def report(cfg, res, elapsed):
         target("zero failed requests under churn", 1, f == 0,
                f"{f} failed of {ch['requests']} ({ch['rate']:.0f} updates/s)")
     if sc:
+        one = [r for r in sc if r["n"] == 1]
+        if one:
+            f = one[0]["fast"]
+            target(f"1 upstream: an unchanged upstream keeps >= 0.97 x quiet req/s while "
+                   f"{cfg.scale_fast_rate} writes/s arrive (durable)", 1, f["ratio_paired"] >= 0.97,
+                   f"{f['ratio_paired']:.3f} at {f['rate']:.0f} writes/s")
         big = [r for r in sc if r["n"] >= 10000]
         if big:
             r = big[-1]
@@ -1332,8 +1528,18 @@ def report(cfg, res, elapsed):
                    f"{fmt_ms(sc[-1]['prop_p99'])} ms)")
             target("10,000 upstreams: no drop on an unchanged upstream", None, False,
                    f"not run (QUICK; N={sc[-1]['n']}: ratio {sc[-1]['churn_ratio']:.3f})")
+    if po:
+        names = [n for n, _, _ in POLICIES]
+        worst = min(names, key=lambda n: po[n]["ratio_paired"])
+        target("every method: dyups >= 0.95 x native req/s (paired)", 1,
+               po[worst]["ratio_paired"] >= 0.95,
+               f"lowest {po[worst]['ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
+        worst = max(names, key=lambda n: po[n]["cpu_ratio_paired"])
+        target("every method: proxy worker CPU per request <= 1.05 x native (paired)", 1,
+               po[worst]["cpu_ratio_paired"] <= 1.05,
+               f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
     if not rows:
-        p("   (none in the sections run; section 5 reports ratios only)")
+        p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
     for label, shown, verdict in rows:
         p(f"   {verdict:4s}  {label:{w}s}  {shown}")
@@ -1356,12 +1562,17 @@ def main():
     cfg.prop_n = 100 if q else 300
     cfg.churn_secs = 5 if q else 15
     cfg.scale = [1, 100, 1000] if q else [1, 100, 1000, 10000]
+    if os.environ.get("BENCH_SCALE"):  # e.g. BENCH_SCALE=1,100: section 4 for these N only
+        cfg.scale = [int(x) for x in os.environ["BENCH_SCALE"].split(",")]
     cfg.scale_size = "16m"
     cfg.scale_rate = 20  # updates/s on other upstreams during the scale throughput runs
+    cfg.scale_fast_rate = 400  # and the second rate (issue 11: a write must not stall traffic)
+    # Extra init options for section 4's proxies, e.g. BENCH_SCALE_INIT='durable = false,'
+    cfg.scale_init = os.environ.get("BENCH_SCALE_INIT", "")
     cfg.scale_updates = 20 if q else 50
-    cfg.scale_rounds = 2 if q else 3
+    cfg.scale_rounds = 2 if q else 5
     cfg.scale_secs = 2 if q else 3
-    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 6 policies x 2 proxies
+    cfg.pol_rounds = 2 if q else 5  # section 5: rounds of 7 policies x 2 proxies
     cfg.pol_secs = 2 if q else 3
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # scripts/demo.sh: run the ngx.dyups demo (examples/nginx.conf) in the
 # foreground: one nginx, two workers, on 127.0.0.1:8080, 8081 and 8088-8090.
+# EXAMPLE=NAME runs examples/NAME/ instead (from-upsops, from-dyups: the two
+# source documents' configurations), on the ports its nginx.conf listens on.
 # Ctrl-C stops it and removes its temporary prefix (KEEP=1 keeps the prefix).
 #
-# Environment: NGINX (the nginx or openresty binary), KEEP=1,
-# NGINX_MODULES_DIR (Debian's dynamic modules, default /usr/lib/nginx/modules).
+# Environment: NGINX (the nginx or openresty binary), KEEP=1, EXAMPLE,
+# NGINX_MODULES_DIR (Debian's dynamic modules, default /usr/lib/nginx/modules),
+# DEMO_PORTS="8080=18080 8081=18081 ..." (run on other ports: the specs do,
+# as the demo's may be taken).
 set -euo pipefail
 
 # A non-interactive shell cannot trap a signal that was ignored when it
@@ -18,10 +22,36 @@ fi
 unset DYUPS_DEMO_SIGNALS_RESET
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PORTS=(8080 8081 8088 8089 8090)
 MODULES_DIR=${NGINX_MODULES_DIR:-/usr/lib/nginx/modules}
 
 die() { echo "demo: $*" >&2; exit 1; }
+
+EXAMPLE=${EXAMPLE:-}
+if [[ -n $EXAMPLE ]]; then
+    if [[ ! $EXAMPLE =~ ^[a-z0-9][a-z0-9-]*$ || ! -f $REPO/examples/$EXAMPLE/nginx.conf ]]; then
+        die "no example '$EXAMPLE': there are $(cd "$REPO/examples" && ls -d -- */ 2>/dev/null | tr -d / | tr '\n' ' ')"
+    fi
+    SRC=$REPO/examples/$EXAMPLE
+else
+    SRC=$REPO/examples
+fi
+
+# DEMO_PORTS: each `127.0.0.1:PORT` of the configuration and of the
+# instructions becomes `127.0.0.1:NEW`.
+declare -A MOVED=()
+for pair in ${DEMO_PORTS:-}; do
+    [[ $pair =~ ^([0-9]+)=([0-9]+)$ ]] || die "DEMO_PORTS: '$pair' is not PORT=PORT"
+    MOVED[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
+moved() {
+    local expr=() from
+    for from in "${!MOVED[@]}"; do expr+=(-e "s/127\.0\.0\.1:$from\b/127.0.0.1:${MOVED[$from]}/g"); done
+    if ((${#expr[@]})); then sed -E "${expr[@]}"; else cat; fi
+}
+
+# The ports: those its nginx.conf listens on.
+mapfile -t PORTS < <(grep -oE 'listen +127\.0\.0\.1:[0-9]+' "$SRC/nginx.conf" | moved | grep -oE '[0-9]+$' | sort -un)
+((${#PORTS[@]})) || die "$SRC/nginx.conf listens on no 127.0.0.1 port"
 
 find_nginx() {
     if [[ -n ${NGINX:-} ]]; then echo "$NGINX"; return; fi
@@ -36,9 +66,11 @@ find_nginx() {
 # --- checks --------------------------------------------------------------------------
 
 [[ -f $REPO/lib/ngx/dyups.so ]] || die "$REPO/lib/ngx/dyups.so is missing: run 'make build' first"
-for f in nginx.conf upstream.conf; do
-    [[ -f $REPO/examples/$f ]] || die "$REPO/examples/$f is missing"
-done
+if [[ -z $EXAMPLE ]]; then
+    for f in nginx.conf upstream.conf; do
+        [[ -f $REPO/examples/$f ]] || die "$REPO/examples/$f is missing"
+    done
+fi
 NGINX=$(find_nginx)
 
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -115,9 +147,13 @@ trap on_signal INT TERM HUP
 
 chmod 755 "$PREFIX" # workers run as `nobody` when nginx starts as root
 mkdir -p "$PREFIX"/{conf,logs,state,tmp}
-cp "$REPO/examples/nginx.conf" "$REPO/examples/upstream.conf" "$PREFIX/conf/"
+for f in "$SRC"/*.conf; do
+    moved <"$f" >"$PREFIX/conf/$(basename "$f")"
+done
 ln -s "$REPO/lib" "$PREFIX/lib"
 ln -s "$REPO/lua" "$PREFIX/lua"
+# The first document's scripts were at ./ngx_lua/: the shims have their names.
+ln -s "$REPO/lua" "$PREFIX/ngx_lua"
 
 # Debian's nginx has the lua module as dynamic modules; OpenResty has it built in.
 {
@@ -138,13 +174,21 @@ fi
 
 # Its own session: Ctrl-C reaches only this script, which stops nginx
 # gracefully (QUIT) and can kill the whole group if that hangs.
-setsid "$NGINX" -p "$PREFIX/" -c conf/top.conf -g 'daemon off;' </dev/null &
+# In the foreground, unless the configuration says so itself (Tengine's
+# example has `daemon off;`, and a second one is an error).
+GLOBALS=(-g 'daemon off;')
+if grep -qE '^[[:space:]]*daemon[[:space:]]' "$PREFIX/conf/nginx.conf"; then GLOBALS=(); fi
+setsid "$NGINX" -p "$PREFIX/" -c conf/top.conf "${GLOBALS[@]}" </dev/null &
 MASTER=$!
 
+all_listening() {
+    local p
+    for p in "${PORTS[@]}"; do port_taken "$p" || return 1; done
+}
 ready=
 for ((i = 0; i < 100; i++)); do
     kill -0 "$MASTER" 2>/dev/null || break
-    if curl -s -o /dev/null --max-time 1 http://127.0.0.1:8080/ups/check; then ready=1; break; fi
+    if all_listening; then ready=1; break; fi
     sleep 0.1
 done
 if [[ -z $ready ]]; then
@@ -153,7 +197,27 @@ if [[ -z $ready ]]; then
     exit 1
 fi
 
-cat <<EOF
+# What to try: the first ```sh block of the example's README.
+try_lines() {
+    awk '/^```sh$/ && !done { on = 1; next } on && /^```$/ { on = 0; done = 1 } on { print "  " $0 }' "$1"
+}
+
+if [[ -n $EXAMPLE ]]; then
+    cat <<EOF
+ngx.dyups demo (examples/$EXAMPLE): nginx $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), master pid $MASTER, 2 workers
+  prefix     $PREFIX
+  config     $SRC/nginx.conf
+  error log  $PREFIX/logs/error.log   (tail -f it in another terminal)
+  listening  $(printf '127.0.0.1:%s ' "${PORTS[@]}")
+
+Try, in another terminal:
+
+$(try_lines "$SRC/README.md" | moved)
+
+Press Ctrl-C to stop.
+EOF
+else
+cat <<EOF | moved
 ngx.dyups demo: nginx $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), master pid $MASTER, 2 workers
   prefix     $PREFIX
   config     $REPO/examples/nginx.conf, examples/upstream.conf
@@ -182,6 +246,7 @@ Try, in another terminal:
 
 Press Ctrl-C to stop.
 EOF
+fi
 
 set +e
 wait "$MASTER"

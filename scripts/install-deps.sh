@@ -29,6 +29,8 @@ reqs=(
   "luacheck:lua-check"
   "curl:curl"
   "pkg-config:pkg-config"
+  "/usr/bin/etcd:etcd-server"
+  "/usr/bin/etcdctl:etcd-client"
 )
 
 have() {
@@ -64,6 +66,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     made_policy=1
   fi
   trap 'if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi' EXIT
+  # The boot-time services these packages would enable: undone after the
+  # install for the ones this run brought (they were not on the host before,
+  # so the host is left as it was; the tests start their own processes).
+  units_of() {
+    case "$1" in
+      nginx) echo nginx.service ;;
+      etcd-server) echo etcd.service ;;
+    esac
+  }
   log "apt-get update"
   apt-get update
   log "apt-get install ${missing[*]}"
@@ -72,6 +83,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
     log "installed ${missing[*]}; no service was started (policy-rc.d held them for this install only)"
   else
     log "installed ${missing[*]}; the host's own /usr/sbin/policy-rc.d decided which services started"
+  fi
+  if command -v systemctl >/dev/null 2>&1; then
+    for pkg in "${missing[@]}"; do
+      unit="$(units_of "$pkg")"
+      if [ -n "$unit" ] && systemctl --quiet is-enabled "$unit" 2>/dev/null; then
+        # Works on the unit files whether or not systemd runs here.
+        systemctl --quiet disable "$unit" >/dev/null 2>&1 || true
+        log "$unit came with $pkg: left disabled at boot, as it was before (the tests start their own)"
+      fi
+    done
   fi
   for r in "${reqs[@]}"; do
     what="${r%%:*}"

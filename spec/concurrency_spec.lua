@@ -365,17 +365,21 @@ describe("8 concurrent writers (4 over REST, 4 through the module), 2 readers", 
       assert.is_truthy(by_version[v], "no accepted write has version " .. v)
     end
 
-    -- the writers really interleaved: REST and Lua writers both won versions
-    -- throughout, and some writer's versions are not one contiguous run
-    local kinds_in_half = { {}, {} }
-    local mid = v0 + math.floor((final.version - v0) / 2)
-    for _, o in ipairs(accepted) do
-      kinds_in_half[o.v <= mid and 1 or 2][o.w <= REST_WRITERS and "rest" or "lua"] = true
+    -- the writers really contended: the Lua writers lost read-decide-write
+    -- races to others (412 retries), and in version order the kind of writer
+    -- (REST or Lua) changes more than once (one kind's writes all before the
+    -- other's would be once). How often it changes depends on the machine's
+    -- speed: the writers' queue serves in order of arrival, and a fast kind
+    -- can run ahead for a while.
+    local kind_at = {}
+    for _, o in ipairs(accepted) do kind_at[o.v] = o.w <= REST_WRITERS and "rest" or "lua" end
+    local switches, last = 0, nil
+    for v = v0 + 1, final.version do
+      if last and kind_at[v] ~= last then switches = switches + 1 end
+      last = kind_at[v]
     end
-    for half = 1, 2 do
-      assert.is_truthy(kinds_in_half[half].rest and kinds_in_half[half].lua,
-        "half " .. half .. " of the versions was not written by both kinds of writer")
-    end
+    assert.is_true(switches >= 2, ("the writer kind changed only %d times in version order"):format(switches))
+    assert.is_true(total_412 > 0, "no Lua writer ever lost a race: the writers did not contend")
 
     -- replay in version order
     local model_at = { [v0] = model_string(state) }

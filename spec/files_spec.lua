@@ -78,6 +78,8 @@ describe("files and users:", function()
       assert.equal("755 nobody", stat(p .. "/" .. dir), dir)
     end
     assert.equal("644 nobody", stat(p .. "/state/a/b/dyups.state"))
+    -- The upstream file as last read, for the next reload.
+    assert.equal("644 nobody", stat(p .. "/state/a/b/dyups.state.seed"))
 
     -- Made by a worker: the write-back, write_upstreams(), a restored state file.
     local status, body, h = nginx.http(inst.ports.api, "POST", "/upstream/x", { body = "server 127.0.0.1:1;" })

@@ -9,8 +9,9 @@
 -- when nginx refuses the request line before our code runs), and afterwards
 --   * the table is byte-for-byte what it was: `GET /detail?format=json` (it
 --     carries the version) is the same text, and the state file is the same
---     bytes everywhere but the worker table (128..4096, which workers update
---     as they apply tables);
+--     bytes everywhere but its bookkeeping (72..4096: the writers' queue,
+--     which every write attempt moves, and the worker table, which workers
+--     update as they apply tables);
 --   * the workers keep serving (`/local` answers 200 from a real backend),
 --     none died (same worker pids) and the error log has no `signal`, crash
 --     or alert line.
@@ -25,7 +26,9 @@ local nginx = require "spec.helpers.nginx"
 local dy = require "spec.helpers.dyups"
 local T = require "spec.helpers.traffic"
 
-local WORKER_TABLE_FROM, WORKER_TABLE_TO = 128, 4096 -- bytes [128, 4096) of the state file
+-- bytes [72, 4096) of the state file: the writers' queue, the generation on
+-- disk, the worker table
+local BOOKKEEPING_FROM, BOOKKEEPING_TO = 72, 4096
 -- The peer cells (failures and connections, counted by traffic) fill the
 -- file from the end of slot 1: 4096 + 2 * the slot length at bytes 16..24.
 local function cells_from(bytes)
@@ -58,10 +61,10 @@ local function raw(port, bytes, timeout)
   return tonumber(head:match("^HTTP/%d%.%d (%d%d%d)")), body or "", head
 end
 
--- The bytes only a write may change: all but the worker table and the cells.
-local function state_outside_worker_table(inst)
+-- The bytes only a write may change: all but the bookkeeping and the cells.
+local function state_outside_bookkeeping(inst)
   local bytes = assert(nginx.read_file(inst.prefix .. "/state/dyups.state"), "no state file")
-  return bytes:sub(1, WORKER_TABLE_FROM) .. bytes:sub(WORKER_TABLE_TO + 1, cells_from(bytes)), #bytes
+  return bytes:sub(1, BOOKKEEPING_FROM) .. bytes:sub(BOOKKEEPING_TO + 1, cells_from(bytes)), #bytes
 end
 
 local function first_difference(a, b)
@@ -71,11 +74,11 @@ local function first_difference(a, b)
 end
 
 -- The whole table, twice over: the JSON detail (with the version) and the
--- state file's bytes outside the worker table.
+-- state file's bytes outside the bookkeeping.
 local function dump(inst)
   local status, body, h = T.request(inst.ports.api, "GET", "/detail?format=json")
   assert(status == 200, "GET /detail?format=json: " .. tostring(status) .. " " .. tostring(body))
-  local state, size = state_outside_worker_table(inst)
+  local state, size = state_outside_bookkeeping(inst)
   local decoded = T.json_decode(body)
   return { json = body, etag = h.etag, state = state, size = size, version = decoded.version, decoded = decoded }
 end
@@ -86,8 +89,8 @@ local function assert_same_dump(before, after, what)
   assert.are.equal(before.size, after.size, what .. ": the state file changed size")
   if before.state ~= after.state then
     local at = first_difference(before.state, after.state)
-    local off = at <= WORKER_TABLE_FROM and at - 1 or at - 1 + (WORKER_TABLE_TO - WORKER_TABLE_FROM)
-    error(what .. ": the state file changed outside the worker table, first at byte offset " .. off, 2)
+    local off = at <= BOOKKEEPING_FROM and at - 1 or at - 1 + (BOOKKEEPING_TO - BOOKKEEPING_FROM)
+    error(what .. ": the state file changed outside its bookkeeping, first at byte offset " .. off, 2)
   end
 end
 

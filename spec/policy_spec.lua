@@ -23,6 +23,8 @@ describe("balancing policies, side by side with nginx's own", function()
     local policies = {
       chash = "hash $arg_k consistent;",
       hash = "hash $arg_k;",
+      -- A key of text and variables, one of them never set.
+      hashmix = "hash k$arg_a-$arg_b$arg_unset;",
       iphash = "ip_hash;",
     }
     local seed, native = {}, {}
@@ -49,6 +51,7 @@ http {
 
     upstream dy_chash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("chash") } }
     upstream dy_hash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("hash") } }
+    upstream dy_hashmix { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("hashmix") } }
     upstream dy_iphash { server 0.0.0.1; balancer_by_lua_block { require("ngx.dyups").balance("iphash") } }
 
     server {
@@ -120,11 +123,26 @@ http {
     assert.same({}, differ)
   end)
 
+  it("hash of text and variables, one unset: 2,000 keys reach the same server as nginx's", function()
+    local differ = compare("hashmix", 2000, function(i) return ("?a=%d&b=%d"):format(i % 37, i * 31) end)
+    assert.same({}, differ)
+  end)
+
   it("ip_hash: 2,000 clients in 500 networks reach the same server as nginx's, and /24s stick", function()
     local differ = compare("iphash", 2000, function(i)
       return "", { ["X-Real-IP"] = ("10.%d.%d.%d"):format(i % 7, math.floor(i / 4) % 251, i % 250 + 1) }
     end)
     assert.same({}, differ)
+  end)
+
+  it("ip_hash: 1,000 IPv6 clients reach the same server as nginx's (every byte of the address counts)", function()
+    local differ, seen = compare("iphash", 1000, function(i)
+      return "", { ["X-Real-IP"] = ("2001:db8:%x:%x::%x"):format(i % 97, math.floor(i / 3), i % 11 + 1) }
+    end)
+    assert.same({}, differ)
+    local n = 0
+    for _ in pairs(seen) do n = n + 1 end
+    assert.is_true(n >= 3, "the clients spread over " .. n .. " servers only")
   end)
 
   it("every key sticks to one server whichever worker balances it: 500 keys each, through both workers, under each hashing method", function()

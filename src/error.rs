@@ -12,6 +12,9 @@ pub enum Error {
     NotFound(String),
     /// The writer lock is held and the caller asked not to wait (409).
     Busy(String),
+    /// The upstream belongs to etcd (`dyups sync` writes it) and this is a
+    /// local write (409): the message names the key to write instead.
+    Owned(String),
     /// The caller's expected table version is not the current one (412).
     VersionMismatch { expected: u64, actual: u64 },
     /// Another precondition of the caller does not hold (412): an
@@ -29,7 +32,7 @@ impl Error {
         match self {
             Error::BadRequest(_) => 400,
             Error::NotFound(_) => 404,
-            Error::Busy(_) => 409,
+            Error::Busy(_) | Error::Owned(_) => 409,
             Error::VersionMismatch { .. } | Error::PreconditionFailed(_) => 412,
             Error::NoSpace(_) => 507,
             Error::Internal(_) => 500,
@@ -43,6 +46,7 @@ impl fmt::Display for Error {
             Error::BadRequest(m)
             | Error::NotFound(m)
             | Error::Busy(m)
+            | Error::Owned(m)
             | Error::PreconditionFailed(m)
             | Error::NoSpace(m)
             | Error::Internal(m) => f.write_str(m),

@@ -1,28 +1,29 @@
 //! ngx.dyups: dynamic upstreams for OpenResty.
 //!
-//! The core (model, parser, store, balancer) is plain Rust; the Lua binding
-//! lives in `binding` behind the `lua` feature. `unsafe` is confined to
-//! [`store`], where the shared mapping is.
+//! One folder per subsystem; imports run one way, from the top of this list
+//! down (`tests/layering.rs` checks it):
+//!
+//! - `binding`: the Lua module, behind the `lua` feature; uses everything.
+//! - [`admin`]: the operations, REST, `/ups`, authorization, write-back.
+//! - [`balance`]: round robin, the other methods, per-request attempts, a
+//!   worker's balancers.
+//! - [`health`]: active health checks: which servers are due a probe, the
+//!   leases, the verdicts in the shared cells, the status page.
+//! - [`store`]: the state file and the shared peer cells in it.
+//! - [`table`]: the upstream table and nginx's syntax for it.
+//!
+//! [`error`] is used by all. `unsafe` is confined to [`store`], where the
+//! shared mapping is.
 #![deny(unsafe_code)]
 
-pub mod attempts;
-pub mod auth;
-pub mod balancer;
+pub mod admin;
+pub mod balance;
 pub mod error;
 pub mod health;
-pub mod model;
-pub mod nginx_conf;
-pub mod ops;
-pub mod policy;
-pub mod rest;
 pub mod store;
-pub mod syntax;
+pub mod table;
 #[cfg(test)]
 mod testing;
-pub mod ups;
-pub mod upstream_file;
-pub mod worker;
-pub mod zone;
 
 #[cfg(feature = "lua")]
 mod binding;

@@ -1,14 +1,20 @@
 //! Fixtures the core's tests share: a temporary directory removed when the
 //! test ends, and a state file in it seeded from upstream bodies.
+//!
+//! Test code only (`#[cfg(test)]`), so it may use any folder: seeding a
+//! store through `admin::ops` is what makes a fixture read like a test's
+//! input. No code outside tests can reach it, so it adds no arrow to the
+//! layering.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::model::{Address, ServerSpec, Table};
-use crate::ops;
+use crate::admin::ops;
+use crate::store::zone::{PeerCell, Zone, ZoneSource};
 use crate::store::StateFile;
-use crate::zone::{PeerCell, PeerRef, Zone, ZoneSource};
+use crate::table::model::PeerRef;
+use crate::table::model::{Address, ServerSpec, Table};
 
 /// A directory of its own for one test, removed when it ends, pass or fail.
 pub struct TempDir(PathBuf);

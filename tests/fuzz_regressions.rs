@@ -111,7 +111,7 @@ fn the_upstream_file_seeds_parse() {
     assert!(!seeds.is_empty());
     for file in seeds {
         let text = std::fs::read_to_string(&file).unwrap();
-        if let Err(e) = ngx_dyups::syntax::parse_upstream_file(&text) {
+        if let Err(e) = ngx_dyups::table::syntax::parse_upstream_file(&text) {
             panic!("{}: {e}", file.display());
         }
     }

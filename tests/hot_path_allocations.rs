@@ -7,11 +7,11 @@
 use std::alloc::System;
 use std::path::PathBuf;
 
-use ngx_dyups::balancer::Retry;
-use ngx_dyups::model::Table;
-use ngx_dyups::ops;
+use ngx_dyups::admin::ops;
+use ngx_dyups::balance::balancer::Retry;
+use ngx_dyups::balance::worker::Worker;
 use ngx_dyups::store::StateFile;
-use ngx_dyups::worker::Worker;
+use ngx_dyups::table::model::Table;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -61,12 +61,13 @@ fn main() {
         .map(|(name, _)| w.upstream_id(name).unwrap())
         .collect();
     let keys: Vec<String> = (0..1000).map(|i| format!("/item/{i}")).collect();
-    let clients: Vec<String> = (0..1000)
-        .map(|i| format!("10.{}.{}.7", i % 7, i % 251))
+    // ip_hash's key is the client address as $binary_remote_addr gives it.
+    let clients: Vec<[u8; 4]> = (0..1000)
+        .map(|i| [10, (i % 7) as u8, (i % 251) as u8, 7])
         .collect();
     let hash_key = |name: &str, i: usize| -> &[u8] {
         match name {
-            "iphash" => clients[i].as_bytes(),
+            "iphash" => &clients[i],
             "hash" | "chash" => keys[i].as_bytes(),
             _ => b"",
         }

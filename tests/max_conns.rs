@@ -7,11 +7,13 @@
 
 use std::sync::Arc;
 
-use ngx_dyups::attempts::Attempts;
-use ngx_dyups::balancer::Retry;
-use ngx_dyups::model::{Address, ServerSpec};
-use ngx_dyups::policy::{pick_for_request, PickInput, Policy, PolicyState};
-use ngx_dyups::zone::{PeerCell, PeerRef, Zone, ZoneSource};
+use ngx_dyups::balance::attempts::Attempts;
+use ngx_dyups::balance::balancer::Retry;
+use ngx_dyups::balance::policy::{pick_for_request, PickInput, PolicyState};
+use ngx_dyups::store::zone::{PeerCell, Zone, ZoneSource};
+use ngx_dyups::table::model::PeerRef;
+use ngx_dyups::table::model::{Address, ServerSpec};
+use ngx_dyups::table::policy::Policy;
 
 /// A zone of `n` cells in memory, cell `i` given to server `i` under tag 1.
 struct Cells(Vec<PeerCell>);

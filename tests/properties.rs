@@ -4,17 +4,18 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ngx_dyups::model::{
+use ngx_dyups::admin::ops;
+use ngx_dyups::store::inspect_image;
+use ngx_dyups::table::model::{
     check_http_send, Address, CheckLine, CheckSettings, CheckType, ExpectAlive, ServerSpec, Table,
     Upstream, CHECK_COUNT_MAX, CHECK_TIME_MAX, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
     WEIGHT_MAX, WEIGHT_MIN,
 };
-use ngx_dyups::policy::Policy;
-use ngx_dyups::store::inspect_image;
-use ngx_dyups::syntax::{
+use ngx_dyups::table::policy::Policy;
+use ngx_dyups::table::syntax::{
     parse_server_args, parse_server_patch, parse_servers, parse_upstream_file, render_upstream_file,
 };
-use ngx_dyups::{ops, Error};
+use ngx_dyups::Error;
 use proptest::prelude::*;
 
 #[path = "../fuzz/src/checks.rs"]
@@ -270,7 +271,7 @@ proptest! {
 
     #[test]
     fn a_parsed_server_line_renders_back_the_same(s in server()) {
-        let line = ngx_dyups::syntax::render_server(&s);
+        let line = ngx_dyups::table::syntax::render_server(&s);
         let args = line.strip_prefix("server ").unwrap().strip_suffix(';').unwrap();
         prop_assert_eq!(parse_server_args(args), Ok(s.clone()), "{}", line);
         // A body of backups only is refused: give it a primary to lean on.

@@ -10,12 +10,12 @@
 
 use std::sync::OnceLock;
 
-use ngx_dyups::model::{
+use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
+use ngx_dyups::table::model::{
     check_http_send, check_name, same_name, Address, ServerSpec, Table, FAIL_TIMEOUT_MAX,
     MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
-use ngx_dyups::syntax::{
+use ngx_dyups::table::syntax::{
     parse_address, parse_server_args, parse_server_patch, parse_servers, parse_upstream_file,
     render_server, render_upstream_file,
 };
@@ -271,10 +271,10 @@ fn build_image() -> Result<Vec<u8>, Error> {
             ..WriteOptions::default()
         };
         store.write(&opts, |t| {
-            ngx_dyups::ops::update(t, "dyhost", "server 127.0.0.2:81; server 127.0.0.3:82;")
+            ngx_dyups::admin::ops::update(t, "dyhost", "server 127.0.0.2:81; server 127.0.0.3:82;")
         })?;
         store.write(&opts, |t| {
-            ngx_dyups::ops::remove_server(t, Some("dyhost"), "127.0.0.2:81").map(drop)
+            ngx_dyups::admin::ops::remove_server(t, Some("dyhost"), "127.0.0.2:81").map(drop)
         })?;
         std::fs::read(&path).map_err(|e| Error::Internal(e.to_string()))
     })();

@@ -18,6 +18,9 @@ function M.proxy(opts)
     user = opts.user,
     umask = opts.umask,
     conf = [[
+# Durable writes msync in this pool, off the event loop (the README's set-up).
+thread_pool dyups threads=1;
+
 http {
     lua_package_path "${lua_package_path}";
     lua_package_cpath "${lua_package_cpath}";

@@ -7,22 +7,37 @@
 local pick_fn, current_fn, done_fn, key_addr, KEY_MAX, resolve = ...
 
 local ffi = require "ffi"
+local C = ffi.C
 
 local STALE, NO_LIVE, UNKNOWN, NO_LIVE_CHECKS = -2, -1, -3, -4
 -- nginx's NGX_BUSY: the balancer has no peer, so nginx logs "no live
 -- upstreams" and answers 502, exactly as its own round robin does.
 local NGX_BUSY = -3
 
-local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, uint32_t)", pick_fn)
+local pick = ffi.cast("int32_t (*)(uint32_t, uint64_t, const void *, int32_t, uint32_t, double)", pick_fn)
 -- The Rust-owned buffer a request's hash key is written to.
 local key_buf = ffi.cast("uint8_t *", key_addr)
 local ffi_copy = ffi.copy
+local ffi_str = ffi.string
+local tonumber = tonumber
 local current = ffi.cast("int64_t (*)(void)", current_fn)
 local done = ffi.cast("void (*)(const void *)", done_fn)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
-local var, log, ERR, exit
+local var, log, ERR, exit, ngx_now
 local cache, seen = {}, -1
+
+-- A hash key's variables are read with the function behind ngx.var,
+-- lua-nginx-module's ngx_http_lua_ffi_var_get (declared by lua-resty-core's
+-- resty.core.var, unchanged since 2013), and copied from nginx's memory into
+-- the key buffer: ngx.var would make each value a Lua string (interned, then
+-- collected) only for it to be copied. Its results: NGX_OK with the value,
+-- NGX_DECLINED for a value that is not found (ngx.var's nil), NGX_ERROR.
+local NGX_OK, NGX_DECLINED = 0, -5
+local var_get, value_ptr, value_len, errmsg
+-- Where var_get writes the variable's name in lower case: as long as the
+-- longest name read so far.
+local lowcase, lowcase_len = nil, 0
 
 local function setup()
     balancer = require "ngx.balancer"
@@ -30,7 +45,12 @@ local function setup()
     get_last_failure = balancer.get_last_failure
     set_current_peer = balancer.set_current_peer
     set_more_tries = balancer.set_more_tries
-    var, log, ERR, exit = ngx.var, ngx.log, ngx.ERR, ngx.exit
+    var, log, ERR, exit, ngx_now = ngx.var, ngx.log, ngx.ERR, ngx.exit, ngx.now
+    require "resty.core.var"
+    var_get = C.ngx_http_lua_ffi_var_get
+    value_ptr = ffi.new("unsigned char *[1]")
+    value_len = ffi.new("size_t[1]")
+    errmsg = ffi.new("char *[1]")
 end
 
 local function fail(msg, ...)
@@ -55,6 +75,14 @@ local function entry(name)
         if now ~= seen then
             -- Ids resolved before are of another table: forget them all.
             cache, seen = {}, now
+        end
+        if e and e.parts then
+            for _, part in ipairs(e.parts) do
+                local n = part.var and #part.var or 0
+                if n > lowcase_len then
+                    lowcase, lowcase_len = ffi.new("char[?]", n), n
+                end
+            end
         end
         e = e or false
         cache[name] = e
@@ -106,22 +134,37 @@ local function balance(name)
 
         -- hash and ip_hash: evaluate the key into the buffer, part by part,
         -- without building a string.
+        local r = get_request()
         local key_len = 0
         local parts = e.parts
         if parts then
             for j = 1, #parts do
                 local part = parts[j]
-                local v = part.text or var[part.var] or ""
-                local n = #v
+                local text, from, n = part.text, nil, 0
+                if text then
+                    from, n = text, #text
+                else
+                    local v = part.var
+                    local rc = var_get(r, v, #v, lowcase, 0, value_ptr, value_len, errmsg)
+                    if rc == NGX_OK then
+                        from, n = value_ptr[0], tonumber(value_len[0])
+                    elseif rc ~= NGX_DECLINED then
+                        return fail("could not read $", v, ": ", ffi_str(errmsg[0]))
+                    end
+                end
                 if key_len + n > KEY_MAX then
                     n = KEY_MAX - key_len
                 end
-                ffi_copy(key_buf + key_len, v, n)
-                key_len = key_len + n
+                if n > 0 then
+                    ffi_copy(key_buf + key_len, from, n)
+                    key_len = key_len + n
+                end
             end
         end
 
-        local i = pick(e.id, seen, get_request(), retry, key_len)
+        -- nginx's cached time, as its own balancers read it: failure
+        -- windows are timed by it, in the shared cells, in every worker.
+        local i = pick(e.id, seen, r, retry, key_len, ngx_now())
         if i >= 0 then
             if retry == 0 and e.tries > 1 then
                 set_more_tries(e.tries - 1)

@@ -11,24 +11,29 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use mlua::{Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, Value, Variadic};
+use mlua::{
+    AnyUserData, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData,
+    UserDataMethods, UserDataRefMut, Value, Variadic,
+};
 use parking_lot::Mutex;
 
-use crate::auth;
-use crate::balancer::Retry;
-use crate::model::Table as UpstreamTable;
-use crate::policy::Policy;
-use crate::rest;
-use crate::store::{StateFile, Wait, WriteOptions};
-use crate::syntax::{render_server, setting_lines};
-use crate::ups::{self, Arg};
-use crate::upstream_file;
-use crate::worker::{Worker, NO_LIVE, UNKNOWN};
+use crate::admin::auth;
+use crate::admin::ops;
+use crate::admin::rest;
+use crate::admin::ups::{self, Arg};
+use crate::admin::upstream_file;
+use crate::balance::balancer::Retry;
+use crate::balance::worker::{Worker, NO_LIVE, UNKNOWN};
+use crate::store::{StateFile, TurnId, TurnState, Wait, WriteOptions};
+use crate::table::model::Table as UpstreamTable;
+use crate::table::nginx_conf;
+use crate::table::policy::Policy;
+use crate::table::syntax::{render_server, setting_lines};
+use crate::Error;
 
 /// `dyups_pick`: no live server because every one failed its active health
 /// checks (balance.lua logs why before nginx answers 502).
 const NO_LIVE_CHECKS: i32 = -4;
-use crate::{nginx_conf, ops, Error};
 
 mod probe;
 
@@ -37,6 +42,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
 const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
 const DEFAULT_REFRESH: f64 = 0.05;
+/// The nginx thread pool (`thread_pool NAME threads=N;`) durable writes
+/// msync in, off the event loop.
+const DEFAULT_THREAD_POOL: &str = "dyups";
 /// nginx's own default worker user, when `--user` was not given at build.
 const NGINX_DEFAULT_USER: &str = "nobody";
 
@@ -49,6 +57,9 @@ struct Config {
     path: PathBuf,
     size: u64,
     upstreams: Option<PathBuf>,
+    /// Seed from the balancer blocks of this nginx configuration instead
+    /// (init's `nginx_conf`): resolved to the file in nginx's master.
+    nginx_conf: Option<NginxConf>,
     write: WriteOptions,
     refresh: f64,
     /// Largest REST request body.
@@ -60,6 +71,17 @@ struct Config {
     /// Whom nginx's master gave the state file to, and why that user: for
     /// the message of a worker that cannot open it.
     owner: Option<(String, String)>,
+    /// The nginx thread pool durable writes msync in; `None`: on the event
+    /// loop.
+    thread_pool: Option<String>,
+}
+
+/// init's `nginx_conf` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NginxConf {
+    /// `true`: the configuration nginx runs with, found in the master.
+    Running,
+    File(PathBuf),
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -81,25 +103,38 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("version", lua.create_function(|_, ()| version())?)?;
     m.set("init", lua.create_function(init)?)?;
     m.set("init_worker", lua.create_function(init_worker)?)?;
-    m.set("update", lua.create_function(update)?)?;
-    m.set("delete", lua.create_function(delete)?)?;
-    m.set(
-        "add_server",
-        lua.create_function(|lua, a| set_rotation(lua, a, true))?,
-    )?;
-    m.set(
-        "remove_server",
-        lua.create_function(|lua, a| set_rotation(lua, a, false))?,
-    )?;
     m.set("list", lua.create_function(list)?)?;
     m.set("get", lua.create_function(get)?)?;
     m.set("peers", lua.create_function(peers)?)?;
     m.set("pending", lua.create_function(pending)?)?;
-    m.set("handle_ups", lua.create_function(handle_ups)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
-    m.set("handle_api", lua.create_function(handle_api)?)?;
-    m.set("_api_wants_body", lua.create_function(api_wants_body)?)?;
-    m.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    // The writing functions take a turn of the writers' queue first (nil:
+    // block); writes.lua gives them their public faces.
+    let raw = lua.create_table()?;
+    raw.set("turn", lua.create_function(|_, ()| Ok(TurnHandle::new()))?)?;
+    raw.set(
+        "thread_pool",
+        lua.create_function(|_, ()| Ok(config().ok().and_then(|c| c.thread_pool)))?,
+    )?;
+    raw.set("update", lua.create_function(update)?)?;
+    raw.set("delete", lua.create_function(delete)?)?;
+    raw.set(
+        "add_server",
+        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, true))?,
+    )?;
+    raw.set(
+        "remove_server",
+        lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, false))?,
+    )?;
+    raw.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    raw.set("ups", lua.create_function(ups_reply)?)?;
+    raw.set("send_ups", lua.create_function(send_ups)?)?;
+    raw.set("api", lua.create_function(api_reply)?)?;
+    raw.set("send_api", lua.create_function(send_api)?)?;
+    raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
+    lua.load(include_str!("writes.lua"))
+        .set_name("=ngx.dyups.writes")
+        .call::<()>((&m, raw))?;
     m.set("write_back_status", lua.create_function(write_back_status)?)?;
     let pick = LightUserData(dyups_pick as *const () as *mut c_void);
     let current = LightUserData(dyups_current as *const () as *mut c_void);
@@ -134,14 +169,80 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_api",
         "check_status",
     ];
-    let m: Table = lua
-        .load(include_str!("raise.lua"))
+    lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")
-        .call((m, raising))?;
-    lua.load(include_str!("content.lua"))
-        .set_name("=ngx.dyups.content")
-        .call(m)
+        .call((m, raising))
 }
+
+/// A write's turn in the writers' queue, kept across its calls while the
+/// Lua side yields (writes.lua). Dropped unfinished (its coroutine was
+/// abandoned), it gives the turn up, flushing what it wrote first.
+struct TurnHandle {
+    id: TurnId,
+    /// The state file the turn was taken in.
+    file: Option<std::sync::Arc<StateFile>>,
+}
+
+impl TurnHandle {
+    fn new() -> TurnHandle {
+        TurnHandle {
+            id: TurnId::new(),
+            file: None,
+        }
+    }
+
+    /// How a write in this turn on `store` waits, the configured wait
+    /// giving its limit.
+    fn wait(&mut self, store: &std::sync::Arc<StateFile>, configured: Wait) -> Wait {
+        if let Some(f) = &self.file {
+            if !std::sync::Arc::ptr_eq(f, store) {
+                // The file was replaced meanwhile: the turn there is void.
+                let _ = f.finish_turn(self.id, false);
+            }
+        }
+        self.file = Some(store.clone());
+        let limit = match configured {
+            Wait::For(d) | Wait::Turn(_, d) => d,
+            Wait::Try => Duration::ZERO,
+        };
+        Wait::Turn(self.id, limit)
+    }
+}
+
+impl UserData for TurnHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // "waiting" | "done" | "held" [, address, length to msync]
+        methods.add_method("state", |_, this, ()| {
+            let state = this.file.as_ref().map(|f| f.turn_state(this.id));
+            Ok(match state {
+                None | Some(TurnState::Done) => ("done", None, None),
+                Some(TurnState::Waiting) => ("waiting", None, None),
+                Some(TurnState::Held { flush }) => (
+                    "held",
+                    flush.map(|(at, _)| LightUserData(at as *mut c_void)),
+                    flush.map(|(_, len)| len),
+                ),
+            })
+        });
+        // finish(flushed) → nil, or why the write is not known to be on disk
+        methods.add_method_mut("finish", |_, this, flushed: bool| {
+            Ok(match this.file.take() {
+                Some(f) => f.finish_turn(this.id, flushed).err().map(|e| e.to_string()),
+                None => None,
+            })
+        });
+    }
+}
+
+impl Drop for TurnHandle {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            let _ = f.finish_turn(self.id, false);
+        }
+    }
+}
+
+type Turn = Option<UserDataRefMut<TurnHandle>>;
 
 // ---- arguments ---------------------------------------------------------------
 
@@ -290,6 +391,25 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             ))
         }
     };
+    let nginx_conf = match opts.get::<Value>("nginx_conf").map_err(|e| e.to_string())? {
+        Value::Nil | Value::Boolean(false) => None,
+        Value::Boolean(true) => Some(NginxConf::Running),
+        Value::String(s) if !s.as_bytes().is_empty() => {
+            Some(NginxConf::File(resolve_path(lua, &s.to_string_lossy())))
+        }
+        v => {
+            return Err(format!(
+            "option nginx_conf must be true (the configuration nginx runs with) or a path, not {}",
+            type_name(&v)
+        ))
+        }
+    };
+    if nginx_conf.is_some() && upstreams.is_some() {
+        return Err(
+            "give upstreams (an upstream file) or nginx_conf (the upstream blocks of nginx.conf), not both"
+                .into(),
+        );
+    }
     let lock_timeout = seconds_option(
         opts.get("lock_timeout").unwrap_or(Value::Nil),
         "lock_timeout",
@@ -333,12 +453,27 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
         expect: None,
         durable: flag("durable", true)?,
     };
+    let thread_pool = match opts.get::<Value>("thread_pool").unwrap_or(Value::Nil) {
+        Value::Nil => Some(DEFAULT_THREAD_POOL.to_owned()),
+        Value::Boolean(false) => None,
+        Value::String(s) if !s.as_bytes().is_empty() => Some(s.to_string_lossy()),
+        v => {
+            return Err(format!(
+                "option thread_pool must be the name of an nginx thread_pool or false, not {}",
+                type_name(&v)
+            ))
+        }
+    };
     let max_body = match opts.get::<Value>("max_body").unwrap_or(Value::Nil) {
         Value::Nil => rest::DEFAULT_MAX_BODY,
         v => size_option(v).map_err(|e| format!("max_body: {e}"))? as usize,
     };
     let write_upstreams = match opts.get::<Value>("write_upstreams").unwrap_or(Value::Nil) {
         Value::Nil | Value::Boolean(false) => None,
+        Value::Boolean(true) if nginx_conf.is_some() => {
+            return Err("write_upstreams = true writes back to the upstreams file, and nginx_conf has none: give the path of a file nginx does not include"
+                .into())
+        }
         Value::Boolean(true) => Some(
             upstreams
                 .clone()
@@ -384,21 +519,50 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             path,
             size,
             upstreams,
+            nginx_conf,
             write,
             refresh,
             max_body,
             write_upstreams,
             admin_token,
             owner: None,
+            thread_pool,
         },
         user,
     ))
 }
 
 fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
-    cfg.upstreams
-        .as_deref()
-        .map_or(Ok(UpstreamTable::default()), upstream_file::read)
+    match (&cfg.nginx_conf, &cfg.upstreams) {
+        (Some(NginxConf::File(conf)), _) => nginx_configuration(conf)
+            .map_err(Error::BadRequest)?
+            .balanced_table(),
+        (Some(NginxConf::Running), _) => Err(Error::BadRequest(
+            "nginx_conf = true reads the configuration nginx runs with: outside nginx, give its path"
+                .into(),
+        )),
+        (None, Some(file)) => upstream_file::read(file),
+        (None, None) => Ok(UpstreamTable::default()),
+    }
+}
+
+/// Reads nginx's configuration at `conf` from the file system.
+fn nginx_configuration(conf: &Path) -> Result<nginx_conf::Configuration, String> {
+    nginx_conf::read_configuration(conf, &read_text, &list_dir)
+}
+
+fn read_text(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p).ok()
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `dyups.init{ path = ..., size = ..., upstreams = ... }`.
@@ -441,6 +605,32 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
         );
         cfg.owner = Some((user.clone(), why));
     }
+    let running = running_configuration(lua).2;
+    if cfg.nginx_conf == Some(NginxConf::Running) {
+        cfg.nginx_conf = Some(NginxConf::File(running.clone()));
+    }
+    // What nginx itself reads, to refuse what would bypass ngx.dyups.
+    let nginx = nginx_configuration(&running)
+        .inspect_err(|e| {
+            log(
+                lua,
+                "WARN",
+                &format!("not checked against nginx's configuration: {e}"),
+            )
+        })
+        .ok();
+    if let (Some(nginx), Some(path)) = (&nginx, &cfg.write_upstreams) {
+        if let Some(how) = nginx.reads(path) {
+            return Err(Error::BadRequest(format!(
+                "write_upstreams {}: {how}. nginx would take the upstreams written there for \
+                 upstream blocks of its own, without balancer_by_lua_*: after the next reload \
+                 they would ignore every change made through ngx.dyups, and one named like an \
+                 upstream block of nginx.conf would fail the reload (duplicate upstream). Write \
+                 the table back to a file nginx does not include",
+                path.display()
+            )));
+        }
+    }
     // Directories we make are the workers': they write temporary files there.
     let dirs = std::iter::once(&cfg.path).chain(cfg.write_upstreams.iter());
     for dir in dirs.filter_map(|p| p.parent()) {
@@ -461,25 +651,57 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
             }
         }
     }
+    let source = seed_source(cfg);
     match StateFile::inspect(&cfg.path)? {
         Some(snap) => {
-            if let Some(why) = snap.fallback {
-                log(lua, "WARN", &why);
+            if let Some(why) = &snap.fallback {
+                log(lua, "WARN", why);
             }
+            check_native(nginx.as_ref(), &snap.table)?;
             // Connections counted by the workers of an nginx that is gone
             // (killed in the middle of requests) would weigh forever.
             if let Err(e) = StateFile::clear_connections_at(&cfg.path) {
                 log(lua, "WARN", &format!("connection counts kept: {e}"));
             }
+            if let Some(source) = &source {
+                apply_seed_changes(lua, cfg, source, nginx.as_ref())?;
+            }
         }
         None => {
             // Made here rather than by the first worker so that a bad
             // upstream file stops nginx from starting, with the reason.
-            StateFile::open_detached(&cfg.path, cfg.size, || seed(cfg))?;
+            let table = seed(cfg)?;
+            check_native(nginx.as_ref(), &table)?;
+            StateFile::open_detached(&cfg.path, cfg.size, || Ok(table.clone()))?;
+            if let Some(source) = &source {
+                log(
+                    lua,
+                    "NOTICE",
+                    &format!(
+                        "state file {} made from {}: {} upstreams",
+                        cfg.path.display(),
+                        source.name,
+                        table.upstreams.len()
+                    ),
+                );
+                if let Err(e) = crate::admin::seed::write_record(&cfg.path, &source.name, &table) {
+                    log(
+                        lua,
+                        "WARN",
+                        &format!("{e}: a reload cannot tell what changed in {}", source.name),
+                    );
+                }
+            }
         }
     }
     if root {
         crate::store::give_to_user(&cfg.path, &user)?;
+        let record = crate::admin::seed::record_path(&cfg.path);
+        if record.exists() {
+            if let Err(e) = crate::store::give_to_user(&record, &user) {
+                log(lua, "WARN", &e.to_string());
+            }
+        }
         // A copy made by another writer running as root would refuse the
         // workers' writes (they go on, but without a copy). Never fatal: a
         // copy is a second line of defence, not a condition to start.
@@ -493,11 +715,160 @@ fn prepare_in_master(lua: &Lua, cfg: &mut Config, user: Option<String>) -> crate
     Ok(())
 }
 
+/// Where `init` seeds from, when anywhere.
+struct SeedSource {
+    /// For messages and the record: `upstream file PATH`, `nginx
+    /// configuration PATH`.
+    name: String,
+    file: PathBuf,
+    /// Whether the file is the one the table is written back to.
+    written_back: bool,
+    nginx_conf: bool,
+}
+
+fn seed_source(cfg: &Config) -> Option<SeedSource> {
+    match (&cfg.nginx_conf, &cfg.upstreams) {
+        (Some(NginxConf::File(conf)), _) => Some(SeedSource {
+            name: format!("nginx configuration {}", conf.display()),
+            file: conf.clone(),
+            written_back: false,
+            nginx_conf: true,
+        }),
+        (None, Some(file)) => Some(SeedSource {
+            name: format!("upstream file {}", file.display()),
+            file: file.clone(),
+            written_back: cfg.write_upstreams.as_ref() == Some(file),
+            nginx_conf: false,
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a table upstream that nginx's configuration also defines as a
+/// block it balances itself: `proxy_pass http://NAME` would go to that
+/// block, and nothing ngx.dyups does to NAME would reach it.
+fn check_native(
+    nginx: Option<&nginx_conf::Configuration>,
+    table: &UpstreamTable,
+) -> crate::Result<()> {
+    let Some(nginx) = nginx else {
+        return Ok(());
+    };
+    for name in table.names() {
+        if let Some(b) = nginx.native_block(name) {
+            return Err(Error::BadRequest(format!(
+                "upstream {name} of ngx.dyups is also an upstream block that nginx balances \
+                 itself ({} line {}: it has no balancer_by_lua_*): `proxy_pass http://{}` would \
+                 ignore every change made to it. Add `balancer_by_lua_file \
+                 .../ngx/dyups/upstream.lua;` to that block, or remove the block (or the \
+                 `include` that reads it)",
+                b.file.display(),
+                b.line,
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// At a start or reload with a state file: applies what changed in the
+/// seed since it was last read, as one write, and logs what it did.
+fn apply_seed_changes(
+    lua: &Lua,
+    cfg: &Config,
+    source: &SeedSource,
+    nginx: Option<&nginx_conf::Configuration>,
+) -> crate::Result<()> {
+    use crate::admin::seed::{Outcome, Reading};
+    if !source.file.exists() {
+        log(
+            lua,
+            "WARN",
+            &format!(
+                "{} is missing: nothing applied from it; the state file's table is kept",
+                source.name
+            ),
+        );
+        return Ok(());
+    }
+    let read = || -> crate::Result<Reading> {
+        let reading = if source.nginx_conf {
+            Reading {
+                table: seed(cfg)?,
+                stamp: None,
+            }
+        } else {
+            let (table, stamp) = upstream_file::read_stamped(&source.file)?;
+            Reading {
+                table,
+                stamp: stamp.filter(|_| source.written_back),
+            }
+        };
+        check_native(nginx, &reading.table)?;
+        Ok(reading)
+    };
+    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &cfg.write)? {
+        Outcome::Unchanged => {}
+        Outcome::Applied { version, what } => log(
+            lua,
+            "NOTICE",
+            &format!(
+                "{} changed since nginx last read it: applied as table version {version}: {what}",
+                source.name
+            ),
+        ),
+        Outcome::Recorded { version } => log(
+            lua,
+            "NOTICE",
+            &format!(
+                "{}: its upstreams are recorded in {}; the state file's table (version \
+                 {version}) is kept; from now on a reload applies what changes in it",
+                source.name,
+                crate::admin::seed::record_path(&cfg.path).display()
+            ),
+        ),
+        Outcome::Behind { written, version } => log(
+            lua,
+            "WARN",
+            &format!(
+                "{} holds table version {written} and the table is at version {version} (a \
+                 write-back failed): nothing applied from it; the next change writes it whole",
+                source.name
+            ),
+        ),
+    }
+    Ok(())
+}
+
 /// The user nginx's workers will run as, and where that was found: the
 /// `user` directive of nginx's configuration (read as nginx reads it: `-g`,
 /// then the file of `-c` or the built-in one, with its `include`s), else
 /// the user nginx was built with, else nginx's default.
 fn worker_user(lua: &Lua) -> (String, String) {
+    let (cmd, configure, conf) = running_configuration(lua);
+    if let Some(user) =
+        nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read_text, &list_dir)
+    {
+        return (user, format!("the `user` directive of {}", conf.display()));
+    }
+    match configure
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--user="))
+    {
+        Some(user) => (
+            user.to_owned(),
+            format!("no `user` directive in {}; nginx's --user", conf.display()),
+        ),
+        None => (
+            NGINX_DEFAULT_USER.to_owned(),
+            format!("no `user` directive in {}; nginx's default", conf.display()),
+        ),
+    }
+}
+
+/// nginx's command line, its `configure` arguments, and the configuration
+/// file it runs with (`-c`, or the one it was built with).
+fn running_configuration(lua: &Lua) -> (nginx_conf::CommandLine, String, PathBuf) {
     let config = ngx(lua).and_then(|n| n.get::<Table>("config").ok());
     let call = |name: &str| {
         config
@@ -523,32 +894,7 @@ fn worker_user(lua: &Lua) -> (String, String) {
         .unwrap_or_default();
     let cmd = nginx_conf::command_line(&args);
     let conf = nginx_conf::conf_file(&cmd, &configure, Path::new(&prefix));
-    let read = |p: &Path| std::fs::read_to_string(p).ok();
-    let list = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    if let Some(user) = nginx_conf::worker_user(cmd.globals.as_deref(), &conf, &read, &list) {
-        return (user, format!("the `user` directive of {}", conf.display()));
-    }
-    match configure
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix("--user="))
-    {
-        Some(user) => (
-            user.to_owned(),
-            format!("no `user` directive in {}; nginx's --user", conf.display()),
-        ),
-        None => (
-            NGINX_DEFAULT_USER.to_owned(),
-            format!("no `user` directive in {}; nginx's default", conf.display()),
-        ),
-    }
+    (cmd, configure, conf)
 }
 
 /// What to add to a worker's failure to open the state file when it runs
@@ -767,7 +1113,7 @@ fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let found = with_snapshot(|store, s| {
         s.table
             .get(&name)
-            .map(|u| crate::zone::status(store.zone(), u))
+            .map(|u| crate::store::zone::status(store.zone(), u))
     });
     let list = match found {
         Ok(Some(list)) => list,
@@ -821,12 +1167,17 @@ static WRITE_BACK_ERROR: Mutex<Option<String>> = Mutex::new(None);
 /// the upstream file is written back when so configured. Returns how the
 /// write-back went (`None` when there is none): the change stands either
 /// way, as the state file has it.
-fn after_write(lua: &Lua, cfg: &Config, store: &StateFile) -> Option<Result<u64, String>> {
+fn after_write(
+    lua: &Lua,
+    cfg: &Config,
+    store: &StateFile,
+    wait: Wait,
+) -> Option<Result<u64, String>> {
     if let Some(w) = WORKER.lock().as_mut() {
         let _ = w.refresh();
     }
     let path = cfg.write_upstreams.as_ref()?;
-    let outcome = upstream_file::write_current(store, path, cfg.write.wait).map_err(|e| {
+    let outcome = upstream_file::write_current(store, path, wait).map_err(|e| {
         let msg = format!("{e}; the change is made and kept in the state file");
         log(lua, "ERR", &msg);
         msg
@@ -899,41 +1250,54 @@ fn write_back_status(lua: &Lua, (): ()) -> LuaResult<Result<Table, String>> {
     Ok(Ok(t))
 }
 
-/// Runs one write through the store with the configured options.
+/// The state file of this process and how a write in `turn` on it waits
+/// (without a turn: as configured, blocking).
+fn store_in(turn: &mut Turn) -> crate::Result<(Config, std::sync::Arc<StateFile>, Wait)> {
+    let (cfg, store) = store()?;
+    let wait = match turn {
+        Some(t) => t.wait(&store, cfg.write.wait),
+        None => cfg.write.wait,
+    };
+    Ok((cfg, store, wait))
+}
+
+/// Runs one write through the store with the configured options, in `turn`.
 fn write<R>(
     lua: &Lua,
+    turn: &mut Turn,
     expect: Option<u64>,
     change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
 ) -> crate::Result<(u64, R)> {
-    let (cfg, store) = store()?;
+    let (cfg, store, wait) = store_in(turn)?;
     let out = store.write(
         &WriteOptions {
             expect,
+            wait,
             ..cfg.write
         },
         change,
     )?;
-    after_write(lua, &cfg, &store);
+    after_write(lua, &cfg, &store, wait);
     Ok(out)
 }
 
 /// `dyups.update(name, body [, version])` → `status, message`.
-fn update(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+fn update(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
     let name = string_arg(&args, 1, "update")?;
     let body = string_arg(&args, 2, "update")?;
     let expect = expect_arg(&args, 3, "update")?;
     check_write_phase(lua, "update")?;
-    Ok(status_message(write(lua, expect, |t| {
+    Ok(status_message(write(lua, &mut turn, expect, |t| {
         ops::update(t, &name, &body)
     })))
 }
 
 /// `dyups.delete(name [, version])` → `status, message`.
-fn delete(lua: &Lua, args: Variadic<Value>) -> LuaResult<(u16, String)> {
+fn delete(lua: &Lua, (mut turn, args): (Turn, Variadic<Value>)) -> LuaResult<(u16, String)> {
     let name = string_arg(&args, 1, "delete")?;
     let expect = expect_arg(&args, 2, "delete")?;
     check_write_phase(lua, "delete")?;
-    Ok(status_message(write(lua, expect, |t| {
+    Ok(status_message(write(lua, &mut turn, expect, |t| {
         ops::delete(t, &name)
     })))
 }
@@ -948,13 +1312,18 @@ fn status_message<R>(r: crate::Result<(u64, R)>) -> (u16, String) {
 /// `dyups.add_server(name|nil, server [, version])` and
 /// `dyups.remove_server(name|nil, server [, version])` → the new version, or
 /// `nil, err, status`.
-fn set_rotation(lua: &Lua, args: Variadic<Value>, add: bool) -> LuaResult<MultiValue> {
+fn set_rotation(
+    lua: &Lua,
+    mut turn: Turn,
+    args: Variadic<Value>,
+    add: bool,
+) -> LuaResult<MultiValue> {
     let f = if add { "add_server" } else { "remove_server" };
     let name = opt_string_arg(&args, 1, f)?;
     let server = string_arg(&args, 2, f)?;
     let expect = expect_arg(&args, 3, f)?;
     check_write_phase(lua, f)?;
-    let r = write(lua, expect, |t| {
+    let r = write(lua, &mut turn, expect, |t| {
         if add {
             ops::add_server(t, name.as_deref(), &server)
         } else {
@@ -1040,10 +1409,16 @@ fn method(lua: &Lua) -> LuaResult<String> {
         .call(())
 }
 
-/// The `/ups` content handler (`lua/upsops.lua`).
-fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
+/// The answer of one `/ups` request, sent once its write is on disk.
+struct UpsReply(ups::Reply);
+
+impl UserData for UpsReply {}
+
+/// The `/ups` content handler (`lua/upsops.lua`, through writes.lua): the
+/// answer, in `turn`.
+fn ups_reply(lua: &Lua, mut turn: Turn) -> LuaResult<UpsReply> {
     if let Err(why) = authorize(lua)? {
-        return respond(lua, unauthorized_json(why));
+        return Ok(UpsReply(unauthorized_json(why)));
     }
     let method = method(lua)?;
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
@@ -1054,52 +1429,59 @@ fn handle_ups(lua: &Lua, (): ()) -> LuaResult<()> {
     if truncated.is_some() {
         // A half-read query could miss its `upstream=` and change the
         // server in every upstream.
-        return respond(
-            lua,
-            ups::refused(
-                &format!(
-                    "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
-                    ups::USAGE
-                ),
-                &query_arg(&args, "server"),
+        return Ok(UpsReply(ups::refused(
+            &format!(
+                "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
+                ups::USAGE
             ),
-        );
+            &query_arg(&args, "server"),
+        )));
     }
     if let Some(header) = ups_precondition(&ngx)? {
         // The original interface has no preconditions, and nginx would
         // evaluate these against our answer after the write (a 200 without
         // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
-        return respond(
-            lua,
-            ups::refused(
-                &format!(
-                    "/ups does not evaluate {header}: nothing changed; send the request without it, \
+        return Ok(UpsReply(ups::refused(
+            &format!(
+                "/ups does not evaluate {header}: nothing changed; send the request without it, \
                      or use the REST interface's If-Match"
-                ),
-                &query_arg(&args, "server"),
             ),
-        );
+            &query_arg(&args, "server"),
+        )));
     }
-    let reply = match store() {
-        Ok((cfg, store)) => {
+    let reply = match store_in(&mut turn) {
+        Ok((cfg, store, wait)) => {
             let r = ups::handle(
                 &method,
                 &query_arg(&args, "op"),
                 &query_arg(&args, "server"),
                 &query_arg(&args, "upstream"),
                 &store,
-                &cfg.write,
+                &WriteOptions { wait, ..cfg.write },
             );
             if r.status == 200 {
-                announce_write_back(lua, after_write(lua, &cfg, &store))?;
+                announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
             }
             r
         }
-        Err(e) => ups::Reply {
-            status: 500,
-            body: serde_json::json!({"msg": e.to_string(), "data": [], "code": ups::FAILED})
-                .to_string(),
-        },
+        Err(e) => ups_failure(&e.to_string()),
+    };
+    Ok(UpsReply(reply))
+}
+
+fn ups_failure(msg: &str) -> ups::Reply {
+    ups::Reply {
+        status: 500,
+        body: serde_json::json!({"msg": msg, "data": [], "code": ups::FAILED}).to_string(),
+    }
+}
+
+/// Sends a `/ups` answer; `unsynced`: why the write it reports is not
+/// known to be on disk, which makes it a failure.
+fn send_ups(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
+    let reply = match unsynced {
+        Some(why) => ups_failure(&why),
+        None => reply.take::<UpsReply>()?.0,
     };
     if reply.status >= 500 {
         log(lua, "ERR", &reply.body);
@@ -1209,9 +1591,15 @@ fn rest_text(status: u16, body: String) -> rest::Response {
     }
 }
 
-/// The REST content handler (`lua/dyups_api.lua`): ngx_http_dyups_module's
-/// interface and its per-server additions.
-fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
+/// The answer of one REST request, sent once its write is on disk.
+struct ApiReply(rest::Response);
+
+impl UserData for ApiReply {}
+
+/// The REST content handler (`lua/dyups_api.lua`, through writes.lua):
+/// ngx_http_dyups_module's interface and its per-server additions. The
+/// answer, in `turn`.
+fn api_reply(lua: &Lua, mut turn: Turn) -> LuaResult<ApiReply> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
     let method = method(lua)?;
     let var: Table = ngx.get("var")?;
@@ -1249,10 +1637,10 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
             clear.call::<()>(name)?;
         }
     }
-    let response = match (authorize(lua)?, store()) {
+    let response = match (authorize(lua)?, store_in(&mut turn)) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
         (_, Err(e)) => rest_text(500, e.to_string()),
-        (_, Ok((cfg, store))) => match request_body(&ngx, cfg.max_body)? {
+        (_, Ok((cfg, store, wait))) => match request_body(&ngx, cfg.max_body)? {
             Err(r) => r,
             Ok(body) => {
                 let req = rest::Request {
@@ -1267,18 +1655,37 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
                         if_modified_since: if_modified_since.as_deref(),
                     },
                 };
-                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &cfg.write));
+                let opts = WriteOptions { wait, ..cfg.write };
+                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &opts));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
                 if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    announce_write_back(lua, after_write(lua, &cfg, &store))?;
+                    announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
                 }
                 r
             }
         },
     };
+    Ok(ApiReply(response))
+}
+
+/// Sends a REST answer; `unsynced`: why the write it reports is not known
+/// to be on disk, which makes it a failure.
+fn send_api(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
+    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
+    let response = match unsynced {
+        Some(why) => rest_text(500, why),
+        None => reply.take::<ApiReply>()?.0,
+    };
     if response.status >= 500 {
         log(lua, "ERR", &response.body);
     }
+    // We evaluated If-Match against the table version ourselves. Left in
+    // place, nginx's not-modified filter would compare it with the new
+    // version's ETag of a successful write and turn the 200 into a 412.
+    // (Cleared only now: `api_reply` reads it on each of its calls.)
+    ngx.get::<Table>("req")?
+        .get::<Function>("clear_header")?
+        .call::<()>("If-Match")?;
     ngx.set("status", response.status)?;
     let out: Table = ngx.get("header")?;
     let kind = if response.json {
@@ -1304,11 +1711,14 @@ fn handle_api(lua: &Lua, (): ()) -> LuaResult<()> {
 
 /// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
 /// upstream file, atomically → `true` | `nil, err`.
-fn write_upstreams(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<bool, String>> {
+fn write_upstreams(
+    lua: &Lua,
+    (mut turn, args): (Turn, Variadic<Value>),
+) -> LuaResult<Result<bool, String>> {
     let path = resolve_path(lua, &string_arg(&args, 1, "write_upstreams")?);
     check_write_phase(lua, "write_upstreams")?;
-    let written = store()
-        .and_then(|(cfg, store)| upstream_file::write_current(&store, &path, cfg.write.wait));
+    let written = store_in(&mut turn)
+        .and_then(|(_, store, wait)| upstream_file::write_current(&store, &path, wait));
     Ok(written.map(|_| true).map_err(|e| e.to_string()))
 }
 
@@ -1386,10 +1796,11 @@ enum KeyPart {
 }
 
 /// What the request path evaluates into `KEY` for an upstream: the hash
-/// key's parts, the client address for ip_hash, nothing for the others.
+/// key's parts, the client address for ip_hash (in binary, the bytes
+/// nginx's ip_hash reads: no text to parse), nothing for the others.
 fn key_parts(policy: &Policy) -> Option<Vec<KeyPart>> {
     match policy {
-        Policy::IpHash => Some(vec![KeyPart::Var("remote_addr".into())]),
+        Policy::IpHash => Some(vec![KeyPart::Var("binary_remote_addr".into())]),
         Policy::Hash { key, .. } => Some(split_key(key)),
         _ => None,
     }
@@ -1431,14 +1842,18 @@ fn split_key(key: &str) -> Vec<KeyPart> {
 }
 
 /// The per-request pick, called through LuaJIT's FFI (see balance.lua):
-/// integers in, an integer out, nothing allocated.
+/// numbers in, an integer out, nothing allocated. `now` is nginx's cached
+/// time in seconds (`ngx.now()`).
 extern "C" fn dyups_pick(
     id: u32,
     seen: u64,
     request: *const c_void,
     retry: i32,
     key_len: u32,
+    now: f64,
 ) -> i32 {
+    // Seconds to milliseconds; a clock before 1970 (or NaN) counts as 0.
+    let now_ms = (now * 1000.0) as u64;
     let retry = match retry {
         0 => Retry::First,
         1 => Retry::Failed,
@@ -1452,13 +1867,13 @@ extern "C" fn dyups_pick(
         };
         let picked = if key_len == 0 {
             // Round robin and the other keyless methods: nothing to copy.
-            w.pick(id, seen, request as usize, retry, &[])
+            w.pick_at(id, seen, request as usize, retry, &[], now_ms)
         } else {
             let mut key = KEY_COPY.lock();
             key.clear();
             let len = (key_len as usize).min(KEY_MAX);
             key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
-            w.pick(id, seen, request as usize, retry, &key)
+            w.pick_at(id, seen, request as usize, retry, &key, now_ms)
         };
         let all_failed = picked == NO_LIVE
             && w.snapshot()

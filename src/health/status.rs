@@ -8,8 +8,8 @@ use std::fmt::Write;
 use serde_json::{json, Value};
 
 use super::{last_probe, verdict, Verdict};
-use crate::model::Table;
-use crate::zone::Zone;
+use crate::store::zone::Zone;
+use crate::table::model::Table;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -1,5 +1,9 @@
+use std::collections::{HashMap, HashSet};
+
+use super::prober::lease_parts;
 use super::status::{render, rows, Filter, Format};
 use super::*;
+use crate::table::model::{PeerRef, Table};
 use crate::testing::TempDir;
 
 const BODY: &str = "server 127.0.0.1:81; server 127.0.0.1:82; \
@@ -37,7 +41,7 @@ fn new_servers_of_default_down_upstreams_start_checking() {
     // worker can route to it.
     store
         .write(&Default::default(), |t| {
-            crate::ops::update(t, "a", &format!("{BODY} server 127.0.0.1:83;"))
+            crate::admin::ops::update(t, "a", &format!("{BODY} server 127.0.0.1:83;"))
         })
         .unwrap();
     let snap = store.read().unwrap();
@@ -279,10 +283,10 @@ fn the_balancer_skips_servers_down_by_checks_only_while_checks_are_on() {
     let (_dir, store) = live_store();
     let snap = store.read().unwrap();
     let u = snap.table.get("a").unwrap().clone();
-    let mut b = crate::balancer::Balancer::new(&u.servers);
+    let mut b = crate::balance::balancer::Balancer::new(&u.servers);
     b.share(store.clone(), &u.peers);
     b.set_checks(true);
-    let tried = crate::balancer::Tried::new();
+    let tried = crate::balance::balancer::Tried::new();
     // Both still checking (default_down): nothing to pick.
     assert_eq!(b.pick(&u.servers, &tried, 1), None);
     assert!(all_failed(store.zone(), &u));

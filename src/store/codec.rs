@@ -47,21 +47,33 @@
 //!   6 keepalive_time            u32 ms
 //!   7 keepalive_timeout         u32 ms
 //!   8 max_conns                 u32 per server, in the servers' order
+//!   9 owner                     nothing: `dyups sync` wrote it from etcd
+//!  10 sync (the table's, on the  revision u64, cluster id u64, key
+//!     first upstream's entry)    prefix (a name): see `model::SyncMark`
 //! ```
+//!
+//! The table's own fields ride on its first upstream's entry, because
+//! builds with the extension accept no entry past the table's upstreams; a
+//! table without upstreams has nowhere to keep them, and loses nothing by
+//! it (`dyups sync` then reads etcd in full, which is cheap for an empty
+//! table).
+//!
+//! Over 600 lines: one format, whose encoder and decoder read best side by
+//! side; its tests follow it.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{
-    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, ServerSpec,
-    Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
-    DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_REQUESTS,
-    DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX,
-    MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
+use crate::table::model::PeerRef;
+use crate::table::model::{
+    check_http_send, check_name, Address, Change, CheckLine, CheckType, ExpectAlive, Owner,
+    ServerSpec, SyncMark, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX,
+    CHECK_TIME_MAX, DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS,
+    DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
+    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use crate::policy::Policy;
-use crate::zone::PeerRef;
+use crate::table::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
 pub const CHANGE_LOG_MAX: usize = 512;
@@ -78,6 +90,8 @@ const TAG_KEEPALIVE_REQUESTS: u8 = 5;
 const TAG_KEEPALIVE_TIME: u8 = 6;
 const TAG_KEEPALIVE_TIMEOUT: u8 = 7;
 const TAG_MAX_CONNS: u8 = 8;
+const TAG_OWNER: u8 = 9;
+const TAG_SYNC: u8 = 10;
 /// The check line's value: four u32, two u8, a u16 and a u32.
 const CHECK_LEN: usize = 24;
 /// nginx's largest time in milliseconds.
@@ -157,7 +171,7 @@ fn encode_extension(t: &Table) -> Vec<u8> {
         .upstreams
         .iter()
         .enumerate()
-        .filter(|(_, u)| !extension_is_default(u))
+        .filter(|(i, u)| !extension_is_default(u) || (*i == 0 && t.sync.is_some()))
         .map(|(i, u)| (i, &**u))
         .collect();
     if needing.is_empty() {
@@ -170,6 +184,13 @@ fn encode_extension(t: &Table) -> Vec<u8> {
         let length_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
         put_fields(&mut out, u);
+        if let (0, Some(mark)) = (i, &t.sync) {
+            let mut v = Vec::with_capacity(18 + mark.prefix.len());
+            v.extend_from_slice(&mark.revision.to_le_bytes());
+            v.extend_from_slice(&mark.cluster_id.to_le_bytes());
+            put_str(&mut v, &mark.prefix);
+            put_field(&mut out, TAG_SYNC, &v);
+        }
         let length = (out.len() - length_at - 4) as u32;
         out[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
     }
@@ -183,6 +204,7 @@ fn extension_is_default(u: &Upstream) -> bool {
         && u.keepalive_timeout == DEFAULT_KEEPALIVE_TIMEOUT
         && u.check.is_default()
         && u.servers.iter().all(|s| s.max_conns == 0)
+        && u.owner.is_local()
 }
 
 fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
@@ -235,6 +257,9 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
             .flat_map(|s| s.max_conns.to_le_bytes())
             .collect();
         put_field(out, TAG_MAX_CONNS, &v);
+    }
+    if !u.owner.is_local() {
+        put_field(out, TAG_OWNER, &[]);
     }
 }
 
@@ -301,11 +326,16 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
     let upstreams = r.u32()? as usize;
     let changes = r.u32()? as usize;
     let entries = split_extension(extension, upstreams).map_err(|e| format!("extension: {e}"))?;
+    let sync = match entries.first() {
+        Some(&(0, entry)) => sync_mark(entry).map_err(|e| format!("extension: {e}"))?,
+        _ => None,
+    };
     let mut entries = entries.into_iter().peekable();
     // The smallest encoded upstream and change are well over 8 bytes: a count
     // larger than the bytes left is a lie, and must not size an allocation.
     let mut table = Table {
         upstreams: Vec::with_capacity(upstreams.min(r.left() / 8)),
+        sync,
     };
     // A set, not `table.get`: a linear search per upstream made decoding
     // quadratic (16 s for 100 000 upstreams).
@@ -455,7 +485,7 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
         let tag = r.u8()?;
         let n = r.u16()? as usize;
         let v = r.take(n)?;
-        if (TAG_CHECK..=TAG_MAX_CONNS).contains(&tag) {
+        if (TAG_CHECK..=TAG_SYNC).contains(&tag) {
             if seen & 1 << tag != 0 {
                 return Err(format!("field {tag} appears twice"));
             }
@@ -503,11 +533,44 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
                     }
                 }
             }
+            TAG_OWNER => {
+                exact(0)?;
+                u.owner = Owner::Etcd;
+            }
+            // The table's, read by `sync_mark`.
+            TAG_SYNC => {}
             // A later build's field: it says nothing this build could use.
             _ => {}
         }
     }
     Ok(())
+}
+
+/// The table's sync field in the first upstream's `entry`, if it has one.
+fn sync_mark(entry: &[u8]) -> Result<Option<SyncMark>, String> {
+    let mut r = Reader { b: entry, at: 0 };
+    while r.left() > 0 {
+        let tag = r.u8()?;
+        let n = r.u16()? as usize;
+        let v = r.take(n)?;
+        if tag != TAG_SYNC {
+            continue;
+        }
+        let mut f = Reader { b: v, at: 0 };
+        let mark = SyncMark {
+            revision: f.u64()?,
+            cluster_id: f.u64()?,
+            prefix: f.str()?,
+        };
+        if f.left() != 0 {
+            return Err(format!(
+                "the sync field has {} bytes after its end",
+                f.left()
+            ));
+        }
+        return Ok(Some(mark));
+    }
+    Ok(None)
 }
 
 fn check_line(mut f: Reader<'_>) -> Result<CheckLine, String> {
@@ -643,7 +706,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::CheckSettings;
+    use crate::table::model::CheckSettings;
 
     /// Every setting off its default, on the first upstream.
     fn settings(u: &mut Upstream) {
@@ -762,6 +825,41 @@ pub(crate) mod tests {
         let back = decode(&e.base, &e.extension, None).unwrap();
         assert_eq!(back, plain);
         assert_eq!(back.table.upstreams[1].keepalive_requests, 5);
+    }
+
+    /// `dyups sync`'s marks: the owner flag per upstream, the table's sync
+    /// mark on the first upstream's entry, in the extension only; a reader
+    /// reusing a previous table's upstream 0 still reads the new mark.
+    #[test]
+    fn owner_and_sync_mark_round_trip_in_the_extension() {
+        let mut p = sample();
+        let base = encode(&p).base;
+        Arc::make_mut(&mut p.table.upstreams[1]).owner = Owner::Etcd;
+        p.table.sync = Some(SyncMark {
+            revision: 41,
+            cluster_id: u64::MAX,
+            prefix: "/dyups/".into(),
+        });
+        let e = encode(&p);
+        assert_eq!(e.base, base);
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.table.upstreams[1].owner, Owner::Etcd);
+        assert_eq!(back.table.upstreams[0].owner, Owner::Local);
+        let mut later = p.clone();
+        later.table.sync.as_mut().unwrap().revision = 42;
+        let e2 = encode(&later);
+        let again = decode(&e2.base, &e2.extension, Some(&back.table)).unwrap();
+        assert_eq!(again.table.sync.unwrap().revision, 42);
+        // A table without upstreams has nowhere to keep the mark.
+        let empty = Payload {
+            table: Table {
+                upstreams: vec![],
+                sync: later.table.sync.clone(),
+            },
+            ..Payload::default()
+        };
+        assert_eq!(round_trip(&empty).unwrap().table.sync, None);
     }
 
     #[test]

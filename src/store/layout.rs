@@ -17,7 +17,19 @@
 //! 40            4      CRC32 of bytes 0..40
 //! 44            20     reserved, zero
 //! 64            8      commit word, atomic u64: generation << 1 | active slot
-//! 72            56     reserved, zero
+//! 72            8      writers' queue: the next ticket << 32 | the pid of
+//!                      the writer that took the one before, atomic u64
+//! 80            4      writers' queue: the ticket served now, atomic u32
+//!                      (a futex word: waiting writers sleep on it)
+//! 84            4      reserved, zero
+//! 88            8      writers' queue: who claimed the turn, ticket << 32 |
+//!                      pid, atomic u64
+//! 96            8      writers' queue: when the turn last moved or was
+//!                      claimed, monotonic ms, atomic u64
+//! 104           8      writers' queue: tickets given up, bit ticket % 64,
+//!                      atomic u64
+//! 112           8      the newest generation known to be on disk, atomic u64
+//! 120           8      reserved, zero
 //! 128           16*N   worker table: N entries of
 //!                        +0 pid u32 (atomic, 0 = free)
 //!                        +4 reserved u32
@@ -52,12 +64,14 @@
 //!
 //! Bytes 0..44 are written once, when the file is created, and never change.
 //! The commit word is the only word a writer changes to publish a table: the
-//! slot it names is never written while it is active. The peer cells are
+//! slot it names is never written while it is active. The queue words
+//! (72..112) only order writers (see `queue.rs`); zeros, as in a new file,
+//! are an empty queue and "nothing known to be on disk". The peer cells are
 //! outside every checksum: workers count in them all the time, and a cell
 //! only ever steers balancing, never what the table says.
 
 use super::super::Error;
-use crate::zone::CELL_LEN;
+use crate::store::zone::CELL_LEN;
 
 pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 /// 2: the peer cells after the slots (version 1, without them, was never
@@ -67,6 +81,15 @@ pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: u64 = 4096;
 pub const COMMIT_WORD: usize = 64;
+/// The writers' queue (`queue.rs`).
+pub const QUEUE_TAIL: usize = 72;
+pub const QUEUE_SERVING: usize = 80;
+pub const QUEUE_HOLDER: usize = 88;
+pub const QUEUE_SINCE: usize = 96;
+pub const QUEUE_ABANDONED: usize = 104;
+/// The newest generation whose slot and commit word are known to be on
+/// disk: a writer overwrites the other slot only once the table it read is.
+pub const FLUSHED: usize = 112;
 pub const WORKER_TABLE: usize = 128;
 pub const WORKER_ENTRY: usize = 16;
 pub const WORKER_ENTRIES: u32 = ((HEADER_LEN as usize - WORKER_TABLE) / WORKER_ENTRY) as u32;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::guard::Guard;
-use crate::zone::{PeerCell, CELL_LEN};
+use crate::store::zone::{PeerCell, CELL_LEN};
 
 /// A `MAP_SHARED` mapping of a whole state file. Raw, not `&[u8]`: other
 /// processes write it while we hold it, which a Rust slice may not see.
@@ -126,5 +126,13 @@ impl SharedMap {
     /// Writes the range back to the file and waits for the disk.
     pub fn flush(&self, off: usize, len: usize) -> io::Result<()> {
         self.raw.flush_range(off, len)
+    }
+
+    /// Where the mapping starts (page-aligned): for an msync of its first
+    /// bytes made by another thread of this process (an nginx thread pool),
+    /// which must not outlive the mapping. msync only hands pages to the
+    /// kernel and reads or writes no memory, so a late one is harmless.
+    pub fn address(&self) -> usize {
+        self.raw.as_ptr() as usize
     }
 }

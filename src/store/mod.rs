@@ -2,12 +2,15 @@
 //!
 //! Readers take no lock: they load the commit word, copy the active slot,
 //! and load the commit word again (a seqlock); a moved word means a writer
-//! got in between and they copy again. Writers serialise on `flock`, which
-//! the kernel releases when a writer dies, build the next table in the
-//! inactive slot and publish it with one release store of the commit word.
-//! A writer killed before that store leaves the old table active and intact;
-//! one killed after it has published a complete table. See `layout.rs` for
-//! the bytes and `codec.rs` for the payload.
+//! got in between and they copy again. Writers wait their turn in a queue in
+//! the mapping (`queue.rs`: served in order, dead writers skipped), then
+//! serialise on `flock`, which the kernel releases when a writer dies, build
+//! the next table in the inactive slot and publish it with one release store
+//! of the commit word. A writer killed before that store leaves the old
+//! table active and intact; one killed after it has published a complete
+//! table. A durable writer then msyncs the slot and the commit word, and the
+//! next writer overwrites the other slot only once that is done (`FLUSHED`).
+//! See `layout.rs` for the bytes and `codec.rs` for the payload.
 //!
 //! Damage to the file while processes run it (deleted, cut short, overwritten
 //! in place, its header or a slot wrecked) is noticed by the workers and
@@ -16,6 +19,10 @@
 //! still shows, the copy each writer keeps in `<path>.copy`, or the
 //! restoring worker's table. `copy_file.rs` says why no acknowledged write
 //! is lost that way.
+//!
+//! Over 600 lines: one protocol (the seqlock read, the locked write, the
+//! restore), which reads better whole; the bytes, the payload, the copy and
+//! the mapping have files of their own.
 
 mod codec;
 mod copy_file;
@@ -24,9 +31,11 @@ mod guard;
 mod layout;
 mod mapping;
 mod os;
+mod queue;
 mod repair;
 #[cfg(test)]
 mod tests;
+pub mod zone;
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -47,13 +56,15 @@ pub use self::examine::{
 };
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
-    SlotHeader, COMMIT_WORD, FIXED_LEN, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY, WORKER_TABLE,
+    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY,
+    WORKER_TABLE,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
+use self::queue::{Poll, Queue, Ticket};
 pub use self::repair::{repair, Repair, RepairOptions};
-use crate::model::{Change, Table};
-use crate::zone::{self, PeerCell, Zone, CELL_LEN};
+use self::zone::{PeerCell, Zone, CELL_LEN};
+use crate::table::model::{Change, Table};
 use crate::{Error, Result};
 
 /// The size of a state file when the configuration gives none.
@@ -80,6 +91,51 @@ pub enum Wait {
     Try,
     /// Wait up to this long, then fail with [`Error::Busy`].
     For(Duration),
+    /// Never block: for a caller that must not (an nginx worker's event
+    /// loop), which calls again after yielding. While the writer's turn has
+    /// not come, a write fails with [`Error::Busy`] and
+    /// [`turn_state`](StateFile::turn_state) says [`TurnState::Waiting`];
+    /// once the limit (zero: trylock) passed, with [`Error::Busy`] and
+    /// [`TurnState::Done`]. A write made in the turn defers its msync: the
+    /// caller flushes [`TurnState::Held`]'s range (or leaves it to
+    /// [`finish_turn`](StateFile::finish_turn)) before it answers.
+    Turn(TurnId, Duration),
+}
+
+/// A writer's place in the queue, kept across calls (see [`Wait::Turn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TurnId(u64);
+
+impl TurnId {
+    /// A new id, unique in this process.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> TurnId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TurnId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Where a [`Wait::Turn`] writer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TurnState {
+    /// Not in the queue: never joined, refused, or finished.
+    Done,
+    /// Writers are ahead of it: call the write again after a moment.
+    Waiting,
+    /// It holds the turn and wrote. `flush`: the mapping's bytes to msync
+    /// (address, length) before the write is on disk, when it is durable.
+    Held { flush: Option<(usize, usize)> },
+}
+
+/// A [`Wait::Turn`] writer's place in the queue, between calls.
+struct Turn {
+    id: TurnId,
+    ticket: Ticket,
+    /// It has held the lock under this turn.
+    wrote: bool,
+    /// The generation to record as on disk, and the end of the bytes to
+    /// msync first, once its writes are flushed.
+    unflushed: Option<(u64, usize)>,
 }
 
 /// How one write is made.
@@ -91,6 +147,13 @@ pub struct WriteOptions {
     pub expect: Option<u64>,
     /// Wait until the new table is on disk (msync) before returning, so an
     /// acknowledged change survives a power loss, not only a process crash.
+    /// A table is published (readers route by it) before its msync; the
+    /// writer that comes next overwrites the other slot only once the table
+    /// it read is on disk, so a power loss leaves the last table flushed or
+    /// a newer one. Without it, a change survives a crash of any process
+    /// (the kernel has the pages), but a power loss may take the changes of
+    /// the last seconds, or, cutting a write-back short, leave both slots
+    /// unreadable.
     pub durable: bool,
 }
 
@@ -146,6 +209,8 @@ pub struct StateFile {
     /// `flock` excludes other processes only: threads of this process share
     /// the one open file description, so they also take this.
     writers: Mutex<()>,
+    /// The places of this process's [`Wait::Turn`] writers.
+    turns: Mutex<Vec<Turn>>,
 }
 
 /// Files this process has open, by pid and canonical path: a process opens a
@@ -196,6 +261,23 @@ impl StateFile {
         seed: impl FnOnce() -> Result<Table>,
     ) -> Result<()> {
         Self::open_uncached(path, size, seed).map(drop)
+    }
+
+    /// Makes one write (see [`write`](Self::write)) to the file at `path`
+    /// without keeping it open or in this process's registry: for nginx's
+    /// master, which applies an edited upstream file at a reload and must
+    /// not hold the file open across fork.
+    pub fn write_detached<R>(
+        path: &Path,
+        opts: &WriteOptions,
+        change: impl FnOnce(&mut Table) -> Result<R>,
+    ) -> Result<(u64, R)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error("open", path, e))?;
+        Self::from_file(path, file, true)?.write(opts, change)
     }
 
     fn open_uncached(
@@ -254,7 +336,14 @@ impl StateFile {
     /// Returns the restored version and where its table came from, or
     /// `None` when nothing needed doing.
     pub fn restore(&self, fallback: &Snapshot) -> Result<Option<Restored>> {
-        let _guard = self.lock(Wait::For(Duration::from_secs(1)))?;
+        // `flock` alone, not a turn of the writers' queue: the header the
+        // queue lives in may be what is damaged, and a queue of garbage words
+        // would never serve the restore. `flock` excludes every writer all
+        // the same; queued writers take it when their turn comes.
+        let limit = Duration::from_secs(1);
+        let _guard = self
+            .exclude(Instant::now() + limit)
+            .map_err(|e| e.unwrap_or_else(|| self.timed_out(limit)))?;
         match self.examine() {
             Health::Same => return Ok(None),
             // Another file is at the path (restored, or put there by hand):
@@ -438,6 +527,7 @@ impl StateFile {
             copy: CopyFile::new(path, geometry),
             last: Mutex::new(None),
             writers: Mutex::new(()),
+            turns: Mutex::new(Vec::new()),
         })
     }
 
@@ -619,7 +709,19 @@ impl StateFile {
         let mut table = current.table.clone();
         let out = change(&mut table)?;
         if same_content(&table, &current.table) {
+            if opts.durable {
+                // Nothing to write, but the answer vouches for the table read.
+                self.make_durable(&opts.wait, current.seen, self.slot_end(current.slot))?;
+            }
             return Ok((current.version, out));
+        }
+        // The slot about to be overwritten holds the table before the one
+        // read, the one a reader falls back on: the table read must be on
+        // disk first, or a power loss in the middle of this write could
+        // leave neither slot whole. (Its writer flushes it before it
+        // answers, so this only runs after one died or skipped that.)
+        if opts.durable && self.flushed().load(Ordering::Acquire) < current.seen {
+            self.flush_to(current.seen, self.slot_end(current.slot))?;
         }
         // Above both slots' generations, also when the active one was bad.
         let next = current.seen + 1;
@@ -643,7 +745,7 @@ impl StateFile {
             self.geometry.cells,
             cell_tag(next),
         );
-        let checking = crate::health::starts_checking(&table, &given);
+        let checking = zone::starts_checking(&table, &given);
         let mut changes = current.changes;
         changes.extend(Change::between(&current.table, &table, next));
         if changes.len() > CHANGE_LOG_MAX {
@@ -679,20 +781,22 @@ impl StateFile {
             .copy_in(start + payload.base.len(), &payload.extension);
         let header = SlotHeader::for_payload(next, &payload.base, &payload.extension);
         self.map.copy_in(off, &header.to_bytes());
-        if opts.durable {
-            self.map
-                .flush(off, SLOT_HEADER as usize + payload.slot_bytes())
-                .map_err(|e| io_error("sync", &self.path, e))?;
-        }
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
         self.copy
             .save(self.id, next, &payload.base, &payload.extension);
         if opts.durable {
-            self.map
-                .flush(COMMIT_WORD, 8)
-                .map_err(|e| io_error("sync", &self.path, e))?;
+            // One msync for the slot and the commit word together: on a
+            // power loss before it ends, the commit word on disk names the
+            // old table, or the new one with its slot whole, or the new one
+            // with its slot torn, and then readers fall back on the other
+            // slot, the table before, which is on disk (see above).
+            self.make_durable(
+                &opts.wait,
+                next,
+                off + SLOT_HEADER as usize + payload.slot_bytes(),
+            )?;
         }
         Ok((next, out))
     }
@@ -720,6 +824,44 @@ impl StateFile {
         }
     }
 
+    /// The end of slot `i`, as an offset in the file.
+    fn slot_end(&self, i: u64) -> usize {
+        (self.geometry.slot_offset(i) + self.geometry.slot_len) as usize
+    }
+
+    fn flushed(&self) -> &AtomicU64 {
+        self.map.atomic_u64(FLUSHED)
+    }
+
+    /// Makes the table at `generation`, whose slot ends at `end`, durable
+    /// before the write answers: now, or, for a [`Wait::Turn`] writer, when
+    /// its turn is finished.
+    fn make_durable(&self, wait: &Wait, generation: u64, end: usize) -> Result<()> {
+        if self.flushed().load(Ordering::Acquire) >= generation {
+            return Ok(());
+        }
+        if let Wait::Turn(id, _) = wait {
+            let mut turns = self.turns.lock();
+            if let Some(t) = turns.iter_mut().find(|t| t.id == *id) {
+                let (g, e) = t.unflushed.unwrap_or((0, 0));
+                t.unflushed = Some((g.max(generation), e.max(end)));
+                return Ok(());
+            }
+        }
+        self.flush_to(generation, end)
+    }
+
+    /// Writes the file's first `end` bytes (the header with the commit word,
+    /// and the slots up to there) to disk and records `generation` as on
+    /// disk.
+    fn flush_to(&self, generation: u64, end: usize) -> Result<()> {
+        self.map
+            .flush(0, end)
+            .map_err(|e| io_error("sync", &self.path, e))?;
+        self.flushed().fetch_max(generation, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Runs `f` on the current table while holding the writer lock, so no
     /// write happens meanwhile.
     pub fn while_locked<R>(&self, wait: Wait, f: impl FnOnce(&Snapshot) -> R) -> Result<R> {
@@ -727,54 +869,181 @@ impl StateFile {
         Ok(f(&self.read()?))
     }
 
-    fn lock(&self, wait: Wait) -> Result<WriterLock<'_>> {
-        let busy = |how: String| {
-            Error::Busy(format!(
-                "could not lock state file {}: {how}",
-                self.path.display()
+    fn busy(&self, how: &str) -> Error {
+        Error::Busy(format!(
+            "could not lock state file {}: {how}",
+            self.path.display()
+        ))
+    }
+
+    fn timed_out(&self, limit: Duration) -> Error {
+        if limit.is_zero() {
+            self.busy("another writer holds it")
+        } else {
+            self.busy(&format!(
+                "another writer held it for more than {} ms",
+                limit.as_millis()
             ))
-        };
-        let started = Instant::now();
+        }
+    }
+
+    /// Waits for this writer's turn in the queue (`queue.rs`), then takes
+    /// the lock that excludes the others: `flock` for other processes, and
+    /// `writers` for other threads of this one.
+    fn lock(&self, wait: Wait) -> Result<WriterLock<'_>> {
         let limit = match wait {
             Wait::Try => Duration::ZERO,
             Wait::For(d) => d,
+            Wait::Turn(id, limit) => return self.lock_in_turn(id, limit),
         };
-        let inner = loop {
-            if let Some(g) = self.writers.try_lock() {
-                break g;
+        let queue = Queue::new(&self.map);
+        let mut ticket = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
+        loop {
+            match queue.poll(&mut ticket) {
+                Poll::Turn => break,
+                Poll::Wait => queue.wait(&ticket),
+                Poll::TimedOut => return Err(self.timed_out(limit)),
             }
-            if started.elapsed() >= limit {
-                return Err(busy("another writer in this process holds it".into()));
+        }
+        match self.exclude(ticket.deadline) {
+            Ok(mut lock) => {
+                lock.ticket = Some(ticket);
+                Ok(lock)
             }
-            std::thread::sleep(Duration::from_micros(200));
+            Err(e) => {
+                queue.leave(ticket);
+                Err(e.unwrap_or_else(|| self.timed_out(limit)))
+            }
+        }
+    }
+
+    /// [`lock`](Self::lock) for a [`Wait::Turn`] writer: looks once, never
+    /// waits; the turn stays in `turns` (not in the lock) until
+    /// [`finish_turn`](Self::finish_turn).
+    fn lock_in_turn(&self, id: TurnId, limit: Duration) -> Result<WriterLock<'_>> {
+        let queue = Queue::new(&self.map);
+        let mut turns = self.turns.lock();
+        let i = match turns.iter().position(|t| t.id == id) {
+            Some(i) => i,
+            None => {
+                let ticket = queue.join(limit).ok_or_else(|| self.timed_out(limit))?;
+                turns.push(Turn {
+                    id,
+                    ticket,
+                    wrote: false,
+                    unflushed: None,
+                });
+                turns.len() - 1
+            }
         };
-        let mut pause = Duration::from_micros(100);
+        match queue.poll(&mut turns[i].ticket) {
+            Poll::Turn => {}
+            Poll::Wait => return Err(self.busy("waiting for the writers ahead")),
+            Poll::TimedOut => {
+                turns.swap_remove(i);
+                return Err(self.timed_out(limit));
+            }
+        }
+        // The turn is ours; `flock` is free unless a writer that lost its
+        // turn (or an old build) still writes. Waiting for it is for a later
+        // call, unless the deadline has come, or this turn already wrote
+        // (a second lock in the same call, which will not come again).
+        let deadline = turns[i].ticket.deadline;
+        let wrote = turns[i].wrote;
+        drop(turns);
+        let lock = self.exclude(if wrote { deadline } else { Instant::now() });
+        let mut turns = self.turns.lock();
+        let Some(i) = turns.iter().position(|t| t.id == id) else {
+            return Err(self.busy("the turn was given up meanwhile"));
+        };
+        match lock {
+            Ok(lock) => {
+                turns[i].wrote = true;
+                Ok(lock)
+            }
+            Err(Some(e)) => Err(e),
+            Err(None) if !wrote && Instant::now() < deadline => {
+                Err(self.busy("waiting for the writer before"))
+            }
+            // Its write stays for finish_turn, which tells how it went.
+            Err(None) if wrote => Err(self.timed_out(limit)),
+            Err(None) => {
+                let t = turns.swap_remove(i);
+                drop(turns);
+                self.finish(t, false)?;
+                Err(self.timed_out(limit))
+            }
+        }
+    }
+
+    /// Takes `writers` and `flock`, trying until `deadline`. `Err(None)`:
+    /// still held by another when it came.
+    fn exclude(&self, deadline: Instant) -> Result<WriterLock<'_>, Option<Error>> {
+        let inner = self.writers.try_lock_until(deadline).ok_or(None)?;
         loop {
             match self.file.try_lock() {
                 Ok(()) => {
                     return Ok(WriterLock {
                         file: &self.file,
-                        _inner: inner,
+                        inner: Some(inner),
+                        queue: Queue::new(&self.map),
+                        ticket: None,
                     })
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(io_error("lock", &self.path, e))
+                    return Err(Some(io_error("lock", &self.path, e)))
                 }
             }
-            if started.elapsed() >= limit {
-                return Err(busy(if limit.is_zero() {
-                    "another writer holds it".into()
-                } else {
-                    format!(
-                        "another writer held it for more than {} ms",
-                        limit.as_millis()
-                    )
-                }));
+            if Instant::now() >= deadline {
+                return Err(None);
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Where the [`Wait::Turn`] writer `id` stands.
+    pub fn turn_state(&self, id: TurnId) -> TurnState {
+        match self.turns.lock().iter().find(|t| t.id == id) {
+            None => TurnState::Done,
+            Some(t) if !t.wrote => TurnState::Waiting,
+            Some(t) => TurnState::Held {
+                flush: t
+                    .unflushed
+                    .filter(|&(g, _)| self.flushed().load(Ordering::Acquire) < g)
+                    .map(|(_, end)| (self.map.address(), end)),
+            },
+        }
+    }
+
+    /// Ends the [`Wait::Turn`] writer `id`: records its writes as on disk
+    /// when `flushed` (the caller msynced [`TurnState::Held`]'s range),
+    /// else msyncs them now; then passes the turn on, or gives up its place.
+    /// An `Err` says a write it made is published but not known to be on
+    /// disk.
+    pub fn finish_turn(&self, id: TurnId, flushed: bool) -> Result<()> {
+        let turn = {
+            let mut turns = self.turns.lock();
+            match turns.iter().position(|t| t.id == id) {
+                Some(i) => turns.swap_remove(i),
+                None => return Ok(()),
+            }
+        };
+        self.finish(turn, flushed)
+    }
+
+    fn finish(&self, turn: Turn, flushed: bool) -> Result<()> {
+        let on_disk = |g| self.flushed().load(Ordering::Acquire) >= g;
+        let synced = match turn.unflushed {
+            Some((generation, _)) if flushed || on_disk(generation) => {
+                self.flushed().fetch_max(generation, Ordering::AcqRel);
+                Ok(())
+            }
+            Some((generation, end)) => self.flush_to(generation, end),
+            None => Ok(()),
+        };
+        Queue::new(&self.map).leave(turn.ticket);
+        synced
     }
 
     fn worker_entry(&self, i: usize) -> (&AtomicU32, &AtomicU64) {
@@ -877,14 +1146,23 @@ pub fn give_to_user(path: &Path, user: &str) -> Result<()> {
     Ok(())
 }
 
+/// The lock of one writer: `flock` and this process's `writers`, and the
+/// turn it took them in, unless a [`Turn`] keeps that.
 struct WriterLock<'a> {
     file: &'a File,
-    _inner: parking_lot::MutexGuard<'a, ()>,
+    inner: Option<parking_lot::MutexGuard<'a, ()>>,
+    queue: Queue<'a>,
+    ticket: Option<Ticket>,
 }
 
 impl Drop for WriterLock<'_> {
     fn drop(&mut self) {
+        // The lock first, so the writer whose turn comes finds it free.
         let _ = self.file.unlock();
+        self.inner = None;
+        if let Some(ticket) = self.ticket.take() {
+            self.queue.leave(ticket);
+        }
     }
 }
 
@@ -943,7 +1221,7 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         geometry.cells,
         cell_tag(payload.version),
     );
-    let checking = crate::health::starts_checking(&payload.table, &given);
+    let checking = zone::starts_checking(&payload.table, &given);
     let encoded = codec::encode(&payload);
     if encoded.slot_bytes() as u64 > geometry.payload_capacity() {
         return Err(encoded.slot_bytes());
@@ -1141,10 +1419,13 @@ fn snapshot(seen: u64, p: Payload, fallback: Option<String>, slot: u64) -> Snaps
     }
 }
 
-/// The same upstreams saying the same, in the same order; what the store
+/// The same upstreams saying the same, in the same order, at the same etcd
+/// revision (`dyups sync` records a revision whose changes left the
+/// upstreams as they were, so a restart resumes after it); what the store
 /// keeps (`rev`, cells) does not count.
 fn same_content(a: &Table, b: &Table) -> bool {
-    a.upstreams.len() == b.upstreams.len()
+    a.sync == b.sync
+        && a.upstreams.len() == b.upstreams.len()
         && a.upstreams
             .iter()
             .zip(&b.upstreams)

@@ -74,3 +74,55 @@ pub fn allocate(file: &File, len: u64) -> io::Result<()> {
         e => Err(io::Error::from_raw_os_error(e)),
     }
 }
+
+/// Milliseconds on the system's monotonic clock: the same clock in every
+/// process on the host (it restarts at boot), so one process can time what
+/// another stamped in the shared mapping.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec; clock_gettime writes only
+    // into it, and CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Sleeps until `word` may no longer hold `expected` (another process woke
+/// it), or `timeout` passed, or a signal came. A shared futex (no
+/// FUTEX_PRIVATE_FLAG): `word` is in a file mapping other processes wait on
+/// and wake too.
+pub fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: std::time::Duration,
+) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned 4-byte atomic for the whole call
+    // (the mapping outlives it); the kernel only reads it and queues us on
+    // its address. `ts` is a live timespec (a relative timeout). The result
+    // needs no handling: every return (woken, value changed, timed out,
+    // interrupted) sends the caller back to re-read the word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes every process waiting in [`futex_wait`] on `word`.
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: `word` is a live, aligned 4-byte atomic; FUTEX_WAKE only
+    // looks up waiters queued on its address and touches no memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}

@@ -11,6 +11,8 @@
 //! write is acknowledged into the file being replaced. The damaged bytes are
 //! kept aside, as they were, in `<path>.damaged.<unix time>` (mode 0600:
 //! whatever overwrote them may not be ours to show).
+//!
+//! Over 600 lines: the tests at its end push it over; its code is under 300.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -23,7 +25,7 @@ use super::copy_file::CopyFile;
 use super::examine::{self, examine_bytes, published_slots};
 use super::layout::{Geometry, MIN_FILE_LEN};
 use super::{image, image_payload, io_error, place, Place, StateFile, Wait, DEFAULT_SIZE};
-use crate::model::Table;
+use crate::table::model::Table;
 use crate::{Error, Result};
 
 /// How a repair is made.
@@ -262,11 +264,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::ops;
+    use crate::admin::ops;
     use crate::store::copy_file::path_for;
     use crate::store::layout::{self, COMMIT_WORD, HEADER_LEN, SLOT_HEADER};
     use crate::store::{examine_file, Health, WriteOptions};
-    use crate::syntax::parse_upstream_file;
+    use crate::table::syntax::parse_upstream_file;
     use crate::testing::TempDir;
 
     fn opts() -> RepairOptions {

@@ -6,10 +6,10 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::path::Path;
 
-use ngx_dyups::model::Table;
-use ngx_dyups::ops::{self, Put};
+use ngx_dyups::admin::ops::{self, Put};
 use ngx_dyups::store::{parse_size, Geometry, StateFile, WriteOptions, DEFAULT_SIZE};
-use ngx_dyups::syntax::parse_upstream_file;
+use ngx_dyups::table::model::Table;
+use ngx_dyups::table::syntax::parse_upstream_file;
 use ngx_dyups::Error;
 
 use crate::args::{Parsed, Spec};
@@ -34,8 +34,8 @@ their next refresh. Bad input changes nothing; the message names the line.
   --if-version N    write only if the table is at version N (else exit 5
                     and change nothing): a read-decide-write that cannot
                     lose another writer's change
-  --replace         also delete every upstream FILE does not name: the
-                    table becomes FILE's
+  --replace         also delete every local upstream FILE does not name:
+                    the table becomes FILE's, and etcd's (dyups sync)
   --size SIZE       the size of a state file that does not exist yet, as
                     init's `size` (bytes, or with k, m or g; default 2m)
 

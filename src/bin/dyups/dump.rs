@@ -1,7 +1,7 @@
 //! `dyups dump`: the table as an upstream file `init` reads, or as JSON.
 
 use ngx_dyups::store::StateFile;
-use ngx_dyups::syntax::render_upstream;
+use ngx_dyups::table::syntax::render_upstream;
 
 use crate::args::{Parsed, Spec};
 use crate::{emit, Failure, Outcome};

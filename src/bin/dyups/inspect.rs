@@ -46,13 +46,54 @@ pub fn run(args: &Parsed) -> Outcome {
     } else {
         emit(&render(&found))?;
     }
+    let trouble = sync_trouble(&path);
+    if let Some(line) = &trouble.0 {
+        if !args.flag("json") {
+            emit(&format!("{line}\n"))?;
+        }
+    }
     match &found.damage {
+        None if trouble.1 => Err(Failure {
+            code: exit::SYNC_TROUBLE,
+            message: trouble.0.unwrap_or_default(),
+        }),
         None => Ok(()),
         Some(why) => Err(Failure {
             code: exit::FAILED,
             message: why.clone(),
         }),
     }
+}
+
+/// What `dyups sync` reports in `PATH.sync` as one line, and whether it is
+/// trouble: a live agent that cannot follow etcd.
+fn sync_trouble(path: &std::path::Path) -> (Option<String>, bool) {
+    let at = crate::sync::status_path(path);
+    let Ok(text) = std::fs::read_to_string(&at) else {
+        return (None, false);
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (Some(format!("sync: {} is not JSON", at.display())), false);
+    };
+    let pid = v["pid"].as_u64().unwrap_or(0) as u32;
+    let state = v["state"].as_str().unwrap_or("unknown");
+    let revision = v["revision"].as_u64().unwrap_or(0);
+    if pid == 0 || !ngx_dyups::store::pid_alive(pid) {
+        return (
+            Some(format!(
+                "sync: dyups sync (pid {pid}) is not running; it was {state} at etcd revision {revision}"
+            )),
+            false,
+        );
+    }
+    let error = v["error"].as_str().unwrap_or("");
+    let trouble = state != "following";
+    let line = if trouble {
+        format!("sync: dyups sync (pid {pid}) is {state} at etcd revision {revision}: {error}")
+    } else {
+        format!("sync: dyups sync (pid {pid}) is following etcd, at revision {revision}")
+    };
+    (Some(line), trouble)
 }
 
 /// The report as text, one part per line.

@@ -6,9 +6,11 @@
 mod apply;
 mod args;
 mod dump;
+mod etcd;
 mod inspect;
 mod owner;
 mod repair;
+mod sync;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -41,6 +43,12 @@ pub mod exit {
     pub const BUSY: u8 = 6;
     /// The new table does not fit the state file (507).
     pub const NO_ROOM: u8 = 7;
+    /// The upstream belongs to etcd (409 from `dyups sync`'s ownership):
+    /// write its key in etcd instead.
+    pub const OWNED: u8 = 8;
+    /// inspect: the file is sound, but the `dyups sync` serving it reports
+    /// that it cannot follow etcd (unreachable, no quorum).
+    pub const SYNC_TROUBLE: u8 = 9;
 }
 
 /// Why a command failed: what stderr says and the exit code.
@@ -70,6 +78,7 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         // By HTTP status, as every other interface reports the error.
         let code = match e.status() {
+            _ if matches!(e, Error::Owned(_)) => exit::OWNED,
             400 => exit::BAD_INPUT,
             404 => exit::NOT_FOUND,
             409 => exit::BUSY,
@@ -145,6 +154,13 @@ const COMMANDS: &[Command] = &[
         spec: &repair::SPEC,
         run: repair::run,
     },
+    Command {
+        name: "sync",
+        summary: "make the state file follow the upstreams in etcd",
+        help: sync::HELP,
+        spec: &sync::SPEC,
+        run: sync::run,
+    },
 ];
 
 const EXIT_CODES: &str = "\
@@ -157,6 +173,8 @@ exit status:
   5  --if-version is not the table's version (412): nothing was changed
   6  another writer held the state file's lock too long (409)
   7  the new table does not fit the state file (507): raise its size
+  8  the upstream belongs to etcd (dyups sync writes it): write its key there
+  9  inspect: the file is sound, but its dyups sync cannot follow etcd
 ";
 
 fn usage() -> String {

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use ngx_dyups::admin::upstream_file;
 use ngx_dyups::store::{parse_size, repair, Geometry, Repair, RepairOptions};
-use ngx_dyups::upstream_file;
 
 use crate::args::{Parsed, Spec};
 use crate::{emit, owner, Failure, Outcome, LOCK_WAIT};

@@ -5,15 +5,19 @@
 //! The server list itself lives in the shared table; a [`Balancer`] only
 //! holds the per-server counters, index for index, so each call takes the
 //! list it was built for. Failures and connections are counted in the
-//! shared cells of the zone ([`crate::zone`]), so every worker sees them.
+//! shared cells of the zone ([`crate::store::zone`]), so every worker sees them.
 //! Nothing here reads a clock or allocates on the pick path: time comes in
 //! as `now_ms`.
+//!
+//! Over 600 lines with its tests: the code is round robin and passive health
+//! alone, which share every rule; its tests follow it.
 
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::ServerSpec;
-use crate::zone::{PeerCell, PeerRef, ZoneSource};
+use crate::store::zone::{PeerCell, Zone, ZoneSource};
+use crate::table::model::PeerRef;
+use crate::table::model::ServerSpec;
 
 /// Indices kept in the bitmask.
 const LOW_BITS: usize = u64::BITS as usize;
@@ -97,7 +101,7 @@ impl Tried {
 /// `ngx_http_upstream_rr_peer_t` minus what the shared table holds. The
 /// weights are this worker's own; failures and connections are counted in
 /// the server's cell of the zone, which every worker shares (see
-/// [`crate::zone`]), or in a cell of this worker's own when it has none.
+/// [`crate::store::zone`]), or in a cell of this worker's own when it has none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerState {
     pub current_weight: i64,
@@ -231,12 +235,8 @@ impl Health<'_> {
 
 /// The health of `peer`: its cell in `zone` while that still holds it,
 /// else its own.
-fn health_of<'a>(
-    zone: Option<&'a dyn ZoneSource>,
-    peer: &'a PeerState,
-    checks: bool,
-) -> Health<'a> {
-    match zone.and_then(|z| z.zone().cell(peer.shared)) {
+fn health_of<'a>(zone: Option<Zone<'a>>, peer: &'a PeerState, checks: bool) -> Health<'a> {
+    match zone.and_then(|z| z.cell(peer.shared)) {
         Some(cell) => Health {
             cell,
             tag: peer.shared.tag,
@@ -365,7 +365,23 @@ impl Balancer {
     /// The failures and connections of the server at `index`, where they are
     /// counted. Panics past the end, as indexing does.
     pub fn health(&self, index: usize) -> Health<'_> {
-        health_of(self.zone.as_deref(), &self.peers[index], self.checks)
+        health_of(self.zone(), &self.peers[index], self.checks)
+    }
+
+    /// The zone's cells, looked up (in the state file's mapping) once for a
+    /// pick that looks at many servers, rather than once per server.
+    fn zone(&self) -> Option<Zone<'_>> {
+        self.zone.as_deref().map(ZoneSource::zone)
+    }
+
+    /// Every server's health, with the zone looked up once: for the methods
+    /// that look at several servers in one pick.
+    pub(crate) fn healths(&self) -> Healths<'_> {
+        Healths {
+            zone: self.zone(),
+            peers: &self.peers,
+            checks: self.checks,
+        }
     }
 
     /// Picks a server for one attempt: smooth weighted round robin over the
@@ -404,11 +420,16 @@ impl Balancer {
     ) -> Option<usize> {
         // Another worker may take a probe between our look and our claim;
         // the server is then disabled again and the next round passes it by.
+        let zone = self.zone.as_deref().map(ZoneSource::zone);
         for _ in 0..=servers.len() {
-            let index = self.smooth_pick(servers, |i, spec, health| {
-                spec.backup == backup && health.available(spec, tried, i, now_ms)
-            })?;
-            if self.claim(servers, index, now_ms) {
+            let index = smooth_pick_in(
+                &mut self.peers,
+                zone,
+                self.checks,
+                servers,
+                |i, spec, health| spec.backup == backup && health.available(spec, tried, i, now_ms),
+            )?;
+            if health_of(zone, &self.peers[index], self.checks).claim(&servers[index], now_ms) {
                 return Some(index);
             }
         }
@@ -423,28 +444,10 @@ impl Balancer {
     pub(crate) fn smooth_pick(
         &mut self,
         servers: &[ServerSpec],
-        mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
+        candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
-        let zone = self.zone.as_deref();
-        let mut best: Option<(usize, i64)> = None;
-        let mut total: i64 = 0;
-        for (i, spec) in servers.iter().enumerate().take(self.peers.len()) {
-            if !candidate(i, spec, health_of(zone, &self.peers[i], self.checks)) {
-                continue;
-            }
-            let peer = &mut self.peers[i];
-            peer.current_weight += peer.effective_weight;
-            total += peer.effective_weight;
-            if peer.effective_weight < i64::from(spec.weight) {
-                peer.effective_weight += 1;
-            }
-            if best.is_none_or(|(_, w)| peer.current_weight > w) {
-                best = Some((i, peer.current_weight));
-            }
-        }
-        let (index, _) = best?;
-        self.peers[index].current_weight -= total;
-        Some(index)
+        let zone = self.zone.as_deref().map(ZoneSource::zone);
+        smooth_pick_in(&mut self.peers, zone, self.checks, servers, candidate)
     }
 
     /// Records that an attempt on `servers[index]` failed (nginx's
@@ -468,7 +471,7 @@ impl Balancer {
         }
     }
 
-    /// For the other balancing methods ([`crate::policy`]): whether
+    /// For the other balancing methods ([`crate::balance::policy`]): whether
     /// `servers[index]` may be picked now under the rules of
     /// [`pick`](Self::pick): up, not in `tried` and not disabled by failures
     /// (after presuming recovery, as `pick` does).
@@ -479,12 +482,7 @@ impl Balancer {
         index: usize,
         now_ms: u64,
     ) -> bool {
-        match servers.get(index) {
-            Some(spec) if index < self.peers.len() => {
-                self.health(index).available(spec, tried, index, now_ms)
-            }
-            _ => false,
-        }
+        self.healths().eligible(servers, tried, index, now_ms)
     }
 
     /// For the other balancing methods: `servers[index]` was picked. Opens a
@@ -509,6 +507,68 @@ impl Balancer {
     pub fn release(&self, cell: PeerRef) {
         if let Some(zone) = &self.zone {
             zone.zone().release(cell);
+        }
+    }
+}
+
+/// [`Balancer::smooth_pick`] over `peers`, whose cells are in `zone`
+/// (`checks`: their upstream has active health checks).
+fn smooth_pick_in(
+    peers: &mut [PeerState],
+    zone: Option<Zone<'_>>,
+    checks: bool,
+    servers: &[ServerSpec],
+    mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
+) -> Option<usize> {
+    let mut best: Option<(usize, i64)> = None;
+    let mut total: i64 = 0;
+    for (i, spec) in servers.iter().enumerate().take(peers.len()) {
+        if !candidate(i, spec, health_of(zone, &peers[i], checks)) {
+            continue;
+        }
+        let peer = &mut peers[i];
+        peer.current_weight += peer.effective_weight;
+        total += peer.effective_weight;
+        if peer.effective_weight < i64::from(spec.weight) {
+            peer.effective_weight += 1;
+        }
+        if best.is_none_or(|(_, w)| peer.current_weight > w) {
+            best = Some((i, peer.current_weight));
+        }
+    }
+    let (index, _) = best?;
+    peers[index].current_weight -= total;
+    Some(index)
+}
+
+/// The health of every server of a [`Balancer`], for one pick
+/// ([`Balancer::healths`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Healths<'a> {
+    zone: Option<Zone<'a>>,
+    peers: &'a [PeerState],
+    checks: bool,
+}
+
+impl<'a> Healths<'a> {
+    /// As [`Balancer::health`].
+    pub fn get(&self, index: usize) -> Health<'a> {
+        health_of(self.zone, &self.peers[index], self.checks)
+    }
+
+    /// As [`Balancer::eligible`].
+    pub fn eligible(
+        &self,
+        servers: &[ServerSpec],
+        tried: &Tried,
+        index: usize,
+        now_ms: u64,
+    ) -> bool {
+        match servers.get(index) {
+            Some(spec) if index < self.peers.len() => {
+                self.get(index).available(spec, tried, index, now_ms)
+            }
+            _ => false,
         }
     }
 }

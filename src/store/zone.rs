@@ -14,34 +14,14 @@
 //! the wrong server; it then uses a cell of its own, as a server without a
 //! shared cell (the zone was full) does.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::model::{Table, Upstream};
+use crate::table::model::{PeerRef, Table, Upstream};
 
 /// Bytes per cell in the state file.
 pub const CELL_LEN: usize = 64;
-
-/// Which cell of the zone holds a server's shared state: what the table
-/// stores per server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerRef {
-    pub index: u32,
-    /// Stamped when the cell was given to this server; never 0.
-    pub tag: u32,
-}
-
-impl PeerRef {
-    /// No shared cell (the zone was full, or the table was never stored).
-    pub const NONE: PeerRef = PeerRef {
-        index: u32::MAX,
-        tag: 0,
-    };
-
-    pub fn is_none(self) -> bool {
-        self.index == u32::MAX
-    }
-}
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
@@ -74,6 +54,19 @@ pub struct PeerCell {
 
 const LOW: u64 = 0xffff_ffff;
 
+/// The flags of the health word that take a server out of rotation: down by
+/// its checks, or not yet up (`checking`). The rest of the word (counts,
+/// the settings' fingerprint) is [`crate::health`]'s; these two live here
+/// because the writer sets `checking` on a new cell and the balancer reads
+/// both, neither of which may look above the store.
+pub const HEALTH_DOWN: u64 = 1 << 22;
+pub const HEALTH_CHECKING: u64 = 1 << 23;
+
+/// The health word of a fresh cell stamped `tag`.
+pub fn fresh_health(tag: u32, checking: bool) -> u64 {
+    u64::from(tag) << 32 | if checking { HEALTH_CHECKING } else { 0 }
+}
+
 fn tagged(tag: u32, n: u32) -> u64 {
     u64::from(tag) << 32 | u64::from(n)
 }
@@ -95,7 +88,7 @@ impl PeerCell {
         self.probed.store(0, Ordering::Relaxed);
         self.result.store(0, Ordering::Relaxed);
         self.health
-            .store(crate::health::fresh_word(tag, checking), Ordering::Release);
+            .store(fresh_health(tag, checking), Ordering::Release);
         self.conns.store(tagged(tag, 0), Ordering::Release);
         self.fails.store(tagged(tag, 0), Ordering::Release);
     }
@@ -110,7 +103,7 @@ impl PeerCell {
         // `repr(C)` struct.
         b[0..8].copy_from_slice(&word);
         b[8..16].copy_from_slice(&word);
-        b[32..40].copy_from_slice(&crate::health::fresh_word(tag, checking).to_ne_bytes());
+        b[32..40].copy_from_slice(&fresh_health(tag, checking).to_ne_bytes());
         b
     }
 
@@ -134,7 +127,8 @@ impl PeerCell {
     /// Whether active checks hold the server out of rotation (down, or
     /// still `checking`); false when the word is another server's.
     pub fn check_down(&self, tag: u32) -> bool {
-        crate::health::word_down(self.health.load(Ordering::Acquire), tag)
+        let w = self.health.load(Ordering::Acquire);
+        (w >> 32) as u32 == tag && w & (HEALTH_DOWN | HEALTH_CHECKING) != 0
     }
 
     /// Whether the cell still belongs to the server stamped `tag`.
@@ -337,6 +331,30 @@ pub trait ZoneSource: Send + Sync {
     fn zone(&self) -> Zone<'_>;
 }
 
+/// Which of the cells `given` (newly given by [`assign`] in `table`) start
+/// `checking`: those of upstreams with `check ... default_down=true` (the
+/// default), whose servers take no traffic until their first `rise` probes
+/// pass. Index for index with `given`; for the writer, before it publishes.
+pub fn starts_checking(table: &Table, given: &[PeerRef]) -> Vec<bool> {
+    if given.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<u32> = given.iter().map(|r| r.index).collect();
+    let mut checking = HashSet::new();
+    for u in &table.upstreams {
+        if !u.check.line.as_ref().is_some_and(|l| l.default_down) {
+            continue;
+        }
+        for i in 0..u.servers.len() {
+            let r = u.peer(i);
+            if wanted.contains(&r.index) {
+                checking.insert(r.index);
+            }
+        }
+    }
+    given.iter().map(|r| checking.contains(&r.index)).collect()
+}
+
 /// Gives a cell to every server of the upstreams of `next` that `changed`
 /// marks (index for index with `next.upstreams`), for a zone of `capacity`
 /// cells: the cell its upstream's server at the same address has in `current`
@@ -507,7 +525,7 @@ mod tests {
     fn upstream(name: &str, ports: &[u16]) -> Upstream {
         let mut s = servers(&vec![1; ports.len()]);
         for (s, &p) in s.iter_mut().zip(ports) {
-            s.addr = crate::model::Address::Inet(([10, 0, 0, 1], p).into());
+            s.addr = crate::table::model::Address::Inet(([10, 0, 0, 1], p).into());
         }
         Upstream::new(name, s)
     }

@@ -15,110 +15,32 @@
 //! As in nginx, what one request has done so far (the hash chain, the number
 //! of rounds spent) may be kept across its attempts in a [`Cursor`]; see
 //! [`PolicyState::pick_with_cursor`]. Nothing on the pick path allocates.
+//!
+//! nginx's hash functions (the ketama ring, `hash`'s rounds) are in
+//! `hashing.rs`. Over 600 lines with its tests: the methods share one state
+//! and one rule for skipping servers, and read best side by side.
 
 use std::collections::hash_map::RandomState;
-use std::fmt;
 use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
-use crate::attempts::Attempts;
-use crate::balancer::{Balancer, Retry, Tried};
-use crate::model::ServerSpec;
-use crate::zone::{PeerRef, ZoneSource};
+use crate::balance::attempts::Attempts;
+use crate::balance::balancer::{Balancer, Healths, Retry, Tried};
+use crate::balance::hashing::{find_point, ketama_points, memcached_hash, Point};
+use crate::store::zone::ZoneSource;
+use crate::table::model::PeerRef;
+use crate::table::model::ServerSpec;
+use crate::table::policy::Policy;
 
 /// Rounds a hashing or random method spends on unavailable servers before
 /// it hands the request to round robin, as nginx's `tries > 20`.
 const MAX_TRIES: u32 = 20;
-/// Ketama points per unit of weight (`weight * 160` in nginx).
-const POINTS_PER_WEIGHT: usize = 160;
 /// `ip_hash`'s starting value and its modulus.
 const IP_HASH_SEED: u32 = 89;
 const IP_HASH_MOD: u32 = 6271;
 /// What nginx hashes for a client that is neither IPv4 nor IPv6
 /// (`ngx_http_upstream_ip_hash_pseudo_addr`).
 const PSEUDO_ADDR: [u8; 3] = [0; 3];
-
-/// An upstream's balancing method, as its `upstream {}` block spells it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Policy {
-    /// nginx's default: smooth weighted round robin.
-    #[default]
-    RoundRobin,
-    IpHash,
-    /// `hash KEY [consistent]`: `key` is the nginx expression (say
-    /// `$request_uri`); the caller evaluates it and passes the bytes in
-    /// [`PickInput::key`].
-    Hash {
-        key: String,
-        consistent: bool,
-    },
-    LeastConn,
-    Random {
-        two: bool,
-    },
-}
-
-impl Policy {
-    /// The directive's name: `round_robin` (which has none in nginx),
-    /// `ip_hash`, `hash`, `least_conn` or `random`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Policy::RoundRobin => "round_robin",
-            Policy::IpHash => "ip_hash",
-            Policy::Hash { .. } => "hash",
-            Policy::LeastConn => "least_conn",
-            Policy::Random { .. } => "random",
-        }
-    }
-
-    /// nginx refuses `backup` servers under `hash`, `ip_hash` and `random`.
-    pub fn allows_backup(&self) -> bool {
-        matches!(self, Policy::RoundRobin | Policy::LeastConn)
-    }
-
-    /// Checks the method against the servers it will balance, with the
-    /// errors nginx gives at configuration time.
-    pub fn validate(&self, servers: &[ServerSpec]) -> Result<(), String> {
-        if let Policy::Hash { key, .. } = self {
-            if key.is_empty() {
-                return Err("hash: the key is empty".to_string());
-            }
-            if let Some(c) = key
-                .chars()
-                .find(|c| c.is_whitespace() || c.is_control() || "{};\"'\\#".contains(*c))
-            {
-                return Err(format!("hash: invalid character {c:?} in the key"));
-            }
-        }
-        if !self.allows_backup() {
-            if let Some(s) = servers.iter().find(|s| s.backup) {
-                return Err(format!(
-                    "balancing method \"{}\" does not support parameter \"backup\" (server {})",
-                    self.name(),
-                    s.addr
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for Policy {
-    /// The directive as nginx reads it (`ip_hash;`, `hash $request_uri
-    /// consistent;`, `least_conn;`, `random two;`); nothing for round robin.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Policy::RoundRobin => Ok(()),
-            Policy::IpHash => f.write_str("ip_hash;"),
-            Policy::Hash { key, consistent } => {
-                let consistent = if *consistent { " consistent" } else { "" };
-                write!(f, "hash {key}{consistent};")
-            }
-            Policy::LeastConn => f.write_str("least_conn;"),
-            Policy::Random { two } => f.write_str(if *two { "random two;" } else { "random;" }),
-        }
-    }
-}
 
 /// What one request brings to a pick. Each method reads only its part;
 /// [`Default`] gives empty slices.
@@ -143,13 +65,6 @@ pub struct Cursor {
     hash: u32,
     rehash: u32,
     tries: u32,
-}
-
-/// One ketama point: the ring position and the server that owns it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Point {
-    pub hash: u32,
-    pub server: usize,
 }
 
 /// The balancing state of one upstream in one worker under one method.
@@ -345,7 +260,7 @@ impl PolicyState {
     /// The server whose share of the total weight holds `w`, as nginx's
     /// `while (w >= peer->weight) { w -= peer->weight; peer = peer->next; }`.
     fn walk(&self, w: u64) -> usize {
-        self.ranges.partition_point(|&end| end <= w)
+        walk_in(&self.ranges, w)
     }
 
     /// Whether a hashing or random method runs at all: nginx goes straight
@@ -501,8 +416,8 @@ impl PolicyState {
 
     /// The load of server `index`: its connections in flight (in the whole
     /// nginx, when it has a shared cell) and its weight.
-    fn load(&self, servers: &[ServerSpec], index: usize) -> (u64, u64) {
-        let conns = self.balancer.health(index).conns();
+    fn load(healths: &Healths<'_>, servers: &[ServerSpec], index: usize) -> (u64, u64) {
+        let conns = healths.get(index).conns();
         (u64::from(conns), u64::from(servers[index].weight))
     }
 
@@ -515,23 +430,31 @@ impl PolicyState {
     ) -> Option<usize> {
         let mut first: Option<(usize, (u64, u64))> = None;
         let mut many = false;
+        // The servers below index 64 tied at the least load so far, so the
+        // tie-break need not look at their cells again.
+        let mut tied = 0u64;
+        let bit = |i: usize| if i < 64 { 1u64 << i } else { 0 };
+        let healths = self.balancer.healths();
         for index in 0..servers.len() {
-            if servers[index].backup != backup
-                || !self.balancer.eligible(servers, tried, index, now_ms)
-            {
+            if servers[index].backup != backup || !healths.eligible(servers, tried, index, now_ms) {
                 continue;
             }
-            let load = self.load(servers, index);
+            let load = Self::load(&healths, servers, index);
             let Some((_, best)) = first else {
                 first = Some((index, load));
+                tied = bit(index);
                 continue;
             };
             match lighter(load, best) {
                 std::cmp::Ordering::Less => {
                     first = Some((index, load));
                     many = false;
+                    tied = bit(index);
                 }
-                std::cmp::Ordering::Equal => many = true,
+                std::cmp::Ordering::Equal => {
+                    many = true;
+                    tied |= bit(index);
+                }
                 std::cmp::Ordering::Greater => {}
             }
         }
@@ -541,6 +464,9 @@ impl PolicyState {
         }
         // The tied, from `first` on, by smooth weighted round robin.
         self.balancer.smooth_pick(servers, |i, spec, health| {
+            if i < 64 {
+                return tied & bit(i) != 0;
+            }
             let load = (u64::from(health.conns()), u64::from(spec.weight));
             i >= first
                 && spec.backup == backup
@@ -552,8 +478,7 @@ impl PolicyState {
     /// `ngx_http_upstream_peek_random_peer`: a server drawn with
     /// probability proportional to its weight.
     fn peek(&mut self) -> usize {
-        let x = self.rng.next() % self.total_weight();
-        self.walk(x)
+        draw(&mut self.rng, &self.ranges)
     }
 
     /// `ngx_http_upstream_get_random_peer`.
@@ -584,12 +509,16 @@ impl PolicyState {
             return None;
         }
         let mut prev: Option<usize> = None;
+        let healths = self.balancer.healths();
         loop {
-            let index = self.peek();
-            if prev != Some(index) && self.balancer.eligible(servers, tried, index, now_ms) {
+            let index = draw(&mut self.rng, &self.ranges);
+            if prev != Some(index) && healths.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
-                    let heavier = lighter(self.load(servers, index), self.load(servers, prev))
-                        == std::cmp::Ordering::Greater;
+                    let (a, b) = (
+                        Self::load(&healths, servers, index),
+                        Self::load(&healths, servers, prev),
+                    );
+                    let heavier = lighter(a, b) == std::cmp::Ordering::Greater;
                     return Some(if heavier { prev } else { index });
                 }
                 // The first of the two counts as a round, as in nginx.
@@ -602,93 +531,25 @@ impl PolicyState {
     }
 }
 
+/// [`PolicyState::walk`] over `ranges`, the weights summed up to each server.
+#[inline]
+fn walk_in(ranges: &[u64], w: u64) -> usize {
+    ranges.partition_point(|&end| end <= w)
+}
+
+/// A server drawn from `rng` with probability proportional to its weight
+/// (`ranges` as for [`walk_in`]; the total must not be zero). A function of
+/// the fields it uses, so a pick can hold the balancer's health meanwhile.
+#[inline]
+fn draw(rng: &mut XorShift, ranges: &[u64]) -> usize {
+    let total = ranges.last().copied().unwrap_or(0);
+    walk_in(ranges, rng.next() % total)
+}
+
 /// Compares two `(conns, weight)` loads as nginx does, without dividing:
 /// `a.conns * b.weight` against `b.conns * a.weight`.
 fn lighter(a: (u64, u64), b: (u64, u64)) -> std::cmp::Ordering {
     (a.0 * b.1).cmp(&(b.0 * a.1))
-}
-
-/// One round of nginx's `hash`: `(crc32([REHASH] KEY) >> 16) & 0x7fff`, the
-/// rehash counter in decimal and omitted when 0.
-pub(crate) fn memcached_hash(key: &[u8], rehash: u32) -> u32 {
-    let mut crc = crc32fast::Hasher::new();
-    if rehash > 0 {
-        let mut digits = [0u8; 10];
-        crc.update(decimal(rehash, &mut digits));
-    }
-    crc.update(key);
-    (crc.finalize() >> 16) & 0x7fff
-}
-
-/// `n` in decimal, written at the end of `buf`.
-fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
-    }
-}
-
-/// nginx's split of a server's text for ketama
-/// (`ngx_http_upstream_update_chash`): `unix:` sockets are the path and no
-/// port; otherwise the port is what follows the last `:` if only digits do.
-pub(crate) fn split_server(text: &[u8]) -> (&[u8], &[u8]) {
-    if text.len() >= 5 && text[..5].eq_ignore_ascii_case(b"unix:") {
-        return (&text[5..], &[]);
-    }
-    for (j, &c) in text.iter().rev().enumerate() {
-        if c == b':' {
-            let colon = text.len() - j - 1;
-            return (&text[..colon], &text[colon + 1..]);
-        }
-        if !c.is_ascii_digit() {
-            break;
-        }
-    }
-    (text, &[])
-}
-
-/// The ketama ring of `hash ... consistent` for servers given as their text
-/// (the `server` line's address, `127.0.0.1:8080`) and weight, as
-/// `ngx_http_upstream_update_chash` (Cache::Memcached::Fast's
-/// `crc32(HOST \0 PORT PREV_HASH)`): `weight * 160` points per server, each
-/// the CRC-32 of host, a NUL, port and the previous point's hash in
-/// little-endian bytes (0 for the first); sorted by hash, and of points with
-/// equal hashes only the first kept.
-pub fn ketama_points(servers: &[(&str, u32)]) -> Vec<Point> {
-    let total: usize = servers.iter().map(|(_, w)| *w as usize).sum();
-    let mut points = Vec::with_capacity(total * POINTS_PER_WEIGHT);
-    for (server, (text, weight)) in servers.iter().enumerate() {
-        let (host, port) = split_server(text.as_bytes());
-        let mut base = crc32fast::Hasher::new();
-        base.update(host);
-        base.update(b"\0");
-        base.update(port);
-        let mut prev = 0u32;
-        for _ in 0..*weight as usize * POINTS_PER_WEIGHT {
-            let mut crc = base.clone();
-            crc.update(&prev.to_le_bytes());
-            let hash = crc.finalize();
-            points.push(Point { hash, server });
-            prev = hash;
-        }
-    }
-    // nginx's qsort is not stable; the server breaks ties so the outcome
-    // does not depend on the sort.
-    points.sort_unstable_by_key(|p| (p.hash, p.server));
-    points.dedup_by_key(|p| p.hash);
-    points
-}
-
-/// `ngx_http_upstream_find_chash_point`: the index of the first point whose
-/// hash is at least `hash`; `points.len()` past the last, which the lookup
-/// wraps to 0.
-pub(crate) fn find_point(points: &[Point], hash: u32) -> usize {
-    points.partition_point(|p| p.hash < hash)
 }
 
 /// xorshift64*: the per-worker generator behind `random`. Its draws cannot
@@ -768,7 +629,8 @@ pub fn pick_for_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Address;
+    use crate::balance::hashing::tests::crc32_ref;
+    use crate::table::model::Address;
     use crate::testing::{servers, MemoryZone};
 
     /// One balancer call of request `key` on upstream 1 at `generation`,
@@ -850,22 +712,6 @@ mod tests {
         st.pick(s, &PickInput::default(), tried, 0)
     }
 
-    /// Bit by bit CRC-32 (IEEE, reflected), independent of crc32fast.
-    fn crc32_ref(data: &[u8]) -> u32 {
-        let mut crc = 0xFFFF_FFFFu32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
     /// The weight walk spelled out as nginx does it.
     fn walk_ref(weights: &[u32], hash: u64) -> usize {
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
@@ -876,12 +722,6 @@ mod tests {
             p += 1;
         }
         p
-    }
-
-    #[test]
-    fn crc_is_ieee() {
-        assert_eq!(crc32_ref(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
     }
 
     #[test]
@@ -921,26 +761,6 @@ mod tests {
             };
             assert!(PolicyState::new(p, &servers(&[1])).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn server_text_splits_as_nginx() {
-        let split = |t: &str| {
-            let (h, p) = split_server(t.as_bytes());
-            (
-                String::from_utf8(h.to_vec()).unwrap(),
-                String::from_utf8(p.to_vec()).unwrap(),
-            )
-        };
-        let pair = |h: &str, p: &str| (h.to_string(), p.to_string());
-        assert_eq!(split("127.0.0.1:8088"), pair("127.0.0.1", "8088"));
-        assert_eq!(split("[::1]:8088"), pair("[::1]", "8088"));
-        assert_eq!(split("unix:/tmp/a.sock"), pair("/tmp/a.sock", ""));
-        assert_eq!(split("UNIX:/tmp/b:80"), pair("/tmp/b:80", ""));
-        assert_eq!(split("[::1]"), pair("[::1]", ""));
-        assert_eq!(split("example.com"), pair("example.com", ""));
-        assert_eq!(split("a:b"), pair("a:b", ""));
-        assert_eq!(split("host:"), pair("host", ""));
     }
 
     #[test]
@@ -986,15 +806,6 @@ mod tests {
             state(chash(), &s).points(),
             &ketama_points(&[("127.0.0.1:8088", 1)])[..]
         );
-    }
-
-    #[test]
-    fn ketama_dedupes_equal_hashes() {
-        // The same server text twice gives the same chain: half the points
-        // go, and the first server keeps them.
-        let points = ketama_points(&[("10.0.0.1:80", 1), ("10.0.0.1:80", 1)]);
-        assert_eq!(points.len(), 160);
-        assert!(points.iter().all(|p| p.server == 0));
     }
 
     #[test]
@@ -1285,6 +1096,33 @@ mod tests {
             .map(|_| pick_loaded(&mut st, &s, &[1, 2, 9], &Tried::new()).unwrap())
             .collect();
         assert_eq!(seq, [1, 0, 1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn least_conn_ties_across_the_64th_server_go_round_robin() {
+        // 70 servers, all loaded but 3, 63, 64 and 69: the tie-break takes
+        // those four in turn, on both sides of the bitmask's end, and a
+        // tried one is skipped whichever side it is on.
+        let s = servers(&[1; 70]);
+        let mut st = state(Policy::LeastConn, &s);
+        let mut conns = [5u32; 70];
+        for i in [3, 63, 64, 69] {
+            conns[i] = 1;
+        }
+        let seq: Vec<usize> = (0..8)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &Tried::new()).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 63, 64, 69, 3, 63, 64, 69]);
+        let mut tried = Tried::new();
+        tried.insert(63);
+        tried.insert(69);
+        let seq: Vec<usize> = (0..4)
+            .map(|_| pick_loaded(&mut st, &s, &conns, &tried).unwrap())
+            .collect();
+        assert_eq!(seq, [3, 64, 3, 64]);
+        // A lighter server past 64 wins alone.
+        conns[66] = 0;
+        assert_eq!(pick_loaded(&mut st, &s, &conns, &Tried::new()), Some(66));
     }
 
     #[test]

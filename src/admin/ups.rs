@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::model::Change;
-use crate::ops;
+use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::syntax::parse_address;
+use crate::table::model::Change;
+use crate::table::syntax::parse_address;
 use crate::Error;
 
 pub const OK: &str = "A00001";
@@ -167,7 +167,7 @@ pub fn pending_servers(changes: &[Change]) -> BTreeMap<String, u8> {
 fn status_of(e: &Error) -> u16 {
     match e {
         Error::Internal(_) => 500,
-        Error::Busy(_) => 409,
+        Error::Busy(_) | Error::Owned(_) => 409,
         _ => 400,
     }
 }

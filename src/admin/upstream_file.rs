@@ -7,26 +7,61 @@ use std::io::{BufRead, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::model::Table;
 use crate::store::{StateFile, Wait};
-use crate::syntax::{parse_upstream_file, render_upstream_file};
+use crate::table::model::Table;
+use crate::table::syntax::{parse_upstream_file, render_upstream_file};
 use crate::{Error, Result};
 
 /// Reads and parses the upstream file at `path`.
 pub fn read(path: &Path) -> Result<Table> {
+    read_stamped(path).map(|(table, _)| table)
+}
+
+/// Reads and parses the upstream file at `path`, with its stamp when it is
+/// a file written back by ngx.dyups.
+pub fn read_stamped(path: &Path) -> Result<(Table, Option<Stamp>)> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Error::BadRequest(format!(
             "could not read upstream file {}: {e}",
             path.display()
         ))
     })?;
-    parse_upstream_file(&text)
-        .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", path.display())))
+    let table = parse_upstream_file(&text)
+        .map_err(|e| Error::BadRequest(format!("upstream file {}: {e}", path.display())))?;
+    Ok((table, stamp_of(&text)))
 }
 
 /// The first line of a file written back: which table version it holds, so
-/// any worker can tell whether the file is behind the table.
+/// any worker can tell whether the file is behind the table, and a checksum
+/// of the rest, so a start or reload can tell whether someone edited it:
+/// `# ngx.dyups table version 12, crc32 1c291ca3`.
 const STAMP: &str = "# ngx.dyups table version ";
+const CRC: &str = ", crc32 ";
+
+/// What the first line of a file written back says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// The table version the file was written from.
+    pub version: u64,
+    /// Whether the rest of the file is as it was written (its checksum
+    /// matches): not edited since.
+    pub intact: bool,
+}
+
+/// The stamp of a file's text, if it is a file written back by ngx.dyups.
+pub fn stamp_of(text: &str) -> Option<Stamp> {
+    let (first, rest) = text.split_once('\n')?;
+    let said = first.strip_prefix(STAMP)?;
+    let (version, crc) = match said.split_once(CRC) {
+        Some((v, c)) => (v, u32::from_str_radix(c.trim_end(), 16).ok()),
+        // Written before the checksum was: whether it was edited is unknown.
+        None => (said, None),
+    };
+    Some(Stamp {
+        version: version.trim_end().parse().ok()?,
+        intact: crc == Some(crc32fast::hash(rest.as_bytes())),
+    })
+}
 
 /// Writes `table` (at `version`) to `path` atomically: a reader (nginx at
 /// its next start) sees the old file or the new one, never a part.
@@ -57,7 +92,9 @@ pub fn write(path: &Path, table: &Table, version: u64) -> Result<()> {
             .create_new(true)
             .mode(0o644)
             .open(&tmp)?;
-        let text = format!("{STAMP}{version}\n{}", render_upstream_file(table));
+        let body = render_upstream_file(table);
+        let crc = crc32fast::hash(body.as_bytes());
+        let text = format!("{STAMP}{version}{CRC}{crc:08x}\n{body}");
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -84,13 +121,15 @@ pub fn written_version(path: &Path) -> Option<u64> {
     std::io::BufReader::new(std::fs::File::open(path).ok()?)
         .read_line(&mut line)
         .ok()?;
-    line.strip_prefix(STAMP)?.trim_end().parse().ok()
+    let said = line.strip_prefix(STAMP)?;
+    let version = said.split_once(CRC).map_or(said, |(v, _)| v);
+    version.trim_end().parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops;
+    use crate::admin::ops;
     use crate::testing::TempDir;
 
     #[test]
@@ -118,6 +157,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.conf"), "{err}");
+    }
+
+    #[test]
+    fn the_stamp_tells_an_edited_file_from_one_as_written() {
+        let dir = TempDir::new();
+        let path = dir.path().join("upstream.conf");
+        let mut t = Table::default();
+        ops::update(&mut t, "a", "server 127.0.0.1:1;").unwrap();
+        write(&path, &t, 12).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            stamp_of(&text),
+            Some(Stamp {
+                version: 12,
+                intact: true
+            })
+        );
+        let edited = text.replace("127.0.0.1:1", "127.0.0.1:2");
+        assert_eq!(
+            stamp_of(&edited),
+            Some(Stamp {
+                version: 12,
+                intact: false
+            })
+        );
+        // A stamp without a checksum (an older ngx.dyups): edited or not, unknown.
+        let old = "# ngx.dyups table version 3\nupstream a { server 127.0.0.1:1; }\n";
+        assert_eq!(
+            stamp_of(old),
+            Some(Stamp {
+                version: 3,
+                intact: false
+            })
+        );
+        std::fs::write(&path, old).unwrap();
+        assert_eq!(written_version(&path), Some(3));
+        assert_eq!(stamp_of("upstream a { server 127.0.0.1:1; }\n"), None);
     }
 
     #[test]

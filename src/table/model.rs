@@ -1,6 +1,9 @@
 //! The upstream table: named upstreams, each an ordered list of servers with
 //! nginx's own parameters and defaults. This is what the state file stores,
 //! what the parser produces and what every interface shows.
+//!
+//! Over 600 lines with its tests: the table's types, with their limits and
+//! nginx's defaults, read best together.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,8 +12,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::policy::Policy;
-use crate::zone::PeerRef;
+use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -359,6 +361,27 @@ pub fn check_http_send(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Which cell of the zone ([`crate::store::zone`]) holds a server's shared
+/// state: what the table stores per server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    pub index: u32,
+    /// Stamped when the cell was given to this server; never 0.
+    pub tag: u32,
+}
+
+impl PeerRef {
+    /// No shared cell (the zone was full, or the table was never stored).
+    pub const NONE: PeerRef = PeerRef {
+        index: u32::MAX,
+        tag: 0,
+    };
+
+    pub fn is_none(self) -> bool {
+        self.index == u32::MAX
+    }
+}
+
 /// A named upstream: its servers in the order they were given.
 ///
 /// Equal upstreams have the same content and `rev`; their `peers`, cells
@@ -389,9 +412,54 @@ pub struct Upstream {
     pub rev: u64,
     /// Each server's cell of shared peer state, index for index with
     /// `servers` once the store has written the table (empty before). Given
-    /// and kept by the store; see [`crate::zone`].
+    /// and kept by the store; see [`crate::store::zone`].
     #[serde(skip)]
     pub peers: Vec<PeerRef>,
+    /// Who writes it: `dyups sync` for an upstream it took from etcd, whose
+    /// local writes are refused (see [`Owner`]).
+    #[serde(skip_serializing_if = "Owner::is_local")]
+    pub owner: Owner,
+}
+
+/// Who may change an upstream. An upstream `dyups sync` wrote from etcd
+/// belongs to etcd: a local write to it (REST, Lua, `/ups`, `dyups apply`)
+/// is refused with 409 and a message naming the etcd key to write instead,
+/// so that the next change in etcd does not silently undo it, and one host
+/// does not drift from the fleet. Upstreams created locally stay local.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    #[default]
+    Local,
+    Etcd,
+}
+
+impl Owner {
+    pub fn is_local(&self) -> bool {
+        *self == Owner::Local
+    }
+}
+
+/// Where the table stands with etcd, kept in the same payload as the
+/// upstreams `dyups sync` wrote, so both change in one write: a restart
+/// resumes watching after `revision`, and a crash never leaves a revision
+/// that the table does not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncMark {
+    /// The etcd revision the table holds every change up to.
+    pub revision: u64,
+    /// The etcd cluster's id: another cluster's revisions mean nothing here.
+    pub cluster_id: u64,
+    /// The key prefix the upstreams are under (`/dyups/`), so a refusal
+    /// names the key to write.
+    pub prefix: String,
+}
+
+impl SyncMark {
+    /// The etcd key of the upstream `name`.
+    pub fn key_of(&self, name: &str) -> String {
+        format!("{}upstreams/{name}", self.prefix)
+    }
 }
 
 impl Upstream {
@@ -407,6 +475,7 @@ impl Upstream {
             servers,
             rev: 0,
             peers: Vec::new(),
+            owner: Owner::Local,
         }
     }
 
@@ -421,6 +490,7 @@ impl Upstream {
             && self.keepalive_timeout == other.keepalive_timeout
             && self.check == other.check
             && self.servers == other.servers
+            && self.owner == other.owner
     }
 
     /// The shared cell of server `index`, if it has one.
@@ -473,6 +543,9 @@ fn policy_text<S: Serializer>(p: &Policy, s: S) -> Result<S::Ok, S::Error> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Table {
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Set by `dyups sync`: the etcd revision this table follows.
+    #[serde(skip)]
+    pub sync: Option<SyncMark>,
 }
 
 /// Whether two upstream names are the same upstream: without regard to

@@ -6,9 +6,9 @@
 //! keyed by the request pointer, in a table allocated once per worker so the
 //! per-request path never allocates.
 
-use crate::balancer::Tried;
-use crate::policy::Cursor;
-use crate::zone::PeerRef;
+use crate::balance::balancer::Tried;
+use crate::balance::policy::Cursor;
+use crate::table::model::PeerRef;
 
 /// How many consecutive slots a key may live in. Short, so a lookup touches
 /// at most a cache line or two; when all are taken the oldest entry goes.
@@ -164,7 +164,12 @@ impl Attempts {
     /// the caller gives back what it `held`.
     pub fn finish(&mut self, key: usize) -> Option<Attempt> {
         let at = self.find(key)?;
-        Some(std::mem::take(&mut self.slots[at]).attempt)
+        // Emptied by its stamp alone: the next `begin` there writes the
+        // whole slot anyway (a slot is ~220 bytes, and this runs at the end
+        // of every request).
+        let slot = &mut self.slots[at];
+        slot.stamp = 0;
+        Some(slot.attempt)
     }
 
     fn home(&self, key: usize) -> usize {

@@ -1,0 +1,642 @@
+//! The REST interface's tests: requests against a state file of their own,
+//! checked by status, headers and body. Over 600 lines: one interface, whose
+//! cases read best side by side.
+
+use super::*;
+use crate::testing::TempDir;
+use std::sync::Arc;
+
+struct Fixture {
+    _dir: TempDir,
+    store: Arc<StateFile>,
+}
+
+fn fixture(_tag: &str) -> Fixture {
+    let dir = TempDir::new();
+    let store = dir.store(&[
+        ("host1", "server 127.0.0.1:8088;"),
+        ("host2", "server 127.0.0.1:8089;"),
+    ]);
+    Fixture { _dir: dir, store }
+}
+
+fn call(f: &Fixture, method: &str, path: &str, body: &str) -> Response {
+    call_with(f, method, path, body, false, None)
+}
+
+fn call_with(
+    f: &Fixture,
+    method: &str,
+    path: &str,
+    body: &str,
+    json: bool,
+    if_match: Option<&str>,
+) -> Response {
+    let preconditions = Preconditions {
+        if_match,
+        ..Preconditions::default()
+    };
+    call_if(f, method, path, body, json, preconditions)
+}
+
+fn call_if(
+    f: &Fixture,
+    method: &str,
+    path: &str,
+    body: &str,
+    json: bool,
+    preconditions: Preconditions<'_>,
+) -> Response {
+    let snap = f.store.read().unwrap();
+    let req = Request {
+        method,
+        path,
+        body: body.as_bytes(),
+        json,
+        preconditions,
+    };
+    handle(&req, &f.store, &snap, &WriteOptions::default())
+}
+
+#[test]
+fn the_source_documents_transcript_replays() {
+    let f = fixture("transcript");
+    let r = call(
+        &f,
+        "POST",
+        "/upstream/dyhost",
+        "server 127.0.0.1:8089;server 127.0.0.1:8088;",
+    );
+    assert_eq!((r.status, r.body.as_str()), (200, "success"));
+    let r = call(&f, "GET", "/detail", "");
+    let line = |port| {
+        format!("server 127.0.0.1:{port} weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n")
+    };
+    assert_eq!(
+        r.body,
+        format!(
+            "host1\n{}\nhost2\n{}\ndyhost\n{}{}\n",
+            line(8088),
+            line(8089),
+            line(8089),
+            line(8088)
+        )
+    );
+    let r = call(&f, "DELETE", "/upstream/dyhost", "");
+    assert_eq!((r.status, r.body.as_str()), (200, "success"));
+    assert_eq!(
+        call(&f, "GET", "/detail", "").body,
+        format!("host1\n{}\nhost2\n{}\n", line(8088), line(8089))
+    );
+    assert_eq!(call(&f, "GET", "/list", "").body, "host1\nhost2\n");
+}
+
+#[test]
+fn detail_gives_every_parameter_as_the_module_does() {
+    let f = fixture("detail");
+    let r = call(
+        &f,
+        "POST",
+        "/upstream/host1",
+        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; ip_hash;",
+    );
+    assert_eq!(r.status, 400, "ip_hash refuses backup: {r:?}");
+    call(
+        &f,
+        "POST",
+        "/upstream/host1",
+        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=1m30s down;\
+             server [::1]:81 backup; server unix:/run/a.sock; least_conn; check interval=1000;",
+    );
+    assert_eq!(
+            call(&f, "GET", "/detail", "").body,
+            "host1\n\
+             server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=90 backup=0 down=1\n\
+             server [::1]:81 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=1 down=0\n\
+             server unix:/run/a.sock weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n\
+             host2\n\
+             server 127.0.0.1:8089 weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0 down=0\n\
+             \n"
+        );
+    // What a script copies from /detail goes back in a body, backup= and
+    // down= aside (nginx takes them bare).
+    let copied = "server 127.0.0.1:9000 weight=3 max_conns=10 max_fails=2 fail_timeout=90;";
+    let r = call(&f, "POST", "/upstream/copy", copied);
+    assert_eq!((r.status, r.body.as_str()), (200, "success"));
+    let v: serde_json::Value =
+        serde_json::from_str(&call_with(&f, "GET", "/detail", "", true, None).body).unwrap();
+    assert_eq!(v["upstreams"][0]["policy"], "least_conn;");
+    assert_eq!(v["upstreams"][0]["check"]["interval"], 1000);
+    assert_eq!(v["upstreams"][0]["servers"][0]["max_conns"], 10);
+}
+
+#[test]
+fn upstream_names_are_found_in_any_case() {
+    let f = fixture("case");
+    let r = call(&f, "POST", "/upstream/Foo.Example", "server 127.0.0.1:1;");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        call(&f, "GET", "/upstream/foo.example", "").body,
+        "server 127.0.0.1:1\n"
+    );
+    assert_eq!(
+        call(&f, "POST", "/upstream/FOO.EXAMPLE/servers", "127.0.0.1:2").status,
+        200
+    );
+    assert_eq!(
+        call(&f, "GET", "/upstream/foo.example/servers/127.0.0.1:2", "").status,
+        200
+    );
+    // Shown as it was first spelled.
+    assert_eq!(
+        call(&f, "GET", "/list", "").body,
+        "host1\nhost2\nFoo.Example\n"
+    );
+    assert_eq!(call(&f, "DELETE", "/upstream/foo.EXAMPLE", "").status, 200);
+    assert_eq!(call(&f, "GET", "/upstream/Foo.Example", "").status, 404);
+}
+
+#[test]
+fn empty_table_lists_as_204() {
+    let f = fixture("empty");
+    call(&f, "DELETE", "/upstream/host1", "");
+    call(&f, "DELETE", "/upstream/host2", "");
+    for p in ["/list", "/detail"] {
+        let r = call(&f, "GET", p, "");
+        assert_eq!((r.status, r.body.as_str()), (204, ""));
+    }
+    let r = call_with(&f, "GET", "/list", "", true, None);
+    assert_eq!(r.body, r#"{"version":3,"upstreams":[]}"#);
+}
+
+#[test]
+fn statuses_follow_the_module() {
+    let f = fixture("statuses");
+    let cases = [
+        ("GET", "/upstream/host1", "", 200, "server 127.0.0.1:8088\n"),
+        ("GET", "/upstream/nope", "", 404, "upstream nope not found"),
+        (
+            "DELETE",
+            "/upstream/nope",
+            "",
+            404,
+            "upstream nope not found",
+        ),
+        ("POST", "/upstream/x", "", 400, "no server"),
+        (
+            "POST",
+            "/upstream/x",
+            "server 127.0.0.1:1 slow_start=1s;",
+            400,
+            "slow_start",
+        ),
+        (
+            "POST",
+            "/upstream/bad!name",
+            "server 127.0.0.1:1;",
+            400,
+            "'!'",
+        ),
+        (
+            "PUT",
+            "/upstream/host1",
+            "",
+            405,
+            "use GET, HEAD, POST, DELETE",
+        ),
+        ("POST", "/list", "", 405, "use GET, HEAD"),
+        ("GET", "/nothing", "", 404, "no such endpoint"),
+        ("GET", "/upstream/host1/other", "", 404, "no such endpoint"),
+    ];
+    for (method, path, body, status, text) in cases {
+        let r = call(&f, method, path, body);
+        assert_eq!(r.status, status, "{method} {path}: {r:?}");
+        assert!(
+            r.body.contains(text),
+            "{method} {path}: {:?} lacks {text:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        call(&f, "PUT", "/upstream/host1", "").allow,
+        Some("GET, HEAD, POST, DELETE")
+    );
+    assert_eq!(
+        f.store.read().unwrap().version,
+        1,
+        "a failed request changed the table"
+    );
+}
+
+#[test]
+fn one_server_at_a_time() {
+    let f = fixture("servers");
+    assert_eq!(
+        call(
+            &f,
+            "POST",
+            "/upstream/host1/servers",
+            "127.0.0.1:9000 weight=3"
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        call(
+            &f,
+            "POST",
+            "/upstream/host1/servers",
+            "server 127.0.0.1:9001;"
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        call(&f, "POST", "/upstream/host1/servers", "127.0.0.1:9001").status,
+        400
+    );
+    let r = call(
+        &f,
+        "PATCH",
+        "/upstream/host1/servers/127.0.0.1:9000",
+        "weight=5 backup",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        call(&f, "GET", "/upstream/host1/servers/127.0.0.1:9000", "").body,
+        "server 127.0.0.1:9000 weight=5 backup\n"
+    );
+    assert_eq!(
+        call(
+            &f,
+            "PATCH",
+            "/upstream/host1/servers/127.0.0.1:9000",
+            "colour=red"
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        call(&f, "DELETE", "/upstream/host1/servers/127.0.0.1:9001", "").status,
+        200
+    );
+    assert_eq!(
+        call(&f, "DELETE", "/upstream/host1/servers/127.0.0.1:9001", "").status,
+        404
+    );
+    assert_eq!(
+        call(&f, "DELETE", "/upstream/host2/servers/127.0.0.1:8089", "").status,
+        400
+    );
+    let r = call(
+        &f,
+        "PATCH",
+        "/upstream/host2/servers/127.0.0.1:8089",
+        "down",
+    );
+    assert!(r.body.contains("last available server"), "{r:?}");
+    assert_eq!(
+        call(&f, "GET", "/upstream/host1", "").body,
+        "server 127.0.0.1:8088\nserver 127.0.0.1:9000 weight=5 backup\n"
+    );
+}
+
+#[test]
+fn etag_and_if_match_guard_writes() {
+    let f = fixture("etag");
+    let r = call(&f, "GET", "/upstream/host1", "");
+    assert_eq!(r.etag, Some(1));
+    let r = call_with(
+        &f,
+        "POST",
+        "/upstream/host3",
+        "server 127.0.0.1:1;",
+        false,
+        Some("\"1\""),
+    );
+    assert_eq!((r.status, r.etag), (200, Some(2)));
+    let r = call_with(
+        &f,
+        "POST",
+        "/upstream/host4",
+        "server 127.0.0.1:1;",
+        false,
+        Some("\"1\""),
+    );
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(
+        call_with(&f, "DELETE", "/upstream/host3", "", false, Some("garbage")).status,
+        412
+    );
+    assert!(f.store.read().unwrap().table.get("host4").is_none());
+    assert_eq!(
+        call_with(&f, "DELETE", "/upstream/host3", "", false, Some("W/\"2\"")).status,
+        200
+    );
+}
+
+#[test]
+fn json_views_give_every_parameter() {
+    let f = fixture("json");
+    let r = call(
+        &f,
+        "POST",
+        "/upstream/host1",
+        "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup;\
+             server 127.0.0.1:8089; check interval=3s type=http;\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = call_with(&f, "GET", "/upstream/host1", "", true, None);
+    assert!(r.json);
+    assert_eq!(
+        r.body,
+        concat!(
+            r#"{"version":2,"name":"host1","keepalive_requests":1000,"keepalive_time":3600000,"#,
+            r#""keepalive_timeout":60000,"check":{"interval":3000,"rise":2,"fall":5,"#,
+            r#""timeout":1000,"default_down":true,"type":"http","port":0,"jitter":0},"#,
+            r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
+            r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
+            r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
+            r#""fail_timeout":4,"backup":true,"down":false},{"addr":"127.0.0.1:8089","#,
+            r#""weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"backup":false,"down":false}]}"#
+        )
+    );
+    // The text form: the settings in nginx syntax, each on its line.
+    assert_eq!(
+        call(&f, "GET", "/upstream/host1", "").body,
+        "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n\
+             check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";\n\
+             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup\n\
+             server 127.0.0.1:8089\n"
+    );
+    let r = call_with(&f, "GET", "/list", "", true, None);
+    assert_eq!(r.body, r#"{"version":2,"upstreams":["host1","host2"]}"#);
+    let v: serde_json::Value =
+        serde_json::from_str(&call_with(&f, "GET", "/detail", "", true, None).body).unwrap();
+    assert_eq!(v["upstreams"][1]["servers"][0]["addr"], "127.0.0.1:8089");
+}
+
+#[test]
+fn a_body_that_is_not_utf8_is_refused() {
+    let f = fixture("utf8");
+    let snap = f.store.read().unwrap();
+    let req = Request {
+        method: "POST",
+        path: "/upstream/x",
+        body: b"server 127.0.0.1:1;\xff",
+        json: false,
+        preconditions: Preconditions::default(),
+    };
+    assert_eq!(
+        handle(&req, &f.store, &snap, &WriteOptions::default()).status,
+        400
+    );
+}
+
+fn servers_of(f: &Fixture, name: &str) -> Vec<String> {
+    let snap = f.store.read().unwrap();
+    snap.table
+        .get(name)
+        .map(|u| u.servers.iter().map(|s| s.addr.to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_encoded_slash_is_part_of_a_name_not_a_separator() {
+    let f = fixture("slash");
+    let v = f.store.read().unwrap().version;
+    let cases = [
+        ("POST", "/upstream/host1%2Fservers", "127.0.0.1:9"),
+        ("POST", "/upstream/host1%2fservers", "127.0.0.1:9"),
+        ("DELETE", "/upstream/host1%2Fservers%2F127.0.0.1:8088", ""),
+        (
+            "PATCH",
+            "/upstream/host1%2Fservers%2F127.0.0.1:8088",
+            "down",
+        ),
+        ("POST", "/upstream/h16%2F..%2Fhost1", "server 127.0.0.1:9;"),
+        ("DELETE", "/upstream/h16%2F..%2Fhost1", ""),
+        ("GET", "/upstream/h16%2F..%2Fhost1", ""),
+    ];
+    for (method, path, body) in cases {
+        let r = call(&f, method, path, body);
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+        assert!(r.body.contains("'/'"), "{method} {path}: {r:?}");
+    }
+    assert_eq!(servers_of(&f, "host1"), ["127.0.0.1:8088"]);
+    assert_eq!(
+        f.store.read().unwrap().version,
+        v,
+        "a refused request wrote"
+    );
+}
+
+#[test]
+fn paths_are_routed_as_sent() {
+    let f = fixture("raw");
+    let cases = [
+        // nginx would resolve these to /upstream/host2 or /list.
+        ("DELETE", "/upstream/x/../host2", 400, "'..' segment"),
+        ("DELETE", "/upstream/./host2", 400, "'.' or '..'"),
+        (
+            "DELETE",
+            "/upstream/host1/servers/x/../../../host2",
+            400,
+            "'..'",
+        ),
+        // A name spelled with escapes hides it from a reader of the path.
+        (
+            "DELETE",
+            "/upstream/host%32",
+            400,
+            "percent-encoded: send it as host2",
+        ),
+        ("DELETE", "/%75pstream/host2", 404, "no such endpoint"),
+        ("DELETE", "/upstream/host2%", 400, "not a %XX escape"),
+        ("DELETE", "/upstream/host2%+f", 400, "not a %XX escape"),
+        ("DELETE", "/upstream/%2E%2E", 400, "only dots"),
+        ("DELETE", "/upstream/caf%C3%A9", 400, "only letters"),
+        ("DELETE", "/upstream/a%FFb", 400, "only letters"),
+        ("DELETE", "/upstream//servers", 400, "empty"),
+    ];
+    for (method, path, status, text) in cases {
+        let r = call(&f, method, path, "");
+        assert_eq!(r.status, status, "{method} {path}: {r:?}");
+        assert!(
+            r.body.contains(text),
+            "{method} {path}: {r:?} lacks {text:?}"
+        );
+    }
+    assert!(f.store.read().unwrap().table.get("host2").is_some());
+    // The address is decoded once; the query is not part of the path.
+    call(&f, "POST", "/upstream/host1/servers", "unix:/run/a.sock");
+    let r = call(
+        &f,
+        "GET",
+        "/upstream/host1/servers/unix:%2Frun%2Fa.sock?x=/../",
+        "",
+    );
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "server unix:/run/a.sock\n")
+    );
+    let r = call(&f, "DELETE", "/upstream/host1/servers/unix:/run/a.sock", "");
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn every_precondition_of_a_write_is_checked_before_it_or_refused() {
+    let f = fixture("conditions");
+    let v = f.store.read().unwrap().version;
+    let tag = format!("\"{v}\"");
+    let date = "Thu, 01 Jan 1970 00:00:00 GMT";
+    let with = |if_match, if_none_match, if_unmodified_since| Preconditions {
+        if_match,
+        if_none_match,
+        if_unmodified_since,
+        if_modified_since: None,
+    };
+    let refused = [
+        (
+            with(None, Some("*"), None),
+            412,
+            "If-None-Match: * does not hold",
+        ),
+        (
+            with(None, Some(&tag), None),
+            400,
+            "If-None-Match with a version",
+        ),
+        (
+            with(None, None, Some(date)),
+            400,
+            "If-Unmodified-Since cannot guard",
+        ),
+        (
+            with(Some("\"1\", \"2\""), None, None),
+            400,
+            "several versions",
+        ),
+        (
+            with(Some("nonsense"), None, None),
+            412,
+            "not a table version",
+        ),
+        (with(Some("*"), Some("*"), None), 400, "can never hold"),
+    ];
+    for (c, status, text) in refused {
+        let r = call_if(
+            &f,
+            "POST",
+            "/upstream/host1",
+            "server 127.0.0.1:7;",
+            false,
+            c,
+        );
+        assert_eq!(r.status, status, "{c:?}: {r:?}");
+        assert!(r.body.contains(text), "{c:?}: {r:?} lacks {text:?}");
+    }
+    let r = call_if(
+        &f,
+        "DELETE",
+        "/upstream/nope",
+        "",
+        false,
+        with(Some("*"), None, None),
+    );
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(
+        f.store.read().unwrap().version,
+        v,
+        "a refused write changed the table"
+    );
+    assert_eq!(servers_of(&f, "host1"), ["127.0.0.1:8088"]);
+
+    // The ones that hold: create only, replace only, If-Match governs
+    // If-Unmodified-Since.
+    let c = with(None, Some("*"), None);
+    let r = call_if(
+        &f,
+        "POST",
+        "/upstream/host3",
+        "server 127.0.0.1:7;",
+        false,
+        c,
+    );
+    assert_eq!((r.status, r.etag), (200, Some(v + 1)), "{r:?}");
+    let c = with(Some("*"), None, None);
+    let r = call_if(
+        &f,
+        "POST",
+        "/upstream/host3",
+        "server 127.0.0.1:8;",
+        false,
+        c,
+    );
+    assert_eq!((r.status, r.etag), (200, Some(v + 2)), "{r:?}");
+    let tag = format!("W/\"{}\"", v + 2);
+    let c = with(Some(&tag), None, Some(date));
+    let r = call_if(&f, "DELETE", "/upstream/host3", "", false, c);
+    assert_eq!((r.status, r.etag), (200, Some(v + 3)), "{r:?}");
+    // If-Modified-Since has no meaning on a write.
+    let c = Preconditions {
+        if_modified_since: Some(date),
+        ..Preconditions::default()
+    };
+    assert_eq!(
+        call_if(
+            &f,
+            "POST",
+            "/upstream/host3",
+            "server 127.0.0.1:8;",
+            false,
+            c
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn reads_answer_304_and_412_by_the_table_version() {
+    let f = fixture("conditional reads");
+    let v = f.store.read().unwrap().version;
+    let tag = format!("\"{v}\"");
+    let read = |c| call_if(&f, "GET", "/upstream/host1", "", false, c);
+    let r = read(Preconditions {
+        if_none_match: Some(&tag),
+        ..Preconditions::default()
+    });
+    assert_eq!((r.status, r.body.as_str(), r.etag), (304, "", Some(v)));
+    let r = read(Preconditions {
+        if_none_match: Some("\"0\", *"),
+        ..Preconditions::default()
+    });
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = read(Preconditions {
+        if_match: Some("\"0\""),
+        ..Preconditions::default()
+    });
+    assert_eq!((r.status, r.etag), (412, Some(v)));
+    let r = read(Preconditions {
+        if_unmodified_since: Some("Thu, 01 Jan 1970 00:00:00 GMT"),
+        ..Preconditions::default()
+    });
+    assert_eq!(r.status, 200, "{r:?}");
+    // Only a 2xx answer is conditional.
+    let r = call_if(
+        &f,
+        "GET",
+        "/upstream/nope",
+        "",
+        false,
+        Preconditions {
+            if_match: Some("\"0\""),
+            ..Preconditions::default()
+        },
+    );
+    assert_eq!(r.status, 404);
+}

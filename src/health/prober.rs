@@ -1,0 +1,312 @@
+//! One worker's prober: on each tick, which servers with checks this worker
+//! probes now, by the lease in each server's cell (one probe per server per
+//! interval in the whole nginx, taken over from a dead or stalled owner),
+//! and what each result does to the cell.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use super::{classify, fingerprint, record, result_word, Flip, FIELD20};
+use crate::store::zone::{PeerCell, Zone};
+use crate::table::model::{
+    CheckLine, CheckType, ExpectAlive, PeerRef, ServerSpec, Table, Upstream,
+};
+
+/// Bits of the lease word that hold the owner's pid: Linux pids are below
+/// 2^22 (`pid_max`'s ceiling).
+const PID_BITS: u32 = 22;
+const PID_MASK: u64 = (1 << PID_BITS) - 1;
+
+/// Probes in flight in one worker at most; a server due while the worker is
+/// at the cap waits for the next tick and is reported late, not failed.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+fn lease(due_ms: u64, pid: u32) -> u64 {
+    due_ms << PID_BITS | (u64::from(pid) & PID_MASK)
+}
+
+pub(super) fn lease_parts(w: u64) -> (u64, u32) {
+    (w >> PID_BITS, (w & PID_MASK) as u32)
+}
+
+/// What one probe needs, for the Lua side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub token: u64,
+    /// Host as a cosocket takes it (`127.0.0.1`, `::1`, `unix:/path`).
+    pub host: String,
+    /// 0 for a unix socket.
+    pub port: u16,
+    pub timeout_ms: u32,
+    pub tls: bool,
+    /// The request of an http probe; `None` for tcp and ssl_hello.
+    pub send: Option<String>,
+}
+
+/// A probe in flight in this worker.
+#[derive(Clone, Debug)]
+struct InFlight {
+    cell: PeerRef,
+    fp: u8,
+    rise: u32,
+    fall: u32,
+    timeout_ms: u32,
+    kind: CheckType,
+    expect: ExpectAlive,
+    late_ms: u64,
+    upstream: String,
+    server: String,
+}
+
+/// An upstream with a check line, as the walk needs it.
+#[derive(Clone, Debug)]
+struct Checked {
+    id: usize,
+    fp: u8,
+}
+
+/// One worker's prober: walks the servers with checks on each tick, takes
+/// their leases, and records the results of its probes.
+#[derive(Debug)]
+pub struct Prober {
+    in_flight: HashMap<u64, InFlight>,
+    busy: HashSet<u32>,
+    next_token: u64,
+    rng: u64,
+    /// The upstreams with a check line in the table of generation `seen`.
+    checked: Vec<Checked>,
+    seen: Option<u64>,
+    cap: usize,
+}
+
+impl Prober {
+    pub fn new(seed: u64, cap: usize) -> Prober {
+        Prober {
+            in_flight: HashMap::new(),
+            busy: HashSet::new(),
+            next_token: 1,
+            rng: seed | 1,
+            checked: Vec::new(),
+            seen: None,
+            cap,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn random_below(&mut self, n: u32) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        // xorshift64: spreading probes needs no better.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % (u64::from(n) + 1)
+    }
+
+    /// The probes worker `me` starts now, for the table of generation
+    /// `seen`, given the live workers `live` (pids, any order; `me` among
+    /// them or not). Takes the leases it needs: a server without a live
+    /// owner goes to the live worker its cell index picks (so the servers
+    /// spread over the workers), probed at once (within `jitter`); a
+    /// server whose owner let it go a whole interval (or its timeout, if
+    /// longer) past due is taken over.
+    pub fn due(
+        &mut self,
+        table: &Table,
+        seen: u64,
+        zone: Zone<'_>,
+        now_ms: u64,
+        me: u32,
+        live: &[u32],
+    ) -> Vec<Job> {
+        if self.seen != Some(seen) {
+            self.checked = table
+                .upstreams
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.check.line.is_some())
+                .map(|(id, u)| Checked {
+                    id,
+                    fp: fingerprint(&u.check),
+                })
+                .collect();
+            self.seen = Some(seen);
+        }
+        let mut workers: Vec<u32> = live.iter().copied().filter(|&p| p != 0).collect();
+        if !workers.contains(&me) {
+            workers.push(me);
+        }
+        workers.sort_unstable();
+        workers.dedup();
+        let mut jobs = Vec::new();
+        let checked = std::mem::take(&mut self.checked);
+        for c in &checked {
+            let Some(u) = table.upstreams.get(c.id) else {
+                continue;
+            };
+            let Some(line) = &u.check.line else { continue };
+            let interval = u64::from(line.interval);
+            let overdue = interval.max(u64::from(line.timeout));
+            for (i, s) in u.servers.iter().enumerate() {
+                let r = u.peer(i);
+                let Some(cell) = zone.cell(r) else { continue };
+                let word = cell.lease_word();
+                let seen_lease = word.load(Ordering::Acquire);
+                let (due, owner) = lease_parts(seen_lease);
+                let mine = if owner == me {
+                    now_ms >= due
+                } else if owner == 0 || !workers.contains(&owner) {
+                    let pick = workers[r.index as usize % workers.len()];
+                    let at = now_ms + self.random_below(line.jitter);
+                    let given = word
+                        .compare_exchange(
+                            seen_lease,
+                            lease(at, pick),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok();
+                    if !(given && pick == me && at <= now_ms) || self.in_flight.len() >= self.cap {
+                        // Another worker's now, or ours on a later tick.
+                        continue;
+                    }
+                    // Probed now: the lease as just written.
+                    if self.start(cell, word.load(Ordering::Acquire), at, now_ms, line, me) {
+                        self.push(&mut jobs, u, s, r, c.fp, line, 0);
+                    }
+                    continue;
+                } else {
+                    // Another live worker's: ours only once it stalled.
+                    now_ms >= due + overdue
+                };
+                if !mine || self.busy.contains(&r.index) {
+                    continue;
+                }
+                let late = now_ms.saturating_sub(due);
+                if self.in_flight.len() >= self.cap {
+                    // Waits for a free place; reported late meanwhile.
+                    let w = cell.result_word().load(Ordering::Acquire);
+                    let w = w & !(FIELD20 << 44) | late.min(FIELD20) << 44;
+                    cell.result_word().store(w, Ordering::Release);
+                    continue;
+                }
+                if self.start(cell, seen_lease, due, now_ms, line, me) {
+                    self.push(&mut jobs, u, s, r, c.fp, line, late);
+                }
+            }
+        }
+        self.checked = checked;
+        jobs
+    }
+
+    /// Moves the lease `seen` (due at `due`) to this worker's next probe,
+    /// one interval on (plus jitter), or one interval from now when the
+    /// schedule fell behind by more than one. False when another worker
+    /// moved it first.
+    fn start(
+        &mut self,
+        cell: &PeerCell,
+        seen: u64,
+        due: u64,
+        now_ms: u64,
+        line: &CheckLine,
+        me: u32,
+    ) -> bool {
+        let interval = u64::from(line.interval);
+        let mut next = due + interval;
+        if next <= now_ms {
+            next = now_ms + interval;
+        }
+        next += self.random_below(line.jitter);
+        cell.lease_word()
+            .compare_exchange(seen, lease(next, me), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        jobs: &mut Vec<Job>,
+        u: &Upstream,
+        s: &ServerSpec,
+        r: PeerRef,
+        fp: u8,
+        line: &CheckLine,
+        late_ms: u64,
+    ) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let host = s.addr.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .map_or(host.clone(), str::to_owned);
+        let port = if line.port != 0 {
+            line.port
+        } else {
+            s.addr.port()
+        };
+        jobs.push(Job {
+            token,
+            host,
+            port,
+            timeout_ms: line.timeout,
+            tls: matches!(line.kind, CheckType::Https | CheckType::SslHello),
+            send: matches!(line.kind, CheckType::Http | CheckType::Https)
+                .then(|| u.check.http_send.clone()),
+        });
+        self.busy.insert(r.index);
+        self.in_flight.insert(
+            token,
+            InFlight {
+                cell: r,
+                fp,
+                rise: line.rise,
+                fall: line.fall,
+                timeout_ms: line.timeout,
+                kind: line.kind,
+                expect: u.check.http_expect_alive,
+                late_ms,
+                upstream: u.name.clone(),
+                server: s.addr.to_string(),
+            },
+        );
+    }
+
+    /// Records the result of probe `token`: an HTTP status read, or the
+    /// cosocket's error, after `elapsed_ms`. Returns the flip it caused,
+    /// if any.
+    pub fn record(
+        &mut self,
+        zone: Zone<'_>,
+        token: u64,
+        status: Option<u16>,
+        err: Option<&str>,
+        elapsed_ms: u64,
+        now_ms: u64,
+    ) -> Option<Flip> {
+        let p = self.in_flight.remove(&token)?;
+        self.busy.remove(&p.cell.index);
+        let cell = zone.cell(p.cell)?;
+        let outcome = classify(p.kind, p.expect, status, err, elapsed_ms, p.timeout_ms);
+        let (before, after) = record(cell, p.cell.tag, p.fp, p.rise, p.fall, outcome)?;
+        cell.probed_word().store(now_ms, Ordering::Release);
+        cell.result_word().store(
+            result_word(outcome, status.unwrap_or(0), elapsed_ms, p.late_ms),
+            Ordering::Release,
+        );
+        let was = before.down || before.checking;
+        let is = after.down || after.checking;
+        (was != is).then_some(Flip {
+            upstream: p.upstream,
+            server: p.server,
+            up: !is,
+            count: if is { after.failures } else { after.passes },
+            outcome,
+        })
+    }
+}

@@ -1,0 +1,90 @@
+//! An upstream's balancing method as the table stores it: which method and
+//! its arguments, checked against the servers as nginx checks them at
+//! configuration time, and written back as its directive. The state each
+//! method keeps while it picks is [`crate::balance::policy`]'s.
+
+use std::fmt;
+
+use crate::table::model::ServerSpec;
+
+/// An upstream's balancing method, as its `upstream {}` block spells it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// nginx's default: smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    IpHash,
+    /// `hash KEY [consistent]`: `key` is the nginx expression (say
+    /// `$request_uri`); the caller evaluates it and passes the bytes in
+    /// `PickInput::key` (`crate::balance::policy`).
+    Hash {
+        key: String,
+        consistent: bool,
+    },
+    LeastConn,
+    Random {
+        two: bool,
+    },
+}
+
+impl Policy {
+    /// The directive's name: `round_robin` (which has none in nginx),
+    /// `ip_hash`, `hash`, `least_conn` or `random`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round_robin",
+            Policy::IpHash => "ip_hash",
+            Policy::Hash { .. } => "hash",
+            Policy::LeastConn => "least_conn",
+            Policy::Random { .. } => "random",
+        }
+    }
+
+    /// nginx refuses `backup` servers under `hash`, `ip_hash` and `random`.
+    pub fn allows_backup(&self) -> bool {
+        matches!(self, Policy::RoundRobin | Policy::LeastConn)
+    }
+
+    /// Checks the method against the servers it will balance, with the
+    /// errors nginx gives at configuration time.
+    pub fn validate(&self, servers: &[ServerSpec]) -> Result<(), String> {
+        if let Policy::Hash { key, .. } = self {
+            if key.is_empty() {
+                return Err("hash: the key is empty".to_string());
+            }
+            if let Some(c) = key
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control() || "{};\"'\\#".contains(*c))
+            {
+                return Err(format!("hash: invalid character {c:?} in the key"));
+            }
+        }
+        if !self.allows_backup() {
+            if let Some(s) = servers.iter().find(|s| s.backup) {
+                return Err(format!(
+                    "balancing method \"{}\" does not support parameter \"backup\" (server {})",
+                    self.name(),
+                    s.addr
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Policy {
+    /// The directive as nginx reads it (`ip_hash;`, `hash $request_uri
+    /// consistent;`, `least_conn;`, `random two;`); nothing for round robin.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::RoundRobin => Ok(()),
+            Policy::IpHash => f.write_str("ip_hash;"),
+            Policy::Hash { key, consistent } => {
+                let consistent = if *consistent { " consistent" } else { "" };
+                write!(f, "hash {key}{consistent};")
+            }
+            Policy::LeastConn => f.write_str("least_conn;"),
+            Policy::Random { two } => f.write_str(if *two { "random two;" } else { "random;" }),
+        }
+    }
+}
