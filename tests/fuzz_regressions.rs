@@ -79,6 +79,7 @@ fn the_state_seed_is_a_valid_image() {
     // It has an extension, so the fuzzer mutates one.
     let local = snap.table.get("local").unwrap();
     assert_eq!(local.servers[0].max_conns, 7);
+    assert_eq!(local.servers[0].slow_start, 20);
     assert!(local.check.line.is_some());
 }
 

@@ -19,6 +19,11 @@ use crate::store::zone::{PeerCell, Zone, ZoneSource};
 use crate::table::model::PeerRef;
 use crate::table::model::ServerSpec;
 
+/// Smooth round robin adds weights in units of 1/WEIGHT_SCALE, so that a
+/// server ramping up under `slow_start` can take a fraction of a weight of
+/// 1. Every weight scaled alike picks in nginx's own order.
+pub(crate) const WEIGHT_SCALE: i64 = 1000;
+
 /// Indices kept in the bitmask.
 const LOW_BITS: usize = u64::BITS as usize;
 /// Indices of 64 and above kept in the overflow array.
@@ -190,6 +195,18 @@ impl Health<'_> {
         spec.max_conns > 0 && self.cell.conns() >= spec.max_conns
     }
 
+    /// `weight` (in whole weights) in units of [`WEIGHT_SCALE`], ramped by
+    /// the server's `slow_start`: from a small fraction when it last became
+    /// available again (the time in its cell, the same for every worker) up
+    /// to all of it `slow_start` later.
+    pub(crate) fn scaled_weight(&self, spec: &ServerSpec, weight: i64, now_ms: u64) -> i64 {
+        let full = weight * WEIGHT_SCALE;
+        if spec.slow_start == 0 || full <= 0 {
+            return full;
+        }
+        ramp(full, self.cell.available_since(), spec.slow_start, now_ms)
+    }
+
     /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
     fn presume_recovery(&self, spec: &ServerSpec, now_ms: u64) {
         let fails = self.cell.fails();
@@ -206,6 +223,12 @@ impl Health<'_> {
             checked > accessed && now_ms.saturating_sub(checked) > window
         };
         if recovered {
+            if spec.max_fails != 0 && fails >= spec.max_fails {
+                // Its fail_timeout ended: available again, ramping under
+                // slow_start from now (marked first, so no worker sees it
+                // recovered without the mark).
+                self.cell.mark_available(now_ms);
+            }
             self.cell.clear_failures(self.tag, fails);
         }
     }
@@ -427,6 +450,7 @@ impl Balancer {
                 zone,
                 self.checks,
                 servers,
+                now_ms,
                 |i, spec, health| spec.backup == backup && health.available(spec, tried, i, now_ms),
             )?;
             if health_of(zone, &self.peers[index], self.checks).claim(&servers[index], now_ms) {
@@ -444,10 +468,18 @@ impl Balancer {
     pub(crate) fn smooth_pick(
         &mut self,
         servers: &[ServerSpec],
+        now_ms: u64,
         candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
         let zone = self.zone.as_deref().map(ZoneSource::zone);
-        smooth_pick_in(&mut self.peers, zone, self.checks, servers, candidate)
+        smooth_pick_in(
+            &mut self.peers,
+            zone,
+            self.checks,
+            servers,
+            now_ms,
+            candidate,
+        )
     }
 
     /// Records that an attempt on `servers[index]` failed (nginx's
@@ -518,17 +550,21 @@ fn smooth_pick_in(
     zone: Option<Zone<'_>>,
     checks: bool,
     servers: &[ServerSpec],
+    now_ms: u64,
     mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
 ) -> Option<usize> {
     let mut best: Option<(usize, i64)> = None;
     let mut total: i64 = 0;
     for (i, spec) in servers.iter().enumerate().take(peers.len()) {
-        if !candidate(i, spec, health_of(zone, &peers[i], checks)) {
+        let health = health_of(zone, &peers[i], checks);
+        if !candidate(i, spec, health) {
             continue;
         }
+        // In units of WEIGHT_SCALE, ramped by slow_start.
+        let weight = health.scaled_weight(spec, peers[i].effective_weight, now_ms);
         let peer = &mut peers[i];
-        peer.current_weight += peer.effective_weight;
-        total += peer.effective_weight;
+        peer.current_weight += weight;
+        total += weight;
         if peer.effective_weight < i64::from(spec.weight) {
             peer.effective_weight += 1;
         }
@@ -539,6 +575,23 @@ fn smooth_pick_in(
     let (index, _) = best?;
     peers[index].current_weight -= total;
     Some(index)
+}
+
+/// `full` ramped linearly over `slow_start_s` seconds from `since_ms` (0:
+/// never marked, so no ramp), never below 1 unit: a server coming back
+/// takes a little traffic at once. A mark further ahead than the ramp (the
+/// clock went back) ramps nothing.
+fn ramp(full: i64, since_ms: u64, slow_start_s: u32, now_ms: u64) -> i64 {
+    let span = u64::from(slow_start_s) * 1000;
+    if since_ms == 0 || since_ms > now_ms.saturating_add(span) {
+        return full;
+    }
+    let elapsed = now_ms.saturating_sub(since_ms);
+    if elapsed >= span {
+        return full;
+    }
+    // full <= 1000 * WEIGHT_SCALE and span <= a day in ms: no overflow.
+    (full * elapsed as i64 / span as i64).max(1)
 }
 
 /// The health of every server of a [`Balancer`], for one pick
@@ -934,5 +987,65 @@ mod tests {
         next.carry_over(&one, &s, &fewer);
         assert_eq!(next.peer(0).unwrap().shared, moved);
         assert_eq!(next.health(0).fails(), 1);
+    }
+
+    /// How many of `n` picks at `now_ms` go to server `i`.
+    fn share(bal: &mut Balancer, s: &[ServerSpec], i: usize, n: usize, now_ms: u64) -> usize {
+        (0..n)
+            .filter(|_| bal.pick(s, &Tried::new(), now_ms) == Some(i))
+            .count()
+    }
+
+    #[test]
+    fn slow_start_ramps_a_server_back_alike_in_every_worker() {
+        let mut s = servers(&[1, 1]);
+        s[1].slow_start = 10;
+        let (mut one, mut other, zone) = two_workers(&s);
+        // Never marked (it has been up since it got its cell): full weight.
+        assert_eq!(share(&mut one, &s, 1, 1000, 5_000), 500);
+        let t0 = 1_000_000;
+        zone.cell(1).mark_available(t0);
+        // Linear from a sliver to its weight over 10 s, by the mark in the
+        // shared cell: both workers give it the same share at each time.
+        for (at, want) in [(0, 1), (1_000, 91), (5_000, 333), (10_000, 500)] {
+            for bal in [&mut one, &mut other] {
+                let n = share(bal, &s, 1, 1000, t0 + at);
+                assert!(
+                    n.abs_diff(want) <= 1,
+                    "{n} of 1000 at +{at} ms, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn slow_start_ramps_from_the_end_of_the_fail_timeout() {
+        let mut s = servers(&[1, 1]);
+        s[1].slow_start = 10;
+        s[1].fail_timeout = 1;
+        let (mut one, mut other, zone) = two_workers(&s);
+        one.report_failure(&s, 1, 1_000);
+        assert_eq!(share(&mut one, &s, 1, 10, 1_500), 0, "disabled");
+        // After the window, one request probes it; a window without a failure
+        // after that brings it back, ramping from then.
+        let probed = share(&mut other, &s, 1, 10, 2_100);
+        assert_eq!(probed, 1);
+        assert_eq!(zone.cell(1).available_since(), 0);
+        let back = 3_200;
+        share(&mut one, &s, 1, 1, back);
+        assert_eq!(zone.cell(1).fails(), 0);
+        assert_eq!(zone.cell(1).available_since(), back);
+        let n = share(&mut other, &s, 1, 1000, back + 1_000);
+        assert!(n.abs_diff(91) <= 1, "{n} of 1000 a second into the ramp");
+    }
+
+    #[test]
+    fn ramp_is_linear_bounded_and_ignores_a_mark_from_the_future() {
+        let full = 3 * WEIGHT_SCALE;
+        assert_eq!(ramp(full, 0, 10, 5_000), full, "never marked");
+        assert_eq!(ramp(full, 1_000, 10, 1_000), 1, "a sliver at once");
+        assert_eq!(ramp(full, 1_000, 10, 6_000), full / 2);
+        assert_eq!(ramp(full, 1_000, 10, 11_000), full);
+        assert_eq!(ramp(full, 100_000, 10, 1_000), full, "clock went back");
     }
 }

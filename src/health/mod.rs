@@ -247,18 +247,24 @@ pub struct Flip {
 }
 
 /// Applies one probe's outcome to the verdict in `cell` for the server
-/// stamped `tag`, under settings `fp` with thresholds `rise` and `fall`.
-/// Returns the verdict before and after, or `None` when the cell is no
-/// longer the server's. A pass also forgets the passive failures, so a
-/// server that failed passively is brought back by its passing probes.
+/// stamped `tag`, under `rule`, at `now_ms`. Returns the verdict before
+/// and after, or `None` when the cell is no longer the server's. A pass
+/// also forgets the passive failures, so a server that failed passively is
+/// brought back by its passing probes; a server that comes back either way
+/// is marked available again (for `slow_start`).
 pub fn record(
     cell: &PeerCell,
     tag: u32,
-    fp: u8,
-    rise: u32,
-    fall: u32,
+    rule: Rule,
     outcome: Outcome,
+    now_ms: u64,
 ) -> Option<(Verdict, Verdict)> {
+    let Rule {
+        fp,
+        rise,
+        fall,
+        max_fails,
+    } = rule;
     let word = cell.health_word();
     let mut before = Verdict::default();
     let mut after = Verdict::default();
@@ -300,13 +306,31 @@ pub fn record(
         Some(v.encode(tag))
     })
     .ok()?;
+    let flipped_up = (before.down || before.checking) && !(after.down || after.checking);
     if outcome == Outcome::Passed {
         let fails = cell.fails();
+        // Passive failures had made it unavailable: back now, too.
+        let passive_back = max_fails != 0 && fails >= max_fails;
+        if flipped_up || passive_back {
+            // slow_start ramps from here (marked before the failures go,
+            // so no worker sees it available without the mark).
+            cell.mark_available(now_ms);
+        }
         if fails > 0 {
             cell.clear_failures(tag, fails);
         }
     }
     Some((before, after))
+}
+
+/// What a probe's outcome is weighed by: the upstream's check settings
+/// (their [`fingerprint`], `rise`, `fall`) and the server's `max_fails`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub fp: u8,
+    pub rise: u32,
+    pub fall: u32,
+    pub max_fails: u32,
 }
 
 /// Whether every server of `u` is held out by active checks (or `down`),

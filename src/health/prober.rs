@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
-use super::{classify, fingerprint, record, result_word, Flip, FIELD20};
+use super::{classify, fingerprint, record, result_word, Flip, Rule, FIELD20};
 use crate::store::zone::{PeerCell, Zone};
 use crate::table::model::{
     CheckLine, CheckType, ExpectAlive, PeerRef, ServerSpec, Table, Upstream,
@@ -47,9 +47,7 @@ pub struct Job {
 #[derive(Clone, Debug)]
 struct InFlight {
     cell: PeerRef,
-    fp: u8,
-    rise: u32,
-    fall: u32,
+    rule: Rule,
     timeout_ms: u32,
     kind: CheckType,
     expect: ExpectAlive,
@@ -264,9 +262,12 @@ impl Prober {
             token,
             InFlight {
                 cell: r,
-                fp,
-                rise: line.rise,
-                fall: line.fall,
+                rule: Rule {
+                    fp,
+                    rise: line.rise,
+                    fall: line.fall,
+                    max_fails: s.max_fails,
+                },
                 timeout_ms: line.timeout,
                 kind: line.kind,
                 expect: u.check.http_expect_alive,
@@ -293,7 +294,7 @@ impl Prober {
         self.busy.remove(&p.cell.index);
         let cell = zone.cell(p.cell)?;
         let outcome = classify(p.kind, p.expect, status, err, elapsed_ms, p.timeout_ms);
-        let (before, after) = record(cell, p.cell.tag, p.fp, p.rise, p.fall, outcome)?;
+        let (before, after) = record(cell, p.cell.tag, p.rule, outcome, now_ms)?;
         cell.probed_word().store(now_ms, Ordering::Release);
         cell.result_word().store(
             result_word(outcome, status.unwrap_or(0), elapsed_ms, p.late_ms),

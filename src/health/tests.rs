@@ -9,6 +9,17 @@ use crate::testing::TempDir;
 const BODY: &str = "server 127.0.0.1:81; server 127.0.0.1:82; \
                     check interval=1000 rise=2 fall=3 timeout=500 type=http;";
 
+/// Check settings `fp` with `rise` and `fall`, for a server of nginx's
+/// default `max_fails=1`.
+fn rule(fp: u8, rise: u32, fall: u32) -> Rule {
+    Rule {
+        fp,
+        rise,
+        fall,
+        max_fails: 1,
+    }
+}
+
 fn cell_of<'a>(zone: Zone<'a>, table: &Table, name: &str, i: usize) -> (&'a PeerCell, PeerRef) {
     let u = table.upstreams.iter().find(|u| u.name == name).unwrap();
     let r = u.peer(i);
@@ -55,7 +66,7 @@ fn new_servers_of_default_down_upstreams_start_checking() {
 fn rise_and_fall_flip_the_verdict_and_a_settings_change_restarts_the_counts() {
     let c = PeerCell::default();
     c.reset_checked(4, true);
-    let rec = |fp, o| record(&c, 4, fp, 2, 3, o).unwrap().1;
+    let rec = |fp, o| record(&c, 4, rule(fp, 2, 3), o, 1).unwrap().1;
     assert!(rec(1, Outcome::Passed).checking, "one pass of two");
     let v = rec(1, Outcome::Passed);
     assert!(!v.checking && !v.down && v.passes == 2);
@@ -71,7 +82,7 @@ fn rise_and_fall_flip_the_verdict_and_a_settings_change_restarts_the_counts() {
     assert!(!rec(2, Outcome::Passed).down);
     // Another server's cell now: nothing recorded.
     c.reset(5);
-    assert!(record(&c, 4, 2, 2, 3, Outcome::Timeout).is_none());
+    assert!(record(&c, 4, rule(2, 2, 3), Outcome::Timeout, 1).is_none());
     assert!(!c.check_down(4) && !c.check_down(5));
 }
 
@@ -81,10 +92,47 @@ fn a_passing_probe_forgets_passive_failures() {
     c.reset(1);
     c.add_failure(1, 10);
     c.add_failure(1, 11);
-    record(&c, 1, 1, 2, 3, Outcome::Timeout);
+    record(&c, 1, rule(1, 2, 3), Outcome::Timeout, 12);
     assert_eq!(c.fails(), 2);
-    record(&c, 1, 1, 2, 3, Outcome::Passed);
+    record(&c, 1, rule(1, 2, 3), Outcome::Passed, 13);
     assert_eq!(c.fails(), 0);
+}
+
+#[test]
+fn a_server_back_by_its_probes_is_marked_available_for_slow_start() {
+    let c = PeerCell::default();
+    c.reset_checked(1, true);
+    let pass = |at| record(&c, 1, rule(1, 2, 2), Outcome::Passed, at).unwrap();
+    pass(100);
+    assert_eq!(
+        c.available_since(),
+        0,
+        "still checking after one pass of two"
+    );
+    pass(200);
+    assert_eq!(c.available_since(), 200, "up: the ramp starts");
+    pass(300);
+    assert_eq!(c.available_since(), 200, "staying up starts nothing");
+    // Down by its checks, then up again.
+    for at in [400, 500] {
+        record(&c, 1, rule(1, 2, 2), Outcome::Timeout, at);
+    }
+    assert!(c.check_down(1));
+    pass(600);
+    pass(700);
+    assert_eq!(c.available_since(), 700);
+    // Passive failures at max_fails had made it unavailable: a passing
+    // probe brings it back and marks it; below max_fails it never left.
+    c.add_failure(1, 800);
+    pass(900);
+    assert_eq!((c.fails(), c.available_since()), (0, 900));
+    c.add_failure(1, 1_000);
+    let three = Rule {
+        max_fails: 3,
+        ..rule(1, 2, 2)
+    };
+    record(&c, 1, three, Outcome::Passed, 1_100);
+    assert_eq!((c.fails(), c.available_since()), (0, 900));
 }
 
 #[test]
@@ -248,7 +296,7 @@ fn every_status_format() {
     let snap = store.read().unwrap();
     let zone = store.zone();
     let (c, r) = cell_of(zone, &snap.table, "a", 1);
-    record(c, r.tag, 1, 1, 1, Outcome::Passed);
+    record(c, r.tag, rule(1, 1, 1), Outcome::Passed, 1);
     c.result_word()
         .store(result_word(Outcome::Passed, 200, 3, 0), Ordering::Release);
     let rows = rows(&snap.table, zone);
@@ -291,7 +339,7 @@ fn the_balancer_skips_servers_down_by_checks_only_while_checks_are_on() {
     assert_eq!(b.pick(&u.servers, &tried, 1), None);
     assert!(all_failed(store.zone(), &u));
     let (c, r) = cell_of(store.zone(), &snap.table, "a", 1);
-    record(c, r.tag, 1, 1, 1, Outcome::Passed);
+    record(c, r.tag, rule(1, 1, 1), Outcome::Passed, 1);
     assert_eq!(b.pick(&u.servers, &tried, 1), Some(1));
     assert_eq!(b.pick(&u.servers, &tried, 1), Some(1));
     assert!(!all_failed(store.zone(), &u));

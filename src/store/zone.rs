@@ -13,6 +13,10 @@
 //! given to another server, fails its compare-and-swap instead of counting on
 //! the wrong server; it then uses a cell of its own, as a server without a
 //! shared cell (the zone was full) does.
+//!
+//! Over 600 lines with its tests: the cell's words and the rules by which
+//! the writer hands cells out and stamps them (new, `checking`, back in
+//! rotation) depend on each other and read best side by side.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use crate::table::model::{PeerRef, Table, Upstream};
 
 /// Bytes per cell in the state file.
-pub const CELL_LEN: usize = 64;
+pub const CELL_LEN: usize = 72;
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
@@ -50,6 +54,11 @@ pub struct PeerCell {
     probed: AtomicU64,
     /// What the last probe found ([`crate::health`]).
     result: AtomicU64,
+    /// When the server last became available again (its checks passed, its
+    /// fail window ended, it was added or put back), Unix ms; 0: not since
+    /// it got the cell. `slow_start` ramps its weight from here, so every
+    /// worker ramps alike.
+    since: AtomicU64,
 }
 
 const LOW: u64 = 0xffff_ffff;
@@ -87,6 +96,7 @@ impl PeerCell {
         self.lease.store(0, Ordering::Relaxed);
         self.probed.store(0, Ordering::Relaxed);
         self.result.store(0, Ordering::Relaxed);
+        self.since.store(0, Ordering::Relaxed);
         self.health
             .store(fresh_health(tag, checking), Ordering::Release);
         self.conns.store(tagged(tag, 0), Ordering::Release);
@@ -122,6 +132,18 @@ impl PeerCell {
 
     pub fn result_word(&self) -> &AtomicU64 {
         &self.result
+    }
+
+    /// When the server last became available again, Unix ms (0: not since
+    /// it got the cell).
+    pub fn available_since(&self) -> u64 {
+        self.since.load(Ordering::Acquire)
+    }
+
+    /// The server became available again at `now_ms`: `slow_start` ramps
+    /// its weight from now.
+    pub fn mark_available(&self, now_ms: u64) {
+        self.since.store(now_ms, Ordering::Release);
     }
 
     /// Whether active checks hold the server out of rotation (down, or
@@ -217,6 +239,7 @@ impl Clone for PeerCell {
             lease: copy(&self.lease),
             probed: copy(&self.probed),
             result: copy(&self.result),
+            since: copy(&self.since),
         }
     }
 }
@@ -233,6 +256,7 @@ impl PartialEq for PeerCell {
                 &c.lease,
                 &c.probed,
                 &c.result,
+                &c.since,
             ]
             .map(|w| w.load(Ordering::Acquire))
         };
@@ -355,6 +379,36 @@ pub fn starts_checking(table: &Table, given: &[PeerRef]) -> Vec<bool> {
     given.iter().map(|r| checking.contains(&r.index)).collect()
 }
 
+/// The cells of the servers of `next` with a `slow_start` that come into
+/// rotation with it: not `down` in `next`, and new to their upstream or
+/// `down` in `current` (the table `next` replaces). Only the upstreams
+/// `changed` marks (index for index with `next.upstreams`) can have any.
+/// The writer marks them available before it publishes `next`, so no
+/// worker routes to them at full weight first.
+pub fn coming_back(next: &Table, current: &Table, changed: &[bool]) -> Vec<PeerRef> {
+    let mut back = Vec::new();
+    for ((u, old), &changed) in next.paired(current).into_iter().zip(changed) {
+        if !changed || u.servers.iter().all(|s| s.slow_start == 0) {
+            continue;
+        }
+        for (i, s) in u.servers.iter().enumerate() {
+            let r = u.peer(i);
+            if s.slow_start == 0 || s.down || r.is_none() {
+                continue;
+            }
+            // The store keeps a server's cell while it stays: the same cell
+            // in the old upstream is the same server.
+            let was_up = old.is_some_and(|o| {
+                (0..o.servers.len()).any(|j| o.peer(j) == r && !o.servers[j].down)
+            });
+            if !was_up {
+                back.push(r);
+            }
+        }
+    }
+    back
+}
+
 /// Gives a cell to every server of the upstreams of `next` that `changed`
 /// marks (index for index with `next.upstreams`), for a zone of `capacity`
 /// cells: the cell its upstream's server at the same address has in `current`
@@ -463,6 +517,7 @@ mod tests {
                 lease: word(40),
                 probed: word(48),
                 result: word(56),
+                since: word(64),
             };
             assert_eq!(read, reset);
             assert!(read.holds(9));
