@@ -68,6 +68,9 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
         t.set("port", j.port)?;
         t.set("timeout", j.timeout_ms)?;
         t.set("tls", j.tls)?;
+        t.set("keepalive", j.keepalive)?;
+        t.set("idle", j.idle_ms)?;
+        t.set("pool", j.pool)?;
         if let Some(send) = j.send {
             t.set("send", lua.create_string(send.as_bytes())?)?;
         }

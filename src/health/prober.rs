@@ -17,12 +17,21 @@ use crate::table::model::{
 const PID_BITS: u32 = 22;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
 
+/// The longest a kept probe connection idles (a cosocket takes the time as
+/// a signed 32-bit count of milliseconds).
+const IDLE_MAX_MS: u32 = i32::MAX as u32;
+
 /// Probes in flight in one worker at most; a server due while the worker is
 /// at the cap waits for the next tick and is reported late, not failed.
 pub const MAX_IN_FLIGHT: usize = 64;
 
 fn lease(due_ms: u64, pid: u32) -> u64 {
     due_ms << PID_BITS | (u64::from(pid) & PID_MASK)
+}
+
+/// The pid of the worker that holds `cell`'s probe lease (0: none).
+pub(super) fn lease_owner(cell: &PeerCell) -> u32 {
+    lease_parts(cell.lease_word().load(Ordering::Acquire)).1
 }
 
 pub(super) fn lease_parts(w: u64) -> (u64, u32) {
@@ -41,6 +50,15 @@ pub struct Job {
     pub tls: bool,
     /// The request of an http probe; `None` for tcp and ssl_hello.
     pub send: Option<String>,
+    /// `check_keepalive_requests`: how many probes one connection carries
+    /// (1: a new connection for each; always 1 without `send`).
+    pub keepalive: u32,
+    /// How long a kept connection may sit idle in the worker's pool: past
+    /// the next probe, so that one finds it.
+    pub idle_ms: u32,
+    /// The cosocket pool kept connections wait in: this server's, TLS or
+    /// not, apart from any other Lua code's pools.
+    pub pool: String,
 }
 
 /// A probe in flight in this worker.
@@ -248,14 +266,31 @@ impl Prober {
         } else {
             s.addr.port()
         };
+        let tls = matches!(line.kind, CheckType::Https | CheckType::SslHello);
+        let send = matches!(line.kind, CheckType::Http | CheckType::Https)
+            .then(|| u.check.http_send.clone());
+        let pool = format!(
+            "ngx.dyups check {}{host}:{port}",
+            if tls { "tls " } else { "" }
+        );
         jobs.push(Job {
             token,
-            host,
             port,
             timeout_ms: line.timeout,
-            tls: matches!(line.kind, CheckType::Https | CheckType::SslHello),
-            send: matches!(line.kind, CheckType::Http | CheckType::Https)
-                .then(|| u.check.http_send.clone()),
+            tls,
+            keepalive: if send.is_some() {
+                u.check.keepalive_requests
+            } else {
+                1
+            },
+            send,
+            idle_ms: line
+                .interval
+                .saturating_mul(2)
+                .saturating_add(line.timeout)
+                .min(IDLE_MAX_MS),
+            pool,
+            host,
         });
         self.busy.insert(r.index);
         self.in_flight.insert(

@@ -7,6 +7,7 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
+use super::prober::lease_owner;
 use super::{last_probe, verdict, Verdict};
 use crate::store::zone::Zone;
 use crate::table::model::Table;
@@ -79,6 +80,8 @@ pub struct Row {
     pub kind: &'static str,
     pub port: u16,
     pub last: Option<super::LastProbe>,
+    /// The pid of the worker that holds the server's probe lease (0: none).
+    pub prober: u32,
 }
 
 /// Every server with active checks, in table order, numbered from 0.
@@ -97,6 +100,7 @@ pub fn rows(table: &Table, zone: Zone<'_>) -> Vec<Row> {
                 kind: line.kind.name(),
                 port: line.port,
                 last: cell.and_then(last_probe),
+                prober: cell.map_or(0, lease_owner),
             });
         }
     }
@@ -131,6 +135,7 @@ pub fn render(rows: &[Row], generation: u64, format: Format, filter: Filter) -> 
                         "type": r.kind,
                         "port": r.port,
                         "checking": r.verdict.checking,
+                        "prober": r.prober,
                     });
                     if let Some(l) = r.last {
                         o["result"] = json!(result_text(r));
