@@ -387,6 +387,9 @@ describe("active health checks", function()
     nginx.sleep(2.5)
     local before = times(E)
     assert.is_true(#before >= 2 and #before <= 4, "probes in 2.5 s: " .. #before)
+    local is_worker = false
+    for _, pid in ipairs(proxy:worker_pids()) do is_worker = is_worker or pid == owner end
+    assert.is_true(is_worker, "the lease holder " .. owner .. " is one of our workers")
     local killed_at = backend_now()
     assert.equal(0, ffi.C.kill(owner, 9))
     -- Another worker (the survivor, or nginx's new one) probes on.
