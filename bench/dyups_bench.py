@@ -16,7 +16,10 @@ measures ngx.dyups in five sections:
      upstream with the same policy, keys varied by lua/keys.lua, interleaved
      rounds, medians, and each proxy worker's CPU time per request;
      for the keyless ones, each backend's share under load and
-     dyups.peers() connection counts back to 0 after it.
+     dyups.peers() connection counts back to 0 after it;
+  6. active health checks (checks_bench.py): 1,000 and 10,000 servers
+     under `check interval=1000 type=http`, the CPU probing costs, probes/s
+     against expected, lateness, a hot upstream's req/s with and without.
 
 Python standard library only; raw sockets and time.monotonic() for timing.
 Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
@@ -36,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import checks_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -1485,6 +1490,7 @@ def report(cfg, res, elapsed):
           + " (round robin and random count none)")
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
+    checks_bench.report(cfg, res, p)
     # targets
     p()
     p("Targets (reported, not asserted):")
@@ -1538,6 +1544,7 @@ def report(cfg, res, elapsed):
         target("every method: proxy worker CPU per request <= 1.05 x native (paired)", 1,
                po[worst]["cpu_ratio_paired"] <= 1.05,
                f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
+    checks_bench.targets(res, target)
     if not rows:
         p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
@@ -1550,7 +1557,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True, help="temp directory for the nginx prefixes")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="12345")
+    ap.add_argument("--sections", default="123456")
     ap.add_argument("--json", help="also write the raw results here")
     cfg = ap.parse_args()
     q = cfg.quick
@@ -1577,6 +1584,12 @@ def main():
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy
     cfg.pol_check = 50  # keys checked to reach the same backend through both proxies
+    cfg.check_scale = [1000] if q else [1000, 10000]  # section 6: checked servers
+    if os.environ.get("BENCH_CHECKS"):  # e.g. BENCH_CHECKS=10000: section 6 for these N only
+        cfg.check_scale = [int(x) for x in os.environ["BENCH_CHECKS"].split(",")]
+    cfg.check_secs = 4 if q else 10  # idle windows, checks on and off
+    cfg.check_rounds = 3 if q else 5  # hot upstream, checks on / off
+    cfg.check_settle = 2  # s after turning the checks on or off, before a run
 
     def on_signal(sig, _frame):
         raise KeyboardInterrupt(f"signal {sig}")
@@ -1592,7 +1605,8 @@ def main():
         log(f"backends: 127.0.0.1:{', '.join(map(str, backends))} (pid {be.master})")
         sections = [("1", "throughput", section_throughput), ("2", "propagation", section_propagation),
                     ("3", "churn", section_churn), ("4", "scale", section_scale),
-                    ("5", "policies", section_policies)]
+                    ("5", "policies", section_policies),
+                    ("6", "checks", lambda *a: checks_bench.section_checks(sys.modules[__name__], *a))]
         for key, name, fn in sections:
             if key in cfg.sections:
                 t = now()

@@ -5,7 +5,7 @@
 #   make bench QUICK=1      # quick mode (about 2 minutes; QUICK=1 make bench too)
 #   QUICK=1 bash bench/run.sh
 #
-# Environment: QUICK=1, SECTIONS=12345 (a subset, e.g. SECTIONS=2),
+# Environment: QUICK=1, SECTIONS=123456 (a subset, e.g. SECTIONS=2),
 # BENCH_JSON=path (raw results), NGINX_BIN, WRK, NGINX_MODULES_DIR,
 # BENCH_KEEP=1 (keep the temp prefixes with their error logs).
 #
@@ -33,6 +33,8 @@ fi
 command -v python3 >/dev/null 2>&1 || die "python3 not found (the driver is bench/dyups_bench.py)"
 export NGINX_BIN WRK
 unset NGINX  # nginx itself reads $NGINX (inherited sockets)
+# The driver imports checks_bench.py: no bytecode left in the tree.
+export PYTHONDONTWRITEBYTECODE=1
 
 # --- temp root and cleanup -----------------------------------------------
 root="$(mktemp -d /tmp/ngx-dyups-bench.XXXXXX)"
@@ -71,7 +73,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-args=(--root "$root" --sections "${SECTIONS:-12345}")
+args=(--root "$root" --sections "${SECTIONS:-123456}")
 if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
   args+=(--quick)
   printf 'bench: QUICK mode (about 2 minutes)\n' >&2

@@ -53,8 +53,11 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
         let me = std::process::id();
         let now = unix_ms();
         let mut prober = PROBER.lock();
-        let prober =
-            prober.get_or_insert_with(|| Prober::new(now ^ u64::from(me) << 20, MAX_IN_FLIGHT));
+        let prober = prober.get_or_insert_with(|| {
+            // The refresh timer's period, which runs this tick.
+            let tick_ms = super::config().map_or(50, |c| (c.refresh * 1000.0) as u64);
+            Prober::new(now ^ u64::from(me) << 20, MAX_IN_FLIGHT, tick_ms)
+        });
         prober.due(&snap.table, snap.seen, store.zone(), now, me, &live)
     };
     if jobs.is_empty() {

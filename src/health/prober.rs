@@ -93,10 +93,15 @@ pub struct Prober {
     checked: Vec<Checked>,
     seen: Option<u64>,
     cap: usize,
+    /// How often [`due`](Self::due) runs: a probe up to this late was only
+    /// waiting for the tick.
+    tick_ms: u64,
 }
 
 impl Prober {
-    pub fn new(seed: u64, cap: usize) -> Prober {
+    /// A prober of at most `cap` probes in flight, walked every `tick_ms`
+    /// (the refresh timer's period), its random draws from `seed`.
+    pub fn new(seed: u64, cap: usize, tick_ms: u64) -> Prober {
         Prober {
             in_flight: HashMap::new(),
             busy: HashSet::new(),
@@ -105,6 +110,7 @@ impl Prober {
             checked: Vec::new(),
             seen: None,
             cap,
+            tick_ms: tick_ms.max(1),
         }
     }
 
@@ -220,9 +226,17 @@ impl Prober {
     }
 
     /// Moves the lease `seen` (due at `due`) to this worker's next probe,
-    /// one interval on (plus jitter), or one interval from now when the
-    /// schedule fell behind by more than one. False when another worker
-    /// moved it first.
+    /// one interval on (plus jitter), or one interval from now when this
+    /// probe starts a whole tick late or more (it waited at the cap, or the
+    /// loop stalled; less than a tick is the walk's granularity, and a
+    /// timer drifting a little past it only moves the schedule onto a
+    /// tick). False when another worker moved it first.
+    ///
+    /// Why from now: servers due at once (a new table, a fresh start) wait
+    /// their turn at the cap and start over several ticks; kept on their
+    /// old schedule they would all fall due together again each interval
+    /// and be late again. From now, each keeps the time it got: one round
+    /// spreads them, and later rounds start on time.
     fn start(
         &mut self,
         cell: &PeerCell,
@@ -233,10 +247,11 @@ impl Prober {
         me: u32,
     ) -> bool {
         let interval = u64::from(line.interval);
-        let mut next = due + interval;
-        if next <= now_ms {
-            next = now_ms + interval;
-        }
+        let mut next = if now_ms.saturating_sub(due) >= self.tick_ms {
+            now_ms + interval
+        } else {
+            due + interval
+        };
         next += self.random_below(line.jitter);
         cell.lease_word()
             .compare_exchange(seen, lease(next, me), Ordering::AcqRel, Ordering::Acquire)

@@ -193,8 +193,8 @@ fn one_probe_per_server_per_interval_over_every_worker() {
     let snap = store.read().unwrap();
     let zone = store.zone();
     let live = [100, 200];
-    let mut w1 = Prober::new(1, MAX_IN_FLIGHT);
-    let mut w2 = Prober::new(2, MAX_IN_FLIGHT);
+    let mut w1 = Prober::new(1, MAX_IN_FLIGHT, 50);
+    let mut w2 = Prober::new(2, MAX_IN_FLIGHT, 50);
     let mut count = HashMap::<String, usize>::new();
     let t0 = 1_000_000;
     // 10 s of ticks every 50 ms in both workers, each probe answering at once.
@@ -236,8 +236,8 @@ fn a_dead_or_stalled_owner_is_taken_over_within_two_intervals() {
     let (_dir, store) = live_store();
     let snap = store.read().unwrap();
     let zone = store.zone();
-    let mut w1 = Prober::new(1, MAX_IN_FLIGHT);
-    let mut w2 = Prober::new(2, MAX_IN_FLIGHT);
+    let mut w1 = Prober::new(1, MAX_IN_FLIGHT, 50);
+    let mut w2 = Prober::new(2, MAX_IN_FLIGHT, 50);
     let t0 = 1_000_000;
     let mut last = HashMap::new();
     // Both live; w1 (pid 100) probes once, then stalls (never ticks again).
@@ -267,7 +267,7 @@ fn a_dead_or_stalled_owner_is_taken_over_within_two_intervals() {
         at - t0
     );
     // A dead owner (not among the live) is replaced at once.
-    let mut w3 = Prober::new(3, MAX_IN_FLIGHT);
+    let mut w3 = Prober::new(3, MAX_IN_FLIGHT, 50);
     let jobs = w3.due(&snap.table, snap.seen, zone, now + 1, 300, &[300]);
     assert_eq!(jobs.len(), 2, "both servers, probed at once");
 }
@@ -277,7 +277,7 @@ fn at_the_cap_a_due_probe_waits_and_is_reported_late() {
     let (_dir, store) = live_store();
     let snap = store.read().unwrap();
     let zone = store.zone();
-    let mut w = Prober::new(1, 1);
+    let mut w = Prober::new(1, 1, 50);
     let jobs = w.due(&snap.table, snap.seen, zone, 1_000, 7, &[7]);
     assert_eq!(jobs.len(), 1, "cap of one");
     assert_eq!(w.due(&snap.table, snap.seen, zone, 1_300, 7, &[7]).len(), 0);
@@ -349,4 +349,62 @@ fn the_balancer_skips_servers_down_by_checks_only_while_checks_are_on() {
         .filter_map(|_| b.pick(&u.servers, &tried, 1))
         .collect();
     assert_eq!(picks.len(), 2);
+}
+
+#[test]
+fn servers_due_together_spread_out_and_then_start_on_time() {
+    // 1,000 servers checked every second, all due at once (a fresh start),
+    // two workers of 64 probes in flight each, ticking every 50 ms, each
+    // probe answered by the next tick: the first round cannot start them
+    // all on time; the ones it starts late keep the time they got, so from
+    // the second round on every probe starts within a tick of its time.
+    let dir = TempDir::new();
+    let store = crate::store::StateFile::open(&dir.file(), 1 << 20, || {
+        let mut t = Table::default();
+        for u in 0..10 {
+            let body: String = (0..100)
+                .map(|i| format!("server 127.0.0.{}:{};", u + 1, 1000 + i))
+                .chain(["check interval=1000 type=http;".to_string()])
+                .collect();
+            crate::admin::ops::update(&mut t, &format!("u{u}"), &body)?;
+        }
+        Ok(t)
+    })
+    .unwrap();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let live = [100, 200];
+    let mut workers = [
+        (Prober::new(1, MAX_IN_FLIGHT, 50), 100, Vec::new()),
+        (Prober::new(2, MAX_IN_FLIGHT, 50), 200, Vec::new()),
+    ];
+    let t0 = 1_000_000;
+    let (mut late_after_first, mut probes) = (0u64, 0usize);
+    let mut now = t0;
+    while now < t0 + 4_000 {
+        for (w, me, pending) in workers.iter_mut() {
+            for token in pending.drain(..) {
+                w.record(zone, token, Some(200), None, 1, now);
+            }
+            for j in w.due(&snap.table, snap.seen, zone, now, *me, &live) {
+                pending.push(j.token);
+                probes += 1;
+            }
+        }
+        if now >= t0 + 2_000 {
+            for i in 0..10 {
+                for k in 0..100 {
+                    let c = cell_of(zone, &snap.table, &format!("u{i}"), k).0;
+                    late_after_first = late_after_first.max(last_probe(c).unwrap().late_ms.into());
+                }
+            }
+        }
+        now += 50;
+    }
+    assert!(
+        late_after_first <= 50,
+        "late by {late_after_first} ms after the first round"
+    );
+    // One probe a second each (the first round's spreading costs a few).
+    assert!((3_900..=4_000).contains(&probes), "{probes} probes in 4 s");
 }
