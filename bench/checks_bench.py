@@ -26,10 +26,14 @@ started nginx instances that it stops on every exit).
 """
 
 import json
+import os
 
 INTERVAL_MS = 1000
 PER_UPSTREAM = 100
 CHECK = "check interval=1000 type=http default_down=false;"
+# The keep-alive variant: one connection carries 1,000 probes (HTTP/1.1).
+KEEPALIVE = ('check_keepalive_requests 1000; '
+             'check_http_send "GET / HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n";')
 
 
 def backend_conf(ports, stub_port):
@@ -53,13 +57,16 @@ def stub_requests(h, port):
     return int(body.decode().split("\n")[2].split()[2])
 
 
-def checked_body(ports, checks):
-    return " ".join(f"server 127.0.0.1:{p};" for p in ports) + (" " + CHECK if checks else "")
+def checked_body(ports, checks, keepalive=False):
+    body = " ".join(f"server 127.0.0.1:{p};" for p in ports)
+    if checks:
+        body += " " + CHECK + (" " + KEEPALIVE if keepalive else "")
+    return body
 
 
-def set_checks(h, api, names, ports, checks):
+def set_checks(h, api, names, ports, checks, keepalive):
     for name in names:
-        st, body = api.call("POST", f"/upstream/{name}", checked_body(ports, checks))
+        st, body = api.call("POST", f"/upstream/{name}", checked_body(ports, checks, keepalive))
         if st != 200:
             raise RuntimeError(f"checks: POST /upstream/{name} answered {st}: {body!r}")
 
@@ -73,27 +80,44 @@ def workers_cpu(h, workers):
     return sum(h.cpu_ns(w) for w in workers) / 1e9
 
 
-def idle_window(h, cfg, inst_workers, stub_port, status_port, n):
-    """CPU seconds of the workers, probes counted at the backend, and
-    lateness samples over one idle window of cfg.check_secs."""
-    samples = max(2, cfg.check_secs // 2)
-    step = cfg.check_secs / samples
-    cpu0, req0, t0 = workers_cpu(h, inst_workers), stub_requests(h, stub_port), h.now()
-    late, fresh = [], []
-    for _ in range(samples):
-        h.time.sleep(step)
-        if n:
-            s = status_rows(h, status_port)
-            at = max(r.get("checked_at_ms", 0) for r in s["server"])
-            late += [r.get("late_ms", 0) for r in s["server"]]
-            # probed in the last two intervals, against the newest probe
-            fresh.append(sum(1 for r in s["server"]
-                             if at - r.get("checked_at_ms", 0) <= 2 * INTERVAL_MS) / len(s["server"]))
+def host_busy_s():
+    """CPU seconds every CPU of the host spent busy so far (/proc/stat):
+    everything, other users' load included."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle, iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_window(h, cfg, inst_workers, be_workers, stub_port):
+    """CPU seconds of the proxy's workers, of the probed backend, of the
+    whole host, and probes counted at the backend, over one idle window of
+    cfg.check_secs (nothing else asked of the proxy)."""
+    cpu0, be0, host0 = workers_cpu(h, inst_workers), workers_cpu(h, be_workers), host_busy_s()
+    req0, t0 = stub_requests(h, stub_port), h.now()
+    h.time.sleep(cfg.check_secs)
     secs = h.now() - t0
     cpu = workers_cpu(h, inst_workers) - cpu0
-    # each status read and the two stub reads are backend requests too
+    be = workers_cpu(h, be_workers) - be0
+    host = host_busy_s() - host0
+    # the closing stub read is a backend request too
     probes = stub_requests(h, stub_port) - req0 - 1
-    return {"secs": secs, "cpu_s": cpu, "probes": probes, "late": late, "fresh": fresh}
+    return {"secs": secs, "cpu_s": cpu, "be_s": be, "host_s": host, "probes": probes}
+
+
+def lateness(h, status_port, samples=3):
+    """Every server's last `late_ms`, read `samples` times a second apart,
+    and the least share of servers probed within two intervals of the
+    newest probe."""
+    late, fresh = [], []
+    for _ in range(samples):
+        h.time.sleep(1)
+        s = status_rows(h, status_port)
+        at = max(r.get("checked_at_ms", 0) for r in s["server"])
+        late += [r.get("late_ms", 0) for r in s["server"]]
+        fresh.append(sum(1 for r in s["server"]
+                         if at - r.get("checked_at_ms", 0) <= 2 * INTERVAL_MS) / len(s["server"]))
+    return late, fresh
 
 
 def section_checks(h, cfg, root, backends, res):
@@ -102,19 +126,20 @@ def section_checks(h, cfg, root, backends, res):
     stub_port = h.free_port()
     be = h.Nginx(root, "check-backends", 1, backend_conf(ports, stub_port), lua=False)
     be.start(ports[:1] + [stub_port])
+    be_workers = be.worker_pids()
     hot = " ".join(h.srv(b) for b in backends[:4])
-    for n in cfg.check_scale:
+    for n, keepalive in cfg.check_runs:
         names = [f"c{i}" for i in range(n // PER_UPSTREAM)]
         port, api_port, status_port = h.free_port(), h.free_port(), h.free_port()
         text = f"upstream hot {{ {hot} }}\n" + "".join(
-            f"upstream {name} {{ {checked_body(ports, True)} }}\n" for name in names)
+            f"upstream {name} {{ {checked_body(ports, True, keepalive)} }}\n" for name in names)
         conf = h.dyups_conf(port, api_port, size="16m") + f"""
     server {{
         listen 127.0.0.1:{status_port};
         location = /status {{ content_by_lua_file {h.REPO}/lua/check_status.lua; }}
     }}
 """
-        inst = h.Nginx(root, f"p-checks-{n}", 2, conf, files={"conf/upstream.conf": text},
+        inst = h.Nginx(root, f"p-checks-{n}{'k' if keepalive else ''}", 2, conf, files={"conf/upstream.conf": text},
                        main=h.DYUPS_MAIN)
         inst.start([port, api_port, status_port], timeout=120)
         workers = inst.worker_pids()
@@ -124,19 +149,19 @@ def section_checks(h, cfg, root, backends, res):
             raise RuntimeError(f"checks {n}: hot answered {st}")
         # every server probed at least once, then steady
         h.time.sleep(3)
-        on = idle_window(h, cfg, workers, stub_port, status_port, n)
-        s = status_rows(h, status_port)
-        down = s["down"]
-        set_checks(h, api, names, ports, False)
+        on = idle_window(h, cfg, workers, be_workers, stub_port)
+        late, fresh = lateness(h, status_port)
+        down = status_rows(h, status_port)["down"]
+        set_checks(h, api, names, ports, False, keepalive)
         h.time.sleep(1)
-        off = idle_window(h, cfg, workers, stub_port, status_port, 0)
+        off = idle_window(h, cfg, workers, be_workers, stub_port)
         # hot upstream's throughput, checks on and off, interleaved
         runs = {True: [], False: []}
         state = False
         for _ in range(cfg.check_rounds):
             for checks in (True, False):
                 if checks != state:
-                    set_checks(h, api, names, ports, checks)
+                    set_checks(h, api, names, ports, checks, keepalive)
                     state = checks
                     h.time.sleep(cfg.check_settle)
                 runs[checks].append(h.wrk(port, "/host", cfg.secs, cfg.conns, cfg.threads, host="hot"))
@@ -144,15 +169,18 @@ def section_checks(h, cfg, root, backends, res):
         without_rps = [r["rps"] for r in runs[False]]
         row = {
             "n": n,
+            "keepalive": keepalive,
             "expected_per_s": n * 1000 / INTERVAL_MS,
             "probes_per_s": on["probes"] / on["secs"],
             "idle_probes_per_s_off": off["probes"] / off["secs"],
             "cpu_on_pct": on["cpu_s"] / on["secs"] * 100,
             "cpu_off_pct": off["cpu_s"] / off["secs"] * 100,
-            "late_p50": h.pct(on["late"], 50),
-            "late_p99": h.pct(on["late"], 99),
-            "late_max": max(on["late"], default=0),
-            "fresh_min": min(on["fresh"], default=0),
+            "backend_pct": (on["be_s"] / on["secs"] - off["be_s"] / off["secs"]) * 100,
+            "host_pct": (on["host_s"] / on["secs"] - off["host_s"] / off["secs"]) * 100,
+            "late_p50": h.pct(late, 50),
+            "late_p99": h.pct(late, 99),
+            "late_max": max(late, default=0),
+            "fresh_min": min(fresh, default=0),
             "down": down,
             "rps_with": h.med(with_rps),
             "rps_without": h.med(without_rps),
@@ -165,7 +193,7 @@ def section_checks(h, cfg, root, backends, res):
         row["probing_pct"] = row["cpu_on_pct"] - row["cpu_off_pct"]
         row["us_per_probe"] = (row["probing_pct"] / 100 * 1e6 / row["probes_per_s"]
                                if row["probes_per_s"] else float("nan"))
-        h.log(f"  [6] N={n}: {row['probes_per_s']:.0f} probes/s of {row['expected_per_s']:.0f}, "
+        h.log(f"  [6] N={label(row)}: {row['probes_per_s']:.0f} probes/s of {row['expected_per_s']:.0f}, "
               f"workers {row['cpu_on_pct']:.1f} % of a core with checks, {row['cpu_off_pct']:.1f} % without, "
               f"late p99 {row['late_p99']} ms, hot {row['rps_with']:.0f} vs {row['rps_without']:.0f} req/s "
               f"(paired {row['ratio_paired']:.3f})")
@@ -175,6 +203,10 @@ def section_checks(h, cfg, root, backends, res):
     res["checks"] = out
 
 
+def label(r):
+    return f"{r['n']}{' ka' if r['keepalive'] else ''}"
+
+
 def report(cfg, res, p):
     """Section 6's table, printed by dyups_bench.report with the others."""
     ck = res.get("checks")
@@ -182,31 +214,34 @@ def report(cfg, res, p):
         return
     p()
     p(f"6. Active health checks: `{CHECK}` on N servers ({PER_UPSTREAM} per upstream, the same "
-      f"{PER_UPSTREAM} backend ports), 2 proxy workers, 1 backend worker; idle windows of "
-      f"{cfg.check_secs} s; hot upstream (4 backends, unchecked) {cfg.check_rounds} interleaved "
-      f"rounds x {cfg.secs} s, checks on / off")
-    p(f"   {'N':>6s} {'probes/s':>9s} {'expected':>9s} {'CPU on':>7s} {'CPU off':>8s} {'probing':>8s} "
-      f"{'us/probe':>9s} {'late p50':>9s} {'p99':>6s} {'max':>6s} {'fresh':>6s} "
-      f"{'hot on':>8s} {'hot off':>8s} {'ratio':>6s}")
+      f"{PER_UPSTREAM} backend ports), 2 proxy workers, 1 backend worker; \"ka\": with `{KEEPALIVE}`; "
+      f"idle windows of {cfg.check_secs} s, then 3 reads of the status page for lateness; hot upstream "
+      f"(4 backends, unchecked) {cfg.check_rounds} interleaved rounds x {cfg.secs} s, checks on / off")
+    p(f"   {'N':>8s} {'probes/s':>9s} {'expected':>9s} {'CPU on':>7s} {'off':>5s} {'probing':>8s} "
+      f"{'us/probe':>9s} {'backend':>8s} {'host':>7s} {'late p50':>9s} {'p99':>6s} {'max':>6s} "
+      f"{'fresh':>6s} {'hot on':>8s} {'hot off':>8s} {'ratio':>6s}")
     for r in ck:
-        p(f"   {r['n']:6d} {r['probes_per_s']:9.0f} {r['expected_per_s']:9.0f} {r['cpu_on_pct']:6.1f}% "
-          f"{r['cpu_off_pct']:7.1f}% {r['probing_pct']:7.1f}% {r['us_per_probe']:9.1f} "
+        p(f"   {label(r):>8s} {r['probes_per_s']:9.0f} {r['expected_per_s']:9.0f} {r['cpu_on_pct']:6.1f}% "
+          f"{r['cpu_off_pct']:4.1f}% {r['probing_pct']:7.1f}% {r['us_per_probe']:9.1f} "
+          f"{r['backend_pct']:7.1f}% {r['host_pct']:6.1f}% "
           f"{r['late_p50']:9d} {r['late_p99']:6d} {r['late_max']:6d} {r['fresh_min'] * 100:5.0f}% "
           f"{r['rps_with']:8.0f} {r['rps_without']:8.0f} {r['ratio_paired']:6.3f}")
-        p(f"          hot req/s per round, on: " + " ".join(f"{x:.0f}" for x in r["rps_with_all"])
+        p("            hot req/s per round, on: " + " ".join(f"{x:.0f}" for x in r["rps_with_all"])
           + "; off: " + " ".join(f"{x:.0f}" for x in r["rps_without_all"])
           + f"; servers down: {r['down']}; failed requests {r['errors']}; error-log lines {r['log_errors']}")
-    p("   (CPU: both proxy workers' CPU time over the window, % of one core; probing: on minus off; "
-      "late: ms a probe started after it was due, every server's last probe, sampled through the window; "
-      "fresh: the least share of servers probed within two intervals of the newest probe, of the samples; "
-      "ratio: hot req/s with checks / without, median of the per-round ratios)")
+    p("   (CPU on/off: both proxy workers' CPU time over the window, % of one core; probing: on minus off, "
+      "and per probe; backend, host: the probed backend's and the whole host's CPU, on minus off (the host's "
+      "includes the kernel's softirq work and other users' load); late: ms a probe started after it was "
+      "due, every server's last probe, 3 samples 1 s apart; fresh: the least share of servers probed "
+      "within two intervals of the newest probe; ratio: hot req/s with checks / without, median of the "
+      "per-round ratios)")
 
 
 def targets(res, target):
     """Section 6's rows of the targets table."""
     for r in res.get("checks") or []:
-        target(f"{r['n']} checked servers: hot upstream >= 0.97 x req/s without checks (paired)", 1,
+        target(f"{label(r)} checked servers: hot upstream >= 0.97 x req/s without checks (paired)", 1,
                r["ratio_paired"] >= 0.97, f"{r['ratio_paired']:.3f}")
-        target(f"{r['n']} checked servers: probes/s >= 0.95 x expected", 1,
+        target(f"{label(r)} checked servers: probes/s >= 0.95 x expected", 1,
                r["probes_per_s"] >= 0.95 * r["expected_per_s"],
                f"{r['probes_per_s']:.0f} of {r['expected_per_s']:.0f}")

@@ -1584,9 +1584,9 @@ def main():
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy
     cfg.pol_check = 50  # keys checked to reach the same backend through both proxies
-    cfg.check_scale = [1000] if q else [1000, 10000]  # section 6: checked servers
-    if os.environ.get("BENCH_CHECKS"):  # e.g. BENCH_CHECKS=10000: section 6 for these N only
-        cfg.check_scale = [int(x) for x in os.environ["BENCH_CHECKS"].split(",")]
+    # section 6: checked servers, "k" for the keep-alive probes variant
+    checks = os.environ.get("BENCH_CHECKS") or ("1000,1000k" if q else "1000,10000,10000k")
+    cfg.check_runs = [(int(x.rstrip("k")), x.endswith("k")) for x in checks.split(",")]
     cfg.check_secs = 4 if q else 10  # idle windows, checks on and off
     cfg.check_rounds = 3 if q else 5  # hot upstream, checks on / off
     cfg.check_settle = 2  # s after turning the checks on or off, before a run

@@ -8,12 +8,15 @@
 -- most HEAD_MAX bytes of header and BODY_MAX of body; anything longer, or
 -- delimited by the close, closes instead) so the connection can carry the
 -- next probe, up to N in all; a huge or endless reply never costs more.
--- `record(token, status, err, elapsed_ms)` takes every outcome.
+-- `record(token, status, err, elapsed_ms, more)` takes every outcome and,
+-- when `more`, gives the next probe for the same timer: a server that was
+-- due while the worker had as many probes in flight as it may, so the
+-- probes go on at that many at once between the refresh ticks.
 local record = ...
 
 local floor, tonumber, concat = math.floor, tonumber, table.concat
 -- Taken from `ngx` at the first start: the module also loads outside nginx.
-local tcp, timer_at, now, update_time
+local tcp, timer_at, now, update_time, exiting
 
 -- What a kept connection's answer may hold besides its status line.
 local HEAD_MAX = 16384
@@ -169,18 +172,29 @@ local function run(job, retried)
     return status, nil
 end
 
+local function prepare(job)
+    if job.keepalive > 1 then
+        job.pool_opts = { pool = job.pool }
+        job.head = job.send:sub(1, 5) == "HEAD "
+    end
+    return job
+end
+
 local function probe(premature, job)
     if premature then
         -- nginx is exiting: the probe never ran, which is no failure.
-        return record(job.token, nil, "late: nginx is exiting", 0)
+        return record(job.token, nil, "late: nginx is exiting", 0, false)
     end
-    update_time()
-    local t0 = now()
-    local ok, status, err = pcall(run, job)
-    if not ok then
-        return record(job.token, nil, "probe error: " .. tostring(status), elapsed_ms(t0))
+    while job do
+        update_time()
+        local t0 = now()
+        local ok, status, err = pcall(run, job)
+        if not ok then
+            status, err = nil, "probe error: " .. tostring(status)
+        end
+        job = record(job.token, status, err, elapsed_ms(t0), not exiting())
+        if job then prepare(job) end
     end
-    return record(job.token, status, err, elapsed_ms(t0))
 end
 
 -- Starts the probes `jobs` (from the Rust side's walk).
@@ -188,16 +202,13 @@ return function(jobs)
     if not tcp then
         tcp, timer_at = ngx.socket.tcp, ngx.timer.at
         now, update_time = ngx.now, ngx.update_time
+        exiting = ngx.worker.exiting
     end
     for i = 1, #jobs do
-        local job = jobs[i]
-        if job.keepalive > 1 then
-            job.pool_opts = { pool = job.pool }
-            job.head = job.send:sub(1, 5) == "HEAD "
-        end
+        local job = prepare(jobs[i])
         local ok, err = timer_at(0, probe, job)
         if not ok then
-            record(job.token, nil, "late: could not start a timer: " .. tostring(err), 0)
+            record(job.token, nil, "late: could not start a timer: " .. tostring(err), 0, false)
         end
     end
 end

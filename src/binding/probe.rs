@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::{log, ngx, with_snapshot, LuaResult, WORKER};
 use crate::health::status::{render, rows, Filter, Format};
-use crate::health::{Prober, MAX_IN_FLIGHT};
+use crate::health::{Job, Prober, MAX_IN_FLIGHT};
 
 /// This worker's prober; `None` until the first tick (a new worker, after a
 /// crash or a reload, starts with no probe in flight).
@@ -65,46 +65,53 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
     }
     let list = lua.create_table_with_capacity(jobs.len(), 0)?;
     for j in jobs {
-        let t = lua.create_table()?;
-        t.set("token", j.token)?;
-        t.set("host", j.host)?;
-        t.set("port", j.port)?;
-        t.set("timeout", j.timeout_ms)?;
-        t.set("tls", j.tls)?;
-        t.set("keepalive", j.keepalive)?;
-        t.set("idle", j.idle_ms)?;
-        t.set("pool", j.pool)?;
-        if let Some(send) = j.send {
-            t.set("send", lua.create_string(send.as_bytes())?)?;
-        }
-        list.push(t)?;
+        list.push(job_table(lua, j)?)?;
     }
     let start: Function = lua.named_registry_value(START)?;
     start.call::<()>(list)
 }
 
-/// `record(token, status, err, elapsed_ms)` from `probe.lua`.
+/// A probe as `probe.lua` runs it.
+fn job_table(lua: &Lua, j: Job) -> LuaResult<Table> {
+    let t = lua.create_table_with_capacity(0, 9)?;
+    t.set("token", j.token)?;
+    t.set("host", j.host)?;
+    t.set("port", j.port)?;
+    t.set("timeout", j.timeout_ms)?;
+    t.set("tls", j.tls)?;
+    t.set("keepalive", j.keepalive)?;
+    t.set("idle", j.idle_ms)?;
+    t.set("pool", j.pool)?;
+    if let Some(send) = j.send {
+        t.set("send", lua.create_string(send.as_bytes())?)?;
+    }
+    Ok(t)
+}
+
+/// `record(token, status, err, elapsed_ms, more)` from `probe.lua`:
+/// returns the next probe for the same timer to run when `more` (a server
+/// that waited at the cap), else nothing.
 fn record(
     lua: &Lua,
-    (token, status, err, elapsed): (u64, Option<u16>, Option<String>, u64),
-) -> LuaResult<()> {
-    let flip = {
+    (token, status, err, elapsed, more): (u64, Option<u16>, Option<String>, u64, bool),
+) -> LuaResult<Option<Table>> {
+    let (flip, next) = {
         let guard = WORKER.lock();
         let Some(w) = guard.as_ref() else {
-            return Ok(());
+            return Ok(None);
         };
         let mut prober = PROBER.lock();
         let Some(p) = prober.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
-        p.record(
-            w.store().zone(),
-            token,
-            status,
-            err.as_deref(),
-            elapsed,
-            unix_ms(),
-        )
+        let zone = w.store().zone();
+        let now = unix_ms();
+        let flip = p.record(zone, token, status, err.as_deref(), elapsed, now);
+        let snap = w.snapshot();
+        let next = more
+            .then(|| p.next(&snap.table, snap.seen, zone, now, std::process::id()))
+            .flatten();
+        (flip, next)
     };
     if let Some(f) = flip {
         let msg = if f.up {
@@ -124,7 +131,7 @@ fn record(
         };
         log(lua, "WARN", &msg);
     }
-    Ok(())
+    next.map(|j| job_table(lua, j)).transpose()
 }
 
 /// The `check_status` content handler (`lua/check_status.lua`):

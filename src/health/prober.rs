@@ -3,7 +3,7 @@
 //! interval in the whole nginx, taken over from a dead or stalled owner),
 //! and what each result does to the cell.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 
 use super::{classify, fingerprint, record, result_word, Flip, Rule, FIELD20};
@@ -74,6 +74,20 @@ struct InFlight {
     server: String,
 }
 
+/// A server the walk found due while the worker was at its cap: the next
+/// probe to end starts it ([`Prober::next`]).
+#[derive(Clone, Debug)]
+struct Waiting {
+    /// Its upstream's position in the table and its own in the upstream.
+    upstream: usize,
+    server: usize,
+    cell: PeerRef,
+    fp: u8,
+    /// The lease word as the walk saw it, and when it was due.
+    lease: u64,
+    due: u64,
+}
+
 /// An upstream with a check line, as the walk needs it.
 #[derive(Clone, Debug)]
 struct Checked {
@@ -86,7 +100,11 @@ struct Checked {
 #[derive(Debug)]
 pub struct Prober {
     in_flight: HashMap<u64, InFlight>,
+    /// Cells of the servers in flight or waiting.
     busy: HashSet<u32>,
+    /// Due servers past the cap, in the walk's order, for the table of
+    /// generation `seen`; the next walk finds those still due again.
+    waiting: VecDeque<Waiting>,
     next_token: u64,
     rng: u64,
     /// The upstreams with a check line in the table of generation `seen`.
@@ -105,6 +123,7 @@ impl Prober {
         Prober {
             in_flight: HashMap::new(),
             busy: HashSet::new(),
+            waiting: VecDeque::new(),
             next_token: 1,
             rng: seed | 1,
             checked: Vec::new(),
@@ -145,6 +164,9 @@ impl Prober {
         me: u32,
         live: &[u32],
     ) -> Vec<Job> {
+        for w in self.waiting.drain(..) {
+            self.busy.remove(&w.cell.index);
+        }
         if self.seen != Some(seen) {
             self.checked = table
                 .upstreams
@@ -192,8 +214,21 @@ impl Prober {
                             Ordering::Acquire,
                         )
                         .is_ok();
-                    if !(given && pick == me && at <= now_ms) || self.in_flight.len() >= self.cap {
+                    if !(given && pick == me && at <= now_ms) {
                         // Another worker's now, or ours on a later tick.
+                        continue;
+                    }
+                    if self.in_flight.len() >= self.cap {
+                        // Ours now: waits for the next probe to end.
+                        self.busy.insert(r.index);
+                        self.waiting.push_back(Waiting {
+                            upstream: c.id,
+                            server: i,
+                            cell: r,
+                            fp: c.fp,
+                            lease: word.load(Ordering::Acquire),
+                            due: at,
+                        });
                         continue;
                     }
                     // Probed now: the lease as just written.
@@ -210,10 +245,20 @@ impl Prober {
                 }
                 let late = now_ms.saturating_sub(due);
                 if self.in_flight.len() >= self.cap {
-                    // Waits for a free place; reported late meanwhile.
+                    // Waits for the next probe to end; reported late
+                    // meanwhile.
                     let w = cell.result_word().load(Ordering::Acquire);
                     let w = w & !(FIELD20 << 44) | late.min(FIELD20) << 44;
                     cell.result_word().store(w, Ordering::Release);
+                    self.busy.insert(r.index);
+                    self.waiting.push_back(Waiting {
+                        upstream: c.id,
+                        server: i,
+                        cell: r,
+                        fp: c.fp,
+                        lease: seen_lease,
+                        due,
+                    });
                     continue;
                 }
                 if self.start(cell, seen_lease, due, now_ms, line, me) {
@@ -223,6 +268,48 @@ impl Prober {
         }
         self.checked = checked;
         jobs
+    }
+
+    /// The probe to start in place of one that just ended: the first server
+    /// still waiting whose lease is still as the walk saw it, for the table
+    /// of generation `seen` (`None` when there is none, or the table moved
+    /// since the walk). Probes in flight so stay at the cap between ticks,
+    /// rather than a tick's worth each: a worker runs as many probes a
+    /// second as they take time, not `cap` per tick.
+    pub fn next(
+        &mut self,
+        table: &Table,
+        seen: u64,
+        zone: Zone<'_>,
+        now_ms: u64,
+        me: u32,
+    ) -> Option<Job> {
+        if self.seen != Some(seen) {
+            for w in self.waiting.drain(..) {
+                self.busy.remove(&w.cell.index);
+            }
+            return None;
+        }
+        while self.in_flight.len() < self.cap {
+            let w = self.waiting.pop_front()?;
+            self.busy.remove(&w.cell.index);
+            let Some(u) = table.upstreams.get(w.upstream) else {
+                continue;
+            };
+            let (Some(line), Some(s)) = (&u.check.line, u.servers.get(w.server)) else {
+                continue;
+            };
+            let Some(cell) = zone.cell(w.cell).filter(|_| u.peer(w.server) == w.cell) else {
+                continue;
+            };
+            let late = now_ms.saturating_sub(w.due);
+            if self.start(cell, w.lease, w.due, now_ms, line, me) {
+                let mut jobs = Vec::with_capacity(1);
+                self.push(&mut jobs, u, s, w.cell, w.fp, line, late);
+                return jobs.pop();
+            }
+        }
+        None
     }
 
     /// Moves the lease `seen` (due at `due`) to this worker's next probe,

@@ -291,6 +291,34 @@ fn at_the_cap_a_due_probe_waits_and_is_reported_late() {
 }
 
 #[test]
+fn a_probe_that_ends_starts_the_next_waiting_one_without_a_tick() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let mut w = Prober::new(1, 1, 50);
+    let first = w.due(&snap.table, snap.seen, zone, 1_000, 7, &[7]);
+    assert_eq!(first.len(), 1, "cap of one");
+    // Nothing to start while the one probe is in flight.
+    assert!(w.next(&snap.table, snap.seen, zone, 1_001, 7).is_none());
+    w.record(zone, first[0].token, Some(200), None, 1, 1_010);
+    let second = w
+        .next(&snap.table, snap.seen, zone, 1_010, 7)
+        .expect("the waiting server, at once");
+    assert_ne!(second.port, first[0].port);
+    w.record(zone, second.token, Some(200), None, 1, 1_020);
+    assert!(w.next(&snap.table, snap.seen, zone, 1_020, 7).is_none());
+    // Both probed: the next walk starts neither again before its interval.
+    assert!(w
+        .due(&snap.table, snap.seen, zone, 1_050, 7, &[7])
+        .is_empty());
+    // A new table drops what was waiting for the old one.
+    let third = w.due(&snap.table, snap.seen, zone, 2_000, 7, &[7]);
+    assert_eq!(third.len(), 1);
+    w.record(zone, third[0].token, Some(200), None, 1, 2_001);
+    assert!(w.next(&snap.table, snap.seen + 1, zone, 2_001, 7).is_none());
+}
+
+#[test]
 fn every_status_format() {
     let (_dir, store) = live_store();
     let snap = store.read().unwrap();
