@@ -8,7 +8,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mlua::{Function, Lua, Table, Value};
 use parking_lot::Mutex;
 
-use super::{log, ngx, with_snapshot, LuaResult, WORKER};
+use super::config::config;
+use super::hot_path::WORKER;
+use super::ngx_api::{log, ngx};
+use super::read_api::with_snapshot;
+use super::LuaResult;
 use crate::health::status::{render, rows, Filter, Format};
 use crate::health::{Job, Prober, MAX_IN_FLIGHT};
 
@@ -55,7 +59,7 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
         let mut prober = PROBER.lock();
         let prober = prober.get_or_insert_with(|| {
             // The refresh timer's period, which runs this tick.
-            let tick_ms = super::config().map_or(50, |c| (c.refresh * 1000.0) as u64);
+            let tick_ms = config().map_or(50, |c| (c.refresh * 1000.0) as u64);
             Prober::new(now ^ u64::from(me) << 20, MAX_IN_FLIGHT, tick_ms)
         });
         prober.due(&snap.table, snap.seen, store.zone(), now, me, &live)
