@@ -24,6 +24,11 @@ local BODY_MAX = 65536
 -- Longest chunk-size line of a chunked body.
 local CHUNK_LINE_MAX = 64
 local TRAILERS_MAX = 32
+-- Idle connections kept per server address: the probes of the same
+-- address in several upstreams share its pool, each taking a connection
+-- while it runs; as many as a worker runs at once (MAX_IN_FLIGHT in
+-- src/health/prober.rs), so none is closed for want of room.
+local POOL_SIZE = 64
 
 local function elapsed_ms(t0)
     update_time()
@@ -165,7 +170,7 @@ local function run(job, retried)
     end
     -- This probe was the connection's (reused + 1)th.
     if reused + 1 < job.keepalive and drain(sock, job, version, status) then
-        sock:setkeepalive(job.idle, 1)
+        sock:setkeepalive(job.idle, POOL_SIZE)
     else
         sock:close()
     end

@@ -3,6 +3,7 @@
 //! page. The decisions are in [`crate::health`]; the cosockets in
 //! `probe.lua`.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mlua::{Function, Lua, Table, Value};
@@ -21,6 +22,11 @@ use crate::health::{Job, Prober, MAX_IN_FLIGHT};
 static PROBER: Mutex<Option<Prober>> = Mutex::new(None);
 
 const START: &str = "ngx.dyups.probe.start";
+
+/// This worker's pid, as the last tick read it: a probe that ends asks for
+/// the next one under it without a `getpid` each time (a worker's ticks,
+/// after the fork, set it before any probe of it runs).
+static PID: AtomicU32 = AtomicU32::new(0);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -55,6 +61,7 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
         let store = w.store();
         let live: Vec<u32> = store.workers().iter().map(|w| w.pid).collect();
         let me = std::process::id();
+        PID.store(me, Ordering::Relaxed);
         let now = unix_ms();
         let mut prober = PROBER.lock();
         let prober = prober.get_or_insert_with(|| {
@@ -113,7 +120,7 @@ fn record(
         let flip = p.record(zone, token, status, err.as_deref(), elapsed, now);
         let snap = w.snapshot();
         let next = more
-            .then(|| p.next(&snap.table, snap.seen, zone, now, std::process::id()))
+            .then(|| p.next(&snap.table, snap.seen, zone, now, PID.load(Ordering::Relaxed)))
             .flatten();
         (flip, next)
     };

@@ -56,8 +56,9 @@ pub struct Job {
     /// How long a kept connection may sit idle in the worker's pool: past
     /// the next probe, so that one finds it.
     pub idle_ms: u32,
-    /// The cosocket pool kept connections wait in: this server's, TLS or
-    /// not, apart from any other Lua code's pools.
+    /// The cosocket pool kept connections wait in: this server address's
+    /// (shared by the upstreams that list it), TLS or not, apart from any
+    /// other Lua code's pools.
     pub pool: String,
 }
 
