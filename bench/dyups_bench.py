@@ -3,7 +3,7 @@
 
 Starts its own nginx instances on loopback (backends, and proxies using the
 same nginx + lua module packages as the specs), drives load with wrk, and
-measures ngx.dyups in five sections:
+measures ngx.dyups in six sections:
 
   1. throughput/latency: native upstream round robin vs a minimal
      balancer_by_lua vs ngx.dyups, interleaved rounds, medians;
