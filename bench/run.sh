@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/run.sh: what `make bench` runs. See bench/README.md.
 #
-#   make bench              # full mode (about 7 minutes on 2 cores)
-#   make bench QUICK=1      # quick mode (about 2 minutes; QUICK=1 make bench too)
+#   make bench              # full mode (about 13 minutes on 2 cores)
+#   make bench QUICK=1      # quick mode (about 3.5 minutes; QUICK=1 make bench too)
 #   QUICK=1 bash bench/run.sh
 #
 # Environment: QUICK=1, SECTIONS=123456 (a subset, e.g. SECTIONS=2),
@@ -76,9 +76,9 @@ trap 'exit 129' HUP
 args=(--root "$root" --sections "${SECTIONS:-123456}")
 if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
   args+=(--quick)
-  printf 'bench: QUICK mode (about 2 minutes)\n' >&2
+  printf 'bench: QUICK mode (about 3.5 minutes)\n' >&2
 else
-  printf 'bench: full mode (about 7 minutes; QUICK=1 for the quick mode)\n' >&2
+  printf 'bench: full mode (about 13 minutes; QUICK=1 for the quick mode)\n' >&2
 fi
 [ -n "${BENCH_JSON:-}" ] && args+=(--json "$BENCH_JSON")
 
