@@ -7,6 +7,8 @@
 //! - [`admin`]: the operations, REST, `/ups`, authorization, write-back.
 //! - [`balance`]: round robin, the other methods, per-request attempts, a
 //!   worker's balancers.
+//! - [`health`]: active health checks: which servers are due a probe, the
+//!   leases, the verdicts in the shared cells, the status page.
 //! - [`store`]: the state file and the shared peer cells in it.
 //! - [`table`]: the upstream table and nginx's syntax for it.
 //!
@@ -17,6 +19,7 @@
 pub mod admin;
 pub mod balance;
 pub mod error;
+pub mod health;
 pub mod store;
 pub mod table;
 #[cfg(test)]

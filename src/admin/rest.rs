@@ -505,10 +505,16 @@ fn detail(t: &Table) -> String {
 
 /// `server ADDR weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0
 /// down=0`: the module's `/detail` line, `fail_timeout` in seconds without
-/// a unit and the flags as 0 or 1.
+/// a unit and the flags as 0 or 1; ` slow_start=N` (seconds) after it only
+/// when set, since the module has none and its readers expect its words.
 fn detail_line(s: &ServerSpec) -> String {
+    let slow_start = if s.slow_start == 0 {
+        String::new()
+    } else {
+        format!(" slow_start={}", s.slow_start)
+    };
     format!(
-        "server {} weight={} max_conns={} max_fails={} fail_timeout={} backup={} down={}",
+        "server {} weight={} max_conns={} max_fails={} fail_timeout={} backup={} down={}{slow_start}",
         s.addr,
         s.weight,
         s.max_conns,

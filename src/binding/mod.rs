@@ -20,10 +20,13 @@
 //!   queue, what follows a write (this worker's refresh, the write-back);
 //! - `http.rs`: the `/ups`, `/ups/check` and REST content handlers;
 //! - `hot_path.rs`: the balancer's entry points (`resolve`, the FFI pick);
+//! - `probe.rs`: the active health checks' prober on the refresh tick, the
+//!   results its probes report, the `check_status` page;
 //! - `arguments.rs`, `ngx_api.rs`: Lua arguments, nginx's `ngx` table;
 //! - the Lua compiled in: `writes.lua` (the writing functions' public faces:
 //!   waiting their turn, the `msync` in nginx's thread pool), `balance.lua`
-//!   (the balancer and log phase over the FFI), `raise.lua` (which
+//!   (the balancer and log phase over the FFI), `probe.lua` (each probe's
+//!   cosocket), `raise.lua` (which
 //!   functions raise their error), `argv.lua` (nginx's command line).
 
 use std::ffi::c_void;
@@ -36,6 +39,7 @@ mod hot_path;
 mod http;
 mod lifecycle;
 mod ngx_api;
+mod probe;
 mod read_api;
 mod write_api;
 
@@ -107,6 +111,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         ))?;
     m.set("balance", balance)?;
     m.set("log", log)?;
+    probe::install(lua, &m)?;
     let raising = [
         "init",
         "init_worker",
@@ -120,6 +125,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_ups",
         "handle_check",
         "handle_api",
+        "check_status",
     ];
     lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")

@@ -7,7 +7,8 @@
 //! byte for byte, so every build since reads it. The *extension* follows it
 //! in the slot, outside the base's length and checksum (the slot header has
 //! its own for it, see layout.rs), and holds what later builds added: the
-//! settings besides the servers and the balancing method, and `max_conns`.
+//! settings besides the servers and the balancing method, `max_conns` and
+//! `slow_start`.
 //! A build that predates it reads the base alone and cannot misread the
 //! rest; a slot such a build wrote has no extension, which reads as every
 //! setting at its default. So adding these fields needed no new format
@@ -50,6 +51,8 @@
 //!   9 owner                     nothing: `dyups sync` wrote it from etcd
 //!  10 sync (the table's, on the  revision u64, cluster id u64, key
 //!     first upstream's entry)    prefix (a name): see `model::SyncMark`
+//!  11 slow_start                u32 seconds per server, in the servers'
+//!                               order
 //! ```
 //!
 //! The table's own fields ride on its first upstream's entry, because
@@ -71,7 +74,7 @@ use crate::table::model::{
     ServerSpec, SyncMark, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX,
     CHECK_TIME_MAX, DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS,
     DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
-    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
+    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::policy::Policy;
 
@@ -92,6 +95,7 @@ const TAG_KEEPALIVE_TIMEOUT: u8 = 7;
 const TAG_MAX_CONNS: u8 = 8;
 const TAG_OWNER: u8 = 9;
 const TAG_SYNC: u8 = 10;
+const TAG_SLOW_START: u8 = 11;
 /// The check line's value: four u32, two u8, a u16 and a u32.
 const CHECK_LEN: usize = 24;
 /// nginx's largest time in milliseconds.
@@ -203,7 +207,9 @@ fn extension_is_default(u: &Upstream) -> bool {
         && u.keepalive_time == DEFAULT_KEEPALIVE_TIME
         && u.keepalive_timeout == DEFAULT_KEEPALIVE_TIMEOUT
         && u.check.is_default()
-        && u.servers.iter().all(|s| s.max_conns == 0)
+        && u.servers
+            .iter()
+            .all(|s| s.max_conns == 0 && s.slow_start == 0)
         && u.owner.is_local()
 }
 
@@ -260,6 +266,14 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
     }
     if !u.owner.is_local() {
         put_field(out, TAG_OWNER, &[]);
+    }
+    if u.servers.iter().any(|s| s.slow_start != 0) {
+        let v: Vec<u8> = u
+            .servers
+            .iter()
+            .flat_map(|s| s.slow_start.to_le_bytes())
+            .collect();
+        put_field(out, TAG_SLOW_START, &v);
     }
 }
 
@@ -413,11 +427,12 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
                 s.left()
             ));
         }
-        policy
-            .validate(&servers)
-            .map_err(|why| format!("upstream {name:?}: {why}"))?;
         let mut u = Upstream::new(name, servers);
         apply_extension(&mut u, entry).map_err(|why| format!("upstream {:?}: {why}", u.name))?;
+        // With the extension's server fields (slow_start) too.
+        policy
+            .validate(&u.servers)
+            .map_err(|why| format!("upstream {:?}: {why}", u.name))?;
         u.policy = policy;
         u.keepalive = keepalive;
         u.rev = rev;
@@ -485,7 +500,7 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
         let tag = r.u8()?;
         let n = r.u16()? as usize;
         let v = r.take(n)?;
-        if (TAG_CHECK..=TAG_SYNC).contains(&tag) {
+        if (TAG_CHECK..=TAG_SLOW_START).contains(&tag) {
             if seen & 1 << tag != 0 {
                 return Err(format!("field {tag} appears twice"));
             }
@@ -530,6 +545,15 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
                     s.max_conns = f.u32()?;
                     if s.max_conns > MAX_CONNS_MAX {
                         return Err(format!("server {} has max_conns {}", s.addr, s.max_conns));
+                    }
+                }
+            }
+            TAG_SLOW_START => {
+                let mut f = exact(4 * u.servers.len())?;
+                for s in &mut u.servers {
+                    s.slow_start = f.u32()?;
+                    if s.slow_start > SLOW_START_MAX {
+                        return Err(format!("server {} has slow_start {}", s.addr, s.slow_start));
                     }
                 }
             }
@@ -623,6 +647,7 @@ fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
         max_conns: 0,
         max_fails,
         fail_timeout,
+        slow_start: 0,
         backup: flags & BACKUP != 0,
         down: flags & DOWN != 0,
     })
@@ -736,6 +761,7 @@ pub(crate) mod tests {
         a.max_fails = 2;
         a.fail_timeout = 5;
         a.max_conns = MAX_CONNS_MAX;
+        a.slow_start = SLOW_START_MAX;
         let mut b = ServerSpec::new(Address::Inet("[::1]:8089".parse().unwrap()));
         b.backup = true;
         b.down = true;
@@ -808,6 +834,7 @@ pub(crate) mod tests {
             u.keepalive_timeout = defaults.keepalive_timeout;
             for s in &mut u.servers {
                 s.max_conns = 0;
+                s.slow_start = 0;
             }
         }
         let e = encode(&plain);
@@ -906,8 +933,13 @@ pub(crate) mod tests {
         Arc::make_mut(&mut p.table.upstreams[1]).name = "local".into();
         assert!(round_trip(&p).unwrap_err().contains("twice"));
         type Spoil = fn(&mut Upstream);
-        let bad: [(&str, Spoil); 8] = [
+        let bad: [(&str, Spoil); 10] = [
             ("max_conns", |u| u.servers[0].max_conns = MAX_CONNS_MAX + 1),
+            ("slow_start", |u| {
+                u.servers[0].slow_start = SLOW_START_MAX + 1
+            }),
+            // Checked with the extension's server fields, not before them.
+            ("parameter \"slow_start\"", |u| u.policy = Policy::IpHash),
             ("out-of-range", |u| {
                 u.check.line.as_mut().unwrap().interval = 0
             }),

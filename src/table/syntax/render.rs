@@ -28,6 +28,9 @@ pub fn render_server(s: &ServerSpec) -> String {
     if s.fail_timeout != DEFAULT_FAIL_TIMEOUT {
         out.push_str(&format!(" fail_timeout={}s", s.fail_timeout));
     }
+    if s.slow_start != 0 {
+        out.push_str(&format!(" slow_start={}s", s.slow_start));
+    }
     if s.backup {
         out.push_str(" backup");
     }

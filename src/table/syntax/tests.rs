@@ -583,7 +583,9 @@ fn server_args_errors_name_the_parameter() {
     for p in [
         "max_conns=1000001",
         "max_conns",
-        "slow_start=1s",
+        "slow_start",
+        "slow_start=1ms",
+        "slow_start=2d",
         "resolve",
         "backup=1",
         "weight",
@@ -655,8 +657,13 @@ fn body_errors_name_the_line_and_statement() {
     );
     let m = bad(parse_servers("server 127.0.0.1:80;\nserver 127.0.0.1:81"));
     assert_eq!(m, "line 2: server 127.0.0.1:81: missing ';' at the end");
-    let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3s;"));
-    assert!(m.contains("line 1: server 127.0.0.1:80 slow_start=3s: unknown parameter"));
+    let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3x;"));
+    assert!(
+        m.contains(
+            "line 1: server 127.0.0.1:80 slow_start=3x: slow_start=3x: slow_start must be a time"
+        ),
+        "{m}"
+    );
     let m = bad(parse_servers("server example.com:80;"));
     assert!(m.starts_with("line 1: server example.com:80: \"example.com:80\": host names"));
     assert!(bad(parse_servers("server 127.0.0.1 {")).contains("unexpected '{'"));
@@ -880,18 +887,19 @@ fn rendering_prints_only_what_differs_from_nginx() {
         max_conns: 10,
         max_fails: 2,
         fail_timeout: 5,
+        slow_start: 30,
         backup: true,
         down: true,
     };
     assert_eq!(
         render_server(&s),
-        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=5s backup down;"
+        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=5s slow_start=30s backup down;"
     );
     let u = Upstream::new("u", vec![s, ServerSpec::new(inet("[::1]:80"))]);
     assert_eq!(
         render_upstream(&u),
         "upstream u {\n    server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 \
-             fail_timeout=5s backup down;\n    server [::1]:80;\n}\n"
+             fail_timeout=5s slow_start=30s backup down;\n    server [::1]:80;\n}\n"
     );
 }
 
