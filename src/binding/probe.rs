@@ -120,7 +120,15 @@ fn record(
         let flip = p.record(zone, token, status, err.as_deref(), elapsed, now);
         let snap = w.snapshot();
         let next = more
-            .then(|| p.next(&snap.table, snap.seen, zone, now, PID.load(Ordering::Relaxed)))
+            .then(|| {
+                p.next(
+                    &snap.table,
+                    snap.seen,
+                    zone,
+                    now,
+                    PID.load(Ordering::Relaxed),
+                )
+            })
             .flatten();
         (flip, next)
     };
