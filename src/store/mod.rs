@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-pub use self::codec::{Payload, CHANGE_LOG_MAX};
+pub use self::codec::{ChangeLog, Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
 use self::copy_file::{CopyFile, FileId};
 pub use self::examine::{
@@ -178,7 +178,7 @@ pub struct Snapshot {
     pub version: u64,
     pub table: Table,
     /// The most recent changes, oldest first (at most `CHANGE_LOG_MAX`).
-    pub changes: Vec<Change>,
+    pub changes: ChangeLog,
     /// Why the active slot could not be used, when it could not.
     pub fallback: Option<String>,
     slot: u64,
@@ -313,7 +313,7 @@ impl StateFile {
         let payload = Payload {
             version: 1,
             table: seed()?,
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         };
         let bytes = image(geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
@@ -389,7 +389,7 @@ impl StateFile {
         let payload = Payload {
             version,
             table: best.1,
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         };
         let bytes = image(self.geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
@@ -745,11 +745,10 @@ impl StateFile {
             self.geometry.cells,
             cell_tag(next),
         );
-        let mut changes = current.changes;
-        changes.extend(Change::between(&current.table, &table, next));
-        if changes.len() > CHANGE_LOG_MAX {
-            changes.drain(..changes.len() - CHANGE_LOG_MAX);
-        }
+        let changes = current.changes.appended(
+            &Change::between(&current.table, &table, next),
+            CHANGE_LOG_MAX,
+        );
         let payload = codec::encode(&Payload {
             version: next,
             table,
@@ -1107,11 +1106,7 @@ impl StateFile {
         let Some(oldest) = self.workers().iter().map(|w| w.applied).min() else {
             return Vec::new();
         };
-        snap.changes
-            .iter()
-            .filter(|c| c.version > oldest)
-            .cloned()
-            .collect()
+        snap.changes.since(oldest)
     }
 }
 

@@ -610,7 +610,7 @@ fn the_change_log_is_bounded() {
     }
     let s = f.read().unwrap();
     assert_eq!(s.changes.len(), CHANGE_LOG_MAX);
-    assert_eq!(s.changes.last().unwrap().version, s.version);
+    assert_eq!(s.changes.to_vec().last().unwrap().version, s.version);
 }
 
 // ---- damage under running processes -----------------------------------------

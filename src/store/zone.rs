@@ -525,7 +525,11 @@ mod tests {
         assign(&mut t1, &Table::default(), &[true], 130, 1);
         // Servers 2 and 66 leave a (cells 1 and 65), once t2 is current.
         let mut t2 = t1.clone();
-        let kept: Vec<u16> = ports.iter().copied().filter(|p| ![2, 66].contains(p)).collect();
+        let kept: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| ![2, 66].contains(p))
+            .collect();
         t2.upsert(upstream("a", &kept));
         assign(&mut t2, &t1, &[true], 130, 2);
         let mut t3 = t2.clone();
