@@ -539,10 +539,13 @@ mod tests {
             let dir = TempDir::new();
             let mut w = worker(&dir);
             let opts = WriteOptions::default();
-            w.store()
-                .clone()
-                .write(&opts, |t| ops::update(t, "late", "server 127.0.0.1:9001;"))
-                .unwrap();
+            // Through a file description of its own, as another process
+            // writes: a worker routes by what its own process wrote
+            // without reading the slot.
+            crate::store::StateFile::write_detached(&dir.file(), &opts, |t| {
+                ops::update(t, "late", "server 127.0.0.1:9001;")
+            })
+            .unwrap();
             let last = w.store().read().unwrap();
             assert_ne!(w.snapshot().table, last.table, "this worker is behind");
             damage(&dir.file(), &last);

@@ -203,9 +203,12 @@ pub struct StateFile {
     id: FileId,
     /// The last tables written, kept beside the file.
     copy: CopyFile,
-    /// The table this process read last, whose unchanged upstreams the next
-    /// read shares instead of decoding them again.
+    /// The table this process read or wrote last, whose unchanged upstreams
+    /// the next read shares instead of decoding them again.
     last: Mutex<Option<Table>>,
+    /// The table this process published last, until
+    /// [`read_if_changed`](Self::read_if_changed) hands it over (see there).
+    published: Mutex<Option<Snapshot>>,
     /// `flock` excludes other processes only: threads of this process share
     /// the one open file description, so they also take this.
     writers: Mutex<()>,
@@ -526,6 +529,7 @@ impl StateFile {
             id,
             copy: CopyFile::new(path, geometry),
             last: Mutex::new(None),
+            published: Mutex::new(None),
             writers: Mutex::new(()),
             turns: Mutex::new(Vec::new()),
         })
@@ -590,8 +594,22 @@ impl StateFile {
     }
 
     /// A consistent copy of the current table, or `None` when the commit word
-    /// still says `seen` (one atomic load, nothing copied).
+    /// still says `seen` (one atomic load, nothing copied). When the table
+    /// published is the one this process just wrote, that table, as it was
+    /// encoded into the slot, rather than the slot decoded again: the
+    /// generation names one table of this file only (a writer publishes
+    /// the one after the generation it read, under the lock), and the write
+    /// checked that the slot decodes to it. Damage to the slot since is
+    /// found as before, by [`examine`](Self::examine), which reads it.
     pub fn read_if_changed(&self, seen: u64) -> Result<Option<Snapshot>> {
+        let generation = self.generation();
+        if generation != seen {
+            // Taken whatever it holds: an older table is of no use again.
+            let mine = self.published.lock().take();
+            if let Some(s) = mine.filter(|s| s.seen == generation) {
+                return Ok(Some(s));
+            }
+        }
         self.read_unless(Some(seen))
     }
 
@@ -745,15 +763,17 @@ impl StateFile {
             self.geometry.cells,
             cell_tag(next),
         );
+        normalize(&mut table, &changed);
         let changes = current.changes.appended(
             &Change::between(&current.table, &table, next),
             CHANGE_LOG_MAX,
         );
-        let payload = codec::encode(&Payload {
+        let written = Payload {
             version: next,
             table,
             changes,
-        });
+        };
+        let payload = codec::encode(&written);
         if payload.slot_bytes() as u64 > self.geometry.payload_capacity() {
             return Err(Error::NoSpace(format!(
                 "the new table needs {} bytes, a slot of state file {} holds {}: raise `size` (nothing was changed)",
@@ -779,9 +799,13 @@ impl StateFile {
             .copy_in(start + payload.base.len(), &payload.extension);
         let header = SlotHeader::for_payload(next, &payload.base, &payload.extension);
         self.map.copy_in(off, &header.to_bytes());
+        #[cfg(debug_assertions)]
+        same_as_decoded(&written, &payload);
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
+        *self.last.lock() = Some(written.table.clone());
+        *self.published.lock() = Some(snapshot(next, written, None, target));
         self.copy
             .save(self.id, next, &payload.base, &payload.extension);
         if opts.durable {
@@ -1423,6 +1447,36 @@ fn same_content(a: &Table, b: &Table) -> bool {
             .iter()
             .zip(&b.upstreams)
             .all(|(x, y)| x.same_content(y))
+}
+
+/// Makes the table a write built say what reading it back from its slot
+/// gives (`changed`: its upstreams the write made or changed), so that this
+/// process can route by it without that read: a server list whose servers
+/// all lack a cell (the zone was full) reads as no list, and a table without
+/// upstreams has nowhere to keep its sync mark (codec.rs). The bytes
+/// encoded are the same either way.
+fn normalize(table: &mut Table, changed: &[bool]) {
+    for (u, &changed) in table.upstreams.iter_mut().zip(changed) {
+        if changed && !u.peers.is_empty() && u.peers.iter().all(|p| p.is_none()) {
+            Arc::make_mut(u).peers.clear();
+        }
+    }
+    if table.upstreams.is_empty() {
+        table.sync = None;
+    }
+}
+
+/// Checks, in debug builds (every test), that the payload a write encoded
+/// decodes to the table it keeps: what `read_if_changed` hands over instead
+/// of reading the slot.
+#[cfg(debug_assertions)]
+fn same_as_decoded(written: &Payload, encoded: &codec::Encoded) {
+    let back = codec::decode(&encoded.base, &encoded.extension, None)
+        .expect("a payload just encoded decodes");
+    assert_eq!(&back, written, "a written table reads back as it was");
+    for (b, w) in back.table.upstreams.iter().zip(&written.table.upstreams) {
+        assert_eq!(b.peers, w.peers, "the cells of {} read back", w.name);
+    }
 }
 
 /// The tag of the cells a write at `generation` gives out: never 0, which
