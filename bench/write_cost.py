@@ -20,14 +20,16 @@ scheduler nanoseconds from /proc/PID/task/TID/schedstat), its user and
 system split, and the minor page faults, each divided by the writes
 answered. Printed: each build's median over the rounds.
 
-Callgrind mode (`--callgrind`, needs valgrind): one proxy (the first build)
-under `valgrind --tool=callgrind`, both workers counted; after a warm-up,
-the counters are zeroed, `--rate` writes/s run for `--secs`, both workers
-dump, and an idle dump as long is subtracted (the refresh timer). Printed:
-instructions per write in the worker that served it and in the other, by
-object, and the inclusive cost of ngx.dyups' entry points and of the
-store's steps. User space only: the kernel's share (msync, page faults,
-sockets) is in the CPU mode's system time.
+Callgrind mode (`--callgrind`, needs valgrind): the first build's proxy,
+twice, under `valgrind --tool=callgrind`, both workers counted from start
+to exit (callgrind_control cannot reach forked workers): one run writes
+at `--rate` for `--warm` + `--secs` seconds over one connection, the other
+stops after the warm-up and waits as long; the second run's counts are
+subtracted from the first's, per worker. Printed: instructions per write
+in the worker that served it and in the other, by object, and the
+inclusive cost of ngx.dyups' entry points and of the store's steps. User
+space only: the kernel's share (msync, page faults, sockets) is in the CPU
+mode's system time.
 
 Every nginx it starts is stopped when it ends.
 """
@@ -180,14 +182,14 @@ def callgrind_mode(cfg, root, backends):
                     raise RuntimeError(f"nginx under callgrind did not start; see {prefix}/logs")
                 time.sleep(0.5)
                 workers = children(p.pid)
-            db.writer_finish(db.writer_bg(api, cfg.rate, cfg.warm, others, backends[:4], read=cfg.read))
+            # One writer, so one connection and one worker, for the warm-up
+            # and the writes counted: the idle run's writer stops after
+            # the warm-up, and the run waits as long as the busy one wrote.
             t0 = time.monotonic()
-            wr = None
+            wr = db.writer_finish(db.writer_bg(api, cfg.rate, cfg.warm + (secs or 0), others, backends[:4],
+                                               read=cfg.read))
             if secs is None:
-                time.sleep(cfg.idle)
-            else:
-                wr = db.writer_finish(db.writer_bg(api, cfg.rate, secs, others, backends[:4],
-                                                   read=cfg.read))
+                time.sleep(max(0.0, cfg.idle - (time.monotonic() - t0)))
             took = time.monotonic() - t0
         finally:
             p.terminate()
@@ -199,21 +201,23 @@ def callgrind_mode(cfg, root, backends):
         counts = {w: cg.parse(os.path.join(dumps, f"callgrind.out.{w}")) for w in workers}
         return counts, wr, took
 
-    busy, wr, secs = run("busy", cfg.secs)
-    cfg.idle = secs
-    idle, _, _ = run("idle", None)
-    n = max(1.0, wr["ok"] + wr["failed"])
+    busy, wr, took = run("busy", cfg.secs)
+    cfg.idle = took
+    idle, warm, _ = run("idle", None)
+    n = max(1.0, wr["ok"] + wr["failed"] - warm["ok"] - warm["failed"])
+    secs = took - cfg.warm
 
     def handled(counts):
         return sum(c for k, c in counts[2].items() if k.endswith("ngx_http_lua_content_handler"))
 
-    # Workers of the two runs paired: the one that served the admin
-    # connection with the one of the idle run that served the warm-up's.
+    # Workers of the two runs paired: the one that served the writer's
+    # connection with the one of the idle run that served it.
     bw = sorted(busy, key=lambda w: -handled(busy[w]))
     iw = sorted(idle, key=lambda w: -handled(idle[w]))
     what = "read (GET /list)" if cfg.read else "write"
-    print(f"callgrind, instructions per {what} ({n:.0f} in {secs:.1f} s, N = {cfg.n}, a run idle as long "
-          f"subtracted){', init ' + cfg.init.strip() if cfg.init else ''}; {so}")
+    print(f"callgrind, instructions per {what} ({n:.0f} in {secs:.1f} s after {cfg.warm:.0f} s of warm-up, "
+          f"N = {cfg.n}, a run with the warm-up alone subtracted){', init ' + cfg.init.strip() if cfg.init else ''}; "
+          f"{so}")
     for label, b, i in [("serving worker", bw[0], iw[0]), ("other worker", bw[1], iw[1])]:
         (bt, bo, bi, _), (it, io, ii, _) = busy[b], idle[i]
         by = dict.fromkeys(cg.GROUPS, 0)

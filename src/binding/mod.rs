@@ -12,8 +12,8 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use mlua::{
-    AnyUserData, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData,
-    UserDataMethods, UserDataRefMut, Value, Variadic,
+    AnyUserData, FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table,
+    UserData, UserDataMethods, UserDataRefMut, Value, Variadic,
 };
 use parking_lot::Mutex;
 
@@ -124,7 +124,6 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     raw.set("ups", lua.create_function(ups_reply)?)?;
     raw.set("send_ups", lua.create_function(send_ups)?)?;
     raw.set("api", lua.create_function(api_reply)?)?;
-    raw.set("send_api", lua.create_function(send_api)?)?;
     raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
     lua.load(include_str!("writes.lua"))
         .set_name("=ngx.dyups.writes")
@@ -1180,16 +1179,21 @@ fn after_write(
 const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
 
 fn announce_write_back(lua: &Lua, outcome: Option<Result<u64, String>>) -> LuaResult<()> {
-    let Some(outcome) = outcome else {
+    let Some(value) = write_back_header(outcome) else {
         return Ok(());
-    };
-    let value = match outcome {
-        Ok(_) => "ok".to_owned(),
-        // A header value is one line of visible characters.
-        Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
     };
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
     ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
+}
+
+/// The value of the write-back header for how the write-back went, if
+/// there was one.
+fn write_back_header(outcome: Option<Result<u64, String>>) -> Option<String> {
+    Some(match outcome? {
+        Ok(_) => "ok".to_owned(),
+        // A header value is one line of visible characters.
+        Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
+    })
 }
 
 /// `dyups.write_back_status()`: the upstream file the table is written back
@@ -1340,20 +1344,31 @@ fn query_arg(args: &Table, name: &str) -> Arg {
 /// Checks the admin token, when one is configured; logs a refusal with the
 /// client's address.
 fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
-    let Some(token) = config().ok().and_then(|c| c.admin_token) else {
+    if CONFIG.lock().as_ref().is_none_or(|c| c.admin_token.is_none()) {
         return Ok(Ok(()));
-    };
+    }
     let var: Table = ngx(lua)
         .ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?
         .get("var")?;
-    let header = var
-        .get::<Option<mlua::LuaString>>("http_authorization")?
-        .map(|h| h.to_string_lossy());
-    let verdict = auth::check(&token, header.as_deref());
-    if let Err(why) = verdict {
-        let client = var
-            .get::<Option<mlua::LuaString>>("remote_addr")?
-            .map(|c| c.to_string_lossy());
+    let text = |name: &str| -> LuaResult<Option<String>> {
+        Ok(var
+            .get::<Option<mlua::LuaString>>(name)?
+            .map(|h| h.to_string_lossy()))
+    };
+    let (header, client) = (text("http_authorization")?, text("remote_addr")?);
+    Ok(admit(lua, header.as_deref(), client.as_deref()))
+}
+
+/// Checks an admin request's `Authorization` header against the admin
+/// token, when one is configured; logs a refusal with the client's address.
+fn admit(lua: &Lua, header: Option<&str>, client: Option<&str>) -> Result<(), auth::Refusal> {
+    let config = CONFIG.lock();
+    let Some(token) = config.as_ref().and_then(|c| c.admin_token.as_deref()) else {
+        return Ok(());
+    };
+    let verdict = auth::check(token, header);
+    drop(config);
+    if let Err(why) = &verdict {
         log(
             lua,
             "WARN",
@@ -1364,7 +1379,7 @@ fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
             ),
         );
     }
-    Ok(verdict)
+    verdict
 }
 
 fn unauthorized_json(why: auth::Refusal) -> ups::Reply {
@@ -1513,61 +1528,118 @@ fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
     respond(lua, reply)
 }
 
-/// The length the client declared for its request body.
-fn declared_length(ngx: &Table) -> LuaResult<Option<u64>> {
-    let var: Table = ngx.get("var")?;
-    Ok(var
-        .get::<Option<mlua::LuaString>>("content_length")?
-        .and_then(|v| v.to_string_lossy().parse::<u64>().ok()))
-}
-
-/// Whether content.lua should read the request body before `handle_api`:
-/// a write, not declared larger than `max_body` (that one is refused with
-/// 413 unread).
-fn api_wants_body(lua: &Lua, (): ()) -> LuaResult<bool> {
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
+/// Whether writes.lua should read the request body before the REST handler
+/// (`raw.api_wants_body(method, content_length)`): a write, not declared
+/// larger than `max_body` (that one is refused with 413 unread).
+fn api_wants_body(_: &Lua, (method, length): (mlua::LuaString, Option<mlua::LuaString>)) -> LuaResult<bool> {
     let max = config()
         .map(|c| c.max_body)
         .unwrap_or(rest::DEFAULT_MAX_BODY);
-    let writing = !matches!(method(lua)?.as_str(), "GET" | "HEAD");
-    Ok(writing && declared_length(&ngx)?.is_none_or(|n| n <= max as u64))
+    let writing = !matches!(&*method.as_bytes(), b"GET" | b"HEAD");
+    Ok(writing && declared(length.as_ref()).is_none_or(|n| n <= max as u64))
 }
 
-/// The request body content.lua read; `Err` with a 413 past `max` bytes, or
-/// a 500 when it cannot be read.
-fn request_body(ngx: &Table, max: usize) -> LuaResult<Result<Vec<u8>, rest::Response>> {
-    let too_large = || {
-        rest_text(
-            413,
-            format!("request body is larger than {max} bytes (init option max_body)"),
-        )
-    };
-    if declared_length(ngx)?.is_some_and(|n| n > max as u64) {
-        return Ok(Err(too_large()));
+/// The length a `Content-Length` header declares, if it is a number.
+fn declared(length: Option<&mlua::LuaString>) -> Option<u64> {
+    length.and_then(|v| v.to_string_lossy().parse::<u64>().ok())
+}
+
+/// One REST request as writes.lua took it from nginx, once, before the
+/// handler's first call: a write waiting its turn is handled again with
+/// the same request (it once read the headers anew, and found its
+/// `If-Match` gone, cleared by the call before). Each argument is nginx's
+/// variable of the same name, read in Lua, so that the handler makes no
+/// call back into Lua: from Rust, each is a protected call of mlua's, and
+/// the 40 or so of a request cost more than the write itself.
+struct ApiRequest {
+    method: String,
+    /// `$request_uri`: the path as sent. nginx's `$uri` has `%2F` decoded
+    /// into a separator and dot segments resolved (rest.rs routes and
+    /// decodes).
+    path: String,
+    json: bool,
+    if_match: Option<String>,
+    if_none_match: Option<String>,
+    if_unmodified_since: Option<String>,
+    if_modified_since: Option<String>,
+    authorization: Option<String>,
+    client: Option<String>,
+    length: Option<u64>,
+    /// What `ngx.req.get_body_data()` gave, else the file
+    /// `ngx.req.get_body_file()` named (nginx buffered a large body there).
+    body: Option<mlua::LuaString>,
+    body_file: Option<String>,
+}
+
+impl FromLuaMulti for ApiRequest {
+    fn from_lua_multi(values: MultiValue, _: &Lua) -> LuaResult<Self> {
+        let mut v = values.into_iter();
+        // Bytes nginx decoded from the URI need not be UTF-8: read lossily,
+        // so a hostile path is a bad name (400), not a failed conversion.
+        let mut text = || match v.next() {
+            Some(Value::String(s)) => Some(s.to_string_lossy()),
+            _ => None,
+        };
+        let method = text().unwrap_or_default();
+        let path = text().unwrap_or_default();
+        let accept = text();
+        let format = text();
+        let json = accept.is_some_and(|a| a.contains("application/json"))
+            || format.as_deref() == Some("json");
+        let (if_match, if_none_match) = (text(), text());
+        let (if_unmodified_since, if_modified_since) = (text(), text());
+        let (authorization, client) = (text(), text());
+        let length = text().and_then(|n| n.parse::<u64>().ok());
+        let body = match v.next() {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let body_file = match v.next() {
+            Some(Value::String(s)) => Some(s.to_string_lossy()),
+            _ => None,
+        };
+        Ok(ApiRequest {
+            method,
+            path,
+            json,
+            if_match,
+            if_none_match,
+            if_unmodified_since,
+            if_modified_since,
+            authorization,
+            client,
+            length,
+            body,
+            body_file,
+        })
     }
-    let req: Table = ngx.get("req")?;
-    let data: Option<mlua::LuaString> = req.get::<Function>("get_body_data")?.call(())?;
-    let body = match data {
-        Some(data) => data.as_bytes().to_vec(),
-        // nginx buffered a large body to a file (client_body_buffer_size).
-        None => match req
-            .get::<Function>("get_body_file")?
-            .call::<Option<String>>(())?
-        {
-            Some(file) => match std::fs::read(&file) {
-                Ok(b) => b,
-                Err(e) => {
-                    let why = format!("could not read the request body: {e}");
-                    return Ok(Err(rest_text(500, why)));
-                }
-            },
-            None => Vec::new(),
-        },
-    };
-    if body.len() > max {
-        return Ok(Err(too_large()));
+}
+
+impl ApiRequest {
+    /// The body as read; `Err` with a 413 past `max` bytes, or a 500 when
+    /// the file nginx buffered it in cannot be read.
+    fn body(&self, max: usize) -> Result<Vec<u8>, rest::Response> {
+        let too_large = || {
+            rest_text(
+                413,
+                format!("request body is larger than {max} bytes (init option max_body)"),
+            )
+        };
+        if self.length.is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        let body = match (&self.body, &self.body_file) {
+            (Some(data), _) => data.as_bytes().to_vec(),
+            (None, Some(file)) => std::fs::read(file).map_err(|e| {
+                rest_text(500, format!("could not read the request body: {e}"))
+            })?,
+            (None, None) => Vec::new(),
+        };
+        if body.len() > max {
+            return Err(too_large());
+        }
+        Ok(body)
     }
-    Ok(Ok(body))
 }
 
 fn rest_text(status: u16, body: String) -> rest::Response {
@@ -1580,122 +1652,52 @@ fn rest_text(status: u16, body: String) -> rest::Response {
     }
 }
 
-/// The answer of one REST request, sent once its write is on disk.
-struct ApiReply(rest::Response);
-
-impl UserData for ApiReply {}
+/// The REST handler's answer, as writes.lua sends it once the write is on
+/// disk: status, body, whether it is JSON, the ETag's version, the `Allow`
+/// header, and the `X-Dyups-Write-Back` header.
+type ApiAnswer = (u16, String, bool, Option<u64>, Option<&'static str>, Option<String>);
 
 /// The REST content handler (`lua/dyups_api.lua`, through writes.lua):
-/// ngx_http_dyups_module's interface and its per-server additions. The
-/// answer, in `turn`.
-fn api_reply(lua: &Lua, mut turn: Turn) -> LuaResult<ApiReply> {
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
-    let method = method(lua)?;
-    let var: Table = ngx.get("var")?;
-    // Bytes nginx decoded from the URI need not be UTF-8: read them lossily,
-    // so a hostile path is a bad name (400), not a failed conversion (500).
-    let lossy = |name: &str| -> LuaResult<Option<String>> {
-        Ok(var
-            .get::<Option<mlua::LuaString>>(name)?
-            .map(|s| s.to_string_lossy()))
-    };
-    // The path as sent: nginx's $uri has `%2F` decoded into a separator
-    // and dot segments resolved (rest.rs routes and decodes).
-    let path = lossy("request_uri")?.unwrap_or_default();
-    // Headers through nginx's variables, which see every header: a list
-    // from ngx.req.get_headers stops at 100, and an If-Match past them
-    // would not be seen.
-    let json = lossy("http_accept")?.is_some_and(|a| a.contains("application/json"))
-        || lossy("arg_format")?.as_deref() == Some("json");
-    let if_match = lossy("http_if_match")?;
-    let if_none_match = lossy("http_if_none_match")?;
-    let if_unmodified_since = lossy("http_if_unmodified_since")?;
-    let if_modified_since = lossy("http_if_modified_since")?;
-    // rest.rs evaluates every precondition. Left in place, nginx's
-    // not-modified filter would evaluate them again on our answer, after a
-    // write: a 200 with the new ETag would become a 304 (If-None-Match: *)
-    // or a 412 (If-Match, If-Unmodified-Since) for a change that was made.
-    let clear: Function = ngx.get::<Table>("req")?.get("clear_header")?;
-    for (name, value) in [
-        ("If-Match", &if_match),
-        ("If-None-Match", &if_none_match),
-        ("If-Unmodified-Since", &if_unmodified_since),
-        ("If-Modified-Since", &if_modified_since),
-    ] {
-        if value.is_some() {
-            clear.call::<()>(name)?;
-        }
-    }
-    let response = match (authorize(lua)?, store_in(&mut turn)) {
+/// ngx_http_dyups_module's interface and its per-server additions, in
+/// `turn`.
+fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaResult<ApiAnswer> {
+    let mut write_back = None;
+    let response = match (admit(lua, req.authorization.as_deref(), req.client.as_deref()), store_in(&mut turn)) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
         (_, Err(e)) => rest_text(500, e.to_string()),
-        (_, Ok((cfg, store, wait))) => match request_body(&ngx, cfg.max_body)? {
+        (_, Ok((cfg, store, wait))) => match req.body(cfg.max_body) {
             Err(r) => r,
             Ok(body) => {
-                let req = rest::Request {
-                    method: &method,
-                    path: &path,
+                let request = rest::Request {
+                    method: &req.method,
+                    path: &req.path,
                     body: &body,
-                    json,
+                    json: req.json,
                     preconditions: rest::Preconditions {
-                        if_match: if_match.as_deref(),
-                        if_none_match: if_none_match.as_deref(),
-                        if_unmodified_since: if_unmodified_since.as_deref(),
-                        if_modified_since: if_modified_since.as_deref(),
+                        if_match: req.if_match.as_deref(),
+                        if_none_match: req.if_none_match.as_deref(),
+                        if_unmodified_since: req.if_unmodified_since.as_deref(),
+                        if_modified_since: req.if_modified_since.as_deref(),
                     },
                 };
                 let opts = WriteOptions { wait, ..cfg.write };
-                let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &opts));
+                let reply = with_snapshot(|_, snap| rest::handle(&request, &store, snap, &opts));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));
-                if !matches!(method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
+                if !matches!(req.method.as_str(), "GET" | "HEAD") && r.status == 200 {
+                    write_back = write_back_header(after_write(lua, &cfg, &store, wait));
                 }
                 r
             }
         },
     };
-    Ok(ApiReply(response))
-}
-
-/// Sends a REST answer; `unsynced`: why the write it reports is not known
-/// to be on disk, which makes it a failure.
-fn send_api(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("handle_api runs inside nginx only"))?;
-    let response = match unsynced {
-        Some(why) => rest_text(500, why),
-        None => reply.take::<ApiReply>()?.0,
-    };
-    if response.status >= 500 {
-        log(lua, "ERR", &response.body);
-    }
-    // We evaluated If-Match against the table version ourselves. Left in
-    // place, nginx's not-modified filter would compare it with the new
-    // version's ETag of a successful write and turn the 200 into a 412.
-    // (Cleared only now: `api_reply` reads it on each of its calls.)
-    ngx.get::<Table>("req")?
-        .get::<Function>("clear_header")?
-        .call::<()>("If-Match")?;
-    ngx.set("status", response.status)?;
-    let out: Table = ngx.get("header")?;
-    let kind = if response.json {
-        "application/json"
-    } else {
-        "text/plain"
-    };
-    out.set("Content-Type", kind)?;
-    if let Some(v) = response.etag {
-        out.set("ETag", format!("\"{v}\""))?;
-    }
-    if let Some(allow) = response.allow {
-        out.set("Allow", allow)?;
-    }
-    if response.status == 401 {
-        out.set("WWW-Authenticate", "Bearer realm=\"ngx.dyups\"")?;
-    }
-    if !response.body.is_empty() {
-        ngx.get::<Function>("print")?.call::<Value>(response.body)?;
-    }
-    Ok(())
+    Ok((
+        response.status,
+        response.body,
+        response.json,
+        response.etag,
+        response.allow,
+        write_back,
+    ))
 }
 
 /// `dyups.write_upstreams(path)`: writes the table to `path` as an nginx
