@@ -72,9 +72,19 @@ def proxy_files(n, backends):
     return {"conf/upstream.conf": "".join(f"upstream u{i} {{ {four} }}\n" for i in range(n))}
 
 
-def with_so(body, libdir):
-    """The proxy configuration loading ngx.dyups from `libdir`/ngx/dyups.so."""
-    return body.replace(f'"{db.REPO}/lib/?.so;;"', f'"{libdir}/?.so;;"', 1)
+def with_so(body, libdir, floor=None):
+    """The proxy configuration loading ngx.dyups from `libdir`/ngx/dyups.so;
+    with `floor`, its admin port's `GET /list` answered by nginx alone
+    ("nginx": `return 200`) or by a Lua content handler that only prints
+    ("lua"): what any admin request costs, whatever ngx.dyups does."""
+    body = body.replace(f'"{db.REPO}/lib/?.so;;"', f'"{libdir}/?.so;;"', 1)
+    api = f"location / {{ content_by_lua_file {db.REPO}/lua/dyups_api.lua; }}"
+    assert api in body
+    if floor == "nginx":
+        body = body.replace(api, 'location = /list { return 200 "c1\\nu0\\n"; }', 1)
+    elif floor == "lua":
+        body = body.replace(api, 'location = /list { content_by_lua_block { ngx.print("c1\\nu0\\n") } }', 1)
+    return body
 
 
 def task_cpu(pid):
@@ -103,7 +113,7 @@ def cpu_mode(cfg, root, backends):
         os.makedirs(os.path.join(libdir, "ngx"))
         shutil.copy(so, os.path.join(libdir, "ngx", "dyups.so"))
         port, api = db.free_port(), db.free_port()
-        body = with_so(db.dyups_conf(port, api, size="16m", extra_init=cfg.init), libdir)
+        body = with_so(db.dyups_conf(port, api, size="16m", extra_init=cfg.init), libdir, cfg.floor)
         inst = db.Nginx(root, f"p{i}", 2, body, files=proxy_files(cfg.n, backends), main=db.DYUPS_MAIN)
         inst.start([port, api], timeout=120)
         insts.append((so, inst, api, inst.worker_pids()))
@@ -128,6 +138,8 @@ def cpu_mode(cfg, root, backends):
                    f"(user {row['user_us']:.0f}, sys {row['sys_us']:.0f}, {row['faults']:.2f} faults) "
                    f"at {row['rate']:.0f}/s, load {load:.1f}")
     what = "read (GET /list)" if cfg.read else "write"
+    if cfg.floor:
+        what += f" answered by {'return 200' if cfg.floor == 'nginx' else 'content_by_lua_block'}"
     print(f"CPU of both workers per {what}, N = {cfg.n}, {cfg.rate}/s for {cfg.secs} s, "
           f"median of {cfg.rounds} rounds{', init ' + cfg.init.strip() if cfg.init else ''}:")
     for so in sos:
@@ -266,6 +278,8 @@ def main():
     ap.add_argument("--n", type=int, default=1, help="upstreams in the table")
     ap.add_argument("--read", action="store_true", help="GET /list instead of writes")
     ap.add_argument("--init", default="", help="extra init options, e.g. 'durable = false,'")
+    ap.add_argument("--floor", choices=["nginx", "lua"],
+                    help="with --read: GET /list answered by nginx's return, or a Lua block that prints")
     ap.add_argument("--callgrind", action="store_true")
     ap.add_argument("--warm", type=float, default=5, help="callgrind mode: seconds of writes first")
     ap.add_argument("--keep", action="store_true", help="keep the prefixes (and dumps)")

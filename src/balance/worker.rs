@@ -197,7 +197,6 @@ impl Worker {
     /// or damaged (`StateFile::restore`), and moves to the file now at the
     /// path. Returns what the error log should say.
     pub fn check_file(&mut self, pid: u32) -> Option<String> {
-        let path = self.store.path().display().to_string();
         let health = match self.store.health() {
             // Overwritten in place, or its header or a slot wrecked: the
             // same file, damaged inside. Examined after a failed refresh or
@@ -225,6 +224,8 @@ impl Worker {
                 Some(self.store.restore(&self.snapshot)),
             ),
         };
+        // Only now: a request looks at the file twice, and finds it whole.
+        let path = self.store.path().display().to_string();
         let restored = match restored {
             Some(Ok(Some(r))) => format!("; restored it from {} as version {}", r.from, r.version),
             Some(Ok(None)) | None => String::new(),

@@ -202,14 +202,16 @@ impl TurnHandle {
 
 impl UserData for TurnHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // "waiting" | "done" | "held" [, address, length to msync]
+        // waiting [, address, length to msync]: true while writers are
+        // ahead; else false, and the range its write left to msync, if any.
+        // No strings: from Rust, each costs a protected mlua call.
         methods.add_method("state", |_, this, ()| {
             let state = this.file.as_ref().map(|f| f.turn_state(this.id));
             Ok(match state {
-                None | Some(TurnState::Done) => ("done", None, None),
-                Some(TurnState::Waiting) => ("waiting", None, None),
+                None | Some(TurnState::Done) => (false, None, None),
+                Some(TurnState::Waiting) => (true, None, None),
                 Some(TurnState::Held { flush }) => (
-                    "held",
+                    false,
                     flush.map(|(at, _)| LightUserData(at as *mut c_void)),
                     flush.map(|(_, len)| len),
                 ),
@@ -1006,7 +1008,9 @@ const NO_LOG_HOOK_AFTER: u64 = 1000;
 
 /// Runs `f` on the freshest table this process can see: the worker's (after
 /// catching up) inside nginx, a direct read outside it.
-fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) -> Result<T, String> {
+fn with_snapshot<T>(
+    f: impl FnOnce(&std::sync::Arc<StateFile>, &crate::store::Snapshot) -> T,
+) -> Result<T, String> {
     let mut guard = WORKER.lock();
     if let Some(w) = guard.as_mut() {
         // Moves to a file restored or replaced since the last tick, so the
@@ -1020,7 +1024,8 @@ fn with_snapshot<T>(f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T) ->
     }
     drop(guard);
     let cfg = config()?;
-    let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map_err(|e| e.to_string())?;
+    let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg))
+        .map_err(|e| format!("{e}{}", owner_hint(&cfg)))?;
     let snap = store.read().map_err(|e| e.to_string())?;
     Ok(f(&store, &snap))
 }
@@ -1344,7 +1349,11 @@ fn query_arg(args: &Table, name: &str) -> Arg {
 /// Checks the admin token, when one is configured; logs a refusal with the
 /// client's address.
 fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
-    if CONFIG.lock().as_ref().is_none_or(|c| c.admin_token.is_none()) {
+    if CONFIG
+        .lock()
+        .as_ref()
+        .is_none_or(|c| c.admin_token.is_none())
+    {
         return Ok(Ok(()));
     }
     let var: Table = ngx(lua)
@@ -1531,7 +1540,10 @@ fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
 /// Whether writes.lua should read the request body before the REST handler
 /// (`raw.api_wants_body(method, content_length)`): a write, not declared
 /// larger than `max_body` (that one is refused with 413 unread).
-fn api_wants_body(_: &Lua, (method, length): (mlua::LuaString, Option<mlua::LuaString>)) -> LuaResult<bool> {
+fn api_wants_body(
+    _: &Lua,
+    (method, length): (mlua::LuaString, Option<mlua::LuaString>),
+) -> LuaResult<bool> {
     let max = config()
         .map(|c| c.max_body)
         .unwrap_or(rest::DEFAULT_MAX_BODY);
@@ -1630,9 +1642,8 @@ impl ApiRequest {
         }
         let body = match (&self.body, &self.body_file) {
             (Some(data), _) => data.as_bytes().to_vec(),
-            (None, Some(file)) => std::fs::read(file).map_err(|e| {
-                rest_text(500, format!("could not read the request body: {e}"))
-            })?,
+            (None, Some(file)) => std::fs::read(file)
+                .map_err(|e| rest_text(500, format!("could not read the request body: {e}")))?,
             (None, None) => Vec::new(),
         };
         if body.len() > max {
@@ -1655,17 +1666,27 @@ fn rest_text(status: u16, body: String) -> rest::Response {
 /// The REST handler's answer, as writes.lua sends it once the write is on
 /// disk: status, body, whether it is JSON, the ETag's version, the `Allow`
 /// header, and the `X-Dyups-Write-Back` header.
-type ApiAnswer = (u16, String, bool, Option<u64>, Option<&'static str>, Option<String>);
+type ApiAnswer = (
+    u16,
+    String,
+    bool,
+    Option<u64>,
+    Option<&'static str>,
+    Option<String>,
+);
 
 /// The REST content handler (`lua/dyups_api.lua`, through writes.lua):
 /// ngx_http_dyups_module's interface and its per-server additions, in
 /// `turn`.
 fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaResult<ApiAnswer> {
     let mut write_back = None;
-    let response = match (admit(lua, req.authorization.as_deref(), req.client.as_deref()), store_in(&mut turn)) {
+    let response = match (
+        admit(lua, req.authorization.as_deref(), req.client.as_deref()),
+        config(),
+    ) {
         (Err(why), _) => rest_text(401, why.message().to_owned()),
-        (_, Err(e)) => rest_text(500, e.to_string()),
-        (_, Ok((cfg, store, wait))) => match req.body(cfg.max_body) {
+        (_, Err(e)) => rest_text(500, e),
+        (_, Ok(cfg)) => match req.body(cfg.max_body) {
             Err(r) => r,
             Ok(body) => {
                 let request = rest::Request {
@@ -1680,13 +1701,29 @@ fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaResult<ApiAns
                         if_modified_since: req.if_modified_since.as_deref(),
                     },
                 };
-                let opts = WriteOptions { wait, ..cfg.write };
-                let reply = with_snapshot(|_, snap| rest::handle(&request, &store, snap, &opts));
-                let r = reply.unwrap_or_else(|e| rest_text(500, e));
-                if !matches!(req.method.as_str(), "GET" | "HEAD") && r.status == 200 {
-                    write_back = write_back_header(after_write(lua, &cfg, &store, wait));
+                // The file the worker routes by (moved to one restored or
+                // replaced since its last look), as writes take it too.
+                let reply = with_snapshot(|store, snap| {
+                    let wait = match &mut turn {
+                        Some(t) => t.wait(store, cfg.write.wait),
+                        None => cfg.write.wait,
+                    };
+                    let opts = WriteOptions { wait, ..cfg.write };
+                    (
+                        rest::handle(&request, store, snap, &opts),
+                        store.clone(),
+                        wait,
+                    )
+                });
+                match reply {
+                    Err(e) => rest_text(500, e),
+                    Ok((r, store, wait)) => {
+                        if !matches!(req.method.as_str(), "GET" | "HEAD") && r.status == 200 {
+                            write_back = write_back_header(after_write(lua, &cfg, &store, wait));
+                        }
+                        r
+                    }
                 }
-                r
             }
         },
     };

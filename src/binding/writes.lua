@@ -75,17 +75,23 @@ local function in_turn(f, ...)
     end
     local turn = raw.turn()
     local res = pack(pcall(f, turn, ...))
-    while turn:state() == "waiting" do
+    local waiting, addr, len = turn:state()
+    while waiting do
         ngx.sleep(POLL)
         res = pack(pcall(f, turn, ...))
+        waiting, addr, len = turn:state()
     end
-    local _, addr, len = turn:state()
     local flushed = addr ~= nil and flush_in_thread(addr, len)
     local unsynced = turn:finish(flushed)
     if not res[1] then
         return error(res[2], 0)
     end
     return pack(unpack(res, 2, res.n)), unsynced
+end
+
+-- `f(nil, ...)`, as in_turn returns it: for what never writes.
+local function direct(f, ...)
+    return pack(f(nil, ...)), nil
 end
 
 function module.update(...)
@@ -164,7 +170,9 @@ function module.handle_api()
             req.clear_header(name)
         end
     end
-    local res, unsynced = in_turn(raw.api, method, var.request_uri, var.http_accept, var.arg_format,
+    -- A read takes no turn in the writers' queue.
+    local handle = (method == "GET" or method == "HEAD") and direct or in_turn
+    local res, unsynced = handle(raw.api, method, var.request_uri, var.http_accept, var.arg_format,
         if_match, if_none_match, if_unmodified_since, if_modified_since,
         var.http_authorization, var.remote_addr, length, body, body_file)
     local status, text, json, etag, allow, write_back = unpack(res, 1, 6)
