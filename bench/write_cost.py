@@ -17,8 +17,8 @@ started at once and measured in turn, round after round, so that the
 machine's load falls on every build alike. Per round and build: the CPU
 time of both workers (every thread: the msync runs in nginx's thread pool,
 scheduler nanoseconds from /proc/PID/task/TID/schedstat), its user and
-system split, and the minor page faults, each divided by the writes
-answered. Printed: each build's median over the rounds.
+system split, the minor page faults and the bytes made dirty for the disk
+(/proc/PID/io write_bytes), each divided by the writes answered. Printed: each build's median over the rounds.
 
 Callgrind mode (`--callgrind`, needs valgrind): the first build's proxy,
 twice, under `valgrind --tool=callgrind`, both workers counted from start
@@ -88,8 +88,8 @@ def with_so(body, libdir, floor=None):
 
 
 def task_cpu(pid):
-    """(CPU ns, user ticks, system ticks, minor faults) of process `pid`, all
-    its threads."""
+    """(CPU ns, user ticks, system ticks, minor faults, bytes it made dirty
+    for the disk) of process `pid`, all its threads."""
     ns = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -100,7 +100,12 @@ def task_cpu(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # minflt is field 10, utime 14, stime 15 (1-based, from pid): here 7, 11, 12.
-    return ns, int(fields[11]), int(fields[12]), int(fields[7])
+    written = 0
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                written = int(line.split()[1])
+    return ns, int(fields[11]), int(fields[12]), int(fields[7]), written
 
 
 def cpu_mode(cfg, root, backends):
@@ -129,13 +134,14 @@ def cpu_mode(cfg, root, backends):
                                                read=cfg.read))
             after = [task_cpu(w) for w in workers]
             n = max(1.0, wr["ok"] + wr["failed"])
-            d = [sum(a[k] - b[k] for a, b in zip(after, before)) for k in range(4)]
+            d = [sum(a[k] - b[k] for a, b in zip(after, before)) for k in range(5)]
             row = {"us": d[0] / 1e3 / n, "user_us": d[1] / tick * 1e6 / n,
-                   "sys_us": d[2] / tick * 1e6 / n, "faults": d[3] / n,
+                   "sys_us": d[2] / tick * 1e6 / n, "faults": d[3] / n, "kib": d[4] / 1024 / n,
                    "rate": wr["ok"] / wr["secs"], "failed": wr["failed"], "load": load}
             rows[so].append(row)
             db.log(f"  round {rnd + 1} {so}: {row['us']:.0f} µs/{'read' if cfg.read else 'write'} "
-                   f"(user {row['user_us']:.0f}, sys {row['sys_us']:.0f}, {row['faults']:.2f} faults) "
+                   f"(user {row['user_us']:.0f}, sys {row['sys_us']:.0f}, {row['faults']:.2f} faults, "
+                   f"{row['kib']:.0f} KiB dirtied) "
                    f"at {row['rate']:.0f}/s, load {load:.1f}")
     what = "read (GET /list)" if cfg.read else "write"
     if cfg.floor:
@@ -147,7 +153,7 @@ def cpu_mode(cfg, root, backends):
         each = " ".join(f"{x['us']:.0f}" for x in r)
         print(f"  {so}: {db.med([x['us'] for x in r]):.0f} µs (user {db.med([x['user_us'] for x in r]):.0f}, "
               f"sys {db.med([x['sys_us'] for x in r]):.0f}, {db.med([x['faults'] for x in r]):.2f} minor "
-              f"faults), at {db.med([x['rate'] for x in r]):.0f}/s, {sum(x['failed'] for x in r):.0f} failed; "
+              f"faults, {db.med([x['kib'] for x in r]):.0f} KiB dirtied for the disk), at {db.med([x['rate'] for x in r]):.0f}/s, {sum(x['failed'] for x in r):.0f} failed; "
               f"rounds: {each}")
 
 

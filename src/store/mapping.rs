@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use super::guard::Guard;
 use crate::store::zone::{PeerCell, CELL_LEN};
@@ -37,6 +37,12 @@ impl SharedMap {
     }
 
     fn guarded(raw: MmapRaw) -> SharedMap {
+        // Pages faulted in one by one, never as a huge page: a durable
+        // write then dirties and writes back the pages it changed, not a
+        // large folio around them (os::drop_cached says why). Advice: a
+        // kernel without it only loses speed.
+        let _ = raw.advise(Advice::Random);
+        let _ = raw.advise(Advice::NoHugePage);
         let guard = Guard::new(raw.as_ptr() as usize, raw.len());
         SharedMap { guard, raw }
     }

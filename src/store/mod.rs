@@ -502,6 +502,12 @@ impl StateFile {
             .map_err(|e| io_error("stat", path, e))?
             .len();
         let shown = path.display().to_string();
+        // Cached page by page (os::drop_cached says why): what is cached
+        // clean and unmapped is dropped, and read again one page at a time.
+        os::read_at_random(&file);
+        if writable {
+            os::drop_cached(&file);
+        }
         let mut head = vec![0u8; len.min(FIXED_LEN as u64) as usize];
         {
             use std::os::unix::fs::FileExt;
@@ -1292,6 +1298,9 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        // Written in one piece, it is cached in large folios: dropped, so
+        // its mappings fault it in page by page (os::drop_cached says why).
+        os::drop_cached(&f);
         match how {
             Place::Create => {
                 // Its writer lock, so no writer of the new file runs before
