@@ -33,14 +33,21 @@ end
 
 local warned = false
 
+-- The C library's msync, declared once per Lua VM of the thread pool (the
+-- declaration is parsed again at every ffi.cdef).
+local msync
+
 -- msyncs the `len` bytes at `addr` (the state file's mapping): the in-thread
 -- half of a durable write, run by ngx.run_worker_thread in a Lua VM of the
 -- thread pool. Only the kernel reads the mapping here, and an msync of a
 -- range no longer mapped fails without touching memory.
 function module._flush(addr, len)
     local ffi = require "ffi"
-    pcall(ffi.cdef, "int msync(void *addr, size_t length, int flags);")
-    if ffi.C.msync(addr, len, MS_SYNC) ~= 0 then
+    if not msync then
+        pcall(ffi.cdef, "int msync(void *addr, size_t length, int flags);")
+        msync = ffi.C.msync
+    end
+    if msync(addr, len, MS_SYNC) ~= 0 then
         return nil, "msync: errno " .. ffi.errno()
     end
     return true
