@@ -188,11 +188,21 @@ impl ChangeLog {
         }
     }
 
-    /// Reads `count` entries at `r`, checking each.
-    fn read(r: &mut Reader<'_>, count: usize) -> Result<ChangeLog, String> {
+    /// Reads `count` entries at `r`, checking each, except those that
+    /// `known` (a log checked before) holds byte for byte at its start: a
+    /// writer only drops a log's oldest changes and appends new ones, so
+    /// after a write a reader checks what the write added.
+    fn read(
+        r: &mut Reader<'_>,
+        count: usize,
+        known: Option<&ChangeLog>,
+    ) -> Result<ChangeLog, String> {
         let start = r.at;
-        match skim(&r.b[start..], count) {
-            Some(len) => r.at += len,
+        let (checked, entries) = known
+            .and_then(|k| k.continued_by(&r.b[start..], count))
+            .unwrap_or((0, 0));
+        match skim(&r.b[start + checked..], count - entries) {
+            Some(len) => r.at += checked + len,
             // Refused: read entry by entry for the reason.
             None => {
                 for _ in 0..count {
@@ -205,6 +215,36 @@ impl ChangeLog {
             count,
         })
     }
+
+    /// When `bytes`, the start of a log of `count` changes, begins with the
+    /// newest of this log's changes (all but some oldest ones, at least
+    /// one): how many bytes and changes that is.
+    fn continued_by(&self, bytes: &[u8], count: usize) -> Option<(usize, usize)> {
+        // A log of `count` changes that continues this one dropped at least
+        // the changes it has fewer of.
+        let mut at = 0;
+        for dropped in 0..self.count {
+            let tail = &self.bytes[at..];
+            if dropped >= self.count.saturating_sub(count) && bytes.starts_with(tail) {
+                return Some((tail.len(), self.count - dropped));
+            }
+            at = skip_change(&self.bytes, at)?;
+        }
+        None
+    }
+}
+
+/// Where the change at `at` of a checked log ends.
+fn skip_change(b: &[u8], at: usize) -> Option<usize> {
+    let text =
+        |at: usize| Some(at + 2 + u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]) as usize);
+    let at = text(at + 8)?;
+    let at = match *b.get(at)? {
+        4 => at + 1 + 4 + 2,
+        6 => at + 1 + 16 + 2,
+        _ => text(at + 1)?,
+    };
+    Some(at + 1)
 }
 
 /// The bytes the first `count` changes of `b` take, each checked as
@@ -512,16 +552,19 @@ fn put_addr(out: &mut Vec<u8>, a: &Address) {
     }
 }
 
-/// Decodes a payload. Upstreams that `prev` (the table this process read
+/// Decodes a payload. Upstreams that `prev` (the payload this process read
 /// last) holds under the same name and rev are taken from it, shared, without
 /// decoding their servers again: a writer stamps a new rev on every upstream
 /// it changes, so a change to one upstream of a large table costs a reader
-/// that upstream, not the table.
+/// that upstream, not the table. Likewise the changes of its log that this
+/// one still holds are not checked again (see [`ChangeLog::read`]).
 ///
 /// `base` and `extension` are the two parts of the payload; an empty
 /// extension (a slot written by a build without it) gives every upstream
 /// the defaults of what it holds.
-pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
+pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Payload>) -> Result<Payload, String> {
+    let prev_log = prev.map(|p| &p.changes);
+    let prev = prev.map(|p| &p.table);
     let mut r = Reader { b: base, at: 0 };
     let version = r.u64()?;
     let upstreams = r.u32()? as usize;
@@ -625,7 +668,7 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
         u.peers = peers;
         table.upstreams.push(Arc::new(u));
     }
-    let log = ChangeLog::read(&mut r, changes)?;
+    let log = ChangeLog::read(&mut r, changes, prev_log)?;
     if r.left() != 0 {
         return Err(format!("{} bytes after the end of the table", r.left()));
     }
@@ -1042,7 +1085,7 @@ pub(crate) mod tests {
         let mut later = p.clone();
         later.table.sync.as_mut().unwrap().revision = 42;
         let e2 = encode(&later);
-        let again = decode(&e2.base, &e2.extension, Some(&back.table)).unwrap();
+        let again = decode(&e2.base, &e2.extension, Some(&back)).unwrap();
         assert_eq!(again.table.sync.unwrap().revision, 42);
         // A table without upstreams has nowhere to keep the mark.
         let empty = Payload {
@@ -1203,13 +1246,13 @@ pub(crate) mod tests {
         let p = sample();
         let e = encode(&p);
         let prev = decode(&e.base, &e.extension, None).unwrap();
-        let shared = decode(&e.base, &e.extension, Some(&prev.table)).unwrap();
+        let shared = decode(&e.base, &e.extension, Some(&prev)).unwrap();
         assert!(Arc::ptr_eq(
             &shared.table.upstreams[0],
             &prev.table.upstreams[0]
         ));
         // The same base, rewritten by a format-2 build: no extension.
-        let dropped = decode(&e.base, &[], Some(&prev.table)).unwrap();
+        let dropped = decode(&e.base, &[], Some(&prev)).unwrap();
         let local = &dropped.table.upstreams[0];
         assert!(!Arc::ptr_eq(local, &prev.table.upstreams[0]));
         assert_eq!(
@@ -1295,6 +1338,54 @@ pub(crate) mod tests {
                 }
             }
             assert_eq!(skim(&bytes[..i], 9), None, "cut at {i}");
+        }
+    }
+
+    /// Read after the log it continues, a log reads as it does alone, and
+    /// a wrong byte is refused wherever it is: in the changes added, or in
+    /// those the known log held (then the bytes differ from it, and all
+    /// are checked).
+    #[test]
+    fn a_log_read_after_the_one_it_continues_reads_as_alone() {
+        for (old, new) in [
+            (0, 3),
+            (5, 0),
+            (5, 2),
+            (512, 1),
+            (512, 40),
+            (300, 300),
+            (512, 600),
+        ] {
+            let mut known = sample();
+            known.changes = ChangeLog::new(&changes(1, old));
+            let mut p = sample();
+            p.changes = known
+                .changes
+                .appended(&changes(1 + old as u64, new), CHANGE_LOG_MAX);
+            let e = encode(&p);
+            assert_eq!(
+                decode(&e.base, &e.extension, Some(&known)).unwrap(),
+                p,
+                "{old} + {new}"
+            );
+            let at = e.base.len() - p.changes.bytes.len();
+            // The first change's name (0xff: not UTF-8), the last one's flag.
+            for (i, spot, byte) in [(0, at + 10, 0xff), (1, e.base.len() - 1, 2)] {
+                if p.changes.is_empty() {
+                    continue;
+                }
+                let mut bad = e.base.clone();
+                bad[spot] = byte;
+                assert_eq!(
+                    decode(&bad, &e.extension, Some(&known)).is_err(),
+                    decode(&bad, &e.extension, None).is_err(),
+                    "{old} + {new}, flip {i}"
+                );
+                assert!(
+                    decode(&bad, &e.extension, Some(&known)).is_err(),
+                    "{old} + {new}, flip {i}"
+                );
+            }
         }
     }
 

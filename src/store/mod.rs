@@ -203,9 +203,10 @@ pub struct StateFile {
     id: FileId,
     /// The last tables written, kept beside the file.
     copy: CopyFile,
-    /// The table this process read or wrote last, whose unchanged upstreams
-    /// the next read shares instead of decoding them again.
-    last: Mutex<Option<Table>>,
+    /// The payload this process read or wrote last, whose unchanged
+    /// upstreams (and changes) the next read shares instead of decoding
+    /// (and checking) them again.
+    last: Mutex<Option<Payload>>,
     /// The table this process published last, until
     /// [`read_if_changed`](Self::read_if_changed) hands it over (see there).
     published: Mutex<Option<Snapshot>>,
@@ -637,7 +638,7 @@ impl StateFile {
             let why = match first.and_then(|h| check_slot(h, &buf, Some(generation), last.as_ref()))
             {
                 Ok(p) => {
-                    *last = Some(p.table.clone());
+                    *last = Some(p.clone());
                     return Ok(Some(snapshot(generation, p, None, active)));
                 }
                 Err(why) => why,
@@ -810,7 +811,7 @@ impl StateFile {
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
-        *self.last.lock() = Some(written.table.clone());
+        *self.last.lock() = Some(written.clone());
         *self.published.lock() = Some(snapshot(next, written, None, target));
         self.copy
             .save(self.id, next, &payload.base, &payload.extension);
@@ -1346,7 +1347,7 @@ fn check_slot(
     h: SlotHeader,
     payload: &[u8],
     generation: Option<u64>,
-    prev: Option<&Table>,
+    prev: Option<&Payload>,
 ) -> Result<Payload, String> {
     if !h.matches(payload) {
         return Err("checksum mismatch".into());

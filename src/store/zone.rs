@@ -318,13 +318,14 @@ pub fn assign(
 }
 
 /// The cells neither of two tables names, in ascending order. Which cells
-/// are named is found only when a server first needs a fresh one: most
-/// writes keep every server's cell, and a 16 MiB file has 175,000 cells to
-/// look through.
+/// are named is found only when a server first needs a fresh one (most
+/// writes keep every server's cell), and only up to the highest named: a
+/// 16 MiB file has 175,000 cells, and the store gives out the lowest free
+/// ones first.
 struct FreeCells<'a> {
     tables: [&'a Table; 2],
     capacity: u32,
-    /// One bit per cell, set when a table names it.
+    /// One bit per cell up to the highest a table names, set when one does.
     used: Option<Vec<u64>>,
     /// The next cell to look at.
     at: u32,
@@ -334,19 +335,29 @@ impl FreeCells<'_> {
     fn next(&mut self) -> Option<u32> {
         let (tables, capacity) = (self.tables, self.capacity);
         let used = self.used.get_or_insert_with(|| {
-            let mut bits = vec![0u64; capacity.div_ceil(64) as usize];
-            for u in tables.iter().flat_map(|t| &t.upstreams) {
-                for p in &u.peers {
-                    if p.index < capacity {
-                        bits[(p.index / 64) as usize] |= 1 << (p.index % 64);
-                    }
-                }
+            let named = || {
+                tables
+                    .iter()
+                    .flat_map(|t| &t.upstreams)
+                    .flat_map(|u| &u.peers)
+                    .map(|p| p.index)
+                    .filter(|&i| i < capacity)
+            };
+            let words = named().max().map_or(0, |i| i / 64 + 1);
+            let mut bits = vec![0u64; words as usize];
+            for i in named() {
+                bits[(i / 64) as usize] |= 1 << (i % 64);
             }
             bits
         });
         while self.at < capacity {
+            let Some(&bits) = used.get((self.at / 64) as usize) else {
+                // Past the highest cell named: all free.
+                self.at += 1;
+                return Some(self.at - 1);
+            };
             // The cells below `at` in its word were looked at already.
-            let word = used[(self.at / 64) as usize] | ((1u64 << (self.at % 64)) - 1);
+            let word = bits | ((1u64 << (self.at % 64)) - 1);
             if word == u64::MAX {
                 self.at = (self.at / 64 + 1) * 64;
                 continue;
