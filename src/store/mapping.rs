@@ -114,6 +114,25 @@ impl SharedMap {
         }
     }
 
+    /// Copies `len` bytes at `off` out of the mapping into `dst`, in place of
+    /// what it held, without zeroing them first (a slot is some 10 KiB,
+    /// copied by every worker after every write). Untrusted, as with
+    /// [`copy_out`](Self::copy_out).
+    pub fn copy_out_into(&self, off: usize, len: usize, dst: &mut Vec<u8>) {
+        self.check(off, len, 1);
+        dst.clear();
+        dst.reserve(len);
+        // SAFETY: the range is inside the mapping (`check`); `dst` has room
+        // for `len` bytes after `reserve`, a distinct private buffer. The
+        // copy writes all `len` of them before `set_len` makes them part of
+        // the vector, and `u8` has no invalid bit patterns, so bytes a
+        // racing writer mixed are only stale (see `copy_out`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.raw.as_ptr().add(off), dst.as_mut_ptr(), len);
+            dst.set_len(len);
+        }
+    }
+
     /// Copies `src` into the mapping at `off`.
     ///
     /// Only a holder of the writer lock may call this, and only on bytes no

@@ -686,8 +686,8 @@ impl StateFile {
                 header.total_len()
             ));
         }
-        buf.resize(header.total_len() as usize, 0);
-        self.map.copy_out(off + SLOT_HEADER as usize, buf);
+        self.map
+            .copy_out_into(off + SLOT_HEADER as usize, header.total_len() as usize, buf);
         Ok(header)
     }
 
