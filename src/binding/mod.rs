@@ -12,8 +12,8 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use mlua::{
-    AnyUserData, FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table,
-    UserData, UserDataMethods, UserDataRefMut, Value, Variadic,
+    FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData,
+    UserDataMethods, UserDataRefMut, Value, Variadic,
 };
 use parking_lot::Mutex;
 
@@ -122,7 +122,10 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     )?;
     raw.set("write_upstreams", lua.create_function(write_upstreams)?)?;
     raw.set("ups", lua.create_function(ups_reply)?)?;
-    raw.set("send_ups", lua.create_function(send_ups)?)?;
+    raw.set(
+        "ups_failure",
+        lua.create_function(|_, msg: String| Ok(ups_failure(&msg).body))?,
+    )?;
     raw.set("api", lua.create_function(api_reply)?)?;
     raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
     lua.load(include_str!("writes.lua"))
@@ -1179,20 +1182,9 @@ fn after_write(
     Some(outcome)
 }
 
-/// The response header that tells an HTTP client how the write-back of its
-/// change went: `ok`, or `failed: REASON`.
-const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
-
-fn announce_write_back(lua: &Lua, outcome: Option<Result<u64, String>>) -> LuaResult<()> {
-    let Some(value) = write_back_header(outcome) else {
-        return Ok(());
-    };
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
-    ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
-}
-
-/// The value of the write-back header for how the write-back went, if
-/// there was one.
+/// The value of the header that tells an HTTP client how the write-back of
+/// its change went (`X-Dyups-Write-Back`, set by writes.lua): `ok`, or
+/// `failed: REASON`; none when there was no write-back.
 fn write_back_header(outcome: Option<Result<u64, String>>) -> Option<String> {
     Some(match outcome? {
         Ok(_) => "ok".to_owned(),
@@ -1336,16 +1328,6 @@ fn set_rotation(
 
 // ---- content handlers --------------------------------------------------------------
 
-/// One query argument from `ngx.req.get_uri_args()`.
-fn query_arg(args: &Table, name: &str) -> Arg {
-    match args.get::<Value>(name).unwrap_or(Value::Nil) {
-        Value::Nil => Arg::Absent,
-        Value::Boolean(_) => Arg::Flag,
-        Value::String(s) => Arg::One(s.to_string_lossy()),
-        _ => Arg::Many,
-    }
-}
-
 /// Checks the admin token, when one is configured; logs a refusal with the
 /// client's address.
 fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
@@ -1422,66 +1404,113 @@ fn method(lua: &Lua) -> LuaResult<String> {
         .call(())
 }
 
-/// The answer of one `/ups` request, sent once its write is on disk.
-struct UpsReply(ups::Reply);
+/// One `/ups` request as writes.lua took it from nginx, once, before the
+/// handler's first call (see [`ApiRequest`] for why): the method, the
+/// query arguments `op`, `server` and `upstream` as `ngx.req.get_uri_args`
+/// gives them, whether that list was cut short, the first conditional
+/// header sent, and the admin credentials.
+struct UpsRequest {
+    method: String,
+    op: Arg,
+    server: Arg,
+    upstream: Arg,
+    truncated: bool,
+    /// `If-Match`, `If-None-Match` or `If-Unmodified-Since`, whichever
+    /// came (writes.lua names the first it finds).
+    precondition: Option<String>,
+    authorization: Option<String>,
+    client: Option<String>,
+}
 
-impl UserData for UpsReply {}
-
-/// The `/ups` content handler (`lua/upsops.lua`, through writes.lua): the
-/// answer, in `turn`.
-fn ups_reply(lua: &Lua, mut turn: Turn) -> LuaResult<UpsReply> {
-    if let Err(why) = authorize(lua)? {
-        return Ok(UpsReply(unauthorized_json(why)));
+impl FromLuaMulti for UpsRequest {
+    fn from_lua_multi(values: MultiValue, _: &Lua) -> LuaResult<Self> {
+        let mut v = values.into_iter();
+        let method = lossy_text(v.next()).unwrap_or_default();
+        // As ngx.req.get_uri_args gives it: `?op` alone is `true`, a name
+        // given twice a table.
+        let mut arg = || match v.next().unwrap_or(Value::Nil) {
+            Value::Nil => Arg::Absent,
+            Value::Boolean(_) => Arg::Flag,
+            Value::String(s) => Arg::One(s.to_string_lossy()),
+            _ => Arg::Many,
+        };
+        let (op, server, upstream) = (arg(), arg(), arg());
+        let truncated = matches!(v.next(), Some(Value::Boolean(true)));
+        let precondition = lossy_text(v.next());
+        let authorization = lossy_text(v.next());
+        let client = lossy_text(v.next());
+        Ok(UpsRequest {
+            method,
+            op,
+            server,
+            upstream,
+            truncated,
+            precondition,
+            authorization,
+            client,
+        })
     }
-    let method = method(lua)?;
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
-    let (args, truncated): (Table, Option<String>) = ngx
-        .get::<Table>("req")?
-        .get::<Function>("get_uri_args")?
-        .call(UPS_MAX_ARGS)?;
-    if truncated.is_some() {
+}
+
+/// The `/ups` content handler (`lua/upsops.lua`, through writes.lua), in
+/// `turn`: the status and JSON body writes.lua sends once the write is on
+/// disk, and the `X-Dyups-Write-Back` header.
+fn ups_reply(
+    lua: &Lua,
+    (mut turn, req): (Turn, UpsRequest),
+) -> LuaResult<(u16, String, Option<String>)> {
+    if let Err(why) = admit(lua, req.authorization.as_deref(), req.client.as_deref()) {
+        let r = unauthorized_json(why);
+        return Ok((r.status, r.body, None));
+    }
+    if req.truncated {
         // A half-read query could miss its `upstream=` and change the
         // server in every upstream.
-        return Ok(UpsReply(ups::refused(
+        let r = ups::refused(
             &format!(
                 "more than {UPS_MAX_ARGS} query arguments: nothing changed; {}",
                 ups::USAGE
             ),
-            &query_arg(&args, "server"),
-        )));
+            &req.server,
+        );
+        return Ok((r.status, r.body, None));
     }
-    if let Some(header) = ups_precondition(&ngx)? {
+    if let Some(header) = &req.precondition {
         // The original interface has no preconditions, and nginx would
         // evaluate these against our answer after the write (a 200 without
         // an ETag fails If-Match and If-Unmodified-Since): refused unapplied.
-        return Ok(UpsReply(ups::refused(
+        let r = ups::refused(
             &format!(
                 "/ups does not evaluate {header}: nothing changed; send the request without it, \
                      or use the REST interface's If-Match"
             ),
-            &query_arg(&args, "server"),
-        )));
+            &req.server,
+        );
+        return Ok((r.status, r.body, None));
     }
+    let mut write_back = None;
     let reply = match store_in(&mut turn) {
         Ok((cfg, store, wait)) => {
             let r = ups::handle(
-                &method,
-                &query_arg(&args, "op"),
-                &query_arg(&args, "server"),
-                &query_arg(&args, "upstream"),
+                &req.method,
+                &req.op,
+                &req.server,
+                &req.upstream,
                 &store,
                 &WriteOptions { wait, ..cfg.write },
             );
             if r.status == 200 {
-                announce_write_back(lua, after_write(lua, &cfg, &store, wait))?;
+                write_back = write_back_header(after_write(lua, &cfg, &store, wait));
             }
             r
         }
         Err(e) => ups_failure(&e.to_string()),
     };
-    Ok(UpsReply(reply))
+    Ok((reply.status, reply.body, write_back))
 }
 
+/// The JSON answer of a `/ups` request that failed (`raw.ups_failure`:
+/// writes.lua's, for a write not known to be on disk).
 fn ups_failure(msg: &str) -> ups::Reply {
     ups::Reply {
         status: 500,
@@ -1489,38 +1518,8 @@ fn ups_failure(msg: &str) -> ups::Reply {
     }
 }
 
-/// Sends a `/ups` answer; `unsynced`: why the write it reports is not
-/// known to be on disk, which makes it a failure.
-fn send_ups(lua: &Lua, (reply, unsynced): (AnyUserData, Option<String>)) -> LuaResult<()> {
-    let reply = match unsynced {
-        Some(why) => ups_failure(&why),
-        None => reply.take::<UpsReply>()?.0,
-    };
-    if reply.status >= 500 {
-        log(lua, "ERR", &reply.body);
-    }
-    respond(lua, reply)
-}
-
 /// Query arguments `/ups` reads; a request with more is refused.
 const UPS_MAX_ARGS: i64 = 100;
-
-/// The first conditional header a `/ups` request carries, if any.
-/// `If-Modified-Since` is not one: nginx ignores it without a
-/// `Last-Modified`, and it has no meaning on a write.
-fn ups_precondition(ngx: &Table) -> LuaResult<Option<&'static str>> {
-    let var: Table = ngx.get("var")?;
-    for (header, name) in [
-        ("If-Match", "http_if_match"),
-        ("If-None-Match", "http_if_none_match"),
-        ("If-Unmodified-Since", "http_if_unmodified_since"),
-    ] {
-        if var.get::<Option<mlua::LuaString>>(name)?.is_some() {
-            return Ok(Some(header));
-        }
-    }
-    Ok(None)
-}
 
 /// The `/ups/check` content handler (`lua/srvcheck.lua`).
 fn handle_check(lua: &Lua, (): ()) -> LuaResult<()> {
@@ -1588,10 +1587,7 @@ impl FromLuaMulti for ApiRequest {
         let mut v = values.into_iter();
         // Bytes nginx decoded from the URI need not be UTF-8: read lossily,
         // so a hostile path is a bad name (400), not a failed conversion.
-        let mut text = || match v.next() {
-            Some(Value::String(s)) => Some(s.to_string_lossy()),
-            _ => None,
-        };
+        let mut text = || lossy_text(v.next());
         let method = text().unwrap_or_default();
         let path = text().unwrap_or_default();
         let accept = text();
@@ -1624,6 +1620,15 @@ impl FromLuaMulti for ApiRequest {
             body,
             body_file,
         })
+    }
+}
+
+/// A string argument as text (bytes that are not UTF-8 replaced); `None`
+/// for anything else, `nil` included.
+fn lossy_text(v: Option<Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s.to_string_lossy()),
+        _ => None,
     }
 }
 

@@ -138,9 +138,53 @@ function module.write_upstreams(...)
     return unpack(res, 1, res.n)
 end
 
+-- Query arguments /ups reads; a request with more is refused.
+local UPS_MAX_ARGS = 100
+
+-- The conditional headers /ups refuses (it has none of its own, and nginx
+-- would evaluate them against its answer after the write). Not
+-- If-Modified-Since: nginx ignores it without a Last-Modified, and it has
+-- no meaning on a write.
+local UPS_PRECONDITIONS = {
+    { "If-Match", "http_if_match" },
+    { "If-None-Match", "http_if_none_match" },
+    { "If-Unmodified-Since", "http_if_unmodified_since" },
+}
+
+-- The /ups content handler: the request read here once, as for REST.
 function module.handle_ups()
-    local res, unsynced = in_turn(raw.ups)
-    return raw.send_ups(res[1], unsynced)
+    local ngx = ngx
+    local var, req = ngx.var, ngx.req
+    local args, truncated = req.get_uri_args(UPS_MAX_ARGS)
+    local precondition
+    for _, h in ipairs(UPS_PRECONDITIONS) do
+        if var[h[2]] then
+            precondition = h[1]
+            break
+        end
+    end
+    local res, unsynced = in_turn(raw.ups, req.get_method(), args.op, args.server, args.upstream,
+        truncated ~= nil, precondition, var.http_authorization, var.remote_addr)
+    local status, body, write_back = unpack(res, 1, 3)
+    if unsynced then
+        status, body = 500, raw.ups_failure(unsynced)
+    end
+    if status >= 500 then
+        ngx.log(ngx.ERR, "ngx.dyups: ", body)
+    end
+    ngx.status = status
+    local header = ngx.header
+    header["Content-Type"] = "application/json"
+    if status == 405 then
+        header["Allow"] = "GET, POST, PUT"
+    end
+    if status == 401 then
+        header["WWW-Authenticate"] = 'Bearer realm="ngx.dyups"'
+    end
+    if write_back then
+        header["X-Dyups-Write-Back"] = write_back
+    end
+    ngx.say(body)
 end
 
 -- The precondition headers the REST handler evaluates itself. Left in
