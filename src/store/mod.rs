@@ -10,7 +10,13 @@
 //! table active and intact; one killed after it has published a complete
 //! table. A durable writer then msyncs the slot and the commit word, and the
 //! next writer overwrites the other slot only once that is done (`FLUSHED`).
-//! See `layout.rs` for the bytes and `codec.rs` for the payload.
+//! The writing process routes by the table it published without reading
+//! its slot back ([`read_if_changed`](StateFile::read_if_changed)), and
+//! every reader decodes only the upstreams that changed and checks only the
+//! changes a write added to the log (`codec.rs`). The file is cached page
+//! by page, so an msync writes back what the write changed (`os.rs`,
+//! `drop_cached`). See `layout.rs` for the bytes and `codec.rs` for the
+//! payload.
 //!
 //! Damage to the file while processes run it (deleted, cut short, overwritten
 //! in place, its header or a slot wrecked) is noticed by the workers and
