@@ -1,35 +1,10 @@
 -- The demo: examples/nginx.conf (+ examples/upstream.conf) works as shown,
 -- on free ports, and scripts/demo.sh starts it and stops it cleanly.
 local nginx = require "spec.helpers.nginx"
+local demo = require "spec.helpers.demo"
 
 local REPO = nginx.REPO
 local DEMO_PORTS = { 8080, 8081, 8088, 8089, 8090 }
-
-local function example(name)
-  return assert(nginx.read_file(REPO .. "/examples/" .. name), "examples/" .. name .. " is missing")
-end
-
--- `127.0.0.1:PORT` -> `127.0.0.1:ports[PORT]` (other addresses stay).
-local function with_ports(text, ports)
-  return (text:gsub("127%.0%.0%.1:(%d+)%f[%D]", function(p)
-    local to = ports[tonumber(p)]
-    return to and ("127.0.0.1:" .. to) or nil
-  end))
-end
-
--- examples/nginx.conf as a harness template: the harness writes the main
--- context itself (pid, error_log, workers, load_module), and `${` is its
--- template syntax.
-local function as_template(conf)
-  local out = {}
-  for line in (conf .. "\n"):gmatch("(.-)\n") do
-    if not (line:match("^master_process%s") or line:match("^worker_processes%s")
-        or line:match("^pid%s") or line:match("^error_log%s") or line:match("^daemon%s")) then
-      out[#out + 1] = line
-    end
-  end
-  return (table.concat(out, "\n"):gsub("%${", "$${"))
-end
 
 local function sh(cmd)
   return nginx.execute(cmd)
@@ -56,12 +31,12 @@ describe("examples/nginx.conf", function()
 
   lazy_setup(function()
     for _, port in ipairs(DEMO_PORTS) do P[port] = nginx.free_port() end
-    inst = nginx.new { workers = 2, conf = as_template(with_ports(example("nginx.conf"), P)) }
+    inst = nginx.new { workers = 2, conf = demo.as_template(demo.with_ports(demo.file(nil, "nginx.conf"), P)) }
     local q = nginx.shell_quote
     assert(sh("mkdir -p " .. q(inst.prefix .. "/state")
       .. " && ln -s " .. q(REPO .. "/lib") .. " " .. q(inst.prefix .. "/lib")
       .. " && ln -s " .. q(REPO .. "/lua") .. " " .. q(inst.prefix .. "/lua")))
-    nginx.write_file(inst.prefix .. "/conf/upstream.conf", with_ports(example("upstream.conf"), P))
+    nginx.write_file(inst.prefix .. "/conf/upstream.conf", demo.with_ports(demo.file(nil, "upstream.conf"), P))
     inst:start()
   end)
 
