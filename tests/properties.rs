@@ -89,6 +89,7 @@ fn server() -> impl Strategy<Value = ServerSpec> {
                 fail_timeout,
                 backup,
                 down,
+                from: None,
             },
         )
 }

@@ -50,7 +50,23 @@
 //!   9 owner                     nothing: `dyups sync` wrote it from etcd
 //!  10 sync (the table's, on the  revision u64, cluster id u64, key
 //!     first upstream's entry)    prefix (a name): see `model::SyncMark`
+//!  11 names                     count u16, then per `server NAME` line:
+//!                               host (a name), port u16 (0: none
+//!                               written), flags u8 (1 resolve, 2 backup,
+//!                               4 down), weight u32, max_conns u32,
+//!                               max_fails u32, fail_timeout u32,
+//!                               resolved Unix ms u64, ttl u32; then per
+//!                               server, in order, the line it came from
+//!                               u16 (0xffff: none, an address as written)
+//!  12 dns                       resolver count u8, address* (IP ones),
+//!                               valid u32 s, ipv6 u8 (0 unset, 1 off,
+//!                               2 on), resolver_timeout u32 ms
+//!                               (0xffffffff: unset, for both times)
 //! ```
+//!
+//! A build without fields 11 and 12 reads a name's addresses as servers
+//! written as addresses: it routes as this build does, and writes the
+//! names away.
 //!
 //! The table's own fields ride on its first upstream's entry, because
 //! builds with the extension accept no entry past the table's upstreams; a
@@ -73,6 +89,10 @@ use crate::table::model::{
     DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
     FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::table::names::{
+    check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX,
+    RESOLVERS_MAX,
+};
 use crate::table::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
@@ -92,6 +112,12 @@ const TAG_KEEPALIVE_TIMEOUT: u8 = 7;
 const TAG_MAX_CONNS: u8 = 8;
 const TAG_OWNER: u8 = 9;
 const TAG_SYNC: u8 = 10;
+const TAG_NAMES: u8 = 11;
+const TAG_DNS: u8 = 12;
+/// A server that came from no `server NAME` line, in field 11.
+const NO_LINE: u16 = u16::MAX;
+/// An unset time in field 12.
+const UNSET: u32 = u32::MAX;
 /// The check line's value: four u32, two u8, a u16 and a u32.
 const CHECK_LEN: usize = 24;
 /// nginx's largest time in milliseconds.
@@ -205,6 +231,8 @@ fn extension_is_default(u: &Upstream) -> bool {
         && u.check.is_default()
         && u.servers.iter().all(|s| s.max_conns == 0)
         && u.owner.is_local()
+        && u.names.is_empty()
+        && u.dns.is_default()
 }
 
 fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
@@ -260,6 +288,36 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
     }
     if !u.owner.is_local() {
         put_field(out, TAG_OWNER, &[]);
+    }
+    if !u.names.is_empty() {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(u.names.len() as u16).to_le_bytes());
+        for n in &u.names {
+            put_str(&mut v, &n.host);
+            v.extend_from_slice(&n.port.unwrap_or(0).to_le_bytes());
+            let p = &n.params;
+            v.push(u8::from(n.resolve) | u8::from(p.backup) << 1 | u8::from(p.down) << 2);
+            for x in [p.weight, p.max_conns, p.max_fails, p.fail_timeout] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v.extend_from_slice(&n.resolved_ms.to_le_bytes());
+            v.extend_from_slice(&n.ttl.to_le_bytes());
+        }
+        for s in &u.servers {
+            v.extend_from_slice(&s.from.unwrap_or(NO_LINE).to_le_bytes());
+        }
+        put_field(out, TAG_NAMES, &v);
+    }
+    if !u.dns.is_default() {
+        let d = &u.dns;
+        let mut v = vec![d.resolvers.len() as u8];
+        for a in &d.resolvers {
+            put_addr(&mut v, &Address::Inet(*a));
+        }
+        v.extend_from_slice(&d.valid.unwrap_or(UNSET).to_le_bytes());
+        v.push(d.ipv6.map_or(0, |on| 1 + u8::from(on)));
+        v.extend_from_slice(&d.timeout_ms.unwrap_or(UNSET).to_le_bytes());
+        put_field(out, TAG_DNS, &v);
     }
 }
 
@@ -485,7 +543,7 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
         let tag = r.u8()?;
         let n = r.u16()? as usize;
         let v = r.take(n)?;
-        if (TAG_CHECK..=TAG_SYNC).contains(&tag) {
+        if (TAG_CHECK..=TAG_DNS).contains(&tag) {
             if seen & 1 << tag != 0 {
                 return Err(format!("field {tag} appears twice"));
             }
@@ -539,6 +597,8 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
             }
             // The table's, read by `sync_mark`.
             TAG_SYNC => {}
+            TAG_NAMES => names(u, Reader { b: v, at: 0 })?,
+            TAG_DNS => u.dns = dns_settings(Reader { b: v, at: 0 })?,
             // A later build's field: it says nothing this build could use.
             _ => {}
         }
@@ -571,6 +631,94 @@ fn sync_mark(entry: &[u8]) -> Result<Option<SyncMark>, String> {
         return Ok(Some(mark));
     }
     Ok(None)
+}
+
+/// Field 11 onto `u`, which has its servers: the `server NAME` lines and
+/// which line each server came from.
+fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
+    let count = f.u16()? as usize;
+    if count > NAMES_MAX {
+        return Err(format!("{count} server NAME lines, at most {NAMES_MAX}"));
+    }
+    let mut lines = Vec::with_capacity(count);
+    for _ in 0..count {
+        let host = f.str()?;
+        check_host(&host)?;
+        let port = match f.u16()? {
+            0 => None,
+            p => Some(p),
+        };
+        let flags = f.u8()?;
+        if flags & !7 != 0 {
+            return Err(format!("server {host} has unknown flags {flags}"));
+        }
+        let params = ServerParams {
+            weight: f.u32()?,
+            max_conns: f.u32()?,
+            max_fails: f.u32()?,
+            fail_timeout: f.u32()?,
+            backup: flags & 2 != 0,
+            down: flags & 4 != 0,
+        };
+        if !(WEIGHT_MIN..=WEIGHT_MAX).contains(&params.weight)
+            || params.max_conns > MAX_CONNS_MAX
+            || params.max_fails > MAX_FAILS_MAX
+            || params.fail_timeout > FAIL_TIMEOUT_MAX
+        {
+            return Err(format!("server {host} has out-of-range parameters"));
+        }
+        let mut n = NamedServer::new(host, port, params, flags & 1 != 0);
+        n.resolved_ms = f.u64()?;
+        n.ttl = f.u32()?;
+        if n.is_pending() {
+            return Err(format!("server {} was never resolved", n.target()));
+        }
+        lines.push(n);
+    }
+    for s in &mut u.servers {
+        s.from = match f.u16()? {
+            NO_LINE => None,
+            i if usize::from(i) < count => Some(i),
+            i => return Err(format!("server {} names line {i} of {count}", s.addr)),
+        };
+    }
+    if f.left() != 0 {
+        return Err(format!("the names field has {} bytes after its end", f.left()));
+    }
+    u.names = lines;
+    Ok(())
+}
+
+/// Field 12: the `resolver` and `resolver_timeout` lines.
+fn dns_settings(mut f: Reader<'_>) -> Result<DnsSettings, String> {
+    let count = f.u8()? as usize;
+    if count > RESOLVERS_MAX {
+        return Err(format!("{count} resolvers, at most {RESOLVERS_MAX}"));
+    }
+    let mut d = DnsSettings::default();
+    for _ in 0..count {
+        match f.addr()? {
+            Address::Inet(a) => d.resolvers.push(a),
+            Address::Unix(p) => return Err(format!("resolver unix:{p}")),
+        }
+    }
+    let time = |t: u32, min: u32| match t {
+        UNSET => Ok(None),
+        t if (min..=DNS_TIME_MAX_MS).contains(&t) => Ok(Some(t)),
+        t => Err(format!("resolver time {t} is out of range")),
+    };
+    d.valid = time(f.u32()?, 1)?;
+    d.ipv6 = match f.u8()? {
+        0 => None,
+        1 => Some(false),
+        2 => Some(true),
+        x => return Err(format!("resolver ipv6 {x} is not 0, 1 or 2")),
+    };
+    d.timeout_ms = time(f.u32()?, 1)?;
+    if f.left() != 0 {
+        return Err(format!("the dns field has {} bytes after its end", f.left()));
+    }
+    Ok(d)
 }
 
 fn check_line(mut f: Reader<'_>) -> Result<CheckLine, String> {
@@ -625,6 +773,8 @@ fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
         fail_timeout,
         backup: flags & BACKUP != 0,
         down: flags & DOWN != 0,
+        // In the extension, for an address a name resolved to.
+        from: None,
     })
 }
 

@@ -708,6 +708,17 @@ impl StateFile {
         }
         let mut table = current.table.clone();
         let out = change(&mut table)?;
+        // A `server NAME` line is stored with its addresses: resolving is
+        // the writer's, before its turn (see `crate::table::names`).
+        if let Some(u) = table.upstreams.iter().find(|u| u.has_pending()) {
+            let n = u.names.iter().find(|n| n.is_pending()).expect("has one");
+            return Err(Error::BadRequest(format!(
+                "upstream {}: server {}: the host name was not resolved before the write \
+                 (this writer resolves no names); nothing changed",
+                u.name,
+                n.target()
+            )));
+        }
         if same_content(&table, &current.table) {
             if opts.durable {
                 // Nothing to write, but the answer vouches for the table read.

@@ -465,7 +465,7 @@ fn bad_addresses_name_the_text_and_the_reason() {
     for host in ["example.com:80", "localhost", "localhost:8080"] {
         let m = err(host);
         assert!(m.contains(&format!("{host:?}")), "{m}");
-        assert!(m.contains("host names are not supported yet"), "{m}");
+        assert!(m.contains("is a host name: name a server by its address here"), "{m}");
         assert!(m.contains("unix:/path"), "{m}");
     }
     assert!(err("127.0.0.1:0").contains("\"127.0.0.1:0\": port must be 1..65535"));
@@ -628,15 +628,15 @@ fn body_errors_name_the_line_and_statement() {
     assert_eq!(
         m,
         "line 2: sticky cookie: unknown directive \"sticky\": nginx's upstream {} does not \
-             take it (it takes server, the balancing methods, keepalive*, zone, balancer_by_lua_* \
-             and check*)"
+             take it (it takes server, the balancing methods, keepalive*, zone, resolver, \
+             resolver_timeout, balancer_by_lua_* and check*)"
     );
     let m = bad(parse_servers("server 127.0.0.1:80;\nserver 127.0.0.1:81"));
     assert_eq!(m, "line 2: server 127.0.0.1:81: missing ';' at the end");
     let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3s;"));
     assert!(m.contains("line 1: server 127.0.0.1:80 slow_start=3s: unknown parameter"));
-    let m = bad(parse_servers("server example.com:80;"));
-    assert!(m.starts_with("line 1: server example.com:80: \"example.com:80\": host names"));
+    let m = bad(parse_servers("server example.com:80 resolve=on;"));
+    assert!(m.starts_with("line 1: server example.com:80 resolve=on: resolve=on: resolve takes no value"));
     assert!(bad(parse_servers("server 127.0.0.1 {")).contains("unexpected '{'"));
     assert!(bad(parse_servers("}")).contains("line 1: unexpected '}'"));
     assert!(bad(parse_servers(";")).contains("line 1: unexpected ';'"));
@@ -860,6 +860,7 @@ fn rendering_prints_only_what_differs_from_nginx() {
         fail_timeout: 5,
         backup: true,
         down: true,
+        from: None,
     };
     assert_eq!(
         render_server(&s),
