@@ -56,7 +56,7 @@ pub use self::examine::{
 };
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
-    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY,
+    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, RESOLVER_LEASE, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY,
     WORKER_TABLE,
 };
 use self::mapping::SharedMap;
@@ -841,6 +841,12 @@ impl StateFile {
 
     fn flushed(&self) -> &AtomicU64 {
         self.map.atomic_u64(FLUSHED)
+    }
+
+    /// The resolver lease: which worker re-resolves the `resolve` lines
+    /// of every upstream, for the whole nginx (`crate::dns::lease`).
+    pub fn resolver_lease(&self) -> &AtomicU64 {
+        self.map.atomic_u64(RESOLVER_LEASE)
     }
 
     /// Makes the table at `generation`, whose slot ends at `end`, durable

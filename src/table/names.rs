@@ -204,6 +204,8 @@ pub struct Answers {
     pub found: HashMap<Query, Lookup>,
     /// When they were asked, Unix ms.
     pub at_ms: u64,
+    /// Whether an upstream without `ipv6=` asked for AAAA records.
+    pub default_ipv6: bool,
 }
 
 /// Whether the upstream asks for AAAA records besides A ones: its
@@ -229,11 +231,8 @@ pub fn pending_queries(table: &Table, default_ipv6: bool) -> Vec<(Query, &Upstre
 /// Gives every pending line of `table` its addresses from `answers`, each
 /// a server with the line's parameters where the line stands. A name that
 /// did not resolve refuses the whole change, naming it.
-pub fn resolve_pending(
-    table: &mut Table,
-    answers: &Answers,
-    default_ipv6: bool,
-) -> Result<(), String> {
+pub fn resolve_pending(table: &mut Table, answers: &Answers) -> Result<(), String> {
+    let default_ipv6 = answers.default_ipv6;
     let pending: Vec<String> = table
         .upstreams
         .iter()
@@ -394,6 +393,10 @@ pub fn apply_lookup(
             }
         }
     }
+    if candidate.servers == u.servers {
+        // What is kept is what there was: no write to make.
+        return Applied::KeptLast(kept);
+    }
     candidate.names[i].resolved_ms = now_ms.max(1);
     candidate.names[i].ttl = ttl;
     *table.get_mut(name).expect("found above") = candidate;
@@ -479,6 +482,7 @@ mod tests {
                 .map(|(h, l)| (Query::new(h, true), l.clone()))
                 .collect(),
             at_ms: 5000,
+            default_ipv6: true,
         }
     }
 
@@ -500,7 +504,7 @@ mod tests {
             addrs: vec![ip("10.0.0.1"), ip("10.0.0.2")],
             ttl: 30,
         };
-        resolve_pending(&mut t, &answers(&[("app.internal", found)]), true).unwrap();
+        resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
         let u = t.get("u").unwrap();
         assert_eq!(addrs(u), ["10.9.9.9:80", "10.0.0.1:8080", "10.0.0.2:8080"]);
         assert_eq!(u.servers[1].from, Some(0));
@@ -513,13 +517,12 @@ mod tests {
         let err = resolve_pending(
             &mut t,
             &answers(&[("nx.internal", Lookup::NotFound("NXDOMAIN".into()))]),
-            true,
         )
         .unwrap_err();
         assert!(err.contains("server nx.internal:80"), "{err}");
         assert!(err.contains("NXDOMAIN"), "{err}");
         assert_eq!(t.get("u").unwrap().servers, before.get("u").unwrap().servers);
-        let err = resolve_pending(&mut t, &answers(&[]), true).unwrap_err();
+        let err = resolve_pending(&mut t, &answers(&[])).unwrap_err();
         assert!(err.contains("was not resolved"), "{err}");
     }
 
@@ -531,7 +534,7 @@ mod tests {
             addrs: vec![ip("10.0.0.1"), ip("10.0.0.2")],
             ttl: 1,
         };
-        resolve_pending(&mut t, &answers(&[("app.internal", found)]), true).unwrap();
+        resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
         t.get_mut("u").unwrap().servers[0].down = true;
         let new = [ip("10.0.0.2"), ip("10.0.0.3")];
         assert_eq!(apply_lookup(&mut t, "u", &line, &new, 1, 7000), Applied::Changed);
@@ -545,13 +548,20 @@ mod tests {
             Applied::KeptLast(vec![Address::Inet("10.0.0.2:80".parse().unwrap())])
         );
         assert_eq!(addrs(t.get("u").unwrap()), ["10.0.0.2:80"]);
+        // Again: nothing changes, so the table is left as it is.
+        let before = t.clone();
+        assert!(matches!(
+            apply_lookup(&mut t, "u", &line, &[], 1, 9100),
+            Applied::KeptLast(_)
+        ));
+        assert_eq!(t, before);
         // With a literal server beside it, NXDOMAIN removes them all.
         let mut t = upstream_with(vec![line.clone()], &["10.9.9.9:80"]);
         let found = Lookup::Found {
             addrs: vec![ip("10.0.0.1")],
             ttl: 1,
         };
-        resolve_pending(&mut t, &answers(&[("app.internal", found)]), true).unwrap();
+        resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
         assert_eq!(apply_lookup(&mut t, "u", &line, &[], 1, 9000), Applied::Changed);
         assert_eq!(addrs(t.get("u").unwrap()), ["10.9.9.9:80"]);
         // Then it comes back where the line stands.
