@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
 use crate::table::model::{check_name, ServerSpec, Table, Upstream};
-use crate::table::syntax::{parse_server_patch, render_server, setting_lines};
+use crate::table::names::Answers;
+use crate::table::syntax::{parse_server_patch, render_server, server_lines, setting_lines};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -34,6 +35,12 @@ pub struct Request<'a> {
     /// `Accept: application/json` or `?format=json`.
     pub json: bool,
     pub preconditions: Preconditions<'a>,
+    /// The answers for the host names the write adds, gathered before it
+    /// ([`planned`] says which); `None`: the write may add none.
+    pub answers: Option<&'a Answers>,
+    /// What the resolver last found for each `resolve` line, for reads
+    /// (see [`crate::admin::name_status`]).
+    pub name_status: &'a [crate::admin::name_status::Status],
 }
 
 /// The request's conditional headers, as sent.
@@ -340,7 +347,7 @@ pub fn handle(
         return r;
     }
     if reading {
-        let r = read(&endpoint, req.json, snapshot).with_etag(snapshot.version);
+        let r = read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
         return conditional_read(&req.preconditions, r, snapshot.version);
     }
     let body = match std::str::from_utf8(req.body) {
@@ -369,12 +376,30 @@ pub fn handle(
                 if wanted { "does not exist" } else { "exists" }
             )));
         }
-        change(&endpoint, req.method, body, t)
+        change(&endpoint, req.method, body, t)?;
+        if let Some(answers) = req.answers {
+            ops::resolve_names(t, answers)?;
+        }
+        Ok(())
     });
     match written {
         Ok((version, ())) => Response::text(200, "success").with_etag(version),
         Err(e) => Response::error(&e),
     }
+}
+
+/// The table a write request would leave, tried on `table` (a copy of the
+/// current one): what it asks of the DNS before its turn, as its new
+/// `server NAME` lines. `None` for a read, a bad request, or a refusal.
+pub fn planned(req: &Request<'_>, table: &Table) -> Option<Table> {
+    if matches!(req.method, "GET" | "HEAD") {
+        return None;
+    }
+    let endpoint = route(req.path).ok()?;
+    let body = std::str::from_utf8(req.body).ok()?;
+    let mut t = table.clone();
+    change(&endpoint, req.method, body, &mut t).ok()?;
+    Some(t)
 }
 
 /// The change a write request asks for.
@@ -392,7 +417,12 @@ fn change(endpoint: &Endpoint, method: &str, body: &str, t: &mut Table) -> crate
     }
 }
 
-fn read(endpoint: &Endpoint, json: bool, snap: &Snapshot) -> Response {
+fn read(
+    endpoint: &Endpoint,
+    json: bool,
+    snap: &Snapshot,
+    status: &[crate::admin::name_status::Status],
+) -> Response {
     let t = &snap.table;
     let found = |name: &str| {
         t.get(name)
@@ -413,13 +443,23 @@ fn read(endpoint: &Endpoint, json: bool, snap: &Snapshot) -> Response {
         Endpoint::List => Ok(t.names().flat_map(|n| [n, "\n"]).collect()),
         Endpoint::Detail => Ok(detail(t)),
         Endpoint::Upstream(name) | Endpoint::Servers(name) => found(name).map(|u| {
-            if json {
+            if json && u.names.is_empty() {
                 to_json(&One {
                     version: snap.version,
                     upstream: u,
                 })
+            } else if json {
+                // Through a JSON value, whose keys come out sorted: only
+                // for an upstream with `server NAME` lines to add.
+                let mut v = serde_json::to_value(One {
+                    version: snap.version,
+                    upstream: u,
+                })
+                .expect("plain data serialises");
+                crate::admin::name_status::add_to_json(&mut v, u, status);
+                v.to_string()
             } else {
-                server_lines(u)
+                written_lines(u)
             }
         }),
         Endpoint::Server(name, addr) => found(name).and_then(|u| {
@@ -475,12 +515,17 @@ fn server_line(s: &ServerSpec) -> String {
     line
 }
 
-/// Its setting lines (balancing, keepalive, checks), if any, then its
-/// `server` lines.
-fn server_lines(u: &Upstream) -> String {
+/// Its setting lines (balancing, keepalive, checks, resolver), if any,
+/// then its `server` lines as written (a `server NAME` line once, not the
+/// addresses it resolved to), without their `;`.
+fn written_lines(u: &Upstream) -> String {
+    let servers = server_lines(u).into_iter().map(|mut l| {
+        l.pop();
+        l
+    });
     setting_lines(u)
         .into_iter()
-        .chain(u.servers.iter().map(server_line))
+        .chain(servers)
         .map(|line| line + "\n")
         .collect()
 }

@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
-
 use crate::dns::{Defaults, Resolver};
 use crate::table::model::{Address, Table};
 use crate::table::names::{Lookup, NamedServer};
@@ -21,22 +19,7 @@ use crate::table::names::{Lookup, NamedServer};
 /// How soon a lookup that failed (timeout, SERVFAIL) is made again.
 pub const RETRY_MS: u64 = 1000;
 
-/// What is known of one `resolve` line, as shown by `GET /upstream/NAME`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Status {
-    pub upstream: String,
-    /// `NAME` or `NAME:PORT`, as the line writes it.
-    pub server: String,
-    /// When the last lookup ended, Unix ms (0: none yet by this holder).
-    pub resolved_ms: u64,
-    /// Why the last lookup gave no address, if it did not.
-    pub error: Option<String>,
-    /// The addresses of the last good answer.
-    pub addresses: Vec<String>,
-    pub ttl: u32,
-    /// When it is asked next, Unix ms.
-    pub next_ms: u64,
-}
+pub use crate::admin::name_status::Status;
 
 /// One lookup for a transport to make.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -54,6 +54,8 @@ fn call_if(
         body: body.as_bytes(),
         json,
         preconditions,
+        answers: None,
+        name_status: &[],
     };
     handle(&req, &f.store, &snap, &WriteOptions::default())
 }
@@ -389,6 +391,8 @@ fn a_body_that_is_not_utf8_is_refused() {
         body: b"server 127.0.0.1:1;\xff",
         json: false,
         preconditions: Preconditions::default(),
+        answers: None,
+        name_status: &[],
     };
     assert_eq!(
         handle(&req, &f.store, &snap, &WriteOptions::default()).status,
