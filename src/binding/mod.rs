@@ -31,6 +31,8 @@ use crate::table::policy::Policy;
 use crate::table::syntax::{render_server, setting_lines};
 use crate::Error;
 
+mod dns;
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Named defaults of `init`.
 const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
@@ -68,6 +70,9 @@ struct Config {
     /// The nginx thread pool durable writes msync in; `None`: on the event
     /// loop.
     thread_pool: Option<String>,
+    /// The resolver of upstreams without a `resolver` line (init's
+    /// `resolver`, else `/etc/resolv.conf` as read by `init`).
+    dns: crate::dns::Defaults,
 }
 
 /// init's `nginx_conf` option.
@@ -126,6 +131,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     raw.set("api", lua.create_function(api_reply)?)?;
     raw.set("send_api", lua.create_function(send_api)?)?;
     raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
+    dns::register(lua, &raw)?;
     lua.load(include_str!("writes.lua"))
         .set_name("=ngx.dyups.writes")
         .call::<()>((&m, raw))?;
@@ -173,6 +179,9 @@ struct TurnHandle {
     id: TurnId,
     /// The state file the turn was taken in.
     file: Option<std::sync::Arc<StateFile>>,
+    /// The answers for the host names the write adds, gathered with
+    /// cosockets before its turn (dns.lua).
+    answers: Option<crate::table::names::Answers>,
 }
 
 impl TurnHandle {
@@ -180,6 +189,7 @@ impl TurnHandle {
         TurnHandle {
             id: TurnId::new(),
             file: None,
+            answers: None,
         }
     }
 
@@ -215,6 +225,10 @@ impl UserData for TurnHandle {
                     flush.map(|(_, len)| len),
                 ),
             })
+        });
+        methods.add_method_mut("set_answers", |_, this, a: AnyUserData| {
+            this.answers = Some(a.borrow::<dns::AnswersHandle>()?.0.clone());
+            Ok(())
         });
         // finish(flushed) → nil, or why the write is not known to be on disk
         methods.add_method_mut("finish", |_, this, flushed: bool| {
@@ -519,12 +533,22 @@ fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<String>), Str
             admin_token,
             owner: None,
             thread_pool,
+            dns: dns::defaults_option(opts)?,
         },
         user,
     ))
 }
 
+/// The table a new state file starts with, its host names resolved (with
+/// the blocking client: nginx itself blocks on names when it reads its
+/// configuration).
 fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
+    let mut table = seed_as_written(cfg)?;
+    crate::dns::resolve_blocking(&mut table, &cfg.dns)?;
+    Ok(table)
+}
+
+fn seed_as_written(cfg: &Config) -> crate::Result<UpstreamTable> {
     match (&cfg.nginx_conf, &cfg.upstreams) {
         (Some(NginxConf::File(conf)), _) => nginx_configuration(conf)
             .map_err(Error::BadRequest)?
@@ -786,7 +810,7 @@ fn apply_seed_changes(
     let read = || -> crate::Result<Reading> {
         let reading = if source.nginx_conf {
             Reading {
-                table: seed(cfg)?,
+                table: seed_as_written(cfg)?,
                 stamp: None,
             }
         } else {
@@ -799,7 +823,8 @@ fn apply_seed_changes(
         check_native(nginx, &reading.table)?;
         Ok(reading)
     };
-    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &cfg.write)? {
+    let resolve = |t: &mut UpstreamTable| crate::dns::resolve_blocking(t, &cfg.dns);
+    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &resolve, &cfg.write)? {
         Outcome::Unchanged => {}
         Outcome::Applied { version, what } => log(
             lua,
@@ -932,12 +957,16 @@ fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> {
         let every: Function = ngx.get::<Table>("timer")?.get("every")?;
         let tick = lua.create_function(tick)?;
         // ngx.timer takes Lua functions only, not C closures like `tick`.
+        // The resolver's round follows each tick: it only acts in the
+        // worker that holds the resolver lease (dns.lua).
+        let round: Function = dns::round(lua)?;
         let (ok, err): (Value, Option<String>) = lua
             .load(
-                "local every, interval, tick = ... return every(interval, function(p) tick(p) end)",
+                "local every, interval, tick, round = ... \
+                 return every(interval, function(p) tick(p) round(p) end)",
             )
             .set_name("=ngx.dyups.timer")
-            .call((every, cfg.refresh, tick))?;
+            .call((every, cfg.refresh, tick, round))?;
         if ok.is_nil() {
             return Ok(Err(format!(
                 "could not start the refresh timer: {}",
@@ -1063,6 +1092,9 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
         t.set("backup", s.backup)?;
         t.set("down", s.down)?;
         t.set("line", render_server(s))?;
+        if let Some(i) = s.from {
+            t.set("name", u.names[usize::from(i)].target())?;
+        }
         servers.push(t)?;
     }
     let t = lua.create_table()?;
@@ -1091,6 +1123,9 @@ fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     )?;
     t.set("check_keepalive_requests", u.check.keepalive_requests)?;
     t.set("settings", lua.create_sequence_from(setting_lines(&u))?)?;
+    if !u.names.is_empty() {
+        t.set("names", dns::names_table(lua, &u)?)?;
+    }
     t.set("servers", servers)?;
     Ok(Ok(t))
 }
@@ -1255,16 +1290,23 @@ fn write<R>(
     lua: &Lua,
     turn: &mut Turn,
     expect: Option<u64>,
-    change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
+    change: impl Fn(&mut UpstreamTable) -> crate::Result<R>,
 ) -> crate::Result<(u64, R)> {
     let (cfg, store, wait) = store_in(turn)?;
+    let answers = dns::answers_for(turn, &cfg, |t| change(t).map(drop));
     let out = store.write(
         &WriteOptions {
             expect,
             wait,
             ..cfg.write
         },
-        change,
+        |t| {
+            let out = change(t)?;
+            if let Some(a) = &answers {
+                ops::resolve_names(t, a)?;
+            }
+            Ok(out)
+        },
     )?;
     after_write(lua, &cfg, &store, wait);
     Ok(out)
@@ -1632,7 +1674,7 @@ fn api_reply(lua: &Lua, mut turn: Turn) -> LuaResult<ApiReply> {
         (_, Ok((cfg, store, wait))) => match request_body(&ngx, cfg.max_body)? {
             Err(r) => r,
             Ok(body) => {
-                let req = rest::Request {
+                let mut req = rest::Request {
                     method: &method,
                     path: &path,
                     body: &body,
@@ -1643,7 +1685,19 @@ fn api_reply(lua: &Lua, mut turn: Turn) -> LuaResult<ApiReply> {
                         if_unmodified_since: if_unmodified_since.as_deref(),
                         if_modified_since: if_modified_since.as_deref(),
                     },
+                    answers: None,
+                    name_status: &[],
                 };
+                let answers = dns::answers_for(&turn, &cfg, |t| {
+                    rest::planned(&req, t).map(|p| *t = p).ok_or(Error::Internal(String::new()))
+                });
+                req.answers = answers.as_ref();
+                let status = if matches!(method.as_str(), "GET" | "HEAD") {
+                    crate::admin::name_status::read(&cfg.path)
+                } else {
+                    Vec::new()
+                };
+                req.name_status = &status;
                 let opts = WriteOptions { wait, ..cfg.write };
                 let reply = with_snapshot(|_, snap| rest::handle(&req, &store, snap, &opts));
                 let r = reply.unwrap_or_else(|e| rest_text(500, e));

@@ -68,12 +68,16 @@ end
 
 -- Calls `f(turn, ...)` until its turn in the writers' queue has come, then
 -- has its write flushed and gives the turn up. Returns f's results (a packed
--- table) and, when a write made is not known to be on disk, why.
-local function in_turn(f, ...)
+-- table) and, when a write made is not known to be on disk, why. `answers`:
+-- those of the host names the write adds, gathered before its turn.
+local function in_turn(f, answers, ...)
     if not yieldable() then
         return pack(f(nil, ...)), nil
     end
     local turn = raw.turn()
+    if answers then
+        turn:set_answers(answers)
+    end
     local res = pack(pcall(f, turn, ...))
     while turn:state() == "waiting" do
         ngx.sleep(POLL)
@@ -88,8 +92,26 @@ local function in_turn(f, ...)
     return pack(unpack(res, 2, res.n)), unsynced
 end
 
+raw.in_turn = in_turn
+
+-- The answers for the host names a write of `kind` adds: looked up with
+-- cosockets (dns.lua) before its turn, so no writer waits behind a DNS
+-- query; nil where the phase cannot yield (the write then resolves,
+-- blocking, as nginx does when it reads its configuration).
+local function answers_for(kind, ...)
+    if not yieldable() then
+        return nil
+    end
+    local plan = raw.dns_plan(kind, ...)
+    if not plan then
+        return nil
+    end
+    raw.dns_lookup_all(plan)
+    return raw.dns_answers(plan)
+end
+
 function module.update(...)
-    local res, unsynced = in_turn(raw.update, ...)
+    local res, unsynced = in_turn(raw.update, answers_for("update", ...), ...)
     if unsynced then
         return 500, unsynced
     end
@@ -97,7 +119,7 @@ function module.update(...)
 end
 
 function module.delete(...)
-    local res, unsynced = in_turn(raw.delete, ...)
+    local res, unsynced = in_turn(raw.delete, nil, ...)
     if unsynced then
         return 500, unsynced
     end
@@ -105,7 +127,7 @@ function module.delete(...)
 end
 
 function module.add_server(...)
-    local res, unsynced = in_turn(raw.add_server, ...)
+    local res, unsynced = in_turn(raw.add_server, answers_for("add_server", ...), ...)
     if unsynced then
         return nil, unsynced, 500
     end
@@ -113,7 +135,7 @@ function module.add_server(...)
 end
 
 function module.remove_server(...)
-    local res, unsynced = in_turn(raw.remove_server, ...)
+    local res, unsynced = in_turn(raw.remove_server, nil, ...)
     if unsynced then
         return nil, unsynced, 500
     end
@@ -121,12 +143,12 @@ function module.remove_server(...)
 end
 
 function module.write_upstreams(...)
-    local res = in_turn(raw.write_upstreams, ...)
+    local res = in_turn(raw.write_upstreams, nil, ...)
     return unpack(res, 1, res.n)
 end
 
 function module.handle_ups()
-    local res, unsynced = in_turn(raw.ups)
+    local res, unsynced = in_turn(raw.ups, nil)
     return raw.send_ups(res[1], unsynced)
 end
 
@@ -134,6 +156,6 @@ function module.handle_api()
     if raw.api_wants_body() then
         ngx.req.read_body()
     end
-    local res, unsynced = in_turn(raw.api)
+    local res, unsynced = in_turn(raw.api, answers_for("api"))
     return raw.send_api(res[1], unsynced)
 end
