@@ -62,8 +62,7 @@ fn violations(rel: &str, src: &str) -> Vec<String> {
     let parts: Vec<&str> = rel.split('/').collect();
     let file = parts[parts.len() - 1];
     let mut out = Vec::new();
-    // binding/mod.rs is split by concern in a change of its own.
-    if src.lines().count() > LINES_MAX && rel != "binding/mod.rs" {
+    if src.lines().count() > LINES_MAX {
         let doc: String = src.lines().take_while(|l| l.starts_with("//!")).collect();
         if !doc.contains(WHY) {
             out.push(format!(

@@ -9,7 +9,10 @@ use std::net::IpAddr;
 use mlua::{AnyUserData, Function, Lua, LuaString, Table, UserData, Value, Variadic};
 use parking_lot::Mutex;
 
-use super::{config, log, Config, Turn, WORKER};
+use super::config::{config, Config};
+use super::hot_path::WORKER;
+use super::ngx_api::log;
+use super::write_api::Turn;
 use crate::admin::{name_status, ops, rest};
 use crate::dns::schedule::{Schedule, Update};
 use crate::dns::wire::{self, Reply};
@@ -45,7 +48,7 @@ pub(super) fn defaults_option(opts: &Table) -> Result<Defaults, String> {
         v => {
             return Err(format!(
                 "option resolver_timeout must be a number of seconds, not {}",
-                super::type_name(&v)
+                super::arguments::type_name(&v)
             ))
         }
     };
@@ -57,7 +60,7 @@ pub(super) fn defaults_option(opts: &Table) -> Result<Defaults, String> {
         Value::String(s) => Defaults::from_option(&s.to_string_lossy(), timeout_ms),
         v => Err(format!(
             "option resolver must be a string such as \"10.0.0.53 valid=30s\", not {}",
-            super::type_name(&v)
+            super::arguments::type_name(&v)
         )),
     }
 }
@@ -86,7 +89,7 @@ pub(super) fn answers_for(
 
 /// The table this process sees now.
 fn current_table() -> Option<UpstreamTable> {
-    super::with_snapshot(|_, s| s.table.clone()).ok()
+    super::read_api::with_snapshot(|_, s| s.table.clone()).ok()
 }
 
 pub(super) fn register(lua: &Lua, raw: &Table) -> LuaResult<()> {
@@ -215,10 +218,10 @@ fn plan(lua: &Lua, args: Variadic<Value>) -> LuaResult<Option<Table>> {
 
 /// The table a REST write would leave, for [`plan`].
 fn api_planned(lua: &Lua, cfg: &Config, table: &mut UpstreamTable) -> LuaResult<bool> {
-    let Some(ngx) = super::ngx(lua) else {
+    let Some(ngx) = super::ngx_api::ngx(lua) else {
         return Ok(false);
     };
-    let method = super::method(lua)?;
+    let method = super::http::method(lua)?;
     let var: Table = ngx.get("var")?;
     // A request the token refuses asks nothing of the DNS (its refusal
     // is logged once, by the handler).
@@ -234,7 +237,7 @@ fn api_planned(lua: &Lua, cfg: &Config, table: &mut UpstreamTable) -> LuaResult<
         .get::<Option<LuaString>>("request_uri")?
         .map(|s| s.to_string_lossy())
         .unwrap_or_default();
-    let Ok(body) = super::request_body(&ngx, cfg.max_body)? else {
+    let Ok(body) = super::http::request_body(&ngx, cfg.max_body)? else {
         return Ok(false);
     };
     let req = rest::Request {
@@ -377,7 +380,7 @@ fn record(lua: &Lua, entry: Table) -> LuaResult<Option<UpdateHandle>> {
 fn apply(lua: &Lua, (mut turn, update): (Turn, AnyUserData)) -> LuaResult<()> {
     let u = update.borrow::<UpdateHandle>()?.0.clone();
     let addrs: Vec<IpAddr> = u.addrs.clone();
-    let r = super::write(lua, &mut turn, None, |t| {
+    let r = super::write_api::write(lua, &mut turn, None, |t| {
         Ok(apply_lookup(
             t,
             &u.upstream,

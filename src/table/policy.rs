@@ -52,10 +52,7 @@ impl Policy {
             if key.is_empty() {
                 return Err("hash: the key is empty".to_string());
             }
-            if let Some(c) = key
-                .chars()
-                .find(|c| c.is_whitespace() || c.is_control() || "{};\"'\\#".contains(*c))
-            {
+            if let Some(c) = stray_character(key) {
                 return Err(format!("hash: invalid character {c:?} in the key"));
             }
         }
@@ -70,6 +67,30 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// The first character of a hash key that would not survive being written
+/// back as `hash KEY;` and read again, if any. Braces are allowed only as
+/// nginx reads them in a key, around a variable's name: `${host}-x`.
+fn stray_character(key: &str) -> Option<char> {
+    let mut chars = key.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek() == Some(&'{') {
+            chars.next();
+            let mut name = 0usize;
+            loop {
+                match chars.next() {
+                    Some('}') if name > 0 => break,
+                    Some(n) if n.is_ascii_alphanumeric() || n == '_' => name += 1,
+                    Some(n) => return Some(n),
+                    None => return Some('{'),
+                }
+            }
+        } else if c.is_whitespace() || c.is_control() || "{};\"'\\#".contains(c) {
+            return Some(c);
+        }
+    }
+    None
 }
 
 impl fmt::Display for Policy {

@@ -17,6 +17,28 @@ fn bad(result: Result<impl std::fmt::Debug, Error>) -> String {
 }
 
 #[test]
+fn a_hash_key_may_name_a_variable_in_braces_as_nginx_reads_it() {
+    // The README's example: `${host}` ends the name where text follows it.
+    let u = parse_body("u", "hash ${host}-x consistent; server 10.0.0.1:80;").unwrap();
+    assert_eq!(u.policy.to_string(), "hash ${host}-x consistent;");
+    let again = parse_body("u", &format!("{} server 10.0.0.1:80;", u.policy)).unwrap();
+    assert_eq!(again.policy, u.policy);
+    // Braces anywhere else stay refused: they would not read back the same.
+    for (body, stray) in [
+        ("hash ${}x; server 10.0.0.1;", "'}'"),
+        ("hash ${host-x; server 10.0.0.1;", "'-'"),
+        ("hash ${host; server 10.0.0.1;", "'{'"),
+        ("hash a}b; server 10.0.0.1;", "'}'"),
+    ] {
+        let m = bad(parse_body("u", body));
+        assert!(
+            m.contains(&format!("invalid character {stray}")),
+            "{body}: {m}"
+        );
+    }
+}
+
+#[test]
 fn bodies_and_files_take_one_balancing_line_and_keepalive() {
     let u = parse_body("u", "ip_hash; server 10.0.0.1:80; keepalive 8;").unwrap();
     assert_eq!(
