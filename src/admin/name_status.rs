@@ -93,7 +93,8 @@ pub fn add_to_json(v: &mut Value, u: &Upstream, status: &[Status]) {
                 .map(|s| s.addr.to_string())
                 .collect();
             let last = status.iter().find(|s| {
-                s.upstream.eq_ignore_ascii_case(&u.name) && s.server.eq_ignore_ascii_case(&n.target())
+                s.upstream.eq_ignore_ascii_case(&u.name)
+                    && s.server.eq_ignore_ascii_case(&n.target())
             });
             let mut o = json!({
                 "server": n.target(),

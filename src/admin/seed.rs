@@ -389,7 +389,14 @@ mod tests {
         );
         assert!(current(&state).1.get("c").is_none());
         // A record of another source is none: recorded anew, nothing applied.
-        let out = at_start(&state, "upstream file /y.conf", &|| reading(v1), &|_| Ok(()), &opts).unwrap();
+        let out = at_start(
+            &state,
+            "upstream file /y.conf",
+            &|| reading(v1),
+            &|_| Ok(()),
+            &opts,
+        )
+        .unwrap();
         assert_eq!(out, Outcome::Recorded { version: 4 });
     }
 

@@ -414,7 +414,10 @@ fn apply(lua: &Lua, (mut turn, update): (Turn, AnyUserData)) -> LuaResult<()> {
                  server of the upstream",
                 u.upstream,
                 u.line.target(),
-                kept.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+                kept.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
         ),
         Ok(_) => {}

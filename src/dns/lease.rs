@@ -70,9 +70,15 @@ mod tests {
         assert_eq!(holder(&w), (10, 2000));
         assert!(!hold(&w, 11, 2000 + STALE_MS, alive));
         assert!(hold(&w, 11, 2001 + STALE_MS, alive), "stalled: taken over");
-        assert!(!hold(&w, 10, 2002 + STALE_MS, alive), "the old holder stops");
+        assert!(
+            !hold(&w, 10, 2002 + STALE_MS, alive),
+            "the old holder stops"
+        );
         let dead = |pid| pid != 11;
-        assert!(hold(&w, 12, 2003 + STALE_MS, dead), "dead: taken over at once");
+        assert!(
+            hold(&w, 12, 2003 + STALE_MS, dead),
+            "dead: taken over at once"
+        );
         release(&w, 11);
         assert_eq!(holder(&w).0, 12, "only the holder releases");
         release(&w, 12);

@@ -24,9 +24,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::table::model::{Table, Upstream};
-use crate::table::names::{
-    pending_queries, Answers, Lookup, Query, DEFAULT_RESOLVER_TIMEOUT_MS,
-};
+use crate::table::names::{pending_queries, Answers, Lookup, Query, DEFAULT_RESOLVER_TIMEOUT_MS};
 use crate::table::syntax::parse_resolver_address;
 
 use self::wire::{read_reply, Reply, TYPE_A, TYPE_AAAA};
@@ -269,8 +267,7 @@ fn tcp_exchange(server: SocketAddr, q: &[u8], wait: Duration) -> Result<Reply, S
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&server, wait).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(wait))
-        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
     let mut framed = (q.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(q);
     s.write_all(&framed).map_err(|e| e.to_string())?;
@@ -381,7 +378,10 @@ mod tests {
                 ttl: 30
             }
         );
-        assert!(matches!(combine("h", &[none.clone(), none]), Lookup::NotFound(_)));
+        assert!(matches!(
+            combine("h", &[none.clone(), none]),
+            Lookup::NotFound(_)
+        ));
         assert!(matches!(
             combine("h", &[Ok(Reply::NoSuchName)]),
             Lookup::NotFound(m) if m.contains("NXDOMAIN")
@@ -410,13 +410,18 @@ mod tests {
             timeout_ms: 200,
         };
         let started = Instant::now();
-        assert!(matches!(lookup_blocking("a.internal", &r), Lookup::Failed(_)));
+        assert!(matches!(
+            lookup_blocking("a.internal", &r),
+            Lookup::Failed(_)
+        ));
         assert!(started.elapsed() < Duration::from_secs(2));
         let none = Resolver {
             servers: vec![],
             ..r
         };
-        assert!(matches!(lookup_blocking("a.internal", &none), Lookup::Failed(m) if m.contains("no resolver")));
+        assert!(
+            matches!(lookup_blocking("a.internal", &none), Lookup::Failed(m) if m.contains("no resolver"))
+        );
     }
 
     #[test]

@@ -117,8 +117,7 @@ impl Schedule {
                             .filter(|s| s.from == Some(i as u16))
                             .map(|s| s.addr.to_string())
                             .collect();
-                        let due_ms =
-                            n.resolved_ms + u64::from(resolver.lifetime_s(n.ttl)) * 1000;
+                        let due_ms = n.resolved_ms + u64::from(resolver.lifetime_s(n.ttl)) * 1000;
                         Entry {
                             key,
                             line: n.clone(),
@@ -170,7 +169,13 @@ impl Schedule {
 
     /// Takes the answer to lookup `id`; returns the write it asks for, if
     /// its addresses differ from what `table` holds.
-    pub fn record(&mut self, id: u64, lookup: Lookup, table: &Table, now_ms: u64) -> Option<Update> {
+    pub fn record(
+        &mut self,
+        id: u64,
+        lookup: Lookup,
+        table: &Table,
+        now_ms: u64,
+    ) -> Option<Update> {
         let e = self.entries.iter_mut().find(|e| e.job == Some(id))?;
         e.job = None;
         e.status.resolved_ms = now_ms;
@@ -267,13 +272,19 @@ mod tests {
         let t = table("server app.internal:8080 resolve;", &["10.0.0.1"], 5);
         let mut s = Schedule::new();
         let d = defaults();
-        assert!(s.due(&t, 1, &d, 14_999).is_empty(), "the write's answer lasts 5 s");
+        assert!(
+            s.due(&t, 1, &d, 14_999).is_empty(),
+            "the write's answer lasts 5 s"
+        );
         let jobs = s.due(&t, 1, &d, 15_000);
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].host, "app.internal");
         assert!(s.due(&t, 1, &d, 15_001).is_empty(), "in flight");
         // The same addresses: no write, asked again a TTL later.
-        assert_eq!(s.record(jobs[0].id, found(&["10.0.0.1"], 2), &t, 15_100), None);
+        assert_eq!(
+            s.record(jobs[0].id, found(&["10.0.0.1"], 2), &t, 15_100),
+            None
+        );
         assert!(s.due(&t, 1, &d, 17_099).is_empty());
         let jobs = s.due(&t, 1, &d, 17_100);
         let update = s
@@ -287,7 +298,11 @@ mod tests {
             s.record(jobs[0].id, Lookup::Failed("timed out".into()), &t, 19_300),
             None
         );
-        assert!(s.statuses()[0].error.as_deref().unwrap().contains("timed out"));
+        assert!(s.statuses()[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("timed out"));
         assert!(s.due(&t, 1, &d, 20_299).is_empty());
         let jobs = s.due(&t, 1, &d, 20_300);
         // NXDOMAIN asks for the servers to go.
@@ -307,7 +322,10 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         // Another generation with the same line: still in flight.
         assert!(s.due(&t, 3, &defaults(), 11_000).is_empty());
-        assert_eq!(s.record(jobs[0].id, found(&["10.0.0.1"], 60), &t, 11_100), None);
+        assert_eq!(
+            s.record(jobs[0].id, found(&["10.0.0.1"], 60), &t, 11_100),
+            None
+        );
         assert!(s.due(&t, 4, &defaults(), 70_000).is_empty());
     }
 }

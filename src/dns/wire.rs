@@ -129,7 +129,9 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
                 owners.push(c.name()?.to_ascii_lowercase());
             }
             (TYPE_A, 4) if qtype == TYPE_A => {
-                addrs.push(IpAddr::V4(Ipv4Addr::new(data[0], data[1], data[2], data[3])));
+                addrs.push(IpAddr::V4(Ipv4Addr::new(
+                    data[0], data[1], data[2], data[3],
+                )));
                 ttl = ttl.min(rttl);
             }
             (TYPE_AAAA, 16) if qtype == TYPE_AAAA => {
@@ -272,7 +274,10 @@ mod tests {
         let r = reply(
             &q,
             0,
-            &[(TYPE_A, 30, vec![10, 0, 0, 2]), (TYPE_A, 5, vec![10, 0, 0, 1])],
+            &[
+                (TYPE_A, 30, vec![10, 0, 0, 2]),
+                (TYPE_A, 5, vec![10, 0, 0, 1]),
+            ],
         );
         assert_eq!(
             read_reply(&q, &r),

@@ -90,8 +90,7 @@ use crate::table::model::{
     FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::names::{
-    check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX,
-    RESOLVERS_MAX,
+    check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX, RESOLVERS_MAX,
 };
 use crate::table::policy::Policy;
 
@@ -683,7 +682,10 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
         };
     }
     if f.left() != 0 {
-        return Err(format!("the names field has {} bytes after its end", f.left()));
+        return Err(format!(
+            "the names field has {} bytes after its end",
+            f.left()
+        ));
     }
     u.names = lines;
     Ok(())
@@ -716,7 +718,10 @@ fn dns_settings(mut f: Reader<'_>) -> Result<DnsSettings, String> {
     };
     d.timeout_ms = time(f.u32()?, 1)?;
     if f.left() != 0 {
-        return Err(format!("the dns field has {} bytes after its end", f.left()));
+        return Err(format!(
+            "the dns field has {} bytes after its end",
+            f.left()
+        ));
     }
     Ok(d)
 }

@@ -56,8 +56,8 @@ pub use self::examine::{
 };
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
-    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, RESOLVER_LEASE, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY,
-    WORKER_TABLE,
+    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, RESOLVER_LEASE, SLOT_HEADER,
+    WORKER_ENTRY, WORKER_TABLE,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};

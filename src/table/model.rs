@@ -517,7 +517,11 @@ impl Upstream {
     /// out. What a re-read of a file that names hosts is compared by.
     pub fn same_definition(&self, other: &Upstream) -> bool {
         let literal = |u: &Upstream| -> Vec<ServerSpec> {
-            u.servers.iter().filter(|s| s.from.is_none()).cloned().collect()
+            u.servers
+                .iter()
+                .filter(|s| s.from.is_none())
+                .cloned()
+                .collect()
         };
         self.name == other.name
             && self.policy == other.policy

@@ -488,10 +488,23 @@ mod tests {
 
     #[test]
     fn host_names_are_checked() {
-        for good in ["app.internal", "a", "x-1.example.com.", "_http._tcp.example"] {
+        for good in [
+            "app.internal",
+            "a",
+            "x-1.example.com.",
+            "_http._tcp.example",
+        ] {
             assert!(check_host(good).is_ok(), "{good}");
         }
-        for bad in ["", "a..b", "-a.b", "a-.b", "a b", "1.2.3.256", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "1.2.3.256",
+            &"a".repeat(64),
+        ] {
             assert!(check_host(bad).is_err(), "{bad}");
         }
     }
@@ -521,7 +534,10 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("server nx.internal:80"), "{err}");
         assert!(err.contains("NXDOMAIN"), "{err}");
-        assert_eq!(t.get("u").unwrap().servers, before.get("u").unwrap().servers);
+        assert_eq!(
+            t.get("u").unwrap().servers,
+            before.get("u").unwrap().servers
+        );
         let err = resolve_pending(&mut t, &answers(&[])).unwrap_err();
         assert!(err.contains("was not resolved"), "{err}");
     }
@@ -537,10 +553,16 @@ mod tests {
         resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
         t.get_mut("u").unwrap().servers[0].down = true;
         let new = [ip("10.0.0.2"), ip("10.0.0.3")];
-        assert_eq!(apply_lookup(&mut t, "u", &line, &new, 1, 7000), Applied::Changed);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &new, 1, 7000),
+            Applied::Changed
+        );
         let u = t.get("u").unwrap();
         assert_eq!(addrs(u), ["10.0.0.2:80", "10.0.0.3:80"]);
-        assert_eq!(apply_lookup(&mut t, "u", &line, &new, 1, 8000), Applied::Same);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &new, 1, 8000),
+            Applied::Same
+        );
         // NXDOMAIN: every server goes but one, the upstream's last.
         let kept = apply_lookup(&mut t, "u", &line, &[], 1, 9000);
         assert_eq!(
@@ -562,7 +584,10 @@ mod tests {
             ttl: 1,
         };
         resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
-        assert_eq!(apply_lookup(&mut t, "u", &line, &[], 1, 9000), Applied::Changed);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &[], 1, 9000),
+            Applied::Changed
+        );
         assert_eq!(addrs(t.get("u").unwrap()), ["10.9.9.9:80"]);
         // Then it comes back where the line stands.
         assert_eq!(
@@ -571,6 +596,9 @@ mod tests {
         );
         assert_eq!(addrs(t.get("u").unwrap()), ["10.9.9.9:80", "10.0.0.4:80"]);
         let other = named("other.internal", 80, true);
-        assert_eq!(apply_lookup(&mut t, "u", &other, &[], 1, 9900), Applied::Gone);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &other, &[], 1, 9900),
+            Applied::Gone
+        );
     }
 }

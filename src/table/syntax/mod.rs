@@ -409,7 +409,9 @@ fn parse_resolver(args: &[&str], dns: &mut crate::table::names::DnsSettings) -> 
                 return Err(format!("{word}: resolver {addr} is given twice"));
             }
             if dns.resolvers.len() == RESOLVERS_MAX {
-                return Err(format!("{word}: at most {RESOLVERS_MAX} resolver addresses"));
+                return Err(format!(
+                    "{word}: at most {RESOLVERS_MAX} resolver addresses"
+                ));
             }
             dns.resolvers.push(addr);
         }

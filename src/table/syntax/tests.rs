@@ -487,7 +487,10 @@ fn bad_addresses_name_the_text_and_the_reason() {
     for host in ["example.com:80", "localhost", "localhost:8080"] {
         let m = err(host);
         assert!(m.contains(&format!("{host:?}")), "{m}");
-        assert!(m.contains("is a host name: name a server by its address here"), "{m}");
+        assert!(
+            m.contains("is a host name: name a server by its address here"),
+            "{m}"
+        );
         assert!(m.contains("unix:/path"), "{m}");
     }
     assert!(err("127.0.0.1:0").contains("\"127.0.0.1:0\": port must be 1..65535"));
@@ -658,7 +661,9 @@ fn body_errors_name_the_line_and_statement() {
     let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3s;"));
     assert!(m.contains("line 1: server 127.0.0.1:80 slow_start=3s: unknown parameter"));
     let m = bad(parse_servers("server example.com:80 resolve=on;"));
-    assert!(m.starts_with("line 1: server example.com:80 resolve=on: resolve=on: resolve takes no value"));
+    assert!(m.starts_with(
+        "line 1: server example.com:80 resolve=on: resolve=on: resolve takes no value"
+    ));
     assert!(bad(parse_servers("server 127.0.0.1 {")).contains("unexpected '{'"));
     assert!(bad(parse_servers("}")).contains("line 1: unexpected '}'"));
     assert!(bad(parse_servers(";")).contains("line 1: unexpected ';'"));
