@@ -8,6 +8,9 @@
 //! line. The balancer only ever sees those addresses. Resolving is not done
 //! here: the DNS client (`crate::dns`, or the Lua cosockets of the binding)
 //! asks, and [`resolve_pending`] and [`apply_lookup`] put its answers in.
+//!
+//! Over 600 lines with its tests: the lines, their answers and the rules
+//! that keep an upstream in service read best together.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
