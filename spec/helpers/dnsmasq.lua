@@ -73,13 +73,14 @@ function Server:start()
     args[#args + 1] = "--user=root"
     args[#args + 1] = "--group=root"
   end
+  -- Counted before the launch: dnsmasq may log its start at once.
+  local starts = select(2, self:log():gsub("started, version", ""))
   local cmd = "cd " .. self.dir .. " && " .. table.concat(args, " ")
     .. " >" .. self.dir .. "/out.log 2>&1 & echo $!"
   p = io.popen(cmd)
   self.pid = tonumber(p:read("*l"))
   p:close()
   running[self] = true
-  local starts = select(2, self:log():gsub("started, version", ""))
   nginx.wait_until(function()
     return select(2, self:log():gsub("started, version", "")) > starts
   end, 5, "dnsmasq started (" .. self.dir .. "/out.log)")
