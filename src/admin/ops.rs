@@ -228,11 +228,14 @@ pub fn patch_server(
     let addr = match parse_target(server.trim()) {
         Ok(Target::Addr(a)) => a,
         Ok(Target::Name { .. }) => {
+            // "bad server" as for any server PATCH cannot take: it changes
+            // one address, and a name's addresses come from its answers.
             return Err(Error::BadRequest(format!(
-                "{}: a server NAME line is changed as a whole: send the upstream again \
+                "bad server: {} is a host name, and PATCH changes one address (IP:PORT): \
+                 a server NAME line is changed as a whole: send the upstream again \
                  (POST /upstream/{name}), or delete the line and add it anew",
                 server.trim()
-            )))
+            )));
         }
         Err(e) => return Err(Error::BadRequest(format!("bad server: {e}"))),
     };

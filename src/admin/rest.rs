@@ -18,7 +18,9 @@ use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
 use crate::table::model::{check_name, ServerSpec, Table, Upstream};
 use crate::table::names::Answers;
-use crate::table::syntax::{parse_server_patch, render_server, server_lines, setting_lines};
+use crate::table::syntax::{
+    parse_server_patch, parse_target, render_server, server_lines, setting_lines, Target,
+};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -102,10 +104,16 @@ impl Endpoint {
         match self {
             Endpoint::List | Endpoint::Detail => true,
             Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
-            Endpoint::Server(name, addr) => crate::table::syntax::parse_address(addr)
-                .ok()
-                .zip(t.get(name))
-                .is_some_and(|(a, u)| u.server(&a).is_some()),
+            Endpoint::Server(name, addr) => {
+                let Some(u) = t.get(name) else { return false };
+                match parse_target(addr) {
+                    Ok(Target::Addr(a)) => u.server(&a).is_some(),
+                    Ok(Target::Name { host, port }) => u
+                        .named(&host, port.unwrap_or(crate::table::model::DEFAULT_PORT))
+                        .is_some(),
+                    Err(_) => false,
+                }
+            }
         }
     }
 }
@@ -326,30 +334,15 @@ pub fn handle(
         Ok(e) => e,
         Err(r) => return r,
     };
-    let (allow, reading) = match endpoint {
-        Endpoint::List | Endpoint::Detail => ("GET, HEAD", matches!(req.method, "GET" | "HEAD")),
-        Endpoint::Upstream(_) => (
-            "GET, HEAD, POST, DELETE",
-            matches!(req.method, "GET" | "HEAD"),
-        ),
-        Endpoint::Servers(_) => ("GET, HEAD, POST", matches!(req.method, "GET" | "HEAD")),
-        Endpoint::Server(..) => (
-            "GET, HEAD, PATCH, DELETE",
-            matches!(req.method, "GET" | "HEAD"),
-        ),
+    let write = match action(&endpoint, req.method) {
+        Err(r) => return r,
+        Ok(Action::Read) => {
+            let r =
+                read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
+            return conditional_read(&req.preconditions, r, snapshot.version);
+        }
+        Ok(Action::Write(w)) => w,
     };
-    if !reading && !allow.split(", ").any(|m| m == req.method) {
-        let mut r = Response::text(
-            405,
-            format!("method {} is not allowed here: use {allow}", req.method),
-        );
-        r.allow = Some(allow);
-        return r;
-    }
-    if reading {
-        let r = read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
-        return conditional_read(&req.preconditions, r, snapshot.version);
-    }
     let body = match std::str::from_utf8(req.body) {
         Ok(b) => b,
         Err(e) => {
@@ -376,7 +369,7 @@ pub fn handle(
                 if wanted { "does not exist" } else { "exists" }
             )));
         }
-        change(&endpoint, req.method, body, t)?;
+        change(&write, body, t)?;
         if let Some(answers) = req.answers {
             ops::resolve_names(t, answers)?;
         }
@@ -392,28 +385,74 @@ pub fn handle(
 /// current one): what it asks of the DNS before its turn, as its new
 /// `server NAME` lines. `None` for a read, a bad request, or a refusal.
 pub fn planned(req: &Request<'_>, table: &Table) -> Option<Table> {
-    if matches!(req.method, "GET" | "HEAD") {
-        return None;
-    }
     let endpoint = route(req.path).ok()?;
+    let Ok(Action::Write(write)) = action(&endpoint, req.method) else {
+        return None;
+    };
     let body = std::str::from_utf8(req.body).ok()?;
     let mut t = table.clone();
-    change(&endpoint, req.method, body, &mut t).ok()?;
+    change(&write, body, &mut t).ok()?;
     Some(t)
 }
 
+/// What a request may do at its endpoint, as the method check let it
+/// through: only a write reaches [`change`], and only the writes an
+/// endpoint takes exist, so a read-only endpoint cannot be written to.
+enum Action<'e> {
+    Read,
+    Write(Write<'e>),
+}
+
+/// The writes the endpoints take: upstream name, then server as sent.
+enum Write<'e> {
+    PostUpstream(&'e str),
+    DeleteUpstream(&'e str),
+    PostServer(&'e str),
+    PatchServer(&'e str, &'e str),
+    DeleteServer(&'e str, &'e str),
+}
+
+/// The action `method` asks of `endpoint`, or a 405 naming the methods it
+/// takes (in `Allow` too).
+fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Action<'e>, Response> {
+    if matches!(method, "GET" | "HEAD") {
+        return Ok(Action::Read);
+    }
+    let write = match (endpoint, method) {
+        (Endpoint::Upstream(name), "POST") => Some(Write::PostUpstream(name)),
+        (Endpoint::Upstream(name), "DELETE") => Some(Write::DeleteUpstream(name)),
+        (Endpoint::Servers(name), "POST") => Some(Write::PostServer(name)),
+        (Endpoint::Server(name, addr), "PATCH") => Some(Write::PatchServer(name, addr)),
+        (Endpoint::Server(name, addr), "DELETE") => Some(Write::DeleteServer(name, addr)),
+        _ => None,
+    };
+    write.map(Action::Write).ok_or_else(|| {
+        let allow = match endpoint {
+            Endpoint::List | Endpoint::Detail => "GET, HEAD",
+            Endpoint::Upstream(_) => "GET, HEAD, POST, DELETE",
+            Endpoint::Servers(_) => "GET, HEAD, POST",
+            Endpoint::Server(..) => "GET, HEAD, PATCH, DELETE",
+        };
+        let mut r = Response::text(
+            405,
+            format!("method {method} is not allowed here: use {allow}"),
+        );
+        r.allow = Some(allow);
+        r
+    })
+}
+
 /// The change a write request asks for.
-fn change(endpoint: &Endpoint, method: &str, body: &str, t: &mut Table) -> crate::Result<()> {
-    match (endpoint, method) {
-        (Endpoint::Upstream(name), "POST") => ops::update(t, name, body),
-        (Endpoint::Upstream(name), _) => ops::delete(t, name),
-        (Endpoint::Servers(name), _) => ops::insert_server(t, name, body),
-        (Endpoint::Server(name, addr), "PATCH") => {
+fn change(write: &Write<'_>, body: &str, t: &mut Table) -> crate::Result<()> {
+    match *write {
+        Write::PostUpstream(name) => ops::update(t, name, body),
+        Write::DeleteUpstream(name) => ops::delete(t, name),
+        Write::PostServer(name) => ops::insert_server(t, name, body),
+        Write::PatchServer(name, addr) => {
             let patch = parse_server_patch(body).map_err(Error::BadRequest)?;
             ops::patch_server(t, name, addr, &patch)
         }
-        (Endpoint::Server(name, addr), _) => ops::delete_server(t, name, addr),
-        (Endpoint::List | Endpoint::Detail, _) => unreachable!("read-only endpoints"),
+        Write::DeleteServer(name, addr) => ops::delete_server(t, name, addr),
     }
 }
 
