@@ -15,6 +15,8 @@ Server.__index = Server
 
 local DNSMASQ = "/usr/sbin/dnsmasq"
 local running = {}
+-- every server started, stopped or not: stop_all removes their directories
+local started = {}
 
 local function hosts_text(hosts)
   local lines = {}
@@ -101,6 +103,7 @@ function M.start(opts)
   p:close()
   local s = setmetatable({ dir = dir, port = nginx.free_port(), ttl = opts.ttl or 1 }, Server)
   nginx.write_file(dir .. "/hosts", hosts_text(opts.hosts or {}))
+  started[#started + 1] = s
   s:start()
   return s
 end
@@ -108,6 +111,12 @@ end
 --- Stops every server started and removes their directories.
 function M.stop_all()
   for s in pairs(running) do s:stop() end
+  for i = #started, 1, -1 do
+    -- only the directories mktemp made for us
+    assert(started[i].dir:match("^/tmp/dyups%-dns%.%w+$"), started[i].dir)
+    os.execute("rm -rf " .. started[i].dir)
+    started[i] = nil
+  end
 end
 
 return M

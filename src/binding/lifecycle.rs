@@ -30,7 +30,10 @@ const NGINX_DEFAULT_USER: &str = "nobody";
 /// configuration).
 pub(super) fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
     let mut table = seed_as_written(cfg)?;
-    crate::dns::resolve_blocking(&mut table, &cfg.dns)?;
+    crate::dns::resolve_blocking(&mut table, &cfg.dns).map_err(|e| match seed_source(cfg) {
+        Some(source) => Error::BadRequest(format!("{}: {e}", source.name)),
+        None => e,
+    })?;
     Ok(table)
 }
 

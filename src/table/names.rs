@@ -250,7 +250,7 @@ pub fn resolve_pending(table: &mut Table, answers: &Answers) -> Result<(), Strin
                 continue;
             }
             let n = &u.names[i];
-            let line = format!("server {}", n.target());
+            let line = format!("upstream {}: server {}", u.name, n.target());
             let (addrs, ttl) = match answers.found.get(&Query::new(&n.host, ipv6)) {
                 Some(Lookup::Found { addrs, ttl }) => (addrs.clone(), *ttl),
                 Some(Lookup::NotFound(why) | Lookup::Failed(why)) => {
