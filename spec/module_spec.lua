@@ -393,13 +393,13 @@ describe("ngx.dyups module", function()
       assert.is_nil(err)
       assert.is_true(ok)
       local b = dyups.get("b")
-      local addrs = {}
+      local got = {}
       for _, s in ipairs(b.servers) do
-        addrs[#addrs + 1] = s.addr
+        got[#got + 1] = s.addr
         assert.equal(3, s.weight)
       end
-      table.sort(addrs)
-      assert.same({ "127.0.0.7:8080", "127.0.0.8:8080" }, addrs)
+      table.sort(got)
+      assert.same({ "127.0.0.7:8080", "127.0.0.8:8080" }, got)
       assert.equal("server ok.dyups.test:8080 weight=3;", b.names[1].line)
     end)
 

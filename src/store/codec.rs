@@ -1215,4 +1215,238 @@ pub(crate) mod tests {
             }
         }
     }
+    /// `sample` with an upstream of `server NAME` lines: one re-resolved
+    /// with two addresses, one resolved once with none left, a literal
+    /// server between, and the upstream's `resolver` settings.
+    fn named_sample() -> Payload {
+        use crate::table::names::ServerParams;
+        let mut p = sample();
+        let mut params = ServerParams {
+            weight: 7,
+            max_conns: 9,
+            max_fails: 4,
+            fail_timeout: 30,
+            backup: false,
+            down: true,
+        };
+        let mut app = NamedServer::new("App.Internal".into(), Some(8080), params, true);
+        app.resolved_ms = 1_700_000_000_123;
+        app.ttl = 300;
+        params.down = false;
+        params.backup = true;
+        let mut once = NamedServer::new("once.internal".into(), None, params, false);
+        once.resolved_ms = 1;
+        once.ttl = u32::MAX;
+        let from_app = |a: &str| ServerSpec {
+            from: Some(0),
+            ..app.params.server(Address::Inet(a.parse().unwrap()))
+        };
+        let mut u = Upstream::new(
+            "named",
+            vec![
+                from_app("10.0.0.1:8080"),
+                ServerSpec::new(Address::Inet("10.9.9.9:80".parse().unwrap())),
+                from_app("[fd00::1]:8080"),
+            ],
+        );
+        u.names = vec![app, once];
+        u.dns = DnsSettings {
+            resolvers: vec![
+                "10.0.0.53:53".parse().unwrap(),
+                "[::1]:5353".parse().unwrap(),
+            ],
+            valid: Some(30),
+            ipv6: Some(false),
+            timeout_ms: Some(1500),
+        };
+        p.table.upsert(u);
+        p
+    }
+
+    /// The lines and where each server came from in field 11, the
+    /// resolver settings in field 12, every value kept; the base is the
+    /// one the same servers written as addresses give.
+    #[test]
+    fn server_name_lines_and_resolvers_round_trip_in_the_extension() {
+        let p = named_sample();
+        let back = round_trip(&p).unwrap();
+        assert_eq!(back, p);
+        let u = back.table.get("named").unwrap();
+        assert_eq!(u.names, p.table.get("named").unwrap().names);
+        assert_eq!(
+            u.servers.iter().map(|s| s.from).collect::<Vec<_>>(),
+            [Some(0), None, Some(0)]
+        );
+        assert_eq!((u.names[1].resolved_ms, u.names[1].ttl), (1, u32::MAX));
+        assert_eq!(u.dns.timeout_ms, Some(1500));
+        // Unset settings stay unset (not a default that reads back set).
+        let mut unset = p.clone();
+        {
+            let u = Arc::make_mut(
+                unset
+                    .table
+                    .upstreams
+                    .iter_mut()
+                    .find(|u| u.name == "named")
+                    .unwrap(),
+            );
+            u.dns = DnsSettings {
+                resolvers: vec!["10.0.0.53:53".parse().unwrap()],
+                ..DnsSettings::default()
+            };
+        }
+        assert_eq!(round_trip(&unset).unwrap(), unset);
+
+        let mut literal = p.clone();
+        for u in &mut literal.table.upstreams {
+            let u = Arc::make_mut(u);
+            u.names.clear();
+            u.dns = DnsSettings::default();
+            for s in &mut u.servers {
+                s.from = None;
+            }
+        }
+        assert_eq!(encode(&p).base, encode(&literal).base);
+    }
+
+    /// A slot written before fields 11 and 12 (or by a build without them)
+    /// reads with no `server NAME` line, every server an address as
+    /// written, and the default resolver settings; a later build's fields
+    /// beside ours change nothing.
+    #[test]
+    fn a_slot_without_the_name_fields_reads_with_the_defaults() {
+        let p = named_sample();
+        let old = decode(&encode(&p).base, &[], None).unwrap();
+        let u = old.table.get("named").unwrap();
+        assert!(u.names.is_empty());
+        assert!(u.servers.iter().all(|s| s.from.is_none()));
+        assert!(u.dns.is_default());
+        assert_eq!(
+            u.servers
+                .iter()
+                .map(|s| s.addr.to_string())
+                .collect::<Vec<_>>(),
+            ["10.0.0.1:8080", "10.9.9.9:80", "[fd00::1]:8080"]
+        );
+        // An extension with another field only, as builds before wrote it.
+        let only = with_entry(&field(TAG_KEEPALIVE_REQUESTS, &9u32.to_le_bytes())).unwrap();
+        let u = &only.table.upstreams[0];
+        assert_eq!(u.keepalive_requests, 9);
+        assert!(u.names.is_empty() && u.dns.is_default());
+        assert!(u.servers.iter().all(|s| s.from.is_none()));
+        // A table without names writes neither field.
+        let e = encode(&sample());
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert!(back
+            .table
+            .upstreams
+            .iter()
+            .all(|u| u.names.is_empty() && u.dns.is_default()));
+    }
+
+    /// Fields 11 and 12 as a broken writer could leave them: refused,
+    /// saying what is wrong, never trusted.
+    #[test]
+    fn bad_name_fields_are_refused() {
+        // `with_entry`'s upstream is sample's "local", with three servers.
+        let line = |host: &str, flags: u8, weight: u32, resolved: u64| {
+            let mut v = Vec::new();
+            put_str(&mut v, host);
+            v.extend_from_slice(&8080u16.to_le_bytes());
+            v.push(flags);
+            for x in [weight, 0, 1, 10] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v.extend_from_slice(&resolved.to_le_bytes());
+            v.extend_from_slice(&30u32.to_le_bytes());
+            v
+        };
+        let names = |lines: &[&[u8]], from: &[u16]| {
+            let mut v = (lines.len() as u16).to_le_bytes().to_vec();
+            for l in lines {
+                v.extend_from_slice(l);
+            }
+            for f in from {
+                v.extend_from_slice(&f.to_le_bytes());
+            }
+            field(TAG_NAMES, &v)
+        };
+        let good = line("app.internal", 1, 1, 5);
+        let none = [NO_LINE; 3];
+        let ok = with_entry(&names(&[&good], &[0, NO_LINE, 0])).unwrap();
+        assert_eq!(ok.table.upstreams[0].names[0].target(), "app.internal:8080");
+        let dns = |count: u8, valid: u32, ipv6: u8, timeout: u32| {
+            let mut v = vec![count];
+            for i in 0..count {
+                put_addr(&mut v, &Address::Inet(([10, 0, 0, i + 1], 53).into()));
+            }
+            v.extend_from_slice(&valid.to_le_bytes());
+            v.push(ipv6);
+            v.extend_from_slice(&timeout.to_le_bytes());
+            field(TAG_DNS, &v)
+        };
+        assert_eq!(
+            with_entry(&dns(2, UNSET, 0, UNSET))
+                .unwrap()
+                .table
+                .upstreams[0]
+                .dns
+                .resolvers
+                .len(),
+            2
+        );
+        let mut trailing = names(&[&good], &none);
+        trailing.push(0);
+        let n = trailing.len() - 3;
+        trailing[1..3].copy_from_slice(&(n as u16).to_le_bytes());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (names(&[&good], &[0, 1, 0]), "names line 1 of 1"),
+            (
+                names(&[&line("app.internal", 8, 1, 5)], &none),
+                "unknown flags 8",
+            ),
+            (
+                names(&[&line("app.internal", 1, 0, 5)], &none),
+                "out-of-range parameters",
+            ),
+            (
+                names(&[&line("app.internal", 1, 1, 0)], &none),
+                "was never resolved",
+            ),
+            (names(&[&line("a..b", 1, 1, 5)], &none), "a..b"),
+            (names(&[&good], &[0, 0]), "ends early"),
+            (trailing, "bytes after its end"),
+            (
+                field(
+                    TAG_NAMES,
+                    &((crate::table::names::NAMES_MAX + 1) as u16).to_le_bytes(),
+                ),
+                "at most 100",
+            ),
+            (dns(9, UNSET, 0, UNSET), "9 resolvers, at most 8"),
+            (dns(1, UNSET, 3, UNSET), "ipv6 3"),
+            (dns(1, 0, 0, UNSET), "out of range"),
+            (dns(1, UNSET, 0, DNS_TIME_MAX_MS + 1), "out of range"),
+            (
+                [dns(1, UNSET, 0, UNSET), dns(1, UNSET, 0, UNSET)].concat(),
+                "appears twice",
+            ),
+        ];
+        for (fields, why) in cases {
+            let err = with_entry(&fields).unwrap_err();
+            assert!(err.contains(why), "{err} lacks {why}");
+        }
+    }
+
+    #[test]
+    fn every_single_byte_flip_of_the_name_fields_decodes_or_errors_without_panic() {
+        let e = encode(&named_sample());
+        for i in 0..e.extension.len() {
+            for bit in 0..8 {
+                let mut m = e.extension.clone();
+                m[i] ^= 1 << bit;
+                let _ = decode(&e.base, &m, None);
+            }
+        }
+    }
 }
