@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::table::model::{check_name, ServerSpec, Table, Upstream};
+use crate::table::model::{check_name, ServerSpec, Table, Upstream, DEFAULT_PORT};
 use crate::table::names::Answers;
 use crate::table::syntax::{
     parse_server_patch, parse_target, render_server, server_lines, setting_lines, Target,
@@ -104,16 +104,13 @@ impl Endpoint {
         match self {
             Endpoint::List | Endpoint::Detail => true,
             Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
-            Endpoint::Server(name, addr) => {
-                let Some(u) = t.get(name) else { return false };
-                match parse_target(addr) {
-                    Ok(Target::Addr(a)) => u.server(&a).is_some(),
-                    Ok(Target::Name { host, port }) => u
-                        .named(&host, port.unwrap_or(crate::table::model::DEFAULT_PORT))
-                        .is_some(),
-                    Err(_) => false,
+            Endpoint::Server(name, addr) => t.get(name).is_some_and(|u| match parse_target(addr) {
+                Ok(Target::Addr(a)) => u.server(&a).is_some(),
+                Ok(Target::Name { host, port }) => {
+                    u.named(&host, port.unwrap_or(DEFAULT_PORT)).is_some()
                 }
-            }
+                Err(_) => false,
+            }),
         }
     }
 }
@@ -336,12 +333,12 @@ pub fn handle(
     };
     let write = match action(&endpoint, req.method) {
         Err(r) => return r,
-        Ok(Action::Read) => {
+        Ok(None) => {
             let r =
                 read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
             return conditional_read(&req.preconditions, r, snapshot.version);
         }
-        Ok(Action::Write(w)) => w,
+        Ok(Some(w)) => w,
     };
     let body = match std::str::from_utf8(req.body) {
         Ok(b) => b,
@@ -386,7 +383,7 @@ pub fn handle(
 /// `server NAME` lines. `None` for a read, a bad request, or a refusal.
 pub fn planned(req: &Request<'_>, table: &Table) -> Option<Table> {
     let endpoint = route(req.path).ok()?;
-    let Ok(Action::Write(write)) = action(&endpoint, req.method) else {
+    let Ok(Some(write)) = action(&endpoint, req.method) else {
         return None;
     };
     let body = std::str::from_utf8(req.body).ok()?;
@@ -395,15 +392,8 @@ pub fn planned(req: &Request<'_>, table: &Table) -> Option<Table> {
     Some(t)
 }
 
-/// What a request may do at its endpoint, as the method check let it
-/// through: only a write reaches [`change`], and only the writes an
-/// endpoint takes exist, so a read-only endpoint cannot be written to.
-enum Action<'e> {
-    Read,
-    Write(Write<'e>),
-}
-
-/// The writes the endpoints take: upstream name, then server as sent.
+/// The writes the endpoints take (upstream name, then server as sent):
+/// only these reach [`change`], so a read-only endpoint cannot be written.
 enum Write<'e> {
     PostUpstream(&'e str),
     DeleteUpstream(&'e str),
@@ -412,11 +402,11 @@ enum Write<'e> {
     DeleteServer(&'e str, &'e str),
 }
 
-/// The action `method` asks of `endpoint`, or a 405 naming the methods it
-/// takes (in `Allow` too).
-fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Action<'e>, Response> {
+/// The write `method` asks of `endpoint`; `None` for a read; a 405
+/// naming the methods it takes (in `Allow` too) for any other.
+fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Option<Write<'e>>, Response> {
     if matches!(method, "GET" | "HEAD") {
-        return Ok(Action::Read);
+        return Ok(None);
     }
     let write = match (endpoint, method) {
         (Endpoint::Upstream(name), "POST") => Some(Write::PostUpstream(name)),
@@ -426,7 +416,7 @@ fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Action<'e>, Respon
         (Endpoint::Server(name, addr), "DELETE") => Some(Write::DeleteServer(name, addr)),
         _ => None,
     };
-    write.map(Action::Write).ok_or_else(|| {
+    write.map(Some).ok_or_else(|| {
         let allow = match endpoint {
             Endpoint::List | Endpoint::Detail => "GET, HEAD",
             Endpoint::Upstream(_) => "GET, HEAD, POST, DELETE",
