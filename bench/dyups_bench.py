@@ -3,7 +3,7 @@
 
 Starts its own nginx instances on loopback (backends, and proxies using the
 same nginx + lua module packages as the specs), drives load with wrk, and
-measures ngx.dyups in five sections:
+measures ngx.dyups in six sections:
 
   1. throughput/latency: native upstream round robin vs a minimal
      balancer_by_lua vs ngx.dyups, interleaved rounds, medians;
@@ -16,7 +16,10 @@ measures ngx.dyups in five sections:
      upstream with the same policy, keys varied by lua/keys.lua, interleaved
      rounds, medians, and each proxy worker's CPU time per request;
      for the keyless ones, each backend's share under load and
-     dyups.peers() connection counts back to 0 after it.
+     dyups.peers() connection counts back to 0 after it;
+  6. sync (bench/sync_bench.py): `dyups sync` on 3 hosts following a
+     3-member etcd, a put until every worker routes by it, and tables up to
+     100,000 upstreams in etcd.
 
 Python standard library only; raw sockets and time.monotonic() for timing.
 Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
@@ -36,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import sync_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -1485,6 +1490,7 @@ def report(cfg, res, elapsed):
           + " (round robin and random count none)")
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
+    sync_targets = sync_bench.report_sync(sys.modules[__name__], cfg, res, p)
     # targets
     p()
     p("Targets (reported, not asserted):")
@@ -1538,6 +1544,8 @@ def report(cfg, res, elapsed):
         target("every method: proxy worker CPU per request <= 1.05 x native (paired)", 1,
                po[worst]["cpu_ratio_paired"] <= 1.05,
                f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
+    for t in sync_targets:
+        target(*t)
     if not rows:
         p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
@@ -1550,7 +1558,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True, help="temp directory for the nginx prefixes")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="12345")
+    ap.add_argument("--sections", default="123456")
     ap.add_argument("--json", help="also write the raw results here")
     cfg = ap.parse_args()
     q = cfg.quick
@@ -1577,6 +1585,11 @@ def main():
     cfg.pol_warm = 1
     cfg.pol_share_secs = 1 if q else 2  # untimed counted run per keyless policy and proxy
     cfg.pol_check = 50  # keys checked to reach the same backend through both proxies
+    cfg.sync_puts = 200 if q else 1000  # section 6: puts timed on 3 hosts
+    cfg.sync_scale = [1000, 10000] if q else [1000, 10000, 100000]
+    if "BENCH_SYNC_SCALE" in os.environ:  # e.g. BENCH_SYNC_SCALE=100000; empty: none
+        cfg.sync_scale = [int(x) for x in os.environ["BENCH_SYNC_SCALE"].split(",") if x]
+    cfg.sync_scale_puts = 20 if q else 50
 
     def on_signal(sig, _frame):
         raise KeyboardInterrupt(f"signal {sig}")
@@ -1592,7 +1605,8 @@ def main():
         log(f"backends: 127.0.0.1:{', '.join(map(str, backends))} (pid {be.master})")
         sections = [("1", "throughput", section_throughput), ("2", "propagation", section_propagation),
                     ("3", "churn", section_churn), ("4", "scale", section_scale),
-                    ("5", "policies", section_policies)]
+                    ("5", "policies", section_policies),
+                    ("6", "sync", lambda *a: sync_bench.section_sync(sys.modules[__name__], *a))]
         for key, name, fn in sections:
             if key in cfg.sections:
                 t = now()

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # bench/run.sh: what `make bench` runs. See bench/README.md.
 #
-#   make bench              # full mode (about 7 minutes on 2 cores)
-#   make bench QUICK=1      # quick mode (about 2 minutes; QUICK=1 make bench too)
+#   make bench              # full mode (about 8 minutes on 2 cores)
+#   make bench QUICK=1      # quick mode (about 2.5 minutes; QUICK=1 make bench too)
 #   QUICK=1 bash bench/run.sh
 #
-# Environment: QUICK=1, SECTIONS=12345 (a subset, e.g. SECTIONS=2),
-# BENCH_JSON=path (raw results), NGINX_BIN, WRK, NGINX_MODULES_DIR,
+# Environment: QUICK=1, SECTIONS=123456 (a subset, e.g. SECTIONS=2),
+# BENCH_JSON=path (raw results), NGINX_BIN, WRK, NGINX_MODULES_DIR, ETCD,
 # BENCH_KEEP=1 (keep the temp prefixes with their error logs).
 #
 # Starts its own nginx instances (backends and proxies) in temp prefixes
-# under /tmp, on loopback ports only, and stops every one of them on exit,
-# on error and on Ctrl-C.
+# under /tmp, and for section 6 an etcd cluster and `dyups sync` agents, on
+# loopback ports only, and stops every one of them on exit, on error and on
+# Ctrl-C.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,7 +32,13 @@ if ! "$NGINX_BIN" -V 2>&1 | grep -q lua-nginx-module && [ ! -e "$mods/ngx_http_l
 fi
 [ -f "$repo/lib/ngx/dyups.so" ] || die "lib/ngx/dyups.so is missing: run 'make build' first"
 command -v python3 >/dev/null 2>&1 || die "python3 not found (the driver is bench/dyups_bench.py)"
-export NGINX_BIN WRK
+sections="${SECTIONS:-123456}"
+ETCD="${ETCD:-/usr/bin/etcd}"
+if [[ "$sections" == *6* ]]; then
+  [ -x "$ETCD" ] || die "etcd not found ($ETCD): install the Debian package 'etcd-server' (make deps does), or leave section 6 out (SECTIONS=12345)"
+  [ -x "${DYUPS_BIN:-$repo/bin/dyups}" ] || die "bin/dyups is missing: run 'make build' first"
+fi
+export NGINX_BIN WRK ETCD
 unset NGINX  # nginx itself reads $NGINX (inherited sockets)
 
 # --- temp root and cleanup -----------------------------------------------
@@ -59,6 +66,16 @@ cleanup() {
       kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     fi
   done
+  # Section 6's etcd members and agents, by the pid the driver recorded,
+  # each only if its command line still names this run's directory.
+  for pidf in "$root"/pids/*.pid; do
+    [ -f "$pidf" ] || continue
+    pid="$(cat "$pidf" 2>/dev/null || true)"
+    [ -n "$pid" ] || continue
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$root"; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
   if [ "${BENCH_KEEP:-}" = 1 ]; then
     printf 'bench: prefixes kept in %s\n' "$root" >&2
   else
@@ -71,12 +88,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-args=(--root "$root" --sections "${SECTIONS:-12345}")
+args=(--root "$root" --sections "$sections")
 if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
   args+=(--quick)
-  printf 'bench: QUICK mode (about 2 minutes)\n' >&2
+  printf 'bench: QUICK mode (about 2.5 minutes)\n' >&2
 else
-  printf 'bench: full mode (about 7 minutes; QUICK=1 for the quick mode)\n' >&2
+  printf 'bench: full mode (about 8 minutes; QUICK=1 for the quick mode)\n' >&2
 fi
 [ -n "${BENCH_JSON:-}" ] && args+=(--json "$BENCH_JSON")
 

@@ -53,6 +53,41 @@ describe("dyups sync:", function()
     assert.is_true(ok, err)
   end
 
+  --- etcdctl (API v3) on `endpoint` with standard input from `input`.
+  local function ctl_at(endpoint, args, input)
+    local cmd = { "ETCDCTL_API=3", q(etcd.ETCDCTL), "--command-timeout=20s", "--endpoints", q(endpoint) }
+    for _, a in ipairs(args) do cmd[#cmd + 1] = q(a) end
+    local err = os.tmpname()
+    local ok = nginx.execute(table.concat(cmd, " ") .. " >/dev/null 2>" .. q(err)
+      .. " <" .. q(input or "/dev/null"))
+    local e = nginx.read_file(err)
+    os.remove(err)
+    return ok, e
+  end
+
+  --- Puts `kvs` ({ {key, value}, ... }) in transactions of 100.
+  local function put_all(kvs)
+    for first = 1, #kvs, 100 do
+      local lines = { "" }
+      for i = first, math.min(#kvs, first + 99) do
+        lines[#lines + 1] = ("put %s %q"):format(kvs[i][1], kvs[i][2])
+      end
+      local file = os.tmpname()
+      nginx.write_file(file, table.concat(lines, "\n") .. "\n\n\n")
+      local ok, err = ctl_at(cluster:endpoints(), { "txn" }, file)
+      os.remove(file)
+      assert.is_true(ok, err)
+    end
+  end
+
+  local function etcd_owned(state)
+    local names = {}
+    for _, u in ipairs(dump(state).upstreams) do
+      if u.owner == "etcd" then names[#names + 1] = u.name end
+    end
+    return names
+  end
+
   lazy_setup(function()
     cluster = etcd.cluster(3)
     cluster:start()
@@ -190,6 +225,57 @@ describe("dyups sync:", function()
     end
   end)
 
+  it("the member the agents read from is killed: they move to another endpoint and keep following", function()
+    -- Every agent starts on the first endpoint; the quorum test above may
+    -- have moved them, so each host's member is the one its log names last.
+    put("s_member", dy.body_of { dy.addr(ports[1]) })
+    converged("s_member", ports[1])
+    local logs = {}
+    for i, h in ipairs(hosts) do logs[i] = #h.agent:read_log() end
+    for i = 1, 3 do
+      cluster:kill_member(i)
+      -- The put itself may time out while the other two elect a leader.
+      nginx.wait_until(function()
+        return (cluster:ctl { "put", KEYS .. "s_member", dy.body_of { dy.addr(ports[i % 2 + 1]) } })
+      end, 20, "a put with member " .. i .. " down")
+      converged("s_member", ports[i % 2 + 1], 30)
+      cluster:start_member(i)
+      cluster:wait_healthy()
+    end
+    -- Each agent lost its member at least once, and said so.
+    for i, h in ipairs(hosts) do
+      local log = h.agent:read_log():sub(logs[i] + 1)
+      assert.truthy(log:find("keeping the last table, retrying", 1, true), log)
+    end
+  end)
+
+  it("an agent restarted resumes from the etcd revision in the state file, reading nothing again", function()
+    local h = hosts[1]
+    put("s_resume", dy.body_of { dy.addr(ports[1]) })
+    converged("s_resume", ports[1])
+    -- The table holds the revision of the last change: nothing has been
+    -- written to etcd since.
+    nginx.wait_until(function()
+      return dump(h.state).sync.revision == cluster:revision()
+    end, 10, "the sync mark to reach etcd's revision")
+    local mark = dump(h.state).sync
+    assert.equal("/dyups/", mark.prefix)
+    assert.truthy(mark.cluster_id:match("^%d+$"), mark.cluster_id)
+    h.agent:stop("TERM")
+    local seen = #h.agent:read_log()
+    put("s_resume", dy.body_of { dy.addr(ports[2]) })
+    put("s_resume_new", dy.body_of { dy.addr(ports[1]) })
+    h.agent:start()
+    converged("s_resume", ports[2])
+    converged("s_resume_new", ports[1])
+    local log = h.agent:read_log():sub(seen + 1)
+    assert.falsy(log:find("upstreams from etcd", 1, true), log)
+    assert.falsy(log:find("reading everything again", 1, true), log)
+    -- Both changes came in the watch's first response: one write.
+    assert.truthy(log:find("revision %d+: version %d+ %(created 1; replaced 1; deleted 0%)"), log)
+    assert.equal(cluster:revision(), dump(h.state).sync.revision)
+  end)
+
   it("an agent SIGKILLed while it applies: the state file is sound and the restart catches up", function()
     local h = hosts[3]
     local n = 40
@@ -215,5 +301,79 @@ describe("dyups sync:", function()
     local names = {}
     for _, u in ipairs(dump(h.state).upstreams) do names[u.name] = true end
     for i = 1, n do assert.is_true(names["s_kill_" .. i], "s_kill_" .. i) end
+  end)
+
+  it("a prefix of more keys than one read takes, with an answer past 10 MiB, is read whole", function()
+    -- 1,100 keys (the agent reads 1,000 a time), then 12 values of 1 MiB
+    -- (a comment pads each): more than the HTTP client reads in one body
+    -- by default, in the last page.
+    local kvs = {}
+    for i = 1, 1100 do
+      kvs[i] = { ("/big/upstreams/b_%04d"):format(i), dy.body_of { dy.addr(ports[i % 2 + 1]) } }
+    end
+    put_all(kvs)
+    local pad = "# " .. ("x"):rep(1024 * 1024) .. "\n" .. dy.body_of { dy.addr(ports[1]) }
+    local file = os.tmpname()
+    nginx.write_file(file, pad)
+    for i = 1, 12 do
+      local ok, err = ctl_at(cluster:endpoints(), { "put", ("/big/upstreams/huge_%02d"):format(i) }, file)
+      assert.is_true(ok, err)
+    end
+    os.remove(file)
+    local dir = assert(io.popen("mktemp -d /tmp/ngx-dyups-big.XXXXXX")):read("*l")
+    local state = dir .. "/big.state"
+    local agent = etcd.agent(cluster, state, "/big/")
+    agent:start()
+    local ok, why = pcall(function()
+      nginx.wait_until(function()
+        return agent:read_log():find("read 1112 upstreams from etcd", 1, true) ~= nil
+      end, 60, "the agent to read the whole prefix")
+      local names = etcd_owned(state)
+      assert.equal(1112, #names)
+      table.sort(names)
+      assert.equal("b_0001", names[1])
+      assert.equal("b_1100", names[1100])
+      assert.equal("huge_12", names[1112])
+    end)
+    agent:stop("KILL")
+    if not ok then why = tostring(why) .. "\nthe agent's log ends:\n" .. agent:read_log():sub(-1500) end
+    nginx.execute("rm -rf " .. q(dir))
+    assert.is_true((cluster:ctl { "del", "--prefix", "/big/" }))
+    assert(ok, why)
+  end)
+
+  it("etcd restored from a backup, below the table's revision: each agent reads everything again", function()
+    put("s_snap", dy.body_of { dy.addr(ports[1]) })
+    converged("s_snap", ports[1])
+    local snap = cluster.dir .. "/backup.db"
+    local m1 = cluster.members[1]
+    local ok, err = ctl_at("http://127.0.0.1:" .. m1.client, { "snapshot", "save", snap })
+    assert.is_true(ok, err)
+    -- After the backup: changes the restore takes back, several revisions'
+    -- worth, so etcd restored stays below them after a few writes.
+    put("s_after", dy.body_of { dy.addr(ports[1]) })
+    for _ = 1, 5 do put("s_snap", dy.body_of { dy.addr(ports[2]) }) end
+    converged("s_after", ports[1])
+    converged("s_snap", ports[2])
+    local logs = {}
+    for i, h in ipairs(hosts) do logs[i] = #h.agent:read_log() end
+    for i = 1, #cluster.members do cluster:kill_member(i) end
+    for _, m in ipairs(cluster.members) do
+      m.data = m.data .. ".restored"
+      local restored, why = ctl_at("http://127.0.0.1:" .. m.client, {
+        "snapshot", "restore", snap, "--name", m.name, "--data-dir", m.data,
+        "--initial-cluster", cluster.initial, "--initial-cluster-token", cluster.dir,
+        "--initial-advertise-peer-urls", "http://127.0.0.1:" .. m.peer })
+      assert.is_true(restored, why)
+    end
+    for i = 1, #cluster.members do cluster:start_member(i) end
+    cluster:wait_healthy()
+    converged("s_after", nil, 30)
+    converged("s_snap", ports[1], 30)
+    for i, h in ipairs(hosts) do
+      local log = h.agent:read_log():sub(logs[i] + 1)
+      assert.truthy(log:find("reading everything again", 1, true), log)
+      assert.truthy(log:find("upstreams from etcd", 1, true), log)
+    end
   end)
 end)

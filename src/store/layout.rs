@@ -270,9 +270,11 @@ impl SlotHeader {
         }
     }
 
-    /// The bytes of payload the slot claims: base and extension.
+    /// The bytes of payload the slot claims: base and extension. Both come
+    /// from the file as they are, so the sum saturates: a damaged length
+    /// must read as too long for the slot, never wrap round to a short one.
     pub fn total_len(&self) -> u64 {
-        self.len + u64::from(self.ext_len)
+        self.len.saturating_add(u64::from(self.ext_len))
     }
 
     fn checksum(&self, base: &[u8]) -> u32 {

@@ -17,8 +17,11 @@ usage: dyups dump --state PATH [--json]
 
 Prints the table nginx's workers route by: `upstream NAME { ... }` blocks
 that init{ upstreams = ... } reads back as the same table, or with --json
-an object {\"version\": N, \"upstreams\": [...]}. Read without the writer
-lock, as the workers read it: a consistent table even while writes go on.
+an object {\"version\": N, \"upstreams\": [...]}, with \"sync\": {\"revision\",
+\"cluster_id\", \"prefix\"} when `dyups sync` writes it (the etcd revision the
+table holds, which a restart of the agent resumes from). Read without the
+writer lock, as the workers read it: a consistent table even while writes
+go on.
 
   --state PATH  the state file (init's `path`)
   --json        JSON instead of nginx syntax
@@ -36,10 +39,19 @@ pub fn run(args: &Parsed) -> Outcome {
         )));
     };
     if args.flag("json") {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "version": snapshot.version,
             "upstreams": snapshot.table.upstreams,
         });
+        if let Some(m) = &snapshot.table.sync {
+            out["sync"] = serde_json::json!({
+                "revision": m.revision,
+                // As etcd's JSON writes it: a u64 past 2^53 loses digits in
+                // a JSON number read as a double.
+                "cluster_id": m.cluster_id.to_string(),
+                "prefix": m.prefix,
+            });
+        }
         let mut text = serde_json::to_string_pretty(&out).expect("plain data serialises");
         text.push('\n');
         emit(&text)?;

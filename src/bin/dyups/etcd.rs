@@ -17,6 +17,16 @@ use serde::{Deserialize, Deserializer};
 /// counts as unusable, and the agent tries the next endpoint.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Keys a range asks for at a time. One answer for a whole prefix grows
+/// with the table (100,000 upstreams of 4 servers are some 23 MB of JSON):
+/// past any fixed body limit, and past `CALL_TIMEOUT` on a busy member.
+/// Pages of this many keys are some 235 KB for upstreams of 4 servers.
+const RANGE_PAGE: u64 = 1000;
+
+/// The largest answer read. A page of `RANGE_PAGE` upstreams of 1,000
+/// servers each (the most an upstream takes) is about 60 MB of JSON.
+const ANSWER_MAX: u64 = 256 << 20;
+
 /// Why a call to etcd failed.
 #[derive(Debug)]
 pub enum Failure {
@@ -85,6 +95,8 @@ impl RawKv {
 struct RangeAnswer {
     header: Header,
     kvs: Vec<RawKv>,
+    /// More keys are in the range than this answer holds (`limit`).
+    more: bool,
     // An error answer (HTTP 400/503...) instead.
     code: Option<i64>,
     message: Option<String>,
@@ -188,18 +200,41 @@ impl Endpoint {
 
     /// Every key under `prefix` and the revision they are at. Linearizable:
     /// a member cut off from the quorum does not answer with stale data.
+    /// Read in pages of `RANGE_PAGE` keys, every page after the first at the
+    /// first one's revision, so together they are one revision's keys (a
+    /// compaction past it meanwhile fails the read, which is then retried).
     pub fn range(&self, prefix: &[u8]) -> Result<(Header, Vec<Kv>), Failure> {
-        let answer = self.range_call(serde_json::json!({
-            "key": B64.encode(prefix),
-            "range_end": B64.encode(range_end(prefix)),
-        }))?;
-        let kvs = answer
-            .kvs
-            .into_iter()
-            .map(RawKv::decode)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.unreachable(&format!("range: {e}")))?;
-        Ok((answer.header, kvs))
+        let end = B64.encode(range_end(prefix));
+        let mut from = prefix.to_vec();
+        let mut head: Option<Header> = None;
+        let mut kvs = Vec::new();
+        loop {
+            let mut body = serde_json::json!({
+                "key": B64.encode(&from),
+                "range_end": end,
+                "limit": RANGE_PAGE.to_string(),
+            });
+            if let Some(h) = head {
+                body["revision"] = h.revision.to_string().into();
+            }
+            let answer = self.range_call(body)?;
+            let at = *head.get_or_insert(answer.header);
+            let before = kvs.len();
+            for raw in answer.kvs {
+                kvs.push(
+                    raw.decode()
+                        .map_err(|e| self.unreachable(&format!("range: {e}")))?,
+                );
+            }
+            match kvs[before..].last() {
+                Some(last) if answer.more => {
+                    // The next key after the last one read.
+                    from.clone_from(&last.key);
+                    from.push(0);
+                }
+                _ => return Ok((at, kvs)),
+            }
+        }
     }
 
     /// The cluster's id and current revision, by a linearizable count-only
@@ -224,6 +259,8 @@ impl Endpoint {
         let status = response.status().as_u16();
         let text = response
             .body_mut()
+            .with_config()
+            .limit(ANSWER_MAX)
             .read_to_string()
             .map_err(|e| self.unreachable(&e.to_string()))?;
         let answer: RangeAnswer = serde_json::from_str(&text)

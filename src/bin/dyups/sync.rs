@@ -4,6 +4,8 @@
 //! response says as one write, with the revision in the same payload (see
 //! `model::SyncMark`), so a restart resumes where the table is.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ngx_dyups::admin::ops::{self, Synced};
 use ngx_dyups::store::{parse_size, StateFile, WriteOptions, DEFAULT_SIZE};
-use ngx_dyups::table::model::{check_name, SyncMark, Upstream};
+use ngx_dyups::table::model::{check_name, name_key, SyncMark, Upstream};
 use ngx_dyups::table::syntax::parse_body;
 
 use crate::args::{Parsed, Spec};
@@ -313,8 +315,10 @@ impl Agent {
             .max()
             .unwrap_or(at)
             .max(at);
-        // Later events for a key win over earlier ones.
+        // Later events for an upstream win over earlier ones (a map, not a
+        // search per event: one response may hold a transaction's thousands).
         let mut last: Vec<(String, Option<Kv>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         for e in events {
             let (kv, put) = match e {
                 Event::Put(kv) => (kv, true),
@@ -323,8 +327,14 @@ impl Agent {
             let Some(name) = self.name_of(&kv.key) else {
                 continue;
             };
-            last.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
-            last.push((name, put.then_some(kv)));
+            let event = (name, put.then_some(kv));
+            match at.entry(name_key(&event.0).into_owned()) {
+                Entry::Occupied(i) => last[*i.get()] = event,
+                Entry::Vacant(v) => {
+                    v.insert(last.len());
+                    last.push(event);
+                }
+            }
         }
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
@@ -353,7 +363,9 @@ impl Agent {
     /// Reads everything under the prefix and makes the table hold it (and
     /// its local upstreams): returns the revision read at.
     fn full(&mut self) -> Result<u64, Stop> {
+        let started = Instant::now();
         let (head, kvs) = self.endpoints[self.at].range(self.keys.as_bytes())?;
+        let ranged = started.elapsed();
         let mut puts = Vec::new();
         let mut keep = Vec::new();
         for kv in kvs {
@@ -369,8 +381,10 @@ impl Agent {
         let n = puts.len();
         let revision = self.write(puts, &[], &keep, true, head)?;
         log(&format!(
-            "read {n} upstreams from etcd {} at revision {revision}",
-            self.endpoints[self.at].url
+            "read {n} upstreams from etcd {} at revision {revision} in {:.2} s ({:.2} s reading etcd)",
+            self.endpoints[self.at].url,
+            started.elapsed().as_secs_f64(),
+            ranged.as_secs_f64()
         ));
         Ok(revision)
     }
@@ -393,10 +407,15 @@ impl Agent {
             expect: None,
             durable: true,
         };
+        let started = Instant::now();
         let (version, done) = self.store.write(&opts, |t| {
-            let took: Vec<String> = puts
+            // The local upstreams a put names, in one pass over the table,
+            // not a search per put (a full read puts every upstream).
+            let put: HashSet<_> = puts.iter().map(|u| name_key(&u.name)).collect();
+            let took: Vec<String> = t
+                .upstreams
                 .iter()
-                .filter(|u| t.get(&u.name).is_some_and(|o| o.owner.is_local()))
+                .filter(|u| u.owner.is_local() && put.contains(&name_key(&u.name)))
                 .map(|u| u.name.clone())
                 .collect();
             Ok((
@@ -415,11 +434,14 @@ impl Agent {
         }
         if !(put.created.is_empty() && put.replaced.is_empty() && put.deleted.is_empty()) {
             log(&format!(
-                "revision {}: version {version} (created {}; replaced {}; deleted {})",
+                "revision {}: version {version} (created {}; replaced {}; deleted {}) in {:.1} ms",
                 head.revision,
                 put.created.len(),
                 put.replaced.len(),
-                put.deleted.len()
+                put.deleted.len(),
+                // The whole write, its msync included: what the next
+                // change waits for (the workers route by it before the msync).
+                started.elapsed().as_secs_f64() * 1e3
             ));
         }
         owner::give_copy(self.store.path());
