@@ -3,7 +3,7 @@
 
 Starts its own nginx instances on loopback (backends, and proxies using the
 same nginx + lua module packages as the specs), drives load with wrk, and
-measures ngx.dyups in six sections:
+measures ngx.dyups in seven sections:
 
   1. throughput/latency: native upstream round robin vs a minimal
      balancer_by_lua vs ngx.dyups, interleaved rounds, medians;
@@ -20,6 +20,9 @@ measures ngx.dyups in six sections:
   6. sync (bench/sync_bench.py): `dyups sync` on 3 hosts following a
      3-member etcd, a put until every worker routes by it, and tables up to
      100,000 upstreams in etcd.
+  7. active health checks (checks_bench.py): 1,000 and 10,000 servers
+     under `check interval=1000 type=http`, the CPU probing costs, probes/s
+     against expected, lateness, a hot upstream's req/s with and without.
 
 Python standard library only; raw sockets and time.monotonic() for timing.
 Every nginx it starts is stopped on exit, error, SIGINT or SIGTERM (and
@@ -41,6 +44,7 @@ import sys
 import time
 
 import sync_bench
+import checks_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -1491,6 +1495,7 @@ def report(cfg, res, elapsed):
         p(f"   nginx error-log lines: native {po['errors_in_log']['native']}, "
           f"dyups {po['errors_in_log']['dyups']}")
     sync_targets = sync_bench.report_sync(sys.modules[__name__], cfg, res, p)
+    checks_bench.report(cfg, res, p)
     # targets
     p()
     p("Targets (reported, not asserted):")
@@ -1546,6 +1551,7 @@ def report(cfg, res, elapsed):
                f"highest {po[worst]['cpu_ratio_paired']:.3f} ({policy_label(po[worst]['policy'])})")
     for t in sync_targets:
         target(*t)
+    checks_bench.targets(res, target)
     if not rows:
         p("   (none in the sections run)")
     w = max((len(r[0]) for r in rows), default=0)
@@ -1558,7 +1564,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True, help="temp directory for the nginx prefixes")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="123456")
+    ap.add_argument("--sections", default="1234567")
     ap.add_argument("--json", help="also write the raw results here")
     cfg = ap.parse_args()
     q = cfg.quick
@@ -1590,6 +1596,12 @@ def main():
     if "BENCH_SYNC_SCALE" in os.environ:  # e.g. BENCH_SYNC_SCALE=100000; empty: none
         cfg.sync_scale = [int(x) for x in os.environ["BENCH_SYNC_SCALE"].split(",") if x]
     cfg.sync_scale_puts = 20 if q else 50
+    # section 7: checked servers, "k" for the keep-alive probes variant
+    checks = os.environ.get("BENCH_CHECKS") or ("1000,1000k" if q else "1000,10000,10000k")
+    cfg.check_runs = [(int(x.rstrip("k")), x.endswith("k")) for x in checks.split(",")]
+    cfg.check_secs = 4 if q else 10  # idle windows, checks on and off
+    cfg.check_rounds = 3 if q else 5  # hot upstream, checks on / off
+    cfg.check_settle = 2  # s after turning the checks on or off, before a run
 
     def on_signal(sig, _frame):
         raise KeyboardInterrupt(f"signal {sig}")
@@ -1606,7 +1618,8 @@ def main():
         sections = [("1", "throughput", section_throughput), ("2", "propagation", section_propagation),
                     ("3", "churn", section_churn), ("4", "scale", section_scale),
                     ("5", "policies", section_policies),
-                    ("6", "sync", lambda *a: sync_bench.section_sync(sys.modules[__name__], *a))]
+                    ("6", "sync", lambda *a: sync_bench.section_sync(sys.modules[__name__], *a)),
+                    ("7", "checks", lambda *a: checks_bench.section_checks(sys.modules[__name__], *a))]
         for key, name, fn in sections:
             if key in cfg.sections:
                 t = now()

@@ -263,10 +263,10 @@ describe("ngx.dyups module", function()
       -- the balancer_by_lua_block (and keepalive) contributed no server
       assert.same({
         { addr = "127.0.0.1:8081", host = "127.0.0.1", port = 8081, weight = 3, max_conns = 0, max_fails = 2,
-          fail_timeout = 5, backup = false, down = false,
+          fail_timeout = 5, slow_start = 0, backup = false, down = false,
           line = "server 127.0.0.1:8081 weight=3 max_fails=2 fail_timeout=5s;" },
         { addr = "127.0.0.1:8082", host = "127.0.0.1", port = 8082, weight = 1, max_conns = 0, max_fails = 1,
-          fail_timeout = 10, backup = true, down = false,
+          fail_timeout = 10, slow_start = 0, backup = true, down = false,
           line = "server 127.0.0.1:8082 backup;" },
       }, alpha.servers)
       -- the upstream's settings: keepalive and the check line as given, the
@@ -585,7 +585,7 @@ describe("ngx.dyups module", function()
       { "a bad weight", "alpha", "server 127.0.0.1:1 weight=0;", "weight" },
       { "a non-numeric weight", "alpha", "server 127.0.0.1:1 weight=abc;", "weight" },
       { "a duplicate server", "alpha", "server 127.0.0.1:1;\nserver 127.0.0.1:1;", "line 2" },
-      { "an unknown parameter", "alpha", "server 127.0.0.1:1 slow_start=1s;", "slow_start" },
+      { "an unknown parameter", "alpha", "server 127.0.0.1:1 drain;", "drain" },
       { "a host name that does not resolve", "alpha", "server nowhere.dyups.test:80;",
         "upstream alpha: server nowhere.dyups.test:80: host name \"nowhere.dyups.test\" does not resolve" },
       { "a missing ';'", "alpha", "server 127.0.0.1:1", "line 1" },
@@ -615,7 +615,7 @@ describe("ngx.dyups module", function()
     it("refuses add_server with a host name that does not resolve, or junk", function()
       local before = snapshot()
       for _, bad in ipairs { "nowhere.dyups.test:80", "127.0.0.1:80;;", "127.0.0.1:0", "", "127.0.0.1:80 weight=0",
-                             "127.0.0.1:80 slow_start=1s" } do
+                             "127.0.0.1:80 drain" } do
         local v, err, status = dyups.add_server("alpha", bad)
         assert.is_nil(v, bad)
         assert.is_string(err)

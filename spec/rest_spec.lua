@@ -39,7 +39,7 @@ end
 --- A server's JSON: nginx's defaults, then `params`.
 local function json_server(addr, params)
   local s = { addr = addr, weight = 1, max_conns = 0, max_fails = 1, fail_timeout = 10,
-    backup = false, down = false }
+    slow_start = 0, backup = false, down = false }
   for k, v in pairs(params or {}) do s[k] = v end
   return s
 end
@@ -344,7 +344,7 @@ describe("REST endpoints", function()
     it("refuses a bad body with 400 naming the parameter and line; nothing changes", function()
       local before, v = detail(), version()
       local cases = {
-        { "server 127.0.0.1:9001 slow_start=1s;", "slow_start" },
+        { "server 127.0.0.1:9001 drain;", "drain" },
         { "server 127.0.0.1:9001;\nserver 127.0.0.1:9002 colour=red;\n", "line 2" },
         { "server 127.0.0.1:9001;\nserver 127.0.0.1:9002 colour=red;\n", "colour" },
         { "server 127.0.0.1:9001 weight=0;", "weight" },
@@ -369,7 +369,7 @@ describe("REST endpoints", function()
     it("a body mixing good and bad lines changes nothing", function()
       local before, v = detail(), version()
       local status, body = api(inst, "POST", "/upstream/host1",
-        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 slow_start=3s;\n"):format(B2))
+        ("server 127.0.0.1:%d;\nserver 127.0.0.1:9003;\nserver 127.0.0.1:9004 drain;\n"):format(B2))
       assert.are.equal(400, status, body)
       assert.is_truthy(body:find("line 3", 1, true), body)
       assert.are.equal(before, detail())
@@ -418,7 +418,13 @@ describe("REST endpoints", function()
       assert.are.equal(200, status)
       assert.is_truthy(body:find("\ntengine\n" .. detail_line(B1):gsub("max_conns=0", "max_conns=10")
         .. detail_line(B2) .. "\n", 1, true), body)
-      local list, ports = rest.route(inst, "tengine", 8)
+      -- default_down (the check line's default): new servers take traffic
+      -- once their first rise=2 probes passed, about one interval (3 s) on.
+      local want = table.concat(rest.sorted { B1, B2 }, " ")
+      local list, ports = nginx.wait_until(function()
+        local l, p = rest.route(inst, "tengine", 8)
+        if table.concat(rest.keys(p), " ") == want then return l, p end
+      end, 10, "both servers of tengine up by their checks")
       assert.are.same(rest.sorted { B1, B2 }, rest.keys(ports), rest.show(list))
       assert.are.equal(200, (api(inst, "DELETE", "/upstream/tengine")))
     end)
@@ -550,9 +556,9 @@ describe("REST endpoints", function()
       assert.are.equal(400, status, body)
       status, body = api(inst, "POST", "/upstream/nope/servers", "127.0.0.1:9006")
       assert.are.equal(404, status, body)
-      status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", "127.0.0.1:9007 slow_start=1s")
+      status, body = api(inst, "POST", "/upstream/" .. U .. "/servers", "127.0.0.1:9007 drain")
       assert.are.equal(400, status, body)
-      assert.is_truthy(body:find("slow_start", 1, true), body)
+      assert.is_truthy(body:find("drain", 1, true), body)
       assert.are.equal(v, version())
     end)
 

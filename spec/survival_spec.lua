@@ -362,7 +362,7 @@ http {
     assert.is_nil(text:find("viaapi", 1, true), text)
 
     -- a refused change leaves the file as it was
-    status = api(inst, "POST", "/upstream/dyhost", "server 127.0.0.1:9 slow_start=1s;")
+    status = api(inst, "POST", "/upstream/dyhost", "server 127.0.0.1:9 drain;")
     assert.are.equal(400, status)
     assert.are.equal(text, nginx.read_file(FILE))
     local ok, out = nginx_t(FILE, { "host1", "host2", "dyhost" })

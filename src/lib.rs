@@ -9,6 +9,8 @@
 //! - [`admin`]: the operations, REST, `/ups`, authorization, write-back.
 //! - [`balance`]: round robin, the other methods, per-request attempts, a
 //!   worker's balancers.
+//! - [`health`]: active health checks: which servers are due a probe, the
+//!   leases, the verdicts in the shared cells, the status page.
 //! - [`store`]: the state file and the shared peer cells in it.
 //! - [`table`]: the upstream table and nginx's syntax for it.
 //!
@@ -20,6 +22,7 @@ pub mod admin;
 pub mod balance;
 pub mod dns;
 pub mod error;
+pub mod health;
 pub mod store;
 pub mod table;
 #[cfg(test)]

@@ -79,40 +79,28 @@ fn the_state_seed_is_a_valid_image() {
     // It has an extension, so the fuzzer mutates one.
     let local = snap.table.get("local").unwrap();
     assert_eq!(local.servers[0].max_conns, 7);
+    assert_eq!(local.servers[0].slow_start, 20);
     assert!(local.check.line.is_some());
 }
 
 /// `format2_min_image` is the seed image as the build of format version 2
-/// wrote it, before the slot extension: a newer build reads it, every
-/// upstream with the defaults of what the extension holds.
+/// wrote it (32-byte peer cells, before the active-check words): this build
+/// refuses it by its version number, with a message that says so, and never
+/// reads its cells as the longer ones.
 #[test]
-fn a_state_file_written_before_the_extension_reads_with_the_defaults() {
+fn a_format_2_state_file_is_refused_by_its_version() {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/state_file/format2_min_image");
     let image = std::fs::read(&path).unwrap();
-    // Bytes +20..+32 of both slot headers: zero, as that build left them.
-    let slot_len = u64::from_le_bytes(image[16..24].try_into().unwrap()) as usize;
-    for slot in [4096, 4096 + slot_len] {
-        assert_eq!(image[slot + 20..slot + 32], [0; 12]);
-    }
-    let snap = checks::check_image(&image).expect("the format-2 image is valid");
-    assert_eq!((snap.version, snap.fallback.as_deref()), (3, None));
-    let names: Vec<&str> = snap.table.names().collect();
-    assert_eq!(names, ["local", "sock", "dyhost"]);
-    for u in &snap.table.upstreams {
-        let defaults = ngx_dyups::table::model::Upstream::new(u.name.clone(), Vec::new());
-        assert_eq!(u.check, defaults.check, "{}", u.name);
-        assert_eq!(
-            (u.keepalive_requests, u.keepalive_time, u.keepalive_timeout),
-            (
-                defaults.keepalive_requests,
-                defaults.keepalive_time,
-                defaults.keepalive_timeout
-            )
-        );
-        assert!(u.servers.iter().all(|s| s.max_conns == 0), "{}", u.name);
-    }
-    assert_eq!(snap.table.get("local").unwrap().servers[0].weight, 3);
+    assert_eq!(u32::from_le_bytes(image[8..12].try_into().unwrap()), 2);
+    let err = ngx_dyups::store::inspect_image(&image, "old")
+        .map(|_| ())
+        .expect_err("a version-2 file is refused");
+    assert!(
+        err.to_string()
+            .contains("format version 2, this build reads version 3"),
+        "{err}"
+    );
 }
 
 /// The hand-written upstream-file seeds are files nginx takes: a seed the

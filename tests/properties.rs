@@ -9,7 +9,7 @@ use ngx_dyups::store::inspect_image;
 use ngx_dyups::table::model::{
     check_http_send, Address, CheckLine, CheckSettings, CheckType, ExpectAlive, ServerSpec, Table,
     Upstream, CHECK_COUNT_MAX, CHECK_TIME_MAX, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
-    WEIGHT_MAX, WEIGHT_MIN,
+    SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use ngx_dyups::table::policy::Policy;
 use ngx_dyups::table::syntax::{
@@ -77,19 +77,23 @@ fn server() -> impl Strategy<Value = ServerSpec> {
         prop_oneof![Just(0), 0..=MAX_CONNS_MAX],
         0..=MAX_FAILS_MAX,
         0..=FAIL_TIMEOUT_MAX,
+        prop_oneof![Just(0), 0..=SLOW_START_MAX],
         any::<bool>(),
         any::<bool>(),
     )
         .prop_map(
-            |(addr, weight, max_conns, max_fails, fail_timeout, backup, down)| ServerSpec {
-                addr,
-                weight,
-                max_conns,
-                max_fails,
-                fail_timeout,
-                backup,
-                down,
-                from: None,
+            |(addr, weight, max_conns, max_fails, fail_timeout, slow_start, backup, down)| {
+                ServerSpec {
+                    addr,
+                    weight,
+                    max_conns,
+                    max_fails,
+                    fail_timeout,
+                    slow_start,
+                    backup,
+                    down,
+                    from: None,
+                }
             },
         )
 }

@@ -259,7 +259,7 @@ fn build_image() -> Result<Vec<u8>, Error> {
     let image = (|| {
         let seed = || {
             parse_upstream_file(
-                "upstream local { server 127.0.0.1:8088 weight=3 max_conns=7 max_fails=2 fail_timeout=5s; \
+                "upstream local { server 127.0.0.1:8088 weight=3 max_conns=7 max_fails=2 fail_timeout=5s slow_start=20s; \
                  server [::1]:8089 backup; check interval=3000 rise=2 fall=5 timeout=1000 type=http; \
                  check_http_send \"HEAD / HTTP/1.0\\r\\n\\r\\n\"; keepalive_timeout 30s; }\n\
                  upstream sock { server unix:/run/app.sock down; server 10.0.0.1; }\n",

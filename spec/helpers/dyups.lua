@@ -67,6 +67,7 @@ http {
         location /local { proxy_pass http://local; }
         location = /ups { content_by_lua_file ${repo}/lua/upsops.lua; }
         location = /ups/check { content_by_lua_file ${repo}/lua/srvcheck.lua; }
+        location = /status { content_by_lua_file ${repo}/lua/check_status.lua; }
         location = /lua {
             content_by_lua_block {
                 ngx.req.read_body()

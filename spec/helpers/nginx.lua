@@ -101,6 +101,8 @@ local function now()
   end
   return os.time()
 end
+--- Seconds of a monotonic clock (to 10 ms), for deadlines and elapsed times.
+M.now = now
 
 local function shell_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"

@@ -322,13 +322,8 @@ fn add_named(table: &mut Table, name: Option<&str>, line: NamedServer) -> Result
     if line.params.backup && primaries(u) == 0 && !u.names.iter().any(|n| !n.params.backup) {
         return Err(Error::BadRequest(only_backups(&u.name)));
     }
-    if line.params.backup && !u.policy.allows_backup() {
-        return Err(Error::BadRequest(format!(
-            "upstream {}: balancing method \"{}\" does not support parameter \"backup\" (server {})",
-            u.name,
-            u.policy.name(),
-            line.target()
-        )));
+    if let Some(why) = line.refused_by(&u.policy) {
+        return Err(Error::BadRequest(format!("upstream {}: {why}", u.name)));
     }
     u.names.push(line);
     Ok(vec![name.to_owned()])

@@ -19,6 +19,11 @@ use crate::store::zone::{PeerCell, Zone, ZoneSource};
 use crate::table::model::PeerRef;
 use crate::table::model::ServerSpec;
 
+/// Smooth round robin adds weights in units of 1/WEIGHT_SCALE, so that a
+/// server ramping up under `slow_start` can take a fraction of a weight of
+/// 1. Every weight scaled alike picks in nginx's own order.
+pub(crate) const WEIGHT_SCALE: i64 = 1000;
+
 /// Indices kept in the bitmask.
 const LOW_BITS: usize = u64::BITS as usize;
 /// Indices of 64 and above kept in the overflow array.
@@ -142,6 +147,8 @@ fn is_single(servers: &[ServerSpec]) -> bool {
 pub struct Health<'a> {
     cell: &'a PeerCell,
     tag: u32,
+    /// Whether the upstream has active health checks.
+    checks: bool,
 }
 
 impl Health<'_> {
@@ -168,17 +175,36 @@ impl Health<'_> {
         index: usize,
         now_ms: u64,
     ) -> bool {
-        if spec.down || tried.contains(index) {
+        if spec.down || tried.contains(index) || self.check_down() {
             return false;
         }
         self.presume_recovery(spec, now_ms);
         !self.disabled(spec, now_ms) && !self.full(spec)
     }
 
+    /// Whether active health checks hold the server out (down, or still
+    /// `checking` under `default_down`): only in its shared cell, where the
+    /// probes record, and only while its upstream has a check line.
+    fn check_down(&self) -> bool {
+        self.checks && self.tag != 0 && self.cell.check_down(self.tag)
+    }
+
     /// nginx's `peer->max_conns && peer->conns >= peer->max_conns`: the
     /// server takes no new request until one of its connections ends.
     fn full(&self, spec: &ServerSpec) -> bool {
         spec.max_conns > 0 && self.cell.conns() >= spec.max_conns
+    }
+
+    /// `weight` (in whole weights) in units of [`WEIGHT_SCALE`], ramped by
+    /// the server's `slow_start`: from a small fraction when it last became
+    /// available again (the time in its cell, the same for every worker) up
+    /// to all of it `slow_start` later.
+    pub(crate) fn scaled_weight(&self, spec: &ServerSpec, weight: i64, now_ms: u64) -> i64 {
+        let full = weight * WEIGHT_SCALE;
+        if spec.slow_start == 0 || full <= 0 {
+            return full;
+        }
+        ramp(full, self.cell.available_since(), spec.slow_start, now_ms)
     }
 
     /// The stand-in for nginx's reset of `fails` on success; see [`Balancer`].
@@ -197,6 +223,12 @@ impl Health<'_> {
             checked > accessed && now_ms.saturating_sub(checked) > window
         };
         if recovered {
+            if spec.max_fails != 0 && fails >= spec.max_fails {
+                // Its fail_timeout ended: available again, ramping under
+                // slow_start from now (marked first, so no worker sees it
+                // recovered without the mark).
+                self.cell.mark_available(now_ms);
+            }
             self.cell.clear_failures(self.tag, fails);
         }
     }
@@ -226,15 +258,17 @@ impl Health<'_> {
 
 /// The health of `peer`: its cell in `zone` while that still holds it,
 /// else its own.
-fn health_of<'a>(zone: Option<Zone<'a>>, peer: &'a PeerState) -> Health<'a> {
+fn health_of<'a>(zone: Option<Zone<'a>>, peer: &'a PeerState, checks: bool) -> Health<'a> {
     match zone.and_then(|z| z.cell(peer.shared)) {
         Some(cell) => Health {
             cell,
             tag: peer.shared.tag,
+            checks,
         },
         None => Health {
             cell: &peer.own,
             tag: 0,
+            checks,
         },
     }
 }
@@ -262,6 +296,9 @@ fn health_of<'a>(zone: Option<Zone<'a>>, peer: &'a PeerState) -> Health<'a> {
 pub struct Balancer {
     peers: Vec<PeerState>,
     zone: Option<Arc<dyn ZoneSource>>,
+    /// The upstream has a `check` line: the verdicts in the shared cells
+    /// count ([`crate::health`]).
+    checks: bool,
 }
 
 impl fmt::Debug for Balancer {
@@ -280,7 +317,14 @@ impl Balancer {
         Balancer {
             peers: servers.iter().map(PeerState::fresh).collect(),
             zone: None,
+            checks: false,
         }
+    }
+
+    /// Whether the upstream has active health checks, whose verdicts (in the
+    /// shared cells) then take servers out of rotation.
+    pub fn set_checks(&mut self, on: bool) {
+        self.checks = on;
     }
 
     /// Counts failures and connections of server `i` in `zone`'s cell
@@ -344,7 +388,7 @@ impl Balancer {
     /// The failures and connections of the server at `index`, where they are
     /// counted. Panics past the end, as indexing does.
     pub fn health(&self, index: usize) -> Health<'_> {
-        health_of(self.zone(), &self.peers[index])
+        health_of(self.zone(), &self.peers[index], self.checks)
     }
 
     /// The zone's cells, looked up (in the state file's mapping) once for a
@@ -359,6 +403,7 @@ impl Balancer {
         Healths {
             zone: self.zone(),
             peers: &self.peers,
+            checks: self.checks,
         }
     }
 
@@ -381,7 +426,8 @@ impl Balancer {
             let ok = !servers[0].down
                 && !tried.contains(0)
                 && !self.peers.is_empty()
-                && !self.health(0).full(&servers[0]);
+                && !self.health(0).full(&servers[0])
+                && !self.health(0).check_down();
             return ok.then_some(0);
         }
         self.pick_among(servers, tried, now_ms, false)
@@ -399,10 +445,15 @@ impl Balancer {
         // the server is then disabled again and the next round passes it by.
         let zone = self.zone.as_deref().map(ZoneSource::zone);
         for _ in 0..=servers.len() {
-            let index = smooth_pick_in(&mut self.peers, zone, servers, |i, spec, health| {
-                spec.backup == backup && health.available(spec, tried, i, now_ms)
-            })?;
-            if health_of(zone, &self.peers[index]).claim(&servers[index], now_ms) {
+            let index = smooth_pick_in(
+                &mut self.peers,
+                zone,
+                self.checks,
+                servers,
+                now_ms,
+                |i, spec, health| spec.backup == backup && health.available(spec, tried, i, now_ms),
+            )?;
+            if health_of(zone, &self.peers[index], self.checks).claim(&servers[index], now_ms) {
                 return Some(index);
             }
         }
@@ -417,10 +468,18 @@ impl Balancer {
     pub(crate) fn smooth_pick(
         &mut self,
         servers: &[ServerSpec],
+        now_ms: u64,
         candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
     ) -> Option<usize> {
         let zone = self.zone.as_deref().map(ZoneSource::zone);
-        smooth_pick_in(&mut self.peers, zone, servers, candidate)
+        smooth_pick_in(
+            &mut self.peers,
+            zone,
+            self.checks,
+            servers,
+            now_ms,
+            candidate,
+        )
     }
 
     /// Records that an attempt on `servers[index]` failed (nginx's
@@ -484,22 +543,28 @@ impl Balancer {
     }
 }
 
-/// [`Balancer::smooth_pick`] over `peers`, whose cells are in `zone`.
+/// [`Balancer::smooth_pick`] over `peers`, whose cells are in `zone`
+/// (`checks`: their upstream has active health checks).
 fn smooth_pick_in(
     peers: &mut [PeerState],
     zone: Option<Zone<'_>>,
+    checks: bool,
     servers: &[ServerSpec],
+    now_ms: u64,
     mut candidate: impl FnMut(usize, &ServerSpec, Health<'_>) -> bool,
 ) -> Option<usize> {
     let mut best: Option<(usize, i64)> = None;
     let mut total: i64 = 0;
     for (i, spec) in servers.iter().enumerate().take(peers.len()) {
-        if !candidate(i, spec, health_of(zone, &peers[i])) {
+        let health = health_of(zone, &peers[i], checks);
+        if !candidate(i, spec, health) {
             continue;
         }
+        // In units of WEIGHT_SCALE, ramped by slow_start.
+        let weight = health.scaled_weight(spec, peers[i].effective_weight, now_ms);
         let peer = &mut peers[i];
-        peer.current_weight += peer.effective_weight;
-        total += peer.effective_weight;
+        peer.current_weight += weight;
+        total += weight;
         if peer.effective_weight < i64::from(spec.weight) {
             peer.effective_weight += 1;
         }
@@ -512,18 +577,36 @@ fn smooth_pick_in(
     Some(index)
 }
 
+/// `full` ramped linearly over `slow_start_s` seconds from `since_ms` (0:
+/// never marked, so no ramp), never below 1 unit: a server coming back
+/// takes a little traffic at once. A mark further ahead than the ramp (the
+/// clock went back) ramps nothing.
+fn ramp(full: i64, since_ms: u64, slow_start_s: u32, now_ms: u64) -> i64 {
+    let span = u64::from(slow_start_s) * 1000;
+    if since_ms == 0 || since_ms > now_ms.saturating_add(span) {
+        return full;
+    }
+    let elapsed = now_ms.saturating_sub(since_ms);
+    if elapsed >= span {
+        return full;
+    }
+    // full <= 1000 * WEIGHT_SCALE and span <= a day in ms: no overflow.
+    (full * elapsed as i64 / span as i64).max(1)
+}
+
 /// The health of every server of a [`Balancer`], for one pick
 /// ([`Balancer::healths`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Healths<'a> {
     zone: Option<Zone<'a>>,
     peers: &'a [PeerState],
+    checks: bool,
 }
 
 impl<'a> Healths<'a> {
     /// As [`Balancer::health`].
     pub fn get(&self, index: usize) -> Health<'a> {
-        health_of(self.zone, &self.peers[index])
+        health_of(self.zone, &self.peers[index], self.checks)
     }
 
     /// As [`Balancer::eligible`].
@@ -904,5 +987,65 @@ mod tests {
         next.carry_over(&one, &s, &fewer);
         assert_eq!(next.peer(0).unwrap().shared, moved);
         assert_eq!(next.health(0).fails(), 1);
+    }
+
+    /// How many of `n` picks at `now_ms` go to server `i`.
+    fn share(bal: &mut Balancer, s: &[ServerSpec], i: usize, n: usize, now_ms: u64) -> usize {
+        (0..n)
+            .filter(|_| bal.pick(s, &Tried::new(), now_ms) == Some(i))
+            .count()
+    }
+
+    #[test]
+    fn slow_start_ramps_a_server_back_alike_in_every_worker() {
+        let mut s = servers(&[1, 1]);
+        s[1].slow_start = 10;
+        let (mut one, mut other, zone) = two_workers(&s);
+        // Never marked (it has been up since it got its cell): full weight.
+        assert_eq!(share(&mut one, &s, 1, 1000, 5_000), 500);
+        let t0 = 1_000_000;
+        zone.cell(1).mark_available(t0);
+        // Linear from a sliver to its weight over 10 s, by the mark in the
+        // shared cell: both workers give it the same share at each time.
+        for (at, want) in [(0, 1), (1_000, 91), (5_000, 333), (10_000, 500)] {
+            for bal in [&mut one, &mut other] {
+                let n = share(bal, &s, 1, 1000, t0 + at);
+                assert!(
+                    n.abs_diff(want) <= 1,
+                    "{n} of 1000 at +{at} ms, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn slow_start_ramps_from_the_end_of_the_fail_timeout() {
+        let mut s = servers(&[1, 1]);
+        s[1].slow_start = 10;
+        s[1].fail_timeout = 1;
+        let (mut one, mut other, zone) = two_workers(&s);
+        one.report_failure(&s, 1, 1_000);
+        assert_eq!(share(&mut one, &s, 1, 10, 1_500), 0, "disabled");
+        // After the window, one request probes it; a window without a failure
+        // after that brings it back, ramping from then.
+        let probed = share(&mut other, &s, 1, 10, 2_100);
+        assert_eq!(probed, 1);
+        assert_eq!(zone.cell(1).available_since(), 0);
+        let back = 3_200;
+        share(&mut one, &s, 1, 1, back);
+        assert_eq!(zone.cell(1).fails(), 0);
+        assert_eq!(zone.cell(1).available_since(), back);
+        let n = share(&mut other, &s, 1, 1000, back + 1_000);
+        assert!(n.abs_diff(91) <= 1, "{n} of 1000 a second into the ramp");
+    }
+
+    #[test]
+    fn ramp_is_linear_bounded_and_ignores_a_mark_from_the_future() {
+        let full = 3 * WEIGHT_SCALE;
+        assert_eq!(ramp(full, 0, 10, 5_000), full, "never marked");
+        assert_eq!(ramp(full, 1_000, 10, 1_000), 1, "a sliver at once");
+        assert_eq!(ramp(full, 1_000, 10, 6_000), full / 2);
+        assert_eq!(ramp(full, 1_000, 10, 11_000), full);
+        assert_eq!(ramp(full, 100_000, 10, 1_000), full, "clock went back");
     }
 }

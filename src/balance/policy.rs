@@ -25,7 +25,7 @@ use std::hash::{BuildHasher, Hasher as _};
 use std::sync::Arc;
 
 use crate::balance::attempts::Attempts;
-use crate::balance::balancer::{Balancer, Healths, Retry, Tried};
+use crate::balance::balancer::{Balancer, Health, Healths, Retry, Tried};
 use crate::balance::hashing::{find_point, ketama_points, memcached_hash, Point};
 use crate::store::zone::ZoneSource;
 use crate::table::model::PeerRef;
@@ -169,6 +169,11 @@ impl PolicyState {
     /// [`Balancer::share`].
     pub fn share(&mut self, zone: Arc<dyn ZoneSource>, cells: &[PeerRef]) {
         self.balancer.share(zone, cells);
+    }
+
+    /// [`Balancer::set_checks`].
+    pub fn set_checks(&mut self, on: bool) {
+        self.balancer.set_checks(on);
     }
 
     /// Whether connections in flight count here, so each request's
@@ -377,9 +382,11 @@ impl PolicyState {
             // nginx's smooth weighted round robin among the peers of that
             // name: one server unless the same address is listed twice.
             let (group, wanted) = (&self.group, self.group[owner]);
-            let picked = self.balancer.smooth_pick(servers, |i, spec, health| {
-                group[i] == wanted && health.available(spec, tried, i, now_ms)
-            });
+            let picked = self
+                .balancer
+                .smooth_pick(servers, now_ms, |i, spec, health| {
+                    group[i] == wanted && health.available(spec, tried, i, now_ms)
+                });
             if picked.is_some() {
                 return picked;
             }
@@ -410,10 +417,15 @@ impl PolicyState {
     }
 
     /// The load of server `index`: its connections in flight (in the whole
-    /// nginx, when it has a shared cell) and its weight.
-    fn load(healths: &Healths<'_>, servers: &[ServerSpec], index: usize) -> (u64, u64) {
-        let conns = healths.get(index).conns();
-        (u64::from(conns), u64::from(servers[index].weight))
+    /// nginx, when it has a shared cell) and its weight (ramped by
+    /// `slow_start`).
+    fn load(
+        healths: &Healths<'_>,
+        servers: &[ServerSpec],
+        index: usize,
+        now_ms: u64,
+    ) -> (u64, u64) {
+        load_of(healths.get(index), &servers[index], now_ms)
     }
 
     fn least_conn_among(
@@ -434,7 +446,7 @@ impl PolicyState {
             if servers[index].backup != backup || !healths.eligible(servers, tried, index, now_ms) {
                 continue;
             }
-            let load = Self::load(&healths, servers, index);
+            let load = Self::load(&healths, servers, index, now_ms);
             let Some((_, best)) = first else {
                 first = Some((index, load));
                 tied = bit(index);
@@ -458,16 +470,17 @@ impl PolicyState {
             return Some(first);
         }
         // The tied, from `first` on, by smooth weighted round robin.
-        self.balancer.smooth_pick(servers, |i, spec, health| {
-            if i < 64 {
-                return tied & bit(i) != 0;
-            }
-            let load = (u64::from(health.conns()), u64::from(spec.weight));
-            i >= first
-                && spec.backup == backup
-                && lighter(load, least) == std::cmp::Ordering::Equal
-                && health.available(spec, tried, i, now_ms)
-        })
+        self.balancer
+            .smooth_pick(servers, now_ms, |i, spec, health| {
+                if i < 64 {
+                    return tied & bit(i) != 0;
+                }
+                let load = load_of(health, spec, now_ms);
+                i >= first
+                    && spec.backup == backup
+                    && lighter(load, least) == std::cmp::Ordering::Equal
+                    && health.available(spec, tried, i, now_ms)
+            })
     }
 
     /// `ngx_http_upstream_peek_random_peer`: a server drawn with
@@ -510,8 +523,8 @@ impl PolicyState {
             if prev != Some(index) && healths.eligible(servers, tried, index, now_ms) {
                 if let Some(prev) = prev {
                     let (a, b) = (
-                        Self::load(&healths, servers, index),
-                        Self::load(&healths, servers, prev),
+                        Self::load(&healths, servers, index, now_ms),
+                        Self::load(&healths, servers, prev, now_ms),
                     );
                     let heavier = lighter(a, b) == std::cmp::Ordering::Greater;
                     return Some(if heavier { prev } else { index });
@@ -539,6 +552,13 @@ fn walk_in(ranges: &[u64], w: u64) -> usize {
 fn draw(rng: &mut XorShift, ranges: &[u64]) -> usize {
     let total = ranges.last().copied().unwrap_or(0);
     walk_in(ranges, rng.next() % total)
+}
+
+/// A server's `(conns, weight)`, its weight ramped by `slow_start` (in
+/// units of [`crate::balance::balancer::WEIGHT_SCALE`]: the comparison is the same at any scale).
+fn load_of(health: Health<'_>, spec: &ServerSpec, now_ms: u64) -> (u64, u64) {
+    let weight = health.scaled_weight(spec, i64::from(spec.weight), now_ms);
+    (u64::from(health.conns()), weight.max(1) as u64)
 }
 
 /// Compares two `(conns, weight)` loads as nginx does, without dividing:
@@ -1073,6 +1093,46 @@ mod tests {
         assert_eq!(pick_loaded(&mut st, &s, &[3, 4, 3], &Tried::new()), Some(1));
         // Missing counts are 0.
         assert_eq!(pick_loaded(&mut st, &s, &[3, 4], &Tried::new()), Some(2));
+    }
+
+    #[test]
+    fn slow_start_is_refused_where_nginx_plus_refuses_it_and_ramps_least_conn() {
+        let mut s = servers(&[1, 1]);
+        s[1].slow_start = 10;
+        for p in [
+            Policy::IpHash,
+            chash(),
+            plain_hash(),
+            Policy::Random { two: false },
+            Policy::Random { two: true },
+        ] {
+            let err = PolicyState::new(p.clone(), &s).unwrap_err();
+            assert!(
+                err.contains("parameter \"slow_start\" (server 10.0.0.2:80)"),
+                "{p}: {err}"
+            );
+        }
+        assert!(PolicyState::new(Policy::RoundRobin, &s).is_ok());
+        let mut st = state(Policy::LeastConn, &s);
+        let zone = MemoryZone::new(2);
+        assert!(zone.cell(0).acquire(1) && zone.cell(1).acquire(1));
+        let t0 = 1_000_000;
+        zone.cell(1).mark_available(t0);
+        let refs = zone.refs();
+        st.share(zone, &refs);
+        let picks = |st: &mut PolicyState, now: u64| -> Vec<usize> {
+            (0..6)
+                .map(|_| {
+                    st.pick(&s, &PickInput::default(), &Tried::new(), now)
+                        .unwrap()
+                })
+                .collect()
+        };
+        // A second into its 10 s ramp it weighs a tenth: one connection
+        // there is ten times the load of one on the other.
+        assert_eq!(picks(&mut st, t0 + 1_000), [0; 6]);
+        // Ramped up: the loads tie, and round robin takes turns.
+        assert_eq!(picks(&mut st, t0 + 10_000), [0, 1, 0, 1, 0, 1]);
     }
 
     #[test]

@@ -385,6 +385,7 @@ fn state_for(u: &Upstream, store: &Arc<StateFile>) -> PolicyState {
         .or_else(|_| PolicyState::new(Policy::RoundRobin, &u.servers))
         .expect("round robin takes any server list");
     state.share(store.clone(), &u.peers);
+    state.set_checks(u.check.line.is_some());
     state
 }
 

@@ -9,7 +9,7 @@ local pick_fn, current_fn, done_fn, key_addr, KEY_MAX, resolve = ...
 local ffi = require "ffi"
 local C = ffi.C
 
-local STALE, NO_LIVE, UNKNOWN = -2, -1, -3
+local STALE, NO_LIVE, UNKNOWN, NO_LIVE_CHECKS = -2, -1, -3, -4
 -- nginx's NGX_BUSY: the balancer has no peer, so nginx logs "no live
 -- upstreams" and answers 502, exactly as its own round robin does.
 local NGX_BUSY = -3
@@ -176,6 +176,11 @@ local function balance(name)
             return
         end
         if i == NO_LIVE then
+            return exit(NGX_BUSY)
+        end
+        if i == NO_LIVE_CHECKS then
+            log(ERR, "ngx.dyups: no live upstreams in \"", name,
+                "\": every server failed its health checks")
             return exit(NGX_BUSY)
         end
         if i ~= STALE and i ~= UNKNOWN then

@@ -12,11 +12,15 @@ use mlua::{Lua, Value};
 use parking_lot::Mutex;
 
 use crate::balance::balancer::Retry;
-use crate::balance::worker::{Worker, UNKNOWN};
+use crate::balance::worker::{Worker, NO_LIVE, UNKNOWN};
 use crate::table::policy::Policy;
 
 use super::config::config;
 use super::LuaResult;
+
+/// `dyups_pick`: no live server because every one failed its active health
+/// checks (balance.lua logs why before nginx answers 502).
+const NO_LIVE_CHECKS: i32 = -4;
 
 /// Longest hash key used; longer keys are cut here.
 pub(super) const KEY_MAX: usize = 8192;
@@ -173,15 +177,27 @@ pub(super) extern "C" fn dyups_pick(
         let Some(w) = guard.as_mut() else {
             return UNKNOWN;
         };
-        if key_len == 0 {
+        let picked = if key_len == 0 {
             // Round robin and the other keyless methods: nothing to copy.
-            return w.pick_at(id, seen, request as usize, retry, &[], now_ms);
+            w.pick_at(id, seen, request as usize, retry, &[], now_ms)
+        } else {
+            let mut key = KEY_COPY.lock();
+            key.clear();
+            let len = (key_len as usize).min(KEY_MAX);
+            key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
+            w.pick_at(id, seen, request as usize, retry, &key, now_ms)
+        };
+        let all_failed = picked == NO_LIVE
+            && w.snapshot()
+                .table
+                .upstreams
+                .get(id as usize)
+                .is_some_and(|u| crate::health::all_failed(w.store().zone(), u));
+        if all_failed {
+            NO_LIVE_CHECKS
+        } else {
+            picked
         }
-        let mut key = KEY_COPY.lock();
-        key.clear();
-        let len = (key_len as usize).min(KEY_MAX);
-        key.extend(KEY[..len].iter().map(|b| b.load(Ordering::Relaxed)));
-        w.pick_at(id, seen, request as usize, retry, &key, now_ms)
     })
     .unwrap_or(UNKNOWN)
 }

@@ -498,6 +498,9 @@ fn tick(lua: &Lua, premature: bool) -> LuaResult<()> {
     if let Some(msg) = copy {
         log(lua, "ERR", &msg);
     }
+    if let Err(e) = super::probe::tick(lua) {
+        log(lua, "ERR", &format!("health checks: {e}"));
+    }
     if no_log_hook {
         log(
             lua,

@@ -22,11 +22,13 @@
 //! - `hot_path.rs`: the balancer's entry points (`resolve`, the FFI pick);
 //! - `dns.rs`: host names: the lookups a write needs before its turn, the
 //!   resolver's round in the worker that holds the resolver lease;
+//! - `probe.rs`: the active health checks' prober on the refresh tick, the
+//!   results its probes report, the `check_status` page;
 //! - `arguments.rs`, `ngx_api.rs`: Lua arguments, nginx's `ngx` table;
 //! - the Lua compiled in: `writes.lua` (the writing functions' public faces:
 //!   waiting their turn, the `msync` in nginx's thread pool), `balance.lua`
 //!   (the balancer and log phase over the FFI), `dns.lua` (DNS over
-//!   cosockets), `raise.lua` (which
+//!   cosockets), `probe.lua` (each probe's cosocket), `raise.lua` (which
 //!   functions raise their error), `argv.lua` (nginx's command line).
 
 use std::ffi::c_void;
@@ -40,6 +42,7 @@ mod hot_path;
 mod http;
 mod lifecycle;
 mod ngx_api;
+mod probe;
 mod read_api;
 mod write_api;
 
@@ -112,6 +115,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         ))?;
     m.set("balance", balance)?;
     m.set("log", log)?;
+    probe::install(lua, &m)?;
     let raising = [
         "init",
         "init_worker",
@@ -125,6 +129,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         "handle_ups",
         "handle_check",
         "handle_api",
+        "check_status",
     ];
     lua.load(include_str!("raise.lua"))
         .set_name("=ngx.dyups")

@@ -74,6 +74,7 @@ pub(super) fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, S
         t.set("max_conns", s.max_conns)?;
         t.set("max_fails", s.max_fails)?;
         t.set("fail_timeout", s.fail_timeout)?;
+        t.set("slow_start", s.slow_start)?;
         t.set("backup", s.backup)?;
         t.set("down", s.down)?;
         t.set("line", render_server(s))?;

@@ -7,7 +7,8 @@
 //! byte for byte, so every build since reads it. The *extension* follows it
 //! in the slot, outside the base's length and checksum (the slot header has
 //! its own for it, see layout.rs), and holds what later builds added: the
-//! settings besides the servers and the balancing method, and `max_conns`.
+//! settings besides the servers and the balancing method, `max_conns` and
+//! `slow_start`.
 //! A build that predates it reads the base alone and cannot misread the
 //! rest; a slot such a build wrote has no extension, which reads as every
 //! setting at its default. So adding these fields needed no new format
@@ -50,21 +51,24 @@
 //!   9 owner                     nothing: `dyups sync` wrote it from etcd
 //!  10 sync (the table's, on the  revision u64, cluster id u64, key
 //!     first upstream's entry)    prefix (a name): see `model::SyncMark`
-//!  11 names                     count u16, then per `server NAME` line:
+//!  11 slow_start                u32 seconds per server, in the servers'
+//!                               order
+//!  12 names                     count u16, then per `server NAME` line:
 //!                               host (a name), port u16 (0: none
 //!                               written), flags u8 (1 resolve, 2 backup,
 //!                               4 down), weight u32, max_conns u32,
 //!                               max_fails u32, fail_timeout u32,
-//!                               resolved Unix ms u64, ttl u32; then per
-//!                               server, in order, the line it came from
-//!                               u16 (0xffff: none, an address as written)
-//!  12 dns                       resolver count u8, address* (IP ones),
+//!                               slow_start u32, resolved Unix ms u64,
+//!                               ttl u32; then per server, in order, the
+//!                               line it came from u16 (0xffff: none, an
+//!                               address as written)
+//!  13 dns                       resolver count u8, address* (IP ones),
 //!                               valid u32 s, ipv6 u8 (0 unset, 1 off,
 //!                               2 on), resolver_timeout u32 ms
 //!                               (0xffffffff: unset, for both times)
 //! ```
 //!
-//! A build without fields 11 and 12 reads a name's addresses as servers
+//! A build without fields 12 and 13 reads a name's addresses as servers
 //! written as addresses: it routes as this build does, and writes the
 //! names away.
 //!
@@ -87,7 +91,7 @@ use crate::table::model::{
     ServerSpec, SyncMark, Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX,
     CHECK_TIME_MAX, DEFAULT_CHECK_HTTP_SEND, DEFAULT_CHECK_KEEPALIVE_REQUESTS,
     DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
-    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
+    FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::names::{
     check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX, RESOLVERS_MAX,
@@ -111,11 +115,12 @@ const TAG_KEEPALIVE_TIMEOUT: u8 = 7;
 const TAG_MAX_CONNS: u8 = 8;
 const TAG_OWNER: u8 = 9;
 const TAG_SYNC: u8 = 10;
-const TAG_NAMES: u8 = 11;
-const TAG_DNS: u8 = 12;
-/// A server that came from no `server NAME` line, in field 11.
+const TAG_SLOW_START: u8 = 11;
+const TAG_NAMES: u8 = 12;
+const TAG_DNS: u8 = 13;
+/// A server that came from no `server NAME` line, in field 12.
 const NO_LINE: u16 = u16::MAX;
-/// An unset time in field 12.
+/// An unset time in field 13.
 const UNSET: u32 = u32::MAX;
 /// The check line's value: four u32, two u8, a u16 and a u32.
 const CHECK_LEN: usize = 24;
@@ -228,7 +233,9 @@ fn extension_is_default(u: &Upstream) -> bool {
         && u.keepalive_time == DEFAULT_KEEPALIVE_TIME
         && u.keepalive_timeout == DEFAULT_KEEPALIVE_TIMEOUT
         && u.check.is_default()
-        && u.servers.iter().all(|s| s.max_conns == 0)
+        && u.servers
+            .iter()
+            .all(|s| s.max_conns == 0 && s.slow_start == 0)
         && u.owner.is_local()
         && u.names.is_empty()
         && u.dns.is_default()
@@ -288,6 +295,14 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
     if !u.owner.is_local() {
         put_field(out, TAG_OWNER, &[]);
     }
+    if u.servers.iter().any(|s| s.slow_start != 0) {
+        let v: Vec<u8> = u
+            .servers
+            .iter()
+            .flat_map(|s| s.slow_start.to_le_bytes())
+            .collect();
+        put_field(out, TAG_SLOW_START, &v);
+    }
     if !u.names.is_empty() {
         let mut v = Vec::new();
         v.extend_from_slice(&(u.names.len() as u16).to_le_bytes());
@@ -296,7 +311,13 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
             v.extend_from_slice(&n.port.unwrap_or(0).to_le_bytes());
             let p = &n.params;
             v.push(u8::from(n.resolve) | u8::from(p.backup) << 1 | u8::from(p.down) << 2);
-            for x in [p.weight, p.max_conns, p.max_fails, p.fail_timeout] {
+            for x in [
+                p.weight,
+                p.max_conns,
+                p.max_fails,
+                p.fail_timeout,
+                p.slow_start,
+            ] {
                 v.extend_from_slice(&x.to_le_bytes());
             }
             v.extend_from_slice(&n.resolved_ms.to_le_bytes());
@@ -470,11 +491,12 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
                 s.left()
             ));
         }
-        policy
-            .validate(&servers)
-            .map_err(|why| format!("upstream {name:?}: {why}"))?;
         let mut u = Upstream::new(name, servers);
         apply_extension(&mut u, entry).map_err(|why| format!("upstream {:?}: {why}", u.name))?;
+        // With the extension's server fields (slow_start) too.
+        policy
+            .validate(&u.servers)
+            .map_err(|why| format!("upstream {:?}: {why}", u.name))?;
         u.policy = policy;
         u.keepalive = keepalive;
         u.rev = rev;
@@ -590,6 +612,15 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
                     }
                 }
             }
+            TAG_SLOW_START => {
+                let mut f = exact(4 * u.servers.len())?;
+                for s in &mut u.servers {
+                    s.slow_start = f.u32()?;
+                    if s.slow_start > SLOW_START_MAX {
+                        return Err(format!("server {} has slow_start {}", s.addr, s.slow_start));
+                    }
+                }
+            }
             TAG_OWNER => {
                 exact(0)?;
                 u.owner = Owner::Etcd;
@@ -632,7 +663,7 @@ fn sync_mark(entry: &[u8]) -> Result<Option<SyncMark>, String> {
     Ok(None)
 }
 
-/// Field 11 onto `u`, which has its servers: the `server NAME` lines and
+/// Field 12 onto `u`, which has its servers: the `server NAME` lines and
 /// which line each server came from.
 fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
     let count = f.u16()? as usize;
@@ -656,6 +687,7 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
             max_conns: f.u32()?,
             max_fails: f.u32()?,
             fail_timeout: f.u32()?,
+            slow_start: f.u32()?,
             backup: flags & 2 != 0,
             down: flags & 4 != 0,
         };
@@ -663,6 +695,7 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
             || params.max_conns > MAX_CONNS_MAX
             || params.max_fails > MAX_FAILS_MAX
             || params.fail_timeout > FAIL_TIMEOUT_MAX
+            || params.slow_start > SLOW_START_MAX
         {
             return Err(format!("server {host} has out-of-range parameters"));
         }
@@ -691,7 +724,7 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Field 12: the `resolver` and `resolver_timeout` lines.
+/// Field 13: the `resolver` and `resolver_timeout` lines.
 fn dns_settings(mut f: Reader<'_>) -> Result<DnsSettings, String> {
     let count = f.u8()? as usize;
     if count > RESOLVERS_MAX {
@@ -776,6 +809,7 @@ fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
         max_conns: 0,
         max_fails,
         fail_timeout,
+        slow_start: 0,
         backup: flags & BACKUP != 0,
         down: flags & DOWN != 0,
         // In the extension, for an address a name resolved to.
@@ -891,6 +925,7 @@ pub(crate) mod tests {
         a.max_fails = 2;
         a.fail_timeout = 5;
         a.max_conns = MAX_CONNS_MAX;
+        a.slow_start = SLOW_START_MAX;
         let mut b = ServerSpec::new(Address::Inet("[::1]:8089".parse().unwrap()));
         b.backup = true;
         b.down = true;
@@ -963,6 +998,7 @@ pub(crate) mod tests {
             u.keepalive_timeout = defaults.keepalive_timeout;
             for s in &mut u.servers {
                 s.max_conns = 0;
+                s.slow_start = 0;
             }
         }
         let e = encode(&plain);
@@ -1061,8 +1097,13 @@ pub(crate) mod tests {
         Arc::make_mut(&mut p.table.upstreams[1]).name = "local".into();
         assert!(round_trip(&p).unwrap_err().contains("twice"));
         type Spoil = fn(&mut Upstream);
-        let bad: [(&str, Spoil); 8] = [
+        let bad: [(&str, Spoil); 10] = [
             ("max_conns", |u| u.servers[0].max_conns = MAX_CONNS_MAX + 1),
+            ("slow_start", |u| {
+                u.servers[0].slow_start = SLOW_START_MAX + 1
+            }),
+            // Checked with the extension's server fields, not before them.
+            ("parameter \"slow_start\"", |u| u.policy = Policy::IpHash),
             ("out-of-range", |u| {
                 u.check.line.as_mut().unwrap().interval = 0
             }),
@@ -1226,6 +1267,7 @@ pub(crate) mod tests {
             max_conns: 9,
             max_fails: 4,
             fail_timeout: 30,
+            slow_start: 45,
             backup: false,
             down: true,
         };
@@ -1263,8 +1305,8 @@ pub(crate) mod tests {
         p
     }
 
-    /// The lines and where each server came from in field 11, the
-    /// resolver settings in field 12, every value kept; the base is the
+    /// The lines and where each server came from in field 12, the
+    /// resolver settings in field 13, every value kept; the base is the
     /// one the same servers written as addresses give.
     #[test]
     fn server_name_lines_and_resolvers_round_trip_in_the_extension() {
@@ -1309,7 +1351,7 @@ pub(crate) mod tests {
         assert_eq!(encode(&p).base, encode(&literal).base);
     }
 
-    /// A slot written before fields 11 and 12 (or by a build without them)
+    /// A slot written before fields 12 and 13 (or by a build without them)
     /// reads with no `server NAME` line, every server an address as
     /// written, and the default resolver settings; a later build's fields
     /// beside ours change nothing.
@@ -1344,7 +1386,7 @@ pub(crate) mod tests {
             .all(|u| u.names.is_empty() && u.dns.is_default()));
     }
 
-    /// Fields 11 and 12 as a broken writer could leave them: refused,
+    /// Fields 12 and 13 as a broken writer could leave them: refused,
     /// saying what is wrong, never trusted.
     #[test]
     fn bad_name_fields_are_refused() {
@@ -1354,7 +1396,7 @@ pub(crate) mod tests {
             put_str(&mut v, host);
             v.extend_from_slice(&8080u16.to_le_bytes());
             v.push(flags);
-            for x in [weight, 0, 1, 10] {
+            for x in [weight, 0, 1, 10, 0] {
                 v.extend_from_slice(&x.to_le_bytes());
             }
             v.extend_from_slice(&resolved.to_le_bytes());

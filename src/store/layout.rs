@@ -11,7 +11,7 @@
 //! 16            8      slot length, u64 LE: bytes per payload slot, slot header
 //!                      included
 //! 24            8      file length, u64 LE: HEADER_LEN + 2 * slot length
-//!                      + 32 * peer cells
+//!                      + 72 * peer cells
 //! 32            4      worker table entries, u32 LE
 //! 36            4      peer cells, u32 LE
 //! 40            4      CRC32 of bytes 0..40
@@ -37,11 +37,17 @@
 //!                        +8 generation the worker has applied, u64 (atomic)
 //! HEADER_LEN    S      slot 0
 //! HEADER_LEN+S  S      slot 1
-//! HEADER_LEN+2S 32*P   peer cells (zone.rs), atomics in native byte order:
+//! HEADER_LEN+2S 72*P   peer cells (zone.rs), atomics in native byte order:
 //!                        +0  tag << 32 | connections in flight
 //!                        +8  tag << 32 | failures in the fail window
 //!                        +16 last failure, Unix ms
 //!                        +24 start of the fail window, Unix ms
+//!                        +32 tag << 32 | active-check verdict and counts
+//!                        +40 probe lease: next probe, Unix ms << 22 | pid
+//!                        +48 end of the last probe, Unix ms
+//!                        +56 the last probe's result (health/mod.rs)
+//!                        +64 when the server last became available again,
+//!                            Unix ms (slow_start's ramp starts there)
 //!
 //! slot:
 //! +0            8      generation of the table in this slot, u64 LE
@@ -73,7 +79,10 @@ use crate::store::zone::CELL_LEN;
 pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 /// 2: the peer cells after the slots (version 1, without them, was never
 /// released; its files are refused by this number rather than by a checksum).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: cells of 72 bytes: four words for active health checks and one for
+/// `slow_start`; a version-2 file is refused by this number, as version 1
+/// was.
+pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: u64 = 4096;
 pub const COMMIT_WORD: usize = 64;
 /// The writers' queue (`queue.rs`).
@@ -95,9 +104,10 @@ pub const SLOT_HEADER: u64 = 32;
 const FIXED_FIELDS: usize = 40;
 /// The fixed header fields and their checksum.
 pub const FIXED_LEN: usize = FIXED_FIELDS + 4;
-/// One peer cell in four of every 96 bytes after the header: a cell for
-/// about as many servers as a slot holds.
-const BYTES_PER_CELL: u64 = 96;
+/// One peer cell of 72 bytes in every 136 after the header: a cell for
+/// about as many servers as a slot holds (as version 2's 32 in 96: the
+/// slots keep 64 of every cell's share).
+const BYTES_PER_CELL: u64 = 136;
 
 /// The largest generation a commit word may name: the request path takes
 /// it through Lua, whose numbers hold integers exactly up to 2^53. No writer
@@ -348,7 +358,10 @@ mod tests {
     #[test]
     fn geometry_round_trips_through_the_header() {
         let (g, h) = good();
-        assert_eq!(g.file_len, g.cells_offset() + 32 * u64::from(g.cells));
+        assert_eq!(
+            g.file_len,
+            g.cells_offset() + CELL_LEN as u64 * u64::from(g.cells)
+        );
         assert!(g.file_len <= 1 << 20);
         // A cell for about as many servers as a slot holds (28 bytes each).
         assert!(u64::from(g.cells) * 28 > g.payload_capacity() * 3 / 4);

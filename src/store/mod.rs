@@ -43,7 +43,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
@@ -756,6 +756,8 @@ impl StateFile {
             self.geometry.cells,
             cell_tag(next),
         );
+        let checking = zone::starts_checking(&table, &given);
+        let back = zone::coming_back(&table, &current.table, &changed);
         let mut changes = current.changes;
         changes.extend(Change::between(&current.table, &table, next));
         if changes.len() > CHANGE_LOG_MAX {
@@ -776,9 +778,17 @@ impl StateFile {
         }
         // No published table names these cells yet: workers see them fresh.
         let zone = self.zone();
-        for r in given {
+        for (r, checking) in given.into_iter().zip(checking) {
             if let Some(cell) = zone.cells().get(r.index as usize) {
-                cell.reset(r.tag);
+                cell.reset_checked(r.tag, checking);
+            }
+        }
+        // Their slow_start ramps from this write: marked before any worker
+        // can route to them by the new table.
+        let now = unix_ms();
+        for r in back {
+            if let Some(cell) = zone.cell(r) {
+                cell.mark_available(now);
             }
         }
         // Write into the slot that does not hold the table just read: the
@@ -1237,6 +1247,7 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
         geometry.cells,
         cell_tag(payload.version),
     );
+    let checking = zone::starts_checking(&payload.table, &given);
     let encoded = codec::encode(&payload);
     if encoded.slot_bytes() as u64 > geometry.payload_capacity() {
         return Err(encoded.slot_bytes());
@@ -1248,9 +1259,9 @@ fn image(geometry: Geometry, mut payload: Payload) -> Result<Vec<u8>, usize> {
     // upstream file does that).
     bytes[COMMIT_WORD..COMMIT_WORD + 8]
         .copy_from_slice(&layout::commit_word(payload.version, 0).to_ne_bytes());
-    for r in given {
+    for (r, checking) in given.into_iter().zip(checking) {
         let at = geometry.cells_offset() as usize + r.index as usize * CELL_LEN;
-        bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag));
+        bytes[at..at + CELL_LEN].copy_from_slice(&PeerCell::image(r.tag, checking));
     }
     let slot = geometry.slot_offset(0) as usize;
     let header = SlotHeader::for_payload(payload.version, &encoded.base, &encoded.extension);
@@ -1449,6 +1460,14 @@ fn same_content(a: &Table, b: &Table) -> bool {
 
 /// The tag of the cells a write at `generation` gives out: never 0, which
 /// marks a cell no server was ever given.
+/// Milliseconds of the Unix clock, which every process on the host shares:
+/// the times in the peer cells.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn cell_tag(generation: u64) -> u32 {
     (generation as u32).max(1)
 }

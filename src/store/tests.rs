@@ -1399,12 +1399,13 @@ fn the_copy_keeps_the_settings_stored_in_the_slot_extension() {
     let body = "keepalive 8; keepalive_timeout 30s; \
                 check interval=3000 rise=2 fall=5 timeout=1000 type=http; \
                 check_http_send \"GET /health HTTP/1.0\\r\\n\\r\\n\"; \
-                server 127.0.0.1:9000;";
+                server 127.0.0.1:9000 slow_start=30s;";
     f.write(&WriteOptions::default(), |t| {
         crate::admin::ops::update(t, "checked", body)
     })
     .unwrap();
     let written = f.read().unwrap().table;
+    assert_eq!(written.get("checked").unwrap().servers[0].slow_start, 30);
     inflict(Damage::SlotsOverwritten, &dir.file(), f.geometry());
     let r = f.restore(&held).unwrap().unwrap();
     assert!(r.from.contains("copy"), "restored from {}", r.from);
@@ -1415,4 +1416,52 @@ fn the_copy_keeps_the_settings_stored_in_the_slot_extension() {
         .get("checked")
         .unwrap()
         .same_content(written.get("checked").unwrap()));
+}
+
+#[test]
+fn a_write_marks_servers_coming_into_rotation_for_slow_start() {
+    // slow_start ramps a server from when it became available again: the
+    // writer stamps that in its cell before publishing, so every worker
+    // ramps it from the same time and none routes to it at full weight.
+    let dir = TempDir::new();
+    let f = fresh(&dir);
+    let since = |f: &StateFile, port: u16| {
+        let snap = f.read().unwrap();
+        let u = snap.table.get("local").unwrap();
+        let i = u
+            .servers
+            .iter()
+            .position(|s| s.addr.port() == port)
+            .unwrap();
+        f.zone().cell(u.peer(i)).unwrap().available_since()
+    };
+    // The seed's servers are not coming back from anywhere.
+    assert_eq!(since(&f, 8088), 0);
+    let before = super::unix_ms();
+    f.write(&no_wait(), |t| {
+        let mut s = server(9001);
+        s.slow_start = 30;
+        t.get_mut("local").unwrap().servers.push(s);
+        t.get_mut("local").unwrap().servers[0].slow_start = 30;
+        Ok(())
+    })
+    .unwrap();
+    // Added: marked. Given a slow_start while it stays up: not.
+    assert!(since(&f, 9001) >= before);
+    assert_eq!(since(&f, 8088), 0);
+    // Taken down, then put back: marked when it is back.
+    let down = |on: bool| {
+        move |t: &mut Table| {
+            t.get_mut("local").unwrap().servers[0].down = on;
+            Ok(())
+        }
+    };
+    f.write(&no_wait(), down(true)).unwrap();
+    assert_eq!(since(&f, 8088), 0, "down: nothing to ramp yet");
+    let back = super::unix_ms();
+    f.write(&no_wait(), down(false)).unwrap();
+    assert!(since(&f, 8088) >= back);
+    // A server without slow_start is never marked by a write.
+    f.write(&no_wait(), add(9002)).unwrap();
+    assert_eq!(since(&f, 9002), 0);
 }

@@ -13,14 +13,19 @@
 //! given to another server, fails its compare-and-swap instead of counting on
 //! the wrong server; it then uses a cell of its own, as a server without a
 //! shared cell (the zone was full) does.
+//!
+//! Over 600 lines with its tests: the cell's words and the rules by which
+//! the writer hands cells out and stamps them (new, `checking`, back in
+//! rotation) depend on each other and read best side by side.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::table::model::{PeerRef, Table, Upstream};
 
 /// Bytes per cell in the state file.
-pub const CELL_LEN: usize = 32;
+pub const CELL_LEN: usize = 72;
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
@@ -39,9 +44,37 @@ pub struct PeerCell {
     accessed: AtomicU64,
     /// When the current fail window started.
     checked: AtomicU64,
+    /// Active health checks ([`crate::health`]): tag << 32 | verdict and
+    /// consecutive counts. Probe results land here, outside the table's
+    /// checksum: a flip never raises the table version.
+    health: AtomicU64,
+    /// Which worker probes the server and when next ([`crate::health`]).
+    lease: AtomicU64,
+    /// When the last probe ended, Unix ms.
+    probed: AtomicU64,
+    /// What the last probe found ([`crate::health`]).
+    result: AtomicU64,
+    /// When the server last became available again (its checks passed, its
+    /// fail window ended, it was added or put back), Unix ms; 0: not since
+    /// it got the cell. `slow_start` ramps its weight from here, so every
+    /// worker ramps alike.
+    since: AtomicU64,
 }
 
 const LOW: u64 = 0xffff_ffff;
+
+/// The flags of the health word that take a server out of rotation: down by
+/// its checks, or not yet up (`checking`). The rest of the word (counts,
+/// the settings' fingerprint) is [`crate::health`]'s; these two live here
+/// because the writer sets `checking` on a new cell and the balancer reads
+/// both, neither of which may look above the store.
+pub const HEALTH_DOWN: u64 = 1 << 22;
+pub const HEALTH_CHECKING: u64 = 1 << 23;
+
+/// The health word of a fresh cell stamped `tag`.
+pub fn fresh_health(tag: u32, checking: bool) -> u64 {
+    u64::from(tag) << 32 | if checking { HEALTH_CHECKING } else { 0 }
+}
 
 fn tagged(tag: u32, n: u32) -> u64 {
     u64::from(tag) << 32 | u64::from(n)
@@ -51,8 +84,21 @@ impl PeerCell {
     /// Makes this the fresh cell of a server stamped `tag`: no connections,
     /// no failures.
     pub fn reset(&self, tag: u32) {
+        self.reset_checked(tag, false);
+    }
+
+    /// [`reset`](Self::reset), the server starting as `checking` (down until
+    /// its first `rise` probes pass) when `checking`: a new server of an
+    /// upstream with `check ... default_down=true`.
+    pub fn reset_checked(&self, tag: u32, checking: bool) {
         self.accessed.store(0, Ordering::Relaxed);
         self.checked.store(0, Ordering::Relaxed);
+        self.lease.store(0, Ordering::Relaxed);
+        self.probed.store(0, Ordering::Relaxed);
+        self.result.store(0, Ordering::Relaxed);
+        self.since.store(0, Ordering::Relaxed);
+        self.health
+            .store(fresh_health(tag, checking), Ordering::Release);
         self.conns.store(tagged(tag, 0), Ordering::Release);
         self.fails.store(tagged(tag, 0), Ordering::Release);
     }
@@ -60,13 +106,51 @@ impl PeerCell {
     /// The bytes of a cell just [`reset`](Self::reset) for `tag`, for a file
     /// image built before anything maps it (atomics of this host, so native
     /// byte order).
-    pub fn image(tag: u32) -> [u8; CELL_LEN] {
+    pub fn image(tag: u32, checking: bool) -> [u8; CELL_LEN] {
         let mut b = [0u8; CELL_LEN];
         let word = tagged(tag, 0).to_ne_bytes();
-        // conns, then fails: the field order of this `repr(C)` struct.
+        // conns, fails, then health at +32: the field order of this
+        // `repr(C)` struct.
         b[0..8].copy_from_slice(&word);
         b[8..16].copy_from_slice(&word);
+        b[32..40].copy_from_slice(&fresh_health(tag, checking).to_ne_bytes());
         b
+    }
+
+    /// The active-check words, for [`crate::health`].
+    pub fn health_word(&self) -> &AtomicU64 {
+        &self.health
+    }
+
+    pub fn lease_word(&self) -> &AtomicU64 {
+        &self.lease
+    }
+
+    pub fn probed_word(&self) -> &AtomicU64 {
+        &self.probed
+    }
+
+    pub fn result_word(&self) -> &AtomicU64 {
+        &self.result
+    }
+
+    /// When the server last became available again, Unix ms (0: not since
+    /// it got the cell).
+    pub fn available_since(&self) -> u64 {
+        self.since.load(Ordering::Acquire)
+    }
+
+    /// The server became available again at `now_ms`: `slow_start` ramps
+    /// its weight from now.
+    pub fn mark_available(&self, now_ms: u64) {
+        self.since.store(now_ms, Ordering::Release);
+    }
+
+    /// Whether active checks hold the server out of rotation (down, or
+    /// still `checking`); false when the word is another server's.
+    pub fn check_down(&self, tag: u32) -> bool {
+        let w = self.health.load(Ordering::Acquire);
+        (w >> 32) as u32 == tag && w & (HEALTH_DOWN | HEALTH_CHECKING) != 0
     }
 
     /// Whether the cell still belongs to the server stamped `tag`.
@@ -151,6 +235,11 @@ impl Clone for PeerCell {
             fails: copy(&self.fails),
             accessed: copy(&self.accessed),
             checked: copy(&self.checked),
+            health: copy(&self.health),
+            lease: copy(&self.lease),
+            probed: copy(&self.probed),
+            result: copy(&self.result),
+            since: copy(&self.since),
         }
     }
 }
@@ -158,7 +247,18 @@ impl Clone for PeerCell {
 impl PartialEq for PeerCell {
     fn eq(&self, other: &PeerCell) -> bool {
         let words = |c: &PeerCell| {
-            [&c.conns, &c.fails, &c.accessed, &c.checked].map(|w| w.load(Ordering::Acquire))
+            [
+                &c.conns,
+                &c.fails,
+                &c.accessed,
+                &c.checked,
+                &c.health,
+                &c.lease,
+                &c.probed,
+                &c.result,
+                &c.since,
+            ]
+            .map(|w| w.load(Ordering::Acquire))
         };
         words(self) == words(other)
     }
@@ -255,6 +355,60 @@ pub trait ZoneSource: Send + Sync {
     fn zone(&self) -> Zone<'_>;
 }
 
+/// Which of the cells `given` (newly given by [`assign`] in `table`) start
+/// `checking`: those of upstreams with `check ... default_down=true` (the
+/// default), whose servers take no traffic until their first `rise` probes
+/// pass. Index for index with `given`; for the writer, before it publishes.
+pub fn starts_checking(table: &Table, given: &[PeerRef]) -> Vec<bool> {
+    if given.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<u32> = given.iter().map(|r| r.index).collect();
+    let mut checking = HashSet::new();
+    for u in &table.upstreams {
+        if !u.check.line.as_ref().is_some_and(|l| l.default_down) {
+            continue;
+        }
+        for i in 0..u.servers.len() {
+            let r = u.peer(i);
+            if wanted.contains(&r.index) {
+                checking.insert(r.index);
+            }
+        }
+    }
+    given.iter().map(|r| checking.contains(&r.index)).collect()
+}
+
+/// The cells of the servers of `next` with a `slow_start` that come into
+/// rotation with it: not `down` in `next`, and new to their upstream or
+/// `down` in `current` (the table `next` replaces). Only the upstreams
+/// `changed` marks (index for index with `next.upstreams`) can have any.
+/// The writer marks them available before it publishes `next`, so no
+/// worker routes to them at full weight first.
+pub fn coming_back(next: &Table, current: &Table, changed: &[bool]) -> Vec<PeerRef> {
+    let mut back = Vec::new();
+    for ((u, old), &changed) in next.paired(current).into_iter().zip(changed) {
+        if !changed || u.servers.iter().all(|s| s.slow_start == 0) {
+            continue;
+        }
+        for (i, s) in u.servers.iter().enumerate() {
+            let r = u.peer(i);
+            if s.slow_start == 0 || s.down || r.is_none() {
+                continue;
+            }
+            // The store keeps a server's cell while it stays: the same cell
+            // in the old upstream is the same server.
+            let was_up = old.is_some_and(|o| {
+                (0..o.servers.len()).any(|j| o.peer(j) == r && !o.servers[j].down)
+            });
+            if !was_up {
+                back.push(r);
+            }
+        }
+    }
+    back
+}
+
 /// Gives a cell to every server of the upstreams of `next` that `changed`
 /// marks (index for index with `next.upstreams`), for a zone of `capacity`
 /// cells: the cell its upstream's server at the same address has in `current`
@@ -349,16 +503,26 @@ mod tests {
     fn a_cell_image_reads_as_a_reset_cell() {
         let reset = PeerCell::default();
         reset.reset(9);
-        let b = PeerCell::image(9);
-        let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
-        let read = PeerCell {
-            conns: AtomicU64::new(word(0)),
-            fails: AtomicU64::new(word(8)),
-            accessed: AtomicU64::new(word(16)),
-            checked: AtomicU64::new(word(24)),
-        };
-        assert_eq!(read, reset);
-        assert!(read.holds(9));
+        for checking in [false, true] {
+            reset.reset_checked(9, checking);
+            let b = PeerCell::image(9, checking);
+            let word =
+                |at: usize| AtomicU64::new(u64::from_ne_bytes(b[at..at + 8].try_into().unwrap()));
+            let read = PeerCell {
+                conns: word(0),
+                fails: word(8),
+                accessed: word(16),
+                checked: word(24),
+                health: word(32),
+                lease: word(40),
+                probed: word(48),
+                result: word(56),
+                since: word(64),
+            };
+            assert_eq!(read, reset);
+            assert!(read.holds(9));
+            assert_eq!(read.check_down(9), checking);
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub const MAX_FAILS_MAX: u32 = 1000;
 pub const MAX_CONNS_MAX: u32 = 1_000_000;
 /// `fail_timeout=` upper bound, in seconds (one day).
 pub const FAIL_TIMEOUT_MAX: u32 = 86_400;
+/// `slow_start=` upper bound, in seconds (one day, as `fail_timeout`).
+pub const SLOW_START_MAX: u32 = 86_400;
 /// nginx's defaults for a `server` line.
 pub const DEFAULT_WEIGHT: u32 = 1;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
@@ -106,6 +108,9 @@ pub struct ServerSpec {
     pub max_fails: u32,
     /// Seconds, as nginx keeps it.
     pub fail_timeout: u32,
+    /// NGINX Plus's `slow_start=`, in seconds (0: none): a server that
+    /// becomes available again ramps up to its weight over this long.
+    pub slow_start: u32,
     pub backup: bool,
     pub down: bool,
     /// The `server NAME` line this address came from: its index in the
@@ -124,6 +129,7 @@ impl ServerSpec {
             max_conns: 0,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            slow_start: 0,
             backup: false,
             down: false,
             from: None,
@@ -144,6 +150,7 @@ pub struct ServerPatch {
     pub max_conns: Option<u32>,
     pub max_fails: Option<u32>,
     pub fail_timeout: Option<u32>,
+    pub slow_start: Option<u32>,
     pub backup: Option<bool>,
     pub down: Option<bool>,
 }
@@ -158,6 +165,7 @@ impl ServerPatch {
         s.max_conns = self.max_conns.unwrap_or(s.max_conns);
         s.max_fails = self.max_fails.unwrap_or(s.max_fails);
         s.fail_timeout = self.fail_timeout.unwrap_or(s.fail_timeout);
+        s.slow_start = self.slow_start.unwrap_or(s.slow_start);
         s.backup = self.backup.unwrap_or(s.backup);
         s.down = self.down.unwrap_or(s.down);
     }

@@ -21,6 +21,7 @@ use crate::table::model::{
     Address, ServerSpec, Table, Upstream, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, DEFAULT_PORT,
     DEFAULT_WEIGHT,
 };
+use crate::table::policy::Policy;
 
 /// Longest host name, in bytes (RFC 1035's 253 characters of text).
 pub const HOST_MAX: usize = 253;
@@ -43,6 +44,8 @@ pub struct ServerParams {
     pub max_conns: u32,
     pub max_fails: u32,
     pub fail_timeout: u32,
+    /// Seconds a server put back ramps up to its weight over (0: none).
+    pub slow_start: u32,
     pub backup: bool,
     pub down: bool,
 }
@@ -54,6 +57,7 @@ impl Default for ServerParams {
             max_conns: 0,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            slow_start: 0,
             backup: false,
             down: false,
         }
@@ -67,6 +71,7 @@ impl ServerParams {
             max_conns: s.max_conns,
             max_fails: s.max_fails,
             fail_timeout: s.fail_timeout,
+            slow_start: s.slow_start,
             backup: s.backup,
             down: s.down,
         }
@@ -80,6 +85,7 @@ impl ServerParams {
             max_conns: self.max_conns,
             max_fails: self.max_fails,
             fail_timeout: self.fail_timeout,
+            slow_start: self.slow_start,
             backup: self.backup,
             down: self.down,
             from: None,
@@ -144,6 +150,24 @@ impl NamedServer {
             && self.port() == other.port()
             && self.params == other.params
             && self.resolve == other.resolve
+    }
+
+    /// What `policy` refuses of the line's parameters, as
+    /// [`Policy::validate`] refuses them on a server, naming the line.
+    pub fn refused_by(&self, policy: &Policy) -> Option<String> {
+        let param = match self.params {
+            _ if policy.allows_backup() => return None,
+            ServerParams { backup: true, .. } => "backup",
+            ServerParams {
+                slow_start: 1.., ..
+            } => "slow_start",
+            _ => return None,
+        };
+        Some(format!(
+            "balancing method \"{}\" does not support parameter \"{param}\" (server {})",
+            policy.name(),
+            self.target()
+        ))
     }
 
     /// Whether `host` and `port` name this line: the same host in any

@@ -40,7 +40,8 @@ impl Policy {
         }
     }
 
-    /// nginx refuses `backup` servers under `hash`, `ip_hash` and `random`.
+    /// nginx refuses `backup` servers under `hash`, `ip_hash` and `random`;
+    /// NGINX Plus refuses `slow_start` under the same.
     pub fn allows_backup(&self) -> bool {
         matches!(self, Policy::RoundRobin | Policy::LeastConn)
     }
@@ -57,9 +58,19 @@ impl Policy {
             }
         }
         if !self.allows_backup() {
-            if let Some(s) = servers.iter().find(|s| s.backup) {
+            let refused = servers.iter().find_map(|s| {
+                let param = if s.backup {
+                    "backup"
+                } else if s.slow_start != 0 {
+                    "slow_start"
+                } else {
+                    return None;
+                };
+                Some((param, s))
+            });
+            if let Some((param, s)) = refused {
                 return Err(format!(
-                    "balancing method \"{}\" does not support parameter \"backup\" (server {})",
+                    "balancing method \"{}\" does not support parameter \"{param}\" (server {})",
                     self.name(),
                     s.addr
                 ));

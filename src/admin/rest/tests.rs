@@ -190,9 +190,9 @@ fn statuses_follow_the_module() {
         (
             "POST",
             "/upstream/x",
-            "server 127.0.0.1:1 slow_start=1s;",
+            "hash $uri; server 127.0.0.1:1 slow_start=1s; server 127.0.0.1:2;",
             400,
-            "slow_start",
+            "balancing method \"hash\" does not support parameter \"slow_start\" (server 127.0.0.1:1)",
         ),
         (
             "POST",
@@ -422,7 +422,7 @@ fn json_views_give_every_parameter() {
         &f,
         "POST",
         "/upstream/host1",
-        "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup;\
+        "server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s slow_start=20s backup;\
              server 127.0.0.1:8089; check interval=3s type=http;\
              check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";",
     );
@@ -438,8 +438,9 @@ fn json_views_give_every_parameter() {
             r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
             r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
             r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
-            r#""fail_timeout":4,"backup":true,"down":false},{"addr":"127.0.0.1:8089","#,
-            r#""weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"backup":false,"down":false}]}"#
+            r#""fail_timeout":4,"slow_start":20,"backup":true,"down":false},"#,
+            r#"{"addr":"127.0.0.1:8089","weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"#,
+            r#""slow_start":0,"backup":false,"down":false}]}"#
         )
     );
     // The text form: the settings in nginx syntax, each on its line.
@@ -447,7 +448,7 @@ fn json_views_give_every_parameter() {
         call(&f, "GET", "/upstream/host1", "").body,
         "check interval=3000 rise=2 fall=5 timeout=1000 type=http;\n\
              check_http_send \"HEAD / HTTP/1.1\\r\\nHost: \\\"x\\\"\\r\\n\\r\\n\";\n\
-             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s backup\n\
+             server 127.0.0.1:8088 weight=2 max_conns=9 max_fails=3 fail_timeout=4s slow_start=20s backup\n\
              server 127.0.0.1:8089\n"
     );
     let r = call_with(&f, "GET", "/list", "", true, None);

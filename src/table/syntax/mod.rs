@@ -320,17 +320,8 @@ impl Definition {
                 .validate(&u.servers)
                 .map_err(|why| error_at(at, why))?;
             // A name's line stands for servers with its parameters.
-            if let Some(n) = u.names.iter().find(|n| n.params.backup) {
-                if !u.policy.allows_backup() {
-                    return Err(error_at(
-                        at,
-                        format!(
-                            "balancing method \"{}\" does not support parameter \"backup\" (server {})",
-                            u.policy.name(),
-                            n.target()
-                        ),
-                    ));
-                }
+            if let Some(why) = u.names.iter().find_map(|n| n.refused_by(&u.policy)) {
+                return Err(error_at(at, why));
             }
         }
         if !u.has_primary() {

@@ -47,6 +47,9 @@ fn render_params(out: &mut String, p: &ServerParams) {
     if p.fail_timeout != DEFAULT_FAIL_TIMEOUT {
         out.push_str(&format!(" fail_timeout={}s", p.fail_timeout));
     }
+    if p.slow_start != 0 {
+        out.push_str(&format!(" slow_start={}s", p.slow_start));
+    }
     if p.backup {
         out.push_str(" backup");
     }

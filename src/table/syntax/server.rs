@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use super::SERVER_USAGE;
 use crate::table::model::{
     Address, ServerPatch, ServerSpec, DEFAULT_PORT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
-    WEIGHT_MAX, WEIGHT_MIN,
+    SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::names::{check_host, NamedServer, ServerParams};
 
@@ -148,7 +148,7 @@ pub(super) fn parse_decimal(s: &str) -> Option<u64> {
 
 /// Parses what follows `server` in a `server ...;` line: an address and
 /// nginx's `weight=`, `max_conns=`, `max_fails=`, `fail_timeout=`, `backup`
-/// and `down`.
+/// and `down`, and NGINX Plus's `slow_start=`.
 pub fn parse_server_args(args: &str) -> Result<ServerSpec, String> {
     match parse_server_line(args)? {
         ServerLine::Addr(spec) => Ok(spec),
@@ -208,7 +208,8 @@ pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
 }
 
 /// Parses the parameters of a `PATCH` to one server: `weight=N`,
-/// `max_conns=N`, `max_fails=N`, `fail_timeout=TIME`, `backup=on|off`,
+/// `max_conns=N`, `max_fails=N`, `fail_timeout=TIME`, `slow_start=TIME`,
+/// `backup=on|off`,
 /// `down=on|off` (a bare `backup` or `down` means on), each at most once, at
 /// least one.
 pub fn parse_server_patch(args: &str) -> Result<ServerPatch, String> {
@@ -242,6 +243,10 @@ pub fn parse_server_patch(args: &str) -> Result<ServerPatch, String> {
                 .fail_timeout
                 .replace(parse_fail_timeout(word, value)?)
                 .is_some(),
+            "slow_start" => patch
+                .slow_start
+                .replace(parse_slow_start(word, value)?)
+                .is_some(),
             "backup" => patch.backup.replace(switch(value)?).is_some(),
             "down" => patch.down.replace(switch(value)?).is_some(),
             _ => return Err(format!("unknown parameter {word:?}")),
@@ -251,7 +256,7 @@ pub fn parse_server_patch(args: &str) -> Result<ServerPatch, String> {
         }
     }
     if patch.is_empty() {
-        return Err("no parameter to change: give weight=, max_conns=, max_fails=, fail_timeout=, backup=on|off or down=on|off".into());
+        return Err("no parameter to change: give weight=, max_conns=, max_fails=, fail_timeout=, slow_start=, backup=on|off or down=on|off".into());
     }
     Ok(patch)
 }
@@ -263,6 +268,7 @@ struct Seen {
     max_conns: bool,
     max_fails: bool,
     fail_timeout: bool,
+    slow_start: bool,
     backup: bool,
     down: bool,
 }
@@ -277,9 +283,10 @@ fn apply_param(spec: &mut ServerSpec, seen: &mut Seen, word: &str) -> Result<(),
         ("max_conns", Some(_)) => &mut seen.max_conns,
         ("max_fails", Some(_)) => &mut seen.max_fails,
         ("fail_timeout", Some(_)) => &mut seen.fail_timeout,
+        ("slow_start", Some(_)) => &mut seen.slow_start,
         ("backup", None) => &mut seen.backup,
         ("down", None) => &mut seen.down,
-        ("weight" | "max_conns" | "max_fails" | "fail_timeout", None) => {
+        ("weight" | "max_conns" | "max_fails" | "fail_timeout" | "slow_start", None) => {
             return Err(format!("{word}: {word} needs a value, as in {word}=N"))
         }
         ("backup" | "down", Some(_)) => {
@@ -298,6 +305,7 @@ fn apply_param(spec: &mut ServerSpec, seen: &mut Seen, word: &str) -> Result<(),
         "max_conns" => spec.max_conns = bounded(word, key, value, 0, MAX_CONNS_MAX)?,
         "max_fails" => spec.max_fails = bounded(word, key, value, 0, MAX_FAILS_MAX)?,
         "fail_timeout" => spec.fail_timeout = parse_fail_timeout(word, value)?,
+        "slow_start" => spec.slow_start = parse_slow_start(word, value)?,
         "backup" => spec.backup = true,
         _ => spec.down = true,
     }
@@ -324,6 +332,16 @@ fn parse_fail_timeout(word: &str, value: &str) -> Result<u32, String> {
         .ok()
         .filter(|&s| s <= FAIL_TIMEOUT_MAX)
         .ok_or_else(|| format!("{word}: fail_timeout must be 0..{FAIL_TIMEOUT_MAX} seconds"))
+}
+
+/// NGINX Plus's `slow_start=TIME`: nginx's time syntax, kept in seconds.
+fn parse_slow_start(word: &str, value: &str) -> Result<u32, String> {
+    let secs = parse_time(value, TimeSyntax::SECONDS)
+        .map_err(|why| format!("{word}: slow_start {why}"))?;
+    u32::try_from(secs)
+        .ok()
+        .filter(|&s| s <= SLOW_START_MAX)
+        .ok_or_else(|| format!("{word}: slow_start must be 0..{SLOW_START_MAX} seconds"))
 }
 
 /// How a time is read: nginx's `ngx_parse_time` for a value kept in seconds

@@ -587,7 +587,9 @@ fn server_args_errors_name_the_parameter() {
     for p in [
         "max_conns=1000001",
         "max_conns",
-        "slow_start=1s",
+        "slow_start",
+        "slow_start=1ms",
+        "slow_start=2d",
         "resolve",
         "backup=1",
         "weight",
@@ -659,8 +661,13 @@ fn body_errors_name_the_line_and_statement() {
     );
     let m = bad(parse_servers("server 127.0.0.1:80;\nserver 127.0.0.1:81"));
     assert_eq!(m, "line 2: server 127.0.0.1:81: missing ';' at the end");
-    let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3s;"));
-    assert!(m.contains("line 1: server 127.0.0.1:80 slow_start=3s: unknown parameter"));
+    let m = bad(parse_servers("server 127.0.0.1:80 slow_start=3x;"));
+    assert!(
+        m.contains(
+            "line 1: server 127.0.0.1:80 slow_start=3x: slow_start=3x: slow_start must be a time"
+        ),
+        "{m}"
+    );
     let m = bad(parse_servers("server example.com:80 resolve=on;"));
     assert!(m.starts_with(
         "line 1: server example.com:80 resolve=on: resolve=on: resolve takes no value"
@@ -886,19 +893,20 @@ fn rendering_prints_only_what_differs_from_nginx() {
         max_conns: 10,
         max_fails: 2,
         fail_timeout: 5,
+        slow_start: 30,
         backup: true,
         down: true,
         from: None,
     };
     assert_eq!(
         render_server(&s),
-        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=5s backup down;"
+        "server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 fail_timeout=5s slow_start=30s backup down;"
     );
     let u = Upstream::new("u", vec![s, ServerSpec::new(inet("[::1]:80"))]);
     assert_eq!(
         render_upstream(&u),
         "upstream u {\n    server 127.0.0.1:8088 weight=3 max_conns=10 max_fails=2 \
-             fail_timeout=5s backup down;\n    server [::1]:80;\n}\n"
+             fail_timeout=5s slow_start=30s backup down;\n    server [::1]:80;\n}\n"
     );
 }
 
@@ -952,7 +960,7 @@ fn named_line(args: &str) -> NamedServer {
 #[test]
 fn server_name_lines_take_nginx_parameters_and_resolve() {
     let n = named_line(
-        "App.Internal:8080 weight=2 max_conns=5 max_fails=3 fail_timeout=1m backup resolve",
+        "App.Internal:8080 weight=2 max_conns=5 max_fails=3 fail_timeout=1m slow_start=30s backup resolve",
     );
     assert_eq!(
         (n.host.as_str(), n.port, n.resolve),
@@ -965,6 +973,7 @@ fn server_name_lines_take_nginx_parameters_and_resolve() {
             max_conns: 5,
             max_fails: 3,
             fail_timeout: 60,
+            slow_start: 30,
             backup: true,
             down: false,
         }
@@ -1076,6 +1085,10 @@ fn bad_server_name_bodies_are_refused_naming_the_line() {
             "balancing method \"hash\" does not support parameter \"backup\" (server app.internal)",
         ),
         (
+            "random;\nserver app.internal:81 slow_start=10s;".into(),
+            "balancing method \"random\" does not support parameter \"slow_start\" (server app.internal:81)",
+        ),
+        (
             "resolver dns.internal;\nserver app.internal;".into(),
             "\"dns.internal\": a resolver is an IP address with an optional port",
         ),
@@ -1131,13 +1144,13 @@ fn bad_server_name_bodies_are_refused_naming_the_line() {
 fn server_name_lines_are_written_back_as_given() {
     let text = "upstream u {\n    resolver 10.0.0.53:5353 valid=30s ipv6=on;\n    \
                 resolver_timeout 1500ms;\n    server 10.0.0.1:80;\n    \
-                server app.internal:8080 weight=2 backup resolve;\n    server other.internal;\n}\n";
+                server app.internal:8080 weight=2 slow_start=30s backup resolve;\n    server other.internal;\n}\n";
     let t = parse_upstream_file(text).unwrap();
     let written = render_upstream_file(&t);
     for line in [
         "    resolver 10.0.0.53:5353 valid=30s ipv6=on;\n",
         "    server 10.0.0.1:80;\n",
-        "    server app.internal:8080 weight=2 backup resolve;\n",
+        "    server app.internal:8080 weight=2 slow_start=30s backup resolve;\n",
         "    server other.internal;\n",
     ] {
         assert!(written.contains(line), "{written:?} lacks {line:?}");
