@@ -129,7 +129,11 @@ class Nginx:
         self.prefix = os.path.join(root, name)
         self.name = name
         self.workers = workers
-        for d in ("conf", "logs", "tmp", "state"):
+        # Not state/: ngx.dyups' init makes it and gives it to the workers'
+        # user, as on a host where it does not exist yet. Made here as root,
+        # the workers could not create the copy of the state file in it
+        # (`<state>.copy`), and every write would skip writing it.
+        for d in ("conf", "logs", "tmp"):
             os.makedirs(os.path.join(self.prefix, d), exist_ok=True)
         os.chmod(self.prefix, 0o755)
         for rel, text in (files or {}).items():

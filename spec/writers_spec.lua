@@ -212,6 +212,31 @@ describe("a REST write waiting for the lock", function()
     assert.are.equal(200, status)
     assert.are.equal("seed\nwaited\n", body)
   end)
+
+  -- The handler runs again each time it looks at the queue: it must judge
+  -- the request it was sent, not what is left of it after the first look.
+  it("keeps its If-Match while it waits: a stale one is refused", function()
+    local q = nginx.shell_quote
+    local state = inst.prefix .. "/state/dyups.state"
+    local held = inst.prefix .. "/held2"
+    local status, _, h = T.request(inst.ports.api, "GET", "/list")
+    assert.are.equal(200, status)
+    local stale = h.etag
+    status = T.request(inst.ports.api, "POST", "/upstream/moved", { body = "server 127.0.0.1:3;" })
+    assert.are.equal(200, status)
+    local _, before = T.request(inst.ports.api, "GET", "/list")
+    nginx.execute(("(flock %s -c %s) >/dev/null 2>&1 </dev/null &")
+      :format(q(state), q("touch " .. q(held) .. "; sleep 0.4")))
+    nginx.wait_until(function() return nginx.read_file(held) end, 3, "flock(1) to take the lock")
+    local t0 = T.now()
+    local body
+    status, body = T.request(inst.ports.api, "POST", "/upstream/stale",
+      { body = "server 127.0.0.1:4;", headers = { ["If-Match"] = stale }, timeout = 5 })
+    assert.is_true(T.now() - t0 >= 0.2, "the write did not wait for the lock")
+    assert.are.equal(412, status, body)
+    local _, after = T.request(inst.ports.api, "GET", "/list")
+    assert.are.equal(before, after, "the refused write changed the table")
+  end)
 end)
 
 describe("durable writes without the thread pool", function()

@@ -108,11 +108,11 @@ impl PolicyState {
                 Some(*sum)
             })
             .collect();
-        let texts: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
         let (points, group) = match &policy {
             Policy::Hash {
                 consistent: true, ..
             } => {
+                let texts: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
                 let group = texts
                     .iter()
                     .map(|t| texts.iter().position(|u| u == t).unwrap_or(0))

@@ -197,7 +197,6 @@ impl Worker {
     /// or damaged (`StateFile::restore`), and moves to the file now at the
     /// path. Returns what the error log should say.
     pub fn check_file(&mut self, pid: u32) -> Option<String> {
-        let path = self.store.path().display().to_string();
         let health = match self.store.health() {
             // Overwritten in place, or its header or a slot wrecked: the
             // same file, damaged inside. Examined after a failed refresh or
@@ -225,6 +224,8 @@ impl Worker {
                 Some(self.store.restore(&self.snapshot)),
             ),
         };
+        // Only now: a request looks at the file twice, and finds it whole.
+        let path = self.store.path().display().to_string();
         let restored = match restored {
             Some(Ok(Some(r))) => format!("; restored it from {} as version {}", r.from, r.version),
             Some(Ok(None)) | None => String::new(),
@@ -540,10 +541,13 @@ mod tests {
             let dir = TempDir::new();
             let mut w = worker(&dir);
             let opts = WriteOptions::default();
-            w.store()
-                .clone()
-                .write(&opts, |t| ops::update(t, "late", "server 127.0.0.1:9001;"))
-                .unwrap();
+            // Through a file description of its own, as another process
+            // writes: a worker routes by what its own process wrote
+            // without reading the slot.
+            crate::store::StateFile::write_detached(&dir.file(), &opts, |t| {
+                ops::update(t, "late", "server 127.0.0.1:9001;")
+            })
+            .unwrap();
             let last = w.store().read().unwrap();
             assert_ne!(w.snapshot().table, last.table, "this worker is behind");
             damage(&dir.file(), &last);

@@ -6,14 +6,14 @@
 
 use std::net::IpAddr;
 
-use mlua::{AnyUserData, Function, Lua, LuaString, Table, UserData, Value, Variadic};
+use mlua::{AnyUserData, FromLuaMulti, Function, Lua, LuaString, Table, UserData, Value, Variadic};
 use parking_lot::Mutex;
 
 use super::config::{config, Config};
 use super::hot_path::WORKER;
 use super::ngx_api::log;
 use super::write_api::Turn;
-use crate::admin::{name_status, ops, rest};
+use crate::admin::{name_status, ops};
 use crate::dns::schedule::{Schedule, Update};
 use crate::dns::wire::{self, Reply};
 use crate::dns::{self as client, lease, Defaults, Resolver};
@@ -199,7 +199,7 @@ fn plan(lua: &Lua, args: Variadic<Value>) -> LuaResult<Option<Table>> {
             Some(server) => ops::add_server(&mut table, text(1).as_deref(), &server).is_ok(),
             None => false,
         },
-        Some("api") => api_planned(lua, &cfg, &mut table)?,
+        Some("api") => api_planned(lua, &cfg, &args, &mut table)?,
         _ => false,
     };
     if !tried {
@@ -216,40 +216,16 @@ fn plan(lua: &Lua, args: Variadic<Value>) -> LuaResult<Option<Table>> {
     Ok(Some(list))
 }
 
-/// The table a REST write would leave, for [`plan`].
-fn api_planned(lua: &Lua, cfg: &Config, table: &mut UpstreamTable) -> LuaResult<bool> {
-    let Some(ngx) = super::ngx_api::ngx(lua) else {
-        return Ok(false);
-    };
-    let method = super::http::method(lua)?;
-    let var: Table = ngx.get("var")?;
-    // A request the token refuses asks nothing of the DNS (its refusal
-    // is logged once, by the handler).
-    if let Some(token) = &cfg.admin_token {
-        let header = var
-            .get::<Option<LuaString>>("http_authorization")?
-            .map(|h| h.to_string_lossy());
-        if crate::admin::auth::check(token, header.as_deref()).is_err() {
-            return Ok(false);
-        }
-    }
-    let path = var
-        .get::<Option<LuaString>>("request_uri")?
-        .map(|s| s.to_string_lossy())
-        .unwrap_or_default();
-    let Ok(body) = super::http::request_body(&ngx, cfg.max_body)? else {
-        return Ok(false);
-    };
-    let req = rest::Request {
-        method: &method,
-        path: &path,
-        body: &body,
-        json: false,
-        preconditions: rest::Preconditions::default(),
-        answers: None,
-        name_status: &[],
-    };
-    Ok(match rest::planned(&req, table) {
+/// The table a REST write would leave, for [`plan`]: `args` are the
+/// request as writes.lua passes it to the handler.
+fn api_planned(
+    lua: &Lua,
+    cfg: &Config,
+    args: &[Value],
+    table: &mut UpstreamTable,
+) -> LuaResult<bool> {
+    let req = super::http::ApiRequest::from_lua_multi(args.iter().skip(1).cloned().collect(), lua)?;
+    Ok(match req.planned(cfg, table) {
         Some(t) => {
             *table = t;
             true

@@ -405,7 +405,7 @@ fn running_configuration(lua: &Lua) -> (nginx_conf::CommandLine, String, PathBuf
 
 /// What to add to a worker's failure to open the state file when it runs
 /// as someone else than the user the master gave the file to.
-fn owner_hint(cfg: &Config) -> String {
+pub(super) fn owner_hint(cfg: &Config) -> String {
     let Some((user, why)) = &cfg.owner else {
         return String::new();
     };

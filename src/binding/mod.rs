@@ -48,7 +48,7 @@ mod write_api;
 
 use config::config;
 use hot_path::{dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX};
-use http::{api_reply, api_wants_body, handle_check, send_api, send_ups, ups_reply};
+use http::{api_reply, api_wants_body, handle_check, ups_failure, ups_reply};
 use lifecycle::{init, init_worker};
 use read_api::{get, list, peers, pending, version, write_back_status};
 use write_api::{delete, set_rotation, update, write_upstreams, TurnHandle};
@@ -88,10 +88,13 @@ fn open(lua: &Lua) -> LuaResult<Table> {
         lua.create_function(|lua, (turn, a)| set_rotation(lua, turn, a, false))?,
     )?;
     raw.set("write_upstreams", lua.create_function(write_upstreams)?)?;
+    // The HTTP handlers: writes.lua reads the request and sends the answer.
     raw.set("ups", lua.create_function(ups_reply)?)?;
-    raw.set("send_ups", lua.create_function(send_ups)?)?;
+    raw.set(
+        "ups_failure",
+        lua.create_function(|_, msg: String| Ok(ups_failure(&msg).body))?,
+    )?;
     raw.set("api", lua.create_function(api_reply)?)?;
-    raw.set("send_api", lua.create_function(send_api)?)?;
     raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
     dns::register(lua, &raw)?;
     lua.load(include_str!("writes.lua"))

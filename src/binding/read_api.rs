@@ -13,14 +13,14 @@ use crate::table::syntax::{render_server, setting_lines};
 use super::arguments::string_arg;
 use super::config::config;
 use super::hot_path::WORKER;
-use super::lifecycle::seed;
+use super::lifecycle::{owner_hint, seed};
 use super::write_api::WRITE_BACK_ERROR;
 use super::LuaResult;
 
 /// Runs `f` on the freshest table this process can see: the worker's (after
 /// catching up) inside nginx, a direct read outside it.
 pub(super) fn with_snapshot<T>(
-    f: impl FnOnce(&StateFile, &crate::store::Snapshot) -> T,
+    f: impl FnOnce(&std::sync::Arc<StateFile>, &crate::store::Snapshot) -> T,
 ) -> Result<T, String> {
     let mut guard = WORKER.lock();
     if let Some(w) = guard.as_mut() {
@@ -35,7 +35,8 @@ pub(super) fn with_snapshot<T>(
     }
     drop(guard);
     let cfg = config()?;
-    let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg)).map_err(|e| e.to_string())?;
+    let store = StateFile::open(&cfg.path, cfg.size, || seed(&cfg))
+        .map_err(|e| format!("{e}{}", owner_hint(&cfg)))?;
     let snap = store.read().map_err(|e| e.to_string())?;
     Ok(f(&store, &snap))
 }

@@ -8,8 +8,8 @@ use std::ffi::c_void;
 use std::time::Duration;
 
 use mlua::{
-    IntoLuaMulti, LightUserData, Lua, MultiValue, Table, UserData, UserDataMethods, UserDataRefMut,
-    Value, Variadic,
+    IntoLuaMulti, LightUserData, Lua, MultiValue, UserData, UserDataMethods, UserDataRefMut, Value,
+    Variadic,
 };
 use parking_lot::Mutex;
 
@@ -22,7 +22,7 @@ use super::arguments::{expect_arg, opt_string_arg, string_arg};
 use super::config::Config;
 use super::hot_path::WORKER;
 use super::lifecycle::store;
-use super::ngx_api::{log, ngx, phase, resolve_path};
+use super::ngx_api::{log, phase, resolve_path};
 use super::LuaResult;
 
 /// A write's turn in the writers' queue, kept across its calls while the
@@ -48,7 +48,7 @@ impl TurnHandle {
 
     /// How a write in this turn on `store` waits, the configured wait
     /// giving its limit.
-    fn wait(&mut self, store: &std::sync::Arc<StateFile>, configured: Wait) -> Wait {
+    pub(super) fn wait(&mut self, store: &std::sync::Arc<StateFile>, configured: Wait) -> Wait {
         if let Some(f) = &self.file {
             if !std::sync::Arc::ptr_eq(f, store) {
                 // The file was replaced meanwhile: the turn there is void.
@@ -66,14 +66,16 @@ impl TurnHandle {
 
 impl UserData for TurnHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // "waiting" | "done" | "held" [, address, length to msync]
+        // waiting [, address, length to msync]: true while writers are
+        // ahead; else false, and the range its write left to msync, if any.
+        // No strings: from Rust, each costs a protected mlua call.
         methods.add_method("state", |_, this, ()| {
             let state = this.file.as_ref().map(|f| f.turn_state(this.id));
             Ok(match state {
-                None | Some(TurnState::Done) => ("done", None, None),
-                Some(TurnState::Waiting) => ("waiting", None, None),
+                None | Some(TurnState::Done) => (false, None, None),
+                Some(TurnState::Waiting) => (true, None, None),
                 Some(TurnState::Held { flush }) => (
-                    "held",
+                    false,
                     flush.map(|(at, _)| LightUserData(at as *mut c_void)),
                     flush.map(|(_, len)| len),
                 ),
@@ -142,24 +144,15 @@ pub(super) fn after_write(
     Some(outcome)
 }
 
-/// The response header that tells an HTTP client how the write-back of its
-/// change went: `ok`, or `failed: REASON`.
-const WRITE_BACK_HEADER: &str = "X-Dyups-Write-Back";
-
-pub(super) fn announce_write_back(
-    lua: &Lua,
-    outcome: Option<Result<u64, String>>,
-) -> LuaResult<()> {
-    let Some(outcome) = outcome else {
-        return Ok(());
-    };
-    let value = match outcome {
+/// The value of the header that tells an HTTP client how the write-back of
+/// its change went (`X-Dyups-Write-Back`, set by writes.lua): `ok`, or
+/// `failed: REASON`; none when there was no write-back.
+pub(super) fn write_back_header(outcome: Option<Result<u64, String>>) -> Option<String> {
+    Some(match outcome? {
         Ok(_) => "ok".to_owned(),
         // A header value is one line of visible characters.
         Err(e) => format!("failed: {e}").replace(|c: char| c.is_control(), " "),
-    };
-    let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
-    ngx.get::<Table>("header")?.set(WRITE_BACK_HEADER, value)
+    })
 }
 
 /// The state file of this process and how a write in `turn` on it waits

@@ -132,7 +132,253 @@ const MSEC_MAX: u32 = i32::MAX as u32;
 pub struct Payload {
     pub version: u64,
     pub table: Table,
-    pub changes: Vec<Change>,
+    pub changes: ChangeLog,
+}
+
+/// The change log as a slot holds it (`change*` above): checked entry by
+/// entry when read, as strictly as decoding it would, but decoded only when
+/// asked for. Workers route without it, and a writer appends to it as it
+/// is: decoding 512 changes on every read and encoding them again on every
+/// write was most of what a write to a small table cost (some 200,000
+/// instructions, in each worker).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ChangeLog {
+    /// Its entries, each checked when the log was read or made.
+    bytes: Arc<[u8]>,
+    count: usize,
+}
+
+impl ChangeLog {
+    /// The log holding `changes`, oldest first.
+    pub fn new(changes: &[Change]) -> ChangeLog {
+        let mut bytes = Vec::with_capacity(changes.len() * 24);
+        for c in changes {
+            put_change(&mut bytes, c);
+        }
+        ChangeLog {
+            bytes: bytes.into(),
+            count: changes.len(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Every change, oldest first.
+    pub fn to_vec(&self) -> Vec<Change> {
+        self.since(0)
+    }
+
+    /// The changes made after `version`, oldest first.
+    pub fn since(&self, version: u64) -> Vec<Change> {
+        let mut r = Reader {
+            b: &self.bytes,
+            at: 0,
+        };
+        let mut out = Vec::new();
+        // Checked when read or made: an entry that does not read is not
+        // there (it cannot happen), and ends the walk.
+        while let Ok(c) = read_change(&mut r) {
+            if c.version > version {
+                out.push(c.to_change());
+            }
+        }
+        out
+    }
+
+    /// This log with `new` after its entries, its oldest dropped to keep
+    /// at most `max`: what the old log and `new` decoded, joined and cut
+    /// would encode to, without decoding either.
+    pub fn appended(&self, new: &[Change], max: usize) -> ChangeLog {
+        let new = &new[new.len().saturating_sub(max)..];
+        let dropped = (self.count + new.len()).saturating_sub(max);
+        let mut r = Reader {
+            b: &self.bytes,
+            at: 0,
+        };
+        for _ in 0..dropped {
+            if read_change(&mut r).is_err() {
+                break;
+            }
+        }
+        let kept = &self.bytes[r.at..];
+        let mut bytes = Vec::with_capacity(kept.len() + new.len() * 24);
+        bytes.extend_from_slice(kept);
+        for c in new {
+            put_change(&mut bytes, c);
+        }
+        ChangeLog {
+            bytes: bytes.into(),
+            count: self.count.saturating_sub(dropped) + new.len(),
+        }
+    }
+
+    /// Reads `count` entries at `r`, checking each, except those that
+    /// `known` (a log checked before) holds byte for byte at its start: a
+    /// writer only drops a log's oldest changes and appends new ones, so
+    /// after a write a reader checks what the write added.
+    fn read(
+        r: &mut Reader<'_>,
+        count: usize,
+        known: Option<&ChangeLog>,
+    ) -> Result<ChangeLog, String> {
+        let start = r.at;
+        let (checked, entries) = known
+            .and_then(|k| k.continued_by(&r.b[start..], count))
+            .unwrap_or((0, 0));
+        match skim(&r.b[start + checked..], count - entries) {
+            Some(len) => r.at += checked + len,
+            // Refused: read entry by entry for the reason.
+            None => {
+                for _ in 0..count {
+                    read_change(r)?;
+                }
+            }
+        }
+        Ok(ChangeLog {
+            bytes: r.b[start..r.at].into(),
+            count,
+        })
+    }
+
+    /// When `bytes`, the start of a log of `count` changes, begins with the
+    /// newest of this log's changes (all but some oldest ones, at least
+    /// one): how many bytes and changes that is.
+    fn continued_by(&self, bytes: &[u8], count: usize) -> Option<(usize, usize)> {
+        // A log of `count` changes that continues this one dropped at least
+        // the changes it has fewer of.
+        let mut at = 0;
+        for dropped in 0..self.count {
+            let tail = &self.bytes[at..];
+            if dropped >= self.count.saturating_sub(count) && bytes.starts_with(tail) {
+                return Some((tail.len(), self.count - dropped));
+            }
+            at = skip_change(&self.bytes, at)?;
+        }
+        None
+    }
+}
+
+/// Where the change at `at` of a checked log ends.
+fn skip_change(b: &[u8], at: usize) -> Option<usize> {
+    let text =
+        |at: usize| Some(at + 2 + u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]) as usize);
+    let at = text(at + 8)?;
+    let at = match *b.get(at)? {
+        4 => at + 1 + 4 + 2,
+        6 => at + 1 + 16 + 2,
+        _ => text(at + 1)?,
+    };
+    Some(at + 1)
+}
+
+/// The bytes the first `count` changes of `b` take, each checked as
+/// [`read_change`] checks it; `None` where it would refuse one. The same
+/// checks without building a message for each step: every worker reads the
+/// whole log after every write (some 30 instructions a change, not 160).
+fn skim(b: &[u8], count: usize) -> Option<usize> {
+    // A name or path: its UTF-8 bytes, and where what follows starts.
+    let text = |at: usize| -> Option<(&[u8], usize)> {
+        let n = u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]) as usize;
+        let bytes = b.get(at + 2..at + 2 + n)?;
+        if !bytes.is_ascii() && std::str::from_utf8(bytes).is_err() {
+            return None;
+        }
+        Some((bytes, at + 2 + n))
+    };
+    let mut at = 0;
+    for _ in 0..count {
+        // The version: any.
+        at += 8;
+        (_, at) = text(at)?;
+        // The address (its bytes are there if the flag after them is).
+        at = match *b.get(at)? {
+            4 => at + 1 + 4 + 2,
+            6 => at + 1 + 16 + 2,
+            1 => {
+                let (path, after) = text(at + 1)?;
+                if path.first() != Some(&b'/') {
+                    return None;
+                }
+                after
+            }
+            _ => return None,
+        };
+        if *b.get(at)? > 1 {
+            return None;
+        }
+        at += 1;
+    }
+    Some(at)
+}
+
+impl std::fmt::Debug for ChangeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.to_vec()).finish()
+    }
+}
+
+/// One entry of the log as read, its text still in the log's bytes.
+struct ChangeRef<'a> {
+    version: u64,
+    upstream: &'a str,
+    server: AddressRef<'a>,
+    removed: bool,
+}
+
+impl ChangeRef<'_> {
+    fn to_change(&self) -> Change {
+        Change {
+            version: self.version,
+            upstream: self.upstream.to_owned(),
+            server: self.server.to_address(),
+            removed: self.removed,
+        }
+    }
+}
+
+/// An address as read, a unix socket's path still in the bytes read.
+enum AddressRef<'a> {
+    Inet(SocketAddr),
+    Unix(&'a str),
+}
+
+impl AddressRef<'_> {
+    fn to_address(&self) -> Address {
+        match self {
+            AddressRef::Inet(a) => Address::Inet(*a),
+            AddressRef::Unix(p) => Address::Unix((*p).to_owned()),
+        }
+    }
+}
+
+fn read_change<'a>(r: &mut Reader<'a>) -> Result<ChangeRef<'a>, String> {
+    let version = r.u64()?;
+    let upstream = r.str_ref()?;
+    let server = r.addr_ref()?;
+    let removed = match r.u8()? {
+        0 => false,
+        1 => true,
+        x => return Err(format!("change flag {x} is neither 0 nor 1")),
+    };
+    Ok(ChangeRef {
+        version,
+        upstream,
+        server,
+        removed,
+    })
+}
+
+fn put_change(out: &mut Vec<u8>, c: &Change) {
+    out.extend_from_slice(&c.version.to_le_bytes());
+    put_str(out, &c.upstream);
+    put_addr(out, &c.server);
+    out.push(c.removed as u8);
 }
 
 /// A payload as a slot holds it: the base, then the extension (see the
@@ -185,12 +431,7 @@ fn encode_base(p: &Payload) -> Vec<u8> {
         let length = (out.len() - length_at - 4) as u32;
         out[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
     }
-    for c in &p.changes {
-        out.extend_from_slice(&c.version.to_le_bytes());
-        put_str(&mut out, &c.upstream);
-        put_addr(&mut out, &c.server);
-        out.push(c.removed as u8);
-    }
+    out.extend_from_slice(&p.changes.bytes);
     out
 }
 
@@ -389,16 +630,19 @@ fn put_addr(out: &mut Vec<u8>, a: &Address) {
     }
 }
 
-/// Decodes a payload. Upstreams that `prev` (the table this process read
+/// Decodes a payload. Upstreams that `prev` (the payload this process read
 /// last) holds under the same name and rev are taken from it, shared, without
 /// decoding their servers again: a writer stamps a new rev on every upstream
 /// it changes, so a change to one upstream of a large table costs a reader
-/// that upstream, not the table.
+/// that upstream, not the table. Likewise the changes of its log that this
+/// one still holds are not checked again (see [`ChangeLog::read`]).
 ///
 /// `base` and `extension` are the two parts of the payload; an empty
 /// extension (a slot written by a build without it) gives every upstream
 /// the defaults of what it holds.
-pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Payload, String> {
+pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Payload>) -> Result<Payload, String> {
+    let prev_log = prev.map(|p| &p.changes);
+    let prev = prev.map(|p| &p.table);
     let mut r = Reader { b: base, at: 0 };
     let version = r.u64()?;
     let upstreams = r.u32()? as usize;
@@ -503,23 +747,7 @@ pub fn decode(base: &[u8], extension: &[u8], prev: Option<&Table>) -> Result<Pay
         u.peers = peers;
         table.upstreams.push(Arc::new(u));
     }
-    let mut log = Vec::with_capacity(changes.min(r.left() / 8));
-    for _ in 0..changes {
-        let version = r.u64()?;
-        let upstream = r.str()?;
-        let server = r.addr()?;
-        let removed = match r.u8()? {
-            0 => false,
-            1 => true,
-            x => return Err(format!("change flag {x} is neither 0 nor 1")),
-        };
-        log.push(Change {
-            version,
-            upstream,
-            server,
-            removed,
-        });
-    }
+    let log = ChangeLog::read(&mut r, changes, prev_log)?;
     if r.left() != 0 {
         return Err(format!("{} bytes after the end of the table", r.left()));
     }
@@ -864,28 +1092,36 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Result<String, String> {
+        self.str_ref().map(str::to_owned)
+    }
+
+    fn str_ref(&mut self) -> Result<&'a str, String> {
         let n = self.u16()? as usize;
         let at = self.at;
-        String::from_utf8(self.take(n)?.to_vec())
+        std::str::from_utf8(self.take(n)?)
             .map_err(|_| format!("invalid UTF-8 in a name at byte {at}"))
     }
 
     fn addr(&mut self) -> Result<Address, String> {
+        self.addr_ref().map(|a| a.to_address())
+    }
+
+    fn addr_ref(&mut self) -> Result<AddressRef<'a>, String> {
         match self.u8()? {
             4 => {
                 let ip = Ipv4Addr::from(self.array::<4>()?);
-                Ok(Address::Inet(SocketAddr::new(ip.into(), self.u16()?)))
+                Ok(AddressRef::Inet(SocketAddr::new(ip.into(), self.u16()?)))
             }
             6 => {
                 let ip = Ipv6Addr::from(self.array::<16>()?);
-                Ok(Address::Inet(SocketAddr::new(ip.into(), self.u16()?)))
+                Ok(AddressRef::Inet(SocketAddr::new(ip.into(), self.u16()?)))
             }
             1 => {
-                let path = self.str()?;
+                let path = self.str_ref()?;
                 if !path.starts_with('/') {
                     return Err(format!("unix socket path {path:?} is not absolute"));
                 }
-                Ok(Address::Unix(path))
+                Ok(AddressRef::Unix(path))
             }
             k => Err(format!("unknown address kind {k} at byte {}", self.at - 1)),
         }
@@ -955,12 +1191,12 @@ pub(crate) mod tests {
         table.upsert(hashed);
         Payload {
             version: 4,
-            changes: vec![Change {
+            changes: ChangeLog::new(&[Change {
                 version: 4,
                 upstream: "local".into(),
                 server: Address::Inet("[::1]:8089".parse().unwrap()),
                 removed: true,
-            }],
+            }]),
             table,
         }
     }
@@ -1040,7 +1276,7 @@ pub(crate) mod tests {
         let mut later = p.clone();
         later.table.sync.as_mut().unwrap().revision = 42;
         let e2 = encode(&later);
-        let again = decode(&e2.base, &e2.extension, Some(&back.table)).unwrap();
+        let again = decode(&e2.base, &e2.extension, Some(&back)).unwrap();
         assert_eq!(again.table.sync.unwrap().revision, 42);
         // A table without upstreams has nowhere to keep the mark.
         let empty = Payload {
@@ -1206,13 +1442,13 @@ pub(crate) mod tests {
         let p = sample();
         let e = encode(&p);
         let prev = decode(&e.base, &e.extension, None).unwrap();
-        let shared = decode(&e.base, &e.extension, Some(&prev.table)).unwrap();
+        let shared = decode(&e.base, &e.extension, Some(&prev)).unwrap();
         assert!(Arc::ptr_eq(
             &shared.table.upstreams[0],
             &prev.table.upstreams[0]
         ));
         // The same base, rewritten by a format-2 build: no extension.
-        let dropped = decode(&e.base, &[], Some(&prev.table)).unwrap();
+        let dropped = decode(&e.base, &[], Some(&prev)).unwrap();
         let local = &dropped.table.upstreams[0];
         assert!(!Arc::ptr_eq(local, &prev.table.upstreams[0]));
         assert_eq!(
@@ -1224,6 +1460,159 @@ pub(crate) mod tests {
             &dropped.table.upstreams[1],
             &prev.table.upstreams[1]
         ));
+    }
+
+    /// `n` changes from version `from` on, of every address kind.
+    fn changes(from: u64, n: usize) -> Vec<Change> {
+        (0..n)
+            .map(|i| Change {
+                version: from + i as u64 / 3,
+                upstream: format!("u{}", i % 7),
+                server: match i % 3 {
+                    0 => Address::Inet(([10, 0, 0, 1], i as u16).into()),
+                    1 => Address::Inet("[::1]:8089".parse().unwrap()),
+                    _ => Address::Unix(format!("/run/s{i}.sock")),
+                },
+                removed: i % 2 == 0,
+            })
+            .collect()
+    }
+
+    /// Appending to the encoded log, and reading part of it, answer what
+    /// the decoded log did: joined with the new changes and cut to the
+    /// last `max`, or filtered by version.
+    #[test]
+    fn the_log_appended_and_read_in_place_is_the_log_decoded() {
+        for (old, new) in [
+            (0, 0),
+            (0, 5),
+            (3, 2),
+            (510, 1),
+            (511, 3),
+            (512, 1),
+            (512, 600),
+        ] {
+            let before = changes(1, old);
+            let added = changes(1 + old as u64, new);
+            let mut joined: Vec<Change> = before.iter().chain(&added).cloned().collect();
+            joined.drain(..joined.len().saturating_sub(CHANGE_LOG_MAX));
+            let log = ChangeLog::new(&before).appended(&added, CHANGE_LOG_MAX);
+            assert_eq!(log.to_vec(), joined, "{old} + {new}");
+            assert_eq!(log.len(), joined.len());
+            assert_eq!(log, ChangeLog::new(&joined), "the same bytes");
+            for v in [0, 1, 50, 170, 400] {
+                let after: Vec<Change> = joined.iter().filter(|c| c.version > v).cloned().collect();
+                assert_eq!(log.since(v), after, "{old} + {new} since {v}");
+            }
+        }
+        // Through a slot: what a reader gets is what was encoded.
+        let mut p = sample();
+        p.changes = ChangeLog::new(&changes(4, 512));
+        assert_eq!(round_trip(&p).unwrap().changes.to_vec(), changes(4, 512));
+    }
+
+    /// The quick walk over the log refuses exactly what reading it change
+    /// by change refuses, whatever byte of it is wrong.
+    #[test]
+    fn the_log_is_skimmed_as_strictly_as_it_is_read() {
+        let log = ChangeLog::new(&changes(1, 9));
+        let bytes = log.bytes.to_vec();
+        let read = |b: &[u8], count: usize| {
+            let mut r = Reader { b, at: 0 };
+            (0..count)
+                .try_for_each(|_| read_change(&mut r).map(drop))
+                .map(|()| r.at)
+                .ok()
+        };
+        assert_eq!(skim(&bytes, 9), Some(bytes.len()));
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut m = bytes.clone();
+                m[i] ^= 1 << bit;
+                for count in [8, 9] {
+                    assert_eq!(skim(&m, count), read(&m, count), "byte {i} bit {bit}");
+                }
+            }
+            assert_eq!(skim(&bytes[..i], 9), None, "cut at {i}");
+        }
+    }
+
+    /// Read after the log it continues, a log reads as it does alone, and
+    /// a wrong byte is refused wherever it is: in the changes added, or in
+    /// those the known log held (then the bytes differ from it, and all
+    /// are checked).
+    #[test]
+    fn a_log_read_after_the_one_it_continues_reads_as_alone() {
+        for (old, new) in [
+            (0, 3),
+            (5, 0),
+            (5, 2),
+            (512, 1),
+            (512, 40),
+            (300, 300),
+            (512, 600),
+        ] {
+            let mut known = sample();
+            known.changes = ChangeLog::new(&changes(1, old));
+            let mut p = sample();
+            p.changes = known
+                .changes
+                .appended(&changes(1 + old as u64, new), CHANGE_LOG_MAX);
+            let e = encode(&p);
+            assert_eq!(
+                decode(&e.base, &e.extension, Some(&known)).unwrap(),
+                p,
+                "{old} + {new}"
+            );
+            let at = e.base.len() - p.changes.bytes.len();
+            // The first change's name (0xff: not UTF-8), the last one's flag.
+            for (i, spot, byte) in [(0, at + 10, 0xff), (1, e.base.len() - 1, 2)] {
+                if p.changes.is_empty() {
+                    continue;
+                }
+                let mut bad = e.base.clone();
+                bad[spot] = byte;
+                assert_eq!(
+                    decode(&bad, &e.extension, Some(&known)).is_err(),
+                    decode(&bad, &e.extension, None).is_err(),
+                    "{old} + {new}, flip {i}"
+                );
+                assert!(
+                    decode(&bad, &e.extension, Some(&known)).is_err(),
+                    "{old} + {new}, flip {i}"
+                );
+            }
+        }
+    }
+
+    /// A log that passed its checksum is still checked entry by entry when
+    /// read, though it is decoded only later.
+    #[test]
+    fn a_bad_change_is_refused_when_the_slot_is_read() {
+        let mut p = sample();
+        p.changes = ChangeLog::new(&changes(4, 4));
+        let e = encode(&p);
+        let at = e.base.len() - p.changes.bytes.len();
+        // The first change's flag, after its version, name and address.
+        let flag = at + 8 + 2 + 2 + 1 + 4 + 2;
+        let mut bad = e.base.clone();
+        bad[flag] = 2;
+        let err = decode(&bad, &e.extension, None).unwrap_err();
+        assert!(err.contains("change flag 2"), "{err}");
+        // A unix path that is not absolute, in the third change.
+        let path = at
+            + e.base[at..]
+                .windows(12)
+                .position(|w| w == b"/run/s2.sock")
+                .unwrap();
+        let mut bad = e.base.clone();
+        bad[path] = b'x';
+        let err = decode(&bad, &e.extension, None).unwrap_err();
+        assert!(err.contains("not absolute"), "{err}");
+        let mut bad = e.base.clone();
+        bad[at + 10] = 0xff;
+        let err = decode(&bad, &e.extension, None).unwrap_err();
+        assert!(err.contains("invalid UTF-8"), "{err}");
     }
 
     #[test]

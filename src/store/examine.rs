@@ -212,6 +212,9 @@ pub(super) fn lock_path(path: &Path, wait: Wait) -> Result<Option<LockedFile>> {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("open", path, e)),
         };
+        // Read whole, it would be cached in large folios, which make the
+        // workers' durable writes write 2 MiB a folio (os::drop_cached).
+        super::os::read_at_random(&file);
         let mut pause = Duration::from_micros(200);
         loop {
             match file.try_lock() {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use super::guard::Guard;
 use crate::store::zone::{PeerCell, CELL_LEN};
@@ -37,6 +37,12 @@ impl SharedMap {
     }
 
     fn guarded(raw: MmapRaw) -> SharedMap {
+        // Pages faulted in one by one, never as a huge page: a durable
+        // write then dirties and writes back the pages it changed, not a
+        // large folio around them (os::drop_cached says why). Advice: a
+        // kernel without it only loses speed.
+        let _ = raw.advise(Advice::Random);
+        let _ = raw.advise(Advice::NoHugePage);
         let guard = Guard::new(raw.as_ptr() as usize, raw.len());
         SharedMap { guard, raw }
     }
@@ -105,6 +111,25 @@ impl SharedMap {
         // invalid value; the seqlock check and the checksum discard those.
         unsafe {
             std::ptr::copy_nonoverlapping(self.raw.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
+    }
+
+    /// Copies `len` bytes at `off` out of the mapping into `dst`, in place of
+    /// what it held, without zeroing them first (a slot is some 10 KiB,
+    /// copied by every worker after every write). Untrusted, as with
+    /// [`copy_out`](Self::copy_out).
+    pub fn copy_out_into(&self, off: usize, len: usize, dst: &mut Vec<u8>) {
+        self.check(off, len, 1);
+        dst.clear();
+        dst.reserve(len);
+        // SAFETY: the range is inside the mapping (`check`); `dst` has room
+        // for `len` bytes after `reserve`, a distinct private buffer. The
+        // copy writes all `len` of them before `set_len` makes them part of
+        // the vector, and `u8` has no invalid bit patterns, so bytes a
+        // racing writer mixed are only stale (see `copy_out`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.raw.as_ptr().add(off), dst.as_mut_ptr(), len);
+            dst.set_len(len);
         }
     }
 

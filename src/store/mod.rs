@@ -10,7 +10,13 @@
 //! table active and intact; one killed after it has published a complete
 //! table. A durable writer then msyncs the slot and the commit word, and the
 //! next writer overwrites the other slot only once that is done (`FLUSHED`).
-//! See `layout.rs` for the bytes and `codec.rs` for the payload.
+//! The writing process routes by the table it published without reading
+//! its slot back ([`read_if_changed`](StateFile::read_if_changed)), and
+//! every reader decodes only the upstreams that changed and checks only the
+//! changes a write added to the log (`codec.rs`). The file is cached page
+//! by page, so an msync writes back what the write changed (`os.rs`,
+//! `drop_cached`). See `layout.rs` for the bytes and `codec.rs` for the
+//! payload.
 //!
 //! Damage to the file while processes run it (deleted, cut short, overwritten
 //! in place, its header or a slot wrecked) is noticed by the workers and
@@ -47,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-pub use self::codec::{Payload, CHANGE_LOG_MAX};
+pub use self::codec::{ChangeLog, Payload, CHANGE_LOG_MAX};
 pub use self::copy_file::path_for as copy_path_for;
 use self::copy_file::{CopyFile, FileId};
 pub use self::examine::{
@@ -178,7 +184,7 @@ pub struct Snapshot {
     pub version: u64,
     pub table: Table,
     /// The most recent changes, oldest first (at most `CHANGE_LOG_MAX`).
-    pub changes: Vec<Change>,
+    pub changes: ChangeLog,
     /// Why the active slot could not be used, when it could not.
     pub fallback: Option<String>,
     slot: u64,
@@ -203,9 +209,13 @@ pub struct StateFile {
     id: FileId,
     /// The last tables written, kept beside the file.
     copy: CopyFile,
-    /// The table this process read last, whose unchanged upstreams the next
-    /// read shares instead of decoding them again.
-    last: Mutex<Option<Table>>,
+    /// The payload this process read or wrote last, whose unchanged
+    /// upstreams (and changes) the next read shares instead of decoding
+    /// (and checking) them again.
+    last: Mutex<Option<Payload>>,
+    /// The table this process published last, until
+    /// [`read_if_changed`](Self::read_if_changed) hands it over (see there).
+    published: Mutex<Option<Snapshot>>,
     /// `flock` excludes other processes only: threads of this process share
     /// the one open file description, so they also take this.
     writers: Mutex<()>,
@@ -313,7 +323,7 @@ impl StateFile {
         let payload = Payload {
             version: 1,
             table: seed()?,
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         };
         let bytes = image(geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
@@ -389,7 +399,7 @@ impl StateFile {
         let payload = Payload {
             version,
             table: best.1,
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         };
         let bytes = image(self.geometry, payload).map_err(|needs| {
             Error::NoSpace(format!(
@@ -499,6 +509,12 @@ impl StateFile {
             .map_err(|e| io_error("stat", path, e))?
             .len();
         let shown = path.display().to_string();
+        // Cached page by page (os::drop_cached says why): what is cached
+        // clean and unmapped is dropped, and read again one page at a time.
+        os::read_at_random(&file);
+        if writable {
+            os::drop_cached(&file);
+        }
         let mut head = vec![0u8; len.min(FIXED_LEN as u64) as usize];
         {
             use std::os::unix::fs::FileExt;
@@ -526,6 +542,7 @@ impl StateFile {
             id,
             copy: CopyFile::new(path, geometry),
             last: Mutex::new(None),
+            published: Mutex::new(None),
             writers: Mutex::new(()),
             turns: Mutex::new(Vec::new()),
         })
@@ -590,8 +607,22 @@ impl StateFile {
     }
 
     /// A consistent copy of the current table, or `None` when the commit word
-    /// still says `seen` (one atomic load, nothing copied).
+    /// still says `seen` (one atomic load, nothing copied). When the table
+    /// published is the one this process just wrote, that table, as it was
+    /// encoded into the slot, rather than the slot decoded again: the
+    /// generation names one table of this file only (a writer publishes
+    /// the one after the generation it read, under the lock), and the write
+    /// checked that the slot decodes to it. Damage to the slot since is
+    /// found as before, by [`examine`](Self::examine), which reads it.
     pub fn read_if_changed(&self, seen: u64) -> Result<Option<Snapshot>> {
+        let generation = self.generation();
+        if generation != seen {
+            // Taken whatever it holds: an older table is of no use again.
+            let mine = self.published.lock().take();
+            if let Some(s) = mine.filter(|s| s.seen == generation) {
+                return Ok(Some(s));
+            }
+        }
         self.read_unless(Some(seen))
     }
 
@@ -613,7 +644,7 @@ impl StateFile {
             let why = match first.and_then(|h| check_slot(h, &buf, Some(generation), last.as_ref()))
             {
                 Ok(p) => {
-                    *last = Some(p.table.clone());
+                    *last = Some(p.clone());
                     return Ok(Some(snapshot(generation, p, None, active)));
                 }
                 Err(why) => why,
@@ -661,8 +692,8 @@ impl StateFile {
                 header.total_len()
             ));
         }
-        buf.resize(header.total_len() as usize, 0);
-        self.map.copy_out(off + SLOT_HEADER as usize, buf);
+        self.map
+            .copy_out_into(off + SLOT_HEADER as usize, header.total_len() as usize, buf);
         Ok(header)
     }
 
@@ -758,16 +789,17 @@ impl StateFile {
         );
         let checking = zone::starts_checking(&table, &given);
         let back = zone::coming_back(&table, &current.table, &changed);
-        let mut changes = current.changes;
-        changes.extend(Change::between(&current.table, &table, next));
-        if changes.len() > CHANGE_LOG_MAX {
-            changes.drain(..changes.len() - CHANGE_LOG_MAX);
-        }
-        let payload = codec::encode(&Payload {
+        normalize(&mut table, &changed);
+        let changes = current.changes.appended(
+            &Change::between(&current.table, &table, next),
+            CHANGE_LOG_MAX,
+        );
+        let written = Payload {
             version: next,
             table,
             changes,
-        });
+        };
+        let payload = codec::encode(&written);
         if payload.slot_bytes() as u64 > self.geometry.payload_capacity() {
             return Err(Error::NoSpace(format!(
                 "the new table needs {} bytes, a slot of state file {} holds {}: raise `size` (nothing was changed)",
@@ -801,9 +833,13 @@ impl StateFile {
             .copy_in(start + payload.base.len(), &payload.extension);
         let header = SlotHeader::for_payload(next, &payload.base, &payload.extension);
         self.map.copy_in(off, &header.to_bytes());
+        #[cfg(debug_assertions)]
+        same_as_decoded(&written, &payload);
         before_publish();
         self.commit()
             .store(layout::commit_word(next, target), Ordering::Release);
+        *self.last.lock() = Some(written.clone());
+        *self.published.lock() = Some(snapshot(next, written, None, target));
         self.copy
             .save(self.id, next, &payload.base, &payload.extension);
         if opts.durable {
@@ -1134,11 +1170,7 @@ impl StateFile {
         let Some(oldest) = self.workers().iter().map(|w| w.applied).min() else {
             return Vec::new();
         };
-        snap.changes
-            .iter()
-            .filter(|c| c.version > oldest)
-            .cloned()
-            .collect()
+        snap.changes.since(oldest)
     }
 }
 
@@ -1301,6 +1333,9 @@ fn place(path: &Path, bytes: &[u8], how: Place) -> Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        // Written in one piece, it is cached in large folios: dropped, so
+        // its mappings fault it in page by page (os::drop_cached says why).
+        os::drop_cached(&f);
         match how {
             Place::Create => {
                 // Its writer lock, so no writer of the new file runs before
@@ -1346,7 +1381,7 @@ fn check_slot(
     h: SlotHeader,
     payload: &[u8],
     generation: Option<u64>,
-    prev: Option<&Table>,
+    prev: Option<&Payload>,
 ) -> Result<Payload, String> {
     if !h.matches(payload) {
         return Err("checksum mismatch".into());
@@ -1456,6 +1491,36 @@ fn same_content(a: &Table, b: &Table) -> bool {
             .iter()
             .zip(&b.upstreams)
             .all(|(x, y)| x.same_content(y))
+}
+
+/// Makes the table a write built say what reading it back from its slot
+/// gives (`changed`: its upstreams the write made or changed), so that this
+/// process can route by it without that read: a server list whose servers
+/// all lack a cell (the zone was full) reads as no list, and a table without
+/// upstreams has nowhere to keep its sync mark (codec.rs). The bytes
+/// encoded are the same either way.
+fn normalize(table: &mut Table, changed: &[bool]) {
+    for (u, &changed) in table.upstreams.iter_mut().zip(changed) {
+        if changed && !u.peers.is_empty() && u.peers.iter().all(|p| p.is_none()) {
+            Arc::make_mut(u).peers.clear();
+        }
+    }
+    if table.upstreams.is_empty() {
+        table.sync = None;
+    }
+}
+
+/// Checks, in debug builds (every test), that the payload a write encoded
+/// decodes to the table it keeps: what `read_if_changed` hands over instead
+/// of reading the slot.
+#[cfg(debug_assertions)]
+fn same_as_decoded(written: &Payload, encoded: &codec::Encoded) {
+    let back = codec::decode(&encoded.base, &encoded.extension, None)
+        .expect("a payload just encoded decodes");
+    assert_eq!(&back, written, "a written table reads back as it was");
+    for (b, w) in back.table.upstreams.iter().zip(&written.table.upstreams) {
+        assert_eq!(b.peers, w.peers, "the cells of {} read back", w.name);
+    }
 }
 
 /// The tag of the cells a write at `generation` gives out: never 0, which

@@ -1,5 +1,6 @@
 //! What the store asks of the operating system beyond files: whether a
-//! process lives, who we are, who a user is, and a file's blocks.
+//! process lives, who we are, who a user is, a file's blocks, and how the
+//! page cache holds it.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -73,6 +74,29 @@ pub fn allocate(file: &File, len: u64) -> io::Result<()> {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(e)),
     }
+}
+
+/// Tells the kernel that `file` is read at random: no readahead, so the
+/// pages a read brings into the page cache come one page (one folio) each.
+/// See [`drop_cached`] for why the state file wants that.
+pub fn read_at_random(file: &File) {
+    // SAFETY: posix_fadvise takes a descriptor `file` keeps open for the
+    // whole call and three integers; it only sets how the kernel reads ahead.
+    // Advice: a failure changes nothing but speed, and is ignored.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+}
+
+/// Drops the pages of `file` the page cache holds clean and no process
+/// maps. Why: a file written or read in large pieces is cached in large
+/// folios (2 MiB on ext4 since Linux 6.x), and a store through a mapping
+/// into a folio that an msync cleaned dirties all of it again (ext4's
+/// page_mkwrite marks every block of the folio), so each durable write
+/// wrote 2 MiB per folio it touched: the header's and the slot's, 4 MiB
+/// where 16 KiB changed. Pages read again after this come one page each
+/// ([`read_at_random`], and the mappings' random-access advice).
+pub fn drop_cached(file: &File) {
+    // SAFETY: as in `read_at_random`: a descriptor and integers, no memory.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
 /// Milliseconds on the system's monotonic clock: the same clock in every

@@ -20,7 +20,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::codec::Payload;
+use super::codec::{ChangeLog, Payload};
 use super::copy_file::CopyFile;
 use super::examine::{self, examine_bytes, published_slots};
 use super::layout::{Geometry, MIN_FILE_LEN};
@@ -135,7 +135,7 @@ pub fn repair(path: &Path, opts: &RepairOptions) -> Result<Repair> {
         Payload {
             version,
             table,
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         },
     )
     .map_err(|needs| {

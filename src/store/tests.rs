@@ -610,7 +610,86 @@ fn the_change_log_is_bounded() {
     }
     let s = f.read().unwrap();
     assert_eq!(s.changes.len(), CHANGE_LOG_MAX);
-    assert_eq!(s.changes.last().unwrap().version, s.version);
+    assert_eq!(s.changes.to_vec().last().unwrap().version, s.version);
+}
+
+/// What a process wrote, it routes by without reading the slot back
+/// (`read_if_changed`): the table as reading the slot gives it, also where
+/// the two differ in form (a zone too full to give a server a cell; a sync
+/// mark on a table without upstreams, which has nowhere to keep it).
+/// Damage to the slot after the write is still found by `examine`.
+#[test]
+fn a_table_written_is_handed_over_as_its_slot_reads() {
+    let dir = TempDir::new();
+    let f = StateFile::open_uncached(&dir.file(), 64 << 10, || Ok(Table::default())).unwrap();
+    let opts = WriteOptions {
+        durable: false,
+        ..WriteOptions::default()
+    };
+    let handed_as_read = |seen: u64| {
+        let handed = f.read_if_changed(seen).unwrap().expect("a new table");
+        let read = StateFile::inspect(&dir.file()).unwrap().unwrap();
+        assert_eq!(handed, read);
+        for (h, r) in handed.table.upstreams.iter().zip(&read.table.upstreams) {
+            assert_eq!(h.peers, r.peers, "the cells of {}", h.name);
+        }
+        handed
+    };
+    // Every cell given out, to servers that are down (so the log stays
+    // empty and the slot holds them).
+    let cells = f.geometry().cells as u16;
+    let full: Vec<ServerSpec> = (0..cells)
+        .map(|i| ServerSpec {
+            down: true,
+            ..server(1000 + i)
+        })
+        .collect();
+    f.write(&opts, |t| {
+        t.upsert(Upstream::new("full", full));
+        Ok(())
+    })
+    .unwrap();
+    let s = handed_as_read(1);
+    f.write(&opts, |t| {
+        t.upsert(Upstream::new("late", vec![server(9000)]));
+        Ok(())
+    })
+    .unwrap();
+    let s = handed_as_read(s.seen);
+    assert!(
+        s.table.get("late").unwrap().peer(0).is_none(),
+        "no cell left"
+    );
+    f.write(&opts, |t| {
+        t.upstreams.clear();
+        t.sync = Some(crate::table::model::SyncMark {
+            revision: 7,
+            cluster_id: 1,
+            prefix: "/dyups/".into(),
+        });
+        Ok(())
+    })
+    .unwrap();
+    let s = handed_as_read(s.seen);
+    assert!(s.table.sync.is_none());
+
+    f.write(&opts, |t| {
+        t.upsert(Upstream::new("again", vec![server(9001)]));
+        Ok(())
+    })
+    .unwrap();
+    let active = layout::slot_of(f.commit().load(Ordering::Acquire));
+    flip_byte(
+        &dir.file(),
+        f.geometry().slot_offset(active) + SLOT_HEADER + 10,
+    );
+    let handed = f.read_if_changed(s.seen).unwrap().unwrap();
+    assert!(handed.fallback.is_none() && handed.table.get("again").is_some());
+    assert!(
+        matches!(f.examine(), Health::Damaged(_)),
+        "{:?}",
+        f.examine()
+    );
 }
 
 // ---- damage under running processes -----------------------------------------

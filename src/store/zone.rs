@@ -424,15 +424,12 @@ pub fn assign(
     capacity: u32,
     tag: u32,
 ) -> Vec<PeerRef> {
-    let mut used = vec![false; capacity as usize];
-    for u in current.upstreams.iter().chain(&next.upstreams) {
-        for p in &u.peers {
-            if let Some(slot) = used.get_mut(p.index as usize) {
-                *slot = true;
-            }
-        }
-    }
-    let mut free = (0..capacity).filter(|&i| !used[i as usize]);
+    let mut free = FreeCells {
+        tables: [current, next],
+        capacity,
+        used: None,
+        at: 0,
+    };
     let mut given = Vec::new();
     let assigned: Vec<Option<Vec<PeerRef>>> = next
         .paired(current)
@@ -472,6 +469,59 @@ pub fn assign(
         }
     }
     given
+}
+
+/// The cells neither of two tables names, in ascending order. Which cells
+/// are named is found only when a server first needs a fresh one (most
+/// writes keep every server's cell), and only up to the highest named: a
+/// 16 MiB file has 175,000 cells, and the store gives out the lowest free
+/// ones first.
+struct FreeCells<'a> {
+    tables: [&'a Table; 2],
+    capacity: u32,
+    /// One bit per cell up to the highest a table names, set when one does.
+    used: Option<Vec<u64>>,
+    /// The next cell to look at.
+    at: u32,
+}
+
+impl FreeCells<'_> {
+    fn next(&mut self) -> Option<u32> {
+        let (tables, capacity) = (self.tables, self.capacity);
+        let used = self.used.get_or_insert_with(|| {
+            let named = || {
+                tables
+                    .iter()
+                    .flat_map(|t| &t.upstreams)
+                    .flat_map(|u| &u.peers)
+                    .map(|p| p.index)
+                    .filter(|&i| i < capacity)
+            };
+            let words = named().max().map_or(0, |i| i / 64 + 1);
+            let mut bits = vec![0u64; words as usize];
+            for i in named() {
+                bits[(i / 64) as usize] |= 1 << (i % 64);
+            }
+            bits
+        });
+        while self.at < capacity {
+            let Some(&bits) = used.get((self.at / 64) as usize) else {
+                // Past the highest cell named: all free.
+                self.at += 1;
+                return Some(self.at - 1);
+            };
+            // The cells below `at` in its word were looked at already.
+            let word = bits | ((1u64 << (self.at % 64)) - 1);
+            if word == u64::MAX {
+                self.at = (self.at / 64 + 1) * 64;
+                continue;
+            }
+            let i = (self.at / 64) * 64 + (!word).trailing_zeros();
+            self.at = i + 1;
+            return (i < capacity).then_some(i);
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -638,5 +688,33 @@ mod tests {
         assert_eq!(given.len(), 2);
         assert!(t.upstreams[0].peer(2).is_none());
         assert!(t.upstreams[0].peer(5).is_none(), "past the end");
+    }
+
+    /// Free cells are found in the words of the bit set past used ones,
+    /// with the holes between them, and none past the zone's last cell.
+    #[test]
+    fn free_cells_are_found_across_words_up_to_the_last() {
+        let ports: Vec<u16> = (1..=70).collect();
+        let mut t1 = Table::default();
+        t1.upsert(upstream("a", &ports));
+        assign(&mut t1, &Table::default(), &[true], 130, 1);
+        // Servers 2 and 66 leave a (cells 1 and 65), once t2 is current.
+        let mut t2 = t1.clone();
+        let kept: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| ![2, 66].contains(p))
+            .collect();
+        t2.upsert(upstream("a", &kept));
+        assign(&mut t2, &t1, &[true], 130, 2);
+        let mut t3 = t2.clone();
+        t3.upsert(upstream("b", &(100..165).collect::<Vec<u16>>()));
+        let given = assign(&mut t3, &t2, &[false, true], 130, 3);
+        let cells: Vec<u32> = given.iter().map(|r| r.index).collect();
+        let expected: Vec<u32> = [1, 65].into_iter().chain(70..130).collect();
+        assert_eq!(cells, expected);
+        let b = &t3.upstreams[1];
+        assert!((0..62).all(|i| !b.peer(i).is_none()));
+        assert!((62..65).all(|i| b.peer(i).is_none()), "the zone is full");
     }
 }
