@@ -31,6 +31,12 @@ reqs=(
   "pkg-config:pkg-config"
   "/usr/bin/etcd:etcd-server"
   "/usr/bin/etcdctl:etcd-client"
+  # The DNS server spec/dns_spec.lua starts on loopback. dnsmasq-base is the
+  # binary alone: Debian's `dnsmasq` package adds a system service that its
+  # postinst starts on port 53 (and would take the host's resolver over);
+  # this one has no service to start, so a dnsmasq the host runs, or not,
+  # is left exactly as it was.
+  "/usr/sbin/dnsmasq:dnsmasq-base"
 )
 
 have() {

@@ -25,6 +25,7 @@
 local nginx = require "spec.helpers.nginx"
 local dy = require "spec.helpers.dyups"
 local T = require "spec.helpers.traffic"
+local dnsmasq = require "spec.helpers.dnsmasq"
 
 -- bytes [72, 4096) of the state file: the writers' queue, the generation on
 -- disk, the worker table
@@ -179,7 +180,10 @@ local function setup(ctx)
     .. "upstream host1 {\n  server 127.0.0.1:%d weight=3 max_fails=2 fail_timeout=5s;\n"
     .. "  server 127.0.0.1:%d backup;\n}\n"
     .. "upstream host2 {\n  server 127.0.0.1:%d;\n}\n"):format(B[1], B[2], B[1], B[2], B[2])
-  ctx.inst = dy.proxy { upstreams = ctx.seed }
+  -- Host names are asked of a DNS server of the spec's own, on loopback:
+  -- it knows no names, so every one is NXDOMAIN.
+  ctx.dns = dnsmasq.start { hosts = {} }
+  ctx.inst = dy.proxy { upstreams = ctx.seed, init = ('resolver = "127.0.0.1:%d",'):format(ctx.dns.port) }
   ctx.inst:start()
   ctx.pids = ctx.inst:worker_pids()
   -- both workers have applied the seed table (and registered) before the
@@ -407,7 +411,7 @@ local function refused_cases(B)
   body("fresh", "server 10.0.0.1;\nserver 10.0.0.1:80 backup;", 400, "given twice")
   body("fresh", "server 127.0.0.1:99999;", 400, "port must be 1..65535")
   body("fresh", "server 127.0.0.1:0;", 400, "port must be 1..65535")
-  body("fresh", "server example.com:80;", 400)
+  body("fresh", "server nowhere.dyups.test:80;", 400, "NXDOMAIN")
   body("fresh", "server unix:" .. ("/x"):rep(100) .. ";", 400, "at most 107")
   body("fresh", "server [::1;", 400)
   body("fresh", "server '127.0.0.1:1;", 400)
@@ -548,6 +552,7 @@ describe("hostile input is refused and changes nothing", function()
 
   lazy_teardown(function()
     nginx.stop_all()
+    dnsmasq.stop_all()
   end)
 
   -- the cases need the backend ports: build them with placeholder ports for
@@ -602,6 +607,7 @@ describe("requests at the bounds are accepted and change only the named upstream
 
   lazy_teardown(function()
     nginx.stop_all()
+    dnsmasq.stop_all()
   end)
 
   -- without `name`: everything but upstream `name` and the version equal

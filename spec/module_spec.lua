@@ -5,6 +5,7 @@
 --   busted --lua=luajit spec/module_spec.lua
 local nginx = require "spec.helpers.nginx" -- utilities only; no nginx is started
 local child = require "spec.helpers.luajit_child"
+local dnsmasq = require "spec.helpers.dnsmasq"
 local dyups = require "ngx.dyups"
 
 local execute, shell_quote = nginx.execute, nginx.shell_quote
@@ -104,11 +105,27 @@ local function fresh(opts)
   return dir, o.path, conf
 end
 
+-- A DNS server on loopback for the host names (host names are asked of
+-- DNS only, and the specs send nothing off the host): started on first use,
+-- it knows ok.dyups.test, and any other name under dyups.test is NXDOMAIN.
+local dns_server
+local function dns()
+  dns_server = dns_server or dnsmasq.start { hosts = { ["ok.dyups.test"] = { "127.0.0.7", "127.0.0.8" } } }
+  return dns_server
+end
+
+local function loopback_resolver()
+  return "127.0.0.1:" .. dns().port .. " ipv6=off"
+end
+
 ----------------------------------------------------------------------------
 
 describe("ngx.dyups module", function()
   after_each(cleanup_dirs)
-  teardown(cleanup_dirs)
+  teardown(function()
+    cleanup_dirs()
+    dnsmasq.stop_all()
+  end)
 
   describe("loading", function()
     it("loads in plain luajit from lib/?.so", function()
@@ -368,13 +385,33 @@ describe("ngx.dyups module", function()
       assert.same(before.upstreams, after.upstreams)
     end)
 
-    it("refuses an upstream file with a host name and creates no state file", function()
+    it("resolves the host names of an upstream file for a new state file", function()
       local dir = mkdtemp()
       local conf = dir .. "/upstream.conf"
-      write_file(conf, "upstream a {\n    server 1.2.3.4:80;\n}\nupstream b {\n    server example.com:80;\n}\n")
-      local ok, err = dyups.init { path = dir .. "/state", upstreams = conf }
+      write_file(conf, "upstream a {\n    server 1.2.3.4:80;\n}\nupstream b {\n    server ok.dyups.test:8080 weight=3;\n}\n")
+      local ok, err = dyups.init { path = dir .. "/state", upstreams = conf, resolver = loopback_resolver() }
+      assert.is_nil(err)
+      assert.is_true(ok)
+      local b = dyups.get("b")
+      local got = {}
+      for _, s in ipairs(b.servers) do
+        got[#got + 1] = s.addr
+        assert.equal(3, s.weight)
+      end
+      table.sort(got)
+      assert.same({ "127.0.0.7:8080", "127.0.0.8:8080" }, got)
+      assert.equal("server ok.dyups.test:8080 weight=3;", b.names[1].line)
+    end)
+
+    it("refuses an upstream file with a host name that does not resolve and creates no state file", function()
+      local dir = mkdtemp()
+      local conf = dir .. "/upstream.conf"
+      write_file(conf, "upstream a {\n    server 1.2.3.4:80;\n}\nupstream b {\n    server nowhere.dyups.test:80;\n}\n")
+      local ok, err = dyups.init { path = dir .. "/state", upstreams = conf, resolver = loopback_resolver() }
       assert.is_nil(ok)
-      assert.truthy(err:find("line 5", 1, true), err)
+      assert.truthy(err:find("upstream file " .. conf, 1, true), err)
+      assert.truthy(err:find("upstream b: server nowhere.dyups.test:80", 1, true), err)
+      assert.truthy(err:find("NXDOMAIN", 1, true), err)
       assert.is_false(exists(dir .. "/state"))
     end)
 
@@ -505,7 +542,7 @@ describe("ngx.dyups module", function()
 
   ----------------------------------------------------------------------------
   describe("bad input changes nothing", function()
-    before_each(function() fresh() end)
+    before_each(function() fresh { resolver = loopback_resolver() } end)
 
     local raising = {
       { "update(nil, body)", function() return dyups.update(nil, "server 127.0.0.1:1;") end,
@@ -549,7 +586,8 @@ describe("ngx.dyups module", function()
       { "a non-numeric weight", "alpha", "server 127.0.0.1:1 weight=abc;", "weight" },
       { "a duplicate server", "alpha", "server 127.0.0.1:1;\nserver 127.0.0.1:1;", "line 2" },
       { "an unknown parameter", "alpha", "server 127.0.0.1:1 drain;", "drain" },
-      { "a host name", "alpha", "server localhost:80;", "localhost" },
+      { "a host name that does not resolve", "alpha", "server nowhere.dyups.test:80;",
+        "upstream alpha: server nowhere.dyups.test:80: host name \"nowhere.dyups.test\" does not resolve" },
       { "a missing ';'", "alpha", "server 127.0.0.1:1", "line 1" },
       { "an unknown directive", "alpha", "server 127.0.0.1:1;\n  bogus;", "line 2" },
       { "a good line then a bad one", "alpha", "server 127.0.0.1:1;\nserver 127.0.0.1:2 weight=abc;", "line 2" },
@@ -574,9 +612,9 @@ describe("ngx.dyups module", function()
       end)
     end
 
-    it("refuses add_server with a host name or junk", function()
+    it("refuses add_server with a host name that does not resolve, or junk", function()
       local before = snapshot()
-      for _, bad in ipairs { "localhost:80", "127.0.0.1:80;;", "127.0.0.1:0", "", "127.0.0.1:80 weight=0",
+      for _, bad in ipairs { "nowhere.dyups.test:80", "127.0.0.1:80;;", "127.0.0.1:0", "", "127.0.0.1:80 weight=0",
                              "127.0.0.1:80 drain" } do
         local v, err, status = dyups.add_server("alpha", bad)
         assert.is_nil(v, bad)

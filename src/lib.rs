@@ -4,6 +4,8 @@
 //! down (`tests/layering.rs` checks it):
 //!
 //! - `binding`: the Lua module, behind the `lua` feature; uses everything.
+//! - [`dns`]: servers by host name: the DNS client, and the re-resolution
+//!   of `resolve` lines by one worker for the whole nginx.
 //! - [`admin`]: the operations, REST, `/ups`, authorization, write-back.
 //! - [`balance`]: round robin, the other methods, per-request attempts, a
 //!   worker's balancers.
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod dns;
 pub mod error;
 pub mod health;
 pub mod store;

@@ -10,7 +10,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// From the bottom up; a folder may use the ones before it.
-const LAYERS: [&str; 6] = ["table", "store", "health", "balance", "admin", "binding"];
+const LAYERS: [&str; 7] = [
+    "table", "store", "health", "balance", "admin", "dns", "binding",
+];
 /// Crate-root modules every folder may use.
 const SHARED: [&str; 3] = ["error", "Error", "Result"];
 /// Longest file that need not say why it is one file.

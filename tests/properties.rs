@@ -92,6 +92,7 @@ fn server() -> impl Strategy<Value = ServerSpec> {
                     slow_start,
                     backup,
                     down,
+                    from: None,
                 }
             },
         )

@@ -16,8 +16,8 @@ use ngx_dyups::table::model::{
     MAX_CONNS_MAX, MAX_FAILS_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use ngx_dyups::table::syntax::{
-    parse_address, parse_server_args, parse_server_patch, parse_servers, parse_upstream_file,
-    render_server, render_upstream_file,
+    parse_address, parse_body, parse_server_args, parse_server_patch, parse_servers,
+    parse_upstream_file, render_server, render_upstream_file, server_lines, setting_lines,
 };
 use ngx_dyups::Error;
 
@@ -37,7 +37,7 @@ pub const TARGETS: [(&str, Check); 3] = [
 // ---------------------------------------------------------------------------
 
 /// `parse_server_args`, `parse_address`, `parse_server_patch` and
-/// `parse_servers` on the input (lossy UTF-8): no panic; what they accept is
+/// `parse_body` on the input (lossy UTF-8): no panic; what they accept is
 /// in range and reads back the same after `render_server`; what
 /// `parse_servers` refuses it says where (`line N: ...`).
 pub fn server_line(data: &[u8]) {
@@ -67,27 +67,35 @@ pub fn server_line(data: &[u8]) {
         }
     }
 
-    match parse_servers(&text) {
-        Ok(servers) => {
-            assert!(!servers.is_empty(), "{text:?}: Ok with no server");
-            for s in &servers {
+    // A body is read as an upstream: its servers at addresses and its
+    // `server NAME` lines (a body of names only is a body with servers).
+    match parse_body("body", &text) {
+        Ok(u) => {
+            assert!(
+                !(u.servers.is_empty() && u.names.is_empty()),
+                "{text:?}: Ok with no server and no name"
+            );
+            for s in &u.servers {
                 check_server(s, &text);
             }
             assert!(
-                servers.iter().any(|s| !s.backup),
+                u.has_primary(),
                 "{text:?}: a body of backups only was accepted"
             );
-            let body: String = servers.iter().map(render_server).collect();
-            let back = parse_servers(&body).unwrap_or_else(|e| {
+            let body: String = setting_lines(&u)
+                .into_iter()
+                .chain(server_lines(&u))
+                .collect();
+            let back = parse_body("body", &body).unwrap_or_else(|e| {
                 panic!("{text:?} parsed, its rendering {body:?} does not: {e}")
             });
-            assert_eq!(back, servers, "{text:?} -> {body:?} reads back differently");
+            assert_eq!(back, u, "{text:?} -> {body:?} reads back differently");
         }
         Err(e) => check_body_error(&e, &text),
     }
 }
 
-/// `parse_servers` refuses a body naming the line, except for a body with no
+/// `parse_body` refuses a body naming the line, except for a body with no
 /// statement at all, which has no line to name.
 pub fn check_body_error(e: &Error, text: &str) {
     let Error::BadRequest(msg) = e else {

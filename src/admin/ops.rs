@@ -9,7 +9,10 @@ use crate::table::model::{
     check_name, Address, Owner, ServerPatch, ServerSpec, SyncMark, Table, Upstream, SERVERS_MAX,
     UPSTREAMS_MAX,
 };
-use crate::table::syntax::{only_backups, parse_address, parse_body, parse_server_args};
+use crate::table::names::{Answers, NamedServer};
+use crate::table::syntax::{
+    only_backups, parse_address, parse_body, parse_server_line, parse_target, ServerLine, Target,
+};
 use crate::{Error, Result};
 
 /// What [`put_upstreams`] did, by upstream name.
@@ -61,7 +64,9 @@ pub fn put_upstreams(table: &mut Table, given: &Table, replace: bool) -> Result<
     }
     for u in &given.upstreams {
         let said = match table.get(&u.name) {
-            Some(old) if old.same_content(u) => {
+            // As written: a `server NAME` line the table holds resolved is
+            // the same line, and is not asked again.
+            Some(old) if old.same_content(u) || old.same_definition(u) => {
                 put.unchanged.push(u.name.clone());
                 continue;
             }
@@ -133,7 +138,10 @@ pub fn delete(table: &mut Table, name: &str) -> Result<()> {
 /// weight=2`), or, without a name, in every upstream that has it. Returns the
 /// names of the upstreams it touched.
 pub fn add_server(table: &mut Table, name: Option<&str>, server: &str) -> Result<Vec<String>> {
-    let spec = server_spec(server)?;
+    let spec = match server_line(server)? {
+        ServerLine::Addr(spec) => spec,
+        ServerLine::Named(line) => return add_named(table, name, line),
+    };
     let names = holders(table, name, &spec.addr, true)?;
     if names.is_empty() {
         // Only reachable with a name: the upstream exists but lacks it.
@@ -180,7 +188,20 @@ pub fn remove_server(table: &mut Table, name: Option<&str>, server: &str) -> Res
 /// to the upstream `name`; refused when the upstream has it already.
 pub fn insert_server(table: &mut Table, name: &str, server: &str) -> Result<()> {
     check_name(name).map_err(Error::BadRequest)?;
-    let spec = server_spec(server)?;
+    let spec = match server_line(server)? {
+        ServerLine::Addr(spec) => spec,
+        ServerLine::Named(line) => {
+            check_local(table, name)?;
+            let u = table.get(name).ok_or_else(|| not_found(name))?;
+            if u.named(&line.host, line.port()).is_some() {
+                return Err(Error::BadRequest(format!(
+                    "upstream {name} already has server {}: change it with PATCH",
+                    line.target()
+                )));
+            }
+            return add_named(table, Some(name), line).map(drop);
+        }
+    };
     check_local(table, name)?;
     let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
     if u.server(&spec.addr).is_some() {
@@ -204,11 +225,24 @@ pub fn patch_server(
     server: &str,
     patch: &ServerPatch,
 ) -> Result<()> {
-    let addr =
-        parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let addr = match parse_target(server.trim()) {
+        Ok(Target::Addr(a)) => a,
+        Ok(Target::Name { .. }) => {
+            // "bad server" as for any server PATCH cannot take: it changes
+            // one address, and a name's addresses come from its answers.
+            return Err(Error::BadRequest(format!(
+                "bad server: {} is a host name, and PATCH changes one address (IP:PORT): \
+                 a server NAME line is changed as a whole: send the upstream again \
+                 (POST /upstream/{name}), or delete the line and add it anew",
+                server.trim()
+            )));
+        }
+        Err(e) => return Err(Error::BadRequest(format!("bad server: {e}"))),
+    };
     check_name(name).map_err(Error::BadRequest)?;
     check_local(table, name)?;
     let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    from_a_name(u, &addr)?;
     let rotating = u.in_rotation();
     let s = u
         .server_mut(&addr)
@@ -229,11 +263,20 @@ pub fn patch_server(
 /// Removes `server` from the upstream `name` altogether, refusing to remove
 /// the last server in rotation.
 pub fn delete_server(table: &mut Table, name: &str, server: &str) -> Result<()> {
-    let addr =
-        parse_address(server.trim()).map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
+    let addr = match parse_target(server.trim()) {
+        Ok(Target::Addr(a)) => a,
+        Ok(Target::Name { host, port }) => {
+            check_name(name).map_err(Error::BadRequest)?;
+            check_local(table, name)?;
+            let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+            return delete_named(u, &host, port.unwrap_or(crate::table::model::DEFAULT_PORT));
+        }
+        Err(e) => return Err(Error::BadRequest(format!("bad server: {e}"))),
+    };
     check_name(name).map_err(Error::BadRequest)?;
     check_local(table, name)?;
     let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    from_a_name(u, &addr)?;
     let at = u
         .servers
         .iter()
@@ -246,6 +289,97 @@ pub fn delete_server(table: &mut Table, name: &str, server: &str) -> Result<()> 
         return Err(Error::BadRequest(only_backups(&u.name)));
     }
     u.servers.remove(at);
+    Ok(())
+}
+
+/// Appends the `server NAME` line `line` to the upstream `name` (or, with
+/// no name, puts it back into rotation where it is): its addresses come
+/// with the answers of the write ([`resolve_names`]).
+fn add_named(table: &mut Table, name: Option<&str>, line: NamedServer) -> Result<Vec<String>> {
+    let Some(name) = name else {
+        return Err(Error::BadRequest(format!(
+            "server {}: name the upstream to add a host name to",
+            line.target()
+        )));
+    };
+    check_name(name).map_err(Error::BadRequest)?;
+    check_local(table, name)?;
+    let u = table.get_mut(name).ok_or_else(|| not_found(name))?;
+    if let Some(i) = u.named(&line.host, line.port()) {
+        // Back into rotation, as for an address.
+        u.names[i].params.down = false;
+        for s in u.servers.iter_mut().filter(|s| s.from == Some(i as u16)) {
+            s.down = false;
+        }
+        return Ok(vec![name.to_owned()]);
+    }
+    if u.names.len() >= crate::table::names::NAMES_MAX {
+        return Err(Error::BadRequest(format!(
+            "upstream {name} has {} server lines with a host name, the most it takes",
+            u.names.len()
+        )));
+    }
+    if line.params.backup && primaries(u) == 0 && !u.names.iter().any(|n| !n.params.backup) {
+        return Err(Error::BadRequest(only_backups(&u.name)));
+    }
+    if let Some(why) = line.refused_by(&u.policy) {
+        return Err(Error::BadRequest(format!("upstream {}: {why}", u.name)));
+    }
+    u.names.push(line);
+    Ok(vec![name.to_owned()])
+}
+
+/// Removes the `server NAME` line `host:port` and every server it made,
+/// refusing to take the last server in rotation.
+fn delete_named(u: &mut Upstream, host: &str, port: u16) -> Result<()> {
+    let i = u.named(host, port).ok_or_else(|| {
+        Error::NotFound(format!("upstream {} has no server {host}:{port}", u.name))
+    })?;
+    let mut after = u.clone();
+    after.servers.retain(|s| s.from != Some(i as u16));
+    after.names.remove(i);
+    for s in &mut after.servers {
+        if let Some(f) = s.from.filter(|&f| usize::from(f) > i) {
+            s.from = Some(f - 1);
+        }
+    }
+    if after.in_rotation() == 0 && u.in_rotation() > 0 {
+        return Err(Error::BadRequest(format!(
+            "refusing to remove {host}:{port}: its servers are the last available ones of upstream {}",
+            u.name
+        )));
+    }
+    if !after.has_primary() && u.has_primary() && !after.servers.is_empty() {
+        return Err(Error::BadRequest(only_backups(&u.name)));
+    }
+    after.peers.clear();
+    *u = after;
+    Ok(())
+}
+
+/// Refuses a per-server change to an address a `server NAME` line made:
+/// the next answer would undo it; the line is what to change.
+fn from_a_name(u: &Upstream, addr: &Address) -> Result<()> {
+    match u.server(addr).and_then(|s| s.from) {
+        Some(i) => Err(Error::BadRequest(format!(
+            "server {addr} of upstream {} comes from `server {}`: change that line \
+             (DELETE .../servers/{} and add it again, or send the upstream anew)",
+            u.name,
+            u.names[usize::from(i)].target(),
+            u.names[usize::from(i)].target()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Gives the `server NAME` lines this change added their addresses, from
+/// `answers` (gathered before the write, with cosockets or a blocking
+/// client): a name that does not resolve refuses the change, naming it.
+pub fn resolve_names(table: &mut Table, answers: &Answers) -> Result<()> {
+    crate::table::names::resolve_pending(table, answers).map_err(Error::BadRequest)?;
+    for u in &table.upstreams {
+        check_size(&u.name, u.servers.len())?;
+    }
     Ok(())
 }
 
@@ -430,16 +564,16 @@ fn check_local(table: &Table, name: &str) -> Result<()> {
     }
 }
 
-/// One server as an operator writes it: `IP:PORT [PARAMS]`, or the same as
-/// a whole `server ...;` line.
-fn server_spec(text: &str) -> Result<ServerSpec> {
+/// One server as an operator writes it: `IP:PORT [PARAMS]` or `NAME[:PORT]
+/// [PARAMS] [resolve]`, or the same as a whole `server ...;` line.
+fn server_line(text: &str) -> Result<ServerLine> {
     let text = text.trim();
     let text = text
         .strip_prefix("server")
         .filter(|rest| rest.starts_with(char::is_whitespace))
         .unwrap_or(text);
     let text = text.trim().strip_suffix(';').unwrap_or(text.trim());
-    parse_server_args(text).map_err(|e| Error::BadRequest(format!("bad server: {e}")))
+    parse_server_line(text).map_err(|e| Error::BadRequest(format!("bad server: {e}")))
 }
 
 fn not_found(name: &str) -> Error {

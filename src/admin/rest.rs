@@ -12,12 +12,12 @@
 //! write, or refused: nginx's not-modified filter would otherwise evaluate
 //! it after the write and turn its 200 into a 304 or a 412.
 
-use serde::Serialize;
-
+use self::views::read;
 use crate::admin::ops;
 use crate::store::{Snapshot, StateFile, WriteOptions};
-use crate::table::model::{check_name, ServerSpec, Table, Upstream};
-use crate::table::syntax::{parse_server_patch, render_server, setting_lines};
+use crate::table::model::{check_name, Table, DEFAULT_PORT};
+use crate::table::names::Answers;
+use crate::table::syntax::{parse_server_patch, parse_target, Target};
 use crate::Error;
 
 /// The default largest request body, in bytes.
@@ -34,6 +34,12 @@ pub struct Request<'a> {
     /// `Accept: application/json` or `?format=json`.
     pub json: bool,
     pub preconditions: Preconditions<'a>,
+    /// The answers for the host names the write adds, gathered before it
+    /// ([`planned`] says which); `None`: the write may add none.
+    pub answers: Option<&'a Answers>,
+    /// What the resolver last found for each `resolve` line, for reads
+    /// (see [`crate::admin::name_status`]).
+    pub name_status: &'a [crate::admin::name_status::Status],
 }
 
 /// The request's conditional headers, as sent.
@@ -95,10 +101,13 @@ impl Endpoint {
         match self {
             Endpoint::List | Endpoint::Detail => true,
             Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
-            Endpoint::Server(name, addr) => crate::table::syntax::parse_address(addr)
-                .ok()
-                .zip(t.get(name))
-                .is_some_and(|(a, u)| u.server(&a).is_some()),
+            Endpoint::Server(name, addr) => t.get(name).is_some_and(|u| match parse_target(addr) {
+                Ok(Target::Addr(a)) => u.server(&a).is_some(),
+                Ok(Target::Name { host, port }) => {
+                    u.named(&host, port.unwrap_or(DEFAULT_PORT)).is_some()
+                }
+                Err(_) => false,
+            }),
         }
     }
 }
@@ -319,30 +328,15 @@ pub fn handle(
         Ok(e) => e,
         Err(r) => return r,
     };
-    let (allow, reading) = match endpoint {
-        Endpoint::List | Endpoint::Detail => ("GET, HEAD", matches!(req.method, "GET" | "HEAD")),
-        Endpoint::Upstream(_) => (
-            "GET, HEAD, POST, DELETE",
-            matches!(req.method, "GET" | "HEAD"),
-        ),
-        Endpoint::Servers(_) => ("GET, HEAD, POST", matches!(req.method, "GET" | "HEAD")),
-        Endpoint::Server(..) => (
-            "GET, HEAD, PATCH, DELETE",
-            matches!(req.method, "GET" | "HEAD"),
-        ),
+    let write = match action(&endpoint, req.method) {
+        Err(r) => return r,
+        Ok(None) => {
+            let r =
+                read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
+            return conditional_read(&req.preconditions, r, snapshot.version);
+        }
+        Ok(Some(w)) => w,
     };
-    if !reading && !allow.split(", ").any(|m| m == req.method) {
-        let mut r = Response::text(
-            405,
-            format!("method {} is not allowed here: use {allow}", req.method),
-        );
-        r.allow = Some(allow);
-        return r;
-    }
-    if reading {
-        let r = read(&endpoint, req.json, snapshot).with_etag(snapshot.version);
-        return conditional_read(&req.preconditions, r, snapshot.version);
-    }
     let body = match std::str::from_utf8(req.body) {
         Ok(b) => b,
         Err(e) => {
@@ -369,7 +363,11 @@ pub fn handle(
                 if wanted { "does not exist" } else { "exists" }
             )));
         }
-        change(&endpoint, req.method, body, t)
+        change(&write, body, t)?;
+        if let Some(answers) = req.answers {
+            ops::resolve_names(t, answers)?;
+        }
+        Ok(())
     });
     match written {
         Ok((version, ())) => Response::text(200, "success").with_etag(version),
@@ -377,153 +375,75 @@ pub fn handle(
     }
 }
 
+/// The table a write request would leave, tried on `table` (a copy of the
+/// current one): what it asks of the DNS before its turn, as its new
+/// `server NAME` lines. `None` for a read, a bad request, or a refusal.
+pub fn planned(req: &Request<'_>, table: &Table) -> Option<Table> {
+    let endpoint = route(req.path).ok()?;
+    let Ok(Some(write)) = action(&endpoint, req.method) else {
+        return None;
+    };
+    let body = std::str::from_utf8(req.body).ok()?;
+    let mut t = table.clone();
+    change(&write, body, &mut t).ok()?;
+    Some(t)
+}
+
+/// The writes the endpoints take (upstream name, then server as sent):
+/// only these reach [`change`], so a read-only endpoint cannot be written.
+enum Write<'e> {
+    PostUpstream(&'e str),
+    DeleteUpstream(&'e str),
+    PostServer(&'e str),
+    PatchServer(&'e str, &'e str),
+    DeleteServer(&'e str, &'e str),
+}
+
+/// The write `method` asks of `endpoint`; `None` for a read; a 405
+/// naming the methods it takes (in `Allow` too) for any other.
+fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Option<Write<'e>>, Response> {
+    if matches!(method, "GET" | "HEAD") {
+        return Ok(None);
+    }
+    let write = match (endpoint, method) {
+        (Endpoint::Upstream(name), "POST") => Some(Write::PostUpstream(name)),
+        (Endpoint::Upstream(name), "DELETE") => Some(Write::DeleteUpstream(name)),
+        (Endpoint::Servers(name), "POST") => Some(Write::PostServer(name)),
+        (Endpoint::Server(name, addr), "PATCH") => Some(Write::PatchServer(name, addr)),
+        (Endpoint::Server(name, addr), "DELETE") => Some(Write::DeleteServer(name, addr)),
+        _ => None,
+    };
+    write.map(Some).ok_or_else(|| {
+        let allow = match endpoint {
+            Endpoint::List | Endpoint::Detail => "GET, HEAD",
+            Endpoint::Upstream(_) => "GET, HEAD, POST, DELETE",
+            Endpoint::Servers(_) => "GET, HEAD, POST",
+            Endpoint::Server(..) => "GET, HEAD, PATCH, DELETE",
+        };
+        let mut r = Response::text(
+            405,
+            format!("method {method} is not allowed here: use {allow}"),
+        );
+        r.allow = Some(allow);
+        r
+    })
+}
+
 /// The change a write request asks for.
-fn change(endpoint: &Endpoint, method: &str, body: &str, t: &mut Table) -> crate::Result<()> {
-    match (endpoint, method) {
-        (Endpoint::Upstream(name), "POST") => ops::update(t, name, body),
-        (Endpoint::Upstream(name), _) => ops::delete(t, name),
-        (Endpoint::Servers(name), _) => ops::insert_server(t, name, body),
-        (Endpoint::Server(name, addr), "PATCH") => {
+fn change(write: &Write<'_>, body: &str, t: &mut Table) -> crate::Result<()> {
+    match *write {
+        Write::PostUpstream(name) => ops::update(t, name, body),
+        Write::DeleteUpstream(name) => ops::delete(t, name),
+        Write::PostServer(name) => ops::insert_server(t, name, body),
+        Write::PatchServer(name, addr) => {
             let patch = parse_server_patch(body).map_err(Error::BadRequest)?;
             ops::patch_server(t, name, addr, &patch)
         }
-        (Endpoint::Server(name, addr), _) => ops::delete_server(t, name, addr),
-        (Endpoint::List | Endpoint::Detail, _) => unreachable!("read-only endpoints"),
+        Write::DeleteServer(name, addr) => ops::delete_server(t, name, addr),
     }
 }
 
-fn read(endpoint: &Endpoint, json: bool, snap: &Snapshot) -> Response {
-    let t = &snap.table;
-    let found = |name: &str| {
-        t.get(name)
-            .ok_or_else(|| Error::NotFound(format!("upstream {name} not found")))
-    };
-    let out = match endpoint {
-        Endpoint::List if json => Ok(to_json(&Listing {
-            version: snap.version,
-            upstreams: t.names().collect(),
-        })),
-        Endpoint::Detail if json => Ok(to_json(&Detail {
-            version: snap.version,
-            upstreams: &t.upstreams,
-        })),
-        Endpoint::List | Endpoint::Detail if t.upstreams.is_empty() => {
-            return Response::text(204, "")
-        }
-        Endpoint::List => Ok(t.names().flat_map(|n| [n, "\n"]).collect()),
-        Endpoint::Detail => Ok(detail(t)),
-        Endpoint::Upstream(name) | Endpoint::Servers(name) => found(name).map(|u| {
-            if json {
-                to_json(&One {
-                    version: snap.version,
-                    upstream: u,
-                })
-            } else {
-                server_lines(u)
-            }
-        }),
-        Endpoint::Server(name, addr) => found(name).and_then(|u| {
-            let a = crate::table::syntax::parse_address(addr)
-                .map_err(|e| Error::BadRequest(format!("bad server: {e}")))?;
-            let s = u
-                .server(&a)
-                .ok_or_else(|| Error::NotFound(format!("upstream {name} has no server {a}")))?;
-            Ok(if json {
-                to_json(s)
-            } else {
-                format!("{}\n", server_line(s))
-            })
-        }),
-    };
-    match out {
-        Ok(body) => Response {
-            json,
-            ..Response::text(200, body)
-        },
-        Err(e) => Response::error(&e),
-    }
-}
-
-#[derive(Serialize)]
-struct Listing<'a> {
-    version: u64,
-    upstreams: Vec<&'a str>,
-}
-
-#[derive(Serialize)]
-struct Detail<'a> {
-    version: u64,
-    upstreams: &'a [std::sync::Arc<Upstream>],
-}
-
-#[derive(Serialize)]
-struct One<'a> {
-    version: u64,
-    #[serde(flatten)]
-    upstream: &'a Upstream,
-}
-
-fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
-    serde_json::to_string(v).expect("plain data serialises")
-}
-
-/// `server ADDR [PARAMS]` as ngx_http_dyups_module lists it: nginx syntax
-/// without the semicolon.
-fn server_line(s: &ServerSpec) -> String {
-    let mut line = render_server(s);
-    line.pop();
-    line
-}
-
-/// Its setting lines (balancing, keepalive, checks), if any, then its
-/// `server` lines.
-fn server_lines(u: &Upstream) -> String {
-    setting_lines(u)
-        .into_iter()
-        .chain(u.servers.iter().map(server_line))
-        .map(|line| line + "\n")
-        .collect()
-}
-
-/// Each upstream's name, then one line per server with every parameter,
-/// then a blank line: ngx_http_dyups_module's `/detail`, byte for byte, so
-/// the scripts that parse it keep working. The settings besides the servers
-/// are in the JSON form and in `/upstream/NAME`.
-fn detail(t: &Table) -> String {
-    let mut out = String::new();
-    for u in &t.upstreams {
-        out.push_str(&u.name);
-        out.push('\n');
-        for s in &u.servers {
-            out.push_str(&detail_line(s));
-            out.push('\n');
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// `server ADDR weight=1 max_conns=0 max_fails=1 fail_timeout=10 backup=0
-/// down=0`: the module's `/detail` line, `fail_timeout` in seconds without
-/// a unit and the flags as 0 or 1; ` slow_start=N` (seconds) after it only
-/// when set, since the module has none and its readers expect its words.
-fn detail_line(s: &ServerSpec) -> String {
-    let slow_start = if s.slow_start == 0 {
-        String::new()
-    } else {
-        format!(" slow_start={}", s.slow_start)
-    };
-    format!(
-        "server {} weight={} max_conns={} max_fails={} fail_timeout={} backup={} down={}{slow_start}",
-        s.addr,
-        s.weight,
-        s.max_conns,
-        s.max_fails,
-        s.fail_timeout,
-        u8::from(s.backup),
-        u8::from(s.down)
-    )
-}
+mod views;
 
 #[cfg(test)]
 mod tests;

@@ -94,8 +94,8 @@ impl Plan {
         let set = now
             .upstreams
             .iter()
-            .filter(|u| before.get(&u.name).is_none_or(|b| !b.same_content(u)))
-            .filter(|u| table.get(&u.name).is_none_or(|t| !t.same_content(u)))
+            .filter(|u| before.get(&u.name).is_none_or(|b| !b.same_definition(u)))
+            .filter(|u| table.get(&u.name).is_none_or(|t| !t.same_definition(u)))
             .map(|u| (**u).clone())
             .collect();
         let delete = before
@@ -169,17 +169,20 @@ const RACES: usize = 5;
 
 /// At a start or reload, with a state file at `state`: applies what
 /// changed in the seed `source` (its name, for messages and the record)
-/// since it was last read. `read` reads the seed now. An edited file written
-/// back from an older table than the state file's is refused: applying it
-/// would undo the changes since.
+/// since it was last read. `read` reads the seed now, as written; `resolve`
+/// resolves the host names of the upstreams that changed in it (before the
+/// write, which only takes them). An edited file written back from an older
+/// table than the state file's is refused: applying it would undo the
+/// changes since.
 pub fn at_start(
     state: &Path,
     source: &str,
     read: &dyn Fn() -> Result<Reading>,
+    resolve: &dyn Fn(&mut Table) -> Result<()>,
     opts: &WriteOptions,
 ) -> Result<Outcome> {
     for _ in 0..RACES {
-        let now = read()?;
+        let mut now = read()?;
         let snap = StateFile::inspect(state)?
             .ok_or_else(|| Error::Internal(format!("state file {} is gone", state.display())))?;
         // What the seed said when it was last read.
@@ -214,6 +217,20 @@ pub fn at_start(
         if same_tables(&before, &now.table) {
             return Ok(Outcome::Unchanged);
         }
+        // Only what changed is asked of the DNS: an unchanged upstream is
+        // not set, so its names need no answer (nor a working resolver).
+        let mut changed = Table::default();
+        for u in &now.table.upstreams {
+            if before.get(&u.name).is_none_or(|b| !b.same_definition(u)) && u.has_pending() {
+                changed.upstreams.push(u.clone());
+            }
+        }
+        if !changed.upstreams.is_empty() {
+            resolve(&mut changed)?;
+            for u in changed.upstreams {
+                now.table.upsert(std::sync::Arc::unwrap_or_clone(u));
+            }
+        }
         let expect = now.stamp.map(|s| s.version);
         let written = StateFile::write_detached(state, &WriteOptions { expect, ..*opts }, |t| {
             let plan = Plan::between(&before, &now.table, t);
@@ -243,7 +260,7 @@ fn same_tables(a: &Table, b: &Table) -> bool {
     a.upstreams.len() == b.upstreams.len()
         && a.upstreams
             .iter()
-            .all(|u| b.get(&u.name).is_some_and(|v| v.same_content(u)))
+            .all(|u| b.get(&u.name).is_some_and(|v| v.same_definition(u)))
 }
 
 #[cfg(test)]
@@ -326,7 +343,7 @@ mod tests {
         let opts = WriteOptions::default();
         let src = "upstream file /x/upstream.conf";
         // No record yet (a state file from before): recorded, table kept.
-        let out = at_start(&state, src, &|| reading(v1), &opts).unwrap();
+        let out = at_start(&state, src, &|| reading(v1), &|_| Ok(()), &opts).unwrap();
         assert_eq!(out, Outcome::Recorded { version: 1 });
         assert!(record_path(&state).exists());
         // A run-time change, then a start with the seed unchanged: kept.
@@ -335,7 +352,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            at_start(&state, src, &|| reading(v1), &opts).unwrap(),
+            at_start(&state, src, &|| reading(v1), &|_| Ok(()), &opts).unwrap(),
             Outcome::Unchanged
         );
         assert_eq!(current(&state).0, 2);
@@ -343,7 +360,7 @@ mod tests {
         // in the file) kept.
         let v2 = "upstream a { server 127.0.0.1:11; }\nupstream b { server 127.0.0.1:2; }\n\
                   upstream c { server 127.0.0.1:3; }\n";
-        let out = at_start(&state, src, &|| reading(v2), &opts).unwrap();
+        let out = at_start(&state, src, &|| reading(v2), &|_| Ok(()), &opts).unwrap();
         assert_eq!(
             out,
             Outcome::Applied {
@@ -360,19 +377,26 @@ mod tests {
         assert_eq!(servers(&t, "c"), ["server 127.0.0.1:3;"]);
         // Read again as it is: nothing more.
         assert_eq!(
-            at_start(&state, src, &|| reading(v2), &opts).unwrap(),
+            at_start(&state, src, &|| reading(v2), &|_| Ok(()), &opts).unwrap(),
             Outcome::Unchanged
         );
         // A block removed: that upstream deleted.
         let v3 = "upstream a { server 127.0.0.1:11; }\nupstream b { server 127.0.0.1:2; }\n";
-        let out = at_start(&state, src, &|| reading(v3), &opts).unwrap();
+        let out = at_start(&state, src, &|| reading(v3), &|_| Ok(()), &opts).unwrap();
         assert!(
             matches!(out, Outcome::Applied { version: 4, .. }),
             "{out:?}"
         );
         assert!(current(&state).1.get("c").is_none());
         // A record of another source is none: recorded anew, nothing applied.
-        let out = at_start(&state, "upstream file /y.conf", &|| reading(v1), &opts).unwrap();
+        let out = at_start(
+            &state,
+            "upstream file /y.conf",
+            &|| reading(v1),
+            &|_| Ok(()),
+            &opts,
+        )
+        .unwrap();
         assert_eq!(out, Outcome::Recorded { version: 4 });
     }
 
@@ -382,10 +406,10 @@ mod tests {
         let v1 = "upstream a { server 127.0.0.1:1; }\n";
         let state = state_with(&dir, v1);
         let opts = WriteOptions::default();
-        at_start(&state, "s", &|| reading(v1), &opts).unwrap();
+        at_start(&state, "s", &|| reading(v1), &|_| Ok(()), &opts).unwrap();
         let before = std::fs::read(record_path(&state)).unwrap();
         let bad = || Err(Error::BadRequest("line 1: nope".into()));
-        assert!(at_start(&state, "s", &bad, &opts).is_err());
+        assert!(at_start(&state, "s", &bad, &|_| Ok(()), &opts).is_err());
         assert_eq!(current(&state).0, 1);
         assert_eq!(std::fs::read(record_path(&state)).unwrap(), before);
     }
@@ -407,13 +431,13 @@ mod tests {
             crate::admin::upstream_file::write(&file, &current(&state).1, v).unwrap();
         }
         assert_eq!(
-            at_start(&state, src, &from_file, &opts).unwrap(),
+            at_start(&state, src, &from_file, &|_| Ok(()), &opts).unwrap(),
             Outcome::Unchanged
         );
         // Edited by hand: what the edit changed is applied, nothing else.
         let text = std::fs::read_to_string(&file).unwrap();
         std::fs::write(&file, text.replace("127.0.0.1:3", "127.0.0.1:33")).unwrap();
-        let out = at_start(&state, src, &from_file, &opts).unwrap();
+        let out = at_start(&state, src, &from_file, &|_| Ok(()), &opts).unwrap();
         assert_eq!(
             out,
             Outcome::Applied {
@@ -433,7 +457,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            at_start(&state, src, &from_file, &opts).unwrap(),
+            at_start(&state, src, &from_file, &|_| Ok(()), &opts).unwrap(),
             Outcome::Behind {
                 written: 5,
                 version: 6
@@ -442,7 +466,7 @@ mod tests {
         // ...and, edited, refused: it would undo version 6.
         let text = std::fs::read_to_string(&file).unwrap();
         std::fs::write(&file, text.replace("127.0.0.1:1;", "127.0.0.1:11;")).unwrap();
-        let err = at_start(&state, src, &from_file, &opts)
+        let err = at_start(&state, src, &from_file, &|_| Ok(()), &opts)
             .unwrap_err()
             .to_string();
         assert!(

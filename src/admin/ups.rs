@@ -286,7 +286,7 @@ mod tests {
                 one("host:80"),
                 Arg::Absent,
                 400,
-                "host names",
+                "is a host name",
             ),
             (
                 "PUT",

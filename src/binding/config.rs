@@ -48,6 +48,9 @@ pub(super) struct Config {
     /// The nginx thread pool durable writes msync in; `None`: on the event
     /// loop.
     pub(super) thread_pool: Option<String>,
+    /// The resolver of upstreams without a `resolver` line (init's
+    /// `resolver`, else `/etc/resolv.conf` as read by `init`).
+    pub(super) dns: crate::dns::Defaults,
 }
 
 /// init's `nginx_conf` option.
@@ -247,6 +250,7 @@ pub(super) fn parse_config(lua: &Lua, opts: &Table) -> Result<(Config, Option<St
             admin_token,
             owner: None,
             thread_pool,
+            dns: super::dns::defaults_option(opts)?,
         },
         user,
     ))

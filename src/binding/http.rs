@@ -15,8 +15,9 @@ use crate::admin::auth;
 use crate::admin::rest;
 use crate::admin::ups::{self, Arg};
 use crate::store::WriteOptions;
+use crate::table::model::Table as UpstreamTable;
 
-use super::config::{config, CONFIG};
+use super::config::{config, Config, CONFIG};
 use super::ngx_api::{log, ngx};
 use super::read_api::with_snapshot;
 use super::write_api::{after_write, store_in, write_back_header, Turn};
@@ -91,7 +92,7 @@ fn respond(lua: &Lua, reply: ups::Reply) -> LuaResult<()> {
     Ok(())
 }
 
-fn method(lua: &Lua) -> LuaResult<String> {
+pub(super) fn method(lua: &Lua) -> LuaResult<String> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
     ngx.get::<Table>("req")?
         .get::<Function>("get_method")?
@@ -352,6 +353,29 @@ impl ApiRequest {
     }
 }
 
+impl ApiRequest {
+    /// The table this request would leave if it is a write, tried on
+    /// `table`: what dns.lua looks up before its turn (`raw.dns_plan`).
+    /// `None` for a read, a request the token refuses (the handler logs
+    /// that), a body it refuses, or a write refused anyway.
+    pub(super) fn planned(&self, cfg: &Config, table: &UpstreamTable) -> Option<UpstreamTable> {
+        if let Some(token) = &cfg.admin_token {
+            auth::check(token, self.authorization.as_deref()).ok()?;
+        }
+        let body = self.body(cfg.max_body).ok()?;
+        let request = rest::Request {
+            method: &self.method,
+            path: &self.path,
+            body: &body,
+            json: false,
+            preconditions: rest::Preconditions::default(),
+            answers: None,
+            name_status: &[],
+        };
+        rest::planned(&request, table)
+    }
+}
+
 fn rest_text(status: u16, body: String) -> rest::Response {
     rest::Response {
         status,
@@ -388,7 +412,7 @@ pub(super) fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaRe
         (_, Ok(cfg)) => match req.body(cfg.max_body) {
             Err(r) => r,
             Ok(body) => {
-                let request = rest::Request {
+                let mut request = rest::Request {
                     method: &req.method,
                     path: &req.path,
                     body: &body,
@@ -399,7 +423,27 @@ pub(super) fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaRe
                         if_unmodified_since: req.if_unmodified_since.as_deref(),
                         if_modified_since: req.if_modified_since.as_deref(),
                     },
+                    answers: None,
+                    name_status: &[],
                 };
+                let reading = matches!(req.method.as_str(), "GET" | "HEAD");
+                // What the resolver found is shown in one upstream's JSON.
+                let status = if reading && req.json && req.path.starts_with("/upstream/") {
+                    crate::admin::name_status::read(&cfg.path)
+                } else {
+                    Vec::new()
+                };
+                request.name_status = &status;
+                let answers = if reading {
+                    None
+                } else {
+                    super::dns::answers_for(&turn, &cfg, |t| {
+                        rest::planned(&request, t)
+                            .map(|p| *t = p)
+                            .ok_or(crate::Error::Internal(String::new()))
+                    })
+                };
+                request.answers = answers.as_ref();
                 // The file the worker routes by (moved to one restored or
                 // replaced since its last look), as writes take it too.
                 let reply = with_snapshot(|store, snap| {
@@ -417,7 +461,7 @@ pub(super) fn api_reply(lua: &Lua, (mut turn, req): (Turn, ApiRequest)) -> LuaRe
                 match reply {
                     Err(e) => rest_text(500, e),
                     Ok((r, store, wait)) => {
-                        if !matches!(req.method.as_str(), "GET" | "HEAD") && r.status == 200 {
+                        if !reading && r.status == 200 {
                             write_back = write_back_header(after_write(lua, &cfg, &store, wait));
                         }
                         r

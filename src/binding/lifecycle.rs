@@ -25,7 +25,19 @@ use super::LuaResult;
 /// nginx's own default worker user, when `--user` was not given at build.
 const NGINX_DEFAULT_USER: &str = "nobody";
 
+/// The table a new state file starts with, its host names resolved (with
+/// the blocking client: nginx itself blocks on names when it reads its
+/// configuration).
 pub(super) fn seed(cfg: &Config) -> crate::Result<UpstreamTable> {
+    let mut table = seed_as_written(cfg)?;
+    crate::dns::resolve_blocking(&mut table, &cfg.dns).map_err(|e| match seed_source(cfg) {
+        Some(source) => Error::BadRequest(format!("{}: {e}", source.name)),
+        None => e,
+    })?;
+    Ok(table)
+}
+
+fn seed_as_written(cfg: &Config) -> crate::Result<UpstreamTable> {
     match (&cfg.nginx_conf, &cfg.upstreams) {
         (Some(NginxConf::File(conf)), _) => nginx_configuration(conf)
             .map_err(Error::BadRequest)?
@@ -287,7 +299,7 @@ fn apply_seed_changes(
     let read = || -> crate::Result<Reading> {
         let reading = if source.nginx_conf {
             Reading {
-                table: seed(cfg)?,
+                table: seed_as_written(cfg)?,
                 stamp: None,
             }
         } else {
@@ -300,7 +312,8 @@ fn apply_seed_changes(
         check_native(nginx, &reading.table)?;
         Ok(reading)
     };
-    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &cfg.write)? {
+    let resolve = |t: &mut UpstreamTable| crate::dns::resolve_blocking(t, &cfg.dns);
+    match crate::admin::seed::at_start(&cfg.path, &source.name, &read, &resolve, &cfg.write)? {
         Outcome::Unchanged => {}
         Outcome::Applied { version, what } => log(
             lua,
@@ -427,12 +440,16 @@ pub(super) fn init_worker(lua: &Lua, (): ()) -> LuaResult<Result<bool, String>> 
         let every: Function = ngx.get::<Table>("timer")?.get("every")?;
         let tick = lua.create_function(tick)?;
         // ngx.timer takes Lua functions only, not C closures like `tick`.
+        // The resolver's round follows each tick: it only acts in the
+        // worker that holds the resolver lease (dns.lua).
+        let round: Function = super::dns::round(lua)?;
         let (ok, err): (Value, Option<String>) = lua
             .load(
-                "local every, interval, tick = ... return every(interval, function(p) tick(p) end)",
+                "local every, interval, tick, round = ... \
+                 return every(interval, function(p) tick(p) round(p) end)",
             )
             .set_name("=ngx.dyups.timer")
-            .call((every, cfg.refresh, tick))?;
+            .call((every, cfg.refresh, tick, round))?;
         if ok.is_nil() {
             return Ok(Err(format!(
                 "could not start the refresh timer: {}",

@@ -20,13 +20,15 @@
 //!   queue, what follows a write (this worker's refresh, the write-back);
 //! - `http.rs`: the `/ups`, `/ups/check` and REST content handlers;
 //! - `hot_path.rs`: the balancer's entry points (`resolve`, the FFI pick);
+//! - `dns.rs`: host names: the lookups a write needs before its turn, the
+//!   resolver's round in the worker that holds the resolver lease;
 //! - `probe.rs`: the active health checks' prober on the refresh tick, the
 //!   results its probes report, the `check_status` page;
 //! - `arguments.rs`, `ngx_api.rs`: Lua arguments, nginx's `ngx` table;
 //! - the Lua compiled in: `writes.lua` (the writing functions' public faces:
 //!   waiting their turn, the `msync` in nginx's thread pool), `balance.lua`
-//!   (the balancer and log phase over the FFI), `probe.lua` (each probe's
-//!   cosocket), `raise.lua` (which
+//!   (the balancer and log phase over the FFI), `dns.lua` (DNS over
+//!   cosockets), `probe.lua` (each probe's cosocket), `raise.lua` (which
 //!   functions raise their error), `argv.lua` (nginx's command line).
 
 use std::ffi::c_void;
@@ -35,6 +37,7 @@ use mlua::{Function, LightUserData, Lua, Table};
 
 mod arguments;
 mod config;
+mod dns;
 mod hot_path;
 mod http;
 mod lifecycle;
@@ -93,6 +96,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     )?;
     raw.set("api", lua.create_function(api_reply)?)?;
     raw.set("api_wants_body", lua.create_function(api_wants_body)?)?;
+    dns::register(lua, &raw)?;
     lua.load(include_str!("writes.lua"))
         .set_name("=ngx.dyups.writes")
         .call::<()>((&m, raw))?;

@@ -79,6 +79,9 @@ pub(super) fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, S
         t.set("backup", s.backup)?;
         t.set("down", s.down)?;
         t.set("line", render_server(s))?;
+        if let Some(i) = s.from {
+            t.set("name", u.names[usize::from(i)].target())?;
+        }
         servers.push(t)?;
     }
     let t = lua.create_table()?;
@@ -107,6 +110,9 @@ pub(super) fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, S
     )?;
     t.set("check_keepalive_requests", u.check.keepalive_requests)?;
     t.set("settings", lua.create_sequence_from(setting_lines(&u))?)?;
+    if !u.names.is_empty() {
+        t.set("names", super::dns::names_table(lua, &u)?)?;
+    }
     t.set("servers", servers)?;
     Ok(Ok(t))
 }

@@ -32,6 +32,9 @@ pub(super) struct TurnHandle {
     id: TurnId,
     /// The state file the turn was taken in.
     file: Option<std::sync::Arc<StateFile>>,
+    /// The answers for the host names the write adds, gathered with
+    /// cosockets before its turn (dns.lua).
+    pub(super) answers: Option<crate::table::names::Answers>,
 }
 
 impl TurnHandle {
@@ -39,6 +42,7 @@ impl TurnHandle {
         TurnHandle {
             id: TurnId::new(),
             file: None,
+            answers: None,
         }
     }
 
@@ -76,6 +80,10 @@ impl UserData for TurnHandle {
                     flush.map(|(_, len)| len),
                 ),
             })
+        });
+        methods.add_method_mut("set_answers", |_, this, a: mlua::AnyUserData| {
+            this.answers = Some(a.borrow::<super::dns::AnswersHandle>()?.0.clone());
+            Ok(())
         });
         // finish(flushed) → nil, or why the write is not known to be on disk
         methods.add_method_mut("finish", |_, this, flushed: bool| {
@@ -161,20 +169,29 @@ pub(super) fn store_in(
 }
 
 /// Runs one write through the store with the configured options, in `turn`.
-fn write<R>(
+/// The host names the change adds are resolved first (see
+/// `dns::answers_for`); their answers go in with it.
+pub(super) fn write<R>(
     lua: &Lua,
     turn: &mut Turn,
     expect: Option<u64>,
-    change: impl FnOnce(&mut UpstreamTable) -> crate::Result<R>,
+    change: impl Fn(&mut UpstreamTable) -> crate::Result<R>,
 ) -> crate::Result<(u64, R)> {
     let (cfg, store, wait) = store_in(turn)?;
+    let answers = super::dns::answers_for(turn, &cfg, |t| change(t).map(drop));
     let out = store.write(
         &WriteOptions {
             expect,
             wait,
             ..cfg.write
         },
-        change,
+        |t| {
+            let out = change(t)?;
+            if let Some(a) = &answers {
+                ops::resolve_names(t, a)?;
+            }
+            Ok(out)
+        },
     )?;
     after_write(lua, &cfg, &store, wait);
     Ok(out)

@@ -75,12 +75,16 @@ end
 
 -- Calls `f(turn, ...)` until its turn in the writers' queue has come, then
 -- has its write flushed and gives the turn up. Returns f's results (a packed
--- table) and, when a write made is not known to be on disk, why.
-local function in_turn(f, ...)
+-- table) and, when a write made is not known to be on disk, why. `answers`:
+-- those of the host names the write adds, gathered before its turn.
+local function in_turn(f, answers, ...)
     if not yieldable() then
         return pack(f(nil, ...)), nil
     end
     local turn = raw.turn()
+    if answers then
+        turn:set_answers(answers)
+    end
     local res = pack(pcall(f, turn, ...))
     local waiting, addr, len = turn:state()
     while waiting do
@@ -96,13 +100,32 @@ local function in_turn(f, ...)
     return pack(unpack(res, 2, res.n)), unsynced
 end
 
--- `f(nil, ...)`, as in_turn returns it: for what never writes.
-local function direct(f, ...)
+raw.in_turn = in_turn
+
+-- The answers for the host names a write of `kind` adds: looked up with
+-- cosockets (dns.lua) before its turn, so no writer waits behind a DNS
+-- query; nil where the phase cannot yield (the write then resolves,
+-- blocking, as nginx does when it reads its configuration).
+local function answers_for(kind, ...)
+    if not yieldable() then
+        return nil
+    end
+    local plan = raw.dns_plan(kind, ...)
+    if not plan then
+        return nil
+    end
+    raw.dns_lookup_all(plan)
+    return raw.dns_answers(plan)
+end
+
+-- `f(nil, ...)`, as in_turn returns it: for what never writes (and so
+-- has no answers to take).
+local function direct(f, _, ...)
     return pack(f(nil, ...)), nil
 end
 
 function module.update(...)
-    local res, unsynced = in_turn(raw.update, ...)
+    local res, unsynced = in_turn(raw.update, answers_for("update", ...), ...)
     if unsynced then
         return 500, unsynced
     end
@@ -110,7 +133,7 @@ function module.update(...)
 end
 
 function module.delete(...)
-    local res, unsynced = in_turn(raw.delete, ...)
+    local res, unsynced = in_turn(raw.delete, nil, ...)
     if unsynced then
         return 500, unsynced
     end
@@ -118,7 +141,7 @@ function module.delete(...)
 end
 
 function module.add_server(...)
-    local res, unsynced = in_turn(raw.add_server, ...)
+    local res, unsynced = in_turn(raw.add_server, answers_for("add_server", ...), ...)
     if unsynced then
         return nil, unsynced, 500
     end
@@ -126,7 +149,7 @@ function module.add_server(...)
 end
 
 function module.remove_server(...)
-    local res, unsynced = in_turn(raw.remove_server, ...)
+    local res, unsynced = in_turn(raw.remove_server, nil, ...)
     if unsynced then
         return nil, unsynced, 500
     end
@@ -134,7 +157,7 @@ function module.remove_server(...)
 end
 
 function module.write_upstreams(...)
-    local res = in_turn(raw.write_upstreams, ...)
+    local res = in_turn(raw.write_upstreams, nil, ...)
     return unpack(res, 1, res.n)
 end
 
@@ -163,7 +186,7 @@ function module.handle_ups()
             break
         end
     end
-    local res, unsynced = in_turn(raw.ups, req.get_method(), args.op, args.server, args.upstream,
+    local res, unsynced = in_turn(raw.ups, nil, req.get_method(), args.op, args.server, args.upstream,
         truncated ~= nil, precondition, var.http_authorization, var.remote_addr)
     local status, body, write_back = unpack(res, 1, 3)
     if unsynced then
@@ -221,11 +244,18 @@ function module.handle_api()
             req.clear_header(name)
         end
     end
-    -- A read takes no turn in the writers' queue.
-    local handle = (method == "GET" or method == "HEAD") and direct or in_turn
-    local res, unsynced = handle(raw.api, method, var.request_uri, var.http_accept, var.arg_format,
+    local uri, accept, format = var.request_uri, var.http_accept, var.arg_format
+    local authorization, client = var.http_authorization, var.remote_addr
+    -- A read takes no turn in the writers' queue, and adds no host name.
+    local handle, answers = direct, nil
+    if method ~= "GET" and method ~= "HEAD" then
+        handle = in_turn
+        answers = answers_for("api", method, uri, accept, format, if_match, if_none_match,
+            if_unmodified_since, if_modified_since, authorization, client, length, body, body_file)
+    end
+    local res, unsynced = handle(raw.api, answers, method, uri, accept, format,
         if_match, if_none_match, if_unmodified_since, if_modified_since,
-        var.http_authorization, var.remote_addr, length, body, body_file)
+        authorization, client, length, body, body_file)
     local status, text, json, etag, allow, write_back = unpack(res, 1, 6)
     if unsynced then
         status, text, json, etag, allow = 500, unsynced, false, nil, nil

@@ -53,7 +53,24 @@
 //!     first upstream's entry)    prefix (a name): see `model::SyncMark`
 //!  11 slow_start                u32 seconds per server, in the servers'
 //!                               order
+//!  12 names                     count u16, then per `server NAME` line:
+//!                               host (a name), port u16 (0: none
+//!                               written), flags u8 (1 resolve, 2 backup,
+//!                               4 down), weight u32, max_conns u32,
+//!                               max_fails u32, fail_timeout u32,
+//!                               slow_start u32, resolved Unix ms u64,
+//!                               ttl u32; then per server, in order, the
+//!                               line it came from u16 (0xffff: none, an
+//!                               address as written)
+//!  13 dns                       resolver count u8, address* (IP ones),
+//!                               valid u32 s, ipv6 u8 (0 unset, 1 off,
+//!                               2 on), resolver_timeout u32 ms
+//!                               (0xffffffff: unset, for both times)
 //! ```
+//!
+//! A build without fields 12 and 13 reads a name's addresses as servers
+//! written as addresses: it routes as this build does, and writes the
+//! names away.
 //!
 //! The table's own fields ride on its first upstream's entry, because
 //! builds with the extension accept no entry past the table's upstreams; a
@@ -76,6 +93,9 @@ use crate::table::model::{
     DEFAULT_KEEPALIVE_REQUESTS, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
     FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::table::names::{
+    check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX, RESOLVERS_MAX,
+};
 use crate::table::policy::Policy;
 
 /// How many changes the log keeps; older ones are dropped first.
@@ -96,6 +116,12 @@ const TAG_MAX_CONNS: u8 = 8;
 const TAG_OWNER: u8 = 9;
 const TAG_SYNC: u8 = 10;
 const TAG_SLOW_START: u8 = 11;
+const TAG_NAMES: u8 = 12;
+const TAG_DNS: u8 = 13;
+/// A server that came from no `server NAME` line, in field 12.
+const NO_LINE: u16 = u16::MAX;
+/// An unset time in field 13.
+const UNSET: u32 = u32::MAX;
 /// The check line's value: four u32, two u8, a u16 and a u32.
 const CHECK_LEN: usize = 24;
 /// nginx's largest time in milliseconds.
@@ -452,6 +478,8 @@ fn extension_is_default(u: &Upstream) -> bool {
             .iter()
             .all(|s| s.max_conns == 0 && s.slow_start == 0)
         && u.owner.is_local()
+        && u.names.is_empty()
+        && u.dns.is_default()
 }
 
 fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
@@ -515,6 +543,42 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
             .flat_map(|s| s.slow_start.to_le_bytes())
             .collect();
         put_field(out, TAG_SLOW_START, &v);
+    }
+    if !u.names.is_empty() {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(u.names.len() as u16).to_le_bytes());
+        for n in &u.names {
+            put_str(&mut v, &n.host);
+            v.extend_from_slice(&n.port.unwrap_or(0).to_le_bytes());
+            let p = &n.params;
+            v.push(u8::from(n.resolve) | u8::from(p.backup) << 1 | u8::from(p.down) << 2);
+            for x in [
+                p.weight,
+                p.max_conns,
+                p.max_fails,
+                p.fail_timeout,
+                p.slow_start,
+            ] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v.extend_from_slice(&n.resolved_ms.to_le_bytes());
+            v.extend_from_slice(&n.ttl.to_le_bytes());
+        }
+        for s in &u.servers {
+            v.extend_from_slice(&s.from.unwrap_or(NO_LINE).to_le_bytes());
+        }
+        put_field(out, TAG_NAMES, &v);
+    }
+    if !u.dns.is_default() {
+        let d = &u.dns;
+        let mut v = vec![d.resolvers.len() as u8];
+        for a in &d.resolvers {
+            put_addr(&mut v, &Address::Inet(*a));
+        }
+        v.extend_from_slice(&d.valid.unwrap_or(UNSET).to_le_bytes());
+        v.push(d.ipv6.map_or(0, |on| 1 + u8::from(on)));
+        v.extend_from_slice(&d.timeout_ms.unwrap_or(UNSET).to_le_bytes());
+        put_field(out, TAG_DNS, &v);
     }
 }
 
@@ -728,7 +792,7 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
         let tag = r.u8()?;
         let n = r.u16()? as usize;
         let v = r.take(n)?;
-        if (TAG_CHECK..=TAG_SLOW_START).contains(&tag) {
+        if (TAG_CHECK..=TAG_DNS).contains(&tag) {
             if seen & 1 << tag != 0 {
                 return Err(format!("field {tag} appears twice"));
             }
@@ -791,6 +855,8 @@ fn apply_extension(u: &mut Upstream, entry: &[u8]) -> Result<(), String> {
             }
             // The table's, read by `sync_mark`.
             TAG_SYNC => {}
+            TAG_NAMES => names(u, Reader { b: v, at: 0 })?,
+            TAG_DNS => u.dns = dns_settings(Reader { b: v, at: 0 })?,
             // A later build's field: it says nothing this build could use.
             _ => {}
         }
@@ -823,6 +889,102 @@ fn sync_mark(entry: &[u8]) -> Result<Option<SyncMark>, String> {
         return Ok(Some(mark));
     }
     Ok(None)
+}
+
+/// Field 12 onto `u`, which has its servers: the `server NAME` lines and
+/// which line each server came from.
+fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
+    let count = f.u16()? as usize;
+    if count > NAMES_MAX {
+        return Err(format!("{count} server NAME lines, at most {NAMES_MAX}"));
+    }
+    let mut lines = Vec::with_capacity(count);
+    for _ in 0..count {
+        let host = f.str()?;
+        check_host(&host)?;
+        let port = match f.u16()? {
+            0 => None,
+            p => Some(p),
+        };
+        let flags = f.u8()?;
+        if flags & !7 != 0 {
+            return Err(format!("server {host} has unknown flags {flags}"));
+        }
+        let params = ServerParams {
+            weight: f.u32()?,
+            max_conns: f.u32()?,
+            max_fails: f.u32()?,
+            fail_timeout: f.u32()?,
+            slow_start: f.u32()?,
+            backup: flags & 2 != 0,
+            down: flags & 4 != 0,
+        };
+        if !(WEIGHT_MIN..=WEIGHT_MAX).contains(&params.weight)
+            || params.max_conns > MAX_CONNS_MAX
+            || params.max_fails > MAX_FAILS_MAX
+            || params.fail_timeout > FAIL_TIMEOUT_MAX
+            || params.slow_start > SLOW_START_MAX
+        {
+            return Err(format!("server {host} has out-of-range parameters"));
+        }
+        let mut n = NamedServer::new(host, port, params, flags & 1 != 0);
+        n.resolved_ms = f.u64()?;
+        n.ttl = f.u32()?;
+        if n.is_pending() {
+            return Err(format!("server {} was never resolved", n.target()));
+        }
+        lines.push(n);
+    }
+    for s in &mut u.servers {
+        s.from = match f.u16()? {
+            NO_LINE => None,
+            i if usize::from(i) < count => Some(i),
+            i => return Err(format!("server {} names line {i} of {count}", s.addr)),
+        };
+    }
+    if f.left() != 0 {
+        return Err(format!(
+            "the names field has {} bytes after its end",
+            f.left()
+        ));
+    }
+    u.names = lines;
+    Ok(())
+}
+
+/// Field 13: the `resolver` and `resolver_timeout` lines.
+fn dns_settings(mut f: Reader<'_>) -> Result<DnsSettings, String> {
+    let count = f.u8()? as usize;
+    if count > RESOLVERS_MAX {
+        return Err(format!("{count} resolvers, at most {RESOLVERS_MAX}"));
+    }
+    let mut d = DnsSettings::default();
+    for _ in 0..count {
+        match f.addr()? {
+            Address::Inet(a) => d.resolvers.push(a),
+            Address::Unix(p) => return Err(format!("resolver unix:{p}")),
+        }
+    }
+    let time = |t: u32, min: u32| match t {
+        UNSET => Ok(None),
+        t if (min..=DNS_TIME_MAX_MS).contains(&t) => Ok(Some(t)),
+        t => Err(format!("resolver time {t} is out of range")),
+    };
+    d.valid = time(f.u32()?, 1)?;
+    d.ipv6 = match f.u8()? {
+        0 => None,
+        1 => Some(false),
+        2 => Some(true),
+        x => return Err(format!("resolver ipv6 {x} is not 0, 1 or 2")),
+    };
+    d.timeout_ms = time(f.u32()?, 1)?;
+    if f.left() != 0 {
+        return Err(format!(
+            "the dns field has {} bytes after its end",
+            f.left()
+        ));
+    }
+    Ok(d)
 }
 
 fn check_line(mut f: Reader<'_>) -> Result<CheckLine, String> {
@@ -878,6 +1040,8 @@ fn server(r: &mut Reader<'_>) -> Result<ServerSpec, String> {
         slow_start: 0,
         backup: flags & BACKUP != 0,
         down: flags & DOWN != 0,
+        // In the extension, for an address a name resolved to.
+        from: None,
     })
 }
 
@@ -1473,6 +1637,241 @@ pub(crate) mod tests {
                 let _ = decode(&m, &e.extension, None);
             }
         }
+        for i in 0..e.extension.len() {
+            for bit in 0..8 {
+                let mut m = e.extension.clone();
+                m[i] ^= 1 << bit;
+                let _ = decode(&e.base, &m, None);
+            }
+        }
+    }
+    /// `sample` with an upstream of `server NAME` lines: one re-resolved
+    /// with two addresses, one resolved once with none left, a literal
+    /// server between, and the upstream's `resolver` settings.
+    fn named_sample() -> Payload {
+        use crate::table::names::ServerParams;
+        let mut p = sample();
+        let mut params = ServerParams {
+            weight: 7,
+            max_conns: 9,
+            max_fails: 4,
+            fail_timeout: 30,
+            slow_start: 45,
+            backup: false,
+            down: true,
+        };
+        let mut app = NamedServer::new("App.Internal".into(), Some(8080), params, true);
+        app.resolved_ms = 1_700_000_000_123;
+        app.ttl = 300;
+        params.down = false;
+        params.backup = true;
+        let mut once = NamedServer::new("once.internal".into(), None, params, false);
+        once.resolved_ms = 1;
+        once.ttl = u32::MAX;
+        let from_app = |a: &str| ServerSpec {
+            from: Some(0),
+            ..app.params.server(Address::Inet(a.parse().unwrap()))
+        };
+        let mut u = Upstream::new(
+            "named",
+            vec![
+                from_app("10.0.0.1:8080"),
+                ServerSpec::new(Address::Inet("10.9.9.9:80".parse().unwrap())),
+                from_app("[fd00::1]:8080"),
+            ],
+        );
+        u.names = vec![app, once];
+        u.dns = DnsSettings {
+            resolvers: vec![
+                "10.0.0.53:53".parse().unwrap(),
+                "[::1]:5353".parse().unwrap(),
+            ],
+            valid: Some(30),
+            ipv6: Some(false),
+            timeout_ms: Some(1500),
+        };
+        p.table.upsert(u);
+        p
+    }
+
+    /// The lines and where each server came from in field 12, the
+    /// resolver settings in field 13, every value kept; the base is the
+    /// one the same servers written as addresses give.
+    #[test]
+    fn server_name_lines_and_resolvers_round_trip_in_the_extension() {
+        let p = named_sample();
+        let back = round_trip(&p).unwrap();
+        assert_eq!(back, p);
+        let u = back.table.get("named").unwrap();
+        assert_eq!(u.names, p.table.get("named").unwrap().names);
+        assert_eq!(
+            u.servers.iter().map(|s| s.from).collect::<Vec<_>>(),
+            [Some(0), None, Some(0)]
+        );
+        assert_eq!((u.names[1].resolved_ms, u.names[1].ttl), (1, u32::MAX));
+        assert_eq!(u.dns.timeout_ms, Some(1500));
+        // Unset settings stay unset (not a default that reads back set).
+        let mut unset = p.clone();
+        {
+            let u = Arc::make_mut(
+                unset
+                    .table
+                    .upstreams
+                    .iter_mut()
+                    .find(|u| u.name == "named")
+                    .unwrap(),
+            );
+            u.dns = DnsSettings {
+                resolvers: vec!["10.0.0.53:53".parse().unwrap()],
+                ..DnsSettings::default()
+            };
+        }
+        assert_eq!(round_trip(&unset).unwrap(), unset);
+
+        let mut literal = p.clone();
+        for u in &mut literal.table.upstreams {
+            let u = Arc::make_mut(u);
+            u.names.clear();
+            u.dns = DnsSettings::default();
+            for s in &mut u.servers {
+                s.from = None;
+            }
+        }
+        assert_eq!(encode(&p).base, encode(&literal).base);
+    }
+
+    /// A slot written before fields 12 and 13 (or by a build without them)
+    /// reads with no `server NAME` line, every server an address as
+    /// written, and the default resolver settings; a later build's fields
+    /// beside ours change nothing.
+    #[test]
+    fn a_slot_without_the_name_fields_reads_with_the_defaults() {
+        let p = named_sample();
+        let old = decode(&encode(&p).base, &[], None).unwrap();
+        let u = old.table.get("named").unwrap();
+        assert!(u.names.is_empty());
+        assert!(u.servers.iter().all(|s| s.from.is_none()));
+        assert!(u.dns.is_default());
+        assert_eq!(
+            u.servers
+                .iter()
+                .map(|s| s.addr.to_string())
+                .collect::<Vec<_>>(),
+            ["10.0.0.1:8080", "10.9.9.9:80", "[fd00::1]:8080"]
+        );
+        // An extension with another field only, as builds before wrote it.
+        let only = with_entry(&field(TAG_KEEPALIVE_REQUESTS, &9u32.to_le_bytes())).unwrap();
+        let u = &only.table.upstreams[0];
+        assert_eq!(u.keepalive_requests, 9);
+        assert!(u.names.is_empty() && u.dns.is_default());
+        assert!(u.servers.iter().all(|s| s.from.is_none()));
+        // A table without names writes neither field.
+        let e = encode(&sample());
+        let back = decode(&e.base, &e.extension, None).unwrap();
+        assert!(back
+            .table
+            .upstreams
+            .iter()
+            .all(|u| u.names.is_empty() && u.dns.is_default()));
+    }
+
+    /// Fields 12 and 13 as a broken writer could leave them: refused,
+    /// saying what is wrong, never trusted.
+    #[test]
+    fn bad_name_fields_are_refused() {
+        // `with_entry`'s upstream is sample's "local", with three servers.
+        let line = |host: &str, flags: u8, weight: u32, resolved: u64| {
+            let mut v = Vec::new();
+            put_str(&mut v, host);
+            v.extend_from_slice(&8080u16.to_le_bytes());
+            v.push(flags);
+            for x in [weight, 0, 1, 10, 0] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v.extend_from_slice(&resolved.to_le_bytes());
+            v.extend_from_slice(&30u32.to_le_bytes());
+            v
+        };
+        let names = |lines: &[&[u8]], from: &[u16]| {
+            let mut v = (lines.len() as u16).to_le_bytes().to_vec();
+            for l in lines {
+                v.extend_from_slice(l);
+            }
+            for f in from {
+                v.extend_from_slice(&f.to_le_bytes());
+            }
+            field(TAG_NAMES, &v)
+        };
+        let good = line("app.internal", 1, 1, 5);
+        let none = [NO_LINE; 3];
+        let ok = with_entry(&names(&[&good], &[0, NO_LINE, 0])).unwrap();
+        assert_eq!(ok.table.upstreams[0].names[0].target(), "app.internal:8080");
+        let dns = |count: u8, valid: u32, ipv6: u8, timeout: u32| {
+            let mut v = vec![count];
+            for i in 0..count {
+                put_addr(&mut v, &Address::Inet(([10, 0, 0, i + 1], 53).into()));
+            }
+            v.extend_from_slice(&valid.to_le_bytes());
+            v.push(ipv6);
+            v.extend_from_slice(&timeout.to_le_bytes());
+            field(TAG_DNS, &v)
+        };
+        assert_eq!(
+            with_entry(&dns(2, UNSET, 0, UNSET))
+                .unwrap()
+                .table
+                .upstreams[0]
+                .dns
+                .resolvers
+                .len(),
+            2
+        );
+        let mut trailing = names(&[&good], &none);
+        trailing.push(0);
+        let n = trailing.len() - 3;
+        trailing[1..3].copy_from_slice(&(n as u16).to_le_bytes());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (names(&[&good], &[0, 1, 0]), "names line 1 of 1"),
+            (
+                names(&[&line("app.internal", 8, 1, 5)], &none),
+                "unknown flags 8",
+            ),
+            (
+                names(&[&line("app.internal", 1, 0, 5)], &none),
+                "out-of-range parameters",
+            ),
+            (
+                names(&[&line("app.internal", 1, 1, 0)], &none),
+                "was never resolved",
+            ),
+            (names(&[&line("a..b", 1, 1, 5)], &none), "a..b"),
+            (names(&[&good], &[0, 0]), "ends early"),
+            (trailing, "bytes after its end"),
+            (
+                field(
+                    TAG_NAMES,
+                    &((crate::table::names::NAMES_MAX + 1) as u16).to_le_bytes(),
+                ),
+                "at most 100",
+            ),
+            (dns(9, UNSET, 0, UNSET), "9 resolvers, at most 8"),
+            (dns(1, UNSET, 3, UNSET), "ipv6 3"),
+            (dns(1, 0, 0, UNSET), "out of range"),
+            (dns(1, UNSET, 0, DNS_TIME_MAX_MS + 1), "out of range"),
+            (
+                [dns(1, UNSET, 0, UNSET), dns(1, UNSET, 0, UNSET)].concat(),
+                "appears twice",
+            ),
+        ];
+        for (fields, why) in cases {
+            let err = with_entry(&fields).unwrap_err();
+            assert!(err.contains(why), "{err} lacks {why}");
+        }
+    }
+
+    #[test]
+    fn every_single_byte_flip_of_the_name_fields_decodes_or_errors_without_panic() {
+        let e = encode(&named_sample());
         for i in 0..e.extension.len() {
             for bit in 0..8 {
                 let mut m = e.extension.clone();

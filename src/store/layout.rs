@@ -29,7 +29,8 @@
 //! 104           8      writers' queue: tickets given up, bit ticket % 64,
 //!                      atomic u64
 //! 112           8      the newest generation known to be on disk, atomic u64
-//! 120           8      reserved, zero
+//! 120           8      the resolver lease (dns/lease.rs): when its holder
+//!                      last renewed it, Unix ms << 22 | its pid, atomic u64
 //! 128           16*N   worker table: N entries of
 //!                        +0 pid u32 (atomic, 0 = free)
 //!                        +4 reserved u32
@@ -93,6 +94,9 @@ pub const QUEUE_ABANDONED: usize = 104;
 /// The newest generation whose slot and commit word are known to be on
 /// disk: a writer overwrites the other slot only once the table it read is.
 pub const FLUSHED: usize = 112;
+/// Which worker re-resolves the `resolve` lines for every nginx on the
+/// file (`crate::dns::lease`); zero, as in a new file: nobody.
+pub const RESOLVER_LEASE: usize = 120;
 pub const WORKER_TABLE: usize = 128;
 pub const WORKER_ENTRY: usize = 16;
 pub const WORKER_ENTRIES: u32 = ((HEADER_LEN as usize - WORKER_TABLE) / WORKER_ENTRY) as u32;

@@ -62,8 +62,8 @@ pub use self::examine::{
 };
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
-    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, SLOT_HEADER, WORKER_ENTRY,
-    WORKER_TABLE,
+    SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, RESOLVER_LEASE, SLOT_HEADER,
+    WORKER_ENTRY, WORKER_TABLE,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
@@ -739,6 +739,17 @@ impl StateFile {
         }
         let mut table = current.table.clone();
         let out = change(&mut table)?;
+        // A `server NAME` line is stored with its addresses: resolving is
+        // the writer's, before its turn (see `crate::table::names`).
+        if let Some(u) = table.upstreams.iter().find(|u| u.has_pending()) {
+            let n = u.names.iter().find(|n| n.is_pending()).expect("has one");
+            return Err(Error::BadRequest(format!(
+                "upstream {}: server {}: the host name was not resolved before the write \
+                 (this writer resolves no names); nothing changed",
+                u.name,
+                n.target()
+            )));
+        }
         if same_content(&table, &current.table) {
             if opts.durable {
                 // Nothing to write, but the answer vouches for the table read.
@@ -876,6 +887,12 @@ impl StateFile {
 
     fn flushed(&self) -> &AtomicU64 {
         self.map.atomic_u64(FLUSHED)
+    }
+
+    /// The resolver lease: which worker re-resolves the `resolve` lines
+    /// of every upstream, for the whole nginx (`crate::dns::lease`).
+    pub fn resolver_lease(&self) -> &AtomicU64 {
+        self.map.atomic_u64(RESOLVER_LEASE)
     }
 
     /// Makes the table at `generation`, whose slot ends at `end`, durable

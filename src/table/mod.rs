@@ -7,6 +7,7 @@
 //! [`crate::error`]; every other folder may use it.
 
 pub mod model;
+pub mod names;
 pub mod nginx_conf;
 pub mod policy;
 pub mod syntax;

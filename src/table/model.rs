@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
+use crate::table::names::{DnsSettings, NamedServer};
 use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
@@ -112,6 +113,11 @@ pub struct ServerSpec {
     pub slow_start: u32,
     pub backup: bool,
     pub down: bool,
+    /// The `server NAME` line this address came from: its index in the
+    /// upstream's [`names`](Upstream::names); `None` for an address
+    /// written as one.
+    #[serde(skip)]
+    pub from: Option<u16>,
 }
 
 impl ServerSpec {
@@ -126,6 +132,7 @@ impl ServerSpec {
             slow_start: 0,
             backup: false,
             down: false,
+            from: None,
         }
     }
 
@@ -413,6 +420,13 @@ pub struct Upstream {
     #[serde(flatten)]
     pub check: CheckSettings,
     pub servers: Vec<ServerSpec>,
+    /// Its `server NAME ...;` lines, as written; the addresses each
+    /// resolved to are among `servers` (see [`ServerSpec::from`]).
+    #[serde(skip)]
+    pub names: Vec<NamedServer>,
+    /// Its `resolver` and `resolver_timeout` lines.
+    #[serde(skip)]
+    pub dns: DnsSettings,
     /// The table version at which this upstream last changed. Kept by the
     /// store; lets a worker keep the balancing state of upstreams that did
     /// not change.
@@ -481,6 +495,8 @@ impl Upstream {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             check: CheckSettings::default(),
             servers,
+            names: Vec::new(),
+            dns: DnsSettings::default(),
             rev: 0,
             peers: Vec::new(),
             owner: Owner::Local,
@@ -498,7 +514,39 @@ impl Upstream {
             && self.keepalive_timeout == other.keepalive_timeout
             && self.check == other.check
             && self.servers == other.servers
+            && self.names == other.names
+            && self.dns == other.dns
             && self.owner == other.owner
+    }
+
+    /// Whether `other` says the same as written: as [`same_content`]
+    /// (Self::same_content), but its `server NAME` lines compared as lines,
+    /// whatever their names resolved to, and the servers those made left
+    /// out. What a re-read of a file that names hosts is compared by.
+    pub fn same_definition(&self, other: &Upstream) -> bool {
+        let literal = |u: &Upstream| -> Vec<ServerSpec> {
+            u.servers
+                .iter()
+                .filter(|s| s.from.is_none())
+                .cloned()
+                .collect()
+        };
+        self.name == other.name
+            && self.policy == other.policy
+            && self.keepalive == other.keepalive
+            && self.keepalive_requests == other.keepalive_requests
+            && self.keepalive_time == other.keepalive_time
+            && self.keepalive_timeout == other.keepalive_timeout
+            && self.check == other.check
+            && self.dns == other.dns
+            && self.owner == other.owner
+            && self.names.len() == other.names.len()
+            && self
+                .names
+                .iter()
+                .zip(&other.names)
+                .all(|(a, b)| a.same_line(b))
+            && literal(self) == literal(other)
     }
 
     /// The shared cell of server `index`, if it has one.
@@ -510,6 +558,20 @@ impl Upstream {
     /// upstream without one ("no servers in upstream").
     pub fn has_primary(&self) -> bool {
         self.servers.iter().any(|s| !s.backup)
+            || self
+                .names
+                .iter()
+                .any(|n| n.is_pending() && !n.params.backup)
+    }
+
+    /// Whether some `server NAME` line still waits for its first answer.
+    pub fn has_pending(&self) -> bool {
+        self.names.iter().any(NamedServer::is_pending)
+    }
+
+    /// The `server NAME` line `host:port` names, by index.
+    pub fn named(&self, host: &str, port: u16) -> Option<usize> {
+        self.names.iter().position(|n| n.is(host, port))
     }
 
     pub fn server(&self, addr: &Address) -> Option<&ServerSpec> {

@@ -54,6 +54,8 @@ fn call_if(
         body: body.as_bytes(),
         json,
         preconditions,
+        answers: None,
+        name_status: &[],
     };
     handle(&req, &f.store, &snap, &WriteOptions::default())
 }
@@ -230,6 +232,82 @@ fn statuses_follow_the_module() {
     );
 }
 
+/// What the planning before a write's turn (the DNS lookups) tries: only
+/// the writes an endpoint takes, never one on a read-only endpoint (a
+/// POST /list once reached the write code there and panicked the worker).
+#[test]
+fn only_the_writes_an_endpoint_takes_are_planned() {
+    let f = fixture("planned");
+    let table = f.store.read().unwrap().table.clone();
+    let plan = |method: &str, path: &str, body: &str| {
+        let req = Request {
+            method,
+            path,
+            body: body.as_bytes(),
+            json: false,
+            preconditions: Preconditions::default(),
+            answers: None,
+            name_status: &[],
+        };
+        planned(&req, &table)
+    };
+    for path in ["/list", "/detail"] {
+        for method in [
+            "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND", "FOO",
+        ] {
+            assert!(plan(method, path, "").is_none(), "{method} {path}");
+            let r = call(&f, method, path, "");
+            assert_eq!(r.status, 405, "{method} {path}: {r:?}");
+            assert_eq!(r.allow, Some("GET, HEAD"), "{method} {path}");
+        }
+    }
+    for (method, path) in [
+        ("PUT", "/upstream/host1"),
+        ("PATCH", "/upstream/host1"),
+        ("DELETE", "/upstream/host1/servers"),
+        ("POST", "/upstream/host1/servers/127.0.0.1:8088"),
+        ("GET", "/upstream/host1"),
+        ("HEAD", "/upstream/host1"),
+    ] {
+        assert!(
+            plan(method, path, "server 127.0.0.1:1;").is_none(),
+            "{method} {path}"
+        );
+    }
+    let added = plan("POST", "/upstream/host1/servers", "app.internal:8080").unwrap();
+    assert_eq!(
+        added.get("host1").unwrap().names[0].target(),
+        "app.internal:8080"
+    );
+    let replaced = plan("POST", "/upstream/x", "server app.internal resolve;").unwrap();
+    assert!(replaced.get("x").unwrap().has_pending());
+    assert!(plan("DELETE", "/upstream/host2", "")
+        .unwrap()
+        .get("host2")
+        .is_none());
+    assert_eq!(f.store.read().unwrap().version, 1, "planning wrote");
+}
+
+/// PATCH changes one address: a host name there is a bad server, as any
+/// other server PATCH cannot take (a name's addresses come from its
+/// answers), and nothing changes.
+#[test]
+fn a_patch_of_a_host_name_is_a_bad_server() {
+    let f = fixture("patch-name");
+    for target in ["junk", "app.internal:8080"] {
+        let r = call(
+            &f,
+            "PATCH",
+            &format!("/upstream/host1/servers/{target}"),
+            "weight=5",
+        );
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+        assert!(r.body.starts_with("bad server: "), "{target}: {}", r.body);
+        assert!(r.body.contains(target), "{target}: {}", r.body);
+    }
+    assert_eq!(f.store.read().unwrap().version, 1);
+}
+
 #[test]
 fn one_server_at_a_time() {
     let f = fixture("servers");
@@ -390,6 +468,8 @@ fn a_body_that_is_not_utf8_is_refused() {
         body: b"server 127.0.0.1:1;\xff",
         json: false,
         preconditions: Preconditions::default(),
+        answers: None,
+        name_status: &[],
     };
     assert_eq!(
         handle(&req, &f.store, &snap, &WriteOptions::default()).status,

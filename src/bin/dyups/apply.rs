@@ -81,7 +81,25 @@ pub fn run(args: &Parsed) -> Outcome {
     let expect = if_version(args)?;
     let replace = args.flag("replace");
     // The input first: bad input touches no file, not even a new one.
-    let given = read_input(&args.positional[0])?;
+    let mut given = read_input(&args.positional[0])?;
+    // Host names are resolved here, before the write, blocking (as nginx
+    // resolves those of its configuration), with /etc/resolv.conf's name
+    // servers unless a block has a resolver line; an upstream the table
+    // holds as written asks nothing.
+    let current = StateFile::inspect(&path).ok().flatten().map(|s| s.table);
+    let mut asked = Table::default();
+    for u in &given.upstreams {
+        let held = current.as_ref().and_then(|t| t.get(&u.name));
+        if u.has_pending() && !held.is_some_and(|c| c.same_definition(u)) {
+            asked.upstreams.push(u.clone());
+        }
+    }
+    if !asked.upstreams.is_empty() {
+        ngx_dyups::dns::resolve_blocking(&mut asked, &ngx_dyups::dns::Defaults::system())?;
+        for u in asked.upstreams {
+            given.upsert(std::sync::Arc::unwrap_or_clone(u));
+        }
+    }
     let existed = path.exists();
     if !existed {
         if let Some(n) = expect {

@@ -24,14 +24,19 @@ use crate::table::model::{
     check_http_send, check_name, name_key, Address, CheckLine, CheckType, ExpectAlive, ServerSpec,
     Table, Upstream, CHECK_COUNT_MAX, CHECK_KEEPALIVE_REQUESTS_MAX, CHECK_TIME_MAX,
 };
+use crate::table::names::{DNS_TIME_MAX_MS, NAMES_MAX, RESOLVERS_MAX};
 use crate::table::policy::Policy;
 
 use self::lexer::{error_at, Lexer, Stmt, Terminator};
 pub use self::render::{
-    render_check_line, render_server, render_upstream, render_upstream_file, setting_lines,
+    render_check_line, render_named, render_server, render_upstream, render_upstream_file,
+    server_lines, setting_lines,
 };
 use self::server::{bounded, bounded_millis, parse_decimal, TimeSyntax};
-pub use self::server::{parse_address, parse_server_args, parse_server_patch};
+pub use self::server::{
+    parse_address, parse_server_args, parse_server_line, parse_server_patch, parse_target,
+    ServerLine, Target,
+};
 
 const SERVER_USAGE: &str = "expected `server ADDR [PARAMS];`";
 
@@ -42,7 +47,7 @@ const SERVER_USAGE: &str = "expected `server ADDR [PARAMS];`";
 /// What an upstream definition takes, as nginx's `upstream {}` does (with
 /// lua-nginx-module and nginx_upstream_check_module), for error messages.
 const DIRECTIVES: &str = "server, the balancing methods, keepalive*, zone, \
-     balancer_by_lua_* and check*";
+     resolver, resolver_timeout, balancer_by_lua_* and check*";
 
 const CHECK_USAGE: &str = "check interval=MS [rise=N] [fall=N] [timeout=MS] \
      [default_down=true|false] [type=tcp|http|https|ssl_hello] [port=N] [jitter=MS];";
@@ -71,6 +76,8 @@ fn usage(directive: &str) -> Option<&'static str> {
         "check_http_send" => "check_http_send \"REQUEST\";",
         "check_http_expect_alive" => "check_http_expect_alive http_2xx [http_3xx ...];",
         "check_keepalive_requests" => "check_keepalive_requests N;",
+        "resolver" => "resolver ADDRESS[:PORT] ... [valid=TIME] [ipv6=on|off];",
+        "resolver_timeout" => "resolver_timeout TIME;",
         _ => return None,
     })
 }
@@ -102,6 +109,8 @@ struct Definition {
     upstream: Upstream,
     /// Address to the line that gave it.
     lines: HashMap<Address, usize>,
+    /// `host:port` (in lower case) of each `server NAME` line to its line.
+    named_lines: HashMap<String, usize>,
     /// Each setting given (see [`setting_of`]) and its line.
     given: HashMap<String, usize>,
     /// The line of the balancing method, if any.
@@ -113,6 +122,7 @@ impl Definition {
         Definition {
             upstream: Upstream::new("", Vec::new()),
             lines: HashMap::new(),
+            named_lines: HashMap::new(),
             given: HashMap::new(),
             policy_line: None,
         }
@@ -232,6 +242,16 @@ impl Definition {
                 u.check.http_expect_alive = ExpectAlive::from_bits(bits).expect("one bit at least");
                 return Ok(());
             }
+            ("resolver", [_, ..]) => {
+                parse_resolver(&args, &mut u.dns).map_err(|why| stmt.error(why))?;
+                return Ok(());
+            }
+            ("resolver_timeout", [t]) => {
+                let ms = bounded_millis(t, TimeSyntax::MILLIS, 1, DNS_TIME_MAX_MS)
+                    .map_err(|why| stmt.error(format!("resolver_timeout {why}")))?;
+                u.dns.timeout_ms = Some(ms);
+                return Ok(());
+            }
             ("check_keepalive_requests", [n]) => {
                 u.check.keepalive_requests =
                     bounded(n, directive, n, 1, CHECK_KEEPALIVE_REQUESTS_MAX).map_err(|_| {
@@ -264,7 +284,23 @@ impl Definition {
     /// `stmt` is a `server ...;` statement.
     fn server(&mut self, stmt: &Stmt) -> Result<(), Error> {
         let args = stmt.words[1..].join(" ");
-        let spec = parse_server_args(&args).map_err(|why| stmt.error(why))?;
+        let spec = match parse_server_line(&args).map_err(|why| stmt.error(why))? {
+            ServerLine::Addr(spec) => spec,
+            ServerLine::Named(n) => {
+                if self.upstream.names.len() == NAMES_MAX {
+                    return Err(stmt.error(format!(
+                        "an upstream takes at most {NAMES_MAX} server lines with a host name"
+                    )));
+                }
+                let key = format!("{}:{}", n.host.to_ascii_lowercase(), n.port());
+                if let Some(first) = self.named_lines.insert(key, stmt.line) {
+                    let what = format!("server {}", n.target());
+                    return Err(stmt.error(twice(&what, first, stmt.line)));
+                }
+                self.upstream.names.push(n);
+                return Ok(());
+            }
+        };
         if let Some(first) = self.lines.insert(spec.addr.clone(), stmt.line) {
             let what = format!("server {}", spec.addr);
             return Err(stmt.error(twice(&what, first, stmt.line)));
@@ -283,6 +319,10 @@ impl Definition {
             u.policy
                 .validate(&u.servers)
                 .map_err(|why| error_at(at, why))?;
+            // A name's line stands for servers with its parameters.
+            if let Some(why) = u.names.iter().find_map(|n| n.refused_by(&u.policy)) {
+                return Err(error_at(at, why));
+            }
         }
         if !u.has_primary() {
             return Err(error_at(line, only_backups(name)));
@@ -327,6 +367,70 @@ fn check_zone(name: &str, size: Option<&str>) -> Result<(), String> {
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// The arguments of a `resolver` line: IP addresses with an optional port
+/// (53), `valid=TIME` and `ipv6=on|off`, as nginx takes them; host names
+/// are not taken (nginx resolves them once, with the system's resolver).
+fn parse_resolver(args: &[&str], dns: &mut crate::table::names::DnsSettings) -> Result<(), String> {
+    for word in args {
+        if let Some(v) = word.strip_prefix("valid=") {
+            let ms = bounded_millis(v, TimeSyntax::MILLIS, 1000, DNS_TIME_MAX_MS)
+                .map_err(|why| format!("{word}: valid {why}"))?;
+            if dns.valid.replace(ms / 1000).is_some() {
+                return Err(format!("{word}: valid is given more than once"));
+            }
+        } else if let Some(v) = word.strip_prefix("ipv6=") {
+            let on = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(format!("{word}: ipv6 must be on or off")),
+            };
+            if dns.ipv6.replace(on).is_some() {
+                return Err(format!("{word}: ipv6 is given more than once"));
+            }
+        } else if word.contains('=') {
+            return Err(format!(
+                "unknown resolver parameter {word:?}: expected `{}`",
+                usage("resolver").unwrap_or_default()
+            ));
+        } else {
+            let addr = parse_resolver_address(word)?;
+            if dns.resolvers.contains(&addr) {
+                return Err(format!("{word}: resolver {addr} is given twice"));
+            }
+            if dns.resolvers.len() == RESOLVERS_MAX {
+                return Err(format!(
+                    "{word}: at most {RESOLVERS_MAX} resolver addresses"
+                ));
+            }
+            dns.resolvers.push(addr);
+        }
+    }
+    if dns.resolvers.is_empty() {
+        return Err("resolver: no address given".into());
+    }
+    Ok(())
+}
+
+/// A name server's address: `10.0.0.1`, `10.0.0.1:5353`, `[::1]:53`.
+pub fn parse_resolver_address(word: &str) -> Result<std::net::SocketAddr, String> {
+    const DNS_PORT: u16 = 53;
+    if let Ok(ip) = word.parse::<std::net::IpAddr>() {
+        return Ok((ip, DNS_PORT).into());
+    }
+    if let Ok(a) = word.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(v6) = word.strip_prefix('[').and_then(|w| w.strip_suffix(']')) {
+        if let Ok(ip) = v6.parse::<std::net::Ipv6Addr>() {
+            return Ok((ip, DNS_PORT).into());
+        }
+    }
+    Err(format!(
+        "{word:?}: a resolver is an IP address with an optional port (10.0.0.1, \
+         10.0.0.1:5353, [::1]:53), not a host name"
+    ))
 }
 
 /// The parameters of a `check` line (nginx_upstream_check_module's, and
@@ -382,12 +486,12 @@ fn parse_check_line(args: &[&str]) -> Result<CheckLine, String> {
 pub fn parse_body(name: &str, body: &str) -> Result<Upstream, Error> {
     let mut lexer = Lexer::new(body)?;
     let def = Definition::read(&mut lexer, None)?;
-    let Some(first) = def.upstream.servers.first() else {
+    let first = def.lines.values().chain(def.named_lines.values()).min();
+    let Some(&line) = first else {
         return Err(Error::BadRequest(format!(
             "no server in body: {SERVER_USAGE}"
         )));
     };
-    let line = def.lines[&first.addr];
     def.finish(name, line)
 }
 
@@ -440,7 +544,7 @@ fn upstream_block(lexer: &mut Lexer<'_>, opened: &Stmt) -> Result<Upstream, Erro
     };
     check_name(name).map_err(|why| opened.error(why))?;
     let def = Definition::read(lexer, Some(opened))?;
-    if def.upstream.servers.is_empty() {
+    if def.upstream.servers.is_empty() && def.upstream.names.is_empty() {
         return Err(opened.error(format!("upstream {name:?} has no server")));
     }
     def.finish(name, opened.line)

@@ -7,6 +7,7 @@ use crate::table::model::{
     DEFAULT_CHECK_KEEPALIVE_REQUESTS, DEFAULT_FAIL_TIMEOUT, DEFAULT_KEEPALIVE_REQUESTS,
     DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_FAILS, DEFAULT_WEIGHT,
 };
+use crate::table::names::{NamedServer, ServerParams};
 use crate::table::policy::Policy;
 
 /// The header `render_upstream_file` writes.
@@ -16,37 +17,77 @@ const FILE_HEADER: &str = "# written by ngx.dyups; edits are overwritten\n";
 /// defaults.
 pub fn render_server(s: &ServerSpec) -> String {
     let mut out = format!("server {}", s.addr);
-    if s.weight != DEFAULT_WEIGHT {
-        out.push_str(&format!(" weight={}", s.weight));
-    }
-    if s.max_conns != 0 {
-        out.push_str(&format!(" max_conns={}", s.max_conns));
-    }
-    if s.max_fails != DEFAULT_MAX_FAILS {
-        out.push_str(&format!(" max_fails={}", s.max_fails));
-    }
-    if s.fail_timeout != DEFAULT_FAIL_TIMEOUT {
-        out.push_str(&format!(" fail_timeout={}s", s.fail_timeout));
-    }
-    if s.slow_start != 0 {
-        out.push_str(&format!(" slow_start={}s", s.slow_start));
-    }
-    if s.backup {
-        out.push_str(" backup");
-    }
-    if s.down {
-        out.push_str(" down");
+    render_params(&mut out, &ServerParams::of(s));
+    out.push(';');
+    out
+}
+
+/// `server NAME[:PORT] [PARAMS] [resolve];`: the line as written, its
+/// parameters as [`render_server`] prints them.
+pub fn render_named(n: &NamedServer) -> String {
+    let mut out = format!("server {}", n.target());
+    render_params(&mut out, &n.params);
+    if n.resolve {
+        out.push_str(" resolve");
     }
     out.push(';');
     out
+}
+
+fn render_params(out: &mut String, p: &ServerParams) {
+    if p.weight != DEFAULT_WEIGHT {
+        out.push_str(&format!(" weight={}", p.weight));
+    }
+    if p.max_conns != 0 {
+        out.push_str(&format!(" max_conns={}", p.max_conns));
+    }
+    if p.max_fails != DEFAULT_MAX_FAILS {
+        out.push_str(&format!(" max_fails={}", p.max_fails));
+    }
+    if p.fail_timeout != DEFAULT_FAIL_TIMEOUT {
+        out.push_str(&format!(" fail_timeout={}s", p.fail_timeout));
+    }
+    if p.slow_start != 0 {
+        out.push_str(&format!(" slow_start={}s", p.slow_start));
+    }
+    if p.backup {
+        out.push_str(" backup");
+    }
+    if p.down {
+        out.push_str(" down");
+    }
+}
+
+/// The `server` lines of an upstream as written: each server at an
+/// address, and each `server NAME` line once, where its first address
+/// stands (after the others when it has none now), instead of the
+/// addresses it resolved to.
+pub fn server_lines(u: &Upstream) -> Vec<String> {
+    let mut shown = vec![false; u.names.len()];
+    let mut lines = Vec::with_capacity(u.servers.len());
+    for s in &u.servers {
+        match s.from.map(usize::from) {
+            None => lines.push(render_server(s)),
+            Some(i) if i < shown.len() && !shown[i] => {
+                shown[i] = true;
+                lines.push(render_named(&u.names[i]));
+            }
+            Some(_) => {}
+        }
+    }
+    for (n, shown) in u.names.iter().zip(shown) {
+        if !shown {
+            lines.push(render_named(n));
+        }
+    }
+    lines
 }
 
 /// `upstream NAME {` with its setting lines, then one indented `server`
 /// line per server, then `}`.
 pub fn render_upstream(u: &Upstream) -> String {
     let mut out = format!("upstream {} {{\n", u.name);
-    let servers = u.servers.iter().map(render_server);
-    for line in setting_lines(u).into_iter().chain(servers) {
+    for line in setting_lines(u).into_iter().chain(server_lines(u)) {
         out.push_str("    ");
         out.push_str(&line);
         out.push('\n');
@@ -82,6 +123,23 @@ pub fn setting_lines(u: &Upstream) -> Vec<String> {
             "keepalive_timeout {};",
             nginx_millis(u.keepalive_timeout)
         ));
+    }
+    let d = &u.dns;
+    if !d.resolvers.is_empty() || d.valid.is_some() || d.ipv6.is_some() {
+        let mut line = String::from("resolver");
+        for a in &d.resolvers {
+            line.push_str(&format!(" {a}"));
+        }
+        if let Some(v) = d.valid {
+            line.push_str(&format!(" valid={v}s"));
+        }
+        if let Some(on) = d.ipv6 {
+            line.push_str(if on { " ipv6=on" } else { " ipv6=off" });
+        }
+        lines.push(line + ";");
+    }
+    if let Some(ms) = d.timeout_ms {
+        lines.push(format!("resolver_timeout {};", nginx_millis(ms)));
     }
     let c = &u.check;
     if let Some(line) = &c.line {

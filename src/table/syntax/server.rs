@@ -8,15 +8,43 @@ use crate::table::model::{
     Address, ServerPatch, ServerSpec, DEFAULT_PORT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
     SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
+use crate::table::names::{check_host, NamedServer, ServerParams};
+
+/// What a `server` line names: an address, or a host name to resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Addr(Address),
+    Name { host: String, port: Option<u16> },
+}
+
+/// One `server` line: a server at an address, or a `server NAME` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerLine {
+    Addr(ServerSpec),
+    Named(NamedServer),
+}
 
 /// `sizeof(sun_path) - 1` on Linux: the longest unix socket path.
 const UNIX_PATH_MAX: usize = 107;
 
 /// Parses a server address as nginx spells it: `127.0.0.1:8088`, `127.0.0.1`,
 /// `[::1]:8080`, `[::1]` or `unix:/path`. A missing port is 80, as in nginx.
+/// A host name is refused: only `server` lines take one.
 pub fn parse_address(s: &str) -> Result<Address, String> {
+    match parse_target(s)? {
+        Target::Addr(a) => Ok(a),
+        Target::Name { .. } => Err(format!(
+            "{s:?} is a host name: name a server by its address here \
+             (127.0.0.1:80, [::1]:80, unix:/path)"
+        )),
+    }
+}
+
+/// Parses what a `server` line names: an address as [`parse_address`]
+/// takes it, or a host name with an optional port (`app.internal:8080`).
+pub fn parse_target(s: &str) -> Result<Target, String> {
     if let Some(path) = s.strip_prefix("unix:") {
-        return parse_unix_path(s, path);
+        return parse_unix_path(s, path).map(Target::Addr);
     }
     if let Some((scheme, rest)) = s.split_once("://") {
         return Err(format!(
@@ -29,7 +57,7 @@ pub fn parse_address(s: &str) -> Result<Address, String> {
         ));
     }
     if let Some(rest) = s.strip_prefix('[') {
-        return parse_bracketed_v6(s, rest);
+        return parse_bracketed_v6(s, rest).map(Target::Addr);
     }
     if s.matches(':').count() > 1 && looks_like_ipv6(s) {
         return Err(format!(
@@ -43,13 +71,14 @@ pub fn parse_address(s: &str) -> Result<Address, String> {
     if host.is_empty() {
         return Err(format!("{s:?}: the address has no host"));
     }
-    match host.parse::<Ipv4Addr>() {
-        Ok(ip) => Ok(Address::Inet(SocketAddr::from((ip, port)))),
-        Err(_) => Err(format!(
-            "{s:?}: host names are not supported yet; use an IP literal \
-             (127.0.0.1:80, [::1]:80) or unix:/path"
-        )),
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(Target::Addr(Address::Inet(SocketAddr::from((ip, port)))));
     }
+    check_host(host)?;
+    Ok(Target::Name {
+        host: host.to_owned(),
+        port: s.rsplit_once(':').map(|_| port),
+    })
 }
 
 fn parse_unix_path(s: &str, path: &str) -> Result<Address, String> {
@@ -121,16 +150,61 @@ pub(super) fn parse_decimal(s: &str) -> Option<u64> {
 /// nginx's `weight=`, `max_conns=`, `max_fails=`, `fail_timeout=`, `backup`
 /// and `down`, and NGINX Plus's `slow_start=`.
 pub fn parse_server_args(args: &str) -> Result<ServerSpec, String> {
+    match parse_server_line(args)? {
+        ServerLine::Addr(spec) => Ok(spec),
+        ServerLine::Named(n) => Err(format!(
+            "{:?} is a host name: name a server by its address here \
+             (127.0.0.1:80, [::1]:80, unix:/path)",
+            n.target()
+        )),
+    }
+}
+
+/// Parses what follows `server` in a `server ...;` line, an address or a
+/// host name with nginx's parameters; a host name also takes `resolve`.
+pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
     let mut words = args.split_ascii_whitespace();
     let Some(addr) = words.next() else {
         return Err(format!("missing address: {SERVER_USAGE}"));
     };
-    let mut spec = ServerSpec::new(parse_address(addr)?);
+    let target = parse_target(addr)?;
+    // Parameters are read onto a server at a placeholder address.
+    let mut spec = ServerSpec::new(Address::Unix("/".into()));
     let mut seen = Seen::default();
+    let mut resolve = false;
     for word in words {
-        apply_param(&mut spec, &mut seen, word)?;
+        match word.split_once('=').map_or(word, |(k, _)| k) {
+            "resolve" if word == "resolve" => {
+                if std::mem::replace(&mut resolve, true) {
+                    return Err("resolve: resolve is given more than once".into());
+                }
+            }
+            "resolve" => {
+                return Err(format!(
+                    "{word}: resolve takes no value in nginx: write `resolve`"
+                ))
+            }
+            "service" => {
+                return Err(format!(
+                    "{word}: service= (DNS SRV records) is not supported yet: \
+                     give the port after the name, as in `server NAME:PORT resolve;`"
+                ))
+            }
+            _ => apply_param(&mut spec, &mut seen, word)?,
+        }
     }
-    Ok(spec)
+    match target {
+        Target::Addr(addr) if resolve => Err(format!(
+            "{addr} resolve: {addr} is an address; resolve is for a host name"
+        )),
+        Target::Addr(addr) => Ok(ServerLine::Addr(ServerSpec { addr, ..spec })),
+        Target::Name { host, port } => Ok(ServerLine::Named(NamedServer::new(
+            host,
+            port,
+            ServerParams::of(&spec),
+            resolve,
+        ))),
+    }
 }
 
 /// Parses the parameters of a `PATCH` to one server: `weight=N`,

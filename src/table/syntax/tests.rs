@@ -4,6 +4,7 @@
 use super::lexer::EXCERPT_MAX;
 use super::*;
 use crate::table::model::{FAIL_TIMEOUT_MAX, MAX_FAILS_MAX};
+use crate::table::names::{NamedServer, ServerParams};
 
 fn inet(s: &str) -> Address {
     Address::Inet(s.parse().unwrap())
@@ -487,7 +488,10 @@ fn bad_addresses_name_the_text_and_the_reason() {
     for host in ["example.com:80", "localhost", "localhost:8080"] {
         let m = err(host);
         assert!(m.contains(&format!("{host:?}")), "{m}");
-        assert!(m.contains("host names are not supported yet"), "{m}");
+        assert!(
+            m.contains("is a host name: name a server by its address here"),
+            "{m}"
+        );
         assert!(m.contains("unix:/path"), "{m}");
     }
     assert!(err("127.0.0.1:0").contains("\"127.0.0.1:0\": port must be 1..65535"));
@@ -652,8 +656,8 @@ fn body_errors_name_the_line_and_statement() {
     assert_eq!(
         m,
         "line 2: sticky cookie: unknown directive \"sticky\": nginx's upstream {} does not \
-             take it (it takes server, the balancing methods, keepalive*, zone, balancer_by_lua_* \
-             and check*)"
+             take it (it takes server, the balancing methods, keepalive*, zone, resolver, \
+             resolver_timeout, balancer_by_lua_* and check*)"
     );
     let m = bad(parse_servers("server 127.0.0.1:80;\nserver 127.0.0.1:81"));
     assert_eq!(m, "line 2: server 127.0.0.1:81: missing ';' at the end");
@@ -664,8 +668,10 @@ fn body_errors_name_the_line_and_statement() {
         ),
         "{m}"
     );
-    let m = bad(parse_servers("server example.com:80;"));
-    assert!(m.starts_with("line 1: server example.com:80: \"example.com:80\": host names"));
+    let m = bad(parse_servers("server example.com:80 resolve=on;"));
+    assert!(m.starts_with(
+        "line 1: server example.com:80 resolve=on: resolve=on: resolve takes no value"
+    ));
     assert!(bad(parse_servers("server 127.0.0.1 {")).contains("unexpected '{'"));
     assert!(bad(parse_servers("}")).contains("line 1: unexpected '}'"));
     assert!(bad(parse_servers(";")).contains("line 1: unexpected ';'"));
@@ -890,6 +896,7 @@ fn rendering_prints_only_what_differs_from_nginx() {
         slow_start: 30,
         backup: true,
         down: true,
+        from: None,
     };
     assert_eq!(
         render_server(&s),
@@ -941,4 +948,217 @@ fn round_trip_ignores_rev() {
     let back = parse_upstream_file(&render_upstream_file(&t)).unwrap();
     assert_eq!(back.upstreams[0].rev, 0);
     assert_eq!(back.upstreams[0].servers, t.upstreams[0].servers);
+}
+
+fn named_line(args: &str) -> NamedServer {
+    match parse_server_line(args) {
+        Ok(ServerLine::Named(n)) => n,
+        other => panic!("{args}: expected a server NAME line, got {other:?}"),
+    }
+}
+
+#[test]
+fn server_name_lines_take_nginx_parameters_and_resolve() {
+    let n = named_line(
+        "App.Internal:8080 weight=2 max_conns=5 max_fails=3 fail_timeout=1m slow_start=30s backup resolve",
+    );
+    assert_eq!(
+        (n.host.as_str(), n.port, n.resolve),
+        ("App.Internal", Some(8080), true)
+    );
+    assert_eq!(
+        n.params,
+        ServerParams {
+            weight: 2,
+            max_conns: 5,
+            max_fails: 3,
+            fail_timeout: 60,
+            slow_start: 30,
+            backup: true,
+            down: false,
+        }
+    );
+    assert!(n.is_pending(), "a parsed line waits for its answer");
+    // No port: nginx's 80, and the line is written back without one.
+    let n = named_line("app.internal down");
+    assert_eq!((n.port, n.port(), n.resolve), (None, 80, false));
+    assert!(n.params.down);
+    assert_eq!(render_named(&n), "server app.internal down;");
+    // Addresses stay addresses, whatever looks like a name around them.
+    for addr in ["127.0.0.1:80", "[::1]:80", "unix:/tmp/x.sock", "10.0.0.1"] {
+        assert!(
+            matches!(parse_server_line(addr), Ok(ServerLine::Addr(_))),
+            "{addr}"
+        );
+    }
+    // Where one address is meant (PATCH, /ups), a name is refused.
+    let m = parse_server_args("app.internal:80 weight=2").unwrap_err();
+    assert!(m.contains("\"app.internal:80\" is a host name"), "{m}");
+}
+
+#[test]
+fn bad_server_name_lines_are_refused_naming_what_is_wrong() {
+    let err = |args: &str| parse_server_line(args).unwrap_err();
+    let cases = [
+        (
+            "127.0.0.1:80 resolve",
+            "127.0.0.1:80 is an address; resolve is for a host name",
+        ),
+        (
+            "app.internal resolve=on",
+            "resolve=on: resolve takes no value",
+        ),
+        (
+            "app.internal resolve resolve",
+            "resolve is given more than once",
+        ),
+        (
+            "app.internal service=http",
+            "service= (DNS SRV records) is not supported yet",
+        ),
+        ("app.internal weight=0", "weight must be 1..1000"),
+        ("app.internal colour=red", "colour"),
+        ("app.internal:0", "port must be 1..65535"),
+        ("app.internal:99999", "port must be 1..65535"),
+        ("app..internal:80", "app..internal"),
+        ("-app.internal", "-app.internal"),
+        ("1.2.3.256:80", "1.2.3.256"),
+        ("http://app.internal", "has no scheme"),
+        ("a.b,c.d", "one address, not a list"),
+    ];
+    for (args, want) in cases {
+        let m = err(args);
+        assert!(m.contains(want), "{args}: {m:?} lacks {want:?}");
+    }
+    let long = format!("{}.internal", "a".repeat(250));
+    assert!(
+        parse_server_line(&long).is_err(),
+        "a host name past 253 bytes"
+    );
+}
+
+#[test]
+fn bodies_take_server_name_lines_and_resolver_settings() {
+    let u = parse_body(
+        "u",
+        "resolver 10.0.0.53 [::1]:5353 valid=30s ipv6=off;\nresolver_timeout 2s;\n\
+         server 10.0.0.1:80;\nserver app.internal:8080 weight=2 resolve;\n",
+    )
+    .unwrap();
+    assert_eq!(addrs_of(&u), ["10.0.0.1:80"]);
+    assert_eq!(u.names.len(), 1);
+    assert_eq!(u.names[0].target(), "app.internal:8080");
+    assert_eq!(
+        u.dns.resolvers,
+        [
+            "10.0.0.53:53".parse().unwrap(),
+            "[::1]:5353".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        (u.dns.valid, u.dns.ipv6, u.dns.timeout_ms),
+        (Some(30), Some(false), Some(2000))
+    );
+    // Only server NAME lines: a body, and a block of a file.
+    let u = parse_body("u", "server app.internal;").unwrap();
+    assert!(u.servers.is_empty());
+    assert_eq!(u.names[0].target(), "app.internal");
+    let t = parse_upstream_file("upstream u {\n  server app.internal:81 resolve;\n}\n").unwrap();
+    assert_eq!(t.get("u").unwrap().names[0].port, Some(81));
+}
+
+#[test]
+fn bad_server_name_bodies_are_refused_naming_the_line() {
+    let err = |body: &str| bad(parse_body("u", body));
+    let resolvers: String = (1..=9).map(|i| format!(" 10.0.0.{i}")).collect();
+    let names: String = (0..=crate::table::names::NAMES_MAX)
+        .map(|i| format!("server n{i}.internal;\n"))
+        .collect();
+    let cases = [
+        (
+            "server app.internal:80;\nserver APP.internal;".to_owned(),
+            "line 2: server APP.internal: server APP.internal is given twice, on line 1 and line 2",
+        ),
+        ("server app.internal backup;".into(), "only backup servers"),
+        (
+            "hash $uri;\nserver app.internal backup;\nserver 10.0.0.1;".into(),
+            "balancing method \"hash\" does not support parameter \"backup\" (server app.internal)",
+        ),
+        (
+            "random;\nserver app.internal:81 slow_start=10s;".into(),
+            "balancing method \"random\" does not support parameter \"slow_start\" (server app.internal:81)",
+        ),
+        (
+            "resolver dns.internal;\nserver app.internal;".into(),
+            "\"dns.internal\": a resolver is an IP address with an optional port",
+        ),
+        (
+            "resolver valid=30s;\nserver app.internal;".into(),
+            "resolver: no address given",
+        ),
+        (
+            "resolver 10.0.0.53 valid=0;\nserver a.b;".into(),
+            "valid=0: valid",
+        ),
+        (
+            "resolver 10.0.0.53 valid=2d;\nserver a.b;".into(),
+            "valid=2d: valid",
+        ),
+        (
+            "resolver 10.0.0.53 ipv6=maybe;\nserver a.b;".into(),
+            "ipv6 must be on or off",
+        ),
+        (
+            "resolver 10.0.0.53 ipv6=on ipv6=off;\nserver a.b;".into(),
+            "ipv6 is given more than once",
+        ),
+        (
+            "resolver 10.0.0.53 10.0.0.53:53;\nserver a.b;".into(),
+            "is given twice",
+        ),
+        (
+            "resolver 10.0.0.53 ttl=5;\nserver a.b;".into(),
+            "unknown resolver parameter \"ttl=5\"",
+        ),
+        (
+            format!("resolver{resolvers};\nserver a.b;"),
+            "at most 8 resolver addresses",
+        ),
+        (
+            "resolver_timeout 0;\nserver a.b;".into(),
+            "line 1: resolver_timeout 0: resolver_timeout",
+        ),
+        ("resolver_timeout 1s 2s;\nserver a.b;".into(), "line 1"),
+        (
+            names,
+            "line 101: server n100.internal: an upstream takes at most 100 server lines",
+        ),
+    ];
+    for (body, want) in cases {
+        let m = err(&body);
+        assert!(m.contains(want), "{body:?}: {m:?} lacks {want:?}");
+    }
+}
+
+#[test]
+fn server_name_lines_are_written_back_as_given() {
+    let text = "upstream u {\n    resolver 10.0.0.53:5353 valid=30s ipv6=on;\n    \
+                resolver_timeout 1500ms;\n    server 10.0.0.1:80;\n    \
+                server app.internal:8080 weight=2 slow_start=30s backup resolve;\n    server other.internal;\n}\n";
+    let t = parse_upstream_file(text).unwrap();
+    let written = render_upstream_file(&t);
+    for line in [
+        "    resolver 10.0.0.53:5353 valid=30s ipv6=on;\n",
+        "    server 10.0.0.1:80;\n",
+        "    server app.internal:8080 weight=2 slow_start=30s backup resolve;\n",
+        "    server other.internal;\n",
+    ] {
+        assert!(written.contains(line), "{written:?} lacks {line:?}");
+    }
+    assert!(written.contains("resolver_timeout"), "{written}");
+    assert_eq!(parse_upstream_file(&written), Ok(t));
+}
+
+fn addrs_of(u: &Upstream) -> Vec<String> {
+    u.servers.iter().map(|s| s.addr.to_string()).collect()
 }

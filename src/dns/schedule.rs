@@ -1,0 +1,331 @@
+//! The re-resolution of `resolve` lines, in the worker that holds the
+//! resolver lease: which lines are due, and what each answer changes.
+//!
+//! A line is asked again when its answer's lifetime is over (its TTL, or
+//! the resolver's `valid=`); after a timeout or a server failure the last
+//! good addresses stay and it is asked again after [`RETRY_MS`]; after
+//! NXDOMAIN its servers go (never the upstream's last available one,
+//! `crate::table::names::apply_lookup` keeps that). Only an answer that
+//! differs from the table makes a write, so a name whose addresses stay
+//! costs one query per TTL and nothing else.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::dns::{Defaults, Resolver};
+use crate::table::model::{Address, Table};
+use crate::table::names::{Lookup, NamedServer};
+
+/// How soon a lookup that failed (timeout, SERVFAIL) is made again.
+pub const RETRY_MS: u64 = 1000;
+
+pub use crate::admin::name_status::Status;
+
+/// One lookup for a transport to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub id: u64,
+    pub host: String,
+    pub resolver: Resolver,
+}
+
+/// A change an answer asks for: the line's servers are to be `addrs`
+/// (none after NXDOMAIN), in one write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub upstream: String,
+    pub line: NamedServer,
+    pub addrs: Vec<IpAddr>,
+    pub ttl: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Upstream name and host in lower case, and the port.
+    key: (String, String, u16),
+    line: NamedServer,
+    resolver: Resolver,
+    due_ms: u64,
+    /// The lookup in flight, if any.
+    job: Option<u64>,
+    status: Status,
+}
+
+/// The lines this worker re-resolves while it holds the lease.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    entries: Vec<Entry>,
+    /// The table generation `entries` follow.
+    seen: Option<u64>,
+    next_job: u64,
+}
+
+/// The addresses the table holds for line `i` of `u`.
+fn table_addrs(table: &Table, upstream: &str, line: &NamedServer) -> Option<Vec<IpAddr>> {
+    let u = table.get(upstream)?;
+    let i = u.names.iter().position(|n| n.same_line(line))? as u16;
+    let mut a: Vec<IpAddr> = u
+        .servers
+        .iter()
+        .filter(|s| s.from == Some(i))
+        .filter_map(|s| s.addr.ip())
+        .collect();
+    a.sort();
+    Some(a)
+}
+
+impl Schedule {
+    pub fn new() -> Schedule {
+        Schedule::default()
+    }
+
+    /// Forgets everything (the lease went to another worker).
+    pub fn clear(&mut self) {
+        *self = Schedule {
+            next_job: self.next_job,
+            ..Schedule::default()
+        };
+    }
+
+    /// Follows the `resolve` lines of `table` (of `generation`): a line
+    /// that stays keeps its schedule; a new one is due when the answer it
+    /// was written with expires.
+    fn follow(&mut self, table: &Table, generation: u64, defaults: &Defaults) {
+        if self.seen == Some(generation) {
+            return;
+        }
+        self.seen = Some(generation);
+        let mut old: HashMap<(String, String, u16), Entry> =
+            self.entries.drain(..).map(|e| (e.key.clone(), e)).collect();
+        for u in &table.upstreams {
+            let resolver = Resolver::of(u, defaults);
+            for (i, n) in u.names.iter().enumerate().filter(|(_, n)| n.resolve) {
+                let key = (
+                    u.name.to_ascii_lowercase(),
+                    n.host.to_ascii_lowercase(),
+                    n.port(),
+                );
+                let entry = match old.remove(&key) {
+                    Some(mut e) if e.line.same_line(n) && e.resolver == resolver => {
+                        e.line = n.clone();
+                        e
+                    }
+                    _ => {
+                        let addresses = u
+                            .servers
+                            .iter()
+                            .filter(|s| s.from == Some(i as u16))
+                            .map(|s| s.addr.to_string())
+                            .collect();
+                        let due_ms = n.resolved_ms + u64::from(resolver.lifetime_s(n.ttl)) * 1000;
+                        Entry {
+                            key,
+                            line: n.clone(),
+                            resolver: resolver.clone(),
+                            due_ms,
+                            job: None,
+                            status: Status {
+                                upstream: u.name.clone(),
+                                server: n.target(),
+                                resolved_ms: n.resolved_ms,
+                                error: None,
+                                addresses,
+                                ttl: n.ttl,
+                                next_ms: due_ms,
+                            },
+                        }
+                    }
+                };
+                self.entries.push(entry);
+            }
+        }
+    }
+
+    /// The lookups due at `now_ms` for the `resolve` lines of `table`;
+    /// each is in flight until [`record`](Self::record) gets its answer.
+    pub fn due(
+        &mut self,
+        table: &Table,
+        generation: u64,
+        defaults: &Defaults,
+        now_ms: u64,
+    ) -> Vec<Job> {
+        self.follow(table, generation, defaults);
+        let mut jobs = Vec::new();
+        for e in &mut self.entries {
+            if e.job.is_some() || e.due_ms > now_ms {
+                continue;
+            }
+            self.next_job += 1;
+            e.job = Some(self.next_job);
+            jobs.push(Job {
+                id: self.next_job,
+                host: e.line.host.clone(),
+                resolver: e.resolver.clone(),
+            });
+        }
+        jobs
+    }
+
+    /// Takes the answer to lookup `id`; returns the write it asks for, if
+    /// its addresses differ from what `table` holds.
+    pub fn record(
+        &mut self,
+        id: u64,
+        lookup: Lookup,
+        table: &Table,
+        now_ms: u64,
+    ) -> Option<Update> {
+        let e = self.entries.iter_mut().find(|e| e.job == Some(id))?;
+        e.job = None;
+        e.status.resolved_ms = now_ms;
+        let have = table_addrs(table, &e.status.upstream, &e.line);
+        let (addrs, ttl) = match lookup {
+            Lookup::Found { addrs, ttl } => {
+                e.due_ms = now_ms + u64::from(e.resolver.lifetime_s(ttl)) * 1000;
+                e.status.error = None;
+                e.status.ttl = ttl;
+                e.status.addresses = addrs
+                    .iter()
+                    .map(|ip| Address::Inet(SocketAddr::new(*ip, e.line.port())).to_string())
+                    .collect();
+                (addrs, ttl)
+            }
+            Lookup::NotFound(why) => {
+                e.due_ms = now_ms + u64::from(e.resolver.lifetime_s(0)) * 1000;
+                e.status.error = Some(why);
+                e.status.addresses.clear();
+                (Vec::new(), 0)
+            }
+            Lookup::Failed(why) => {
+                e.due_ms = now_ms + RETRY_MS;
+                e.status.error = Some(format!("{why}; the last good addresses are kept"));
+                e.status.next_ms = e.due_ms;
+                return None;
+            }
+        };
+        e.status.next_ms = e.due_ms;
+        let mut sorted = addrs.clone();
+        sorted.sort();
+        sorted.dedup();
+        (have? != sorted).then(|| Update {
+            upstream: e.status.upstream.clone(),
+            line: e.line.clone(),
+            addrs: sorted,
+            ttl,
+        })
+    }
+
+    /// Forgets the lookup `id` in flight (its light thread died): it is
+    /// due again at once.
+    pub fn abandon(&mut self, id: u64) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.job == Some(id)) {
+            e.job = None;
+        }
+    }
+
+    /// What is known of every `resolve` line, in table order.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.entries.iter().map(|e| e.status.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::names::{resolve_pending, Answers, Query};
+    use crate::table::syntax::parse_body;
+
+    fn table(body: &str, addrs: &[&str], ttl: u32) -> Table {
+        let mut t = Table::default();
+        t.upsert(parse_body("u", body).unwrap());
+        let found = Lookup::Found {
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ttl,
+        };
+        let answers = Answers {
+            found: [(Query::new("app.internal", false), found)].into(),
+            at_ms: 10_000,
+            default_ipv6: false,
+        };
+        resolve_pending(&mut t, &answers).unwrap();
+        t
+    }
+
+    fn defaults() -> Defaults {
+        Defaults {
+            servers: vec!["127.0.0.1:53".parse().unwrap()],
+            ipv6: false,
+            ..Defaults::default()
+        }
+    }
+
+    fn found(addrs: &[&str], ttl: u32) -> Lookup {
+        Lookup::Found {
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ttl,
+        }
+    }
+
+    #[test]
+    fn a_line_is_asked_again_when_its_ttl_is_over_and_only_a_change_writes() {
+        let t = table("server app.internal:8080 resolve;", &["10.0.0.1"], 5);
+        let mut s = Schedule::new();
+        let d = defaults();
+        assert!(
+            s.due(&t, 1, &d, 14_999).is_empty(),
+            "the write's answer lasts 5 s"
+        );
+        let jobs = s.due(&t, 1, &d, 15_000);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].host, "app.internal");
+        assert!(s.due(&t, 1, &d, 15_001).is_empty(), "in flight");
+        // The same addresses: no write, asked again a TTL later.
+        assert_eq!(
+            s.record(jobs[0].id, found(&["10.0.0.1"], 2), &t, 15_100),
+            None
+        );
+        assert!(s.due(&t, 1, &d, 17_099).is_empty());
+        let jobs = s.due(&t, 1, &d, 17_100);
+        let update = s
+            .record(jobs[0].id, found(&["10.0.0.2", "10.0.0.1"], 2), &t, 17_200)
+            .unwrap();
+        assert_eq!(update.addrs.len(), 2);
+        assert_eq!(update.upstream, "u");
+        // A failure keeps the addresses and retries after a second.
+        let jobs = s.due(&t, 1, &d, 19_200);
+        assert_eq!(
+            s.record(jobs[0].id, Lookup::Failed("timed out".into()), &t, 19_300),
+            None
+        );
+        assert!(s.statuses()[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("timed out"));
+        assert!(s.due(&t, 1, &d, 20_299).is_empty());
+        let jobs = s.due(&t, 1, &d, 20_300);
+        // NXDOMAIN asks for the servers to go.
+        let update = s
+            .record(jobs[0].id, Lookup::NotFound("NXDOMAIN".into()), &t, 20_400)
+            .unwrap();
+        assert!(update.addrs.is_empty());
+    }
+
+    #[test]
+    fn lines_without_resolve_are_not_asked_and_a_new_table_keeps_the_schedule() {
+        let t = table("server app.internal:8080;", &["10.0.0.1"], 1);
+        let mut s = Schedule::new();
+        assert!(s.due(&t, 1, &defaults(), 99_000).is_empty());
+        let t = table("server app.internal:8080 resolve;", &["10.0.0.1"], 1);
+        let jobs = s.due(&t, 2, &defaults(), 11_000);
+        assert_eq!(jobs.len(), 1);
+        // Another generation with the same line: still in flight.
+        assert!(s.due(&t, 3, &defaults(), 11_000).is_empty());
+        assert_eq!(
+            s.record(jobs[0].id, found(&["10.0.0.1"], 60), &t, 11_100),
+            None
+        );
+        assert!(s.due(&t, 4, &defaults(), 70_000).is_empty());
+    }
+}
