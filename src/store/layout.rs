@@ -11,7 +11,7 @@
 //! 16            8      slot length, u64 LE: bytes per payload slot, slot header
 //!                      included
 //! 24            8      file length, u64 LE: HEADER_LEN + 2 * slot length
-//!                      + 72 * peer cells
+//!                      + 288 * peer cells
 //! 32            4      worker table entries, u32 LE
 //! 36            4      peer cells, u32 LE
 //! 40            4      CRC32 of bytes 0..40
@@ -31,13 +31,28 @@
 //! 112           8      the newest generation known to be on disk, atomic u64
 //! 120           8      the resolver lease (dns/lease.rs): when its holder
 //!                      last renewed it, Unix ms << 22 | its pid, atomic u64
-//! 128           16*N   worker table: N entries of
-//!                        +0 pid u32 (atomic, 0 = free)
-//!                        +4 reserved u32
-//!                        +8 generation the worker has applied, u64 (atomic)
+//! 128           8      writes that published a table, atomic u64 (stats.rs)
+//! 136           8      writes that left the table as it was, atomic u64
+//! 144           64     writes refused, by reason (stats.rs REFUSALS), 8
+//!                      atomic u64
+//! 208           8      write-backs of the upstream file that failed, atomic
+//!                      u64
+//! 216           8      the last failed write-back, Unix ms, atomic u64
+//! 224           8      the last write-back that succeeded, Unix ms, atomic
+//!                      u64
+//! 232           8      the write-back message's sequence word: odd while a
+//!                      process writes it, atomic u64
+//! 240           264    the last write-back error: length (u64), then up to
+//!                      256 bytes of text, in atomic u64 words
+//! 504           8      reserved, zero
+//! 512           24*N   worker table: N entries of
+//!                        +0  pid u32 (atomic, 0 = free)
+//!                        +4  reserved u32
+//!                        +8  generation the worker has applied, u64 (atomic)
+//!                        +16 requests the worker balanced, u64 (atomic)
 //! HEADER_LEN    S      slot 0
 //! HEADER_LEN+S  S      slot 1
-//! HEADER_LEN+2S 72*P   peer cells (zone.rs), atomics in native byte order:
+//! HEADER_LEN+2S 288*P  peer cells (zone.rs), atomics in native byte order:
 //!                        +0  tag << 32 | connections in flight
 //!                        +8  tag << 32 | failures in the fail window
 //!                        +16 last failure, Unix ms
@@ -48,6 +63,7 @@
 //!                        +56 the last probe's result (health/mod.rs)
 //!                        +64 when the server last became available again,
 //!                            Unix ms (slow_start's ramp starts there)
+//!                        +72 the server's counters, 27 u64 (stats.rs)
 //!
 //! slot:
 //! +0            8      generation of the table in this slot, u64 LE
@@ -82,7 +98,10 @@ pub const MAGIC: [u8; 8] = *b"\x89DYUPS\r\n";
 /// 3: cells of 72 bytes: four words for active health checks and one for
 /// `slow_start`; a version-2 file is refused by this number, as version 1
 /// was.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: statistics (stats.rs): 27 counter words after each cell's 72 bytes,
+/// the table's counters at 128 and a counter in each worker entry (24
+/// bytes, from 512); a version-3 file is refused by this number.
+pub const FORMAT_VERSION: u32 = 4;
 pub const HEADER_LEN: u64 = 4096;
 pub const COMMIT_WORD: usize = 64;
 /// The writers' queue (`queue.rs`).
@@ -97,17 +116,26 @@ pub const FLUSHED: usize = 112;
 /// Which worker re-resolves the `resolve` lines for every nginx on the
 /// file (`crate::dns::lease`); zero, as in a new file: nobody.
 pub const RESOLVER_LEASE: usize = 120;
-pub const WORKER_TABLE: usize = 128;
-pub const WORKER_ENTRY: usize = 16;
+/// The table's counters (stats.rs), each an atomic u64.
+pub const TABLE_ACCEPTED: usize = 128;
+pub const TABLE_UNCHANGED: usize = 136;
+pub const TABLE_REFUSED: usize = 144;
+pub const WRITE_BACK_FAILURES: usize = 208;
+pub const WRITE_BACK_FAILED: usize = 216;
+pub const WRITE_BACK_OK: usize = 224;
+pub const WRITE_BACK_SEQ: usize = 232;
+pub const WRITE_BACK_MESSAGE: usize = 240;
+pub const WORKER_TABLE: usize = 512;
+pub const WORKER_ENTRY: usize = 24;
 pub const WORKER_ENTRIES: u32 = ((HEADER_LEN as usize - WORKER_TABLE) / WORKER_ENTRY) as u32;
 pub const SLOT_HEADER: u64 = 32;
 const FIXED_FIELDS: usize = 40;
 /// The fixed header fields and their checksum.
 pub const FIXED_LEN: usize = FIXED_FIELDS + 4;
-/// One peer cell of 72 bytes in every 136 after the header: a cell for
-/// about as many servers as a slot holds (as version 2's 32 in 96: the
-/// slots keep 64 of every cell's share).
-const BYTES_PER_CELL: u64 = 136;
+/// One peer cell in every CELL_LEN + 64 bytes after the header: a cell for
+/// about as many servers as a slot holds (as version 2's 32 in 96 and
+/// version 3's 72 in 136: the slots keep 64 of every cell's share).
+const BYTES_PER_CELL: u64 = CELL_LEN as u64 + 64;
 
 /// The largest generation a commit word may name: the request path takes
 /// it through Lua, whose numbers hold integers exactly up to 2^53. No writer

@@ -39,6 +39,8 @@ mod mapping;
 mod os;
 mod queue;
 mod repair;
+pub mod stats;
+mod table_stats;
 #[cfg(test)]
 mod tests;
 pub mod zone;
@@ -63,12 +65,14 @@ pub use self::examine::{
 pub use self::layout::{Geometry, HEADER_LEN, MAX_FILE_LEN, MIN_FILE_LEN};
 use self::layout::{
     SlotHeader, COMMIT_WORD, FIXED_LEN, FLUSHED, MAX_GENERATION, RESOLVER_LEASE, SLOT_HEADER,
-    WORKER_ENTRY, WORKER_TABLE,
+    TABLE_ACCEPTED, TABLE_REFUSED, TABLE_UNCHANGED, WORKER_ENTRY, WORKER_TABLE, WRITE_BACK_FAILED,
+    WRITE_BACK_FAILURES, WRITE_BACK_MESSAGE, WRITE_BACK_OK, WRITE_BACK_SEQ,
 };
 use self::mapping::SharedMap;
 pub use self::os::{effective_uid, pid_alive, user_ids};
 use self::queue::{Poll, Queue, Ticket};
 pub use self::repair::{repair, Repair, RepairOptions};
+use self::table_stats::{TableCounters, TableStats, WorkerStats};
 use self::zone::{PeerCell, Zone, CELL_LEN};
 use crate::table::model::{Change, Table};
 use crate::{Error, Result};
@@ -710,7 +714,10 @@ impl StateFile {
         opts: &WriteOptions,
         change: impl FnOnce(&mut Table) -> Result<R>,
     ) -> Result<(u64, R)> {
-        self.write_with(opts, change, || {})
+        let before = self.generation();
+        let out = self.write_with(opts, change, || {});
+        self.table_counters().count_write(&out, before);
+        out
     }
 
     fn write_with<R>(
@@ -1113,6 +1120,84 @@ impl StateFile {
         (self.map.atomic_u32(at), self.map.atomic_u64(at + 8))
     }
 
+    /// The requests balanced by the worker in entry `i`.
+    fn worker_requests(&self, i: usize) -> &AtomicU64 {
+        self.map.atomic_u64(WORKER_TABLE + i * WORKER_ENTRY + 16)
+    }
+
+    /// One more request balanced by the worker in entry `i`, which only
+    /// that worker counts: a load and a store, no locked instruction.
+    pub fn count_balanced(&self, i: usize) {
+        let w = self.worker_requests(i);
+        w.store(w.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// The table's counters in the header.
+    pub fn table_counters(&self) -> TableCounters<'_> {
+        let word = |at: usize| self.map.atomic_u64(at);
+        TableCounters {
+            accepted: word(TABLE_ACCEPTED),
+            unchanged: word(TABLE_UNCHANGED),
+            refused: std::array::from_fn(|i| word(TABLE_REFUSED + 8 * i)),
+            write_back_failures: word(WRITE_BACK_FAILURES),
+            write_back_failed_ms: word(WRITE_BACK_FAILED),
+            write_back_ok_ms: word(WRITE_BACK_OK),
+            message_seq: word(WRITE_BACK_SEQ),
+            message: std::array::from_fn(|i| word(WRITE_BACK_MESSAGE + 8 * i)),
+        }
+    }
+
+    /// The statistics of the table `snap` (this file's, as a reader saw
+    /// it).
+    pub fn table_stats(&self, snap: &Snapshot) -> TableStats {
+        let (accepted, unchanged, refused, failures, error) = self.table_counters().read();
+        let g = self.geometry;
+        let used: std::collections::HashSet<u32> = snap
+            .table
+            .upstreams
+            .iter()
+            .flat_map(|u| &u.peers)
+            .filter(|p| !p.is_none() && p.index < g.cells)
+            .map(|p| p.index)
+            .collect();
+        // The slot `snap` was read from says how much of it the table takes.
+        let mut h = [0u8; SLOT_HEADER as usize];
+        self.map.copy_out(g.slot_offset(snap.slot) as usize, &mut h);
+        let header = SlotHeader::from_bytes(&h);
+        let bytes_used = if header.generation == snap.seen {
+            header.total_len().min(g.payload_capacity())
+        } else {
+            0
+        };
+        TableStats {
+            version: snap.version,
+            bytes_used,
+            bytes_capacity: g.payload_capacity(),
+            cells_used: used.len() as u64,
+            cells_capacity: u64::from(g.cells),
+            writes_accepted: accepted,
+            writes_unchanged: unchanged,
+            writes_refused: refused,
+            write_back_failures: failures,
+            write_back_error: error,
+        }
+    }
+
+    /// The registered workers that are still alive, with their counters.
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        (0..self.geometry.workers as usize)
+            .filter_map(|i| {
+                let (slot, applied) = self.worker_entry(i);
+                let pid = slot.load(Ordering::Acquire);
+                (pid != 0 && pid_alive(pid)).then(|| WorkerStats {
+                    pid,
+                    generation: applied.load(Ordering::Acquire),
+                    requests: self.worker_requests(i).load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+
     /// Claims an entry of the worker table for `pid` (its own, a free one or
     /// one of a dead process) and returns its index.
     pub fn register_worker(&self, pid: u32) -> Result<usize> {
@@ -1129,6 +1214,7 @@ impl StateFile {
                     .is_ok()
             {
                 applied.store(0, Ordering::Release);
+                self.worker_requests(i).store(0, Ordering::Relaxed);
                 return Ok(i);
             }
         }

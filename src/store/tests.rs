@@ -121,10 +121,12 @@ fn each_write_raises_the_version_by_one_and_a_no_op_not_at_all() {
 fn a_failed_change_writes_nothing() {
     let dir = TempDir::new();
     let f = fresh(&dir);
-    // All but the writers' queue (72..112), which every write attempt moves.
+    // All but the writers' queue (72..112), which every write attempt moves,
+    // and the table's counters (128..512), which count the refusal.
     let table_bytes = || {
         let mut b = std::fs::read(dir.file()).unwrap();
         b[72..112].fill(0);
+        b[128..512].fill(0);
         b
     };
     let before = table_bytes();
@@ -136,6 +138,10 @@ fn a_failed_change_writes_nothing() {
         .unwrap_err();
     assert_eq!(err.status(), 400);
     assert_eq!(table_bytes(), before);
+    let snap = f.read().unwrap();
+    let stats = f.table_stats(&snap);
+    assert_eq!(stats.writes_refused[0], ("bad_request", 1));
+    assert_eq!((stats.writes_accepted, stats.writes_unchanged), (0, 0));
 }
 
 #[test]
@@ -232,10 +238,12 @@ fn a_write_past_a_damaged_active_slot_without_a_copy_is_refused() {
     f.write(&opts, add(9000)).unwrap(); // version 2, slot 1
     flip_byte(&dir.file(), f.geometry().slot_offset(1) + SLOT_HEADER + 3);
     std::fs::remove_file(f.copy_path()).unwrap();
-    // All but the writers' queue (72..112), which every write attempt moves.
+    // All but the writers' queue (72..112), which every write attempt moves,
+    // and the table's counters (128..512), which count the refusal.
     let table_bytes = || {
         let mut b = std::fs::read(dir.file()).unwrap();
         b[72..112].fill(0);
+        b[128..512].fill(0);
         b
     };
     let before = table_bytes();

@@ -22,10 +22,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::stats::{ServerCounters, COUNTERS_LEN};
 use crate::table::model::{PeerRef, Table, Upstream};
 
-/// Bytes per cell in the state file.
-pub const CELL_LEN: usize = 72;
+/// Bytes per cell in the state file: nine words of shared state, then the
+/// server's counters ([`crate::store::stats`]).
+pub const CELL_LEN: usize = 72 + COUNTERS_LEN;
 
 /// One server's shared state. The counter words hold the tag in their high
 /// half; the times are milliseconds of the Unix clock, which every process
@@ -59,6 +61,8 @@ pub struct PeerCell {
     /// it got the cell. `slow_start` ramps its weight from here, so every
     /// worker ramps alike.
     since: AtomicU64,
+    /// What the server has done since it got the cell.
+    counters: ServerCounters,
 }
 
 const LOW: u64 = 0xffff_ffff;
@@ -97,6 +101,7 @@ impl PeerCell {
         self.probed.store(0, Ordering::Relaxed);
         self.result.store(0, Ordering::Relaxed);
         self.since.store(0, Ordering::Relaxed);
+        self.counters.reset();
         self.health
             .store(fresh_health(tag, checking), Ordering::Release);
         self.conns.store(tagged(tag, 0), Ordering::Release);
@@ -115,6 +120,12 @@ impl PeerCell {
         b[8..16].copy_from_slice(&word);
         b[32..40].copy_from_slice(&fresh_health(tag, checking).to_ne_bytes());
         b
+    }
+
+    /// The server's counters. Count only after [`holds`](Self::holds) said
+    /// the cell is the server's (see [`crate::store::stats`]).
+    pub fn counters(&self) -> &ServerCounters {
+        &self.counters
     }
 
     /// The active-check words, for [`crate::health`].
@@ -240,6 +251,11 @@ impl Clone for PeerCell {
             probed: copy(&self.probed),
             result: copy(&self.result),
             since: copy(&self.since),
+            counters: {
+                let c = ServerCounters::default();
+                c.copy_from(&self.counters);
+                c
+            },
         }
     }
 }
@@ -260,7 +276,7 @@ impl PartialEq for PeerCell {
             ]
             .map(|w| w.load(Ordering::Acquire))
         };
-        words(self) == words(other)
+        words(self) == words(other) && self.counters.values() == other.counters.values()
     }
 }
 
@@ -568,6 +584,7 @@ mod tests {
                 probed: word(48),
                 result: word(56),
                 since: word(64),
+                counters: ServerCounters::default(),
             };
             assert_eq!(read, reset);
             assert!(read.holds(9));
