@@ -18,8 +18,12 @@ const PROBE: usize = 4;
 /// bits carry nothing and must be mixed into the bits we index with.
 const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// How many of a request's picks it remembers, the latest, for the log
+/// phase to count each attempt's response against its server.
+pub const PATH_MAX: usize = 8;
+
 /// What one request has done so far against one upstream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt {
     pub upstream_id: u32,
     /// The upstream's table generation the indices below refer to.
@@ -36,6 +40,17 @@ pub struct Attempt {
     /// two`): given back on a retry, when the request ends, or when its
     /// entry is displaced.
     pub held: Option<PeerRef>,
+    /// The cells of the servers its attempts went to, oldest first (the
+    /// last `PATH_MAX`; [`PeerRef::NONE`] for an attempt that found none,
+    /// or a server without a cell), `path_len` of them.
+    pub path: [PeerRef; PATH_MAX],
+    pub path_len: u8,
+}
+
+impl Default for Attempt {
+    fn default() -> Attempt {
+        Attempt::fresh(0, 0)
+    }
 }
 
 impl Attempt {
@@ -47,7 +62,27 @@ impl Attempt {
             tried: Tried::new(),
             cursor: Cursor::default(),
             held: None,
+            path: [PeerRef::NONE; PATH_MAX],
+            path_len: 0,
         }
+    }
+
+    /// Remembers the cell of one more attempt, forgetting the oldest when
+    /// `PATH_MAX` are remembered.
+    pub fn push_path(&mut self, r: PeerRef) {
+        let n = usize::from(self.path_len);
+        if n == PATH_MAX {
+            self.path.copy_within(1.., 0);
+            self.path[PATH_MAX - 1] = r;
+        } else {
+            self.path[n] = r;
+            self.path_len += 1;
+        }
+    }
+
+    /// The cells remembered, oldest first.
+    pub fn path(&self) -> &[PeerRef] {
+        &self.path[..usize::from(self.path_len)]
     }
 }
 

@@ -495,7 +495,16 @@ impl Balancer {
             return;
         };
         let health = self.health(index);
+        // Whether this failure takes the server out (max_fails reached),
+        // and whether it was out already, for its counters.
+        let window = fail_timeout_ms(spec);
+        let was_out = health.disabled(spec, now_ms);
         health.cell.add_failure(health.tag, now_ms);
+        if health.shared() {
+            let out = (spec.max_fails > 0 && health.cell.fails() >= spec.max_fails)
+                .then_some((now_ms + window, was_out));
+            health.cell.counters().count_failure(out, now_ms);
+        }
         // max_fails=0 turns the accounting off: no division, no lowering.
         if let Some(step) = spec.weight.checked_div(spec.max_fails) {
             let peer = &mut self.peers[index];
@@ -525,6 +534,18 @@ impl Balancer {
             Some(spec) if index < self.peers.len() => self.health(index).claim(spec, now_ms),
             _ => false,
         }
+    }
+
+    /// Counts a pick of server `index` in its counters, when it has a
+    /// shared cell (see [`crate::store::stats`]); the cell it was counted
+    /// in, for the log phase to count the response in.
+    pub fn count_request(&self, index: usize) -> PeerRef {
+        let health = self.health(index);
+        if !health.shared() {
+            return PeerRef::NONE;
+        }
+        health.cell.counters().count_request();
+        self.peers[index].shared
     }
 
     /// One more connection in flight to server `index`, counted in its

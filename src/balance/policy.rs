@@ -629,6 +629,7 @@ pub fn pick_for_request(
     let picked =
         state.pick_with_cursor(servers, input, &attempt.tried, &mut attempt.cursor, now_ms);
     attempt.last = picked;
+    attempt.push_path(picked.map_or(PeerRef::NONE, |i| state.balancer.count_request(i)));
     if let Some(index) = picked {
         attempt.tried.insert(index);
         if state.counts_conns() {

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::balance::attempts::Attempts;
 use crate::balance::balancer::Retry;
 use crate::balance::policy::{pick_for_request, PickInput, PolicyState};
-use crate::store::{Health, Snapshot, StateFile};
+use crate::store::{stats, Health, Snapshot, StateFile};
 use crate::table::model::{name_key, Upstream};
 use crate::table::policy::Policy;
 use crate::Result;
@@ -352,8 +352,13 @@ impl Worker {
             retry,
             now_ms,
         );
-        if picked.is_some() && state.counts_conns() {
-            self.counted += 1;
+        if picked.is_some() {
+            if state.counts_conns() {
+                self.counted += 1;
+            }
+            if let Some(i) = self.entry {
+                self.store.count_balanced(i);
+            }
         }
         picked.map_or(NO_LIVE, |i| i as i32)
     }
@@ -361,9 +366,24 @@ impl Worker {
     /// Request `key` has ended (the log phase): gives back the connection
     /// its last attempt counted, and forgets its attempts.
     pub fn done(&mut self, key: usize) {
+        self.done_with(key, b"", b"");
+    }
+
+    /// [`done`](Self::done), counting each attempt's response against the
+    /// server that served it: `status` and `times` are the request's
+    /// `$upstream_status` and `$upstream_response_time` (see
+    /// [`crate::store::stats`]).
+    pub fn done_with(&mut self, key: usize, status: &[u8], times: &[u8]) {
         self.done_seen = true;
-        if let Some(held) = self.attempts.finish(key).and_then(|a| a.held) {
-            self.store.zone().release(held);
+        let Some(attempt) = self.attempts.finish(key) else {
+            return;
+        };
+        let zone = self.store.zone();
+        if let Some(held) = attempt.held {
+            zone.release(held);
+        }
+        if !status.is_empty() {
+            stats::count_responses(zone, attempt.path(), status, times);
         }
     }
 
@@ -683,5 +703,131 @@ mod tests {
         // The request that took it, picked under the old table, gives it back.
         one.done(0x1000);
         assert_eq!(conns(&other), [0, 0]);
+    }
+
+    fn counters(w: &Worker, addr: &str) -> crate::store::stats::Counters {
+        let snap = w.snapshot();
+        let u = snap.table.get("up").unwrap();
+        let i = u
+            .servers
+            .iter()
+            .position(|s| s.addr.to_string() == addr)
+            .unwrap();
+        // Read once every window has passed: downtime counted in full.
+        crate::store::stats::counters_of(w.store().zone(), u, i, u64::MAX)
+    }
+
+    fn change(w: &Worker, body: &str) {
+        w.store()
+            .clone()
+            .write(&WriteOptions::default(), |t| ops::update(t, "up", body))
+            .unwrap();
+    }
+
+    #[test]
+    fn picks_failures_and_each_attempts_response_count_on_their_servers() {
+        let dir = TempDir::new();
+        let body = "server 127.0.0.1:8088 max_fails=1 fail_timeout=30; server 127.0.0.1:8089;";
+        let (mut one, mut other) = two_workers(&dir, body);
+        one.register(std::process::id()).unwrap();
+        let seen = one.snapshot().seen;
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::First, b""), 0);
+        assert_eq!(one.pick(0, seen, 0x1000, Retry::Failed, b""), 1);
+        // Each entry against the server of its attempt, the other worker
+        // ending a request it never saw counting nothing.
+        other.done_with(0x1000, b"502, 200", b"0.003, 0.020");
+        one.done_with(0x1000, b"502, 200", b"0.003, 0.020");
+        let (a, b) = (
+            counters(&other, "127.0.0.1:8088"),
+            counters(&other, "127.0.0.1:8089"),
+        );
+        assert_eq!((a.requests, a.fails, a.unavail), (1, 1, 1));
+        assert_eq!(a.downtime_ms, 30_000, "one fail_timeout");
+        assert_eq!(a.responses, [0, 0, 0, 0, 1]);
+        assert_eq!(a.response_time.buckets[0], 1);
+        assert_eq!((b.requests, b.fails, b.unavail), (1, 0, 0));
+        assert_eq!(b.responses, [0, 1, 0, 0, 0]);
+        assert_eq!(b.response_time.buckets[2], 1, "20 ms: the 25 ms bucket");
+        assert_eq!(b.response_time.sum_us, 20_000);
+        // A request with more entries than picks (an earlier upstream of an
+        // internal redirect): only the last ones are its own.
+        let seen = one.snapshot().seen;
+        assert_eq!(one.pick(0, seen, 0x2000, Retry::First, b""), 1);
+        one.done_with(0x2000, b"200 : 404", b"0.001 : 0.001");
+        assert_eq!(
+            counters(&other, "127.0.0.1:8089").responses,
+            [0, 1, 0, 1, 0]
+        );
+        let workers = one.store().worker_stats();
+        assert_eq!(workers.len(), 1);
+        assert_eq!(
+            (workers[0].pid, workers[0].requests),
+            (std::process::id(), 3)
+        );
+    }
+
+    #[test]
+    fn counters_stay_with_a_server_across_changes_and_restart_in_a_reused_cell() {
+        let dir = TempDir::new();
+        let (mut one, _) = two_workers(&dir, "server 127.0.0.1:8088; server 127.0.0.1:8089;");
+        let seen = one.snapshot().seen;
+        for key in [0x1000, 0x2000] {
+            one.pick(0, seen, key, Retry::First, b"");
+            one.done_with(key, b"200", b"0.001");
+        }
+        let cell_of = |w: &Worker, addr: &str| {
+            let u = w.snapshot().table.get("up").unwrap().clone();
+            let i = u
+                .servers
+                .iter()
+                .position(|s| s.addr.to_string() == addr)
+                .unwrap();
+            u.peer(i)
+        };
+        let gone = cell_of(&one, "127.0.0.1:8089");
+        // 8088 stays (weight changed, moved second); 8089 leaves.
+        change(
+            &one,
+            "server 127.0.0.1:8090; server 127.0.0.1:8088 weight=3;",
+        );
+        one.refresh().unwrap();
+        let kept = counters(&one, "127.0.0.1:8088");
+        assert_eq!((kept.requests, kept.responses[1]), (1, 1));
+        // Once no table names 8089's cell, a new server gets it, fresh.
+        change(
+            &one,
+            "server 127.0.0.1:8090; server 127.0.0.1:8088 weight=3; server 127.0.0.1:8091;",
+        );
+        one.refresh().unwrap();
+        let reused = cell_of(&one, "127.0.0.1:8091");
+        assert_eq!(
+            reused.index, gone.index,
+            "the freed cell is given out again"
+        );
+        assert_ne!(reused.tag, gone.tag);
+        assert_eq!(counters(&one, "127.0.0.1:8091"), Default::default());
+        assert_eq!(counters(&one, "127.0.0.1:8088").requests, 1);
+    }
+
+    #[test]
+    fn a_request_routed_by_an_older_table_counts_nothing_on_a_reused_cell() {
+        let dir = TempDir::new();
+        let (mut one, mut other) =
+            two_workers(&dir, "server 127.0.0.1:8088; server 127.0.0.1:8089;");
+        let seen = one.snapshot().seen;
+        // Picked by the table of version 1: 8088, then 8089 (key 0x2000).
+        one.pick(0, seen, 0x1000, Retry::First, b"");
+        assert_eq!(one.pick(0, seen, 0x2000, Retry::First, b""), 1);
+        // 8089 leaves, then 8091 comes and gets its cell.
+        change(&other, "server 127.0.0.1:8088;");
+        change(&other, "server 127.0.0.1:8088; server 127.0.0.1:8091;");
+        other.refresh().unwrap();
+        // The request ends now: its response is not 8091's.
+        one.done_with(0x2000, b"503", b"0.002");
+        assert_eq!(counters(&other, "127.0.0.1:8091"), Default::default());
+        // Nor is a pick by a balancer still built for the old table.
+        let state = &one.balancers[0];
+        assert!(state.balancer().count_request(1).is_none());
+        assert_eq!(counters(&other, "127.0.0.1:8091").requests, 0);
     }
 }

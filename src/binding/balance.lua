@@ -4,7 +4,7 @@
 -- C-API call), with no allocation and no string building. Resolving a name
 -- after the table changed goes through the Rust module once per upstream,
 -- per change, per worker.
-local pick_fn, current_fn, done_fn, key_addr, KEY_MAX, resolve = ...
+local pick_fn, current_fn, done_fn, key_addr, KEY_MAX, resolve, log_addr, LOG_VAR_MAX = ...
 
 local ffi = require "ffi"
 local C = ffi.C
@@ -21,7 +21,10 @@ local ffi_copy = ffi.copy
 local ffi_str = ffi.string
 local tonumber = tonumber
 local current = ffi.cast("int64_t (*)(void)", current_fn)
-local done = ffi.cast("void (*)(const void *)", done_fn)
+local done = ffi.cast("void (*)(const void *, uint32_t, uint32_t)", done_fn)
+-- The Rust-owned buffer the log phase copies $upstream_status (first) and
+-- $upstream_response_time (at LOG_VAR_MAX) into.
+local log_buf = ffi.cast("uint8_t *", log_addr)
 
 local balancer, get_request, get_last_failure, set_current_peer, set_more_tries
 local var, log, ERR, exit, ngx_now
@@ -34,7 +37,7 @@ local cache, seen = {}, -1
 -- collected) only for it to be copied. Its results: NGX_OK with the value,
 -- NGX_DECLINED for a value that is not found (ngx.var's nil), NGX_ERROR.
 local NGX_OK, NGX_DECLINED = 0, -5
-local var_get, value_ptr, value_len, errmsg
+local var_get, value_ptr, value_len, errmsg, lowcase_log
 -- Where var_get writes the variable's name in lower case: as long as the
 -- longest name read so far.
 local lowcase, lowcase_len = nil, 0
@@ -49,6 +52,7 @@ local function setup()
     require "resty.core.var"
     var_get = C.ngx_http_lua_ffi_var_get
     value_ptr = ffi.new("unsigned char *[1]")
+    lowcase_log = ffi.new("char[?]", #"upstream_response_time")
     value_len = ffi.new("size_t[1]")
     errmsg = ffi.new("char *[1]")
 end
@@ -90,13 +94,39 @@ local function entry(name)
     return e
 end
 
--- log_by_lua entry: the request has ended, so the connection it counted
--- (least_conn, random two) is given back.
-local function log_phase()
-    if not get_request then
-        get_request = require("resty.core.base").get_request
+-- The tail of nginx variable `name` (at most LOG_VAR_MAX bytes), copied
+-- into the log buffer at `at`; its length, 0 when the request has none.
+local function copy_var(r, name, at)
+    local rc = var_get(r, name, #name, lowcase_log, 0, value_ptr, value_len, errmsg)
+    if rc ~= NGX_OK then
+        return 0
     end
-    done(get_request())
+    local n = tonumber(value_len[0])
+    if n > LOG_VAR_MAX then
+        -- Its entries are matched to the request's picks from the end.
+        ffi_copy(log_buf + at, value_ptr[0] + (n - LOG_VAR_MAX), LOG_VAR_MAX)
+        return LOG_VAR_MAX
+    end
+    ffi_copy(log_buf + at, value_ptr[0], n)
+    return n
+end
+
+-- log_by_lua entry: the request has ended, so the connection it counted
+-- (least_conn, random two) is given back, and each attempt's status and
+-- response time are counted against the server that served it: the two
+-- variables are read once each, without making Lua strings of them, and
+-- handed over in the same one FFI call.
+local function log_phase()
+    if not balancer then
+        setup()
+    end
+    local r = get_request()
+    local status_len = copy_var(r, "upstream_status", 0)
+    local times_len = 0
+    if status_len > 0 then
+        times_len = copy_var(r, "upstream_response_time", LOG_VAR_MAX)
+    end
+    done(r, status_len, times_len)
 end
 
 -- balancer_by_lua entry: routes the request to a server of the upstream

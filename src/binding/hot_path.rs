@@ -91,12 +91,35 @@ pub(super) extern "C" fn dyups_current() -> i64 {
     .unwrap_or(-1)
 }
 
+/// Longest tail of `$upstream_status` and of `$upstream_response_time`
+/// the log phase copies: the entries are matched to the request's picks
+/// from the end (see `crate::store::stats`), and 8 attempts take some 50.
+pub(super) const LOG_VAR_MAX: usize = 256;
+/// Where the log phase copies the tails of those two variables (LuaJIT's
+/// ffi.copy, as for `KEY`): `$upstream_status` first, then at
+/// `LOG_VAR_MAX` `$upstream_response_time`.
+pub(super) static LOG_VARS: [AtomicU8; 2 * LOG_VAR_MAX] =
+    [const { AtomicU8::new(0) }; 2 * LOG_VAR_MAX];
+
 /// The log phase of a request (`dyups.log()`, through LuaJIT's FFI): gives
-/// back the connection its last attempt counted.
-pub(super) extern "C" fn dyups_done(request: *const c_void) {
+/// back the connection its last attempt counted, and counts each attempt's
+/// response from the `status_len` and `times_len` bytes copied into
+/// `LOG_VARS` (0 when the request has no such variable).
+pub(super) extern "C" fn dyups_done(request: *const c_void, status_len: u32, times_len: u32) {
     let _ = std::panic::catch_unwind(|| {
         if let Some(w) = WORKER.lock().as_mut() {
-            w.done(request as usize);
+            let mut buf = [0u8; 2 * LOG_VAR_MAX];
+            let status_len = (status_len as usize).min(LOG_VAR_MAX);
+            let times_len = (times_len as usize).min(LOG_VAR_MAX);
+            let copy = |from: usize, len: usize, to: &mut [u8]| {
+                for (b, v) in to.iter_mut().zip(&LOG_VARS[from..from + len]) {
+                    *b = v.load(Ordering::Relaxed);
+                }
+            };
+            let (status, times) = buf.split_at_mut(LOG_VAR_MAX);
+            copy(0, status_len, status);
+            copy(LOG_VAR_MAX, times_len, times);
+            w.done_with(request as usize, &status[..status_len], &times[..times_len]);
         }
     });
 }

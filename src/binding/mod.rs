@@ -47,7 +47,9 @@ mod read_api;
 mod write_api;
 
 use config::config;
-use hot_path::{dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX};
+use hot_path::{
+    dyups_current, dyups_done, dyups_pick, resolve, KEY, KEY_MAX, LOG_VARS, LOG_VAR_MAX,
+};
 use http::{api_reply, api_wants_body, handle_check, ups_failure, ups_reply};
 use lifecycle::{init, init_worker};
 use read_api::{get, list, peers, pending, version, write_back_status};
@@ -105,6 +107,7 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     let current = LightUserData(dyups_current as *const () as *mut c_void);
     let done = LightUserData(dyups_done as *const () as *mut c_void);
     let key = LightUserData(KEY.as_ptr() as *mut c_void);
+    let log_vars = LightUserData(LOG_VARS.as_ptr() as *mut c_void);
     let (balance, log): (Function, Function) = lua
         .load(include_str!("balance.lua"))
         .set_name("=ngx.dyups.balance")
@@ -115,6 +118,8 @@ fn open(lua: &Lua) -> LuaResult<Table> {
             key,
             KEY_MAX,
             lua.create_function(resolve)?,
+            log_vars,
+            LOG_VAR_MAX,
         ))?;
     m.set("balance", balance)?;
     m.set("log", log)?;

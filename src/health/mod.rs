@@ -307,6 +307,11 @@ pub fn record(
     })
     .ok()?;
     let flipped_up = (before.down || before.checking) && !(after.down || after.checking);
+    if outcome != Outcome::Late {
+        let flipped = (before.down || before.checking) != (after.down || after.checking);
+        cell.counters()
+            .count_check(outcome != Outcome::Passed, flipped);
+    }
     if outcome == Outcome::Passed {
         let fails = cell.fails();
         // Passive failures had made it unavailable: back now, too.
@@ -315,6 +320,9 @@ pub fn record(
             // slow_start ramps from here (marked before the failures go,
             // so no worker sees it available without the mark).
             cell.mark_available(now_ms);
+        }
+        if passive_back {
+            cell.counters().end_unavailable(now_ms);
         }
         if fails > 0 {
             cell.clear_failures(tag, fails);

@@ -1150,7 +1150,6 @@ impl StateFile {
     /// The statistics of the table `snap` (this file's, as a reader saw
     /// it).
     pub fn table_stats(&self, snap: &Snapshot) -> TableStats {
-        let (accepted, unchanged, refused, failures, error) = self.table_counters().read();
         let g = self.geometry;
         let used: std::collections::HashSet<u32> = snap
             .table
@@ -1175,11 +1174,7 @@ impl StateFile {
             bytes_capacity: g.payload_capacity(),
             cells_used: used.len() as u64,
             cells_capacity: u64::from(g.cells),
-            writes_accepted: accepted,
-            writes_unchanged: unchanged,
-            writes_refused: refused,
-            write_back_failures: failures,
-            write_back_error: error,
+            ..self.table_counters().read()
         }
     }
 

@@ -410,17 +410,18 @@ pub fn servers(store: &StateFile, snap: &Snapshot, now_ms: u64) -> Vec<ServerSta
 /// the path from the end (see the module doc); the rest are not counted.
 pub fn count_responses(zone: Zone<'_>, path: &[PeerRef], status: &[u8], times: &[u8]) {
     let n = entries(status).count();
-    let skip = n.saturating_sub(path.len());
+    // Both lists are matched from the end, to the path and to each other:
+    // the log phase may have kept only their tails.
+    let (n_times, skip) = (entries(times).count(), n.saturating_sub(path.len()));
+    let mut times = entries(times).skip(n_times.saturating_sub(n));
+    let untimed = n.saturating_sub(n_times);
     let start = path.len() - (n - skip);
-    // nginx writes the two lists entry for entry.
-    let mut times = entries(times);
     for (k, st) in entries(status).enumerate() {
-        let time = times.next();
+        let time = if k < untimed { None } else { times.next() };
         if k < skip {
             continue;
         }
-        let r = path[start + k - skip];
-        let Some(cell) = zone.cell(r) else {
+        let Some(cell) = zone.cell(path[start + k - skip]) else {
             continue;
         };
         cell.counters()

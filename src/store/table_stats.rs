@@ -150,26 +150,25 @@ pub struct TableStats {
 }
 
 impl TableCounters<'_> {
-    pub(super) fn read(
-        &self,
-    ) -> (
-        u64,
-        u64,
-        Vec<(&'static str, u64)>,
-        u64,
-        Option<(u64, String)>,
-    ) {
-        (
-            self.accepted.load(Ordering::Relaxed),
-            self.unchanged.load(Ordering::Relaxed),
-            REFUSALS
+    /// The counters; the table's size and version left at zero, for the
+    /// caller that knows them.
+    pub(super) fn read(&self) -> TableStats {
+        TableStats {
+            version: 0,
+            bytes_used: 0,
+            bytes_capacity: 0,
+            cells_used: 0,
+            cells_capacity: 0,
+            writes_accepted: self.accepted.load(Ordering::Relaxed),
+            writes_unchanged: self.unchanged.load(Ordering::Relaxed),
+            writes_refused: REFUSALS
                 .iter()
                 .zip(&self.refused)
                 .map(|(name, w)| (*name, w.load(Ordering::Relaxed)))
                 .collect(),
-            self.write_back_failures.load(Ordering::Relaxed),
-            self.last_error(),
-        )
+            write_back_failures: self.write_back_failures.load(Ordering::Relaxed),
+            write_back_error: self.last_error(),
+        }
     }
 }
 
@@ -211,8 +210,9 @@ mod tests {
         t.count_write::<()>(&Err(Error::NoSpace("x".into())), 3);
         t.count_write(&Ok((4, ())), 3);
         t.count_write(&Ok((3, ())), 3);
-        let (acc, unch, refused, failures, _) = t.read();
-        assert_eq!((acc, unch, failures), (1, 1, 2));
-        assert_eq!(refused[6], ("no_space", 1));
+        let read = t.read();
+        assert_eq!((read.writes_accepted, read.writes_unchanged), (1, 1));
+        assert_eq!(read.write_back_failures, 2);
+        assert_eq!(read.writes_refused[6], ("no_space", 1));
     }
 }
