@@ -89,6 +89,8 @@ impl Response {
 enum Endpoint {
     List,
     Detail,
+    /// Every live worker and the table's statistics (JSON only).
+    Workers,
     Upstream(String),
     Servers(String),
     Server(String, String),
@@ -99,7 +101,7 @@ impl Endpoint {
     /// `If-None-Match: *` and `If-Match: *` ask of a write.
     fn exists(&self, t: &Table) -> bool {
         match self {
-            Endpoint::List | Endpoint::Detail => true,
+            Endpoint::List | Endpoint::Detail | Endpoint::Workers => true,
             Endpoint::Upstream(name) | Endpoint::Servers(name) => t.get(name).is_some(),
             Endpoint::Server(name, addr) => t.get(name).is_some_and(|u| match parse_target(addr) {
                 Ok(Target::Addr(a)) => u.server(&a).is_some(),
@@ -113,7 +115,7 @@ impl Endpoint {
 }
 
 const USAGE: &str =
-    "no such endpoint: use /list, /detail, /upstream/NAME or /upstream/NAME/servers[/ADDR]";
+    "no such endpoint: use /list, /detail, /workers, /upstream/NAME or /upstream/NAME/servers[/ADDR]";
 
 /// Routes the path as sent. The fixed words must be spelled out; a name is
 /// decoded once and must then be a valid name, sent as itself (every
@@ -137,6 +139,7 @@ fn route(path: &str) -> Result<Endpoint, Response> {
     Ok(match segments.as_slice() {
         ["list"] => Endpoint::List,
         ["detail"] => Endpoint::Detail,
+        ["workers"] => Endpoint::Workers,
         ["upstream", name] => Endpoint::Upstream(upstream_name(name)?),
         ["upstream", name, "servers"] => Endpoint::Servers(upstream_name(name)?),
         ["upstream", name, "servers", addr] if !addr.is_empty() => {
@@ -331,8 +334,8 @@ pub fn handle(
     let write = match action(&endpoint, req.method) {
         Err(r) => return r,
         Ok(None) => {
-            let r =
-                read(&endpoint, req.json, snapshot, req.name_status).with_etag(snapshot.version);
+            let r = read(&endpoint, req.json, store, snapshot, req.name_status)
+                .with_etag(snapshot.version);
             return conditional_read(&req.preconditions, r, snapshot.version);
         }
         Ok(Some(w)) => w,
@@ -415,7 +418,7 @@ fn action<'e>(endpoint: &'e Endpoint, method: &str) -> Result<Option<Write<'e>>,
     };
     write.map(Some).ok_or_else(|| {
         let allow = match endpoint {
-            Endpoint::List | Endpoint::Detail => "GET, HEAD",
+            Endpoint::List | Endpoint::Detail | Endpoint::Workers => "GET, HEAD",
             Endpoint::Upstream(_) => "GET, HEAD, POST, DELETE",
             Endpoint::Servers(_) => "GET, HEAD, POST",
             Endpoint::Server(..) => "GET, HEAD, PATCH, DELETE",

@@ -7,7 +7,7 @@ use mlua::{Lua, Table, Value, Variadic};
 
 use crate::admin::ups;
 use crate::admin::upstream_file;
-use crate::store::StateFile;
+use crate::store::{stats, StateFile};
 use crate::table::syntax::{render_server, setting_lines};
 
 use super::arguments::string_arg;
@@ -121,10 +121,23 @@ pub(super) fn get(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, S
 /// it: `{ server, conns, fails, shared }` in table order.
 pub(super) fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table, String>> {
     let name = string_arg(&args, 1, "peers")?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let found = with_snapshot(|store, s| {
-        s.table
-            .get(&name)
-            .map(|u| crate::store::zone::status(store.zone(), u))
+        s.table.get(&name).map(|u| {
+            let zone = store.zone();
+            let states = (0..u.servers.len()).map(|i| {
+                (
+                    stats::state_of(zone, u, i, now_ms).name(),
+                    stats::counters_of(zone, u, i, now_ms),
+                )
+            });
+            crate::store::zone::status(zone, u)
+                .into_iter()
+                .zip(states)
+                .collect::<Vec<_>>()
+        })
     });
     let list = match found {
         Ok(Some(list)) => list,
@@ -132,12 +145,24 @@ pub(super) fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table,
         Err(e) => return Ok(Err(e)),
     };
     let out = lua.create_table()?;
-    for p in list {
+    for (p, (state, c)) in list {
         let t = lua.create_table()?;
         t.set("server", p.server)?;
         t.set("conns", p.conns)?;
         t.set("fails", p.fails)?;
         t.set("shared", p.shared)?;
+        t.set("state", state)?;
+        t.set("requests", c.requests)?;
+        let responses = lua.create_table()?;
+        for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .into_iter()
+            .zip(c.responses)
+        {
+            responses.set(class, n)?;
+        }
+        t.set("responses", responses)?;
+        t.set("failures", c.fails)?;
+        t.set("unavail", c.unavail)?;
         out.push(t)?;
     }
     Ok(Ok(out))

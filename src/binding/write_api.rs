@@ -141,6 +141,13 @@ pub(super) fn after_write(
         msg
     });
     *WRITE_BACK_ERROR.lock() = outcome.as_ref().err().cloned();
+    // For every worker's statistics, the last failure's reason with it.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    store
+        .table_counters()
+        .record_write_back(outcome.as_ref().err().map(String::as_str), now_ms);
     Some(outcome)
 }
 

@@ -518,4 +518,50 @@ mod tests {
         c.end_unavailable(7_000);
         assert_eq!(at(20_000).downtime_ms, 6_000);
     }
+
+    #[test]
+    fn the_state_follows_the_rules_the_balancer_picks_by() {
+        use crate::store::zone::ZoneSource;
+        use crate::testing::MemoryZone;
+        let zone = MemoryZone::new(3);
+        let mut u = crate::table::syntax::parse_body(
+            "u",
+            "server 127.0.0.1:1 max_fails=2 fail_timeout=10s; server 127.0.0.1:2 down; \
+             server 127.0.0.1:3;",
+        )
+        .unwrap();
+        u.peers = zone.refs();
+        let state = |u: &Upstream, i, now| state_of(zone.zone(), u, i, now);
+        assert_eq!(
+            [state(&u, 0, 0), state(&u, 1, 0), state(&u, 2, 0)],
+            [ServerState::Up, ServerState::Down, ServerState::Up]
+        );
+        // max_fails within fail_timeout: out until the window passes.
+        zone.cell(0).add_failure(1, 1_000);
+        assert_eq!(state(&u, 0, 1_500), ServerState::Up);
+        zone.cell(0).add_failure(1, 2_000);
+        assert_eq!(state(&u, 0, 2_500), ServerState::Unavail);
+        assert_eq!(state(&u, 0, 12_001), ServerState::Up);
+        // Marked down with connections still in flight.
+        zone.cell(1).acquire(1);
+        assert_eq!(state(&u, 1, 0), ServerState::Draining);
+        // Active checks count only with a check line.
+        zone.cell(2)
+            .health_word()
+            .fetch_or(HEALTH_DOWN, Ordering::AcqRel);
+        assert_eq!(state(&u, 2, 0), ServerState::Up);
+        let mut checked = crate::table::syntax::parse_body(
+            "u",
+            "server 127.0.0.1:1; server 127.0.0.1:2 down; server 127.0.0.1:3; check interval=1000;",
+        )
+        .unwrap();
+        checked.peers = zone.refs();
+        assert_eq!(state(&checked, 2, 0), ServerState::Unhealthy);
+        zone.cell(2).reset_checked(1, true);
+        assert_eq!(state(&checked, 2, 0), ServerState::Checking);
+        assert_eq!(
+            [ServerState::Up, ServerState::Unhealthy].map(ServerState::code),
+            [1, 6]
+        );
+    }
 }

@@ -438,9 +438,20 @@ fn json_views_give_every_parameter() {
             r#""check_http_send":"HEAD / HTTP/1.1\r\nHost: \"x\"\r\n\r\n","#,
             r#""check_http_expect_alive":["http_2xx","http_3xx"],"check_keepalive_requests":1,"#,
             r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
-            r#""fail_timeout":4,"slow_start":20,"backup":true,"down":false},"#,
+            r#""fail_timeout":4,"slow_start":20,"backup":true,"down":false,"#,
+            r#""active":0,"shared":true,"state":"up","stats":"#,
+            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"flips":0},"#,
+            r#""requests":0,"response_time":{"buckets_ms":[5,10,25,50,100,250,500,1000,2500,5000,10000],"#,
+            r#""count":0,"counts":[0,0,0,0,0,0,0,0,0,0,0,0],"sum_us":0},"#,
+            r#""responses":{"1xx":0,"2xx":0,"3xx":0,"4xx":0,"5xx":0},"unavail":0}},"#,
             r#"{"addr":"127.0.0.1:8089","weight":1,"max_conns":0,"max_fails":1,"fail_timeout":10,"#,
-            r#""slow_start":0,"backup":false,"down":false}]}"#
+            r#""slow_start":0,"backup":false,"down":false,"#,
+            // New under `check ... default_down=true`: not up yet.
+            r#""active":0,"shared":true,"state":"checking","stats":"#,
+            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"flips":0},"#,
+            r#""requests":0,"response_time":{"buckets_ms":[5,10,25,50,100,250,500,1000,2500,5000,10000],"#,
+            r#""count":0,"counts":[0,0,0,0,0,0,0,0,0,0,0,0],"sum_us":0},"#,
+            r#""responses":{"1xx":0,"2xx":0,"3xx":0,"4xx":0,"5xx":0},"unavail":0}}]}"#
         )
     );
     // The text form: the settings in nginx syntax, each on its line.
@@ -456,6 +467,42 @@ fn json_views_give_every_parameter() {
     let v: serde_json::Value =
         serde_json::from_str(&call_with(&f, "GET", "/detail", "", true, None).body).unwrap();
     assert_eq!(v["upstreams"][1]["servers"][0]["addr"], "127.0.0.1:8089");
+    assert_eq!(v["upstreams"][1]["servers"][0]["state"], "up");
+    assert_eq!(v["upstreams"][0]["servers"][1]["state"], "checking");
+}
+
+#[test]
+fn workers_lists_the_live_workers_and_the_tables_statistics() {
+    let f = fixture("workers");
+    let i = f.store.register_worker(std::process::id()).unwrap();
+    f.store.count_balanced(i);
+    f.store.count_balanced(i);
+    assert_eq!(
+        call(&f, "POST", "/upstream/host3", "server 127.0.0.1:1;").status,
+        200
+    );
+    assert_eq!(
+        call(&f, "POST", "/upstream/host3", "server bad").status,
+        400
+    );
+    assert_eq!(call(&f, "DELETE", "/upstream/nope", "").status, 404);
+    let r = call(&f, "GET", "/workers", "");
+    assert!(r.json && r.status == 200, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["version"], 2);
+    let me = &v["workers"][0];
+    assert_eq!(me["pid"], std::process::id());
+    assert_eq!(me["requests"], 2);
+    let t = &v["table"];
+    assert_eq!(t["version"], 2);
+    assert_eq!(t["writes_accepted"], 1);
+    assert_eq!(t["writes_refused"]["bad_request"], 1);
+    assert_eq!(t["writes_refused"]["not_found"], 1);
+    assert_eq!(t["cells_used"], 3);
+    assert!(t["bytes_used"].as_u64().unwrap() > 0);
+    assert!(t["bytes_used"].as_u64() < t["bytes_capacity"].as_u64());
+    assert_eq!(t["write_back_error"], serde_json::Value::Null);
+    assert_eq!(call(&f, "POST", "/workers", "").status, 405);
 }
 
 #[test]

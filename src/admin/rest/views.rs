@@ -1,12 +1,17 @@
 //! What the REST interface's reads answer: `/list`, `/detail` (byte for
 //! byte as ngx_http_dyups_module gives it), `/upstream/NAME` as nginx
-//! lines or JSON (with what the resolver found for its host names), and one
-//! server.
+//! lines or JSON (with what the resolver found for its host names, and each
+//! server's state and statistics), one server, and `/workers`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use super::{Endpoint, Response};
-use crate::store::Snapshot;
+use crate::store::stats::{self, Counters, BUCKETS_MS};
+use crate::store::zone::{PeerCell, Zone};
+use crate::store::{Snapshot, StateFile};
 use crate::table::model::{ServerSpec, Table, Upstream};
 use crate::table::syntax::{render_server, server_lines, setting_lines};
 use crate::Error;
@@ -16,10 +21,15 @@ use crate::Error;
 pub(super) fn read(
     endpoint: &Endpoint,
     json: bool,
+    store: &StateFile,
     snap: &Snapshot,
     status: &[crate::admin::name_status::Status],
 ) -> Response {
     let t = &snap.table;
+    let zone = store.zone();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let found = |name: &str| {
         t.get(name)
             .ok_or_else(|| Error::NotFound(format!("upstream {name} not found")))
@@ -29,10 +39,24 @@ pub(super) fn read(
             version: snap.version,
             upstreams: t.names().collect(),
         })),
-        Endpoint::Detail if json => Ok(to_json(&Detail {
-            version: snap.version,
-            upstreams: &t.upstreams,
-        })),
+        Endpoint::Detail if json => {
+            let upstreams: Vec<String> = t
+                .upstreams
+                .iter()
+                .map(|u| with_stats(to_json(&**u), zone, u, now_ms))
+                .collect();
+            Ok(format!(
+                r#"{{"version":{},"upstreams":[{}]}}"#,
+                snap.version,
+                upstreams.join(",")
+            ))
+        }
+        Endpoint::Workers => {
+            return Response {
+                json: true,
+                ..Response::text(200, workers(store, snap).to_string())
+            }
+        }
         Endpoint::List | Endpoint::Detail if t.upstreams.is_empty() => {
             return Response::text(204, "")
         }
@@ -40,10 +64,11 @@ pub(super) fn read(
         Endpoint::Detail => Ok(detail(t)),
         Endpoint::Upstream(name) | Endpoint::Servers(name) => found(name).map(|u| {
             if json && u.names.is_empty() {
-                to_json(&One {
+                let one = to_json(&One {
                     version: snap.version,
                     upstream: u,
-                })
+                });
+                with_stats(one, zone, u, now_ms)
             } else if json {
                 // Through a JSON value, whose keys come out sorted: only
                 // for an upstream with `server NAME` lines to add.
@@ -53,6 +78,15 @@ pub(super) fn read(
                 })
                 .expect("plain data serialises");
                 crate::admin::name_status::add_to_json(&mut v, u, status);
+                if let Some(servers) = v.get_mut("servers").and_then(Value::as_array_mut) {
+                    for (i, s) in servers.iter_mut().enumerate().take(u.servers.len()) {
+                        if let (Some(s), Value::Object(more)) =
+                            (s.as_object_mut(), server_stats(zone, u, i, now_ms))
+                        {
+                            s.extend(more);
+                        }
+                    }
+                }
                 v.to_string()
             } else {
                 written_lines(u)
@@ -87,16 +121,98 @@ struct Listing<'a> {
 }
 
 #[derive(Serialize)]
-struct Detail<'a> {
-    version: u64,
-    upstreams: &'a [std::sync::Arc<Upstream>],
-}
-
-#[derive(Serialize)]
 struct One<'a> {
     version: u64,
     #[serde(flatten)]
     upstream: &'a Upstream,
+}
+
+/// `json`, the JSON of upstream `u` (in the order its fields are
+/// declared), with each server's state, connections in flight and
+/// statistics after its parameters. Spliced into the text rather than
+/// built through a `serde_json::Value`, which would sort every key.
+fn with_stats(json: String, zone: Zone<'_>, u: &Upstream, now_ms: u64) -> String {
+    let plain: Vec<String> = u.servers.iter().map(to_json).collect();
+    let list = format!(r#""servers":[{}]"#, plain.join(","));
+    // A string value holding these characters would have its quotes
+    // escaped: the list appears once, as the servers themselves.
+    let Some(at) = json.find(&list) else {
+        return json;
+    };
+    let servers: Vec<String> = plain
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let more = server_stats(zone, u, i, now_ms).to_string();
+            // `{...}` + `{...}` → `{...,...}`.
+            format!("{},{}", &s[..s.len() - 1], &more[1..])
+        })
+        .collect();
+    format!(
+        r#"{}"servers":[{}]{}"#,
+        &json[..at],
+        servers.join(","),
+        &json[at + list.len()..]
+    )
+}
+
+/// Server `i` of `u`: its state, connections in flight, whether it has a
+/// cell, and its statistics.
+fn server_stats(zone: Zone<'_>, u: &Upstream, i: usize, now_ms: u64) -> Value {
+    let cell = zone.cell(u.peer(i));
+    json!({
+        "state": stats::state_of(zone, u, i, now_ms).name(),
+        "active": cell.map_or(0, PeerCell::conns),
+        "shared": cell.is_some(),
+        "stats": counters_json(&stats::counters_of(zone, u, i, now_ms)),
+    })
+}
+
+/// A server's counters as the JSON documents them (README, REST
+/// interface).
+fn counters_json(c: &Counters) -> Value {
+    let r = &c.responses;
+    let h = &c.response_time;
+    json!({
+        "requests": c.requests,
+        "responses": {"1xx": r[0], "2xx": r[1], "3xx": r[2], "4xx": r[3], "5xx": r[4]},
+        "fails": c.fails,
+        "unavail": c.unavail,
+        "downtime": c.downtime_ms,
+        "health_checks": {"checks": c.checks, "fails": c.check_fails, "flips": c.check_flips},
+        "response_time": {
+            "buckets_ms": BUCKETS_MS,
+            "counts": h.buckets,
+            "sum_us": h.sum_us,
+            "count": h.count,
+        },
+    })
+}
+
+/// `GET /workers`: every live worker, and the table's statistics.
+fn workers(store: &StateFile, snap: &Snapshot) -> Value {
+    let t = store.table_stats(snap);
+    let refused: serde_json::Map<String, Value> = t
+        .writes_refused
+        .iter()
+        .map(|&(why, n)| (why.to_owned(), n.into()))
+        .collect();
+    json!({
+        "version": snap.version,
+        "workers": store.worker_stats(),
+        "table": {
+            "version": t.version,
+            "bytes_used": t.bytes_used,
+            "bytes_capacity": t.bytes_capacity,
+            "cells_used": t.cells_used,
+            "cells_capacity": t.cells_capacity,
+            "writes_accepted": t.writes_accepted,
+            "writes_unchanged": t.writes_unchanged,
+            "writes_refused": refused,
+            "write_back_failures": t.write_back_failures,
+            "write_back_error": t.write_back_error.map(|(at, why)| json!({"at": at, "error": why})),
+        },
+    })
 }
 
 fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
