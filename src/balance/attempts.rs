@@ -20,7 +20,7 @@ const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// How many of a request's picks it remembers, the latest, for the log
 /// phase to count each attempt's response against its server.
-pub const PATH_MAX: usize = 8;
+pub const PATH_MAX: usize = crate::store::stats::ATTEMPTS_COUNTED;
 
 /// What one request has done so far against one upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -366,14 +366,19 @@ impl Worker {
     /// Request `key` has ended (the log phase): gives back the connection
     /// its last attempt counted, and forgets its attempts.
     pub fn done(&mut self, key: usize) {
-        self.done_with(key, b"", b"");
+        self.done_with(key, [], []);
     }
 
     /// [`done`](Self::done), counting each attempt's response against the
     /// server that served it: `status` and `times` are the request's
     /// `$upstream_status` and `$upstream_response_time` (see
     /// [`crate::store::stats`]).
-    pub fn done_with(&mut self, key: usize, status: &[u8], times: &[u8]) {
+    pub fn done_with(
+        &mut self,
+        key: usize,
+        status: impl IntoIterator<Item = u8>,
+        times: impl IntoIterator<Item = u8>,
+    ) {
         self.done_seen = true;
         let Some(attempt) = self.attempts.finish(key) else {
             return;
@@ -382,9 +387,7 @@ impl Worker {
         if let Some(held) = attempt.held {
             zone.release(held);
         }
-        if !status.is_empty() {
-            stats::count_responses(zone, attempt.path(), status, times);
-        }
+        stats::count_responses(zone, attempt.path(), status, times);
     }
 
     /// How the request path must evaluate the hash key of upstream `id`:
@@ -735,8 +738,16 @@ mod tests {
         assert_eq!(one.pick(0, seen, 0x1000, Retry::Failed, b""), 1);
         // Each entry against the server of its attempt, the other worker
         // ending a request it never saw counting nothing.
-        other.done_with(0x1000, b"502, 200", b"0.003, 0.020");
-        one.done_with(0x1000, b"502, 200", b"0.003, 0.020");
+        other.done_with(
+            0x1000,
+            b"502, 200".iter().copied(),
+            b"0.003, 0.020".iter().copied(),
+        );
+        one.done_with(
+            0x1000,
+            b"502, 200".iter().copied(),
+            b"0.003, 0.020".iter().copied(),
+        );
         let (a, b) = (
             counters(&other, "127.0.0.1:8088"),
             counters(&other, "127.0.0.1:8089"),
@@ -753,7 +764,11 @@ mod tests {
         // internal redirect): only the last ones are its own.
         let seen = one.snapshot().seen;
         assert_eq!(one.pick(0, seen, 0x2000, Retry::First, b""), 1);
-        one.done_with(0x2000, b"200 : 404", b"0.001 : 0.001");
+        one.done_with(
+            0x2000,
+            b"200 : 404".iter().copied(),
+            b"0.001 : 0.001".iter().copied(),
+        );
         assert_eq!(
             counters(&other, "127.0.0.1:8089").responses,
             [0, 1, 0, 1, 0]
@@ -773,7 +788,7 @@ mod tests {
         let seen = one.snapshot().seen;
         for key in [0x1000, 0x2000] {
             one.pick(0, seen, key, Retry::First, b"");
-            one.done_with(key, b"200", b"0.001");
+            one.done_with(key, *b"200", *b"0.001");
         }
         let cell_of = |w: &Worker, addr: &str| {
             let u = w.snapshot().table.get("up").unwrap().clone();
@@ -823,7 +838,7 @@ mod tests {
         change(&other, "server 127.0.0.1:8088; server 127.0.0.1:8091;");
         other.refresh().unwrap();
         // The request ends now: its response is not 8091's.
-        one.done_with(0x2000, b"503", b"0.002");
+        one.done_with(0x2000, b"503".iter().copied(), b"0.002".iter().copied());
         assert_eq!(counters(&other, "127.0.0.1:8091"), Default::default());
         // Nor is a pick by a balancer still built for the old table.
         let state = &one.balancers[0];

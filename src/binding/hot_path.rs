@@ -108,18 +108,16 @@ pub(super) static LOG_VARS: [AtomicU8; 2 * LOG_VAR_MAX] =
 pub(super) extern "C" fn dyups_done(request: *const c_void, status_len: u32, times_len: u32) {
     let _ = std::panic::catch_unwind(|| {
         if let Some(w) = WORKER.lock().as_mut() {
-            let mut buf = [0u8; 2 * LOG_VAR_MAX];
-            let status_len = (status_len as usize).min(LOG_VAR_MAX);
-            let times_len = (times_len as usize).min(LOG_VAR_MAX);
-            let copy = |from: usize, len: usize, to: &mut [u8]| {
-                for (b, v) in to.iter_mut().zip(&LOG_VARS[from..from + len]) {
-                    *b = v.load(Ordering::Relaxed);
-                }
+            let read = |from: usize, len: u32| {
+                LOG_VARS[from..from + (len as usize).min(LOG_VAR_MAX)]
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
             };
-            let (status, times) = buf.split_at_mut(LOG_VAR_MAX);
-            copy(0, status_len, status);
-            copy(LOG_VAR_MAX, times_len, times);
-            w.done_with(request as usize, &status[..status_len], &times[..times_len]);
+            w.done_with(
+                request as usize,
+                read(0, status_len),
+                read(LOG_VAR_MAX, times_len),
+            );
         }
     });
 }

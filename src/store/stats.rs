@@ -41,8 +41,8 @@
 //!   (`dyups.log()`), from `$upstream_status` and `$upstream_response_time`,
 //!   read once each. Both hold one entry per attempt (`502, 200`; `: `
 //!   between the upstreams of internal redirects); the balancer remembers
-//!   the servers a request was sent to, in order (the last
-//!   [`PATH_MAX`](crate::balance::attempts::PATH_MAX)), and the entries are
+//!   the servers a request was sent to, in order (the last 8:
+//!   `balance::attempts::PATH_MAX`), and the entries are
 //!   matched to them from the end, each counted against the server that
 //!   served it. An attempt whose connection failed shows as nginx records
 //!   it (502, or 504 for a timeout) and is counted so. Only where the log
@@ -141,8 +141,8 @@ impl ServerCounters {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One failed attempt at `now_ms`; `window`: when it took the server
-    /// out (max_fails reached), until when, and whether it was out already.
+    /// One failed attempt at `now_ms`; `out`: when it took the server out
+    /// (max_fails reached), until when, and whether it was out already.
     pub fn count_failure(&self, out: Option<(u64, bool)>, now_ms: u64) {
         self.fails.fetch_add(1, Ordering::Relaxed);
         let Some((until, already)) = out else {
@@ -403,37 +403,91 @@ pub fn servers(store: &StateFile, snap: &Snapshot, now_ms: u64) -> Vec<ServerSta
     out
 }
 
+/// How many of a request's last attempts are counted in the log phase:
+/// the balancer remembers as many servers per request.
+pub const ATTEMPTS_COUNTED: usize = 8;
+
 /// Counts the response of each attempt of a request against the server
 /// that served it: `path` the servers picked, oldest first ([`PeerRef::NONE`]
-/// for an attempt that found none), `status` and `times` the request's
-/// `$upstream_status` and `$upstream_response_time`. Entries are matched to
-/// the path from the end (see the module doc); the rest are not counted.
-pub fn count_responses(zone: Zone<'_>, path: &[PeerRef], status: &[u8], times: &[u8]) {
-    let n = entries(status).count();
-    // Both lists are matched from the end, to the path and to each other:
-    // the log phase may have kept only their tails.
-    let (n_times, skip) = (entries(times).count(), n.saturating_sub(path.len()));
-    let mut times = entries(times).skip(n_times.saturating_sub(n));
-    let untimed = n.saturating_sub(n_times);
-    let start = path.len() - (n - skip);
-    for (k, st) in entries(status).enumerate() {
-        let time = if k < untimed { None } else { times.next() };
-        if k < skip {
-            continue;
-        }
-        let Some(cell) = zone.cell(path[start + k - skip]) else {
+/// for an attempt that found none), `status` and `times` the bytes of the
+/// request's `$upstream_status` and `$upstream_response_time`. Entries are
+/// matched to the path from the end (see the module doc); the rest are not
+/// counted. One pass over each list, nothing allocated: this runs at the
+/// end of every request.
+pub fn count_responses(
+    zone: Zone<'_>,
+    path: &[PeerRef],
+    status: impl IntoIterator<Item = u8>,
+    times: impl IntoIterator<Item = u8>,
+) {
+    let status = last_entries(status, parse_status);
+    if status.n == 0 {
+        return;
+    }
+    let times = last_entries(times, parse_seconds_us);
+    for k in 0..status.n.min(path.len()).min(ATTEMPTS_COUNTED) {
+        let Some(cell) = zone.cell(path[path.len() - 1 - k]) else {
             continue;
         };
+        let st = status.from_end(k).unwrap_or(0);
         cell.counters()
-            .count_response(parse_status(st), time.and_then(parse_seconds_us));
+            .count_response(st, times.from_end(k).flatten());
     }
 }
 
-/// The entries of an nginx upstream variable: `a, b : c` → `a`, `b`, `c`.
-fn entries(list: &[u8]) -> impl Iterator<Item = &[u8]> {
-    list.split(|&b| b == b',' || b == b':')
-        .map(<[u8]>::trim_ascii)
-        .filter(move |_| !list.is_empty())
+/// The last [`ATTEMPTS_COUNTED`] entries of an nginx upstream list.
+struct Last<T> {
+    ring: [T; ATTEMPTS_COUNTED],
+    /// Entries in the list.
+    n: usize,
+}
+
+impl<T: Copy> Last<T> {
+    fn push(&mut self, v: T) {
+        self.ring[self.n % ATTEMPTS_COUNTED] = v;
+        self.n += 1;
+    }
+
+    /// The `k`th entry from the end (0: the last), if it was kept.
+    fn from_end(&self, k: usize) -> Option<T> {
+        (k < self.n.min(ATTEMPTS_COUNTED)).then(|| self.ring[(self.n - 1 - k) % ATTEMPTS_COUNTED])
+    }
+}
+
+/// The entries of `a, b : c` (`,` between attempts, `:` between the
+/// upstreams of internal redirects), each read by `value` from its bytes
+/// without spaces (its first 16).
+fn last_entries<T: Copy + Default>(
+    bytes: impl IntoIterator<Item = u8>,
+    value: fn(&[u8]) -> T,
+) -> Last<T> {
+    let mut out = Last {
+        ring: [T::default(); ATTEMPTS_COUNTED],
+        n: 0,
+    };
+    let mut entry = [0u8; 16];
+    let (mut len, mut any) = (0, false);
+    for b in bytes {
+        any = true;
+        match b {
+            b',' | b':' => {
+                out.push(value(&entry[..len]));
+                len = 0;
+            }
+            b' ' => {}
+            // Past 16 bytes an entry is no status or time: what is kept
+            // of it reads as none.
+            _ if len < entry.len() => {
+                entry[len] = b;
+                len += 1;
+            }
+            _ => {}
+        }
+    }
+    if any {
+        out.push(value(&entry[..len]));
+    }
+    out
 }
 
 fn parse_status(e: &[u8]) -> u16 {
@@ -490,9 +544,21 @@ mod tests {
 
     #[test]
     fn nginx_lists_parse() {
-        let e: Vec<&[u8]> = entries(b"502, 200 : 404").collect();
-        assert_eq!(e, [&b"502"[..], b"200", b"404"]);
-        assert_eq!(entries(b"").count(), 0);
+        let e = last_entries(b"502, 200 : 404".iter().copied(), parse_status);
+        assert_eq!(e.n, 3);
+        assert_eq!(
+            [0, 1, 2, 3].map(|k| e.from_end(k)),
+            [Some(404), Some(200), Some(502), None]
+        );
+        assert_eq!(last_entries(b"".iter().copied(), parse_status).n, 0);
+        let long: Vec<u8> = (0..20)
+            .flat_map(|i| format!("{}, ", 500 + i).into_bytes())
+            .collect();
+        let e = last_entries(long[..long.len() - 2].iter().copied(), parse_status);
+        assert_eq!(
+            (e.n, e.from_end(0), e.from_end(7), e.from_end(8)),
+            (20, Some(519), Some(512), None)
+        );
         assert_eq!(parse_status(b"503"), 503);
         assert_eq!(parse_status(b"-"), 0);
         assert_eq!(parse_status(b"600"), 0);
