@@ -429,9 +429,8 @@ pub fn count_responses(
         let Some(cell) = zone.cell(path[path.len() - 1 - k]) else {
             continue;
         };
-        let st = status.from_end(k).unwrap_or(0);
-        cell.counters()
-            .count_response(st, times.from_end(k).flatten());
+        let st = status.back(k).unwrap_or(0);
+        cell.counters().count_response(st, times.back(k).flatten());
     }
 }
 
@@ -449,7 +448,7 @@ impl<T: Copy> Last<T> {
     }
 
     /// The `k`th entry from the end (0: the last), if it was kept.
-    fn from_end(&self, k: usize) -> Option<T> {
+    fn back(&self, k: usize) -> Option<T> {
         (k < self.n.min(ATTEMPTS_COUNTED)).then(|| self.ring[(self.n - 1 - k) % ATTEMPTS_COUNTED])
     }
 }
@@ -547,7 +546,7 @@ mod tests {
         let e = last_entries(b"502, 200 : 404".iter().copied(), parse_status);
         assert_eq!(e.n, 3);
         assert_eq!(
-            [0, 1, 2, 3].map(|k| e.from_end(k)),
+            [0, 1, 2, 3].map(|k| e.back(k)),
             [Some(404), Some(200), Some(502), None]
         );
         assert_eq!(last_entries(b"".iter().copied(), parse_status).n, 0);
@@ -556,7 +555,7 @@ mod tests {
             .collect();
         let e = last_entries(long[..long.len() - 2].iter().copied(), parse_status);
         assert_eq!(
-            (e.n, e.from_end(0), e.from_end(7), e.from_end(8)),
+            (e.n, e.back(0), e.back(7), e.back(8)),
             (20, Some(519), Some(512), None)
         );
         assert_eq!(parse_status(b"503"), 503);
