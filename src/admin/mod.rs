@@ -11,7 +11,9 @@
 pub mod auth;
 pub mod name_status;
 pub mod ops;
+pub mod prometheus;
 pub mod rest;
 pub mod seed;
+pub mod server_state;
 pub mod ups;
 pub mod upstream_file;
