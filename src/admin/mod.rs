@@ -9,6 +9,7 @@
 //! [`crate::table`]; it may use [`crate::balance`] but has no need to.
 
 pub mod auth;
+pub mod dashboard;
 pub mod name_status;
 pub mod ops;
 pub mod prometheus;
