@@ -93,7 +93,10 @@ mod tests {
         }];
         let d: Value = serde_json::from_str(&json(snap.version, &views, &w, 1)).unwrap();
         assert_eq!(d["version"], json!(snap.version));
-        assert_eq!(d["workers"], json!([{"pid": 7, "generation": snap.version}]));
+        assert_eq!(
+            d["workers"],
+            json!([{"pid": 7, "generation": snap.version}])
+        );
         let a = &d["upstreams"][0];
         assert_eq!(a["name"], "a");
         assert_eq!(a["servers"][0]["server"], "127.0.0.1:1");

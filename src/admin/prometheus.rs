@@ -175,7 +175,11 @@ pub fn render(s: &Scrape) -> String {
 }
 
 /// [`render`] with the families given: for tests of families not yet fed.
-pub fn render_with(s: &Scrape, families: &[ServerFamily], histograms: &[HistogramFamily]) -> String {
+pub fn render_with(
+    s: &Scrape,
+    families: &[ServerFamily],
+    histograms: &[HistogramFamily],
+) -> String {
     let (labels, ranges) = label_sets(s.servers);
     // About 90 bytes a sample line; a few more lines for the rest.
     let lines = s.servers.len() * (families.len() + histograms.len() * 14) + 16;
@@ -256,7 +260,13 @@ pub fn render_with(s: &Scrape, families: &[ServerFamily], histograms: &[Histogra
     for w in s.workers {
         let mut pid = String::new();
         let _ = write!(pid, "pid=\"{}\"", w.pid);
-        sample(&mut out, "dyups_worker_generation", &pid, "", w.applied as f64);
+        sample(
+            &mut out,
+            "dyups_worker_generation",
+            &pid,
+            "",
+            w.applied as f64,
+        );
     }
     out
 }
@@ -418,7 +428,10 @@ mod tests {
     }
 
     const TWO: &[(&str, &str)] = &[
-        ("web", "server 127.0.0.1:8081 weight=3; server 127.0.0.1:8082 down;"),
+        (
+            "web",
+            "server 127.0.0.1:8081 weight=3; server 127.0.0.1:8082 down;",
+        ),
         (
             "sock",
             "check interval=1000 type=tcp; server unix:/run/a\"b.sock max_conns=7;",
@@ -461,9 +474,18 @@ mod tests {
             "dyups_upstream_server_limit{upstream=\"sock\",server=\"unix:/run/a\\\"b.sock\"} 7\n"
         ));
         // Check figures only for the checked upstream.
-        assert!(!text.contains("consecutive_fails{upstream=\"web\""), "{text}");
-        assert!(text.contains("consecutive_fails{upstream=\"sock\""), "{text}");
-        assert!(text.contains("dyups_worker_generation{pid=\"4243\"} "), "{text}");
+        assert!(
+            !text.contains("consecutive_fails{upstream=\"web\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("consecutive_fails{upstream=\"sock\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("dyups_worker_generation{pid=\"4243\"} "),
+            "{text}"
+        );
         assert!(text.contains("\ndyups_table_servers 3\n"), "{text}");
     }
 

@@ -166,7 +166,12 @@ mod tests {
         let snap = store.read().unwrap();
         let zone = store.zone();
         let cell_of = |name: &str, i: usize| {
-            let up = snap.table.upstreams.iter().find(|u| u.name == name).unwrap();
+            let up = snap
+                .table
+                .upstreams
+                .iter()
+                .find(|u| u.name == name)
+                .unwrap();
             (zone.cell(up.peer(i)).unwrap(), up.peer(i).tag)
         };
         // 127.0.0.1:3 reached max_fails=2 just now: unavail for its window.
@@ -179,7 +184,8 @@ mod tests {
         c5.health_word()
             .store(u64::from(t5) << 32 | HEALTH_DOWN, Ordering::Release);
         let (c4, t4) = cell_of("checked", 0);
-        c4.health_word().store(u64::from(t4) << 32, Ordering::Release);
+        c4.health_word()
+            .store(u64::from(t4) << 32, Ordering::Release);
         let (c6, t6) = cell_of("checked", 2);
         c6.health_word()
             .store(u64::from(t6) << 32 | HEALTH_CHECKING, Ordering::Release);
