@@ -38,12 +38,14 @@ fn text(status: u16, body: String) -> Answer {
     }
 }
 
-/// Checks the token and the method, then answers with `f`'s.
-fn serve(lua: &Lua, what: &str, f: impl FnOnce() -> Answer) -> LuaResult<()> {
+/// Checks the method and, when `guarded`, the token; then answers with
+/// `f`'s.
+fn serve(lua: &Lua, what: &str, guarded: bool, f: impl FnOnce() -> Answer) -> LuaResult<()> {
     let ngx = ngx(lua).ok_or_else(|| mlua::Error::runtime("not running inside nginx"))?;
     let header: Table = ngx.get("header")?;
     let method = method(lua)?;
-    let answer = if let Err(why) = authorize(lua)? {
+    let refused = if guarded { authorize(lua)?.err() } else { None };
+    let answer = if let Some(why) = refused {
         header.set("WWW-Authenticate", "Bearer realm=\"ngx.dyups\"")?;
         text(401, format!("{}\n", why.message()))
     } else if method != "GET" && method != "HEAD" {
@@ -67,7 +69,7 @@ fn serve(lua: &Lua, what: &str, f: impl FnOnce() -> Answer) -> LuaResult<()> {
 
 /// The `/metrics` content handler.
 pub(super) fn metrics(lua: &Lua, (): ()) -> LuaResult<()> {
-    serve(lua, "/metrics", || {
+    serve(lua, "/metrics", true, || {
         let body = with_snapshot(|store, snap| {
             let views = servers(&snap.table, store.zone(), unix_ms());
             prometheus::render(&prometheus::Scrape {
@@ -103,7 +105,12 @@ pub(super) fn dashboard(lua: &Lua, (): ()) -> LuaResult<()> {
         Value::String(s) => Some(s.to_string_lossy()),
         _ => None,
     };
-    serve(lua, "/dashboard", || match format.as_deref() {
+    // The page itself is the same static text for everyone and shows no
+    // data: a browser cannot send a bearer token when it opens a URL, so
+    // the page is served without one, and its fetches of the JSON, which
+    // holds the data, send the token it reads from the URL's fragment.
+    let page = matches!(format.as_deref(), None | Some("" | "html"));
+    serve(lua, "/dashboard", !page, || match format.as_deref() {
         None | Some("" | "html") => Answer {
             status: 200,
             content_type: "text/html; charset=utf-8",
