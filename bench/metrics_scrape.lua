@@ -121,7 +121,8 @@ local ok, err = pcall(function()
       n = n + 1
       if n > handler_before then handler[#handler + 1] = tonumber(ms) end
     end
-    print(("%-24s %d scrapes of %d servers, %.1f MB: curl median %.1f ms, max %.1f ms; handler median %.1f ms, max %.1f ms; longest event-loop stall %.1f ms")
+    print(("%-24s %d scrapes of %d servers, %.1f MB: curl median %.1f ms, max %.1f ms; "
+      .. "handler median %.1f ms, max %.1f ms; longest event-loop stall %.1f ms")
       :format(path, SCRAPES, UPSTREAMS * PER, size / 1e6, pct(times, 0.5), pct(times, 1.0),
         pct(handler, 0.5), pct(handler, 1.0), stall))
   end

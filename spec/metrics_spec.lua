@@ -118,16 +118,16 @@ describe("/metrics and /dashboard (examples/nginx.conf, with admin_token)", func
     assert.falsy(body:find("127.0.0.1", 1, true), body)
     assert.falsy(body:find("local", 1, true), body)
     for _, path in ipairs { "/metrics", "/dashboard?format=json" } do
-      local status, body, h = api("GET", path, nil, {})
-      assert.equal(401, status, path)
+      local s, b, h = api("GET", path, nil, {})
+      assert.equal(401, s, path)
       assert.equal('Bearer realm="ngx.dyups"', h["www-authenticate"])
-      assert.truthy(body:find("Authorization: Bearer TOKEN", 1, true), body)
-      status = api("GET", path, nil, { Authorization = "Bearer wrong" })
-      assert.equal(401, status, path)
+      assert.truthy(b:find("Authorization: Bearer TOKEN", 1, true), b)
+      s = api("GET", path, nil, { Authorization = "Bearer wrong" })
+      assert.equal(401, s, path)
     end
     for _, path in ipairs { "/metrics", "/dashboard", "/dashboard?format=json" } do
-      local status, body, h = api("POST", path, "x")
-      assert.equal(405, status, path .. " " .. body)
+      local s, b, h = api("POST", path, "x")
+      assert.equal(405, s, path .. " " .. b)
       assert.equal("GET, HEAD", h.allow)
     end
     status, body = api("GET", "/dashboard?format=csv")
