@@ -4,6 +4,10 @@
 //! lookup; the others read it when asked. The table itself changes only
 //! when addresses do, so a lookup that found the same ones, or failed,
 //! leaves its traces here and nowhere else.
+//!
+//! [`report`] is what the observability pages read: per upstream, each
+//! `server NAME` line with its addresses, its last lookup, its error and
+//! how many lookups of it failed.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::table::model::Upstream;
+use crate::table::model::{Table, Upstream};
 use crate::table::syntax::render_named;
 
 /// What is known of one `resolve` line.
@@ -30,6 +34,87 @@ pub struct Status {
     pub ttl: u32,
     /// When it is asked next, Unix ms.
     pub next_ms: u64,
+    /// Lookups that gave no address (timeouts, SERVFAIL, NXDOMAIN, ...)
+    /// since the line was first looked up: monotonic, carried from one
+    /// holder of the resolver lease to the next (and across reloads) by
+    /// this file. Files written before it read as 0.
+    #[serde(default)]
+    pub failures: u64,
+}
+
+/// One `server NAME` line of one upstream, as the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NameReport {
+    /// The upstream, as it was created.
+    pub upstream: String,
+    /// `NAME` or `NAME:PORT` as the line writes it: the `name` label.
+    pub name: String,
+    /// `service=` of an SRV line.
+    pub service: Option<String>,
+    /// Re-resolved (`resolve`), or resolved once at its write.
+    pub resolve: bool,
+    /// The servers the table holds for it now, `ADDR:PORT`.
+    pub addresses: Vec<String>,
+    /// When it was last resolved, Unix ms: its last lookup, else the
+    /// answer it was written with.
+    pub resolved_ms: u64,
+    /// Why the last lookup gave no address, if it did not.
+    pub error: Option<String>,
+    /// Failed lookups so far: a counter (see [`Status::failures`]).
+    pub failures: u64,
+}
+
+/// Every `server NAME` line of `table`, upstream by upstream in table
+/// order, with what the resolver last published beside the state file
+/// at `state` (read now: any worker may call it, the lease holder writes
+/// it). A line resolved once at its write has no error and no failures.
+///
+/// The metrics page adds `dyups_upstream_resolve_failures_total` with:
+///
+/// ```ignore
+/// for r in name_status::report(&table, &state_path) {
+///     counter.sample(&[("upstream", &r.upstream), ("name", &r.name)], r.failures);
+/// }
+/// ```
+pub fn report(table: &Table, state: &Path) -> Vec<NameReport> {
+    let statuses = read(state);
+    let mut out = Vec::new();
+    for u in &table.upstreams {
+        for (i, n) in u.names.iter().enumerate() {
+            let target = n.target();
+            let last = n
+                .resolve
+                .then(|| find(&statuses, &u.name, &target))
+                .flatten();
+            out.push(NameReport {
+                upstream: u.name.clone(),
+                name: target,
+                service: n.service.clone(),
+                resolve: n.resolve,
+                addresses: addresses_of(u, i),
+                resolved_ms: last.map_or(n.resolved_ms, |s| s.resolved_ms.max(n.resolved_ms)),
+                error: last.and_then(|s| s.error.clone()),
+                failures: last.map_or(0, |s| s.failures),
+            });
+        }
+    }
+    out
+}
+
+/// What `statuses` say of line `server` of upstream `upstream`.
+fn find<'a>(statuses: &'a [Status], upstream: &str, server: &str) -> Option<&'a Status> {
+    statuses.iter().find(|s| {
+        s.upstream.eq_ignore_ascii_case(upstream) && s.server.eq_ignore_ascii_case(server)
+    })
+}
+
+/// The servers line `i` of `u` made.
+fn addresses_of(u: &Upstream, i: usize) -> Vec<String> {
+    u.servers
+        .iter()
+        .filter(|s| s.from == Some(i as u16))
+        .map(|s| s.addr.to_string())
+        .collect()
 }
 
 /// The file beside the state file at `state`.
@@ -86,16 +171,8 @@ pub fn add_to_json(v: &mut Value, u: &Upstream, status: &[Status]) {
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let addresses: Vec<String> = u
-                .servers
-                .iter()
-                .filter(|s| s.from == Some(i as u16))
-                .map(|s| s.addr.to_string())
-                .collect();
-            let last = status.iter().find(|s| {
-                s.upstream.eq_ignore_ascii_case(&u.name)
-                    && s.server.eq_ignore_ascii_case(&n.target())
-            });
+            let addresses = addresses_of(u, i);
+            let last = find(status, &u.name, &n.target());
             let mut o = json!({
                 "server": n.target(),
                 "line": render_named(n),
@@ -105,10 +182,14 @@ pub fn add_to_json(v: &mut Value, u: &Upstream, status: &[Status]) {
                 "ttl": n.ttl,
                 "error": Value::Null,
             });
+            if let Some(service) = &n.service {
+                o["service"] = json!(service);
+            }
             if let Some(last) = last {
                 o["last_lookup"] = json!(last.resolved_ms);
                 o["error"] = json!(last.error);
                 o["next_lookup"] = json!(last.next_ms);
+                o["failures"] = json!(last.failures);
             }
             o
         })

@@ -4,7 +4,8 @@
 //! * `wire.rs`: DNS messages, bytes in and out.
 //! * this file: which name servers an upstream asks ([`Resolver`], from its
 //!   `resolver` line, init's default, or `/etc/resolv.conf`), how the A and
-//!   AAAA answers of one name make one [`Lookup`], and a blocking client
+//!   AAAA answers of one name make one [`Lookup`] (and an SRV answer with
+//!   its targets' addresses, [`combine_service`]), and a blocking client
 //!   over std sockets for where no cosocket is (nginx's master at `init`,
 //!   `init_worker`, LuaJIT outside nginx, the `dyups` tool): there blocking
 //!   is what nginx itself does when it reads its configuration.
@@ -24,10 +25,12 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::table::model::{Table, Upstream};
-use crate::table::names::{pending_queries, Answers, Lookup, Query, DEFAULT_RESOLVER_TIMEOUT_MS};
+use crate::table::names::{
+    check_host, pending_queries, Answers, Lookup, Query, SrvEndpoint, DEFAULT_RESOLVER_TIMEOUT_MS,
+};
 use crate::table::syntax::parse_resolver_address;
 
-use self::wire::{read_reply, Reply, TYPE_A, TYPE_AAAA};
+use self::wire::{read_reply, Reply, SrvRecord, TYPE_A, TYPE_AAAA, TYPE_SRV};
 
 /// Where nameservers are found without a `resolver` anywhere.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -94,6 +97,15 @@ impl Defaults {
     }
 }
 
+/// The record types an address lookup asks for: A, and AAAA with `ipv6`.
+pub fn address_types(ipv6: bool) -> &'static [u16] {
+    if ipv6 {
+        &[TYPE_A, TYPE_AAAA]
+    } else {
+        &[TYPE_A]
+    }
+}
+
 /// Whom one upstream's lookups go to, and how long they may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolver {
@@ -119,13 +131,9 @@ impl Resolver {
         }
     }
 
-    /// The record types a lookup asks for.
+    /// The record types an address lookup asks for.
     pub fn types(&self) -> &'static [u16] {
-        if self.ipv6 {
-            &[TYPE_A, TYPE_AAAA]
-        } else {
-            &[TYPE_A]
-        }
+        address_types(self.ipv6)
     }
 
     /// How long one name server is waited for: the timeout shared among
@@ -159,6 +167,9 @@ pub fn combine(host: &str, replies: &[Result<Reply, String>]) -> Lookup {
                 addrs.extend(a);
             }
             Ok(Reply::NoSuchName) => missing = Some("NXDOMAIN (no such name)"),
+            Ok(Reply::Services { .. }) => {
+                return Lookup::Failed(format!("{host}: SRV records to an address query"))
+            }
             Ok(Reply::Truncated) => {
                 return Lookup::Failed(format!("{host}: the reply was truncated, even over TCP"))
             }
@@ -177,6 +188,77 @@ pub fn combine(host: &str, replies: &[Result<Reply, String>]) -> Lookup {
     addrs.sort();
     addrs.dedup();
     Lookup::Found { addrs, ttl }
+}
+
+/// The SRV records of `name` in `reply`, to resolve their targets: `Err`
+/// is the lookup's end (NXDOMAIN, no record, a failure).
+pub fn service_records(
+    name: &str,
+    reply: Result<Reply, String>,
+) -> Result<(Vec<SrvRecord>, u32), Lookup> {
+    match reply {
+        Ok(Reply::Services { records, ttl }) if !records.is_empty() => Ok((records, ttl)),
+        Ok(Reply::Services { .. }) => Err(Lookup::NotFound(format!(
+            "{name}: the name has no SRV records"
+        ))),
+        other => Err(combine(name, &[other])),
+    }
+}
+
+/// The distinct target hosts of `records` worth asking (a name as a
+/// server line may hold), in their order.
+pub fn service_targets(records: &[SrvRecord]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in records {
+        if check_host(&r.target).is_ok() && !out.contains(&r.target) {
+            out.push(r.target.clone());
+        }
+    }
+    out
+}
+
+/// What an SRV answer of `name` (`records`, `ttl`) and the lookups of its
+/// targets (`targets`: host, lookup) make: every address of every target
+/// at its record's port, weight and priority, with the smallest TTL. A
+/// target that does not exist is left out (nginx logs it and goes on);
+/// one whose lookup failed fails the whole, so that a timeout never
+/// removes servers; with no address left, "not found".
+pub fn combine_service(
+    name: &str,
+    records: &[SrvRecord],
+    ttl: u32,
+    targets: &[(String, Lookup)],
+) -> Lookup {
+    let mut endpoints = Vec::new();
+    let mut ttl = ttl;
+    let mut missing = Vec::new();
+    for r in records {
+        match targets.iter().find(|(h, _)| *h == r.target).map(|(_, l)| l) {
+            Some(Lookup::Found { addrs, ttl: t }) => {
+                ttl = ttl.min(*t);
+                endpoints.extend(addrs.iter().map(|ip| SrvEndpoint {
+                    priority: r.priority,
+                    addr: SocketAddr::new(*ip, r.port),
+                    weight: r.weight,
+                }));
+            }
+            Some(Lookup::Failed(why)) => {
+                return Lookup::Failed(format!("{name}: target {why}"));
+            }
+            Some(Lookup::NotFound(why)) => missing.push(why.clone()),
+            Some(Lookup::Service { .. }) | None => {
+                missing.push(format!("{}: not a host name to ask", r.target))
+            }
+        }
+    }
+    if endpoints.is_empty() {
+        return Lookup::NotFound(format!(
+            "{name}: no target of its SRV records has an address ({})",
+            missing.join("; ")
+        ));
+    }
+    endpoints.sort();
+    Lookup::Service { endpoints, ttl }
 }
 
 /// A message id nobody can guess from outside: the answer must match it.
@@ -207,6 +289,35 @@ pub fn lookup_blocking(host: &str, resolver: &Resolver) -> Lookup {
         .map(|&t| ask_blocking(host, t, resolver))
         .collect();
     combine(host, &replies)
+}
+
+/// Looks the SRV name `name` up with `resolver`, blocking, then each of
+/// its targets' addresses (see [`combine_service`]).
+pub fn lookup_service_blocking(name: &str, resolver: &Resolver) -> Lookup {
+    if resolver.servers.is_empty() {
+        return lookup_blocking(name, resolver);
+    }
+    let (records, ttl) = match service_records(name, ask_blocking(name, TYPE_SRV, resolver)) {
+        Ok(found) => found,
+        Err(end) => return end,
+    };
+    let targets: Vec<(String, Lookup)> = service_targets(&records)
+        .into_iter()
+        .map(|t| {
+            let l = lookup_blocking(&t, resolver);
+            (t, l)
+        })
+        .collect();
+    combine_service(name, &records, ttl, &targets)
+}
+
+/// Makes the lookup `q` with `resolver`, blocking.
+pub fn query_blocking(q: &Query, resolver: &Resolver) -> Lookup {
+    if q.srv {
+        lookup_service_blocking(&q.host, resolver)
+    } else {
+        lookup_blocking(&q.host, resolver)
+    }
 }
 
 fn ask_blocking(host: &str, qtype: u16, resolver: &Resolver) -> Result<Reply, String> {
@@ -285,7 +396,7 @@ pub fn answers_blocking(table: &Table, defaults: &Defaults) -> Answers {
     let found = pending_queries(table, defaults.ipv6)
         .into_iter()
         .map(|(q, u)| {
-            let l = lookup_blocking(&q.host, &Resolver::of(u, defaults));
+            let l = query_blocking(&q, &Resolver::of(u, defaults));
             (q, l)
         })
         .collect();

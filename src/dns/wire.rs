@@ -1,5 +1,5 @@
-//! DNS messages (RFC 1035, AAAA from RFC 3596): the query for one name and
-//! type, and what a reply to it says. Bytes in, bytes out: the transports
+//! DNS messages (RFC 1035, AAAA from RFC 3596, SRV from RFC 2782): the
+//! query for one name and type, and what a reply to it says. Bytes in, bytes out: the transports
 //! (Lua cosockets in nginx's workers, std sockets elsewhere) only carry
 //! them. A reply is checked against the query it answers (id, question,
 //! flags) before anything in it is believed, and every length and pointer
@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_SRV: u16 = 33;
 const TYPE_CNAME: u16 = 5;
 const CLASS_IN: u16 = 1;
 /// Recursion desired: a stub asks the resolver to do the work.
@@ -20,6 +21,9 @@ const HEADER_LEN: usize = 12;
 const POINTERS_MAX: usize = 32;
 /// A TTL above 2^31 - 1 is read as 0 (RFC 2181 8).
 const TTL_MAX: u32 = i32::MAX as u32;
+/// SRV records taken from one reply at most: each is a lookup of its
+/// target and a server, and a TCP reply could hold thousands.
+pub const SRV_RECORDS_MAX: usize = 64;
 
 /// The query for `host`'s records of `qtype`, with message id `id`.
 pub fn query(id: u16, host: &str, qtype: u16) -> Vec<u8> {
@@ -46,12 +50,29 @@ pub enum Reply {
     /// the smallest TTL among them; none for NODATA (the name exists,
     /// without records of that type).
     Records { addrs: Vec<IpAddr>, ttl: u32 },
+    /// The SRV records of the name asked (CNAMEs followed), sorted by
+    /// priority, and the smallest TTL among them; none for NODATA.
+    Services { records: Vec<SrvRecord>, ttl: u32 },
     /// NXDOMAIN: the name does not exist.
     NoSuchName,
     /// The reply did not fit a datagram: ask again over TCP.
     Truncated,
     /// The resolver could not answer: SERVFAIL, REFUSED, ... by name.
     Failure(String),
+}
+
+/// One SRV record: where the service is, and how much of it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SrvRecord {
+    /// Lower first: the lowest priority present takes the traffic.
+    pub priority: u16,
+    /// Its share among the records of its priority; a 0 is read as 1, as
+    /// nginx reads it (RFC 2782's 0 is "very rarely", which a weighted
+    /// round robin cannot say).
+    pub weight: u16,
+    pub port: u16,
+    /// The target host, lower case, without the final dot.
+    pub target: String,
 }
 
 /// Reads `reply` as the answer to `query` (the bytes [`query`] made).
@@ -104,6 +125,7 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
         code => return Ok(Reply::Failure(rcode_name(code))),
     }
     let mut addrs = Vec::new();
+    let mut records = Vec::new();
     let mut ttl = u32::MAX;
     // The owner names a record may have: the name asked, and the CNAME
     // targets the chain in the answer leads to.
@@ -143,8 +165,24 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
             (TYPE_A | TYPE_AAAA, _) if rtype == qtype => {
                 return Err(format!("a record of type {rtype} has {len} bytes"))
             }
+            (TYPE_SRV, _) if qtype == TYPE_SRV => {
+                if let Some(record) = srv_record(reply, data_at, len)? {
+                    if records.len() < SRV_RECORDS_MAX {
+                        records.push(record);
+                        ttl = ttl.min(rttl);
+                    }
+                }
+            }
             _ => {}
         }
+    }
+    if qtype == TYPE_SRV {
+        records.sort();
+        records.dedup();
+        return Ok(Reply::Services {
+            ttl: if records.is_empty() { 0 } else { ttl },
+            records,
+        });
     }
     addrs.sort();
     addrs.dedup();
@@ -152,6 +190,31 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
         ttl: if addrs.is_empty() { 0 } else { ttl },
         addrs,
     })
+}
+
+/// The SRV record whose data is the `len` bytes at `at` of `reply`
+/// (priority, weight, port, target): `None` for one that names no server
+/// (the target `.`, RFC 2782's "not available here", or port 0); `Err`
+/// for one whose target runs past its data.
+fn srv_record(reply: &[u8], at: usize, len: usize) -> Result<Option<SrvRecord>, String> {
+    if len < 7 {
+        return Err(format!("an SRV record has {len} bytes"));
+    }
+    let mut c = Cursor { b: reply, at };
+    let (priority, weight, port) = (c.u16()?, c.u16()?, c.u16()?);
+    let target = c.name()?;
+    if c.at != at + len {
+        return Err("an SRV record's target does not end with its data".into());
+    }
+    if target == "." || port == 0 {
+        return Ok(None);
+    }
+    Ok(Some(SrvRecord {
+        priority,
+        weight: weight.max(1),
+        port,
+        target: target.to_ascii_lowercase(),
+    }))
 }
 
 /// The response codes a resolver answers a failure with (RFC 1035 4.1.1).
