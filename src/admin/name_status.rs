@@ -203,3 +203,80 @@ pub fn add_to_json(v: &mut Value, u: &Upstream, status: &[Status]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::names::{resolve_pending, Answers, Lookup, Query};
+    use crate::table::syntax::parse_body;
+
+    #[test]
+    fn the_report_has_every_name_line_with_what_the_resolver_published() {
+        let mut t = Table::default();
+        t.upsert(
+            parse_body(
+                "Shop",
+                "server app.internal:8080 resolve; server once.internal; server 10.0.0.9;",
+            )
+            .unwrap(),
+        );
+        let one = |a: &str| Lookup::Found {
+            addrs: vec![a.parse().unwrap()],
+            ttl: 5,
+        };
+        let answers = Answers {
+            found: [
+                (Query::new("app.internal", false), one("10.0.0.1")),
+                (Query::new("once.internal", false), one("10.0.0.2")),
+            ]
+            .into(),
+            at_ms: 1000,
+            default_ipv6: false,
+        };
+        resolve_pending(&mut t, &answers).unwrap();
+        let dir = crate::testing::TempDir::new();
+        let state = dir.path().join("dyups.state");
+        // Nothing published yet: what the table holds, no failure.
+        let r = report(&t, &state);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].upstream.as_str(), r[0].name.as_str(), r[0].failures),
+            ("Shop", "app.internal:8080", 0)
+        );
+        assert_eq!(r[0].addresses, ["10.0.0.1:8080"]);
+        assert_eq!(r[0].resolved_ms, 1000);
+        write(
+            &state,
+            &[Status {
+                upstream: "shop".into(),
+                server: "APP.internal:8080".into(),
+                resolved_ms: 5000,
+                error: Some("timed out".into()),
+                failures: 7,
+                ..Status::default()
+            }],
+        )
+        .unwrap();
+        let r = report(&t, &state);
+        assert_eq!(r[0].failures, 7);
+        assert_eq!(r[0].error.as_deref(), Some("timed out"));
+        assert_eq!(r[0].resolved_ms, 5000);
+        // A line resolved once at its write: no lookup since, no failure.
+        assert_eq!(
+            (
+                r[1].name.as_str(),
+                r[1].resolve,
+                r[1].failures,
+                r[1].error.clone()
+            ),
+            ("once.internal", false, 0, None)
+        );
+        // A file written before the counter reads as 0 failures.
+        std::fs::write(
+            path_for(&state),
+            r#"[{"upstream":"Shop","server":"app.internal:8080","resolved_ms":1,"error":null,"addresses":[],"ttl":1,"next_ms":2}]"#,
+        )
+        .unwrap();
+        assert_eq!(report(&t, &state)[0].failures, 0);
+    }
+}

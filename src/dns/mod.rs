@@ -571,4 +571,95 @@ mod tests {
         );
         t.join().unwrap();
     }
+
+    #[test]
+    fn an_srv_answer_and_its_targets_make_one_lookup() {
+        let rec = |priority, weight, port, target: &str| SrvRecord {
+            priority,
+            weight,
+            port,
+            target: target.into(),
+        };
+        let records = [rec(0, 3, 8080, "a.internal"), rec(1, 1, 9090, "b.internal")];
+        let found = |a: &str, ttl| Lookup::Found {
+            addrs: vec![a.parse().unwrap()],
+            ttl,
+        };
+        let l = combine_service(
+            "_http._tcp.svc",
+            &records,
+            30,
+            &[
+                ("a.internal".into(), found("10.0.0.1", 60)),
+                ("b.internal".into(), found("10.0.0.2", 7)),
+            ],
+        );
+        assert_eq!(
+            l,
+            Lookup::Service {
+                endpoints: vec![
+                    SrvEndpoint {
+                        priority: 0,
+                        addr: "10.0.0.1:8080".parse().unwrap(),
+                        weight: 3
+                    },
+                    SrvEndpoint {
+                        priority: 1,
+                        addr: "10.0.0.2:9090".parse().unwrap(),
+                        weight: 1
+                    },
+                ],
+                ttl: 7
+            }
+        );
+        // A target that does not exist is left out; one that timed out
+        // fails the whole (the last good servers stay).
+        let nx = Lookup::NotFound("b.internal: NXDOMAIN".into());
+        let l = combine_service(
+            "s",
+            &records,
+            30,
+            &[
+                ("a.internal".into(), found("10.0.0.1", 60)),
+                ("b.internal".into(), nx.clone()),
+            ],
+        );
+        assert!(matches!(l, Lookup::Service { ref endpoints, ttl: 30 } if endpoints.len() == 1));
+        let l = combine_service(
+            "s",
+            &records,
+            30,
+            &[
+                ("a.internal".into(), found("10.0.0.1", 60)),
+                ("b.internal".into(), Lookup::Failed("timed out".into())),
+            ],
+        );
+        assert!(matches!(l, Lookup::Failed(m) if m.contains("timed out")));
+        let l = combine_service("s", &records, 30, &[("b.internal".into(), nx)]);
+        assert!(matches!(l, Lookup::NotFound(m) if m.contains("no target")));
+        // The SRV reply itself: no record is "not found", NXDOMAIN too.
+        let none = Ok(Reply::Services {
+            records: vec![],
+            ttl: 0,
+        });
+        assert!(matches!(
+            service_records("s", none),
+            Err(Lookup::NotFound(_))
+        ));
+        assert!(matches!(
+            service_records("s", Ok(Reply::NoSuchName)),
+            Err(Lookup::NotFound(_))
+        ));
+        assert!(matches!(
+            service_records("s", Err("timed out".into())),
+            Err(Lookup::Failed(_))
+        ));
+        // Targets asked once each, and only names a server line may hold.
+        let dup = [
+            rec(0, 1, 1, "a.internal"),
+            rec(0, 1, 2, "a.internal"),
+            rec(0, 1, 3, "a b"),
+        ];
+        assert_eq!(service_targets(&dup), ["a.internal"]);
+    }
 }

@@ -356,4 +356,31 @@ mod tests {
         );
         assert!(s.due(&t, 4, &defaults(), 70_000).is_empty());
     }
+
+    #[test]
+    fn failed_lookups_count_and_a_new_holder_goes_on_from_the_published_count() {
+        let t = table("server app.internal:8080 resolve;", &["10.0.0.1"], 1);
+        let mut s = Schedule::new();
+        let d = defaults();
+        let mut at = 11_000;
+        for lookup in [
+            Lookup::Failed("timed out".into()),
+            Lookup::NotFound("NXDOMAIN".into()),
+            found(&["10.0.0.1"], 1),
+            Lookup::Failed("SERVFAIL".into()),
+        ] {
+            let jobs = s.due(&t, 1, &d, at);
+            assert_eq!(jobs.len(), 1, "due at {at}");
+            s.record(jobs[0].id, lookup, &t, at);
+            at += 2_000;
+        }
+        assert_eq!(s.statuses()[0].failures, 3, "a good answer resets nothing");
+        // The next holder (another worker, or after a reload) starts from
+        // what this one published.
+        let mut next = Schedule::resuming(s.statuses());
+        let jobs = next.due(&t, 1, &d, at);
+        assert_eq!(next.statuses()[0].failures, 3);
+        next.record(jobs[0].id, Lookup::Failed("timed out".into()), &t, at);
+        assert_eq!(next.statuses()[0].failures, 4);
+    }
 }

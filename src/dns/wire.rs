@@ -436,4 +436,120 @@ mod tests {
             })
         );
     }
+
+    /// SRV data: priority, weight, port, then the target written out.
+    fn srv(priority: u16, weight: u16, port: u16, target: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        for x in [priority, weight, port] {
+            d.extend_from_slice(&x.to_be_bytes());
+        }
+        d.extend_from_slice(target);
+        d
+    }
+
+    #[test]
+    fn srv_replies_give_their_records_by_priority() {
+        let q = query(11, "_http._tcp.svc.internal", TYPE_SRV);
+        assert_eq!(&q[q.len() - 4..], &[0, 33, 0, 1]);
+        let r = reply(
+            &q,
+            0,
+            &[
+                (TYPE_SRV, 30, srv(10, 1, 8081, b"\x01b\x08internal\x00")),
+                (TYPE_SRV, 20, srv(0, 3, 8080, b"\x01A\x08Internal\x00")),
+                // Weight 0 is read as 1, as nginx reads it.
+                (TYPE_SRV, 60, srv(0, 0, 8082, b"\x01c\x08internal\x00")),
+                // "Not available here" and port 0 name no server.
+                (TYPE_SRV, 1, srv(0, 5, 80, b"\x00")),
+                (TYPE_SRV, 1, srv(0, 5, 0, b"\x01d\x08internal\x00")),
+                // An A record in the answer of an SRV query is not a record.
+                (TYPE_A, 1, vec![10, 0, 0, 1]),
+            ],
+        );
+        let rec = |priority, weight, port, target: &str| SrvRecord {
+            priority,
+            weight,
+            port,
+            target: target.into(),
+        };
+        assert_eq!(
+            read_reply(&q, &r),
+            Ok(Reply::Services {
+                records: vec![
+                    rec(0, 1, 8082, "c.internal"),
+                    rec(0, 3, 8080, "a.internal"),
+                    rec(10, 1, 8081, "b.internal"),
+                ],
+                // The records that name no server do not count.
+                ttl: 20
+            })
+        );
+        // A target compressed against the question.
+        let r = reply(&q, 0, &[(TYPE_SRV, 5, srv(1, 2, 443, &[0xc0, 23]))]);
+        match read_reply(&q, &r) {
+            Ok(Reply::Services { records, ttl: 5 }) => {
+                assert_eq!(records, [rec(1, 2, 443, "svc.internal")])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read_reply(&q, &reply(&q, 0, &[])),
+            Ok(Reply::Services {
+                records: vec![],
+                ttl: 0
+            })
+        );
+        assert_eq!(read_reply(&q, &reply(&q, 3, &[])), Ok(Reply::NoSuchName));
+    }
+
+    #[test]
+    fn malformed_srv_replies_are_errors_never_panics() {
+        let q = query(12, "_http._tcp.svc.internal", TYPE_SRV);
+        let good = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, b"\x01a\x00"))]);
+        assert!(read_reply(&q, &good).is_ok());
+        for cut in 0..good.len() {
+            assert!(read_reply(&q, &good[..cut]).is_err(), "cut at {cut}");
+        }
+        // Data too short for priority, weight, port and a name.
+        let short = reply(&q, 0, &[(TYPE_SRV, 5, vec![0, 1, 0, 1, 0, 80])]);
+        assert!(read_reply(&q, &short).unwrap_err().contains("6 bytes"));
+        // A target that runs past its record's data, into the next one.
+        let mut past = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, b"\x01a\x00"))]);
+        let len_at = past.len() - 10;
+        past[len_at..len_at + 2].copy_from_slice(&8u16.to_be_bytes());
+        past.push(0);
+        assert!(read_reply(&q, &past).is_err());
+        // A target pointing at itself, and two pointing at each other.
+        let mut own = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xc0, 0]))]);
+        let at = own.len() - 2;
+        own[at + 1] = at as u8;
+        assert!(read_reply(&q, &own).unwrap_err().contains("compression"));
+        let mut pair = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xc0, 0]))]);
+        let at = pair.len() - 2;
+        // The target points at the question's name, whose first label
+        // is made a pointer back to the target.
+        pair[at + 1] = 12;
+        pair[12] = 0xc0 | (at >> 8) as u8;
+        pair[13] = at as u8;
+        let q_pair = {
+            let mut q = q.clone();
+            q[12] = pair[12];
+            q[13] = pair[13];
+            q
+        };
+        assert!(read_reply(&q_pair, &pair).is_err());
+        // A label type nobody uses, and a pointer past the end.
+        let odd = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0x80, 1]))]);
+        assert!(read_reply(&q, &odd).is_err());
+        let far = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xff, 0xff]))]);
+        assert!(read_reply(&q, &far).is_err());
+        // More records than are taken: the first SRV_RECORDS_MAX, no more.
+        let many: Vec<(u16, u32, Vec<u8>)> = (0..SRV_RECORDS_MAX as u16 + 10)
+            .map(|i| (TYPE_SRV, 5, srv(0, 1, 1000 + i, b"\x01a\x00")))
+            .collect();
+        match read_reply(&q, &reply(&q, 0, &many)) {
+            Ok(Reply::Services { records, .. }) => assert_eq!(records.len(), SRV_RECORDS_MAX),
+            other => panic!("{other:?}"),
+        }
+    }
 }

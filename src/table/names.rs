@@ -790,4 +790,94 @@ mod tests {
             Applied::Gone
         );
     }
+
+    fn srv_at(list: &[(u16, &str, u16)]) -> Lookup {
+        Lookup::Service {
+            endpoints: list
+                .iter()
+                .map(|&(priority, addr, weight)| SrvEndpoint {
+                    priority,
+                    addr: addr.parse().unwrap(),
+                    weight,
+                })
+                .collect(),
+            ttl: 5,
+        }
+    }
+
+    fn servers_of(u: &Upstream) -> Vec<(String, u32, bool)> {
+        u.servers
+            .iter()
+            .map(|s| (s.addr.to_string(), s.weight, s.backup))
+            .collect()
+    }
+
+    #[test]
+    fn srv_answers_give_ports_weights_and_backups_as_nginx() {
+        let mut line = NamedServer::new("svc.internal".into(), None, ServerParams::default(), true);
+        line.service = Some("http".into());
+        let mut t = upstream_with(vec![line.clone()], &[]);
+        let answer = srv_at(&[
+            (0, "10.0.0.1:8080", 3),
+            (0, "10.0.0.2:8081", 1),
+            (10, "10.0.0.3:9000", 7),
+        ]);
+        let mut a = answers(&[]);
+        a.found.insert(Query::of(&line, true), answer.clone());
+        assert_eq!(Query::of(&line, true).host, "_http._tcp.svc.internal");
+        assert!(Query::of(&line, true).srv);
+        resolve_pending(&mut t, &a).unwrap();
+        let u = t.get("u").unwrap();
+        assert_eq!(
+            servers_of(u),
+            [
+                ("10.0.0.1:8080".into(), 3, false),
+                ("10.0.0.2:8081".into(), 1, false),
+                ("10.0.0.3:9000".into(), 7, true),
+            ]
+        );
+        assert!(holds(u, 0, &endpoints(&line, &u.policy, &answer)));
+        // A record whose weight or priority changed: the same server
+        // (its cell stays) with the record's new values.
+        let changed = srv_at(&[(0, "10.0.0.1:8080", 3), (5, "10.0.0.2:8081", 2)]);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &changed, 5, 9000),
+            Applied::Changed
+        );
+        assert_eq!(
+            servers_of(t.get("u").unwrap()),
+            [
+                ("10.0.0.1:8080".into(), 3, false),
+                ("10.0.0.2:8081".into(), 2, true),
+            ]
+        );
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &changed, 5, 9100),
+            Applied::Same
+        );
+        // The line's own weight wins over the records'; a backup line or a
+        // method without backups uses the lowest priority only.
+        let mut weighted = line.clone();
+        weighted.params.weight = 4;
+        let rr = Policy::default();
+        let got = endpoints(&weighted, &rr, &answer);
+        assert!(got.iter().all(|e| e.weight == 4));
+        let mut backup = line.clone();
+        backup.params.backup = true;
+        let got = endpoints(&backup, &rr, &answer);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| e.backup));
+        let hash: Policy = crate::table::syntax::parse_body("h", "hash $uri; server 127.0.0.1;")
+            .unwrap()
+            .policy;
+        let got = endpoints(&line, &hash, &answer);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| !e.backup));
+        // Weights above the table's bound are the bound; an address two
+        // records give is one server.
+        let big = srv_at(&[(0, "10.0.0.1:80", 65535), (1, "10.0.0.1:80", 2)]);
+        let got = endpoints(&line, &rr, &big);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].weight, crate::table::model::WEIGHT_MAX);
+    }
 }
