@@ -66,7 +66,11 @@ describe("server NAME service=... resolve (SRV, dnsmasq on loopback, 2 workers)"
   lazy_setup(function()
     backends, ports = dy.backends(4)
     dns = dnsmasq.start { ttl = TTL, hosts = HOSTS, srv = records(false) }
-    proxy = dy.proxy { init = ('resolver = "127.0.0.1:%d ipv6=off", resolver_timeout = 1'):format(dns.port) }
+    -- A seeded line is resolved in nginx's master at init, blocking.
+    proxy = dy.proxy {
+      init = ('resolver = "127.0.0.1:%d ipv6=off", resolver_timeout = 1'):format(dns.port),
+      upstreams = "upstream seeded {\n    server w.dyups.test service=http resolve;\n}\n",
+    }
     proxy:start()
     assert.equal(2, #proxy:worker_pids())
   end)
@@ -98,6 +102,12 @@ describe("server NAME service=... resolve (SRV, dnsmasq on loopback, 2 workers)"
     table.sort(want)
     table.sort(u.names[1].addresses)
     assert.same(want, u.names[1].addresses)
+    local seeded = json_of("seeded")
+    table.sort(seeded.names[1].addresses)
+    assert.same(want, seeded.names[1].addresses)
+    local weights = {}
+    for _, s in ipairs(seeded.servers) do weights[s.addr] = s.weight end
+    assert.same({ [dy.addr(ports[1])] = 3, [dy.addr(ports[2])] = 1 }, weights)
     -- Weights 3 and 1. Smooth weighted round robin runs per worker and
     -- repeats `a a b a`: in any run of k requests a worker sends 3k/4
     -- of them to the first, give or take 3/4. With two workers the count
