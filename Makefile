@@ -113,6 +113,8 @@ install:
 	@echo "    content_by_lua_file  $(SHIM_DIR)/srvcheck.lua;   # /ups/check"
 	@echo "    content_by_lua_file  $(SHIM_DIR)/dyups_api.lua;  # the REST interface"
 	@echo "    content_by_lua_file  $(SHIM_DIR)/check_status.lua; # the check_status page"
+	@echo "    content_by_lua_file  $(SHIM_DIR)/metrics.lua;      # Prometheus /metrics"
+	@echo "    content_by_lua_file  $(SHIM_DIR)/dashboard.lua;    # the status page"
 
 # Only what install put there: ngx/ itself may hold other modules
 # (OpenResty's lua-resty-core), so it goes only when nothing else is left.

@@ -37,6 +37,16 @@ reqs=(
   # this one has no service to start, so a dnsmasq the host runs, or not,
   # is left exactly as it was.
   "/usr/sbin/dnsmasq:dnsmasq-base"
+  # spec/metrics_spec.lua: `promtool check metrics`, and a Prometheus server
+  # it starts itself on a free loopback port in its own temp directory.
+  # Debian's package also brings a prometheus.service: its postinst is held
+  # by the policy-rc.d below (not started), and the unit is disabled again
+  # after the install (units_of), so the host runs no Prometheus because of
+  # us.
+  "promtool:prometheus"
+  "prometheus:prometheus"
+  # The headless browser that loads /dashboard (a program, no service).
+  "chromium:chromium"
 )
 
 have() {
@@ -63,7 +73,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     log "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
     exit 1
   fi
-  # Keep the package's postinst from starting nginx where policy-rc.d is
+  # Keep the packages' postinst from starting nginx (or prometheus) where policy-rc.d is
   # honoured (invoke-rc.d); removed again afterwards if we created it.
   made_policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -79,6 +89,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     case "$1" in
       nginx) echo nginx.service ;;
       etcd-server) echo etcd.service ;;
+      prometheus) echo prometheus.service ;;
     esac
   }
   log "apt-get update"

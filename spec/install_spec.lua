@@ -12,7 +12,8 @@ local T = require "spec.helpers.traffic"
 
 local q = nginx.shell_quote
 local REPO = nginx.REPO
-local SHIMS = { "check_status.lua", "dyups_api.lua", "log.lua", "srvcheck.lua", "upsops.lua", "upstream.lua" }
+local SHIMS = { "check_status.lua", "dashboard.lua", "dyups_api.lua", "log.lua", "metrics.lua", "srvcheck.lua",
+  "upsops.lua", "upstream.lua" }
 
 -- A fresh directory nginx's workers (`nobody` when the tests run as root)
 -- can read.

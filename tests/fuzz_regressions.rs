@@ -137,3 +137,18 @@ fn the_upstream_file_seeds_parse() {
         }
     }
 }
+
+/// The SRV seed is an answer the check reads to its records (so the
+/// fuzzer starts from inputs that reach them).
+#[test]
+fn the_srv_seed_reads_as_two_records() {
+    use ngx_dyups::dns::wire::{query, read_reply, Reply, TYPE_SRV};
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/dns_reply/srv_two_priorities");
+    let seed = std::fs::read(path).unwrap();
+    let q = query(0x5157, "_http._tcp.svc.internal", TYPE_SRV);
+    match read_reply(&q, &seed[1..]) {
+        Ok(Reply::Services { records, ttl: 30 }) => assert_eq!(records.len(), 2),
+        other => panic!("{other:?}"),
+    }
+}

@@ -10,6 +10,8 @@
 
 use std::sync::OnceLock;
 
+use ngx_dyups::dns::wire::{self, Reply, SRV_RECORDS_MAX, TYPE_A, TYPE_AAAA, TYPE_SRV};
+use ngx_dyups::dns::{combine, combine_service, service_records, service_targets};
 use ngx_dyups::store::{inspect_image, Snapshot, StateFile, WriteOptions, MIN_FILE_LEN};
 use ngx_dyups::table::model::{
     check_http_send, check_name, same_name, Address, ServerSpec, Table, FAIL_TIMEOUT_MAX,
@@ -26,11 +28,75 @@ pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by the name of their directory under `fuzz/corpus/` and
 /// `fuzz/regressions/`.
-pub const TARGETS: [(&str, Check); 3] = [
+pub const TARGETS: [(&str, Check); 4] = [
     ("server_line", server_line),
     ("upstream_file", upstream_file),
     ("state_file", state_file),
+    ("dns_reply", dns_reply),
 ];
+
+// ---------------------------------------------------------------------------
+// dns_reply
+// ---------------------------------------------------------------------------
+
+/// A DNS reply from the network, to the query for A, AAAA or SRV records
+/// (the first byte picks) of a fixed name: `wire::read_reply` on the rest
+/// as it is, and again with the query's id, question and the reply flag
+/// put in front of the rest (so that the answers are reached): no panic;
+/// what it accepts has records of the type asked only, SRV records
+/// bounded, with a port and a weight, and makes a lookup without panic.
+pub fn dns_reply(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let qtype = [TYPE_A, TYPE_AAAA, TYPE_SRV][usize::from(pick % 3)];
+    let name = if qtype == TYPE_SRV {
+        "_http._tcp.svc.internal"
+    } else {
+        "app.internal"
+    };
+    let q = wire::query(0x5157, name, qtype);
+    let mut spliced = q.clone();
+    // QR set, RD kept; the rcode and TC from the input's first byte.
+    let flags = 0x8100 | u16::from(pick >> 2 & 0x0f) | u16::from(pick & 0x80 != 0) << 9;
+    spliced[2..4].copy_from_slice(&flags.to_be_bytes());
+    let answers = rest.first().map_or(0, |&n| u16::from(n % 80));
+    spliced[6..8].copy_from_slice(&answers.to_be_bytes());
+    spliced.extend_from_slice(rest.get(1..).unwrap_or_default());
+    for reply in [rest, &spliced[..]] {
+        let r = wire::read_reply(&q, reply);
+        check_reply(name, qtype, &r);
+        if qtype == TYPE_SRV {
+            if let Ok((records, ttl)) = service_records(name, r) {
+                let targets: Vec<_> = service_targets(&records)
+                    .into_iter()
+                    .map(|t| (t.clone(), combine(&t, &[Ok(Reply::NoSuchName)])))
+                    .collect();
+                let _ = combine_service(name, &records, ttl, &targets);
+            }
+        } else {
+            let _ = combine(name, &[r]);
+        }
+    }
+}
+
+fn check_reply(name: &str, qtype: u16, r: &Result<Reply, String>) {
+    match r {
+        Ok(Reply::Records { addrs, ttl }) => {
+            assert_ne!(qtype, TYPE_SRV, "{name}: addresses to an SRV query");
+            assert!(addrs.iter().all(|a| a.is_ipv4() == (qtype == TYPE_A)));
+            assert!(*ttl <= i32::MAX as u32);
+        }
+        Ok(Reply::Services { records, ttl }) => {
+            assert_eq!(qtype, TYPE_SRV, "{name}: SRV records to an address query");
+            assert!(records.len() <= SRV_RECORDS_MAX);
+            assert!(records.windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
+            assert!(records.iter().all(|r| r.port != 0 && r.weight >= 1));
+            assert!(*ttl <= i32::MAX as u32);
+        }
+        _ => {}
+    }
+}
 
 // ---------------------------------------------------------------------------
 // server_line

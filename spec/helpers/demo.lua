@@ -43,7 +43,8 @@ function M.file(name, file)
   return assert(nginx.read_file(path), path .. " is missing")
 end
 
---- An nginx (not started) running examples/NAME/nginx.conf, with `edit`
+--- An nginx (not started) running examples/NAME/nginx.conf (NAME nil:
+--- examples/nginx.conf, the demo), with `edit`
 --- applied to its text when given, and the example's other *.conf files
 --- in conf/, on the ports `P` stands in for; its prefix laid out as
 --- scripts/demo.sh lays it out.
@@ -55,7 +56,7 @@ function M.example(name, P, edit)
     .. " && ln -s " .. q(nginx.REPO .. "/lib") .. " " .. q(inst.prefix .. "/lib")
     .. " && ln -s " .. q(nginx.REPO .. "/lua") .. " " .. q(inst.prefix .. "/lua")
     .. " && ln -s " .. q(nginx.REPO .. "/lua") .. " " .. q(inst.prefix .. "/ngx_lua")))
-  local p = io.popen("cd " .. q(nginx.REPO .. "/examples/" .. name) .. " && ls *.conf")
+  local p = io.popen("cd " .. q(nginx.REPO .. "/examples/" .. (name or "")) .. " && ls *.conf")
   for file in p:lines() do
     if file ~= "nginx.conf" then
       nginx.write_file(inst.prefix .. "/conf/" .. file, M.with_ports(M.file(name, file), P))

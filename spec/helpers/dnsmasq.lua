@@ -7,6 +7,11 @@
 --   dns:set_hosts { ... }      -- rewrites the file, SIGHUP: dnsmasq re-reads it
 --   dns:queries("A", "app.dyups.test")   -- queries logged so far
 --   dns:stop()  dns:start()    -- same port, same files
+--
+-- SRV records are dnsmasq's --srv-host lines, which it reads only when it
+-- starts: `srv = { "_http._tcp.svc.dyups.test,a.dyups.test,8080,0,3" }`
+-- (name,target,port,priority,weight) at start, dns:set_srv{ ... } to
+-- restart it (by its pid, same port) with others.
 local nginx = require "spec.helpers.nginx"
 
 local M = {}
@@ -60,6 +65,13 @@ function Server:queries(qtype, name)
   return n
 end
 
+--- Restarts dnsmasq with the SRV records `srv` (its --srv-host lines).
+function Server:set_srv(srv)
+  self:stop()
+  self.srv = srv
+  self:start()
+end
+
 function Server:start()
   local args = {
     DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--port=" .. self.port,
@@ -68,6 +80,10 @@ function Server:start()
     "--local-ttl=" .. self.ttl, "--log-queries", "--log-facility=" .. self.dir .. "/dnsmasq.log",
     "--pid-file=",
   }
+  for _, line in ipairs(self.srv or {}) do
+    assert(line:match("^[%w._,-]+$"), line)
+    args[#args + 1] = "--srv-host=" .. line
+  end
   local p = io.popen("id -u")
   local uid = p:read("*l")
   p:close()
@@ -101,7 +117,7 @@ function M.start(opts)
   local p = io.popen("mktemp -d /tmp/dyups-dns.XXXXXX")
   local dir = p:read("*l")
   p:close()
-  local s = setmetatable({ dir = dir, port = nginx.free_port(), ttl = opts.ttl or 1 }, Server)
+  local s = setmetatable({ dir = dir, port = nginx.free_port(), ttl = opts.ttl or 1, srv = opts.srv }, Server)
   nginx.write_file(dir .. "/hosts", hosts_text(opts.hosts or {}))
   started[#started + 1] = s
   s:start()

@@ -9,9 +9,12 @@
 //! [`crate::table`]; it may use [`crate::balance`] but has no need to.
 
 pub mod auth;
+pub mod dashboard;
 pub mod name_status;
 pub mod ops;
+pub mod prometheus;
 pub mod rest;
 pub mod seed;
+pub mod server_state;
 pub mod ups;
 pub mod upstream_file;

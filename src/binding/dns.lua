@@ -2,7 +2,8 @@
 -- and the resolver's round in the worker that holds the resolver lease.
 -- The messages are built and read in Rust (raw.dns_*); this file only
 -- carries them: UDP to each name server in turn, TCP when a reply was
--- truncated, each lookup of a round in a light thread of its own.
+-- truncated, each lookup of a round in a light thread of its own (and,
+-- for an SRV name, then each of its targets).
 local raw = ...
 
 local ipairs, pcall, tostring = ipairs, pcall, tostring
@@ -74,6 +75,15 @@ local function ask(entry)
         end
         entry.replies[i] = reply or false
         entry.errors[i] = err
+    end
+    -- An SRV answer names targets: their addresses are asked next, each
+    -- in a light thread of its own, before the entry is read.
+    if entry.srv then
+        local subs = raw.dns_targets(entry)
+        if subs then
+            raw.dns_lookup_all(subs)
+            entry.targets = subs
+        end
     end
 end
 

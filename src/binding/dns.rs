@@ -4,8 +4,6 @@
 //! blocking client; and the resolver's round on each refresh tick, in the
 //! worker that holds the resolver lease.
 
-use std::net::IpAddr;
-
 use mlua::{AnyUserData, FromLuaMulti, Function, Lua, LuaString, Table, UserData, Value, Variadic};
 use parking_lot::Mutex;
 
@@ -15,10 +13,20 @@ use super::ngx_api::log;
 use super::write_api::Turn;
 use crate::admin::{name_status, ops};
 use crate::dns::schedule::{Schedule, Update};
-use crate::dns::wire::{self, Reply};
+use crate::dns::wire::{self, Reply, TYPE_SRV};
 use crate::dns::{self as client, lease, Defaults, Resolver};
 use crate::table::model::{Table as UpstreamTable, Upstream};
 use crate::table::names::{apply_lookup, Answers, Applied, Lookup, Query};
+
+/// Which lookup a dns.lua entry is: its `host` (the name asked), `ipv6`
+/// and `srv` fields.
+fn query_of(entry: &Table) -> LuaResult<Query> {
+    Ok(Query {
+        host: entry.get::<String>("host")?.to_ascii_lowercase(),
+        ipv6: entry.get("ipv6")?,
+        srv: entry.get::<Option<bool>>("srv")?.unwrap_or(false),
+    })
+}
 
 type LuaResult<T> = mlua::Result<T>;
 
@@ -105,6 +113,7 @@ pub(super) fn register(lua: &Lua, raw: &Table) -> LuaResult<()> {
         })?,
     )?;
     raw.set("dns_answers", lua.create_function(answers)?)?;
+    raw.set("dns_targets", lua.create_function(targets)?)?;
     raw.set("dns_due", lua.create_function(due)?)?;
     raw.set("dns_record", lua.create_function(record)?)?;
     raw.set("dns_apply", lua.create_function(apply)?)?;
@@ -130,12 +139,8 @@ pub(super) fn round(lua: &Lua) -> LuaResult<Function> {
 }
 
 /// One lookup as dns.lua makes it: the messages to send (one per record
-/// type) and where.
-fn lookup_entry(lua: &Lua, host: &str, resolver: &Resolver) -> LuaResult<Table> {
-    let e = lua.create_table()?;
-    e.set("host", host)?;
-    e.set("ipv6", resolver.ipv6)?;
-    e.set("attempt", f64::from(resolver.attempt_ms()) / 1000.0)?;
+/// type asked: A and AAAA, or SRV) and where.
+fn lookup_entry(lua: &Lua, q: &Query, resolver: &Resolver) -> LuaResult<Table> {
     let servers = lua.create_table()?;
     for a in &resolver.servers {
         let s = lua.create_table()?;
@@ -143,28 +148,45 @@ fn lookup_entry(lua: &Lua, host: &str, resolver: &Resolver) -> LuaResult<Table> 
         s.set("port", a.port())?;
         servers.push(s)?;
     }
+    entry_with(
+        lua,
+        q,
+        servers,
+        f64::from(resolver.attempt_ms()) / 1000.0,
+        resolver.types(),
+    )
+}
+
+/// The entry of lookup `q`, to the name servers `servers`, `attempt`
+/// seconds each, asking for `types` (SRV alone for an SRV query).
+fn entry_with(
+    lua: &Lua,
+    q: &Query,
+    servers: Table,
+    attempt: f64,
+    types: &[u16],
+) -> LuaResult<Table> {
+    let e = lua.create_table()?;
+    e.set("host", q.host.as_str())?;
+    e.set("ipv6", q.ipv6)?;
+    e.set("srv", q.srv)?;
+    e.set("attempt", attempt)?;
     e.set("servers", servers)?;
     let packets = lua.create_table()?;
-    for &t in resolver.types() {
-        packets.push(lua.create_string(wire::query(client::random_id(), host, t))?)?;
+    let srv = [TYPE_SRV];
+    for &t in if q.srv { &srv[..] } else { types } {
+        packets.push(lua.create_string(wire::query(client::random_id(), &q.host, t))?)?;
     }
     e.set("packets", packets)?;
     Ok(e)
 }
 
-/// What the replies dns.lua gathered for an entry say: one [`Lookup`].
-fn lookup_of(entry: &Table) -> LuaResult<Lookup> {
-    let host: String = entry.get("host")?;
+/// What an entry's replies say, one per packet: the reply read against
+/// its query, or the transport's error.
+fn replies_of(entry: &Table) -> LuaResult<Vec<Result<Reply, String>>> {
     let packets: Vec<LuaString> = entry.get("packets")?;
     let replies: Table = entry.get("replies")?;
     let errors: Table = entry.get("errors")?;
-    if entry.get::<Table>("servers")?.raw_len() == 0 {
-        return Ok(Lookup::Failed(format!(
-            "{host}: no resolver: give a `resolver` line, init's resolver option, or \
-             nameservers in {}",
-            client::RESOLV_CONF
-        )));
-    }
     let mut out = Vec::with_capacity(packets.len());
     for (i, q) in packets.iter().enumerate() {
         let reply: Option<LuaString> = replies.get(i + 1).ok().flatten();
@@ -175,7 +197,67 @@ fn lookup_of(entry: &Table) -> LuaResult<Lookup> {
                 .unwrap_or_else(|| "no answer".into())),
         });
     }
-    Ok(client::combine(&host, &out))
+    Ok(out)
+}
+
+/// The SRV records an SRV entry's reply holds, or the lookup's end.
+fn records_of(entry: &Table, host: &str) -> LuaResult<Result<(Vec<wire::SrvRecord>, u32), Lookup>> {
+    let reply = replies_of(entry)?
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Err("no answer".into()));
+    Ok(client::service_records(host, reply))
+}
+
+/// What the replies dns.lua gathered for an entry say: one [`Lookup`];
+/// for an SRV entry, with the lookups of its targets (`targets`, the
+/// entries [`targets`] made).
+fn lookup_of(entry: &Table) -> LuaResult<Lookup> {
+    let host: String = entry.get("host")?;
+    if entry.get::<Table>("servers")?.raw_len() == 0 {
+        return Ok(Lookup::Failed(format!(
+            "{host}: no resolver: give a `resolver` line, init's resolver option, or \
+             nameservers in {}",
+            client::RESOLV_CONF
+        )));
+    }
+    if !query_of(entry)?.srv {
+        return Ok(client::combine(&host, &replies_of(entry)?));
+    }
+    let (records, ttl) = match records_of(entry, &host)? {
+        Ok(found) => found,
+        Err(end) => return Ok(end),
+    };
+    let mut found = Vec::new();
+    if let Some(subs) = entry.get::<Option<Table>>("targets")? {
+        for sub in subs.sequence_values::<Table>() {
+            let sub = sub?;
+            found.push((sub.get::<String>("host")?, lookup_of(&sub)?));
+        }
+    }
+    Ok(client::combine_service(&host, &records, ttl, &found))
+}
+
+/// `raw.dns_targets(entry)`: for an SRV entry whose reply came, the
+/// address lookups of its records' targets, to the same name servers;
+/// nil when there is nothing to ask.
+fn targets(lua: &Lua, entry: Table) -> LuaResult<Option<Table>> {
+    let q = query_of(&entry)?;
+    if !q.srv {
+        return Ok(None);
+    }
+    let Ok((records, _)) = records_of(&entry, &q.host)? else {
+        return Ok(None);
+    };
+    let servers: Table = entry.get("servers")?;
+    let attempt: f64 = entry.get("attempt")?;
+    let types = client::address_types(q.ipv6);
+    let list = lua.create_table()?;
+    for host in client::service_targets(&records) {
+        let sub = Query::new(&host, q.ipv6);
+        list.push(entry_with(lua, &sub, servers.clone(), attempt, types)?)?;
+    }
+    Ok(Some(list))
 }
 
 /// `raw.dns_plan(kind, ...)`: the lookups the write `kind` (`update`,
@@ -211,7 +293,7 @@ fn plan(lua: &Lua, args: Variadic<Value>) -> LuaResult<Option<Table>> {
     }
     let list = lua.create_table()?;
     for (q, r) in lookups {
-        list.push(lookup_entry(lua, &q.host, &r)?)?;
+        list.push(lookup_entry(lua, &q, &r)?)?;
     }
     Ok(Some(list))
 }
@@ -240,9 +322,7 @@ fn answers(_: &Lua, plan: Table) -> LuaResult<AnswersHandle> {
     let mut found = std::collections::HashMap::new();
     for entry in plan.sequence_values::<Table>() {
         let entry = entry?;
-        let host: String = entry.get("host")?;
-        let ipv6: bool = entry.get("ipv6")?;
-        found.insert(Query::new(&host, ipv6), lookup_of(&entry)?);
+        found.insert(query_of(&entry)?, lookup_of(&entry)?);
     }
     Ok(AnswersHandle(Answers {
         found,
@@ -275,19 +355,17 @@ fn due(lua: &Lua, (): ()) -> LuaResult<Option<Table>> {
             return Ok(None);
         }
         let snap = w.snapshot();
-        schedule.get_or_insert_with(Schedule::new).due(
-            &snap.table,
-            snap.seen,
-            &cfg.dns,
-            client::now_ms(),
-        )
+        // A new holder goes on from what the last one published.
+        schedule
+            .get_or_insert_with(|| Schedule::resuming(name_status::read(&cfg.path)))
+            .due(&snap.table, snap.seen, &cfg.dns, client::now_ms())
     };
     if jobs.is_empty() {
         return Ok(None);
     }
     let list = lua.create_table()?;
     for j in jobs {
-        let e = lookup_entry(lua, &j.host, &j.resolver)?;
+        let e = lookup_entry(lua, &j.query, &j.resolver)?;
         e.set("id", j.id)?;
         list.push(e)?;
     }
@@ -355,18 +433,24 @@ fn record(lua: &Lua, entry: Table) -> LuaResult<Option<UpdateHandle>> {
 /// what changed; a server kept as its upstream's last is logged too.
 fn apply(lua: &Lua, (mut turn, update): (Turn, AnyUserData)) -> LuaResult<()> {
     let u = update.borrow::<UpdateHandle>()?.0.clone();
-    let addrs: Vec<IpAddr> = u.addrs.clone();
     let r = super::write_api::write(lua, &mut turn, None, |t| {
         Ok(apply_lookup(
             t,
             &u.upstream,
             &u.line,
-            &addrs,
+            &u.lookup,
             u.ttl,
             client::now_ms(),
         ))
     });
-    let shown: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+    let shown: Vec<String> = match &u.lookup {
+        Lookup::Found { addrs, .. } => addrs.iter().map(ToString::to_string).collect(),
+        Lookup::Service { endpoints, .. } => endpoints
+            .iter()
+            .map(|e| format!("{} (priority {}, weight {})", e.addr, e.priority, e.weight))
+            .collect(),
+        Lookup::NotFound(_) | Lookup::Failed(_) => Vec::new(),
+    };
     match r {
         Ok((v, Applied::Changed)) => log(
             lua,
@@ -420,6 +504,7 @@ pub(super) fn names_table(lua: &Lua, u: &Upstream) -> LuaResult<Table> {
         t.set("server", n.target())?;
         t.set("line", crate::table::syntax::render_named(n))?;
         t.set("resolve", n.resolve)?;
+        t.set("service", n.service.as_deref())?;
         t.set("resolved", n.resolved_ms)?;
         t.set("ttl", n.ttl)?;
         let addrs: Vec<String> = u

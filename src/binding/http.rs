@@ -25,7 +25,7 @@ use super::LuaResult;
 
 /// Checks the admin token, when one is configured; logs a refusal with the
 /// client's address.
-fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
+pub(super) fn authorize(lua: &Lua) -> LuaResult<Result<(), auth::Refusal>> {
     if CONFIG
         .lock()
         .as_ref()

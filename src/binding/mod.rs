@@ -19,6 +19,7 @@
 //! - `write_api.rs`: the writing functions, their turn of the writers'
 //!   queue, what follows a write (this worker's refresh, the write-back);
 //! - `http.rs`: the `/ups`, `/ups/check` and REST content handlers;
+//! - `monitoring.rs`: the `/metrics` and `/dashboard` content handlers;
 //! - `hot_path.rs`: the balancer's entry points (`resolve`, the FFI pick);
 //! - `dns.rs`: host names: the lookups a write needs before its turn, the
 //!   resolver's round in the worker that holds the resolver lease;
@@ -41,6 +42,7 @@ mod dns;
 mod hot_path;
 mod http;
 mod lifecycle;
+mod monitoring;
 mod ngx_api;
 mod probe;
 mod read_api;
@@ -71,6 +73,8 @@ fn open(lua: &Lua) -> LuaResult<Table> {
     m.set("peers", lua.create_function(peers)?)?;
     m.set("pending", lua.create_function(pending)?)?;
     m.set("handle_check", lua.create_function(handle_check)?)?;
+    m.set("metrics", lua.create_function(monitoring::metrics)?)?;
+    m.set("dashboard", lua.create_function(monitoring::dashboard)?)?;
     // The writing functions take a turn of the writers' queue first (nil:
     // block); writes.lua gives them their public faces.
     let raw = lua.create_table()?;

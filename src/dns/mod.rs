@@ -8,6 +8,8 @@
 //!   over std sockets for where no cosocket is (nginx's master at `init`,
 //!   `init_worker`, LuaJIT outside nginx, the `dyups` tool): there blocking
 //!   is what nginx itself does when it reads its configuration.
+//! * `service.rs`: `service=` lines, an SRV answer and its targets'
+//!   addresses made one [`Lookup`].
 //! * `schedule.rs`: which `resolve` lines are due, in the one worker that
 //!   holds the resolver lease (`lease.rs`), and what their answers change.
 //!
@@ -18,7 +20,12 @@
 
 pub mod lease;
 pub mod schedule;
+pub mod service;
 pub mod wire;
+
+pub use self::service::{
+    combine_service, lookup_service_blocking, service_records, service_targets,
+};
 
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
@@ -94,6 +101,15 @@ impl Defaults {
     }
 }
 
+/// The record types an address lookup asks for: A, and AAAA with `ipv6`.
+pub fn address_types(ipv6: bool) -> &'static [u16] {
+    if ipv6 {
+        &[TYPE_A, TYPE_AAAA]
+    } else {
+        &[TYPE_A]
+    }
+}
+
 /// Whom one upstream's lookups go to, and how long they may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolver {
@@ -119,13 +135,9 @@ impl Resolver {
         }
     }
 
-    /// The record types a lookup asks for.
+    /// The record types an address lookup asks for.
     pub fn types(&self) -> &'static [u16] {
-        if self.ipv6 {
-            &[TYPE_A, TYPE_AAAA]
-        } else {
-            &[TYPE_A]
-        }
+        address_types(self.ipv6)
     }
 
     /// How long one name server is waited for: the timeout shared among
@@ -159,6 +171,9 @@ pub fn combine(host: &str, replies: &[Result<Reply, String>]) -> Lookup {
                 addrs.extend(a);
             }
             Ok(Reply::NoSuchName) => missing = Some("NXDOMAIN (no such name)"),
+            Ok(Reply::Services { .. }) => {
+                return Lookup::Failed(format!("{host}: SRV records to an address query"))
+            }
             Ok(Reply::Truncated) => {
                 return Lookup::Failed(format!("{host}: the reply was truncated, even over TCP"))
             }
@@ -209,7 +224,16 @@ pub fn lookup_blocking(host: &str, resolver: &Resolver) -> Lookup {
     combine(host, &replies)
 }
 
-fn ask_blocking(host: &str, qtype: u16, resolver: &Resolver) -> Result<Reply, String> {
+/// Makes the lookup `q` with `resolver`, blocking.
+pub fn query_blocking(q: &Query, resolver: &Resolver) -> Lookup {
+    if q.srv {
+        lookup_service_blocking(&q.host, resolver)
+    } else {
+        lookup_blocking(&q.host, resolver)
+    }
+}
+
+pub(crate) fn ask_blocking(host: &str, qtype: u16, resolver: &Resolver) -> Result<Reply, String> {
     let wait = Duration::from_millis(u64::from(resolver.attempt_ms()));
     let mut last = String::new();
     for server in &resolver.servers {
@@ -285,7 +309,7 @@ pub fn answers_blocking(table: &Table, defaults: &Defaults) -> Answers {
     let found = pending_queries(table, defaults.ipv6)
         .into_iter()
         .map(|(q, u)| {
-            let l = lookup_blocking(&q.host, &Resolver::of(u, defaults));
+            let l = query_blocking(&q, &Resolver::of(u, defaults));
             (q, l)
         })
         .collect();

@@ -8,13 +8,17 @@
 //! `crate::table::names::apply_lookup` keeps that). Only an answer that
 //! differs from the table makes a write, so a name whose addresses stay
 //! costs one query per TTL and nothing else.
+//!
+//! Every lookup that gives no address (a failure, NXDOMAIN) counts in its
+//! line's [`Status::failures`]; a new holder of the lease starts from the
+//! counts the last one published (`PATH.dns`), so they only grow, through
+//! lease changes and reloads alike.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 
 use crate::dns::{Defaults, Resolver};
-use crate::table::model::{Address, Table};
-use crate::table::names::{Lookup, NamedServer};
+use crate::table::model::Table;
+use crate::table::names::{endpoints, holds, Endpoint, Lookup, NamedServer, Query};
 
 /// How soon a lookup that failed (timeout, SERVFAIL) is made again.
 pub const RETRY_MS: u64 = 1000;
@@ -25,24 +29,29 @@ pub use crate::admin::name_status::Status;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub id: u64,
-    pub host: String,
+    /// The name to ask, and whether for SRV records.
+    pub query: Query,
     pub resolver: Resolver,
 }
 
-/// A change an answer asks for: the line's servers are to be `addrs`
-/// (none after NXDOMAIN), in one write.
+/// A change an answer asks for: the line's servers are to be what
+/// `lookup` found (none after NXDOMAIN), in one write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Update {
     pub upstream: String,
     pub line: NamedServer,
-    pub addrs: Vec<IpAddr>,
+    /// A [`Lookup::Found`] or [`Lookup::Service`], or a
+    /// [`Lookup::NotFound`].
+    pub lookup: Lookup,
     pub ttl: u32,
 }
 
+/// Upstream name and host in lower case, the port, and the service.
+type Key = (String, String, u16, Option<String>);
+
 #[derive(Debug)]
 struct Entry {
-    /// Upstream name and host in lower case, and the port.
-    key: (String, String, u16),
+    key: Key,
     line: NamedServer,
     resolver: Resolver,
     due_ms: u64,
@@ -58,25 +67,39 @@ pub struct Schedule {
     /// The table generation `entries` follow.
     seen: Option<u64>,
     next_job: u64,
+    /// What the previous holder published, for the lines this one has
+    /// not looked up yet: their failure counts go on from there.
+    carried: Vec<Status>,
 }
 
-/// The addresses the table holds for line `i` of `u`.
-fn table_addrs(table: &Table, upstream: &str, line: &NamedServer) -> Option<Vec<IpAddr>> {
+/// What the answer `lookup` makes of line `line` of `upstream` in
+/// `table`, and whether the table holds that already; `None` when the
+/// line is gone.
+fn wanted(
+    table: &Table,
+    upstream: &str,
+    line: &NamedServer,
+    lookup: &Lookup,
+) -> Option<(Vec<Endpoint>, bool)> {
     let u = table.get(upstream)?;
-    let i = u.names.iter().position(|n| n.same_line(line))? as u16;
-    let mut a: Vec<IpAddr> = u
-        .servers
-        .iter()
-        .filter(|s| s.from == Some(i))
-        .filter_map(|s| s.addr.ip())
-        .collect();
-    a.sort();
-    Some(a)
+    let i = u.names.iter().position(|n| n.same_line(line))?;
+    let want = endpoints(&u.names[i], &u.policy, lookup);
+    let same = holds(u, i, &want);
+    Some((want, same))
 }
 
 impl Schedule {
     pub fn new() -> Schedule {
         Schedule::default()
+    }
+
+    /// A schedule that takes over from the statuses `previous` published
+    /// (`PATH.dns`): the failure counts of the lines go on from theirs.
+    pub fn resuming(previous: Vec<Status>) -> Schedule {
+        Schedule {
+            carried: previous,
+            ..Schedule::default()
+        }
     }
 
     /// Forgets everything (the lease went to another worker).
@@ -95,7 +118,7 @@ impl Schedule {
             return;
         }
         self.seen = Some(generation);
-        let mut old: HashMap<(String, String, u16), Entry> =
+        let mut old: HashMap<Key, Entry> =
             self.entries.drain(..).map(|e| (e.key.clone(), e)).collect();
         for u in &table.upstreams {
             let resolver = Resolver::of(u, defaults);
@@ -104,6 +127,7 @@ impl Schedule {
                     u.name.to_ascii_lowercase(),
                     n.host.to_ascii_lowercase(),
                     n.port(),
+                    n.service.as_ref().map(|s| s.to_ascii_lowercase()),
                 );
                 let entry = match old.remove(&key) {
                     Some(mut e) if e.line.same_line(n) && e.resolver == resolver => {
@@ -118,6 +142,14 @@ impl Schedule {
                             .map(|s| s.addr.to_string())
                             .collect();
                         let due_ms = n.resolved_ms + u64::from(resolver.lifetime_s(n.ttl)) * 1000;
+                        let failures = self
+                            .carried
+                            .iter()
+                            .find(|s| {
+                                s.upstream.eq_ignore_ascii_case(&u.name)
+                                    && s.server.eq_ignore_ascii_case(&n.target())
+                            })
+                            .map_or(0, |s| s.failures);
                         Entry {
                             key,
                             line: n.clone(),
@@ -132,6 +164,7 @@ impl Schedule {
                                 addresses,
                                 ttl: n.ttl,
                                 next_ms: due_ms,
+                                failures,
                             },
                         }
                     }
@@ -160,7 +193,7 @@ impl Schedule {
             e.job = Some(self.next_job);
             jobs.push(Job {
                 id: self.next_job,
-                host: e.line.host.clone(),
+                query: Query::of(&e.line, e.resolver.ipv6),
                 resolver: e.resolver.clone(),
             });
         }
@@ -179,39 +212,34 @@ impl Schedule {
         let e = self.entries.iter_mut().find(|e| e.job == Some(id))?;
         e.job = None;
         e.status.resolved_ms = now_ms;
-        let have = table_addrs(table, &e.status.upstream, &e.line);
-        let (addrs, ttl) = match lookup {
-            Lookup::Found { addrs, ttl } => {
-                e.due_ms = now_ms + u64::from(e.resolver.lifetime_s(ttl)) * 1000;
+        let ttl = match &lookup {
+            Lookup::Found { ttl, .. } | Lookup::Service { ttl, .. } => {
+                e.due_ms = now_ms + u64::from(e.resolver.lifetime_s(*ttl)) * 1000;
                 e.status.error = None;
-                e.status.ttl = ttl;
-                e.status.addresses = addrs
-                    .iter()
-                    .map(|ip| Address::Inet(SocketAddr::new(*ip, e.line.port())).to_string())
-                    .collect();
-                (addrs, ttl)
+                e.status.ttl = *ttl;
+                *ttl
             }
             Lookup::NotFound(why) => {
                 e.due_ms = now_ms + u64::from(e.resolver.lifetime_s(0)) * 1000;
-                e.status.error = Some(why);
-                e.status.addresses.clear();
-                (Vec::new(), 0)
+                e.status.error = Some(why.clone());
+                e.status.failures += 1;
+                0
             }
             Lookup::Failed(why) => {
                 e.due_ms = now_ms + RETRY_MS;
                 e.status.error = Some(format!("{why}; the last good addresses are kept"));
+                e.status.failures += 1;
                 e.status.next_ms = e.due_ms;
                 return None;
             }
         };
         e.status.next_ms = e.due_ms;
-        let mut sorted = addrs.clone();
-        sorted.sort();
-        sorted.dedup();
-        (have? != sorted).then(|| Update {
+        let (want, same) = wanted(table, &e.status.upstream, &e.line, &lookup)?;
+        e.status.addresses = want.iter().map(|w| w.addr.to_string()).collect();
+        (!same).then(|| Update {
             upstream: e.status.upstream.clone(),
             line: e.line.clone(),
-            addrs: sorted,
+            lookup,
             ttl,
         })
     }
@@ -233,7 +261,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::names::{resolve_pending, Answers, Query};
+    use crate::table::names::{resolve_pending, Answers};
     use crate::table::syntax::parse_body;
 
     fn table(body: &str, addrs: &[&str], ttl: u32) -> Table {
@@ -278,7 +306,7 @@ mod tests {
         );
         let jobs = s.due(&t, 1, &d, 15_000);
         assert_eq!(jobs.len(), 1);
-        assert_eq!(jobs[0].host, "app.internal");
+        assert_eq!(jobs[0].query, Query::new("app.internal", false));
         assert!(s.due(&t, 1, &d, 15_001).is_empty(), "in flight");
         // The same addresses: no write, asked again a TTL later.
         assert_eq!(
@@ -290,7 +318,7 @@ mod tests {
         let update = s
             .record(jobs[0].id, found(&["10.0.0.2", "10.0.0.1"], 2), &t, 17_200)
             .unwrap();
-        assert_eq!(update.addrs.len(), 2);
+        assert!(matches!(&update.lookup, Lookup::Found { addrs, .. } if addrs.len() == 2));
         assert_eq!(update.upstream, "u");
         // A failure keeps the addresses and retries after a second.
         let jobs = s.due(&t, 1, &d, 19_200);
@@ -309,7 +337,7 @@ mod tests {
         let update = s
             .record(jobs[0].id, Lookup::NotFound("NXDOMAIN".into()), &t, 20_400)
             .unwrap();
-        assert!(update.addrs.is_empty());
+        assert!(matches!(update.lookup, Lookup::NotFound(_)));
     }
 
     #[test]
@@ -327,5 +355,32 @@ mod tests {
             None
         );
         assert!(s.due(&t, 4, &defaults(), 70_000).is_empty());
+    }
+
+    #[test]
+    fn failed_lookups_count_and_a_new_holder_goes_on_from_the_published_count() {
+        let t = table("server app.internal:8080 resolve;", &["10.0.0.1"], 1);
+        let mut s = Schedule::new();
+        let d = defaults();
+        let mut at = 11_000;
+        for lookup in [
+            Lookup::Failed("timed out".into()),
+            Lookup::NotFound("NXDOMAIN".into()),
+            found(&["10.0.0.1"], 1),
+            Lookup::Failed("SERVFAIL".into()),
+        ] {
+            let jobs = s.due(&t, 1, &d, at);
+            assert_eq!(jobs.len(), 1, "due at {at}");
+            s.record(jobs[0].id, lookup, &t, at);
+            at += 2_000;
+        }
+        assert_eq!(s.statuses()[0].failures, 3, "a good answer resets nothing");
+        // The next holder (another worker, or after a reload) starts from
+        // what this one published.
+        let mut next = Schedule::resuming(s.statuses());
+        let jobs = next.due(&t, 1, &d, at);
+        assert_eq!(next.statuses()[0].failures, 3);
+        next.record(jobs[0].id, Lookup::Failed("timed out".into()), &t, at);
+        assert_eq!(next.statuses()[0].failures, 4);
     }
 }

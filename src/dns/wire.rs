@@ -1,5 +1,5 @@
-//! DNS messages (RFC 1035, AAAA from RFC 3596): the query for one name and
-//! type, and what a reply to it says. Bytes in, bytes out: the transports
+//! DNS messages (RFC 1035, AAAA from RFC 3596, SRV from RFC 2782): the
+//! query for one name and type, and what a reply to it says. Bytes in, bytes out: the transports
 //! (Lua cosockets in nginx's workers, std sockets elsewhere) only carry
 //! them. A reply is checked against the query it answers (id, question,
 //! flags) before anything in it is believed, and every length and pointer
@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_SRV: u16 = 33;
 const TYPE_CNAME: u16 = 5;
 const CLASS_IN: u16 = 1;
 /// Recursion desired: a stub asks the resolver to do the work.
@@ -20,6 +21,9 @@ const HEADER_LEN: usize = 12;
 const POINTERS_MAX: usize = 32;
 /// A TTL above 2^31 - 1 is read as 0 (RFC 2181 8).
 const TTL_MAX: u32 = i32::MAX as u32;
+/// SRV records taken from one reply at most: each is a lookup of its
+/// target and a server, and a TCP reply could hold thousands.
+pub const SRV_RECORDS_MAX: usize = 64;
 
 /// The query for `host`'s records of `qtype`, with message id `id`.
 pub fn query(id: u16, host: &str, qtype: u16) -> Vec<u8> {
@@ -46,12 +50,29 @@ pub enum Reply {
     /// the smallest TTL among them; none for NODATA (the name exists,
     /// without records of that type).
     Records { addrs: Vec<IpAddr>, ttl: u32 },
+    /// The SRV records of the name asked (CNAMEs followed), sorted by
+    /// priority, and the smallest TTL among them; none for NODATA.
+    Services { records: Vec<SrvRecord>, ttl: u32 },
     /// NXDOMAIN: the name does not exist.
     NoSuchName,
     /// The reply did not fit a datagram: ask again over TCP.
     Truncated,
     /// The resolver could not answer: SERVFAIL, REFUSED, ... by name.
     Failure(String),
+}
+
+/// One SRV record: where the service is, and how much of it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SrvRecord {
+    /// Lower first: the lowest priority present takes the traffic.
+    pub priority: u16,
+    /// Its share among the records of its priority; a 0 is read as 1, as
+    /// nginx reads it (RFC 2782's 0 is "very rarely", which a weighted
+    /// round robin cannot say).
+    pub weight: u16,
+    pub port: u16,
+    /// The target host, lower case, without the final dot.
+    pub target: String,
 }
 
 /// Reads `reply` as the answer to `query` (the bytes [`query`] made).
@@ -104,6 +125,7 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
         code => return Ok(Reply::Failure(rcode_name(code))),
     }
     let mut addrs = Vec::new();
+    let mut records = Vec::new();
     let mut ttl = u32::MAX;
     // The owner names a record may have: the name asked, and the CNAME
     // targets the chain in the answer leads to.
@@ -143,8 +165,24 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
             (TYPE_A | TYPE_AAAA, _) if rtype == qtype => {
                 return Err(format!("a record of type {rtype} has {len} bytes"))
             }
+            (TYPE_SRV, _) if qtype == TYPE_SRV => {
+                if let Some(record) = srv_record(reply, data_at, len)? {
+                    if records.len() < SRV_RECORDS_MAX {
+                        records.push(record);
+                        ttl = ttl.min(rttl);
+                    }
+                }
+            }
             _ => {}
         }
+    }
+    if qtype == TYPE_SRV {
+        records.sort();
+        records.dedup();
+        return Ok(Reply::Services {
+            ttl: if records.is_empty() { 0 } else { ttl },
+            records,
+        });
     }
     addrs.sort();
     addrs.dedup();
@@ -152,6 +190,31 @@ pub fn read_reply(query: &[u8], reply: &[u8]) -> Result<Reply, String> {
         ttl: if addrs.is_empty() { 0 } else { ttl },
         addrs,
     })
+}
+
+/// The SRV record whose data is the `len` bytes at `at` of `reply`
+/// (priority, weight, port, target): `None` for one that names no server
+/// (the target `.`, RFC 2782's "not available here", or port 0); `Err`
+/// for one whose target runs past its data.
+fn srv_record(reply: &[u8], at: usize, len: usize) -> Result<Option<SrvRecord>, String> {
+    if len < 7 {
+        return Err(format!("an SRV record has {len} bytes"));
+    }
+    let mut c = Cursor { b: reply, at };
+    let (priority, weight, port) = (c.u16()?, c.u16()?, c.u16()?);
+    let target = c.name()?;
+    if c.at != at + len {
+        return Err("an SRV record's target does not end with its data".into());
+    }
+    if target == "." || port == 0 {
+        return Ok(None);
+    }
+    Ok(Some(SrvRecord {
+        priority,
+        weight: weight.max(1),
+        port,
+        target: target.to_ascii_lowercase(),
+    }))
 }
 
 /// The response codes a resolver answers a failure with (RFC 1035 4.1.1).
@@ -372,5 +435,121 @@ mod tests {
                 ttl: 0
             })
         );
+    }
+
+    /// SRV data: priority, weight, port, then the target written out.
+    fn srv(priority: u16, weight: u16, port: u16, target: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        for x in [priority, weight, port] {
+            d.extend_from_slice(&x.to_be_bytes());
+        }
+        d.extend_from_slice(target);
+        d
+    }
+
+    #[test]
+    fn srv_replies_give_their_records_by_priority() {
+        let q = query(11, "_http._tcp.svc.internal", TYPE_SRV);
+        assert_eq!(&q[q.len() - 4..], &[0, 33, 0, 1]);
+        let r = reply(
+            &q,
+            0,
+            &[
+                (TYPE_SRV, 30, srv(10, 1, 8081, b"\x01b\x08internal\x00")),
+                (TYPE_SRV, 20, srv(0, 3, 8080, b"\x01A\x08Internal\x00")),
+                // Weight 0 is read as 1, as nginx reads it.
+                (TYPE_SRV, 60, srv(0, 0, 8082, b"\x01c\x08internal\x00")),
+                // "Not available here" and port 0 name no server.
+                (TYPE_SRV, 1, srv(0, 5, 80, b"\x00")),
+                (TYPE_SRV, 1, srv(0, 5, 0, b"\x01d\x08internal\x00")),
+                // An A record in the answer of an SRV query is not a record.
+                (TYPE_A, 1, vec![10, 0, 0, 1]),
+            ],
+        );
+        let rec = |priority, weight, port, target: &str| SrvRecord {
+            priority,
+            weight,
+            port,
+            target: target.into(),
+        };
+        assert_eq!(
+            read_reply(&q, &r),
+            Ok(Reply::Services {
+                records: vec![
+                    rec(0, 1, 8082, "c.internal"),
+                    rec(0, 3, 8080, "a.internal"),
+                    rec(10, 1, 8081, "b.internal"),
+                ],
+                // The records that name no server do not count.
+                ttl: 20
+            })
+        );
+        // A target compressed against the question.
+        let r = reply(&q, 0, &[(TYPE_SRV, 5, srv(1, 2, 443, &[0xc0, 23]))]);
+        match read_reply(&q, &r) {
+            Ok(Reply::Services { records, ttl: 5 }) => {
+                assert_eq!(records, [rec(1, 2, 443, "svc.internal")])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read_reply(&q, &reply(&q, 0, &[])),
+            Ok(Reply::Services {
+                records: vec![],
+                ttl: 0
+            })
+        );
+        assert_eq!(read_reply(&q, &reply(&q, 3, &[])), Ok(Reply::NoSuchName));
+    }
+
+    #[test]
+    fn malformed_srv_replies_are_errors_never_panics() {
+        let q = query(12, "_http._tcp.svc.internal", TYPE_SRV);
+        let good = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, b"\x01a\x00"))]);
+        assert!(read_reply(&q, &good).is_ok());
+        for cut in 0..good.len() {
+            assert!(read_reply(&q, &good[..cut]).is_err(), "cut at {cut}");
+        }
+        // Data too short for priority, weight, port and a name.
+        let short = reply(&q, 0, &[(TYPE_SRV, 5, vec![0, 1, 0, 1, 0, 80])]);
+        assert!(read_reply(&q, &short).unwrap_err().contains("6 bytes"));
+        // A target that runs past its record's data, into the next one.
+        let mut past = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, b"\x01a\x00"))]);
+        let len_at = past.len() - 10;
+        past[len_at..len_at + 2].copy_from_slice(&8u16.to_be_bytes());
+        past.push(0);
+        assert!(read_reply(&q, &past).is_err());
+        // A target pointing at itself, and two pointing at each other.
+        let mut own = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xc0, 0]))]);
+        let at = own.len() - 2;
+        own[at + 1] = at as u8;
+        assert!(read_reply(&q, &own).unwrap_err().contains("compression"));
+        let mut pair = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xc0, 0]))]);
+        let at = pair.len() - 2;
+        // The target points at the question's name, whose first label
+        // is made a pointer back to the target.
+        pair[at + 1] = 12;
+        pair[12] = 0xc0 | (at >> 8) as u8;
+        pair[13] = at as u8;
+        let q_pair = {
+            let mut q = q.clone();
+            q[12] = pair[12];
+            q[13] = pair[13];
+            q
+        };
+        assert!(read_reply(&q_pair, &pair).is_err());
+        // A label type nobody uses, and a pointer past the end.
+        let odd = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0x80, 1]))]);
+        assert!(read_reply(&q, &odd).is_err());
+        let far = reply(&q, 0, &[(TYPE_SRV, 5, srv(0, 1, 80, &[0xff, 0xff]))]);
+        assert!(read_reply(&q, &far).is_err());
+        // More records than are taken: the first SRV_RECORDS_MAX, no more.
+        let many: Vec<(u16, u32, Vec<u8>)> = (0..SRV_RECORDS_MAX as u16 + 10)
+            .map(|i| (TYPE_SRV, 5, srv(0, 1, 1000 + i, b"\x01a\x00")))
+            .collect();
+        match read_reply(&q, &reply(&q, 0, &many)) {
+            Ok(Reply::Services { records, .. }) => assert_eq!(records.len(), SRV_RECORDS_MAX),
+            other => panic!("{other:?}"),
+        }
     }
 }

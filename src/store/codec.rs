@@ -94,7 +94,8 @@ use crate::table::model::{
     FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX, SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::names::{
-    check_host, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX, RESOLVERS_MAX,
+    check_host, check_service, DnsSettings, NamedServer, ServerParams, DNS_TIME_MAX_MS, NAMES_MAX,
+    RESOLVERS_MAX,
 };
 use crate::table::policy::Policy;
 
@@ -551,7 +552,12 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
             put_str(&mut v, &n.host);
             v.extend_from_slice(&n.port.unwrap_or(0).to_le_bytes());
             let p = &n.params;
-            v.push(u8::from(n.resolve) | u8::from(p.backup) << 1 | u8::from(p.down) << 2);
+            v.push(
+                u8::from(n.resolve)
+                    | u8::from(p.backup) << 1
+                    | u8::from(p.down) << 2
+                    | u8::from(n.service.is_some()) << 3,
+            );
             for x in [
                 p.weight,
                 p.max_conns,
@@ -563,6 +569,11 @@ fn put_fields(out: &mut Vec<u8>, u: &Upstream) {
             }
             v.extend_from_slice(&n.resolved_ms.to_le_bytes());
             v.extend_from_slice(&n.ttl.to_le_bytes());
+            // Only when flag 8 says so: files written before `service=`
+            // read the same.
+            if let Some(service) = &n.service {
+                put_str(&mut v, service);
+            }
         }
         for s in &u.servers {
             v.extend_from_slice(&s.from.unwrap_or(NO_LINE).to_le_bytes());
@@ -907,7 +918,7 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
             p => Some(p),
         };
         let flags = f.u8()?;
-        if flags & !7 != 0 {
+        if flags & !15 != 0 {
             return Err(format!("server {host} has unknown flags {flags}"));
         }
         let params = ServerParams {
@@ -930,6 +941,11 @@ fn names(u: &mut Upstream, mut f: Reader<'_>) -> Result<(), String> {
         let mut n = NamedServer::new(host, port, params, flags & 1 != 0);
         n.resolved_ms = f.u64()?;
         n.ttl = f.u32()?;
+        if flags & 8 != 0 {
+            let service = f.str()?;
+            check_service(&service)?;
+            n.service = Some(service);
+        }
         if n.is_pending() {
             return Err(format!("server {} was never resolved", n.target()));
         }
@@ -1668,6 +1684,17 @@ pub(crate) mod tests {
         let mut once = NamedServer::new("once.internal".into(), None, params, false);
         once.resolved_ms = 1;
         once.ttl = u32::MAX;
+        // A service line: its server has the record's port and weight.
+        let mut svc = NamedServer::new("svc.internal".into(), None, ServerParams::default(), true);
+        svc.service = Some("http".into());
+        svc.resolved_ms = 2;
+        svc.ttl = 5;
+        let from_svc = ServerSpec {
+            from: Some(2),
+            weight: 5,
+            backup: true,
+            ..ServerSpec::new(Address::Inet("10.0.0.7:9000".parse().unwrap()))
+        };
         let from_app = |a: &str| ServerSpec {
             from: Some(0),
             ..app.params.server(Address::Inet(a.parse().unwrap()))
@@ -1678,9 +1705,10 @@ pub(crate) mod tests {
                 from_app("10.0.0.1:8080"),
                 ServerSpec::new(Address::Inet("10.9.9.9:80".parse().unwrap())),
                 from_app("[fd00::1]:8080"),
+                from_svc,
             ],
         );
-        u.names = vec![app, once];
+        u.names = vec![app, once, svc];
         u.dns = DnsSettings {
             resolvers: vec![
                 "10.0.0.53:53".parse().unwrap(),
@@ -1706,8 +1734,9 @@ pub(crate) mod tests {
         assert_eq!(u.names, p.table.get("named").unwrap().names);
         assert_eq!(
             u.servers.iter().map(|s| s.from).collect::<Vec<_>>(),
-            [Some(0), None, Some(0)]
+            [Some(0), None, Some(0), Some(2)]
         );
+        assert_eq!(u.names[2].service.as_deref(), Some("http"));
         assert_eq!((u.names[1].resolved_ms, u.names[1].ttl), (1, u32::MAX));
         assert_eq!(u.dns.timeout_ms, Some(1500));
         // Unset settings stay unset (not a default that reads back set).
@@ -1757,7 +1786,12 @@ pub(crate) mod tests {
                 .iter()
                 .map(|s| s.addr.to_string())
                 .collect::<Vec<_>>(),
-            ["10.0.0.1:8080", "10.9.9.9:80", "[fd00::1]:8080"]
+            [
+                "10.0.0.1:8080",
+                "10.9.9.9:80",
+                "[fd00::1]:8080",
+                "10.0.0.7:9000"
+            ]
         );
         // An extension with another field only, as builds before wrote it.
         let only = with_entry(&field(TAG_KEEPALIVE_REQUESTS, &9u32.to_le_bytes())).unwrap();
@@ -1833,8 +1867,13 @@ pub(crate) mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (names(&[&good], &[0, 1, 0]), "names line 1 of 1"),
             (
-                names(&[&line("app.internal", 8, 1, 5)], &none),
-                "unknown flags 8",
+                names(&[&line("app.internal", 16, 1, 5)], &none),
+                "unknown flags 16",
+            ),
+            (
+                // Flag 8 says a service follows; none does.
+                names(&[&line("app.internal", 9, 1, 5)], &none),
+                "ends early",
             ),
             (
                 names(&[&line("app.internal", 1, 0, 5)], &none),

@@ -9,6 +9,11 @@
 //! here: the DNS client (`crate::dns`, or the Lua cosockets of the binding)
 //! asks, and [`resolve_pending`] and [`apply_lookup`] put its answers in.
 //!
+//! A line with `service=` asks for SRV records instead, as nginx ≥ 1.27.3
+//! does: each record's target, resolved, is a server at the record's
+//! port, with the record's weight (unless the line gives one), and the
+//! records of a priority above the lowest are backups ([`Endpoint`]).
+//!
 //! Over 600 lines with its tests: the lines, their answers and the rules
 //! that keep an upstream in service read best together.
 
@@ -19,7 +24,7 @@ use serde::Serialize;
 
 use crate::table::model::{
     Address, ServerSpec, Table, Upstream, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, DEFAULT_PORT,
-    DEFAULT_WEIGHT,
+    DEFAULT_WEIGHT, WEIGHT_MAX, WEIGHT_MIN,
 };
 use crate::table::policy::Policy;
 
@@ -110,6 +115,9 @@ pub struct NamedServer {
     pub resolved_ms: u64,
     /// The TTL of that answer, seconds.
     pub ttl: u32,
+    /// `service=NAME`: the servers are the name's SRV records (see
+    /// [`query_name`](Self::query_name)); the line has no port.
+    pub service: Option<String>,
 }
 
 impl NamedServer {
@@ -121,6 +129,19 @@ impl NamedServer {
             resolve,
             resolved_ms: 0,
             ttl: 0,
+            service: None,
+        }
+    }
+
+    /// The name asked of DNS: the host, or for `service=` the SRV name
+    /// nginx asks, `_SERVICE._tcp.HOST`, or `SERVICE.HOST` when the
+    /// service has a dot already (`service=_sip._udp`).
+    pub fn query_name(&self) -> String {
+        let host = self.host.strip_suffix('.').unwrap_or(&self.host);
+        match &self.service {
+            Some(s) if s.contains('.') => format!("{s}.{host}"),
+            Some(s) => format!("_{s}._tcp.{host}"),
+            None => host.to_owned(),
         }
     }
 
@@ -150,6 +171,7 @@ impl NamedServer {
             && self.port() == other.port()
             && self.params == other.params
             && self.resolve == other.resolve
+            && self.service == other.service
     }
 
     /// What `policy` refuses of the line's parameters, as
@@ -206,21 +228,110 @@ pub enum Lookup {
     NotFound(String),
     /// No answer to trust: a timeout, SERVFAIL, a refusal, a bad reply.
     Failed(String),
+    /// For an SRV query: where the service is (at least one endpoint),
+    /// and the smallest TTL of the records and their targets' addresses.
+    Service {
+        endpoints: Vec<SrvEndpoint>,
+        ttl: u32,
+    },
 }
 
-/// The key of one lookup: the host in lower case and whether AAAA records
-/// are asked for too.
+/// One address an SRV record's target resolved to, with the record's
+/// port, weight and priority.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SrvEndpoint {
+    pub priority: u16,
+    pub addr: SocketAddr,
+    /// The record's, at least 1.
+    pub weight: u16,
+}
+
+/// A server one answer makes of a line: its address, weight and whether
+/// it is a backup.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Address,
+    pub weight: u32,
+    pub backup: bool,
+}
+
+/// The servers `lookup` makes of `line` in an upstream balanced by
+/// `policy`, in the answer's order; none for a lookup without addresses.
+///
+/// An address answer: each address at the line's port, with its
+/// parameters. An SRV answer, as nginx ≥ 1.27.3 makes it: the record's
+/// port; the line's weight when it gives one (not 1), else the record's
+/// (at most [`WEIGHT_MAX`](crate::table::model::WEIGHT_MAX)); the records
+/// of the lowest priority present are the line's servers and the others
+/// backups, unless the line is a backup itself or the method takes no
+/// backups: then only the lowest priority is used (nginx has no list to
+/// put the others in). An address two records give is one server, the
+/// first's.
+pub fn endpoints(line: &NamedServer, policy: &Policy, lookup: &Lookup) -> Vec<Endpoint> {
+    let p = &line.params;
+    match lookup {
+        Lookup::Found { addrs, .. } => addrs
+            .iter()
+            .map(|ip| Endpoint {
+                addr: Address::Inet(SocketAddr::new(*ip, line.port())),
+                weight: p.weight,
+                backup: p.backup,
+            })
+            .collect(),
+        Lookup::Service { endpoints, .. } => {
+            let lowest = endpoints.iter().map(|e| e.priority).min().unwrap_or(0);
+            let tiers = !p.backup && policy.allows_backup();
+            let mut out: Vec<Endpoint> = Vec::new();
+            for e in endpoints {
+                if e.priority != lowest && !tiers {
+                    continue;
+                }
+                let addr = Address::Inet(e.addr);
+                if out.iter().any(|o| o.addr == addr) {
+                    continue;
+                }
+                out.push(Endpoint {
+                    addr,
+                    weight: if p.weight != DEFAULT_WEIGHT {
+                        p.weight
+                    } else {
+                        u32::from(e.weight).clamp(WEIGHT_MIN, WEIGHT_MAX)
+                    },
+                    backup: p.backup || e.priority != lowest,
+                });
+            }
+            out
+        }
+        Lookup::NotFound(_) | Lookup::Failed(_) => Vec::new(),
+    }
+}
+
+/// The key of one lookup: the name asked in lower case, whether AAAA
+/// records are asked for too, and whether it is an SRV query.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Query {
     pub host: String,
     pub ipv6: bool,
+    pub srv: bool,
 }
 
 impl Query {
+    /// The address lookup of `host`.
     pub fn new(host: &str, ipv6: bool) -> Query {
         Query {
             host: host.to_ascii_lowercase(),
             ipv6,
+            srv: false,
+        }
+    }
+
+    /// The lookup `line` needs: its host's addresses, or its SRV name's
+    /// records (and their targets' addresses).
+    pub fn of(line: &NamedServer, ipv6: bool) -> Query {
+        Query {
+            host: line.query_name().to_ascii_lowercase(),
+            ipv6,
+            srv: line.service.is_some(),
         }
     }
 }
@@ -246,7 +357,7 @@ pub fn pending_queries(table: &Table, default_ipv6: bool) -> Vec<(Query, &Upstre
     let mut out: Vec<(Query, &Upstream)> = Vec::new();
     for u in &table.upstreams {
         for n in u.names.iter().filter(|n| n.is_pending()) {
-            let q = Query::new(&n.host, wants_ipv6(u, default_ipv6));
+            let q = Query::of(n, wants_ipv6(u, default_ipv6));
             if !out.iter().any(|(o, _)| *o == q) {
                 out.push((q, u));
             }
@@ -275,8 +386,10 @@ pub fn resolve_pending(table: &mut Table, answers: &Answers) -> Result<(), Strin
             }
             let n = &u.names[i];
             let line = format!("upstream {}: server {}", u.name, n.target());
-            let (addrs, ttl) = match answers.found.get(&Query::new(&n.host, ipv6)) {
-                Some(Lookup::Found { addrs, ttl }) => (addrs.clone(), *ttl),
+            let (wanted, ttl) = match answers.found.get(&Query::of(n, ipv6)) {
+                Some(l @ (Lookup::Found { ttl, .. } | Lookup::Service { ttl, .. })) => {
+                    (endpoints(n, &u.policy, l), *ttl)
+                }
                 Some(Lookup::NotFound(why) | Lookup::Failed(why)) => {
                     return Err(format!(
                         "{line}: host name {:?} does not resolve: {why}; nothing changed",
@@ -290,7 +403,7 @@ pub fn resolve_pending(table: &mut Table, answers: &Answers) -> Result<(), Strin
                     ))
                 }
             };
-            place(u, i, &addrs);
+            place(u, i, &wanted);
             let n = &mut u.names[i];
             n.resolved_ms = answers.at_ms.max(1);
             n.ttl = ttl;
@@ -302,31 +415,35 @@ pub fn resolve_pending(table: &mut Table, answers: &Answers) -> Result<(), Strin
     Ok(())
 }
 
-/// Puts the servers of line `i` of `u` at `addrs` (port from the line),
-/// keeping the ones that stay as they are (their `down` too; the store
-/// keeps their cells, pairing by address) and putting new ones after the
-/// line's last server, or at the end when it has none. An address another
-/// line already has stays that line's.
-fn place(u: &mut Upstream, i: usize, addrs: &[IpAddr]) {
+/// Puts the servers of line `i` of `u` at `wanted`, keeping the ones
+/// that stay where they are (their `down` too; the store keeps their
+/// cells, pairing by address; an SRV record's new weight or priority is
+/// theirs now) and putting new ones after the line's last server, or at
+/// the end when it has none. An address another line already has stays
+/// that line's.
+fn place(u: &mut Upstream, i: usize, wanted: &[Endpoint]) {
     let line = i as u16;
-    let port = u.names[i].port();
     let params = u.names[i].params;
-    let wanted: Vec<Address> = addrs
-        .iter()
-        .map(|ip| Address::Inet(SocketAddr::new(*ip, port)))
-        .collect();
     u.servers
-        .retain(|s| s.from != Some(line) || wanted.contains(&s.addr));
+        .retain(|s| s.from != Some(line) || wanted.iter().any(|w| w.addr == s.addr));
+    for s in u.servers.iter_mut().filter(|s| s.from == Some(line)) {
+        if let Some(w) = wanted.iter().find(|w| w.addr == s.addr) {
+            s.weight = w.weight;
+            s.backup = w.backup;
+        }
+    }
     let mut at = u
         .servers
         .iter()
         .rposition(|s| s.from == Some(line))
         .map_or(u.servers.len(), |p| p + 1);
-    for a in wanted {
-        if u.servers.iter().any(|s| s.addr == a) {
+    for w in wanted {
+        if u.servers.iter().any(|s| s.addr == w.addr) {
             continue;
         }
-        let mut s = params.server(a);
+        let mut s = params.server(w.addr.clone());
+        s.weight = w.weight;
+        s.backup = w.backup;
         s.from = Some(line);
         u.servers.insert(at, s);
         at += 1;
@@ -350,15 +467,36 @@ pub enum Applied {
     Gone,
 }
 
-/// Puts a re-resolution's answer into line `line` of upstream `name`:
-/// the addresses it found, or none for NXDOMAIN (a failed lookup changes
-/// nothing, and is not given here). Never leaves the upstream without a
-/// server in rotation, nor without a primary: those are kept, and said.
+/// Whether the servers line `i` of `u` made are `wanted` already (in any
+/// order): what a lookup that found the same makes no write for.
+pub fn holds(u: &Upstream, i: usize, wanted: &[Endpoint]) -> bool {
+    let mut have: Vec<Endpoint> = u
+        .servers
+        .iter()
+        .filter(|s| s.from == Some(i as u16))
+        .map(|s| Endpoint {
+            addr: s.addr.clone(),
+            weight: s.weight,
+            backup: s.backup,
+        })
+        .collect();
+    have.sort();
+    let mut want = wanted.to_vec();
+    want.sort();
+    want.dedup_by(|a, b| a.addr == b.addr);
+    have == want
+}
+
+/// Puts a re-resolution's answer into line `line` of upstream `name`: the
+/// answer found (a [`Lookup::Found`] or [`Lookup::Service`]), or
+/// [`Lookup::NotFound`] for NXDOMAIN (a failed lookup changes nothing,
+/// and is not given here). Never leaves the upstream without a server in
+/// rotation, nor without a primary: those are kept, and said.
 pub fn apply_lookup(
     table: &mut Table,
     name: &str,
     line: &NamedServer,
-    addrs: &[IpAddr],
+    lookup: &Lookup,
     ttl: u32,
     now_ms: u64,
 ) -> Applied {
@@ -368,25 +506,12 @@ pub fn apply_lookup(
     let Some(i) = u.names.iter().position(|n| n.same_line(line)) else {
         return Applied::Gone;
     };
-    let port = u.names[i].port();
-    let mut have: Vec<&Address> = u
-        .servers
-        .iter()
-        .filter(|s| s.from == Some(i as u16))
-        .map(|s| &s.addr)
-        .collect();
-    have.sort();
-    let mut want: Vec<Address> = addrs
-        .iter()
-        .map(|ip| Address::Inet(SocketAddr::new(*ip, port)))
-        .collect();
-    want.sort();
-    want.dedup();
-    if have.iter().copied().eq(want.iter()) {
+    let wanted = endpoints(&u.names[i], &u.policy, lookup);
+    if holds(u, i, &wanted) {
         return Applied::Same;
     }
     let mut candidate = u.clone();
-    place(&mut candidate, i, addrs);
+    place(&mut candidate, i, &wanted);
     let mut kept = Vec::new();
     if candidate.in_rotation() == 0 || !candidate.has_primary() {
         // Keep the line's servers that leave the upstream with a server in
@@ -394,13 +519,17 @@ pub fn apply_lookup(
         let old: Vec<ServerSpec> = u
             .servers
             .iter()
-            .filter(|s| s.from == Some(i as u16) && !want.contains(&s.addr))
+            .filter(|s| s.from == Some(i as u16) && !wanted.iter().any(|w| w.addr == s.addr))
             .cloned()
             .collect();
         let mut keep = None;
         for s in &old {
-            let mut with: Vec<IpAddr> = addrs.to_vec();
-            with.extend(s.addr.ip());
+            let mut with = wanted.clone();
+            with.push(Endpoint {
+                addr: s.addr.clone(),
+                weight: s.weight,
+                backup: s.backup,
+            });
             let mut c = u.clone();
             place(&mut c, i, &with);
             if c.in_rotation() > 0 && c.has_primary() {
@@ -474,6 +603,28 @@ pub fn check_host(host: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the value of `service=`: labels of letters, digits, `-` and
+/// `_` (`http`, `_sip._udp`), which with the host make the SRV name.
+pub fn check_service(service: &str) -> Result<(), String> {
+    if service.is_empty() {
+        return Err("service is empty".into());
+    }
+    for label in service.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        {
+            return Err(format!(
+                "service {service:?}: labels of 1 to 63 letters, digits, '-' and '_', \
+                 separated by '.'"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +635,17 @@ mod tests {
 
     fn named(host: &str, port: u16, resolve: bool) -> NamedServer {
         NamedServer::new(host.into(), Some(port), ServerParams::default(), resolve)
+    }
+
+    fn found_at(addrs: &[IpAddr]) -> Lookup {
+        Lookup::Found {
+            addrs: addrs.to_vec(),
+            ttl: 1,
+        }
+    }
+
+    fn nx() -> Lookup {
+        Lookup::NotFound("NXDOMAIN".into())
     }
 
     fn addrs(u: &Upstream) -> Vec<String> {
@@ -581,17 +743,17 @@ mod tests {
         t.get_mut("u").unwrap().servers[0].down = true;
         let new = [ip("10.0.0.2"), ip("10.0.0.3")];
         assert_eq!(
-            apply_lookup(&mut t, "u", &line, &new, 1, 7000),
+            apply_lookup(&mut t, "u", &line, &found_at(&new), 1, 7000),
             Applied::Changed
         );
         let u = t.get("u").unwrap();
         assert_eq!(addrs(u), ["10.0.0.2:80", "10.0.0.3:80"]);
         assert_eq!(
-            apply_lookup(&mut t, "u", &line, &new, 1, 8000),
+            apply_lookup(&mut t, "u", &line, &found_at(&new), 1, 8000),
             Applied::Same
         );
         // NXDOMAIN: every server goes but one, the upstream's last.
-        let kept = apply_lookup(&mut t, "u", &line, &[], 1, 9000);
+        let kept = apply_lookup(&mut t, "u", &line, &nx(), 1, 9000);
         assert_eq!(
             kept,
             Applied::KeptLast(vec![Address::Inet("10.0.0.2:80".parse().unwrap())])
@@ -600,7 +762,7 @@ mod tests {
         // Again: nothing changes, so the table is left as it is.
         let before = t.clone();
         assert!(matches!(
-            apply_lookup(&mut t, "u", &line, &[], 1, 9100),
+            apply_lookup(&mut t, "u", &line, &nx(), 1, 9100),
             Applied::KeptLast(_)
         ));
         assert_eq!(t, before);
@@ -612,20 +774,110 @@ mod tests {
         };
         resolve_pending(&mut t, &answers(&[("app.internal", found)])).unwrap();
         assert_eq!(
-            apply_lookup(&mut t, "u", &line, &[], 1, 9000),
+            apply_lookup(&mut t, "u", &line, &nx(), 1, 9000),
             Applied::Changed
         );
         assert_eq!(addrs(t.get("u").unwrap()), ["10.9.9.9:80"]);
         // Then it comes back where the line stands.
         assert_eq!(
-            apply_lookup(&mut t, "u", &line, &[ip("10.0.0.4")], 1, 9500),
+            apply_lookup(&mut t, "u", &line, &found_at(&[ip("10.0.0.4")]), 1, 9500),
             Applied::Changed
         );
         assert_eq!(addrs(t.get("u").unwrap()), ["10.9.9.9:80", "10.0.0.4:80"]);
         let other = named("other.internal", 80, true);
         assert_eq!(
-            apply_lookup(&mut t, "u", &other, &[], 1, 9900),
+            apply_lookup(&mut t, "u", &other, &nx(), 1, 9900),
             Applied::Gone
         );
+    }
+
+    fn srv_at(list: &[(u16, &str, u16)]) -> Lookup {
+        Lookup::Service {
+            endpoints: list
+                .iter()
+                .map(|&(priority, addr, weight)| SrvEndpoint {
+                    priority,
+                    addr: addr.parse().unwrap(),
+                    weight,
+                })
+                .collect(),
+            ttl: 5,
+        }
+    }
+
+    fn servers_of(u: &Upstream) -> Vec<(String, u32, bool)> {
+        u.servers
+            .iter()
+            .map(|s| (s.addr.to_string(), s.weight, s.backup))
+            .collect()
+    }
+
+    #[test]
+    fn srv_answers_give_ports_weights_and_backups_as_nginx() {
+        let mut line = NamedServer::new("svc.internal".into(), None, ServerParams::default(), true);
+        line.service = Some("http".into());
+        let mut t = upstream_with(vec![line.clone()], &[]);
+        let answer = srv_at(&[
+            (0, "10.0.0.1:8080", 3),
+            (0, "10.0.0.2:8081", 1),
+            (10, "10.0.0.3:9000", 7),
+        ]);
+        let mut a = answers(&[]);
+        a.found.insert(Query::of(&line, true), answer.clone());
+        assert_eq!(Query::of(&line, true).host, "_http._tcp.svc.internal");
+        assert!(Query::of(&line, true).srv);
+        resolve_pending(&mut t, &a).unwrap();
+        let u = t.get("u").unwrap();
+        assert_eq!(
+            servers_of(u),
+            [
+                ("10.0.0.1:8080".into(), 3, false),
+                ("10.0.0.2:8081".into(), 1, false),
+                ("10.0.0.3:9000".into(), 7, true),
+            ]
+        );
+        assert!(holds(u, 0, &endpoints(&line, &u.policy, &answer)));
+        // A record whose weight or priority changed: the same server
+        // (its cell stays) with the record's new values.
+        let changed = srv_at(&[(0, "10.0.0.1:8080", 3), (5, "10.0.0.2:8081", 2)]);
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &changed, 5, 9000),
+            Applied::Changed
+        );
+        assert_eq!(
+            servers_of(t.get("u").unwrap()),
+            [
+                ("10.0.0.1:8080".into(), 3, false),
+                ("10.0.0.2:8081".into(), 2, true),
+            ]
+        );
+        assert_eq!(
+            apply_lookup(&mut t, "u", &line, &changed, 5, 9100),
+            Applied::Same
+        );
+        // The line's own weight wins over the records'; a backup line or a
+        // method without backups uses the lowest priority only.
+        let mut weighted = line.clone();
+        weighted.params.weight = 4;
+        let rr = Policy::default();
+        let got = endpoints(&weighted, &rr, &answer);
+        assert!(got.iter().all(|e| e.weight == 4));
+        let mut backup = line.clone();
+        backup.params.backup = true;
+        let got = endpoints(&backup, &rr, &answer);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| e.backup));
+        let hash: Policy = crate::table::syntax::parse_body("h", "hash $uri; server 127.0.0.1;")
+            .unwrap()
+            .policy;
+        let got = endpoints(&line, &hash, &answer);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| !e.backup));
+        // Weights above the table's bound are the bound; an address two
+        // records give is one server.
+        let big = srv_at(&[(0, "10.0.0.1:80", 65535), (1, "10.0.0.1:80", 2)]);
+        let got = endpoints(&line, &rr, &big);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].weight, crate::table::model::WEIGHT_MAX);
     }
 }

@@ -22,11 +22,14 @@ pub fn render_server(s: &ServerSpec) -> String {
     out
 }
 
-/// `server NAME[:PORT] [PARAMS] [resolve];`: the line as written, its
+/// `server NAME[:PORT] [PARAMS] [service=NAME] [resolve];`: the line as written, its
 /// parameters as [`render_server`] prints them.
 pub fn render_named(n: &NamedServer) -> String {
     let mut out = format!("server {}", n.target());
     render_params(&mut out, &n.params);
+    if let Some(service) = &n.service {
+        out.push_str(&format!(" service={service}"));
+    }
     if n.resolve {
         out.push_str(" resolve");
     }

@@ -8,7 +8,7 @@ use crate::table::model::{
     Address, ServerPatch, ServerSpec, DEFAULT_PORT, FAIL_TIMEOUT_MAX, MAX_CONNS_MAX, MAX_FAILS_MAX,
     SLOW_START_MAX, WEIGHT_MAX, WEIGHT_MIN,
 };
-use crate::table::names::{check_host, NamedServer, ServerParams};
+use crate::table::names::{check_host, check_service, NamedServer, ServerParams};
 
 /// What a `server` line names: an address, or a host name to resolve.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,7 +161,9 @@ pub fn parse_server_args(args: &str) -> Result<ServerSpec, String> {
 }
 
 /// Parses what follows `server` in a `server ...;` line, an address or a
-/// host name with nginx's parameters; a host name also takes `resolve`.
+/// host name with nginx's parameters; a host name also takes `resolve`,
+/// and `service=NAME` (SRV records), with nginx's rules: `resolve` given,
+/// no port, a host name.
 pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
     let mut words = args.split_ascii_whitespace();
     let Some(addr) = words.next() else {
@@ -172,6 +174,7 @@ pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
     let mut spec = ServerSpec::new(Address::Unix("/".into()));
     let mut seen = Seen::default();
     let mut resolve = false;
+    let mut service: Option<String> = None;
     for word in words {
         match word.split_once('=').map_or(word, |(k, _)| k) {
             "resolve" if word == "resolve" => {
@@ -185,12 +188,40 @@ pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
                 ))
             }
             "service" => {
-                return Err(format!(
-                    "{word}: service= (DNS SRV records) is not supported yet: \
-                     give the port after the name, as in `server NAME:PORT resolve;`"
-                ))
+                let Some(("service", value)) = word.split_once('=') else {
+                    return Err(format!("{word}: write service=NAME"));
+                };
+                check_service(value).map_err(|e| format!("{word}: {e}"))?;
+                if service.replace(value.to_owned()).is_some() {
+                    return Err(format!("{word}: service= is given more than once"));
+                }
             }
             _ => apply_param(&mut spec, &mut seen, word)?,
+        }
+    }
+    if let Some(s) = &service {
+        // nginx's checks, in its order and words.
+        if !resolve {
+            return Err(format!(
+                "service={s}: service upstream \"{addr}\" requires \"resolve\" parameter"
+            ));
+        }
+        match &target {
+            Target::Name { port: Some(_), .. } => {
+                return Err(format!(
+                    "service={s}: service upstream \"{addr}\" may not have port"
+                ))
+            }
+            Target::Addr(_) => {
+                return Err(format!(
+                    "service={s}: service upstream \"{addr}\" requires domain name"
+                ))
+            }
+            Target::Name { host, .. } => {
+                let mut probe = NamedServer::new(host.clone(), None, ServerParams::default(), true);
+                probe.service = service.clone();
+                check_host(&probe.query_name()).map_err(|e| format!("service={s}: {e}"))?;
+            }
         }
     }
     match target {
@@ -198,12 +229,11 @@ pub fn parse_server_line(args: &str) -> Result<ServerLine, String> {
             "{addr} resolve: {addr} is an address; resolve is for a host name"
         )),
         Target::Addr(addr) => Ok(ServerLine::Addr(ServerSpec { addr, ..spec })),
-        Target::Name { host, port } => Ok(ServerLine::Named(NamedServer::new(
-            host,
-            port,
-            ServerParams::of(&spec),
-            resolve,
-        ))),
+        Target::Name { host, port } => {
+            let mut n = NamedServer::new(host, port, ServerParams::of(&spec), resolve);
+            n.service = service;
+            Ok(ServerLine::Named(n))
+        }
     }
 }
 

@@ -997,6 +997,27 @@ fn server_name_lines_take_nginx_parameters_and_resolve() {
 }
 
 #[test]
+fn service_lines_ask_nginx_srv_names_and_write_back_as_given() {
+    let n = named_line("Svc.Internal service=http weight=3 resolve");
+    assert_eq!(n.service.as_deref(), Some("http"));
+    assert_eq!(n.query_name(), "_http._tcp.Svc.Internal");
+    assert_eq!(n.port, None);
+    assert_eq!(
+        render_named(&n),
+        "server Svc.Internal weight=3 service=http resolve;"
+    );
+    assert_eq!(
+        named_line(&render_named(&n)[7..render_named(&n).len() - 1]),
+        n
+    );
+    // A service with a dot is the SRV name's prefix as written.
+    let n = named_line("svc.internal. service=_sip._udp resolve");
+    assert_eq!(n.query_name(), "_sip._udp.svc.internal");
+    // The same host without service= is another line.
+    assert!(!n.same_line(&named_line("svc.internal. resolve")));
+}
+
+#[test]
 fn bad_server_name_lines_are_refused_naming_what_is_wrong() {
     let err = |args: &str| parse_server_line(args).unwrap_err();
     let cases = [
@@ -1014,7 +1035,21 @@ fn bad_server_name_lines_are_refused_naming_what_is_wrong() {
         ),
         (
             "app.internal service=http",
-            "service= (DNS SRV records) is not supported yet",
+            "service=http: service upstream \"app.internal\" requires \"resolve\" parameter",
+        ),
+        (
+            "app.internal:80 service=http resolve",
+            "service upstream \"app.internal:80\" may not have port",
+        ),
+        (
+            "127.0.0.1 service=http resolve",
+            "service upstream \"127.0.0.1\" requires domain name",
+        ),
+        ("app.internal service= resolve", "service is empty"),
+        ("app.internal service=a/b resolve", "labels of 1 to 63"),
+        (
+            "app.internal service=a service=b resolve",
+            "service= is given more than once",
         ),
         ("app.internal weight=0", "weight must be 1..1000"),
         ("app.internal colour=red", "colour"),

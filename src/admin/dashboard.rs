@@ -1,0 +1,120 @@
+//! `/dashboard`: a status page for people, one self-contained HTML page
+//! (`dashboard.html`, compiled in: no asset from outside the host) that
+//! fetches its own path with `?format=json` every second and redraws.
+//! The JSON is made here, from the same [`ServerView`]s as `/metrics`.
+
+use serde_json::{json, Value};
+
+use super::server_state::ServerView;
+use crate::store::Worker;
+
+/// The page.
+pub const PAGE: &str = include_str!("dashboard.html");
+
+/// The page's `Content-Security-Policy`: its own inline script and style,
+/// fetches to this origin only, nothing else loaded from anywhere.
+pub const CSP: &str =
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'";
+
+/// What the page draws: the table version, each worker's generation, and
+/// every upstream with its servers, as read at `now_ms` (Unix ms).
+pub fn json(version: u64, servers: &[ServerView], workers: &[Worker], now_ms: u64) -> String {
+    let mut upstreams: Vec<Value> = Vec::new();
+    let mut last: Option<&str> = None;
+    for v in servers {
+        if last != Some(v.upstream.name.as_str()) {
+            upstreams.push(json!({"name": v.upstream.name, "servers": []}));
+            last = Some(&v.upstream.name);
+        }
+        let health = v.upstream.check.line.as_ref().map(|_| {
+            let mut h = json!({
+                "rise": v.verdict.map_or(0, |x| x.passes),
+                "fall": v.verdict.map_or(0, |x| x.failures),
+            });
+            if let Some(p) = v.last_probe {
+                h["result"] = json!(if p.status != 0 {
+                    p.status.to_string()
+                } else {
+                    p.outcome.name().to_owned()
+                });
+                h["passed"] = json!(p.outcome == crate::health::Outcome::Passed);
+                h["latency_ms"] = json!(p.latency_ms);
+                h["checked_at_ms"] = json!(p.at_ms);
+            }
+            h
+        });
+        let server = json!({
+            "server": v.spec.addr,
+            "state": v.state.word(),
+            "state_code": v.state.code(),
+            "weight": v.spec.weight,
+            "backup": v.spec.backup,
+            "max_conns": v.spec.max_conns,
+            "shared": v.shared,
+            "active": v.active,
+            "fails": v.fails,
+            "health": health,
+        });
+        if let Some(Value::Array(list)) = upstreams.last_mut().and_then(|u| u.get_mut("servers")) {
+            list.push(server);
+        }
+    }
+    let workers: Vec<Value> = workers
+        .iter()
+        .map(|w| json!({"pid": w.pid, "generation": w.applied}))
+        .collect();
+    json!({
+        "version": version,
+        "now_ms": now_ms,
+        "workers": workers,
+        "upstreams": upstreams,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::server_state::servers;
+    use crate::testing::TempDir;
+
+    #[test]
+    fn servers_are_listed_under_their_upstream_with_their_state() {
+        let dir = TempDir::new();
+        let store = dir.store(&[
+            ("a", "server 127.0.0.1:1 weight=4; server 127.0.0.1:2 down;"),
+            ("b", "check interval=1000 type=tcp; server 127.0.0.1:3;"),
+        ]);
+        let snap = store.read().unwrap();
+        let views = servers(&snap.table, store.zone(), 1);
+        let w = [Worker {
+            pid: 7,
+            applied: snap.version,
+        }];
+        let d: Value = serde_json::from_str(&json(snap.version, &views, &w, 1)).unwrap();
+        assert_eq!(d["version"], json!(snap.version));
+        assert_eq!(
+            d["workers"],
+            json!([{"pid": 7, "generation": snap.version}])
+        );
+        let a = &d["upstreams"][0];
+        assert_eq!(a["name"], "a");
+        assert_eq!(a["servers"][0]["server"], "127.0.0.1:1");
+        assert_eq!(a["servers"][0]["state"], "up");
+        assert_eq!(a["servers"][0]["weight"], 4);
+        assert_eq!(a["servers"][0]["health"], Value::Null);
+        assert_eq!(a["servers"][1]["state"], "down");
+        assert_eq!(a["servers"][1]["state_code"], 3);
+        let b = &d["upstreams"][1];
+        assert_eq!(b["servers"][0]["state"], "checking");
+        assert_eq!(b["servers"][0]["health"]["rise"], 0);
+        assert_eq!(d["upstreams"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_page_loads_nothing_from_elsewhere() {
+        for outside in ["src=", "href=", "@import", "url(", "http://", "https://"] {
+            assert!(!PAGE.contains(outside), "the page has {outside:?}");
+        }
+    }
+}
