@@ -9,45 +9,9 @@ use crate::table::model::{ServerSpec, Table, Upstream};
 
 /// A server's state, with the codes of nginx-prometheus-exporter's
 /// `nginxplus_upstream_server_state` (1 up, 2 draining, 3 down, 4 unavail,
-/// 5 checking, 6 unhealthy), so dashboards made for it read ours.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerState {
-    Up,
-    /// NGINX Plus's `drain` parameter; ngx.dyups has none, so never shown.
-    Draining,
-    /// `down` in its line (also what `/ups?op=del` sets).
-    Down,
-    /// Out for `fail_timeout` after `max_fails` passive failures.
-    Unavail,
-    /// Not yet up under `check ... default_down=true`.
-    Checking,
-    /// Down by its active health checks.
-    Unhealthy,
-}
-
-impl ServerState {
-    pub fn code(self) -> u8 {
-        match self {
-            ServerState::Up => 1,
-            ServerState::Draining => 2,
-            ServerState::Down => 3,
-            ServerState::Unavail => 4,
-            ServerState::Checking => 5,
-            ServerState::Unhealthy => 6,
-        }
-    }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            ServerState::Up => "up",
-            ServerState::Draining => "draining",
-            ServerState::Down => "down",
-            ServerState::Unavail => "unavail",
-            ServerState::Checking => "checking",
-            ServerState::Unhealthy => "unhealthy",
-        }
-    }
-}
+/// 5 checking, 6 unhealthy), so dashboards made for it read ours: the one
+/// mapping of the store's, which the REST JSON uses too.
+pub use crate::store::stats::ServerState;
 
 /// One server of one upstream, as read at one instant.
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +48,7 @@ pub fn servers<'a>(table: &'a Table, zone: Zone<'a>, now_ms: u64) -> Vec<ServerV
             out.push(ServerView {
                 upstream: u,
                 spec,
-                state: state_of(spec, cell, v, now_ms),
+                state: crate::store::stats::state_of(zone, u, i, now_ms),
                 shared: cell.is_some(),
                 active: cell.map_or(0, PeerCell::conns),
                 fails: cell.map_or(0, PeerCell::fails),
@@ -95,36 +59,6 @@ pub fn servers<'a>(table: &'a Table, zone: Zone<'a>, now_ms: u64) -> Vec<ServerV
         }
     }
     out
-}
-
-/// The state, by precedence: what the operator set, then the active
-/// checks, then the passive failures (as the balancer decides in
-/// `balance/balancer.rs`: `max_fails` reached within `fail_timeout` of the
-/// window's start).
-fn state_of(
-    spec: &ServerSpec,
-    cell: Option<&PeerCell>,
-    verdict: Option<Verdict>,
-    now_ms: u64,
-) -> ServerState {
-    if spec.down {
-        return ServerState::Down;
-    }
-    match verdict {
-        Some(v) if v.checking => return ServerState::Checking,
-        Some(v) if v.down => return ServerState::Unhealthy,
-        _ => {}
-    }
-    if let Some(c) = cell {
-        let window_ms = u64::from(spec.fail_timeout) * 1000;
-        if spec.max_fails > 0
-            && c.fails() >= spec.max_fails
-            && now_ms.saturating_sub(c.checked_ms()) <= window_ms
-        {
-            return ServerState::Unavail;
-        }
-    }
-    ServerState::Up
 }
 
 #[cfg(test)]

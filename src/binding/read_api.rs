@@ -129,7 +129,7 @@ pub(super) fn peers(lua: &Lua, args: Variadic<Value>) -> LuaResult<Result<Table,
             let zone = store.zone();
             let states = (0..u.servers.len()).map(|i| {
                 (
-                    stats::state_of(zone, u, i, now_ms).name(),
+                    stats::state_of(zone, u, i, now_ms).word(),
                     stats::counters_of(zone, u, i, now_ms),
                 )
             });

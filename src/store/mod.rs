@@ -43,6 +43,7 @@ pub mod stats;
 mod table_stats;
 #[cfg(test)]
 mod tests;
+mod upstream_vars;
 pub mod zone;
 
 use std::fs::{File, OpenOptions};

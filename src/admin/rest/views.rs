@@ -161,7 +161,7 @@ fn with_stats(json: String, zone: Zone<'_>, u: &Upstream, now_ms: u64) -> String
 fn server_stats(zone: Zone<'_>, u: &Upstream, i: usize, now_ms: u64) -> Value {
     let cell = zone.cell(u.peer(i));
     json!({
-        "state": stats::state_of(zone, u, i, now_ms).name(),
+        "state": stats::state_of(zone, u, i, now_ms).word(),
         "active": cell.map_or(0, PeerCell::conns),
         "shared": cell.is_some(),
         "stats": counters_json(&stats::counters_of(zone, u, i, now_ms)),
