@@ -22,6 +22,13 @@ local function detail_line(port)
 end
 
 --- An upstream's JSON with every setting at its default, and `servers`.
+-- A JSON view without each server's state and statistics (README,
+-- Statistics), which traffic moves: what the table says.
+local function table_only(body)
+  assert.matches('"state":"%a+","stats":{', body)
+  return (body:gsub(',"active":%d+,"shared":%a+,"state":"%a+","stats":%b{}', ""))
+end
+
 local function json_upstream(name, servers)
   return {
     name = name,
@@ -282,7 +289,7 @@ describe("REST endpoints", function()
       local status, body, h = api(inst, "GET", "/detail", nil, { Accept = "application/json" })
       assert.are.equal(200, status, body)
       assert.matches("^application/json", h["content-type"])
-      local doc = assert(rest.decode(body), "not JSON: " .. body)
+      local doc = assert(rest.decode(table_only(body)), "not JSON: " .. body)
       assert.are.same({
         version = v,
         upstreams = {
@@ -301,7 +308,7 @@ describe("REST endpoints", function()
       status, body, h = api(inst, "GET", "/upstream/jsonup?format=json")
       assert.are.equal(200, status, body)
       assert.matches("^application/json", h["content-type"])
-      local doc = assert(rest.decode(body), "not JSON: " .. body)
+      local doc = assert(rest.decode(table_only(body)), "not JSON: " .. body)
       local want = json_upstream("jsonup", {
         json_server("127.0.0.1:9001", { weight = 2, max_fails = 3, fail_timeout = 4, backup = true }),
         json_server("127.0.0.1:9002"),
