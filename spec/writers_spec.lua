@@ -103,9 +103,10 @@ end
 -- to its own end; a write with k writes ahead of it (came before, not done
 -- when it came) ends within k + 1 turns of coming, and no write that came
 -- after it ends before it. The clocks are read outside the queue (a REST
--- client's before its request travels, after its answer does), so a write
--- that came just after may seem to overtake, once per writer; the same
--- writer overtaking twice is out of turn. One turn of margin in the bound
+-- client's before its request travels to nginx and waits for its worker; a
+-- process's first write before its set-up), so only a write that came
+-- more than the longest turn later counts as overtaking, and only the same
+-- writer doing so twice as out of turn. One turn of margin in the bound
 -- covers the same skew.
 -- Returns the writes served out of turn or late, and a summary.
 local function served_in_turn(writes)
@@ -121,7 +122,7 @@ local function served_in_turn(writes)
     local ahead, by, most = 0, {}, 0
     for j, o in ipairs(writes) do
       if o.came < w.came and o.done > w.came then ahead = ahead + 1 end
-      if j < i and o.came > w.came then
+      if j < i and o.came > w.came + longest_turn then
         by[o.writer] = (by[o.writer] or 0) + 1
         most = math.max(most, by[o.writer])
       end

@@ -1151,9 +1151,10 @@ struct Fairness {
 /// no write that came after it ends before it. Bounds are relative to the
 /// longest turn measured in the run, so a slow host moves them with it. The
 /// clock is read outside the queue (a writer may be preempted between its
-/// reading and its ticket), so a write that came just after may seem to
-/// overtake, once per writer; the same writer overtaking twice is out of
-/// turn. One turn of margin in the bound covers the same skew.
+/// reading and its ticket, and its first write opens more first), so only a
+/// write that came more than the longest turn later counts as overtaking,
+/// and only the same writer doing so twice as out of turn. One turn of
+/// margin in the bound covers the same skew.
 fn served_in_turn(writes: &mut [TimedWrite]) -> Fairness {
     writes.sort_by_key(|w| w.done);
     let mut longest_turn = 0;
@@ -1170,10 +1171,13 @@ fn served_in_turn(writes: &mut [TimedWrite]) -> Fairness {
             .iter()
             .filter(|o| o.came < w.came && o.done > w.came)
             .count() as u64;
-        // Done before it, though they came after it: sorted by end, they
-        // are among those before it. How often by the same writer, at most.
+        // Done before it, though they came well after it: sorted by end,
+        // they are among those before it. How often by one writer, at most.
         let mut by = std::collections::HashMap::new();
-        for o in writes[..i].iter().filter(|o| o.came > w.came) {
+        for o in writes[..i]
+            .iter()
+            .filter(|o| o.came > w.came + longest_turn)
+        {
             *by.entry(o.writer).or_insert(0u32) += 1;
         }
         let most = by.values().copied().max().unwrap_or(0);
