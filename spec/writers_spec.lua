@@ -96,18 +96,19 @@ local function rmdir(dir)
   if dir and dir:match("^/tmp/dyups%-writers%.") then os.execute("rm -rf " .. nginx.shell_quote(dir)) end
 end
 
--- Judges a run of timed writes ({ writer =, came =, done = }, in seconds on
+-- Judges a run of timed writes ({ writer =, kind =, came =, done = }, in seconds on
 -- one clock for every process) by the queue's promise, relative to the run
 -- itself so a slow host moves the bounds with it. In completion order a
 -- write's turn is from the end of the one before (or its coming, if later)
 -- to its own end; a write with k writes ahead of it (came before, not done
 -- when it came) ends within k + 1 turns of coming, and no write that came
--- after it ends before it. The clocks are read outside the queue (a REST
--- client's before its request travels to nginx and waits for its worker; a
--- process's first write before its set-up), so only a write that came
--- more than the longest turn later counts as overtaking, and only the same
--- writer doing so twice as out of turn. One turn of margin in the bound
--- covers the same skew.
+-- after it ends before it. The clocks are read outside the queue, so only a
+-- write that came more than the longest turn later counts as overtaking,
+-- and only the same writer doing so twice as out of turn; and only LuaJIT
+-- writers are judged so, which read the clock as they call into the store.
+-- A REST client reads it before its request reaches a worker, which on a
+-- loaded host may wait for the CPU longer than several turns. One turn of
+-- margin in the bound covers the same skew.
 -- Returns the writes served out of turn or late, and a summary.
 local function served_in_turn(writes)
   table.sort(writes, function(a, b) return a.done < b.done end)
@@ -128,7 +129,7 @@ local function served_in_turn(writes)
       end
     end
     local waited, bound = w.done - w.came, (ahead + 2) * longest_turn
-    if most > 1 or waited > bound then
+    if (most > 1 and w.kind == "lua") or waited > bound then
       late[#late + 1] = ("%s write %d waited %.1f ms with %d ahead (bound %.1f ms), overtaken %d times by one writer")
         :format(w.writer, w.k, waited * 1e3, ahead, bound * 1e3, most)
     end
@@ -157,7 +158,7 @@ local function race(dir, path, writers, api_port)
     assert.are.same({}, r.other, w.name .. " (" .. w.kind .. "): unexpected answers")
     if r.refused > 0 then refused[#refused + 1] = ("%s: %d of %d refused"):format(w.name, r.refused, WRITES) end
     for k = 1, #r.came do
-      timed[#timed + 1] = { writer = w.name, k = k, came = r.came[k], done = r.done[k] }
+      timed[#timed + 1] = { writer = w.name, kind = w.kind, k = k, came = r.came[k], done = r.done[k] }
     end
   end
   local elapsed = T.now() - t0
