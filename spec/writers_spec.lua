@@ -2,7 +2,7 @@
 -- the default options (wait up to 5 s, durable), and a write that waits or
 -- syncs does not stall the nginx worker serving it (issue 11, items 2-3):
 --   * 8 LuaJIT processes writing 500 times each: none refused, every write
---     applied, each served in its turn and within (the writes ahead of it
+--     applied, each after a writer's first served in its turn and within (the writes ahead of it
 --     + 2) x the longest turn of the run; the longest wait is reported;
 --   * the same with 4 REST clients of a 2-worker nginx and 4 LuaJIT
 --     processes mixed;
@@ -157,7 +157,9 @@ local function race(dir, path, writers, api_port)
     local r = w.h:wait()
     assert.are.same({}, r.other, w.name .. " (" .. w.kind .. "): unexpected answers")
     if r.refused > 0 then refused[#refused + 1] = ("%s: %d of %d refused"):format(w.name, r.refused, WRITES) end
-    for k = 1, #r.came do
+    -- From the second write on: a process's first call also sets the module
+    -- up (a connection, the state file's first read), which is not waiting.
+    for k = 2, #r.came do
       timed[#timed + 1] = { writer = w.name, kind = w.kind, k = k, came = r.came[k], done = r.done[k] }
     end
   end
