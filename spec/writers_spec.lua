@@ -157,8 +157,9 @@ local function race(dir, path, writers, api_port)
     local r = w.h:wait()
     assert.are.same({}, r.other, w.name .. " (" .. w.kind .. "): unexpected answers")
     if r.refused > 0 then refused[#refused + 1] = ("%s: %d of %d refused"):format(w.name, r.refused, WRITES) end
-    -- From the second write on: a process's first call also sets the module
-    -- up (a connection, the state file's first read), which is not waiting.
+    -- From the second write on: a writer's first call does more than wait
+    -- (a REST writer opens its connection, a LuaJIT one's first write does
+    -- the module's one-time work).
     for k = 2, #r.came do
       timed[#timed + 1] = { writer = w.name, kind = w.kind, k = k, came = r.came[k], done = r.done[k] }
     end
