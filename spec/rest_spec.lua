@@ -1085,7 +1085,7 @@ describe("REST without trylock while another process holds the lock", function()
     nginx.stop_all()
   end)
 
-  it("a write waits for the lock (up to lock_timeout, 1 s) and then succeeds", function()
+  it("a write waits for the lock (up to lock_timeout, 5 s) and then succeeds", function()
     local q = nginx.shell_quote
     local held = inst.prefix .. "/held"
     rest.background(("flock %s -c %s"):format(q(STATE), q("touch " .. q(held) .. "; sleep 0.5")))

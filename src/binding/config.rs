@@ -18,7 +18,7 @@ use super::ngx_api::resolve_path;
 
 /// Named defaults of `init`.
 const DEFAULT_SIZE: u64 = crate::store::DEFAULT_SIZE;
-const DEFAULT_LOCK_TIMEOUT: f64 = 1.0;
+const DEFAULT_LOCK_TIMEOUT: f64 = crate::store::DEFAULT_WAIT.as_secs_f64();
 const DEFAULT_REFRESH: f64 = 0.05;
 /// The nginx thread pool (`thread_pool NAME threads=N;`) durable writes
 /// msync in, off the event loop.

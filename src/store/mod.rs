@@ -168,10 +168,20 @@ pub struct WriteOptions {
     pub durable: bool,
 }
 
+/// How long a write waits for its turn unless told otherwise. Writers are
+/// served in order, so a wait this long is a queue of slow writes, not a
+/// stuck one (a stuck turn is skipped within [`queue::TURN_MAX_MS`]); and
+/// a write refused after waiting loses its place, and retried goes to the
+/// back. Enough for 8 writers ahead each holding the turn as long as the
+/// queue lets one (8 × 500 ms), with room: 1 s refused writes of 8 busy
+/// writers on a loaded host (130 ms a write). Tengine's dyups, without
+/// `dyups_trylock`, waits for its lock without limit.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
-            wait: Wait::For(Duration::from_secs(1)),
+            wait: Wait::For(DEFAULT_WAIT),
             expect: None,
             durable: true,
         }

@@ -103,6 +103,12 @@ pub fn drop_cached(file: &File) {
 /// process on the host (it restarts at boot), so one process can time what
 /// another stamped in the shared mapping.
 pub fn monotonic_ms() -> u64 {
+    monotonic_us() / 1000
+}
+
+/// Microseconds on the same clock as [`monotonic_ms`]: for timing one
+/// process's events against another's finer than a millisecond.
+pub fn monotonic_us() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -110,7 +116,7 @@ pub fn monotonic_ms() -> u64 {
     // SAFETY: `ts` is a live, writable timespec; clock_gettime writes only
     // into it, and CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// Sleeps until `word` may no longer hold `expected` (another process woke
