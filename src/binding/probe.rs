@@ -1,7 +1,9 @@
 //! The Lua side of active health checks: the per-worker prober driven by the
 //! refresh tick, the results the probes report back, and the `check_status`
 //! page. The decisions are in [`crate::health`]; the cosockets in
-//! `probe.lua`.
+//! `probe.lua`. Each server's target (host, port, request, pool) goes to
+//! Lua as one table built once per table generation, and each probe as its
+//! token and that table: no table is built per probe.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,6 +25,14 @@ static PROBER: Mutex<Option<Prober>> = Mutex::new(None);
 
 const START: &str = "ngx.dyups.probe.start";
 
+/// The Lua tables of this worker's probe targets, by cell, for the table
+/// generation in [`TARGETS_OF`]: each built at a server's first probe under
+/// a generation and given to every later one.
+const TARGETS: &str = "ngx.dyups.probe.targets";
+
+/// The generation the tables in [`TARGETS`] belong to (`None`: no table).
+static TARGETS_OF: Mutex<Option<u64>> = Mutex::new(None);
+
 /// This worker's pid, as the last tick read it: a probe that ends asks for
 /// the next one under it without a `getpid` each time (a worker's ticks,
 /// after the fork, set it before any probe of it runs).
@@ -40,7 +50,7 @@ pub fn install(lua: &Lua, m: &Table) -> LuaResult<()> {
     let start: Function = lua
         .load(include_str!("probe.lua"))
         .set_name("=ngx.dyups.probe")
-        .call(record)?;
+        .call((record, MAX_IN_FLIGHT))?;
     lua.set_named_registry_value(START, start)?;
     m.set("check_status", lua.create_function(check_status)?)?;
     Ok(())
@@ -49,7 +59,7 @@ pub fn install(lua: &Lua, m: &Table) -> LuaResult<()> {
 /// One tick of the prober (from the refresh timer): starts the probes this
 /// worker owns that are due.
 pub fn tick(lua: &Lua) -> LuaResult<()> {
-    let jobs = {
+    let (jobs, generation) = {
         let guard = WORKER.lock();
         let Some(w) = guard.as_ref() else {
             return Ok(());
@@ -69,51 +79,81 @@ pub fn tick(lua: &Lua) -> LuaResult<()> {
             let tick_ms = config().map_or(50, |c| (c.refresh * 1000.0) as u64);
             Prober::new(now ^ u64::from(me) << 20, MAX_IN_FLIGHT, tick_ms)
         });
-        prober.due(&snap.table, snap.seen, store.zone(), now, me, &live)
+        let jobs = prober.due(&snap.table, snap.seen, store.zone(), now, me, &live);
+        (jobs, prober.generation())
     };
     if jobs.is_empty() {
         return Ok(());
     }
-    let list = lua.create_table_with_capacity(jobs.len(), 0)?;
+    // token, target, token, target...
+    let list = lua.create_table_with_capacity(jobs.len() * 2, 0)?;
+    let targets = targets_of(lua, generation)?;
     for j in jobs {
-        list.push(job_table(lua, j)?)?;
+        list.raw_push(j.token)?;
+        list.raw_push(target_table(lua, &targets, &j)?)?;
     }
     let start: Function = lua.named_registry_value(START)?;
     start.call::<()>(list)
 }
 
-/// A probe as `probe.lua` runs it.
-fn job_table(lua: &Lua, j: Job) -> LuaResult<Table> {
-    let t = lua.create_table_with_capacity(0, 9)?;
-    t.set("token", j.token)?;
-    t.set("host", j.host)?;
-    t.set("port", j.port)?;
-    t.set("timeout", j.timeout_ms)?;
-    t.set("tls", j.tls)?;
-    t.set("keepalive", j.keepalive)?;
-    t.set("idle", j.idle_ms)?;
-    t.set("pool", j.pool)?;
-    if let Some(send) = j.send {
+/// The table of Lua targets for `generation`: a new one when the prober
+/// moved to another table generation since the last.
+fn targets_of(lua: &Lua, generation: Option<u64>) -> LuaResult<Table> {
+    let mut of = TARGETS_OF.lock();
+    if *of == generation {
+        if let Ok(t) = lua.named_registry_value::<Table>(TARGETS) {
+            return Ok(t);
+        }
+    }
+    let t = lua.create_table()?;
+    lua.set_named_registry_value(TARGETS, &t)?;
+    *of = generation;
+    Ok(t)
+}
+
+/// Job `j`'s target as `probe.lua` runs it: built at its first probe under
+/// this generation, then the same table.
+fn target_table(lua: &Lua, targets: &Table, j: &Job) -> LuaResult<Table> {
+    let p = &j.target;
+    if let Some(t) = targets.raw_get::<Option<Table>>(p.cell)? {
+        return Ok(t);
+    }
+    let t = lua.create_table_with_capacity(0, 10)?;
+    t.set("host", p.host.as_str())?;
+    t.set("port", p.port)?;
+    t.set("timeout", p.timeout_ms)?;
+    t.set("tls", p.tls)?;
+    t.set("keepalive", p.keepalive)?;
+    t.set("idle", p.idle_ms)?;
+    t.set("head", p.head)?;
+    if let Some(send) = &p.send {
         t.set("send", lua.create_string(send.as_bytes())?)?;
     }
+    if p.keepalive > 1 {
+        // The cosocket's connect options, the same table for every probe.
+        let opts = lua.create_table_with_capacity(0, 1)?;
+        opts.set("pool", p.pool.as_str())?;
+        t.set("pool_opts", opts)?;
+    }
+    targets.raw_set(p.cell, &t)?;
     Ok(t)
 }
 
 /// `record(token, status, err, elapsed_ms, more)` from `probe.lua`:
-/// returns the next probe for the same timer to run when `more` (a server
-/// that waited at the cap), else nothing.
+/// returns the next probe for the same runner when `more` (a server that
+/// waited at the cap) as its token and target, else nothing.
 fn record(
     lua: &Lua,
     (token, status, err, elapsed, more): (u64, Option<u16>, Option<String>, u64, bool),
-) -> LuaResult<Option<Table>> {
-    let (flip, next) = {
+) -> LuaResult<(Option<u64>, Option<Table>)> {
+    let (flip, next, generation) = {
         let guard = WORKER.lock();
         let Some(w) = guard.as_ref() else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let mut prober = PROBER.lock();
         let Some(p) = prober.as_mut() else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let zone = w.store().zone();
         let now = unix_ms();
@@ -130,7 +170,7 @@ fn record(
                 )
             })
             .flatten();
-        (flip, next)
+        (flip, next, p.generation())
     };
     if let Some(f) = flip {
         let msg = if f.up {
@@ -150,7 +190,13 @@ fn record(
         };
         log(lua, "WARN", &msg);
     }
-    next.map(|j| job_table(lua, j)).transpose()
+    match next {
+        Some(j) => {
+            let targets = targets_of(lua, generation)?;
+            Ok((Some(j.token), Some(target_table(lua, &targets, &j)?)))
+        }
+        None => Ok((None, None)),
+    }
 }
 
 /// The `check_status` content handler (`lua/check_status.lua`):

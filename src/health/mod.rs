@@ -32,7 +32,7 @@
 mod prober;
 pub mod status;
 
-pub use prober::{Job, Prober, MAX_IN_FLIGHT};
+pub use prober::{Job, ProbeTarget, Prober, MAX_IN_FLIGHT};
 
 use std::sync::atomic::Ordering;
 

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{classify, fingerprint, record, result_word, Flip, Rule, FIELD20};
 use crate::store::zone::{PeerCell, Zone};
@@ -38,10 +39,15 @@ pub(super) fn lease_parts(w: u64) -> (u64, u32) {
     (w >> PID_BITS, (w & PID_MASK) as u32)
 }
 
-/// What one probe needs, for the Lua side.
+/// What probing one server needs, for the Lua side: built once per table
+/// generation and shared by every probe of the server under it (the host,
+/// the pool name and the request are the same each time; building them per
+/// probe was a good part of a kept-connection probe's cost).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Job {
-    pub token: u64,
+pub struct ProbeTarget {
+    /// The server's cell: names the target within its generation (the
+    /// binding keeps the Lua side's copy under it).
+    pub cell: u32,
     /// Host as a cosocket takes it (`127.0.0.1`, `::1`, `unix:/path`).
     pub host: String,
     /// 0 for a unix socket.
@@ -50,6 +56,8 @@ pub struct Job {
     pub tls: bool,
     /// The request of an http probe; `None` for tcp and ssl_hello.
     pub send: Option<String>,
+    /// Whether `send` is a HEAD request (its answer has no body).
+    pub head: bool,
     /// `check_keepalive_requests`: how many probes one connection carries
     /// (1: a new connection for each; always 1 without `send`).
     pub keepalive: u32,
@@ -60,6 +68,16 @@ pub struct Job {
     /// (shared by the upstreams that list it), TLS or not, apart from any
     /// other Lua code's pools.
     pub pool: String,
+    /// For the log line of a flip.
+    pub upstream: String,
+    pub server: String,
+}
+
+/// One probe to start: its token (for [`Prober::record`]) and its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub token: u64,
+    pub target: Arc<ProbeTarget>,
 }
 
 /// A probe in flight in this worker.
@@ -67,12 +85,10 @@ pub struct Job {
 struct InFlight {
     cell: PeerRef,
     rule: Rule,
-    timeout_ms: u32,
     kind: CheckType,
     expect: ExpectAlive,
     late_ms: u64,
-    upstream: String,
-    server: String,
+    target: Arc<ProbeTarget>,
 }
 
 /// A server the walk found due while the worker was at its cap: the next
@@ -110,6 +126,8 @@ pub struct Prober {
     rng: u64,
     /// The upstreams with a check line in the table of generation `seen`.
     checked: Vec<Checked>,
+    /// The targets of the servers probed under generation `seen`, by cell.
+    targets: HashMap<u32, Arc<ProbeTarget>>,
     seen: Option<u64>,
     cap: usize,
     /// How often [`due`](Self::due) runs: a probe up to this late was only
@@ -128,6 +146,7 @@ impl Prober {
             next_token: 1,
             rng: seed | 1,
             checked: Vec::new(),
+            targets: HashMap::new(),
             seen: None,
             cap,
             tick_ms: tick_ms.max(1),
@@ -136,6 +155,11 @@ impl Prober {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// The table generation the targets of the jobs given last belong to.
+    pub fn generation(&self) -> Option<u64> {
+        self.seen
     }
 
     fn random_below(&mut self, n: u32) -> u64 {
@@ -179,6 +203,7 @@ impl Prober {
                     fp: fingerprint(&u.check),
                 })
                 .collect();
+            self.targets.clear();
             self.seen = Some(seen);
         }
         let mut workers: Vec<u32> = live.iter().copied().filter(|&p| p != 0).collect();
@@ -359,41 +384,14 @@ impl Prober {
     ) {
         let token = self.next_token;
         self.next_token += 1;
-        let host = s.addr.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .map_or(host.clone(), str::to_owned);
-        let port = if line.port != 0 {
-            line.port
-        } else {
-            s.addr.port()
-        };
-        let tls = matches!(line.kind, CheckType::Https | CheckType::SslHello);
-        let send = matches!(line.kind, CheckType::Http | CheckType::Https)
-            .then(|| u.check.http_send.clone());
-        let pool = format!(
-            "ngx.dyups check {}{host}:{port}",
-            if tls { "tls " } else { "" }
+        let target = Arc::clone(
+            self.targets
+                .entry(r.index)
+                .or_insert_with(|| Arc::new(probe_target(u, s, r, line))),
         );
         jobs.push(Job {
             token,
-            port,
-            timeout_ms: line.timeout,
-            tls,
-            keepalive: if send.is_some() {
-                u.check.keepalive_requests
-            } else {
-                1
-            },
-            send,
-            idle_ms: line
-                .interval
-                .saturating_mul(2)
-                .saturating_add(line.timeout)
-                .min(IDLE_MAX_MS),
-            pool,
-            host,
+            target: Arc::clone(&target),
         });
         self.busy.insert(r.index);
         self.in_flight.insert(
@@ -406,12 +404,10 @@ impl Prober {
                     fall: line.fall,
                     max_fails: s.max_fails,
                 },
-                timeout_ms: line.timeout,
                 kind: line.kind,
                 expect: u.check.http_expect_alive,
                 late_ms,
-                upstream: u.name.clone(),
-                server: s.addr.to_string(),
+                target,
             },
         );
     }
@@ -431,7 +427,14 @@ impl Prober {
         let p = self.in_flight.remove(&token)?;
         self.busy.remove(&p.cell.index);
         let cell = zone.cell(p.cell)?;
-        let outcome = classify(p.kind, p.expect, status, err, elapsed_ms, p.timeout_ms);
+        let outcome = classify(
+            p.kind,
+            p.expect,
+            status,
+            err,
+            elapsed_ms,
+            p.target.timeout_ms,
+        );
         let (before, after) = record(cell, p.cell.tag, p.rule, outcome, now_ms)?;
         cell.probed_word().store(now_ms, Ordering::Release);
         cell.result_word().store(
@@ -440,12 +443,55 @@ impl Prober {
         );
         let was = before.down || before.checking;
         let is = after.down || after.checking;
-        (was != is).then_some(Flip {
-            upstream: p.upstream,
-            server: p.server,
+        (was != is).then(|| Flip {
+            upstream: p.target.upstream.clone(),
+            server: p.target.server.clone(),
             up: !is,
             count: if is { after.failures } else { after.passes },
             outcome,
         })
+    }
+}
+
+/// Server `s` of upstream `u` (cell `r`) as its probes reach it.
+fn probe_target(u: &Upstream, s: &ServerSpec, r: PeerRef, line: &CheckLine) -> ProbeTarget {
+    let host = s.addr.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .map_or(host.clone(), str::to_owned);
+    let port = if line.port != 0 {
+        line.port
+    } else {
+        s.addr.port()
+    };
+    let tls = matches!(line.kind, CheckType::Https | CheckType::SslHello);
+    let send =
+        matches!(line.kind, CheckType::Http | CheckType::Https).then(|| u.check.http_send.clone());
+    let pool = format!(
+        "ngx.dyups check {}{host}:{port}",
+        if tls { "tls " } else { "" }
+    );
+    ProbeTarget {
+        cell: r.index,
+        port,
+        timeout_ms: line.timeout,
+        tls,
+        head: send.as_deref().is_some_and(|s| s.starts_with("HEAD ")),
+        keepalive: if send.is_some() {
+            u.check.keepalive_requests
+        } else {
+            1
+        },
+        send,
+        idle_ms: line
+            .interval
+            .saturating_mul(2)
+            .saturating_add(line.timeout)
+            .min(IDLE_MAX_MS),
+        pool,
+        host,
+        upstream: u.name.clone(),
+        server: s.addr.to_string(),
     }
 }

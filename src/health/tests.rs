@@ -202,7 +202,9 @@ fn one_probe_per_server_per_interval_over_every_worker() {
     while now < t0 + 10_000 {
         for (w, me) in [(&mut w1, 100), (&mut w2, 200)] {
             for j in w.due(&snap.table, snap.seen, zone, now, me, &live) {
-                *count.entry(format!("{}:{}", j.host, j.port)).or_default() += 1;
+                *count
+                    .entry(format!("{}:{}", j.target.host, j.target.port))
+                    .or_default() += 1;
                 w.record(zone, j.token, Some(200), None, 1, now);
             }
         }
@@ -242,7 +244,7 @@ fn a_dead_or_stalled_owner_is_taken_over_within_two_intervals() {
     let mut last = HashMap::new();
     // Both live; w1 (pid 100) probes once, then stalls (never ticks again).
     for j in w1.due(&snap.table, snap.seen, zone, t0, 100, &[100, 200]) {
-        last.insert(j.host.clone() + &j.port.to_string(), t0);
+        last.insert(j.target.host.clone() + &j.target.port.to_string(), t0);
         w1.record(zone, j.token, Some(200), None, 1, t0);
     }
     let mut now = t0;
@@ -250,7 +252,7 @@ fn a_dead_or_stalled_owner_is_taken_over_within_two_intervals() {
     while now < t0 + 5_000 {
         now += 50;
         for j in w2.due(&snap.table, snap.seen, zone, now, 200, &[100, 200]) {
-            if j.port == 81 && taken.is_none() {
+            if j.target.port == 81 && taken.is_none() {
                 // Port 81 (cell 0 of `a`) may have gone to w1.
                 taken = Some(now);
             }
@@ -304,7 +306,7 @@ fn a_probe_that_ends_starts_the_next_waiting_one_without_a_tick() {
     let second = w
         .next(&snap.table, snap.seen, zone, 1_010, 7)
         .expect("the waiting server, at once");
-    assert_ne!(second.port, first[0].port);
+    assert_ne!(second.target.port, first[0].target.port);
     w.record(zone, second.token, Some(200), None, 1, 1_020);
     assert!(w.next(&snap.table, snap.seen, zone, 1_020, 7).is_none());
     // Both probed: the next walk starts neither again before its interval.
@@ -435,4 +437,45 @@ fn servers_due_together_spread_out_and_then_start_on_time() {
     );
     // One probe a second each (the first round's spreading costs a few).
     assert!((3_900..=4_000).contains(&probes), "{probes} probes in 4 s");
+}
+
+#[test]
+fn a_servers_target_is_built_once_per_table_generation() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let mut w = Prober::new(1, MAX_IN_FLIGHT, 50);
+    let first = w.due(&snap.table, snap.seen, zone, 1_000, 7, &[7]);
+    assert_eq!(first.len(), 2);
+    for j in &first {
+        w.record(zone, j.token, Some(200), None, 1, 1_001);
+    }
+    let by_cell = |jobs: &[Job]| -> HashMap<u32, std::sync::Arc<ProbeTarget>> {
+        jobs.iter()
+            .map(|j| (j.target.cell, std::sync::Arc::clone(&j.target)))
+            .collect()
+    };
+    let before = by_cell(&first);
+    // One interval on, the same generation: the same targets, not copies.
+    let again = w.due(&snap.table, snap.seen, zone, 2_500, 7, &[7]);
+    assert_eq!(again.len(), 2);
+    for j in &again {
+        assert!(
+            std::sync::Arc::ptr_eq(&j.target, &before[&j.target.cell]),
+            "built once: {j:?}"
+        );
+        assert_eq!(j.target.upstream, "a");
+        assert_eq!(
+            j.target.pool,
+            format!("ngx.dyups check 127.0.0.1:{}", j.target.port)
+        );
+        w.record(zone, j.token, Some(200), None, 1, 2_501);
+    }
+    // Another generation builds them anew (the table may have changed them).
+    let next = w.due(&snap.table, snap.seen + 1, zone, 4_000, 7, &[7]);
+    assert_eq!(next.len(), 2);
+    for j in &next {
+        assert!(!std::sync::Arc::ptr_eq(&j.target, &before[&j.target.cell]));
+        assert_eq!(*j.target, *before[&j.target.cell]);
+    }
 }
