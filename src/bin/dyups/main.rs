@@ -14,14 +14,15 @@ mod sync;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use ngx_dyups::store::Wait;
 use ngx_dyups::Error;
 
-/// How long a command waits for the state file's writer lock: writes hold
-/// it for microseconds to milliseconds, so only a stuck writer makes this.
-pub const LOCK_WAIT: Wait = Wait::For(Duration::from_secs(2));
+/// How long a command waits for the state file's writer lock: the workers'
+/// default (`lock_timeout`), since a command waits its turn in the same
+/// queue as their writes and a fair queue refuses only what it could not
+/// serve in that time.
+pub const LOCK_WAIT: Wait = Wait::For(ngx_dyups::store::DEFAULT_WAIT);
 
 /// Exit codes (README, "Command-line tool"). The write failures keep the
 /// HTTP statuses' distinctions, so a script tells them apart as a client
