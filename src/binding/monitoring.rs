@@ -13,7 +13,7 @@ use super::ngx_api::ngx;
 use super::read_api::with_snapshot;
 use super::LuaResult;
 use crate::admin::server_state::servers;
-use crate::admin::{dashboard, prometheus};
+use crate::admin::{dashboard, name_status, prometheus};
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -72,13 +72,19 @@ pub(super) fn metrics(lua: &Lua, (): ()) -> LuaResult<()> {
     serve(lua, "/metrics", true, || {
         let body = with_snapshot(|store, snap| {
             let views = servers(&snap.table, store.zone(), unix_ms());
+            // The resolver's file is read only for a table that has
+            // `server NAME` lines.
+            let names = if snap.table.upstreams.iter().any(|u| !u.names.is_empty()) {
+                name_status::report(&snap.table, store.path())
+            } else {
+                Vec::new()
+            };
             prometheus::render(&prometheus::Scrape {
-                version: snap.version,
                 servers: &views,
                 upstreams: snap.table.upstreams.len(),
-                workers: &store.workers(),
-                table_capacity: store.geometry().payload_capacity(),
-                zone_cells: store.zone().len(),
+                workers: &store.worker_stats(),
+                table: &store.table_stats(snap),
+                names: &names,
             })
         });
         match body {
@@ -120,7 +126,7 @@ pub(super) fn dashboard(lua: &Lua, (): ()) -> LuaResult<()> {
         Some("json") => match with_snapshot(|store, snap| {
             let now = unix_ms();
             let views = servers(&snap.table, store.zone(), now);
-            dashboard::json(snap.version, &views, &store.workers(), now)
+            dashboard::json(snap.version, &views, &store.worker_stats(), now)
         }) {
             Ok(body) => Answer {
                 status: 200,
