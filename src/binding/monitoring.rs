@@ -14,6 +14,7 @@ use super::read_api::with_snapshot;
 use super::LuaResult;
 use crate::admin::server_state::servers;
 use crate::admin::{dashboard, name_status, prometheus};
+use crate::store::{Snapshot, StateFile};
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -67,18 +68,22 @@ fn serve(lua: &Lua, what: &str, guarded: bool, f: impl FnOnce() -> Answer) -> Lu
     Ok(())
 }
 
+/// What the resolver last found for each `server NAME` line of the
+/// snapshot's table; its file is read only for a table that has such lines.
+fn name_reports(snap: &Snapshot, store: &StateFile) -> Vec<name_status::NameReport> {
+    if snap.table.upstreams.iter().any(|u| !u.names.is_empty()) {
+        name_status::report(&snap.table, store.path())
+    } else {
+        Vec::new()
+    }
+}
+
 /// The `/metrics` content handler.
 pub(super) fn metrics(lua: &Lua, (): ()) -> LuaResult<()> {
     serve(lua, "/metrics", true, || {
         let body = with_snapshot(|store, snap| {
             let views = servers(&snap.table, store.zone(), unix_ms());
-            // The resolver's file is read only for a table that has
-            // `server NAME` lines.
-            let names = if snap.table.upstreams.iter().any(|u| !u.names.is_empty()) {
-                name_status::report(&snap.table, store.path())
-            } else {
-                Vec::new()
-            };
+            let names = name_reports(snap, store);
             prometheus::render(&prometheus::Scrape {
                 servers: &views,
                 upstreams: snap.table.upstreams.len(),
@@ -126,7 +131,8 @@ pub(super) fn dashboard(lua: &Lua, (): ()) -> LuaResult<()> {
         Some("json") => match with_snapshot(|store, snap| {
             let now = unix_ms();
             let views = servers(&snap.table, store.zone(), now);
-            dashboard::json(snap.version, &views, &store.worker_stats(), now)
+            let names = name_reports(snap, store);
+            dashboard::json(snap.version, &views, &names, &store.worker_stats(), now)
         }) {
             Ok(body) => Answer {
                 status: 200,
