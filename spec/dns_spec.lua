@@ -190,6 +190,58 @@ describe("server NAME lines (dnsmasq on loopback, 2 workers)", function()
     dns:start()
   end)
 
+  it("shows each name line's addresses and failed lookups on /dashboard and /metrics", function()
+    local status, body = api("POST", "/upstream/shown",
+      "server app.dyups.test:" .. port .. " resolve; server 127.0.0.1:" .. other .. ";")
+    assert.equal(200, status, body)
+    local function shown()
+      local s, b = nginx.http(proxy.ports.proxy, "GET", "/dashboard?format=json")
+      assert.equal(200, s, b)
+      for _, u in ipairs(T.json_decode(b).upstreams) do
+        if u.name == "shown" then return u end
+      end
+    end
+    -- What the record holds now (an earlier case moved it): the page
+    -- shows the name line with the addresses it resolved to.
+    local app = shown().names[1]
+    assert.equal("app.dyups.test:" .. port, app.name)
+    assert.equal(true, app.resolve)
+    assert.equal(T.NULL, app.error)
+    assert.is_true(#app.addresses >= 1)
+    assert.is_true(app.resolved_ms > 0)
+    local servers = {}
+    for _, srv in ipairs(json_of("shown").servers) do
+      if srv.name then servers[#servers + 1] = srv.addr end
+    end
+    table.sort(servers)
+    table.sort(app.addresses)
+    assert.same(servers, app.addresses)
+    -- The record gone: the page says the lookup failed, and the metric counts it.
+    dns:set_hosts {
+      ["alone.dyups.test"] = { V4, V6 },
+      ["count.dyups.test"] = { V4 },
+      ["once.dyups.test"] = { V4 },
+    }
+    nginx.wait_until(function()
+      local a = shown().names[1]
+      return a.error ~= T.NULL and a.failures >= 1
+    end, TTL + 3, "the failed lookup shown")
+    assert.matches("NXDOMAIN", shown().names[1].error, 1, true)
+    local s, text = nginx.http(proxy.ports.proxy, "GET", "/metrics")
+    assert.equal(200, s, text)
+    local n = text:match('dyups_upstream_resolve_failures_total{upstream="shown",name="app%.dyups%.test:' ..
+      port .. '"} (%d+)')
+    assert.is_truthy(n, text:sub(1, 2000))
+    assert.is_true(tonumber(n) >= 1)
+    dns:set_hosts {
+      ["app.dyups.test"] = { V4, V6 },
+      ["alone.dyups.test"] = { V4, V6 },
+      ["count.dyups.test"] = { V4 },
+      ["once.dyups.test"] = { V4 },
+    }
+    assert.equal(200, (api("DELETE", "/upstream/shown")))
+  end)
+
   it("removes a name's servers on NXDOMAIN, but never an upstream's last", function()
     local status, body = api("POST", "/upstream/mixed",
       "server alone.dyups.test:" .. port .. " resolve; server 127.0.0.1:" .. other .. ";")

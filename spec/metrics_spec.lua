@@ -1,9 +1,10 @@
 -- /metrics and /dashboard in the demo (examples/nginx.conf on free ports,
 -- with an admin token): promtool takes the exposition, a real Prometheus
--- server scrapes it and answers a query with what the spec just set, and a
--- headless chromium draws the dashboard from live data and redraws it after
--- a change. Prometheus and chromium run in this spec's own temp directory,
--- on loopback, and are stopped by their pid.
+-- server scrapes it and answers a query with what the spec just set and
+-- the exact number of requests it just sent, and a headless chromium draws
+-- the dashboard from live data, redraws it after a change, and shows a
+-- killed backend unhealthy. Prometheus, chromium and that backend run in
+-- this spec's own temp directory, on loopback, and are stopped by their pid.
 local nginx = require "spec.helpers.nginx"
 local demo = require "spec.helpers.demo"
 local rest = require "spec.helpers.rest"
@@ -55,6 +56,34 @@ describe("/metrics and /dashboard (examples/nginx.conf, with admin_token)", func
     local status, body = api("GET", "/list?format=json")
     assert.equal(200, status, body)
     return rest.decode(body).version
+  end
+
+  -- Waits until both workers route by the current table.
+  local function applied()
+    nginx.wait_until(function()
+      local doc = rest.decode(select(2, api("GET", "/workers")))
+      local behind = #doc.workers ~= 2
+      for _, w in ipairs(doc.workers) do behind = behind or w.generation ~= doc.version end
+      return not behind
+    end, 10, "both workers to apply version " .. version())
+  end
+
+  -- The sample of `name{labels}` in a fresh /metrics, or nil.
+  local function metric(name, labels)
+    local status, body = api("GET", "/metrics")
+    assert.equal(200, status, body)
+    local head = name .. "{" .. labels .. "} "
+    local at = body:find("\n" .. head, 1, true)
+    return at and tonumber(body:match("^(%S+)", at + 1 + #head)), body
+  end
+
+  -- Each `<td>`'s text in the row of `server` of a dumped page, or nil.
+  local function cells(dom, server)
+    local row = dom:match('<tr data%-server="' .. server:gsub("%p", "%%%0") .. '"(.-)</tr>')
+    if not row then return nil end
+    local out = {}
+    for td in row:gmatch("<td[^>]*>(.-)</td>") do out[#out + 1] = td end
+    return out, row
   end
 
   lazy_setup(function()
@@ -137,7 +166,7 @@ describe("/metrics and /dashboard (examples/nginx.conf, with admin_token)", func
     assert.truthy(inst:error_log():find("refused an admin request from 127.0.0.1", 1, true))
   end)
 
-  it("is scraped by a Prometheus server, whose query API returns the weight just set", function()
+  it("is scraped by a Prometheus server, whose query API returns the weight just set and the requests just sent", function()
     local port = nginx.free_port()
     local pdir = dir .. "/prometheus"
     assert(nginx.execute("mkdir -p " .. q(pdir .. "/data")))
@@ -179,6 +208,45 @@ scrape_configs:
     -- The scrape itself was healthy: `up` is 1 for the target.
     local _, b = nginx.http(port, "GET", "/api/v1/query?query=" .. urlencode('up{job="dyups"}'))
     assert.equal("1", rest.decode(b).data.result[1].value[2])
+
+    -- A request counter the balancer counts, exactly. An upstream of its
+    -- own: new servers' counters start at zero, no health check probes it
+    -- (probes are not picks anyway), and nothing but these requests names
+    -- it in Host.
+    local function prom(expr)
+      local s, text = nginx.http(port, "GET", "/api/v1/query?query=" .. urlencode(expr))
+      if s ~= 200 then return nil end
+      local r = rest.decode(text).data.result
+      return r[1] and tonumber(r[1].value[2])
+    end
+    status, body = api("POST", "/upstream/counted", ("server 127.0.0.1:%d; server 127.0.0.1:%d;")
+      :format(P[8089], P[8090]))
+    assert.equal(200, status, body)
+    -- Gone again whatever happens: the title test counts every server.
+    finally(function() api("DELETE", "/upstream/counted") end)
+    applied()
+    local N = 37
+    for i = 1, N do
+      local s = nginx.http(P[8080], "GET", "/", { headers = { Host = "counted" } })
+      assert.equal(200, s, "request " .. i)
+    end
+    -- A scrape newer than the last request: one that sees a write made
+    -- after it (a weight change, which keeps the servers and their counts).
+    status, body = api("PATCH", "/upstream/counted/servers/127.0.0.1:" .. P[8090], "weight=2")
+    assert.equal(200, status, body)
+    local marker = version()
+    nginx.wait_until(function() return (prom("dyups_table_version") or 0) >= marker end, 20,
+      "prometheus to scrape version " .. marker)
+    local sum = prom('sum(dyups_upstream_server_requests_total{upstream="counted"})')
+    assert.equal(N, sum)
+    -- Both servers had some of them (round robin), per the JSON view too.
+    local view = rest.decode(select(2, api("GET", "/upstream/counted?format=json")))
+    local each = 0
+    for _, s in ipairs(view.servers) do
+      assert.truthy(s.stats.requests > 0, s.addr)
+      each = each + s.stats.requests
+    end
+    assert.equal(N, each)
     stop(pid)
   end)
 
@@ -207,6 +275,11 @@ scrape_configs:
       -- The word is shown, not only the colour.
       assert.truthy(dom:find(('<span class="state state-%s">%s</span>'):format(row[2], row[2]), at, true), dom)
     end
+    -- Requests per second from two refreshes' counters (none sent: 0.0),
+    -- and the failures counted.
+    local td = assert(cells(dom, "127.0.0.1:" .. P[8088]), dom)
+    assert.truthy(td[5]:match("^%d+%.%d$"), "req/s " .. tostring(td[5]))
+    assert.equal("0", td[6])
     assert.truthy(dom:find('id="error" role="alert" style="display: none;"', 1, true), dom)
     assert.falsy(said:find("Uncaught", 1, true), said)
     assert.falsy(said:find("CONSOLE", 1, true), said)
@@ -258,5 +331,51 @@ scrape_configs:
       :format(q(shot), q(url)), dir .. "/chrome-shot"))
     assert.equal(0, code, said)
     assert.truthy((nginx.read_file(shot) or ""):sub(1, 8) == "\137PNG\r\n\26\n", said)
+  end)
+  it("shows a killed backend unhealthy: its state code 6 and its row in chromium, with the check's result", function()
+    local backend = nginx.new { workers = 1, modules = false, conf = [[
+http {
+    server {
+        listen 127.0.0.1:${port_b};
+        location / { return 200 "fragile\n"; }
+    }
+}
+]] }
+    backend:start()
+    local server = "127.0.0.1:" .. backend.ports.b
+    local status, body = api("POST", "/upstream/fragile", ("server %s; server 127.0.0.1:%d; "
+      .. "check interval=200 rise=1 fall=2 timeout=250 type=tcp default_down=false;"):format(server, P[8090]))
+    assert.equal(200, status, body)
+    local labels = ('upstream="fragile",server="%s"'):format(server)
+    local last
+    nginx.wait_until(function()
+      last = metric("dyups_upstream_server_health_checks_checks_total", labels)
+      return (last or 0) >= 1
+    end, 10, "a probe of " .. server)
+    assert.equal(1, metric("dyups_upstream_server_state", labels))
+    backend:stop()
+    nginx.wait_until(function()
+      last = metric("dyups_upstream_server_state", labels)
+      return last == 6
+    end, 10, "state 6 for the killed " .. server .. " (last: " .. tostring(last) .. ")")
+    assert.equal(1, metric("dyups_upstream_server_health_checks_unhealthy_total", labels))
+    assert.truthy(metric("dyups_upstream_server_health_checks_fails_total", labels) >= 2)
+    assert.equal(0, metric("dyups_upstream_server_health_checks_last_passed", labels))
+    -- The other server stays up.
+    assert.equal(1, metric("dyups_upstream_server_state", ('upstream="fragile",server="127.0.0.1:%d"'):format(P[8090])))
+
+    local url = ("http://127.0.0.1:%d/dashboard#token=%s"):format(P[8081], TOKEN)
+    local out = dir .. "/dom-killed.html"
+    local said, code = capture(chromium("--virtual-time-budget=3000 --dump-dom " .. q(url), dir .. "/chrome-killed")
+      .. " >" .. q(out))
+    assert.equal(0, code, said)
+    local dom = assert(nginx.read_file(out))
+    local td, row = cells(dom, server)
+    assert.truthy(td, server .. " missing from:\n" .. dom)
+    assert.truthy(row:find('data-state="unhealthy"', 1, true), row)
+    assert.equal('<span class="state state-unhealthy">unhealthy</span>', td[2])
+    -- The last check failed (no 200: the connection's outcome), just now.
+    assert.truthy(td[7] ~= "not yet" and not td[7]:find("^200"), td[7])
+    assert.truthy(td[8]:match("^%d+ s ago$"), td[8])
   end)
 end)

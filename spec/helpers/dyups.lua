@@ -68,6 +68,8 @@ http {
         location = /ups { content_by_lua_file ${repo}/lua/upsops.lua; }
         location = /ups/check { content_by_lua_file ${repo}/lua/srvcheck.lua; }
         location = /status { content_by_lua_file ${repo}/lua/check_status.lua; }
+        location = /metrics { content_by_lua_file ${repo}/lua/metrics.lua; }
+        location = /dashboard { content_by_lua_file ${repo}/lua/dashboard.lua; }
         location = /lua {
             content_by_lua_block {
                 ngx.req.read_body()

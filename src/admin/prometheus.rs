@@ -1,7 +1,8 @@
 //! `/metrics`: the table, the zone's peer cells and the workers in
 //! Prometheus's text exposition format 0.0.4, named after
 //! nginx-prometheus-exporter's NGINX Plus families (`nginxplus_upstream_server_*`
-//! there, `dyups_upstream_server_*` here) so that dashboards made for it map.
+//! there, `dyups_upstream_server_*` here, with `_total` on the counters as
+//! Prometheus names them) so that dashboards made for it map.
 //!
 //! A family is one entry of [`SERVER_FAMILIES`] (or of [`HISTOGRAMS`]):
 //! its name, type, help and how a [`ServerView`] gives its value. Entries
@@ -10,163 +11,42 @@
 //! one string: the label set of each server is escaped once into one
 //! buffer and copied for each of its samples, so 10,000 servers cost two
 //! allocations and no formatting of a label twice.
+//!
+//! The counters are [`crate::store::stats`]'s, shown for a server with a
+//! cell (without one nothing is counted for it, and it has no sample);
+//! the health-check counters only for an upstream with a `check` line.
+//! The last write-back error is a gauge of its time (0: none since the
+//! last write-back that succeeded), not an info family with the message
+//! as a label: a message is free text, each new one would be a new series,
+//! and `/workers` has it.
 
 use std::fmt::Write;
 use std::ops::Range;
 
+pub use self::families::{
+    Histogram, HistogramFamily, Kind, ServerFamily, BOUNDS_S, HISTOGRAMS, SERVER_FAMILIES,
+};
+use super::name_status::NameReport;
 use super::server_state::ServerView;
-use crate::health::Outcome;
-use crate::store::Worker;
+use crate::store::stats::{TableStats, WorkerStats};
+
+mod families;
+#[cfg(test)]
+mod tests;
 
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Counter,
-    Gauge,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        }
-    }
-}
-
-/// One per-server family, or one labelled part of one (`extra`).
-pub struct ServerFamily {
-    pub name: &'static str,
-    pub kind: Kind,
-    pub help: &'static str,
-    /// A label every sample of this entry carries, written as is
-    /// (`code="2xx"`); empty for none.
-    pub extra: &'static str,
-    /// The server's value; `None` leaves the server out of the family
-    /// (a check figure of an upstream without checks).
-    pub value: fn(&ServerView) -> Option<f64>,
-}
-
-/// A histogram's figures: counts per bucket (not cumulative), the last one
-/// for values above every bound (`+Inf`), and the sum of what was observed.
-pub struct Histogram<'a> {
-    pub bounds: &'a [f64],
-    pub counts: &'a [u64],
-    pub sum: f64,
-}
-
-/// One per-server histogram family.
-pub struct HistogramFamily {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub value: for<'a> fn(&'a ServerView) -> Option<Histogram<'a>>,
-}
-
-fn shared(s: &ServerView, n: u32) -> Option<f64> {
-    s.shared.then_some(f64::from(n))
-}
-
-/// The per-server families, in the order they are rendered. The help
-/// texts of the exporter's families are its own words.
-pub const SERVER_FAMILIES: &[ServerFamily] = &[
-    ServerFamily {
-        name: "dyups_upstream_server_state",
-        kind: Kind::Gauge,
-        help: "Current state (1 up, 2 draining, 3 down, 4 unavail, 5 checking, 6 unhealthy)",
-        extra: "",
-        value: |s| Some(f64::from(s.state.code())),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_active",
-        kind: Kind::Gauge,
-        help: "Active connections",
-        extra: "",
-        value: |s| shared(s, s.active),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_limit",
-        kind: Kind::Gauge,
-        help: "Limit for connections which corresponds to the max_conns parameter of the upstream server. Zero value means there is no limit",
-        extra: "",
-        value: |s| Some(f64::from(s.spec.max_conns)),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_weight",
-        kind: Kind::Gauge,
-        help: "Weight of the server, as its server line sets it",
-        extra: "",
-        value: |s| Some(f64::from(s.spec.weight)),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_backup",
-        kind: Kind::Gauge,
-        help: "1 for a backup server, 0 for a primary",
-        extra: "",
-        value: |s| Some(f64::from(u8::from(s.spec.backup))),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_window_fails",
-        kind: Kind::Gauge,
-        help: "Unsuccessful attempts counted in the current fail_timeout window, which max_fails is compared with",
-        extra: "",
-        value: |s| shared(s, s.fails),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_health_checks_last_passed",
-        kind: Kind::Gauge,
-        help: "1 when the last health check passed, 0 when it failed",
-        extra: "",
-        value: |s| {
-            s.last_probe
-                .map(|p| f64::from(u8::from(p.outcome == Outcome::Passed)))
-        },
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_health_checks_last_check_timestamp_seconds",
-        kind: Kind::Gauge,
-        help: "When the last health check ended, Unix time",
-        extra: "",
-        value: |s| s.last_probe.map(|p| p.at_ms as f64 / 1000.0),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_health_checks_last_latency_seconds",
-        kind: Kind::Gauge,
-        help: "How long the last health check took",
-        extra: "",
-        value: |s| s.last_probe.map(|p| f64::from(p.latency_ms) / 1000.0),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_health_checks_consecutive_passes",
-        kind: Kind::Gauge,
-        help: "Health checks passed in a row (rise counts them)",
-        extra: "",
-        value: |s| s.verdict.map(|v| f64::from(v.passes)),
-    },
-    ServerFamily {
-        name: "dyups_upstream_server_health_checks_consecutive_fails",
-        kind: Kind::Gauge,
-        help: "Health checks failed in a row (fall counts them)",
-        extra: "",
-        value: |s| s.verdict.map(|v| f64::from(v.failures)),
-    },
-];
-
-/// The per-server histograms (the response time, once it is counted).
-pub const HISTOGRAMS: &[HistogramFamily] = &[];
-
 /// What one scrape shows, read at one instant.
 pub struct Scrape<'a> {
-    /// The table version the servers were read from.
-    pub version: u64,
     pub servers: &'a [ServerView<'a>],
     pub upstreams: usize,
-    pub workers: &'a [Worker],
-    /// Bytes a table may take (one slot of the state file).
-    pub table_capacity: u64,
-    /// Peer cells in the state file.
-    pub zone_cells: usize,
+    pub workers: &'a [WorkerStats],
+    /// The table's statistics; its version is the one the servers were
+    /// read from.
+    pub table: &'a TableStats,
+    /// The `server NAME` lines ([`super::name_status::report`]).
+    pub names: &'a [NameReport],
 }
 
 /// The exposition of `s`.
@@ -182,7 +62,7 @@ pub fn render_with(
 ) -> String {
     let (labels, ranges) = label_sets(s.servers);
     // About 90 bytes a sample line; a few more lines for the rest.
-    let lines = s.servers.len() * (families.len() + histograms.len() * 14) + 16;
+    let lines = s.servers.len() * (families.len() + histograms.len() * 14) + 64;
     let mut out = String::with_capacity(lines * 90);
     let mut previous = "";
     for f in families {
@@ -205,70 +85,169 @@ pub fn render_with(
             }
         }
     }
-    let gauge = |out: &mut String, name: &str, help: &str, x: f64| {
-        header(out, name, "gauge", help);
-        sample(out, name, "", "", x);
-    };
-    gauge(
-        &mut out,
-        "dyups_table_version",
-        "Version of the upstream table: it moves with every change",
-        s.version as f64,
+    render_names(&mut out, s.names);
+    render_table(&mut out, s);
+    render_workers(&mut out, s.workers);
+    out
+}
+
+/// One family of one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: Kind, help: &str, x: f64) {
+    header(out, name, kind.name(), help);
+    sample(out, name, "", "", x);
+}
+
+fn render_names(out: &mut String, names: &[NameReport]) {
+    if names.is_empty() {
+        return;
+    }
+    let name = "dyups_upstream_resolve_failures_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Lookups of a server NAME line that gave no address (timeouts, SERVFAIL, NXDOMAIN, ...)",
     );
-    gauge(
-        &mut out,
+    let mut labels = String::new();
+    for r in names {
+        labels.clear();
+        labels.push_str("upstream=\"");
+        let _ = write!(Escaped(&mut labels), "{}", r.upstream);
+        labels.push_str("\",name=\"");
+        let _ = write!(Escaped(&mut labels), "{}", r.name);
+        labels.push('"');
+        sample(out, name, &labels, "", r.failures as f64);
+    }
+}
+
+fn render_table(out: &mut String, s: &Scrape) {
+    use Kind::{Counter, Gauge};
+    let t = s.table;
+    single(
+        out,
+        "dyups_table_version",
+        Gauge,
+        "Version of the upstream table: it moves with every change",
+        t.version as f64,
+    );
+    single(
+        out,
         "dyups_table_upstreams",
+        Gauge,
         "Upstreams in the table",
         s.upstreams as f64,
     );
-    gauge(
-        &mut out,
+    single(
+        out,
         "dyups_table_servers",
+        Gauge,
         "Servers in the table, over every upstream",
         s.servers.len() as f64,
     );
-    gauge(
-        &mut out,
+    single(
+        out,
+        "dyups_table_used_bytes",
+        Gauge,
+        "Bytes the table takes in its slot of the state file",
+        t.bytes_used as f64,
+    );
+    single(
+        out,
         "dyups_table_capacity_bytes",
+        Gauge,
         "Bytes the table may take in the state file (one of its two slots)",
-        s.table_capacity as f64,
+        t.bytes_capacity as f64,
     );
-    gauge(
-        &mut out,
+    single(
+        out,
         "dyups_zone_cells",
+        Gauge,
         "Peer cells in the state file: servers beyond them are counted per worker",
-        s.zone_cells as f64,
+        t.cells_capacity as f64,
     );
-    gauge(
-        &mut out,
+    single(
+        out,
         "dyups_zone_cells_used",
-        "Servers that have a peer cell",
-        s.servers.iter().filter(|v| v.shared).count() as f64,
+        Gauge,
+        "Peer cells given to servers",
+        t.cells_used as f64,
     );
-    gauge(
-        &mut out,
-        "dyups_workers",
-        "Live worker processes registered in the state file",
-        s.workers.len() as f64,
+    single(
+        out,
+        "dyups_table_writes_accepted_total",
+        Counter,
+        "Writes that published a new table version, from every interface and process",
+        t.writes_accepted as f64,
     );
+    single(
+        out,
+        "dyups_table_writes_unchanged_total",
+        Counter,
+        "Writes that found nothing to change",
+        t.writes_unchanged as f64,
+    );
+    let refused = "dyups_table_writes_refused_total";
     header(
-        &mut out,
-        "dyups_worker_generation",
-        "gauge",
-        "Table version the worker has applied",
+        out,
+        refused,
+        "counter",
+        "Writes refused, by the reason of their answer",
     );
-    for w in s.workers {
-        let mut pid = String::new();
-        let _ = write!(pid, "pid=\"{}\"", w.pid);
-        sample(
-            &mut out,
-            "dyups_worker_generation",
-            &pid,
-            "",
-            w.applied as f64,
-        );
+    let mut reason = String::new();
+    for (why, n) in &t.writes_refused {
+        reason.clear();
+        let _ = write!(reason, "reason=\"{why}\"");
+        sample(out, refused, &reason, "", *n as f64);
     }
-    out
+    single(
+        out,
+        "dyups_table_write_back_failures_total",
+        Counter,
+        "Times writing the table back to the upstream file failed",
+        t.write_back_failures as f64,
+    );
+    single(
+        out,
+        "dyups_table_write_back_error_timestamp_seconds",
+        Gauge,
+        "When the last write-back of the upstream file failed, Unix time; 0 when none failed since one succeeded (GET /workers has the message)",
+        t.write_back_error.as_ref().map_or(0.0, |(at, _)| *at as f64 / 1000.0),
+    );
+}
+
+fn render_workers(out: &mut String, workers: &[WorkerStats]) {
+    single(
+        out,
+        "dyups_workers",
+        Kind::Gauge,
+        "Live worker processes registered in the state file",
+        workers.len() as f64,
+    );
+    let mut pid = String::new();
+    for (name, kind, help) in [
+        (
+            "dyups_worker_generation",
+            "gauge",
+            "Table version the worker has applied",
+        ),
+        (
+            "dyups_worker_requests_total",
+            "counter",
+            "Requests the worker balanced (picks, each retry one more) since it started",
+        ),
+    ] {
+        header(out, name, kind, help);
+        for w in workers {
+            pid.clear();
+            let _ = write!(pid, "pid=\"{}\"", w.pid);
+            let x = if kind == "gauge" {
+                w.generation
+            } else {
+                w.requests
+            };
+            sample(out, name, &pid, "", x as f64);
+        }
+    }
 }
 
 /// Every server's `upstream="...",server="..."`, escaped, in one buffer,
@@ -359,183 +338,5 @@ impl Write for Escaped<'_> {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-
-    use super::*;
-    use crate::admin::server_state::servers;
-    use crate::testing::TempDir;
-
-    const NOW: u64 = 1_800_000_000_000;
-
-    fn scrape_text(
-        upstreams: &[(&str, &str)],
-        families: &[ServerFamily],
-        histograms: &[HistogramFamily],
-    ) -> String {
-        let dir = TempDir::new();
-        let store = dir.store(upstreams);
-        let snap = store.read().unwrap();
-        let views = servers(&snap.table, store.zone(), NOW);
-        let workers = [
-            Worker {
-                pid: 4242,
-                applied: snap.version,
-            },
-            Worker {
-                pid: 4243,
-                applied: snap.version - 1,
-            },
-        ];
-        render_with(
-            &Scrape {
-                version: snap.version,
-                servers: &views,
-                upstreams: snap.table.upstreams.len(),
-                workers: &workers,
-                table_capacity: store.geometry().payload_capacity(),
-                zone_cells: store.zone().len(),
-            },
-            families,
-            histograms,
-        )
-    }
-
-    /// `promtool check metrics` on `text`: its verdict and what it said.
-    fn promtool(text: &str) -> (bool, String) {
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian's prometheus package; make deps installs it)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), said)
-    }
-
-    const TWO: &[(&str, &str)] = &[
-        (
-            "web",
-            "server 127.0.0.1:8081 weight=3; server 127.0.0.1:8082 down;",
-        ),
-        (
-            "sock",
-            "check interval=1000 type=tcp; server unix:/run/a\"b.sock max_conns=7;",
-        ),
-    ];
-
-    #[test]
-    fn families_have_help_type_and_one_block_each() {
-        let text = scrape_text(TWO, SERVER_FAMILIES, HISTOGRAMS);
-        let mut seen: Vec<&str> = Vec::new();
-        let mut current = "";
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                let name = rest.split(' ').next().unwrap();
-                assert!(!seen.contains(&name), "{name} has two blocks:\n{text}");
-                seen.push(name);
-                current = name;
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                assert_eq!(rest.split(' ').next().unwrap(), current, "{text}");
-            } else {
-                let name = line.split(['{', ' ']).next().unwrap();
-                assert!(name.starts_with(current), "{line} outside its family");
-            }
-        }
-        for f in SERVER_FAMILIES {
-            assert!(seen.contains(&f.name), "{} missing:\n{text}", f.name);
-        }
-        assert!(text.contains(
-            "dyups_upstream_server_weight{upstream=\"web\",server=\"127.0.0.1:8081\"} 3\n"
-        ));
-        assert!(text.contains(
-            "dyups_upstream_server_state{upstream=\"web\",server=\"127.0.0.1:8082\"} 3\n"
-        ));
-        // The socket path's quote is escaped; the checked server is still
-        // `checking` (default_down), code 5.
-        assert!(text.contains(
-            "dyups_upstream_server_state{upstream=\"sock\",server=\"unix:/run/a\\\"b.sock\"} 5\n"
-        ), "{text}");
-        assert!(text.contains(
-            "dyups_upstream_server_limit{upstream=\"sock\",server=\"unix:/run/a\\\"b.sock\"} 7\n"
-        ));
-        // Check figures only for the checked upstream.
-        assert!(
-            !text.contains("consecutive_fails{upstream=\"web\""),
-            "{text}"
-        );
-        assert!(
-            text.contains("consecutive_fails{upstream=\"sock\""),
-            "{text}"
-        );
-        assert!(
-            text.contains("dyups_worker_generation{pid=\"4243\"} "),
-            "{text}"
-        );
-        assert!(text.contains("\ndyups_table_servers 3\n"), "{text}");
-    }
-
-    #[test]
-    fn label_values_escape_backslash_quote_and_newline() {
-        let mut s = String::new();
-        write!(Escaped(&mut s), "a\\b\"c\nd").unwrap();
-        assert_eq!(s, "a\\\\b\\\"c\\nd");
-    }
-
-    fn latency(_: &ServerView) -> Option<Histogram<'static>> {
-        Some(Histogram {
-            bounds: &[0.005, 0.1, 1.0],
-            counts: &[2, 0, 3, 1],
-            sum: 4.25,
-        })
-    }
-
-    #[test]
-    fn histograms_are_cumulative_with_sum_and_count() {
-        let hist = [HistogramFamily {
-            name: "dyups_upstream_server_response_time_seconds",
-            help: "Response time",
-            value: latency,
-        }];
-        let text = scrape_text(TWO, SERVER_FAMILIES, &hist);
-        let l = "upstream=\"web\",server=\"127.0.0.1:8081\"";
-        let n = "dyups_upstream_server_response_time_seconds";
-        for want in [
-            format!("{n}_bucket{{{l},le=\"0.005\"}} 2\n"),
-            format!("{n}_bucket{{{l},le=\"0.1\"}} 2\n"),
-            format!("{n}_bucket{{{l},le=\"1\"}} 5\n"),
-            format!("{n}_bucket{{{l},le=\"+Inf\"}} 6\n"),
-            format!("{n}_sum{{{l}}} 4.25\n"),
-            format!("{n}_count{{{l}}} 6\n"),
-            format!("# TYPE {n} histogram\n"),
-        ] {
-            assert!(text.contains(&want), "{want} missing:\n{text}");
-        }
-        let (ok, said) = promtool(&text);
-        assert!(ok, "promtool refused it: {said}\n{text}");
-    }
-
-    #[test]
-    fn promtool_takes_the_exposition_and_refuses_a_broken_one() {
-        let text = scrape_text(TWO, SERVER_FAMILIES, HISTOGRAMS);
-        let (ok, said) = promtool(&text);
-        assert!(ok, "promtool refused it: {said}\n{text}");
-        // The check can fail: an unescaped quote in a label value.
-        let broken = text.replace("a\\\"b.sock", "a\"b.sock");
-        assert!(!promtool(&broken).0, "promtool took {broken}");
     }
 }

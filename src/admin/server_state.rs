@@ -1,9 +1,14 @@
 //! What each server is doing now, as `/metrics` and `/dashboard` show it:
 //! its state in NGINX Plus's terms, read once from the table and its cell
 //! in the zone (connections, the passive failures of its window, the
-//! active-check verdict and last probe), so that the two views agree.
+//! active-check verdict and last probe, the counters of
+//! [`crate::store::stats`]), so that the two views agree. The state is
+//! [`state_of`]'s, the one mapping the REST JSON's `state` word is made by
+//! too: a test below holds the word and the metric's code together for
+//! every kind of server.
 
 use crate::health::{last_probe, verdict, LastProbe, Verdict};
+use crate::store::stats::{counters_of, state_of, Counters};
 use crate::store::zone::{PeerCell, Zone};
 use crate::table::model::{ServerSpec, Table, Upstream};
 
@@ -29,9 +34,8 @@ pub struct ServerView<'a> {
     /// The active-check verdict, for an upstream with a `check` line.
     pub verdict: Option<Verdict>,
     pub last_probe: Option<LastProbe>,
-    /// The cell itself, for the counters read by the families that need
-    /// more than the words above.
-    pub cell: Option<&'a PeerCell>,
+    /// What it has done (zero without a cell: nothing is counted for it).
+    pub counters: Counters,
 }
 
 /// Every server of `table`, in table order, read from `zone` at `now_ms`
@@ -48,13 +52,13 @@ pub fn servers<'a>(table: &'a Table, zone: Zone<'a>, now_ms: u64) -> Vec<ServerV
             out.push(ServerView {
                 upstream: u,
                 spec,
-                state: crate::store::stats::state_of(zone, u, i, now_ms),
+                state: state_of(zone, u, i, now_ms),
                 shared: cell.is_some(),
                 active: cell.map_or(0, PeerCell::conns),
                 fails: cell.map_or(0, PeerCell::fails),
                 verdict: v,
                 last_probe: cell.filter(|_| checks).and_then(last_probe),
-                cell,
+                counters: counters_of(zone, u, i, now_ms),
             });
         }
     }
@@ -156,5 +160,112 @@ mod tests {
         ];
         let codes: Vec<u8> = all.iter().map(|s| s.code()).collect();
         assert_eq!(codes, [1, 2, 3, 4, 5, 6]);
+    }
+
+    /// Every `dyups_upstream_server_state{upstream,server} CODE` of `text`.
+    fn metric_codes(text: &str) -> Vec<((String, String), u8)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("dyups_upstream_server_state{upstream=\""))
+            .map(|rest| {
+                let (upstream, rest) = rest.split_once("\",server=\"").unwrap();
+                let (server, code) = rest.rsplit_once("\"} ").unwrap();
+                (
+                    (upstream.to_owned(), server.to_owned()),
+                    code.parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_json_state_word_and_the_metric_code_agree_for_every_kind_of_server() {
+        use crate::admin::rest::{handle, Preconditions, Request};
+        use crate::admin::{prometheus, rest};
+        let dir = TempDir::new();
+        let store = dir.store(&[
+            (
+                "plain",
+                "server 127.0.0.1:1; server 127.0.0.1:2 down; server 127.0.0.1:3 max_fails=1; \
+                 server 127.0.0.1:4 down;",
+            ),
+            (
+                "checked",
+                "check interval=1000 type=tcp; server 127.0.0.1:5; server 127.0.0.1:6; server 127.0.0.1:7;",
+            ),
+            // A lone server is never unavail, whatever its failures.
+            ("lone", "server 127.0.0.1:8 max_fails=1;"),
+        ]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let snap = store.read().unwrap();
+        let zone = store.zone();
+        let peer = |name: &str, i: usize| {
+            let u = snap.table.get(name).unwrap();
+            (zone.cell(u.peer(i)).unwrap(), u.peer(i).tag)
+        };
+        let (c, t) = peer("plain", 2);
+        assert!(c.add_failure(t, now));
+        // Marked down with a connection in flight: draining.
+        let (c, t) = peer("plain", 3);
+        assert!(c.acquire(t));
+        let (c, t) = peer("checked", 0);
+        c.health_word().store(u64::from(t) << 32, Ordering::Release);
+        let (c, t) = peer("checked", 1);
+        c.health_word()
+            .store(u64::from(t) << 32 | HEALTH_DOWN, Ordering::Release);
+        let (c, t) = peer("checked", 2);
+        c.health_word()
+            .store(u64::from(t) << 32 | HEALTH_CHECKING, Ordering::Release);
+        let (c, t) = peer("lone", 0);
+        assert!(c.add_failure(t, now));
+
+        // The REST JSON, as a client reads it.
+        let req = Request {
+            method: "GET",
+            path: "/detail",
+            body: b"",
+            json: true,
+            preconditions: Preconditions::default(),
+            answers: None,
+            name_status: &[],
+        };
+        let r: rest::Response = handle(&req, &store, &snap, &Default::default());
+        assert_eq!(r.status, 200, "{r:?}");
+        let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let mut words = std::collections::BTreeMap::new();
+        for u in doc["upstreams"].as_array().unwrap() {
+            for s in u["servers"].as_array().unwrap() {
+                let key = (
+                    u["name"].as_str().unwrap().to_owned(),
+                    s["addr"].as_str().unwrap().to_owned(),
+                );
+                words.insert(key, s["state"].as_str().unwrap().to_owned());
+            }
+        }
+        // /metrics, its codes named as the README's table names them.
+        let views = servers(&snap.table, zone, now);
+        let text = prometheus::render(&prometheus::Scrape {
+            servers: &views,
+            upstreams: snap.table.upstreams.len(),
+            workers: &[],
+            table: &store.table_stats(&snap),
+            names: &[],
+        });
+        let named = ["up", "draining", "down", "unavail", "checking", "unhealthy"];
+        let codes: std::collections::BTreeMap<_, _> = metric_codes(&text)
+            .into_iter()
+            .map(|(k, code)| (k, named[usize::from(code) - 1].to_owned()))
+            .collect();
+        assert_eq!(codes, words, "/metrics:\n{text}\nJSON: {}", r.body);
+        let mut kinds: Vec<&str> = words.values().map(String::as_str).collect();
+        kinds.sort();
+        kinds.dedup();
+        let mut all = named.to_vec();
+        all.sort();
+        assert_eq!(kinds, all, "not every kind of server was shown");
+        assert_eq!(words[&("lone".into(), "127.0.0.1:8".into())], "up");
+        assert_eq!(words[&("plain".into(), "127.0.0.1:4".into())], "draining");
     }
 }

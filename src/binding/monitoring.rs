@@ -13,7 +13,8 @@ use super::ngx_api::ngx;
 use super::read_api::with_snapshot;
 use super::LuaResult;
 use crate::admin::server_state::servers;
-use crate::admin::{dashboard, prometheus};
+use crate::admin::{dashboard, name_status, prometheus};
+use crate::store::{Snapshot, StateFile};
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -67,18 +68,28 @@ fn serve(lua: &Lua, what: &str, guarded: bool, f: impl FnOnce() -> Answer) -> Lu
     Ok(())
 }
 
+/// What the resolver last found for each `server NAME` line of the
+/// snapshot's table; its file is read only for a table that has such lines.
+fn name_reports(snap: &Snapshot, store: &StateFile) -> Vec<name_status::NameReport> {
+    if snap.table.upstreams.iter().any(|u| !u.names.is_empty()) {
+        name_status::report(&snap.table, store.path())
+    } else {
+        Vec::new()
+    }
+}
+
 /// The `/metrics` content handler.
 pub(super) fn metrics(lua: &Lua, (): ()) -> LuaResult<()> {
     serve(lua, "/metrics", true, || {
         let body = with_snapshot(|store, snap| {
             let views = servers(&snap.table, store.zone(), unix_ms());
+            let names = name_reports(snap, store);
             prometheus::render(&prometheus::Scrape {
-                version: snap.version,
                 servers: &views,
                 upstreams: snap.table.upstreams.len(),
-                workers: &store.workers(),
-                table_capacity: store.geometry().payload_capacity(),
-                zone_cells: store.zone().len(),
+                workers: &store.worker_stats(),
+                table: &store.table_stats(snap),
+                names: &names,
             })
         });
         match body {
@@ -120,7 +131,8 @@ pub(super) fn dashboard(lua: &Lua, (): ()) -> LuaResult<()> {
         Some("json") => match with_snapshot(|store, snap| {
             let now = unix_ms();
             let views = servers(&snap.table, store.zone(), now);
-            dashboard::json(snap.version, &views, &store.workers(), now)
+            let names = name_reports(snap, store);
+            dashboard::json(snap.version, &views, &names, &store.worker_stats(), now)
         }) {
             Ok(body) => Answer {
                 status: 200,

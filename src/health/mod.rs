@@ -308,9 +308,10 @@ pub fn record(
     .ok()?;
     let flipped_up = (before.down || before.checking) && !(after.down || after.checking);
     if outcome != Outcome::Late {
-        let flipped = (before.down || before.checking) != (after.down || after.checking);
+        // NGINX Plus's `health_checks.unhealthy`: times it went down.
+        let became_unhealthy = !before.down && after.down;
         cell.counters()
-            .count_check(outcome != Outcome::Passed, flipped);
+            .count_check(outcome != Outcome::Passed, became_unhealthy);
     }
     if outcome == Outcome::Passed {
         let fails = cell.fails();

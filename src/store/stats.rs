@@ -47,8 +47,10 @@
 //!   served it. An attempt whose connection failed shows as nginx records
 //!   it (502, or 504 for a timeout) and is counted so. Only where the log
 //!   hook is installed are these counted.
-//! - `checks`, `check_fails`, `check_flips`: active health checks, counted
-//!   by the prober ([`crate::health`]) as it records each probe.
+//! - `checks`, `check_fails`, `check_unhealthy`: active health checks
+//!   made, failed, and the times they took the server down (NGINX Plus's
+//!   `health_checks.unhealthy`), counted by the prober ([`crate::health`])
+//!   as it records each probe.
 //!
 //! **The histogram.** [`BUCKETS_MS`]: 5, 10, 25, 50, 100, 250, 500 ms, 1,
 //! 2.5, 5, 10 s, then everything slower; a time goes into the first bucket
@@ -93,7 +95,7 @@ pub struct ServerCounters {
     unavail_until: AtomicU64,
     checks: AtomicU64,
     check_fails: AtomicU64,
-    check_flips: AtomicU64,
+    check_unhealthy: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
     time_sum_us: AtomicU64,
     time_count: AtomicU64,
@@ -112,7 +114,7 @@ impl ServerCounters {
             &self.unavail_until,
             &self.checks,
             &self.check_fails,
-            &self.check_flips,
+            &self.check_unhealthy,
             &self.time_sum_us,
             &self.time_count,
         ]
@@ -179,15 +181,15 @@ impl ServerCounters {
         }
     }
 
-    /// One active-check probe: whether it failed, whether it flipped the
-    /// server's verdict.
-    pub fn count_check(&self, failed: bool, flipped: bool) {
+    /// One active-check probe: whether it failed, whether it took the
+    /// server down (its verdict went to unhealthy).
+    pub fn count_check(&self, failed: bool, became_unhealthy: bool) {
         self.checks.fetch_add(1, Ordering::Relaxed);
         if failed {
             self.check_fails.fetch_add(1, Ordering::Relaxed);
         }
-        if flipped {
-            self.check_flips.fetch_add(1, Ordering::Relaxed);
+        if became_unhealthy {
+            self.check_unhealthy.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -215,7 +217,7 @@ impl ServerCounters {
             downtime_ms: get(&self.downtime).saturating_sub(until.saturating_sub(now_ms)),
             checks: get(&self.checks),
             check_fails: get(&self.check_fails),
-            check_flips: get(&self.check_flips),
+            check_unhealthy: get(&self.check_unhealthy),
             response_time: Histogram {
                 buckets: self.buckets.each_ref().map(get),
                 sum_us: get(&self.time_sum_us),
@@ -271,10 +273,11 @@ pub struct Counters {
     pub unavail: u64,
     /// Milliseconds it spent out so, up to now.
     pub downtime_ms: u64,
-    /// Active-check probes made, failed, and verdicts flipped.
+    /// Active-check probes made, failed, and the times they took the
+    /// server down.
     pub checks: u64,
     pub check_fails: u64,
-    pub check_flips: u64,
+    pub check_unhealthy: u64,
     /// `$upstream_response_time` of its attempts (log phase only).
     pub response_time: Histogram,
 }

@@ -440,7 +440,7 @@ fn json_views_give_every_parameter() {
             r#""servers":[{"addr":"127.0.0.1:8088","weight":2,"max_conns":9,"max_fails":3,"#,
             r#""fail_timeout":4,"slow_start":20,"backup":true,"down":false,"#,
             r#""active":0,"shared":true,"state":"up","stats":"#,
-            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"flips":0},"#,
+            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"unhealthy":0},"#,
             r#""requests":0,"response_time":{"buckets_ms":[5,10,25,50,100,250,500,1000,2500,5000,10000],"#,
             r#""count":0,"counts":[0,0,0,0,0,0,0,0,0,0,0,0],"sum_us":0},"#,
             r#""responses":{"1xx":0,"2xx":0,"3xx":0,"4xx":0,"5xx":0},"unavail":0}},"#,
@@ -448,7 +448,7 @@ fn json_views_give_every_parameter() {
             r#""slow_start":0,"backup":false,"down":false,"#,
             // New under `check ... default_down=true`: not up yet.
             r#""active":0,"shared":true,"state":"checking","stats":"#,
-            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"flips":0},"#,
+            r#"{"downtime":0,"fails":0,"health_checks":{"checks":0,"fails":0,"unhealthy":0},"#,
             r#""requests":0,"response_time":{"buckets_ms":[5,10,25,50,100,250,500,1000,2500,5000,10000],"#,
             r#""count":0,"counts":[0,0,0,0,0,0,0,0,0,0,0,0],"sum_us":0},"#,
             r#""responses":{"1xx":0,"2xx":0,"3xx":0,"4xx":0,"5xx":0},"unavail":0}}]}"#

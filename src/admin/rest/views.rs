@@ -179,7 +179,7 @@ fn counters_json(c: &Counters) -> Value {
         "fails": c.fails,
         "unavail": c.unavail,
         "downtime": c.downtime_ms,
-        "health_checks": {"checks": c.checks, "fails": c.check_fails, "flips": c.check_flips},
+        "health_checks": {"checks": c.checks, "fails": c.check_fails, "unhealthy": c.check_unhealthy},
         "response_time": {
             "buckets_ms": BUCKETS_MS,
             "counts": h.buckets,
