@@ -9,13 +9,12 @@
 //! `server NAME` line with its addresses, its last lookup, its error and
 //! how many lookups of it failed.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::upstream_file::replace_file;
 use crate::table::model::{Table, Upstream};
 use crate::table::syntax::render_named;
 
@@ -137,25 +136,9 @@ pub fn read(state: &Path) -> Vec<Status> {
 /// 0644 whatever the umask.
 pub fn write(state: &Path, statuses: &[Status]) -> Result<(), String> {
     let path = path_for(state);
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("dns"),
-        std::process::id()
-    ));
-    let written = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(statuses).expect("plain data serialises"))?;
-        std::fs::rename(&tmp, &path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(|e| format!("could not write {}: {e}", path.display()))
+    let bytes = serde_json::to_vec(statuses).expect("plain data serialises");
+    replace_file(&path, &bytes, false)
+        .map_err(|e| format!("could not write {}: {e}", path.display()))
 }
 
 /// Adds to `v`, the JSON of `u`, its `server NAME` lines (`names`: each

@@ -15,11 +15,9 @@
 //! * otherwise, the seed as the last start or reload read it, kept beside
 //!   the state file in `PATH.seed` (an upstream file, mode 0644).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::admin::upstream_file::Stamp;
+use crate::admin::upstream_file::{replace_file, Stamp};
 use crate::store::{StateFile, WriteOptions};
 use crate::table::model::{Table, Upstream};
 use crate::table::syntax::{parse_upstream_file, render_server, render_upstream_file};
@@ -53,30 +51,12 @@ pub fn read_record(state: &Path, source: &str) -> Option<Table> {
 /// 0644 whatever the umask.
 pub fn write_record(state: &Path, source: &str, table: &Table) -> Result<()> {
     let path = record_path(state);
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("seed"),
-        std::process::id()
-    ));
-    let written = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        let text = format!(
-            "{RECORD_HEAD}{source}{RECORD_TAIL}\n{}",
-            render_upstream_file(table)
-        );
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(|e| Error::Internal(format!("could not write {}: {e}", path.display())))
+    let text = format!(
+        "{RECORD_HEAD}{source}{RECORD_TAIL}\n{}",
+        render_upstream_file(table)
+    );
+    replace_file(&path, text.as_bytes(), true)
+        .map_err(|e| Error::Internal(format!("could not write {}: {e}", path.display())))
 }
 
 /// What a start or reload applies: the upstreams to set and the names to

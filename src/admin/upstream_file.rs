@@ -74,35 +74,43 @@ pub fn write(path: &Path, table: &Table, version: u64) -> Result<()> {
             crate::store::effective_uid()
         ))
     };
+    let body = render_upstream_file(table);
+    let crc = crc32fast::hash(body.as_bytes());
+    let text = format!("{STAMP}{version}{CRC}{crc:08x}\n{body}");
+    replace_file(path, text.as_bytes(), true).map_err(fail)
+}
+
+/// Replaces the file at `path` with `bytes` atomically (a temporary file
+/// beside it, renamed over it), made 0644 whatever the umask: a daemonized
+/// nginx has umask 0, and a file others may write is one where they can
+/// rewrite routing. With `sync`, the bytes are on disk before the rename.
+/// The files ngx.dyups writes beside its own (the upstream file, the seed
+/// record, the resolver's results) all go through here.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("upstream.conf"),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("dyups"),
         std::process::id()
     ));
     let written = (|| {
         // A file of ours left by a process of the same pid that died here:
         // made anew, so the mode below applies.
         let _ = std::fs::remove_file(&tmp);
-        // 0644 whatever the umask (a daemonized nginx has umask 0): a file
-        // others may write is one where they can rewrite routing.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(&tmp)?;
-        let body = render_upstream_file(table);
-        let crc = crc32fast::hash(body.as_bytes());
-        let text = format!("{STAMP}{version}{CRC}{crc:08x}\n{body}");
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(fail)
+    written
 }
 
 /// Writes the current table of `store` to `path`, holding the writer lock so
