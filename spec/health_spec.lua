@@ -27,6 +27,7 @@ http {
         listen 127.0.0.1:${port_c};
         listen 127.0.0.1:${port_d};
         listen 127.0.0.1:${port_e};
+        listen 127.0.0.1:${port_f};
         location = /health {
             content_by_lua_block {
                 local d = ngx.shared.modes
@@ -103,7 +104,7 @@ local CHECK = 'check interval=300 rise=2 fall=2 timeout=250 type=http default_do
   .. '    check_http_send "GET /health HTTP/1.0\\r\\n\\r\\n";'
 
 describe("active health checks", function()
-  local backend, proxy, A, B, C, D, E
+  local backend, proxy, A, B, C, D, E, F
 
   local function mode(port, m)
     local s = nginx.http(backend.ports.a, "GET", "/mode?port=" .. port .. "&m=" .. m)
@@ -166,7 +167,7 @@ describe("active health checks", function()
     backend = nginx.new { workers = 1, conf = BACKEND }
     backend:start()
     A, B, C = backend.ports.a, backend.ports.b, backend.ports.c
-    D, E = backend.ports.d, backend.ports.e
+    D, E, F = backend.ports.d, backend.ports.e, backend.ports.f
     proxy = dy.proxy {
       upstreams = "upstream hc {\n    server " .. addr(A) .. ";\n    server " .. addr(B) .. ";\n"
         .. "    server " .. addr(C) .. " backup;\n    " .. CHECK .. "\n}\n"
@@ -414,6 +415,57 @@ describe("active health checks", function()
     end
     assert.is_true(#window >= 3 and #window <= 5, "probes in the 4 s after the takeover: " .. #window)
     assert.is_nil(proxy:error_log():match("%[alert%].-signal 11"), "no worker crashed")
+  end)
+
+  it("runs a worker's probes in at most 64 timers, however many servers are due", function()
+    -- 300 servers, all probed at F's port (`port=`), which hangs past the
+    -- timeout: about 150 due at once in each worker, every probe held 2 s.
+    -- The runners are the timers: at most MAX_IN_FLIGHT (64) per worker,
+    -- the rest of the due servers waiting, reported late. A timer per
+    -- probe or per due server would show 150.
+    mode(F, "hang")
+    local list = {}
+    for i = 1, 300 do list[i] = ("server 127.0.0.1:%d;"):format(20000 + i) end
+    local body = table.concat(list, " ")
+      .. (" check interval=1000 rise=1 fall=5 timeout=2000 type=http port=%d default_down=false;"):format(F)
+      .. ' check_http_send "GET /health HTTP/1.0\\r\\n\\r\\n";'
+    local log_from = #proxy:error_log() + 1
+    local h0 = hits(F)
+    assert.equal(200, (nginx.http(proxy.ports.api, "POST", "/upstream/wide", { body = body })))
+    -- Each worker's running and pending timers, sampled while the first
+    -- probes hang (they time out 2 s after they start).
+    local most, samples = {}, {}
+    local t_end = nginx.now() + 1.8
+    while nginx.now() < t_end do
+      local out = dy.run(proxy, "return ngx.worker.pid() .. ' ' .. ngx.timer.running_count()"
+        .. " .. ' ' .. ngx.timer.pending_count()")
+      local pid, running, pending = out:match("^(%d+) (%d+) (%d+)$")
+      pid, running, pending = tonumber(pid), tonumber(running), tonumber(pending)
+      samples[pid] = (samples[pid] or 0) + 1
+      most[pid] = math.max(most[pid] or 0, running + pending)
+    end
+    local workers = 0
+    for pid, n in pairs(most) do
+      workers = workers + 1
+      -- 64 runners; the refresh timer and the request's own are not
+      -- running timers while this request runs, but allow one of them.
+      assert.is_true(n <= 65, ("worker %d: %d timers (%d samples)"):format(pid, n, samples[pid]))
+      -- And the cap was reached: the runners do run the probes at once.
+      assert.is_true(n >= 48, ("worker %d: only %d timers (%d samples)"):format(pid, n, samples[pid]))
+    end
+    assert.equal(2, workers, "both workers sampled")
+    -- The servers past the cap are late, not failed, and were started as
+    -- runners freed (the backend saw far more probes than 2 x 64).
+    nginx.wait_until(function() return hits(F) - h0 >= 200 end, 8, "the due servers probed")
+    local late = 0
+    for _, s in ipairs(servers().server) do
+      if s.upstream == "wide" and (s.late_ms or 0) > 0 then late = late + 1 end
+    end
+    assert.is_true(late > 0, "servers reported late")
+    assert.equal(200, (nginx.http(proxy.ports.api, "DELETE", "/upstream/wide")))
+    mode(F, "ok")
+    local log = proxy:error_log():sub(log_from)
+    assert.is_nil(log:find("too many", 1, true), log)
   end)
 
   it("a probe target that resets, sends garbage or 10 MB never crashes a worker", function()

@@ -26,6 +26,19 @@ const IDLE_MAX_MS: u32 = i32::MAX as u32;
 /// at the cap waits for the next tick and is reported late, not failed.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// How many of a probe's `timeout` it can take at most, as `probe.lua` runs
+/// it: each cosocket step waits at most `timeout` (connect, TLS handshake,
+/// send, the status line, and reading the rest of a kept connection's
+/// answer, bounded by one `timeout` plus the one read past it), and a probe
+/// on a kept connection the server closed runs once more on a new one.
+/// Twice six steps.
+const PROBE_TIMEOUTS_MAX: u64 = 12;
+
+/// Margin past that bound before a probe that never reported is given up:
+/// a worker's event loop can run late by this much without a live probe
+/// being forgotten.
+const ABANDON_SLACK_MS: u64 = 5_000;
+
 fn lease(due_ms: u64, pid: u32) -> u64 {
     due_ms << PID_BITS | (u64::from(pid) & PID_MASK)
 }
@@ -89,6 +102,9 @@ struct InFlight {
     expect: ExpectAlive,
     late_ms: u64,
     target: Arc<ProbeTarget>,
+    /// When the probe is given up if it has not reported by then (see
+    /// [`Prober::reap`]).
+    abandon_ms: u64,
 }
 
 /// A server the walk found due while the worker was at its cap: the next
@@ -192,6 +208,7 @@ impl Prober {
         for w in self.waiting.drain(..) {
             self.busy.remove(&w.cell.index);
         }
+        self.reap(now_ms);
         if self.seen != Some(seen) {
             self.checked = table
                 .upstreams
@@ -259,7 +276,7 @@ impl Prober {
                     }
                     // Probed now: the lease as just written.
                     if self.start(cell, word.load(Ordering::Acquire), at, now_ms, line, me) {
-                        self.push(&mut jobs, u, s, r, c.fp, line, 0);
+                        self.push(&mut jobs, u, s, r, c.fp, line, 0, now_ms);
                     }
                     continue;
                 } else {
@@ -288,7 +305,7 @@ impl Prober {
                     continue;
                 }
                 if self.start(cell, seen_lease, due, now_ms, line, me) {
-                    self.push(&mut jobs, u, s, r, c.fp, line, late);
+                    self.push(&mut jobs, u, s, r, c.fp, line, late, now_ms);
                 }
             }
         }
@@ -331,7 +348,7 @@ impl Prober {
             let late = now_ms.saturating_sub(w.due);
             if self.start(cell, w.lease, w.due, now_ms, line, me) {
                 let mut jobs = Vec::with_capacity(1);
-                self.push(&mut jobs, u, s, w.cell, w.fp, line, late);
+                self.push(&mut jobs, u, s, w.cell, w.fp, line, late, now_ms);
                 return jobs.pop();
             }
         }
@@ -381,6 +398,7 @@ impl Prober {
         fp: u8,
         line: &CheckLine,
         late_ms: u64,
+        now_ms: u64,
     ) {
         let token = self.next_token;
         self.next_token += 1;
@@ -408,8 +426,31 @@ impl Prober {
                 expect: u.check.http_expect_alive,
                 late_ms,
                 target,
+                abandon_ms: now_ms
+                    + PROBE_TIMEOUTS_MAX * u64::from(line.timeout)
+                    + ABANDON_SLACK_MS,
             },
         );
+    }
+
+    /// Forgets the probes that never reported and never will: a Lua error
+    /// between a probe's start and its `record` (a runner's table
+    /// allocation, the flip's log line) loses its token. Kept, such a
+    /// probe would hold one of the `cap` places and its server's `busy`
+    /// mark for the worker's life: a few of them and the worker probes
+    /// nothing. Its lease stays this worker's, due as it was moved at the
+    /// start, so the next walk probes the server again. A result that
+    /// still comes for it later is ignored ([`record`](Self::record)
+    /// finds no token).
+    fn reap(&mut self, now_ms: u64) {
+        let busy = &mut self.busy;
+        self.in_flight.retain(|_, p| {
+            let live = now_ms < p.abandon_ms;
+            if !live {
+                busy.remove(&p.cell.index);
+            }
+            live
+        });
     }
 
     /// Records the result of probe `token`: an HTTP status read, or the

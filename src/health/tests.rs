@@ -293,6 +293,48 @@ fn at_the_cap_a_due_probe_waits_and_is_reported_late() {
 }
 
 #[test]
+fn a_probe_that_never_reports_is_given_up_and_frees_its_place() {
+    let (_dir, store) = live_store();
+    let snap = store.read().unwrap();
+    let zone = store.zone();
+    let mut w = Prober::new(1, 1, 50);
+    let lost = w.due(&snap.table, snap.seen, zone, 1_000, 7, &[7]);
+    assert_eq!(lost.len(), 1, "cap of one");
+    // Its runner died before `record`: while the probe could still be
+    // running (12 timeouts of 500 ms, plus the slack), it holds the place.
+    let bound = 1_000 + 12 * 500 + 5_000;
+    for now in [2_000, 6_000, bound - 1] {
+        assert!(
+            w.due(&snap.table, snap.seen, zone, now, 7, &[7]).is_empty(),
+            "at {now}"
+        );
+        assert_eq!(w.in_flight(), 1);
+    }
+    // Past it, the place is free: the walk starts a probe again, and the
+    // lost server itself is probed again once due.
+    let next = w.due(&snap.table, snap.seen, zone, bound, 7, &[7]);
+    assert_eq!(next.len(), 1, "a probe after the lost one was given up");
+    assert_eq!(w.in_flight(), 1);
+    // A result that still comes for the lost token changes nothing.
+    assert!(w
+        .record(zone, lost[0].token, Some(500), None, 1, bound)
+        .is_none());
+    assert_eq!(w.in_flight(), 1);
+    w.record(zone, next[0].token, Some(200), None, 1, bound + 1);
+    let mut seen = HashSet::new();
+    for now in (bound + 50..bound + 3_000).step_by(50) {
+        for j in w.due(&snap.table, snap.seen, zone, now, 7, &[7]) {
+            seen.insert(j.target.port);
+            w.record(zone, j.token, Some(200), None, 1, now);
+        }
+    }
+    assert!(
+        seen.contains(&lost[0].target.port),
+        "the lost probe's server is probed again: {seen:?}"
+    );
+}
+
+#[test]
 fn a_probe_that_ends_starts_the_next_waiting_one_without_a_tick() {
     let (_dir, store) = live_store();
     let snap = store.read().unwrap();
