@@ -155,11 +155,13 @@ def section_checks(h, cfg, root, backends, res):
         set_checks(h, api, names, ports, False, keepalive)
         h.time.sleep(1)
         off = idle_window(h, cfg, workers, be_workers, stub_port)
-        # hot upstream's throughput, checks on and off, interleaved
+        # hot upstream's throughput, checks on and off, interleaved; the
+        # order alternates (on, off | off, on | ...) so that a drift of the
+        # host's speed over the run does not favour either
         runs = {True: [], False: []}
         state = False
-        for _ in range(cfg.check_rounds):
-            for checks in (True, False):
+        for i in range(cfg.check_rounds):
+            for checks in ((True, False) if i % 2 == 0 else (False, True)):
                 if checks != state:
                     set_checks(h, api, names, ports, checks, keepalive)
                     state = checks
@@ -191,6 +193,13 @@ def section_checks(h, cfg, root, backends, res):
             "log_errors": inst.count_errors(),
         }
         row["probing_pct"] = row["cpu_on_pct"] - row["cpu_off_pct"]
+        # What the hot upstream can keep at most, when the checks' CPU comes
+        # out of the CPUs its requests run on: everything they cost the host
+        # (the workers, the probed backend, the kernel's work for both ends),
+        # and the workers' share alone (a host whose backends are elsewhere).
+        cpus = os.cpu_count() or 1
+        row["bound_host"] = 1 - max(row["host_pct"], 0) / 100 / cpus
+        row["bound_ours"] = 1 - max(row["probing_pct"], 0) / 100 / cpus
         row["us_per_probe"] = (row["probing_pct"] / 100 * 1e6 / row["probes_per_s"]
                                if row["probes_per_s"] else float("nan"))
         h.log(f"  [6] N={label(row)}: {row['probes_per_s']:.0f} probes/s of {row['expected_per_s']:.0f}, "
@@ -219,13 +228,14 @@ def report(cfg, res, p):
       f"(4 backends, unchecked) {cfg.check_rounds} interleaved rounds x {cfg.secs} s, checks on / off")
     p(f"   {'N':>8s} {'probes/s':>9s} {'expected':>9s} {'CPU on':>7s} {'off':>5s} {'probing':>8s} "
       f"{'us/probe':>9s} {'backend':>8s} {'host':>7s} {'late p50':>9s} {'p99':>6s} {'max':>6s} "
-      f"{'fresh':>6s} {'hot on':>8s} {'hot off':>8s} {'ratio':>6s}")
+      f"{'fresh':>6s} {'hot on':>8s} {'hot off':>8s} {'ratio':>6s} {'bound':>6s} {'ours':>6s}")
     for r in ck:
         p(f"   {label(r):>8s} {r['probes_per_s']:9.0f} {r['expected_per_s']:9.0f} {r['cpu_on_pct']:6.1f}% "
           f"{r['cpu_off_pct']:4.1f}% {r['probing_pct']:7.1f}% {r['us_per_probe']:9.1f} "
           f"{r['backend_pct']:7.1f}% {r['host_pct']:6.1f}% "
           f"{r['late_p50']:9d} {r['late_p99']:6d} {r['late_max']:6d} {r['fresh_min'] * 100:5.0f}% "
-          f"{r['rps_with']:8.0f} {r['rps_without']:8.0f} {r['ratio_paired']:6.3f}")
+          f"{r['rps_with']:8.0f} {r['rps_without']:8.0f} {r['ratio_paired']:6.3f} "
+          f"{r['bound_host']:6.3f} {r['bound_ours']:6.3f}")
         p("            hot req/s per round, on: " + " ".join(f"{x:.0f}" for x in r["rps_with_all"])
           + "; off: " + " ".join(f"{x:.0f}" for x in r["rps_without_all"])
           + f"; servers down: {r['down']}; failed requests {r['errors']}; error-log lines {r['log_errors']}")
@@ -234,7 +244,9 @@ def report(cfg, res, p):
       "includes the kernel's softirq work and other users' load); late: ms a probe started after it was "
       "due, every server's last probe, 3 samples 1 s apart; fresh: the least share of servers probed "
       "within two intervals of the newest probe; ratio: hot req/s with checks / without, median of the "
-      "per-round ratios)")
+      "per-round ratios; bound: 1 - host / CPUs, the ratio left when all the checks' CPU on this host comes "
+      "out of the hot upstream's; ours: 1 - probing / CPUs, the workers' share alone, as on a host whose "
+      "probed backends are elsewhere)")
 
 
 def targets(res, target):

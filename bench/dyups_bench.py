@@ -1601,10 +1601,11 @@ def main():
         cfg.sync_scale = [int(x) for x in os.environ["BENCH_SYNC_SCALE"].split(",") if x]
     cfg.sync_scale_puts = 20 if q else 50
     # section 7: checked servers, "k" for the keep-alive probes variant
-    checks = os.environ.get("BENCH_CHECKS") or ("1000,1000k" if q else "1000,10000,10000k")
+    checks = os.environ.get("BENCH_CHECKS") or ("1000,1000k" if q else "1000,1000k,10000,10000k")
     cfg.check_runs = [(int(x.rstrip("k")), x.endswith("k")) for x in checks.split(",")]
     cfg.check_secs = 4 if q else 10  # idle windows, checks on and off
-    cfg.check_rounds = 3 if q else 5  # hot upstream, checks on / off
+    # hot upstream, checks on / off (a round is one run of each)
+    cfg.check_rounds = int(os.environ.get("BENCH_CHECK_ROUNDS") or (3 if q else 9))
     cfg.check_settle = 2  # s after turning the checks on or off, before a run
 
     def on_signal(sig, _frame):
