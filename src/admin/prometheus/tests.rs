@@ -287,6 +287,11 @@ fn the_counters_of_the_store_are_families_with_real_data() {
     }
     assert_eq!(at(&format!("{h}_count"), l), Some(5.0));
     assert_eq!(at(&format!("{h}_sum"), l), Some(23.049));
+    // A server with no timed response yet has no histogram lines at all
+    // (its other families are there).
+    assert_eq!(at(&format!("{h}_count"), sl), None, "{text}");
+    assert!(!text.contains(&format!("{h}_bucket{{{sl}")), "{text}");
+    assert_eq!(at(&format!("{n}requests_total"), sl), Some(0.0));
     // The table, the workers and the resolver.
     let t = store.table_stats(&snap);
     assert!(text.contains(&format!("\ndyups_table_used_bytes {}\n", t.bytes_used)));
