@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::table::names::{DnsSettings, NamedServer};
+use crate::table::names::{DnsSettings, NamedServer, ServerParams};
 use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
@@ -121,19 +121,10 @@ pub struct ServerSpec {
 }
 
 impl ServerSpec {
-    /// A server with nginx's defaults.
+    /// A server with nginx's defaults (those of [`ServerParams::default`],
+    /// the one list of them), written as an address.
     pub fn new(addr: Address) -> ServerSpec {
-        ServerSpec {
-            addr,
-            weight: DEFAULT_WEIGHT,
-            max_conns: 0,
-            max_fails: DEFAULT_MAX_FAILS,
-            fail_timeout: DEFAULT_FAIL_TIMEOUT,
-            slow_start: 0,
-            backup: false,
-            down: false,
-            from: None,
-        }
+        ServerParams::default().server(addr)
     }
 
     /// In rotation: it may be picked (as a primary or, failing those, a backup).
@@ -850,8 +841,27 @@ mod tests {
     }
 
     #[test]
+    fn a_new_server_has_nginx_defaults() {
+        // nginx's documented defaults, spelled out: weight=1 max_fails=1
+        // fail_timeout=10s, no max_conns, no slow_start, neither backup nor down.
+        let s = ServerSpec::new(inet("10.0.0.1:80"));
+        let want = ServerSpec {
+            addr: inet("10.0.0.1:80"),
+            weight: 1,
+            max_conns: 0,
+            max_fails: 1,
+            fail_timeout: 10,
+            slow_start: 0,
+            backup: false,
+            down: false,
+            from: None,
+        };
+        assert_eq!(s, want);
+        assert_eq!(ServerParams::of(&s), ServerParams::default());
+    }
+
+    #[test]
     fn every_setting_counts_in_both_comparisons_and_what_the_store_keeps_in_neither() {
-        use crate::table::names::ServerParams;
         let mut base = Upstream::new("u", vec![ServerSpec::new(inet("10.0.0.1:80"))]);
         let line = NamedServer::new("app.internal".into(), None, ServerParams::default(), true);
         base.names.push(line);
