@@ -865,7 +865,8 @@ mod tests {
         let mut base = Upstream::new("u", vec![ServerSpec::new(inet("10.0.0.1:80"))]);
         let line = NamedServer::new("app.internal".into(), None, ServerParams::default(), true);
         base.names.push(line);
-        let changes: [(&str, fn(&mut Upstream)); 11] = [
+        type Edit = fn(&mut Upstream);
+        let changes: [(&str, Edit); 11] = [
             ("name", |u| u.name = "v".into()),
             ("method", |u| u.policy = Policy::LeastConn),
             ("keepalive", |u| u.keepalive = 8),
