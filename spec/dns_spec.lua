@@ -9,14 +9,6 @@ local dy = require "spec.helpers.dyups"
 local dnsmasq = require "spec.helpers.dnsmasq"
 local T = require "spec.helpers.traffic"
 
--- Seconds, sub-second (os.time() is whole seconds).
-local function now()
-  local f = assert(io.open("/proc/uptime"))
-  local up = f:read("*n")
-  f:close()
-  return up
-end
-
 local TTL = 1
 local BACKEND = [[
 http {
@@ -148,10 +140,10 @@ describe("server NAME lines (dnsmasq on loopback, 2 workers)", function()
       ["count.dyups.test"] = { V4 },
       ["once.dyups.test"] = { V4 },
     }
-    local changed = now()
+    local changed = nginx.now()
     nginx.wait_until(function() return only("dyn", V6) end, TTL + 1 + 1, "traffic to ::1 only")
     -- Within TTL + 1 s of the change (plus the rounds of requests above).
-    assert.is_true(now() - changed < TTL + 1 + 1)
+    assert.is_true(nginx.now() - changed < TTL + 1 + 1)
     local u = json_of("dyn")
     assert.same({ "[::1]:" .. port }, u.names[1].addresses)
     assert.equal(before + 1, u.version, "one write for the change")
@@ -164,11 +156,11 @@ describe("server NAME lines (dnsmasq on loopback, 2 workers)", function()
       "resolver 127.0.0.1:" .. dns.port .. " valid=2s ipv6=off; server count.dyups.test:" .. port .. " resolve;")
     assert.equal(200, status, body)
     local start = dns:queries("A", "count.dyups.test")
-    local t0 = now()
+    local t0 = nginx.now()
     -- A window of wall time: the rate is what is measured.
     nginx.sleep(10)
     local asked = dns:queries("A", "count.dyups.test") - start
-    local windows = (now() - t0) / 2
+    local windows = (nginx.now() - t0) / 2
     -- One query per valid= window (2 s) in all; two workers each asking
     -- would make twice as many.
     assert.is_true(asked >= math.floor(windows) - 1, "asked " .. asked .. " in " .. windows .. " windows")

@@ -10,14 +10,6 @@ local dy = require "spec.helpers.dyups"
 local dnsmasq = require "spec.helpers.dnsmasq"
 local T = require "spec.helpers.traffic"
 
--- Seconds, sub-second (os.time() is whole seconds).
-local function now()
-  local f = assert(io.open("/proc/uptime"))
-  local up = f:read("*n")
-  f:close()
-  return up
-end
-
 local TTL = 1
 local HOSTS = {
   ["one.dyups.test"] = { "127.0.0.1" },
@@ -140,7 +132,7 @@ describe("server NAME service=... resolve (SRV, dnsmasq on loopback, 2 workers)"
     for _, w in pairs(workers) do assert.same({ [ports[1]] = w[ports[1]] }, w) end
     local before = json_of("m").version
     dns:set_srv(records(true))
-    local changed = now()
+    local changed = nginx.now()
     nginx.wait_until(function()
       local by, ws = spread("m", 20)
       local n = 0
@@ -148,7 +140,7 @@ describe("server NAME service=... resolve (SRV, dnsmasq on loopback, 2 workers)"
       return by[ports[2]] == 20 and n == 2
     end, TTL + 1 + 1, "traffic to the record's new port only, in both workers")
     -- Within TTL + 1 s of the change (plus the rounds of requests above).
-    assert.is_true(now() - changed < TTL + 1 + 1)
+    assert.is_true(nginx.now() - changed < TTL + 1 + 1)
     local u = json_of("m")
     assert.same({ dy.addr(ports[2]) }, u.names[1].addresses)
     assert.equal(before + 1, u.version, "one write for the change")

@@ -155,6 +155,11 @@ fn usage_mistakes_exit_2_and_help_exits_0() {
             &["apply", "--state", "x", "--if-version", "new", "-"],
             "is not a table version",
         ),
+        (
+            &["repair", "--state", "x", "--size", "lots"],
+            "--size \"lots\" is not a size",
+        ),
+        (&["repair", "--state", "x", "--size", "1k"], "out of range"),
         (&["delete", "--state", "x"], "missing NAME"),
     ] {
         let o = dyups(args);

@@ -751,18 +751,30 @@ mod tests {
         assert_eq!(Policy::Random { two: true }.to_string(), "random two;");
     }
 
-    #[test]
-    fn backup_refused_where_nginx_refuses_it() {
-        let mut s = servers(&[1, 1]);
-        s[1].backup = true;
-        for p in [
+    /// What each method without backups (nginx's ip_hash, hash and random;
+    /// NGINX Plus refuses slow_start on the same ones) says of `s`, which
+    /// it must refuse.
+    fn refusals_without_backup(s: &[ServerSpec]) -> Vec<(Policy, String)> {
+        [
             Policy::IpHash,
             chash(),
             plain_hash(),
             Policy::Random { two: false },
             Policy::Random { two: true },
-        ] {
-            let err = PolicyState::new(p.clone(), &s).unwrap_err();
+        ]
+        .into_iter()
+        .map(|p| match PolicyState::new(p.clone(), s) {
+            Ok(_) => panic!("{p}: accepted"),
+            Err(err) => (p, err),
+        })
+        .collect()
+    }
+
+    #[test]
+    fn backup_refused_where_nginx_refuses_it() {
+        let mut s = servers(&[1, 1]);
+        s[1].backup = true;
+        for (p, err) in refusals_without_backup(&s) {
             assert!(
                 err.contains("backup") && err.contains("10.0.0.2:80"),
                 "{p}: {err}"
@@ -1100,14 +1112,7 @@ mod tests {
     fn slow_start_is_refused_where_nginx_plus_refuses_it_and_ramps_least_conn() {
         let mut s = servers(&[1, 1]);
         s[1].slow_start = 10;
-        for p in [
-            Policy::IpHash,
-            chash(),
-            plain_hash(),
-            Policy::Random { two: false },
-            Policy::Random { two: true },
-        ] {
-            let err = PolicyState::new(p.clone(), &s).unwrap_err();
+        for (p, err) in refusals_without_backup(&s) {
             assert!(
                 err.contains("parameter \"slow_start\" (server 10.0.0.2:80)"),
                 "{p}: {err}"

@@ -124,36 +124,41 @@ local function direct(f, _, ...)
     return pack(f(nil, ...)), nil
 end
 
-function module.update(...)
-    local res, unsynced = in_turn(raw.update, answers_for("update", ...), ...)
-    if unsynced then
-        return 500, unsynced
+-- The answer of a write that is made but not known to be on disk: in
+-- update's and delete's Tengine shape (status, message), and in
+-- add_server's and remove_server's (nil, err, status).
+local function unsynced_status(why)
+    return 500, why
+end
+
+local function unsynced_error(why)
+    return nil, why, 500
+end
+
+-- `f`'s answers, its write made in turn (in_turn), or `unsynced(why)`'s
+-- when the write is not known to be on disk.
+local function write_answer(f, answers, unsynced, ...)
+    local res, why = in_turn(f, answers, ...)
+    if why then
+        return unsynced(why)
     end
     return unpack(res, 1, res.n)
+end
+
+function module.update(...)
+    return write_answer(raw.update, answers_for("update", ...), unsynced_status, ...)
 end
 
 function module.delete(...)
-    local res, unsynced = in_turn(raw.delete, nil, ...)
-    if unsynced then
-        return 500, unsynced
-    end
-    return unpack(res, 1, res.n)
+    return write_answer(raw.delete, nil, unsynced_status, ...)
 end
 
 function module.add_server(...)
-    local res, unsynced = in_turn(raw.add_server, answers_for("add_server", ...), ...)
-    if unsynced then
-        return nil, unsynced, 500
-    end
-    return unpack(res, 1, res.n)
+    return write_answer(raw.add_server, answers_for("add_server", ...), unsynced_error, ...)
 end
 
 function module.remove_server(...)
-    local res, unsynced = in_turn(raw.remove_server, nil, ...)
-    if unsynced then
-        return nil, unsynced, 500
-    end
-    return unpack(res, 1, res.n)
+    return write_answer(raw.remove_server, nil, unsynced_error, ...)
 end
 
 function module.write_upstreams(...)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use crate::table::names::{DnsSettings, NamedServer};
+use crate::table::names::{DnsSettings, NamedServer, ServerParams};
 use crate::table::policy::Policy;
 
 /// Longest upstream name, in bytes.
@@ -121,19 +121,10 @@ pub struct ServerSpec {
 }
 
 impl ServerSpec {
-    /// A server with nginx's defaults.
+    /// A server with nginx's defaults (those of [`ServerParams::default`],
+    /// the one list of them), written as an address.
     pub fn new(addr: Address) -> ServerSpec {
-        ServerSpec {
-            addr,
-            weight: DEFAULT_WEIGHT,
-            max_conns: 0,
-            max_fails: DEFAULT_MAX_FAILS,
-            fail_timeout: DEFAULT_FAIL_TIMEOUT,
-            slow_start: 0,
-            backup: false,
-            down: false,
-            from: None,
-        }
+        ServerParams::default().server(addr)
     }
 
     /// In rotation: it may be picked (as a primary or, failing those, a backup).
@@ -503,9 +494,11 @@ impl Upstream {
         }
     }
 
-    /// Whether `other` says the same: name, method, every setting and the
-    /// servers. What the store keeps (`rev`, `peers`) does not count.
-    pub fn same_content(&self, other: &Upstream) -> bool {
+    /// Whether `other` has the same name, method and settings (every line
+    /// but the `server` ones), and the same owner: what [`same_content`]
+    /// (Self::same_content) and [`same_definition`](Self::same_definition)
+    /// both compare before the servers.
+    fn same_settings(&self, other: &Upstream) -> bool {
         self.name == other.name
             && self.policy == other.policy
             && self.keepalive == other.keepalive
@@ -513,10 +506,14 @@ impl Upstream {
             && self.keepalive_time == other.keepalive_time
             && self.keepalive_timeout == other.keepalive_timeout
             && self.check == other.check
-            && self.servers == other.servers
-            && self.names == other.names
             && self.dns == other.dns
             && self.owner == other.owner
+    }
+
+    /// Whether `other` says the same: name, method, every setting and the
+    /// servers. What the store keeps (`rev`, `peers`) does not count.
+    pub fn same_content(&self, other: &Upstream) -> bool {
+        self.same_settings(other) && self.servers == other.servers && self.names == other.names
     }
 
     /// Whether `other` says the same as written: as [`same_content`]
@@ -531,15 +528,7 @@ impl Upstream {
                 .cloned()
                 .collect()
         };
-        self.name == other.name
-            && self.policy == other.policy
-            && self.keepalive == other.keepalive
-            && self.keepalive_requests == other.keepalive_requests
-            && self.keepalive_time == other.keepalive_time
-            && self.keepalive_timeout == other.keepalive_timeout
-            && self.check == other.check
-            && self.dns == other.dns
-            && self.owner == other.owner
+        self.same_settings(other)
             && self.names.len() == other.names.len()
             && self
                 .names
@@ -849,6 +838,65 @@ mod tests {
             change(&mut c);
             assert!(!c.is_default(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn a_new_server_has_nginx_defaults() {
+        // nginx's documented defaults, spelled out: weight=1 max_fails=1
+        // fail_timeout=10s, no max_conns, no slow_start, neither backup nor down.
+        let s = ServerSpec::new(inet("10.0.0.1:80"));
+        let want = ServerSpec {
+            addr: inet("10.0.0.1:80"),
+            weight: 1,
+            max_conns: 0,
+            max_fails: 1,
+            fail_timeout: 10,
+            slow_start: 0,
+            backup: false,
+            down: false,
+            from: None,
+        };
+        assert_eq!(s, want);
+        assert_eq!(ServerParams::of(&s), ServerParams::default());
+    }
+
+    #[test]
+    fn every_setting_counts_in_both_comparisons_and_what_the_store_keeps_in_neither() {
+        let mut base = Upstream::new("u", vec![ServerSpec::new(inet("10.0.0.1:80"))]);
+        let line = NamedServer::new("app.internal".into(), None, ServerParams::default(), true);
+        base.names.push(line);
+        type Edit = fn(&mut Upstream);
+        let changes: [(&str, Edit); 11] = [
+            ("name", |u| u.name = "v".into()),
+            ("method", |u| u.policy = Policy::LeastConn),
+            ("keepalive", |u| u.keepalive = 8),
+            ("keepalive_requests", |u| u.keepalive_requests += 1),
+            ("keepalive_time", |u| u.keepalive_time += 1),
+            ("keepalive_timeout", |u| u.keepalive_timeout += 1),
+            ("check", |u| u.check.http_send.push(' ')),
+            ("resolver", |u| u.dns.valid = Some(30)),
+            ("owner", |u| u.owner = Owner::Etcd),
+            ("a server", |u| u.servers[0].weight = 2),
+            ("a server NAME line", |u| u.names[0].params.weight = 2),
+        ];
+        for (what, change) in changes {
+            let mut other = base.clone();
+            change(&mut other);
+            assert!(!base.same_content(&other), "{what}");
+            assert!(!base.same_definition(&other), "{what}");
+        }
+        let mut stored = base.clone();
+        stored.rev = 7;
+        stored.peers = vec![PeerRef::NONE];
+        assert!(base.same_content(&stored) && base.same_definition(&stored));
+        // What a name resolved to is content, not definition.
+        let mut resolved = base.clone();
+        let mut found = ServerSpec::new(inet("10.0.0.9:80"));
+        found.from = Some(0);
+        resolved.servers.push(found);
+        resolved.names[0].resolved_ms = 5000;
+        assert!(base.same_definition(&resolved));
+        assert!(!base.same_content(&resolved));
     }
 
     #[test]

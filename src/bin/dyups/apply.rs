@@ -7,13 +7,13 @@ use std::io::Read;
 use std::path::Path;
 
 use ngx_dyups::admin::ops::{self, Put};
-use ngx_dyups::store::{parse_size, Geometry, StateFile, WriteOptions, DEFAULT_SIZE};
+use ngx_dyups::store::{StateFile, WriteOptions, DEFAULT_SIZE};
 use ngx_dyups::table::model::Table;
 use ngx_dyups::table::syntax::parse_upstream_file;
 use ngx_dyups::Error;
 
 use crate::args::{Parsed, Spec};
-use crate::{emit, exit, owner, Failure, Outcome, LOCK_WAIT};
+use crate::{emit, exit, owner, size_option, Failure, Outcome, LOCK_WAIT};
 
 pub const SPEC: Spec = Spec {
     valued: &["state", "size", "if-version"],
@@ -66,18 +66,7 @@ there is no such upstream; a missing state file is not created.
 
 pub fn run(args: &Parsed) -> Outcome {
     let path = args.state().map_err(Failure::usage)?;
-    let size = match args.text("size").map_err(Failure::usage)? {
-        None => DEFAULT_SIZE,
-        Some(text) => {
-            let size = parse_size(text).ok_or_else(|| {
-                Failure::usage(format!(
-                    "--size {text:?} is not a size (e.g. 1048576, 512k, 4m)"
-                ))
-            })?;
-            Geometry::for_file_len(size).map_err(|e| Failure::usage(format!("--size: {e}")))?;
-            size
-        }
-    };
+    let size = size_option(args)?.unwrap_or(DEFAULT_SIZE);
     let expect = if_version(args)?;
     let replace = args.flag("replace");
     // The input first: bad input touches no file, not even a new one.

@@ -15,7 +15,7 @@ mod sync;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use ngx_dyups::store::Wait;
+use ngx_dyups::store::{parse_size, Geometry, Wait};
 use ngx_dyups::Error;
 
 /// How long a command waits for the state file's writer lock: the workers'
@@ -109,6 +109,22 @@ pub fn emit(text: &str) -> Outcome {
         }
         _ => Ok(()),
     }
+}
+
+/// `--size SIZE`, the size of a state file a command creates (as init's
+/// `size`: bytes, or with k, m or g), refused as a usage error when it is
+/// no size or no state file can have it; `None` when not given.
+pub fn size_option(args: &args::Parsed) -> Result<Option<u64>, Failure> {
+    let Some(text) = args.text("size").map_err(Failure::usage)? else {
+        return Ok(None);
+    };
+    let size = parse_size(text).ok_or_else(|| {
+        Failure::usage(format!(
+            "--size {text:?} is not a size (e.g. 1048576, 512k, 4m)"
+        ))
+    })?;
+    Geometry::for_file_len(size).map_err(|e| Failure::usage(format!("--size: {e}")))?;
+    Ok(Some(size))
 }
 
 struct Command {

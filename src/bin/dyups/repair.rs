@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use ngx_dyups::admin::upstream_file;
-use ngx_dyups::store::{parse_size, repair, Geometry, Repair, RepairOptions};
+use ngx_dyups::store::{repair, Repair, RepairOptions};
 
 use crate::args::{Parsed, Spec};
-use crate::{emit, owner, Failure, Outcome, LOCK_WAIT};
+use crate::{emit, owner, size_option, Failure, Outcome, LOCK_WAIT};
 
 pub const SPEC: Spec = Spec {
     valued: &["state", "from", "size"],
@@ -45,18 +45,7 @@ already), 1 when there is nothing sound to rebuild from (give --from).
 
 pub fn run(args: &Parsed) -> Outcome {
     let path = args.state().map_err(Failure::usage)?;
-    let size = match args.text("size").map_err(Failure::usage)? {
-        None => None,
-        Some(text) => {
-            let size = parse_size(text).ok_or_else(|| {
-                Failure::usage(format!(
-                    "--size {text:?} is not a size (e.g. 1048576, 512k, 4m)"
-                ))
-            })?;
-            Geometry::for_file_len(size).map_err(|e| Failure::usage(format!("--size: {e}")))?;
-            Some(size)
-        }
-    };
+    let size = size_option(args)?;
     let from = match args.value("from") {
         None => None,
         Some(file) => {
