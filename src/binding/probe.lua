@@ -69,20 +69,31 @@ local function more(sock, buf, pos, max, deadline)
     return sub(buf, pos) .. data
 end
 
+-- The line at `pos` of `buf`, reading more while it has no end: `buf`,
+-- `pos` (where the line starts, 1 once more was read) and the position of
+-- its CRLF; nil once over `max` bytes went by without one, on an error or
+-- past `deadline`.
+local function line_at(sock, buf, pos, max, deadline)
+    local eol = find(buf, "\r\n", pos, true)
+    while not eol do
+        if #buf - pos > max then return nil end
+        buf = more(sock, buf, pos, max, deadline)
+        if not buf then return nil end
+        pos = 1
+        eol = find(buf, "\r\n", 1, true)
+    end
+    return buf, pos, eol
+end
+
 -- A chunked body, to its last chunk and trailers, at most BODY_MAX bytes,
 -- `buf` holding what was read of it from `pos`. True when it ended with
 -- nothing after it.
 local function drain_chunks(sock, buf, pos, deadline)
     local total = 0
     while true do
-        local eol = find(buf, "\r\n", pos, true)
-        while not eol do
-            if #buf - pos > CHUNK_LINE_MAX then return false end
-            buf = more(sock, buf, pos, CHUNK_LINE_MAX, deadline)
-            if not buf then return false end
-            pos = 1
-            eol = find(buf, "\r\n", 1, true)
-        end
+        local eol
+        buf, pos, eol = line_at(sock, buf, pos, CHUNK_LINE_MAX, deadline)
+        if not buf then return false end
         if eol - pos > CHUNK_LINE_MAX then return false end
         local size = tonumber(match(buf, "^%x+", pos) or "", 16)
         if not size then return false end
@@ -90,14 +101,8 @@ local function drain_chunks(sock, buf, pos, deadline)
         if size == 0 then
             -- Trailers, each a line, then an empty line.
             for _ = 1, TRAILERS_MAX do
-                eol = find(buf, "\r\n", pos, true)
-                while not eol do
-                    if #buf - pos > HEAD_MAX then return false end
-                    buf = more(sock, buf, pos, HEAD_MAX, deadline)
-                    if not buf then return false end
-                    pos = 1
-                    eol = find(buf, "\r\n", 1, true)
-                end
+                buf, pos, eol = line_at(sock, buf, pos, HEAD_MAX, deadline)
+                if not buf then return false end
                 if eol == pos then return eol + 1 == #buf end
                 pos = eol + 2
             end
