@@ -255,13 +255,20 @@ scrape_configs:
       .. "--enable-logging=stderr --v=0 %s"):format(q(user_dir), args)
   end
 
-  it("draws every server's state word and the table version in headless chromium, with the token from the fragment", function()
+  -- The dashboard's DOM after 3 s of chromium's virtual time, the token in
+  -- the fragment, and what chromium said; `name` keeps each dump's files
+  -- (the DOM, the browser profile) apart.
+  local function dashboard_dom(name)
     local url = ("http://127.0.0.1:%d/dashboard#token=%s"):format(P[8081], TOKEN)
-    local out = dir .. "/dom.html"
-    local said, code = capture(chromium("--virtual-time-budget=3000 --dump-dom " .. q(url), dir .. "/chrome-dom")
+    local out = dir .. "/" .. name .. ".html"
+    local said, code = capture(chromium("--virtual-time-budget=3000 --dump-dom " .. q(url), dir .. "/chrome-" .. name)
       .. " >" .. q(out))
     assert.equal(0, code, said)
-    local dom = assert(nginx.read_file(out))
+    return assert(nginx.read_file(out)), said
+  end
+
+  it("draws every server's state word and the table version in headless chromium, with the token from the fragment", function()
+    local dom, said = dashboard_dom("dom")
     assert.truthy(dom:find(('data-version="%d"'):format(version()), 1, true), dom)
     for _, row in ipairs {
       { "127.0.0.1:" .. P[8088], "up" },
@@ -284,7 +291,7 @@ scrape_configs:
     assert.falsy(said:find("Uncaught", 1, true), said)
     assert.falsy(said:find("CONSOLE", 1, true), said)
     -- Without the token the page says how to give it.
-    local dom2
+    local dom2, code
     said, code = capture(chromium(("--virtual-time-budget=3000 --dump-dom http://127.0.0.1:%d/dashboard"):format(P[8081]),
       dir .. "/chrome-nodom"))
     assert.equal(0, code, said)
@@ -364,12 +371,7 @@ http {
     -- The other server stays up.
     assert.equal(1, metric("dyups_upstream_server_state", ('upstream="fragile",server="127.0.0.1:%d"'):format(P[8090])))
 
-    local url = ("http://127.0.0.1:%d/dashboard#token=%s"):format(P[8081], TOKEN)
-    local out = dir .. "/dom-killed.html"
-    local said, code = capture(chromium("--virtual-time-budget=3000 --dump-dom " .. q(url), dir .. "/chrome-killed")
-      .. " >" .. q(out))
-    assert.equal(0, code, said)
-    local dom = assert(nginx.read_file(out))
+    local dom = dashboard_dom("killed")
     local td, row = cells(dom, server)
     assert.truthy(td, server .. " missing from:\n" .. dom)
     assert.truthy(row:find('data-state="unhealthy"', 1, true), row)
